@@ -1,0 +1,245 @@
+"""The ``ftlaunch`` command line (Typer): full | lora | eval | score | report.
+
+Every command turns bad input into ``error: <one line>`` and exit code 2 (``--debug`` shows the
+traceback); nothing is written before the input has been checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from launcher.errors import EXIT_USAGE, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune FLAN-T5 for dialogue summarization on one GPU, many GPUs or many nodes, "
+    "and end every run with a ROUGE report.",
+)
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"
+    full = "full"
+
+
+def user_errors(command: Callable) -> Callable:
+    """One line and exit 2 for UserError; a traceback only with --debug (or FTLAUNCH_DEBUG=1)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            if os.environ.get("FTLAUNCH_DEBUG") == "1":
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+def debug_callback(value: bool) -> None:
+    if value:
+        os.environ["FTLAUNCH_DEBUG"] = "1"
+
+
+DebugOption = typer.Option(False, "--debug", help="Show tracebacks.", callback=debug_callback, is_eager=True)
+
+
+def parse_zero(value: str) -> int:
+    if value not in {"0", "1", "2", "3"}:
+        raise UserError(f"--zero {value} is not a ZeRO stage; use 0 (DDP), 1, 2 or 3")
+    return int(value)
+
+
+def default_output(method: str, model: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{method}-{Path(model).name}-{stamp}"
+
+
+def train_command(method: str):
+    """Build the `full` / `lora` command (same flags, different recipe)."""
+
+    @user_errors
+    def command(
+        gpus: Optional[int] = typer.Option(None, "--gpus", help="Processes (GPUs) per node [recipe: 1]."),
+        nodes: Optional[int] = typer.Option(None, "--nodes", help="Machines [recipe: 1]."),
+        zero: Optional[str] = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage."),
+        offload: Optional[Offload] = typer.Option(None, "--offload", help="ZeRO CPU offload."),
+        recipe_path: Optional[Path] = typer.Option(None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."),
+        model: Optional[str] = typer.Option(None, "--model", help="Hub id, local path, or tiny-t5 (embedded)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Hub id, directory of JSONL splits, or sample."),
+        overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4."),
+        output: Optional[Path] = typer.Option(None, "--output", help="Run directory [runs/<method>-<model>-<time>]."),
+        cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Write the configs and command, launch nothing."),
+        resume: Optional[str] = typer.Option(None, "--resume", help="auto (newest checkpoint) or a checkpoint dir."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run in --output."),
+        force_resume: bool = typer.Option(False, "--force-resume", help="Resume despite a changed run shape."),
+        main_address: Optional[str] = typer.Option(None, "--main-address", help="Multi-node: first node's address."),
+        main_port: Optional[int] = typer.Option(None, "--main-port", help="Multi-node: rendezvous port."),
+        machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="Multi-node: this node's rank."),
+        debug: bool = DebugOption,
+    ) -> None:
+        from launcher import launch
+        from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+        from launcher.render import require_multinode_address
+
+        path = recipe_path or default_recipe_path(method)
+        recipe = load_recipe(path, overrides)
+        if recipe.train.method != method:
+            raise UserError(f"recipe {path} is a {recipe.train.method} recipe (train.method); "
+                            f"use `ftlaunch {recipe.train.method}` or a {method} recipe")
+        flags = {
+            "model.name": model, "data.dataset": data, "launch.gpus": gpus, "launch.nodes": nodes,
+            "launch.zero": parse_zero(zero) if zero is not None else None,
+            "launch.offload": offload.value if offload else None, "launch.cpu": True if cpu else None,
+            "launch.main_address": main_address, "launch.main_port": main_port, "launch.machine_rank": machine_rank,
+        }
+        raw = recipe.model_dump(mode="json")
+        for key, value in flags.items():
+            if value is not None:
+                section, name = key.split(".")
+                raw[section][name] = value
+        recipe = build_recipe(raw, "command line")
+        run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
+
+        launch.validate_before_launch(recipe)
+        if not dry_run:
+            require_multinode_address(recipe, dict(os.environ))
+            if not recipe.launch.cpu:
+                launch.check_gpus(recipe)
+        launch.prepare_run_dir(run_dir, recipe, resume, overwrite)
+        if resume:
+            launch.check_resume_shape(recipe, run_dir, resume, force_resume)
+        launch.write_run_files(recipe, run_dir, resume, ["ftlaunch", method, *sys.argv[2:]])
+        if force_resume:
+            command_file = run_dir / "command.sh"
+            command_file.write_text(command_file.read_text().replace("--run-dir", "--force-resume --run-dir"))
+
+        from launcher.render import summarize
+
+        typer.echo(summarize(recipe, run_dir))
+        typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
+        if dry_run:
+            typer.echo("dry run: nothing launched")
+            return
+        sys.stdout.flush()
+        launch.exec_command(run_dir)
+
+    command.__doc__ = (
+        "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."
+    )
+    return command
+
+
+app.command("full", help="Full fine-tuning: render configs and launch (or --dry-run).")(train_command("full"))
+app.command("lora", help="LoRA fine-tuning: render configs and launch (or --dry-run).")(train_command("lora"))
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Option("tiny-t5", "--model", help="Hub id, local path, or tiny-t5."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter directory (a run's final/)."),
+    data: str = typer.Option("sample", "--data", help="Hub id, directory of JSONL splits, or sample."),
+    split: str = typer.Option("test", "--split"),
+    gpus: int = typer.Option(1, "--gpus", help="Ranks on this node."),
+    zero: str = typer.Option("0", "--zero", help="0: each rank holds the model; 3: weights sharded (ZeRO-3)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First K examples only."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a recipe key (eval.*, data.*)."),
+    output: Path = typer.Option(..., "--output", help="Writes predictions.jsonl and rouge.json here."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the configs and command, launch nothing."),
+    debug: bool = DebugOption,
+) -> None:
+    """Generate with one model on one split across ranks, and score it with ROUGE."""
+    from launcher import launch
+    from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+
+    recipe = load_recipe(default_recipe_path("full"), overrides)
+    raw = recipe.model_dump(mode="json")
+    raw["model"].update(name=model, adapter=str(adapter.resolve()) if adapter else None)
+    raw["data"]["dataset"] = data
+    raw["eval"].update(split=split, limit=limit if limit is not None else raw["eval"]["limit"])
+    raw["launch"].update(gpus=gpus, zero=parse_zero(zero), cpu=cpu)
+    recipe = build_recipe(raw, "command line")
+    if adapter and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run")
+    launch.check_eval_data(recipe)
+    check_model_path(model)
+    if not dry_run and not cpu:
+        launch.check_gpus(recipe)
+    run_dir = output.expanduser().resolve()
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "rouge.json").exists() \
+            and not (run_dir / "recipe.yaml").exists():
+        raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
+    launch.write_run_files(recipe, run_dir, None, ["ftlaunch", "eval", *sys.argv[2:]], entry="launcher.evaluation")
+    typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
+    if dry_run:
+        return
+    sys.stdout.flush()
+    launch.exec_command(run_dir)
+
+
+def check_model_path(model: str) -> None:
+    from launcher.model import is_local_reference
+
+    if is_local_reference(model) and not (Path(model).expanduser() / "config.json").is_file():
+        raise UserError(f"--model {model} is not a model directory (no config.json); pass a run's final/ folder, "
+                        "a hub id, or tiny-t5")
+
+
+@app.command("score")
+@user_errors
+def score_command(
+    predictions: Path = typer.Argument(..., help="predictions.jsonl (id, prediction[, references])."),
+    data: Optional[str] = typer.Option(None, "--data", help="Take references from this dataset instead."),
+    split: str = typer.Option("test", "--split"),
+    scoring: str = typer.Option("best_of_n", "--scoring", help="best_of_n or per_reference (seed-compatible)."),
+    stemmer: bool = typer.Option(True, "--stemmer/--no-stemmer"),
+    split_sentences: bool = typer.Option(False, "--split-sentences", help="One sentence per line for rougeLsum."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write rouge.json here."),
+    debug: bool = DebugOption,
+) -> None:
+    """Rescore an existing predictions file without generating."""
+    from launcher.scoring import rescore
+
+    result = rescore(predictions, data, split, scoring, stemmer, split_sentences, output)
+    typer.echo(result)
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories or `ftlaunch eval` output directories."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write report.md and rouge.json here."),
+    debug: bool = DebugOption,
+) -> None:
+    """Compare several runs/models in one ROUGE table (one run: its full report)."""
+    from launcher.report import compare_runs, write_run_report
+
+    if len(run_dirs) == 1 and (run_dirs[0] / "eval").is_dir():
+        out = write_run_report(run_dirs[0], output)
+        typer.echo((out / "report.md").read_text())
+        return
+    typer.echo(compare_runs(run_dirs, output))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""DialogSum data: loading (hub id, local directory, embedded sample), the prompt, tokenization,
+length-grouped batches and per-rank shards.
+
+Every split is normalised to rows of ``id``, ``dialogue``, ``summary`` (the training target)
+and ``references`` (all human summaries: one for train/validation, ``summary1..3`` for the
+original DialogSum test file, or the repeated rows of the hub's 1,500-row test split merged
+back into 500 dialogues).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from launcher.errors import UserError
+from launcher.paths import SAMPLE_DATA_DIR
+from launcher.recipe import EMBEDDED_DATA, DataSection
+
+REFERENCE_FIELDS = ("summary1", "summary2", "summary3")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def dataset_dir(dataset: str) -> Path | None:
+    """The local directory behind a dataset reference, or None for a hub id."""
+    if dataset == EMBEDDED_DATA:
+        return SAMPLE_DATA_DIR
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return path
+    if dataset.startswith((".", "/", "~")) or path.suffix or dataset.count("/") > 1:
+        raise UserError(
+            f"data {dataset!r} is not a directory; pass a folder with train.jsonl, validation.jsonl and "
+            "test.jsonl, a hub id such as knkarthick/dialogsum, or sample"
+        )
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Strict JSON Lines: every failure names the file and line and says how to fix it."""
+    rows: list[dict[str, Any]] = []
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    hint = " (it looks like a Python literal: convert with json.dumps)" if line.lstrip().startswith(
+                        "{'"
+                    ) else ""
+                    raise UserError(
+                        f"{path} line {number} is not JSON ({exc.msg}){hint}; each line must be one JSON object"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} line {number} is not a JSON object; each line must be one JSON object")
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    return rows
+
+
+def normalize_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """Map DialogSum's field layouts onto id/dialogue/summary/references."""
+    out: list[dict[str, Any]] = []
+    for number, row in enumerate(rows, start=1):
+        references = [row[key] for key in REFERENCE_FIELDS if isinstance(row.get(key), str) and row[key].strip()]
+        if not references and isinstance(row.get("summary"), str) and row["summary"].strip():
+            references = [row["summary"]]
+        dialogue = row.get("dialogue")
+        if not isinstance(dialogue, str) or not dialogue.strip():
+            raise UserError(f"{source} row {number} has no 'dialogue' text; every row needs dialogue and summary")
+        if not references:
+            raise UserError(
+                f"{source} row {number} has no 'summary' (or summary1..3) text; every row needs dialogue and summary"
+            )
+        out.append(
+            {
+                "id": str(row.get("id", f"row_{number - 1}")),
+                "dialogue": dialogue,
+                "summary": references[0],
+                "references": references,
+            }
+        )
+    return merge_repeated_dialogues(out)
+
+
+def merge_repeated_dialogues(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The hub's test split repeats each dialogue once per reference: fold them into one row."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first = merged.get(row["dialogue"])
+        if first is None:
+            merged[row["dialogue"]] = {**row, "references": list(row["references"])}
+        else:
+            first["references"].extend(ref for ref in row["references"] if ref not in first["references"])
+    return list(merged.values())
+
+
+def load_split(dataset: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of one split, normalised; errors are UserErrors naming what to fix."""
+    directory = dataset_dir(dataset)
+    if directory is not None:
+        path = directory / f"{split}.jsonl"
+        if not path.is_file():
+            present = sorted(p.stem for p in directory.glob("*.jsonl"))
+            raise UserError(
+                f"split {split!r} not found: {path} does not exist (splits there: {', '.join(present) or 'none'})"
+            )
+        rows = normalize_rows(read_jsonl(path), str(path))
+    else:
+        rows = normalize_rows(load_hub_split(dataset, split), f"{dataset}[{split}]")
+    if not rows:
+        raise UserError(f"split {split!r} of {dataset} is empty; it needs at least one dialogue")
+    return rows[:limit] if limit else rows
+
+
+def load_hub_split(dataset: str, split: str) -> list[dict[str, Any]]:
+    """A split from the Hugging Face hub (or its local cache)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise UserError(f"split {split!r} does not exist in {dataset}: {exc}") from None
+        raise
+    except (ConnectionError, OSError, FileNotFoundError) as exc:
+        raise UserError(
+            f"cannot load dataset {dataset!r} from the hub ({type(exc).__name__}); without network, download it "
+            "elsewhere and pass --data DIR with train/validation/test.jsonl"
+        ) from None
+    return [dict(row) for row in loaded]
+
+
+def data_fingerprint(dataset: str, split: str) -> str:
+    """Changes when the data changes: file size and mtime for local files, the id for the hub."""
+    directory = dataset_dir(dataset)
+    if directory is None:
+        return f"hub:{dataset}:{split}"
+    stat = (directory / f"{split}.jsonl").stat()
+    return f"{(directory / f'{split}.jsonl').resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+# ---------------------------------------------------------------- prompt and tokens
+
+
+def build_prompt(template: str, dialogue: str) -> str:
+    return template.replace("{dialogue}", dialogue)
+
+
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, data: DataSection) -> list[dict[str, list[int]]]:
+    """Prompt + dialogue as the source, the summary as the target; truncated to the recipe's lengths."""
+    sources = [build_prompt(data.prompt, row["dialogue"]) for row in rows]
+    encoded = tokenizer(sources, max_length=data.max_source_length, truncation=True)
+    targets = tokenizer(
+        text_target=[row["summary"] for row in rows], max_length=data.max_target_length, truncation=True
+    )
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for ids, mask, labels in zip(encoded["input_ids"], encoded["attention_mask"], targets["input_ids"])
+    ]
+
+
+def tokenized_split(
+    rows: Sequence[dict[str, Any]], tokenizer, data: DataSection, cache_dir: Path, key: str
+):
+    """Tokenize once into an Arrow cache file; later calls (other ranks, resumed runs) just load it."""
+    import datasets
+
+    digest = hashlib.sha256(
+        json.dumps([key, tokenizer.name_or_path, len(tokenizer), data.prompt,
+                    data.max_source_length, data.max_target_length, len(rows)]).encode()
+    ).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    table = datasets.Dataset.from_list([{"row": index} for index in range(len(rows))])
+
+    def encode(batch: dict[str, list[int]]) -> dict[str, list]:
+        encoded = tokenize_rows([rows[index] for index in batch["row"]], tokenizer, data)
+        return {name: [item[name] for item in encoded] for name in ("input_ids", "attention_mask", "labels")}
+
+    return table.map(
+        encode,
+        batched=True,
+        remove_columns=["row"],
+        cache_file_name=str(cache_dir / f"{digest}.arrow"),
+        load_from_cache_file=True,
+        desc=f"tokenizing {key}",
+    )
+
+
+def source_lengths(tokenized) -> list[int]:
+    return [len(ids) for ids in tokenized["input_ids"]]
+
+
+def example_lengths(tokenized) -> list[int]:
+    """Cost of an example for batching: source plus target tokens."""
+    return [len(a) + len(b) for a, b in zip(tokenized["input_ids"], tokenized["labels"])]
+
+
+# ---------------------------------------------------------------- batching
+
+
+class LengthGroupedBatchSampler:
+    """Shuffled batches of similar-length examples (HF's megabatch scheme, as batches).
+
+    Each epoch: a seeded permutation is cut into megabatches of ``batch_size * megabatch``
+    examples, each megabatch is sorted by length and cut into batches, and the batch order is
+    shuffled. Padding then costs little while batches stay random. The order depends only on
+    (seed, epoch), so a resumed run sees the same batches; set ``epoch`` before iterating.
+    Accelerate deals whole batches to ranks in turn, so with W ranks the W batches of one
+    optimizer step come from the same megabatch and have similar lengths.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
+                 megabatch: int = 50) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.megabatch = megabatch
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        if not self.group_by_length:
+            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        size = self.batch_size * self.megabatch
+        batches: list[list[int]] = []
+        for start in range(0, len(order), size):
+            mega = order[start:start + size]
+            mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
+            batches += [mega[i:i + self.batch_size].tolist() for i in range(0, len(mega), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            # The short batch stays last so that full batches are dealt evenly to ranks.
+            head = [batches[i] for i in rng.permutation(len(batches) - 1)]
+            return head + [batches[-1]]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+
+@dataclass
+class ShardBatch:
+    """One batch of a rank's shard; ``indices`` empty means a placeholder that keeps ranks in step."""
+
+    indices: list[int]
+
+
+def shard_sorted_batches(lengths: Sequence[int], batch_size: int, rank: int, world: int) -> list[ShardBatch]:
+    """Evaluation shards: longest first, every rank gets the same number of batches.
+
+    Global batches of ``batch_size * world`` examples in length order are split across ranks,
+    so each generate/forward call sees similar lengths on every rank. Under ZeRO-3 every rank
+    must call the model the same number of times; a rank with nothing left gets a placeholder
+    batch (run on a dummy input, result dropped).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    step = batch_size * world
+    batches = []
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
+        per_rank = math.ceil(len(chunk) / world)
+        batches.append(ShardBatch(chunk[rank * per_rank:(rank + 1) * per_rank]))
+    return batches

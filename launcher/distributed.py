@@ -1,0 +1,81 @@
+"""The Accelerator every rank builds, and the few cross-rank helpers the loop needs.
+
+On CPU ranks the process group must be gloo: without it, Accelerate on a CPU-only host counts
+one process per rank while DeepSpeed shards across all of them, so data is not sharded and
+gathers are wrong (see DESIGN.md). DDP on several CPU ranks needs ``cpu=True`` as well, or
+Accelerate does not wrap the model in DDP.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from launcher.recipe import Recipe
+
+# A dead peer should end the job quickly, not after NCCL's default 10-30 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def runs_on_cpu(recipe: Recipe) -> bool:
+    return recipe.launch.cpu or not torch.cuda.is_available()
+
+
+def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=None) -> Accelerator:
+    cpu = runs_on_cpu(recipe)
+    backend = "gloo" if cpu else "nccl"
+    kwargs = dict(
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT)],
+        # The loop steps the scheduler once per optimizer step itself (see train.py).
+        step_scheduler_with_optimizer=False,
+        project_dir=project_dir,
+        log_with=log_with,
+    )
+    if recipe.launch.zero:
+        # Precision, accumulation and clipping come from the rendered deepspeed.json.
+        return Accelerator(**kwargs)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if recipe.model.precision == "bf16" else "no",
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        **kwargs,
+    )
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if the flag is set on any rank (one tiny all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def sum_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64 if accelerator.device.type == "cpu" else torch.float32,
+                          device=accelerator.device)
+    if accelerator.num_processes > 1:
+        tensor = accelerator.reduce(tensor, reduction="sum")
+    return tensor.tolist()
+
+
+def without_zero3_init(accelerator: Accelerator):
+    """A context in which from_pretrained builds a whole, unsharded model (for inference copies)."""
+    import contextlib
+
+    plugin = accelerator.state.deepspeed_plugin if uses_deepspeed(accelerator) else None
+    if plugin is None:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=False)

@@ -1,0 +1,168 @@
+"""Generation on all ranks, gathered once per example, scored with ROUGE.
+
+Each rank generates a length-sorted shard; every rank makes the same number of ``generate``
+calls (placeholder batches where its shard ran out), so ZeRO-3's ``synced_gpus`` generation
+cannot hang. Results are gathered as (index, text) objects and the main process checks it got
+exactly one prediction per example before writing anything.
+
+Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --run-dir OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.data import build_prompt, load_split, shard_sorted_batches
+from launcher.distributed import build_accelerator, without_zero3_init, zero_stage
+from launcher.errors import EXIT_USAGE, UserError
+from launcher.model import load_for_inference, load_tokenizer
+from launcher.recipe import Recipe, read_run_recipe
+from launcher.rouge import score_rouge
+
+PREDICTIONS_FILE = "predictions.jsonl"
+ROUGE_FILE = "rouge.json"
+
+
+@torch.no_grad()
+def generate_predictions(accelerator, model, tokenizer, rows: list[dict], recipe: Recipe, synced: bool) -> list[str]:
+    """Predictions for ``rows`` in dataset order, on every rank."""
+    from accelerate.utils import gather_object
+
+    prompts = [build_prompt(recipe.data.prompt, row["dialogue"]) for row in rows]
+    lengths = [len(ids) for ids in tokenizer(prompts, max_length=recipe.data.max_source_length,
+                                             truncation=True)["input_ids"]]
+    generator = accelerator.unwrap_model(model)
+    generator.eval()
+    local: list[tuple[int, str]] = []
+    shards = shard_sorted_batches(lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes)
+    for shard in shards:
+        indices = shard.indices or [0]
+        inputs = tokenizer([prompts[i] for i in indices], max_length=recipe.data.max_source_length,
+                           truncation=True, padding=True, return_tensors="pt").to(accelerator.device)
+        with accelerator.autocast():
+            output = generator.generate(
+                **inputs,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                num_beams=recipe.eval.num_beams,
+                do_sample=False,
+                synced_gpus=synced,
+            )
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+        if shard.indices:
+            local += [(index, text.strip()) for index, text in zip(shard.indices, texts)]
+    gathered = gather_object(local) if accelerator.num_processes > 1 else local
+    return in_dataset_order(gathered, len(rows))
+
+
+def in_dataset_order(pairs: list[tuple[int, str]], expected: int) -> list[str]:
+    """Exactly one prediction per example, or a loud failure (never a silently short report)."""
+    by_index = dict(pairs)
+    if len(pairs) != expected or len(by_index) != expected or set(by_index) != set(range(expected)):
+        raise RuntimeError(f"gathered {len(pairs)} predictions ({len(by_index)} distinct) for {expected} examples")
+    return [by_index[i] for i in range(expected)]
+
+
+def score_predictions(predictions: list[str], references: list[list[str]], recipe: Recipe) -> dict[str, Any]:
+    return score_rouge(predictions, references, mode=recipe.eval.scoring, use_stemmer=recipe.eval.use_stemmer,
+                       split_sentences=recipe.eval.split_sentences)
+
+
+def write_eval_outputs(out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / PREDICTIONS_FILE).open("w") as handle:
+        for row, prediction in zip(rows, predictions):
+            handle.write(json.dumps({"id": row["id"], "prediction": prediction, "references": row["references"]},
+                                    ensure_ascii=False) + "\n")
+    (out_dir / ROUGE_FILE).write_text(json.dumps({**scores, **info}, indent=2) + "\n")
+
+
+def eval_rows(recipe: Recipe) -> list[dict]:
+    return load_split(recipe.data.dataset, recipe.eval.split, recipe.eval.limit)
+
+
+def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str, Any]:
+    return {
+        "model": model_label,
+        "adapter": adapter,
+        "dataset": recipe.data.dataset,
+        "split": recipe.eval.split,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "num_beams": recipe.eval.num_beams,
+    }
+
+
+def evaluate_model(accelerator, model, tokenizer, recipe: Recipe, rows: list[dict], out_dir: Path,
+                   info: dict, synced: bool) -> dict | None:
+    """Generate, gather, score and write one model's predictions; returns the scores on main."""
+    predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
+    if not accelerator.is_main_process:
+        return None
+    scores = score_predictions(predictions, [row["references"] for row in rows], recipe)
+    write_eval_outputs(out_dir, rows, predictions, scores, info)
+    accelerator.print(f"{info['model']}: rouge1 {scores['rouge1']:.4f} rouge2 {scores['rouge2']:.4f} "
+                      f"rougeL {scores['rougeL']:.4f} rougeLsum {scores['rougeLsum']:.4f} (n={scores['n']})")
+    return scores
+
+
+def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path) -> None:
+    """Fine-tuned model (as trained, sharded or not) and the original model, then the report."""
+    rows = eval_rows(recipe)
+    eval_dir = run_dir / "eval"
+    method = recipe.train.method
+    evaluate_model(accelerator, model, tokenizer, recipe, rows, eval_dir / "finetuned",
+                   run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
+                   synced=zero_stage(accelerator) == 3)
+    if recipe.eval.compare_original:
+        # The original model is small next to training state: each rank holds a whole copy
+        # (never ZeRO-3 sharded), so its generate calls need no cross-rank sync.
+        with without_zero3_init(accelerator):
+            original = load_for_inference(recipe.model.name, None, len(tokenizer), recipe).to(accelerator.device)
+        evaluate_model(accelerator, original, tokenizer, recipe, rows, eval_dir / "original",
+                       run_info(recipe, f"{recipe.model.name} (original)", None), synced=False)
+        del original
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from launcher.report import write_run_report
+
+        write_run_report(run_dir)
+
+
+def evaluate_standalone(run_dir: Path) -> int:
+    """``ftlaunch eval``: one model (optionally + adapter) on one split, on every rank."""
+    recipe = read_run_recipe(run_dir)
+    accelerator = build_accelerator(recipe)
+    tokenizer = load_tokenizer(recipe)
+    rows = eval_rows(recipe)
+    model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
+    synced = False
+    if recipe.launch.zero:
+        model = accelerator.prepare(model)  # ZeRO-3 shards the weights over the ranks
+        synced = zero_stage(accelerator) == 3
+    else:
+        model = model.to(accelerator.device)
+    evaluate_model(accelerator, model, tokenizer, recipe, rows, run_dir,
+                   run_info(recipe, recipe.model.name, recipe.model.adapter), synced)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate and score one model on one split (ftlaunch eval).")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        return evaluate_standalone(args.run_dir.resolve())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

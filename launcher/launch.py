@@ -1,0 +1,141 @@
+"""Everything between "the recipe is valid" and "the ranks are running", on the launching host:
+checks that must fail before a launch (data, model, GPUs, run directory, resume shape), the
+run directory's files, and the exec of ``command.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from launcher import checkpoint as ckpt
+from launcher.data import dataset_dir, load_split
+from launcher.errors import UserError
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
+from launcher.render import render_run, require_multinode_address
+
+RUN_FILES = ("recipe.yaml", "accelerate.yaml", "command.sh")
+
+
+# ---------------------------------------------------------------- checks before launch
+
+
+def check_data(recipe: Recipe) -> None:
+    """Read every split the run will use (local files only: the hub is read by the ranks)."""
+    if dataset_dir(recipe.data.dataset) is None:
+        return
+    load_split(recipe.data.dataset, recipe.data.train_split)
+    load_split(recipe.data.dataset, recipe.data.validation_split)
+    if recipe.eval.after_training:
+        load_split(recipe.data.dataset, recipe.eval.split)
+
+
+def check_eval_data(recipe: Recipe) -> None:
+    if dataset_dir(recipe.data.dataset) is not None:
+        load_split(recipe.data.dataset, recipe.eval.split, recipe.eval.limit)
+
+
+def check_model_reference(recipe: Recipe) -> None:
+    """A local path must exist; LoRA targets must name modules of the model."""
+    name = recipe.model.name
+    if name == EMBEDDED_MODEL:
+        model_config = None
+    elif name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model path {name} has no config.json; pass a directory written by save_pretrained, "
+                            "a hub id, or tiny-t5")
+        model_config = path
+    else:
+        return  # hub ids are resolved by the ranks (offline: from the local cache)
+    if recipe.train.method == "lora":
+        check_lora_targets(recipe, model_config)
+
+
+def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from launcher.model import TINY_T5_CONFIG, missing_lora_targets
+
+    if config_dir is None:
+        from transformers import T5Config
+
+        config = T5Config(vocab_size=1000, **TINY_T5_CONFIG)
+    else:
+        config = AutoConfig.from_pretrained(str(config_dir))
+    with torch.device("meta"):
+        skeleton = AutoModelForSeq2SeqLM.from_config(config)
+    missing = missing_lora_targets(skeleton, list(recipe.lora.target_modules))
+    if missing:
+        raise UserError(f"lora.target_modules {missing} name no module of {recipe.model.name}; "
+                        "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)")
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpus(recipe: Recipe) -> None:
+    available = visible_gpus()
+    if recipe.launch.gpus <= available:
+        return
+    seen = f"only {available} are visible here; use --gpus {available}, " if available else "none is visible here; use "
+    raise UserError(f"--gpus {recipe.launch.gpus} asks for {recipe.launch.gpus} GPUs per node but {seen}"
+                    "--cpu to run the ranks as CPU processes, or --dry-run to only render the configs")
+
+
+def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> None:
+    checkpoint = ckpt.resolve_resume(run_dir, resume)
+    if checkpoint is None:
+        return
+    current = ckpt.TrainState(world_size=recipe.launch.world_size, grad_accum=recipe.train.grad_accum,
+                              micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed,
+                              method=recipe.train.method)
+    ckpt.check_compatible(ckpt.read_state(checkpoint), current, checkpoint, force)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "recipe.yaml").is_file()
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; --overwrite clears it, --resume continues it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file; pass a directory")
+    if not holds_run(run_dir):
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+            raise UserError(f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
+                            "or pass --overwrite")
+        return
+    same = (run_dir / "recipe.yaml").read_text() == dump_recipe(recipe)
+    if overwrite:
+        shutil.rmtree(run_dir)
+    elif not same and not resume:
+        raise UserError(f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
+                        "--overwrite to replace it, or pick a new directory")
+    elif same and not resume and ckpt.find_latest_checkpoint(run_dir) is not None:
+        raise UserError(f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
+                        "continue it or --overwrite to start again")
+
+
+def write_run_files(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
+                    entry: str = "launcher.train") -> None:
+    render_run(recipe, run_dir, resume, argv, entry).write(run_dir)
+
+
+def exec_command(run_dir: Path) -> None:
+    """Replace this process with command.sh, so signals (Ctrl-C, SLURM) reach the launcher and ranks."""
+    command = run_dir / "command.sh"
+    os.execvp("bash", ["bash", str(command)])
+
+
+def validate_before_launch(recipe: Recipe) -> None:
+    check_data(recipe)
+    check_model_reference(recipe)

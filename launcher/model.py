@@ -1,0 +1,146 @@
+"""Models and tokenizers: hub ids and local paths, the embedded tiny-t5, LoRA through PEFT.
+
+``tiny-t5`` is a small random-init T5 built from a config with FLAN-T5's layout (gated-GELU
+feed-forward, unscaled decoder outputs, its own ``lm_head`` untied from the embedding) and a
+tokenizer shipped in the package. Its weights come from a fixed seed, so every rank and every
+invocation builds the same model without downloading anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.errors import UserError
+from launcher.paths import TINY_TOKENIZER_DIR
+from launcher.recipe import EMBEDDED_MODEL, LoraSection, Recipe
+
+TINY_T5_SEED = 1234
+TINY_T5_CONFIG: dict[str, Any] = dict(
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,  # FLAN-T5: decoder outputs are not rescaled, lm_head is its own matrix
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+
+def is_local_reference(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    name = recipe.model.tokenizer or recipe.model.name
+    if name == EMBEDDED_MODEL:
+        return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    return from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, "tokenizer")
+
+
+def build_tiny_t5(vocab_size: int):
+    """The embedded model: same weights everywhere (seeded, without touching the global RNG)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab_size, **TINY_T5_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_T5_SEED)
+        model = T5ForConditionalGeneration(config)
+        # transformers 5 always ties T5's lm_head to the embedding when building from a config;
+        # FLAN-T5 checkpoints carry their own lm_head, so give tiny-t5 one too.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
+    return model
+
+
+def load_base_model(recipe: Recipe, vocab_size: int):
+    """The pretrained (or embedded) seq2seq model, in fp32: autocast does the bf16 math."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    if recipe.model.name == EMBEDDED_MODEL:
+        return build_tiny_t5(vocab_size)
+    return from_pretrained_or_explain(AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model",
+                                      dtype=torch.float32)
+
+
+def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):
+    """Call a ``from_pretrained``; a missing path or an unreachable hub becomes a UserError."""
+    if is_local_reference(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{what} path {name} does not exist; pass a directory written by save_pretrained, "
+                        "a hub id, or tiny-t5")
+    try:
+        return loader(str(Path(name).expanduser()) if is_local_reference(name) else name, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            f"cannot load {what} {name!r} ({str(exc).splitlines()[0][:160]}); without network, download it "
+            "elsewhere (huggingface-cli download) and pass --model /path/to/it"
+        ) from None
+
+
+def lora_config(lora: LoraSection):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+    )
+
+
+def missing_lora_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """LoRA targets that name no module of the model (PEFT matches on the last name part)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [target for target in targets if target not in leaves]
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSection):
+    from peft import get_peft_model
+
+    missing = missing_lora_targets(model, list(lora.target_modules))
+    if missing:
+        raise UserError(f"lora.target_modules {missing} name no module of this model; T5 attention has q, k, v, o")
+    return get_peft_model(model, lora_config(lora))
+
+
+def build_model(recipe: Recipe, vocab_size: int):
+    model = load_base_model(recipe, vocab_size)
+    if recipe.train.method == "lora":
+        model = apply_lora(model, recipe.lora)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); ZeRO-3 shards report their full size through ``ds_numel``."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = getattr(param, "ds_numel", param.numel())
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def load_for_inference(name: str, adapter: str | None, vocab_size: int, recipe: Recipe):
+    """A model to generate with: a base (or fine-tuned full) model, optionally with a LoRA adapter."""
+    base_recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": name})})
+    model = load_base_model(base_recipe, vocab_size)
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter).is_dir():
+            raise UserError(f"adapter {adapter} is not a directory; pass the final/ folder of a LoRA run")
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()

@@ -1,0 +1,268 @@
+"""Recipes: the typed schema, YAML loading, ``--set`` overrides and one-line validation errors.
+
+A recipe is everything a run needs to know (model, data, training, LoRA, evaluation, launch
+shape). ``recipes/*.yaml`` hold the seed defaults; the launcher writes the fully resolved
+recipe into every run directory, and each rank reads it back from there.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.errors import UserError
+from launcher.paths import project_dir
+
+DEFAULT_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+EMBEDDED_MODEL = "tiny-t5"
+EMBEDDED_DATA = "sample"
+
+
+class Section(BaseModel):
+    """Base for recipe sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "google/flan-t5-base"  # hub id, local directory, or tiny-t5 (embedded)
+    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    adapter: Optional[str] = None  # a PEFT adapter directory on top of `name` (ftlaunch eval)
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"  # fp32 master weights + autocast
+
+
+class DataSection(Section):
+    dataset: str = "knkarthick/dialogsum"  # hub id, directory of {split}.jsonl, or sample (embedded)
+    prompt: str = DEFAULT_PROMPT  # must contain {dialogue}
+    max_source_length: int = Field(512, gt=0)
+    max_target_length: int = Field(128, gt=0)
+    train_split: str = "train"
+    validation_split: str = "validation"
+    train_limit: Optional[int] = Field(None, gt=0)  # first N training examples only
+    validation_limit: Optional[int] = Field(None, gt=0)
+    group_by_length: bool = True  # batches of similar length: little compute spent on padding
+
+    @model_validator(mode="after")
+    def _prompt_has_dialogue(self) -> "DataSection":
+        if "{dialogue}" not in self.prompt:
+            raise ValueError("data.prompt must contain the placeholder {dialogue}")
+        return self
+
+
+class TrainSection(Section):
+    method: Literal["full", "lora"] = "full"
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)  # optimizer steps; stops before `epochs` if reached
+    micro_batch_size: int = Field(8, gt=0)  # per rank, per forward pass
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # null: no clipping
+    seed: int = 42
+    log_every: int = Field(10, gt=0)  # optimizer steps between metrics lines
+    eval_every: Optional[int] = Field(None, gt=0)  # validation loss every N steps (always at the end)
+    checkpoint_every: Optional[int] = Field(500, gt=0)  # null: only on preemption
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class LoraSection(Section):
+    r: int = Field(32, gt=0)
+    alpha: int = Field(32, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    save_merged: bool = False  # also write final/merged: base + adapter as one model
+
+
+class EvalSection(Section):
+    after_training: bool = True  # generate + ROUGE report at the end of `full`/`lora`
+    compare_original: bool = True  # also score the model before fine-tuning
+    split: str = "test"
+    limit: Optional[int] = Field(None, gt=0)  # first N examples of the split
+    batch_size: int = Field(16, gt=0)  # per rank
+    max_new_tokens: int = Field(128, gt=0)
+    num_beams: int = Field(1, gt=0)
+    scoring: Literal["best_of_n", "per_reference"] = "best_of_n"
+    use_stemmer: bool = True
+    split_sentences: bool = False  # one sentence per line before rougeLsum
+    report_examples: int = Field(3, ge=0)
+
+
+class LaunchSection(Section):
+    gpus: int = Field(1, gt=0)  # processes per node
+    nodes: int = Field(1, gt=0)
+    zero: Literal[0, 1, 2, 3] = 0  # 0: DDP; 1-3: DeepSpeed ZeRO stage
+    offload: Literal["none", "optimizer", "full"] = "none"
+    cpu: bool = False  # ranks are CPU processes (gloo): the whole path without a GPU
+    main_address: Optional[str] = None  # multi-node: first node's address
+    main_port: Optional[int] = Field(None, gt=0, lt=65536)
+    machine_rank: Optional[int] = Field(None, ge=0)  # multi-node: fixed rank, else $SLURM_NODEID
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "LaunchSection":
+        if self.offload != "none" and self.zero == 0:
+            raise ValueError("launch.offload needs DeepSpeed: use --zero 1, 2 or 3 with --offload")
+        if self.offload == "full" and self.zero != 3:
+            raise ValueError("launch.offload=full (parameters too) needs --zero 3; use --offload optimizer")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _no_fp16_for_t5(self) -> "Recipe":
+        if self.model.precision == "fp16" and is_t5_name(self.model.name):
+            raise ValueError(
+                "model.precision=fp16 overflows T5 (inf/NaN activations); use bf16, or fp32 on GPUs without bf16"
+            )
+        return self
+
+    def effective_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * self.launch.world_size
+
+
+def is_t5_name(name: str) -> bool:
+    """T5-family models overflow in fp16; recognise them by name or by a local config."""
+    if name == EMBEDDED_MODEL or "t5" in name.lower():
+        return True
+    config = Path(name) / "config.json"
+    if config.is_file():
+        try:
+            return "t5" in str(yaml.safe_load(config.read_text()).get("model_type", "")).lower()
+        except (yaml.YAMLError, AttributeError):
+            return False
+    return False
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def default_recipe_path(method: str) -> Path:
+    return project_dir("recipes") / f"{method}.yaml"
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass --recipe with a path to a YAML file (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``train.lr=3e-4`` into a key path and a YAML-typed value."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.strip() != raw.strip():
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set a dotted key in a nested dict; the schema later checks the key exists."""
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_recipe(data: dict[str, Any], source: str) -> Recipe:
+    """Validate raw data into a Recipe, turning pydantic's report into one line."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    data = read_yaml_mapping(path)
+    overridden = []
+    for item in overrides:
+        key_path, value = parse_override(item)
+        apply_override(data, key_path, value)
+        overridden.append(key_path)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        loc = [str(part) for part in exc.errors()[0]["loc"]]
+        source = "--set" if loc in overridden else f"recipe {path}"
+        raise UserError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line for the first problem: the key, the bad value, what is allowed."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "recipe"
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{did_you_mean(loc)}"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{key}={value!r} is not allowed; use one of {allowed}"
+    if kind == "value_error":
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"{key}={value!r}: {error['msg'].lower()}"
+
+
+def did_you_mean(loc: list[str]) -> str:
+    """Suggest the closest valid key at the same level of the schema."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    choices = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], choices, n=1)
+    prefix = ".".join(loc[:-1] + [close[0]]) if close else None
+    if prefix:
+        return f"; did you mean {prefix}?"
+    return f"; valid keys here: {', '.join(choices)}"
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, sections in schema order."""
+    header = "# Fully resolved recipe of this run (written by ftlaunch; each rank reads it).\n"
+    body = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    return header + body
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    return build_recipe(read_yaml_mapping(run_dir / "recipe.yaml"), f"recipe {run_dir / 'recipe.yaml'}")

@@ -1,0 +1,218 @@
+"""Render a recipe into the files of a run: accelerate.yaml, deepspeed.json, command.sh.
+
+The templates in ``accelerate_configs/`` stay readable and commented; rendering only replaces
+the values the recipe decides (processes, machines, precision, micro batch, accumulation,
+clipping, offload), so the rendered files agree with the recipe by construction and can be
+read, diffed or launched by hand without ftlaunch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import UserError
+from launcher.paths import project_dir
+from launcher.recipe import Recipe, dump_recipe
+
+DEFAULT_PORT = 29500
+# Multi-node values a job script cannot know before it runs: evaluated by bash on each node.
+MACHINE_RANK_FROM_ENV = '"${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-0}}"'
+MAIN_ADDRESS_FROM_ENV = (
+    '"${FTLAUNCH_MAIN_ADDRESS:-$(scontrol show hostnames '
+    '"${SLURM_JOB_NODELIST:?multi-node runs need --main-address or a SLURM allocation}" | head -n 1)}"'
+)
+MAIN_PORT_FROM_ENV = '"${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}"'
+
+
+@dataclass
+class RenderedRun:
+    """The text of every file a run directory starts with."""
+
+    recipe_yaml: str
+    accelerate_yaml: str
+    deepspeed_json: str | None
+    command_sh: str
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(self.recipe_yaml)
+        (run_dir / "accelerate.yaml").write_text(self.accelerate_yaml)
+        ds_path = run_dir / "deepspeed.json"
+        if self.deepspeed_json is not None:
+            ds_path.write_text(self.deepspeed_json)
+        elif ds_path.exists():
+            ds_path.unlink()  # a re-render without ZeRO must not leave a stale config behind
+        command = run_dir / "command.sh"
+        command.write_text(self.command_sh)
+        command.chmod(0o755)
+
+
+# ---------------------------------------------------------------- template choice
+
+
+def accelerate_template_name(recipe: Recipe) -> str:
+    launch = recipe.launch
+    if launch.zero == 0:
+        return "single_gpu.yaml" if launch.world_size == 1 else "multi_gpu.yaml"
+    if launch.zero == 3 and launch.offload == "full":
+        return "zero3_offload.yaml"
+    return f"zero{launch.zero}.yaml"
+
+
+def deepspeed_template_name(recipe: Recipe) -> str:
+    if recipe.launch.zero == 3 and recipe.launch.offload == "full":
+        return "zero_stage3_offload.json"
+    return f"zero_stage{recipe.launch.zero}.json"
+
+
+# ---------------------------------------------------------------- DeepSpeed JSON
+
+
+def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """DeepSpeed's JSON with every "auto" resolved from the recipe."""
+    template = project_dir("accelerate_configs") / "deepspeed" / deepspeed_template_name(recipe)
+    config = json.loads(template.read_text())
+    train = recipe.train
+    resolved = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": recipe.effective_batch_size(),
+        # DeepSpeed reads 0 as "no clipping"; the loop never clips a second time under DeepSpeed.
+        "gradient_clipping": train.max_grad_norm or 0.0,
+    }
+    config.update({key: value for key, value in resolved.items() if key in config})
+    config["bf16"] = {"enabled": recipe.model.precision == "bf16"}
+    if recipe.launch.offload == "optimizer":
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": not recipe.launch.cpu}
+    if recipe.launch.cpu:
+        for key in ("offload_optimizer", "offload_param"):
+            if key in config["zero_optimization"]:
+                config["zero_optimization"][key]["pin_memory"] = False  # no CUDA: nothing to pin
+    leftover = [key for key, value in config.items() if value == "auto"]
+    if leftover:
+        raise AssertionError(f"template {template.name} has unresolved auto keys: {leftover}")
+    return config
+
+
+# ---------------------------------------------------------------- accelerate YAML
+
+
+def set_yaml_value(text: str, key: str, value: Any) -> str:
+    """Replace ``key: old  # comment`` with the new value, keeping indentation and comment."""
+    pattern = re.compile(rf"^(\s*{re.escape(key)}:)[ \t]*([^#\n]*?)([ \t]*#.*)?$", re.MULTILINE)
+    if not pattern.search(text):
+        raise AssertionError(f"accelerate template has no key {key!r}")
+    rendered = yaml.safe_dump(value, default_flow_style=True).strip()
+    rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
+    return pattern.sub(lambda m: f"{m.group(1)} {rendered}{m.group(3) or ''}", text, count=1)
+
+
+def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
+    template_name = accelerate_template_name(recipe)
+    text = (project_dir("accelerate_configs") / template_name).read_text()
+    launch = recipe.launch
+    values: dict[str, Any] = {"num_processes": launch.world_size, "use_cpu": False}
+    if launch.zero == 0:
+        values["mixed_precision"] = "bf16" if recipe.model.precision == "bf16" else "no"
+        # One CPU process: accelerate runs it directly. Several CPU ranks: the DDP launcher
+        # (torchrun) starts them and the loop builds a gloo process group on CPU.
+        values["use_cpu"] = launch.cpu and launch.world_size == 1
+    else:
+        values["deepspeed_config_file"] = str((run_dir / "deepspeed.json").resolve())
+    if template_name != "single_gpu.yaml":
+        values.update(num_machines=launch.nodes, machine_rank=launch.machine_rank or 0)
+        values["main_process_port"] = launch.main_port or DEFAULT_PORT
+        values["main_process_ip"] = launch.main_address if launch.nodes > 1 else None
+    for key, value in values.items():
+        text = set_yaml_value(text, key, value)
+    header = f"# Rendered by ftlaunch from accelerate_configs/{template_name} for this run.\n"
+    return header + text
+
+
+# ---------------------------------------------------------------- command.sh
+
+
+def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
+                   entry: str = "launcher.train") -> str:
+    """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
+    run_dir = run_dir.resolve()
+    launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(run_dir / "accelerate.yaml"))]
+    launch = recipe.launch
+    if launch.nodes > 1:
+        rank = str(launch.machine_rank) if launch.machine_rank is not None else MACHINE_RANK_FROM_ENV
+        launch_args += ["--machine_rank", rank]
+        if not launch.main_address:
+            launch_args += ["--main_process_ip", MAIN_ADDRESS_FROM_ENV]
+        if not launch.main_port:
+            launch_args += ["--main_process_port", MAIN_PORT_FROM_ENV]
+    train_args = ["-m", entry, "--run-dir", shlex.quote(str(run_dir))]
+    if resume:
+        train_args += ["--resume", shlex.quote(resume)]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Rendered by ftlaunch: {shlex.join(argv)}",
+        "# Run it on every node (one launcher per node); each starts its node's ranks.",
+        "set -euo pipefail",
+        "# Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.",
+        "trap '' USR1",
+    ]
+    if recipe.launch.cpu:
+        lines += [
+            "# --cpu: ranks are CPU processes (gloo); hide GPUs, real or announced by SLURM.",
+            'export CUDA_VISIBLE_DEVICES=""',
+        ]
+    lines.append("exec " + " ".join(launch_args + train_args))
+    return "\n".join(lines) + "\n"
+
+
+def render_run(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
+               entry: str = "launcher.train") -> RenderedRun:
+    deepspeed = render_deepspeed_config(recipe) if recipe.launch.zero else None
+    return RenderedRun(
+        recipe_yaml=dump_recipe(recipe),
+        accelerate_yaml=render_accelerate_config(recipe, run_dir),
+        deepspeed_json=json.dumps(deepspeed, indent=2) + "\n" if deepspeed is not None else None,
+        command_sh=render_command(recipe, run_dir, resume, argv, entry),
+    )
+
+
+def summarize(recipe: Recipe, run_dir: Path) -> str:
+    """The short dry-run summary: world size, effective batch, stage, precision, paths."""
+    launch, train = recipe.launch, recipe.train
+    strategy = "DDP" if launch.zero == 0 else f"DeepSpeed ZeRO-{launch.zero}"
+    if launch.offload != "none":
+        strategy += f" (offload {launch.offload} to CPU)"
+    device = "CPU ranks (gloo)" if launch.cpu else "GPU ranks (nccl)"
+    rows = [
+        ("method", f"{train.method} fine-tuning of {recipe.model.name} on {recipe.data.dataset}"),
+        ("world size", f"{launch.world_size} = {launch.gpus} per node x {launch.nodes} node(s), {device}"),
+        (
+            "effective batch",
+            f"{recipe.effective_batch_size()} = micro batch {train.micro_batch_size} x accumulation "
+            f"{train.grad_accum} x world size {launch.world_size}",
+        ),
+        ("strategy", strategy),
+        ("precision", recipe.model.precision),
+        *([("main node", f"{launch.main_address or '$SLURM_JOB_NODELIST[0]'}:"
+                           f"{launch.main_port or '20000 + $SLURM_JOB_ID % 20000'}")] if launch.nodes > 1 else []),
+        ("run dir", str(run_dir)),
+        ("command", str(run_dir / "command.sh")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def require_multinode_address(recipe: Recipe, env: dict[str, str]) -> None:
+    """Launching (not rendering) several nodes needs to know where machine rank 0 is."""
+    if recipe.launch.nodes > 1 and not recipe.launch.main_address and not env.get("SLURM_JOB_NODELIST"):
+        raise UserError(
+            "--nodes > 1 needs the address of the first node: pass --main-address HOST, "
+            "or run inside a SLURM allocation (sbatch slurm/full.sh)"
+        )

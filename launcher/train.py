@@ -1,0 +1,347 @@
+"""The training loop every rank runs: ``accelerate launch -m launcher.train --run-dir RUN``.
+
+Features: full or LoRA fine-tuning; DDP or DeepSpeed ZeRO-1/2/3 (from the rendered
+deepspeed.json); fp32 master weights with bf16 autocast; gradient accumulation and clipping;
+AdamW with warmup + linear/cosine decay; length-grouped batches, one shard per rank;
+validation loss reduced over all ranks; metrics.jsonl + TensorBoard; atomic checkpoints with
+mid-epoch resume; SIGTERM/SIGUSR1 -> checkpoint -> exit 3; final save; then generation and the
+ROUGE report (evaluation.py) unless ``eval.after_training`` is false.
+
+Batch-size formula: effective batch = micro_batch_size x grad_accum x world size.
+Raises: UserError (exit 2) for a checkpoint of another run shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher import checkpoint as ckpt
+from launcher.data import LengthGroupedBatchSampler, example_lengths, load_split, shard_sorted_batches, tokenized_split
+from launcher.distributed import any_rank, build_accelerator, sum_over_ranks, uses_deepspeed
+from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from launcher.metrics import MetricsLogger
+from launcher.model import build_model, count_parameters, load_tokenizer
+from launcher.recipe import Recipe, read_run_recipe
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1; the loop checkpoints at the next optimizer step and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class TrainingData:
+    loader: torch.utils.data.DataLoader
+    sampler: LengthGroupedBatchSampler
+    validation: object  # tokenized datasets.Dataset
+    collator: object
+
+
+def build_collator(tokenizer, on_gpu: bool):
+    from transformers import DataCollatorForSeq2Seq
+
+    # Labels are padded with -100 so padding never enters the loss.
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if on_gpu else None)
+
+
+def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path) -> TrainingData:
+    data = recipe.data
+    cache = run_dir / "cache"
+    with accelerator.main_process_first():
+        train_rows = load_split(data.dataset, data.train_split, data.train_limit)
+        val_rows = load_split(data.dataset, data.validation_split, data.validation_limit)
+        train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
+        validation = tokenized_split(val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}")
+    sampler = LengthGroupedBatchSampler(
+        example_lengths(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length
+    )
+    collator = build_collator(tokenizer, accelerator.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator)
+    return TrainingData(loader, sampler, validation, collator)
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and layer norms (as in HF's Trainer)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": recipe.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+
+
+def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler]
+    warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_optimizer_steps(recipe: Recipe, batches_per_epoch_per_rank: int) -> int:
+    per_epoch = math.ceil(batches_per_epoch_per_rank / recipe.train.grad_accum)
+    total = per_epoch * recipe.train.epochs
+    return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validation_loss(model, validation, collator, accelerator, batch_size: int) -> float:
+    """Token-weighted cross-entropy over the whole validation split, summed over all ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively);
+    a rank with no examples left runs a placeholder batch and counts nothing.
+    """
+    model.eval()
+    lengths = example_lengths(validation)
+    loss_sum = tokens = 0.0
+    for shard in shard_sorted_batches(lengths, batch_size, accelerator.process_index, accelerator.num_processes):
+        indices = shard.indices or [0]
+        batch = collator([validation[i] for i in indices])
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        labels = batch["labels"]
+        with accelerator.autocast():
+            logits = model(**batch).logits
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
+        )
+        if shard.indices:
+            loss_sum += losses.item()
+            tokens += (labels != -100).sum().item()
+    model.train()
+    loss_sum, tokens = sum_over_ranks(accelerator, [loss_sum, tokens])
+    return loss_sum / max(tokens, 1.0)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class WindowStats:
+    """What happened since the last metrics line (this rank only)."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, batch: dict) -> None:
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.samples += batch["input_ids"].size(0)
+        self.tokens += int(batch["attention_mask"].sum().item() + (batch["labels"] != -100).sum().item())
+
+
+def metrics_row(accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm) -> dict:
+    loss_sum, micro, samples, tokens = sum_over_ranks(
+        accelerator, [stats.loss_sum, stats.micro_batches, stats.samples, stats.tokens]
+    )
+    elapsed = max(time.perf_counter() - stats.started, 1e-9)
+    row = {
+        "step": step,
+        "epoch": round(epoch_progress, 4),
+        "loss": loss_sum / max(micro, 1),
+        "lr": lr,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    return row
+
+
+def clip_and_norm(accelerator, model, max_norm: float | None):
+    """Clip (DDP) and return the gradient norm; DeepSpeed clips inside its own step."""
+    if uses_deepspeed(accelerator):
+        return None
+    if max_norm:
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
+    return None
+
+
+def deepspeed_grad_norm(accelerator, model):
+    if not uses_deepspeed(accelerator):
+        return None
+    norm = model.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
+    recipe = read_run_recipe(run_dir)
+    accelerator = build_accelerator(recipe, project_dir=str(run_dir))
+    stop = StopRequest()
+    stop.install()
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe)
+    model = build_model(recipe, len(tokenizer))
+    trainable, total = count_parameters(model)
+    accelerator.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+    data = prepare_data(recipe, tokenizer, accelerator, run_dir)
+    optimizer = build_optimizer(model, recipe)
+    batches_per_rank = math.ceil(len(data.sampler) / accelerator.num_processes)
+    total_steps = total_optimizer_steps(recipe, batches_per_rank)
+    scheduler = build_scheduler(optimizer, recipe, total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
+
+    state = ckpt.TrainState(
+        world_size=accelerator.num_processes, grad_accum=recipe.train.grad_accum,
+        micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed, method=recipe.train.method,
+    )
+    checkpoint = ckpt.resolve_resume(run_dir, resume)
+    if checkpoint is not None:
+        saved = ckpt.read_state(checkpoint)
+        ckpt.check_compatible(saved, state, checkpoint, force_resume)
+        accelerator.load_state(str(checkpoint))
+        state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    logger = MetricsLogger(run_dir, accelerator.is_main_process, state.step if checkpoint else None)
+    accelerator.print(
+        f"training: {total_steps} optimizer steps, {batches_per_rank} micro-batches per rank per epoch, "
+        f"effective batch {recipe.effective_batch_size()}"
+    )
+
+    progress = make_progress(accelerator, total_steps, state.step)
+    stats = WindowStats()
+    last_saved = state.step if checkpoint else -1
+    grad_norm = None
+    done = state.step >= total_steps
+    model.train()
+    while not done and state.epoch < recipe.train.epochs:
+        data.sampler.epoch = state.epoch
+        epoch_loader = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = clip_and_norm(accelerator, model, recipe.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            stats.add(loss.detach().float().item(), batch)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
+            grad_norm = deepspeed_grad_norm(accelerator, model) or grad_norm
+            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
+                epoch_progress = state.epoch + state.batches_in_epoch / max(batches_per_rank, 1)
+                row = metrics_row(accelerator, stats, state.step, epoch_progress, scheduler.get_last_lr()[0], grad_norm)
+                logger.log(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                stats = WindowStats()
+            if recipe.train.eval_every and state.step % recipe.train.eval_every == 0 and state.step < total_steps:
+                val = validation_loss(model, data.validation, data.collator, accelerator, recipe.eval.batch_size)
+                logger.log({"step": state.step, "val_loss": val})
+            interrupted = any_rank(accelerator, stop.requested)
+            periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
+            if periodic or interrupted:
+                ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
+                last_saved = state.step
+            if interrupted:
+                accelerator.print(f"stop requested by signal: checkpoint step_{state.step} written; resume with "
+                                  "--resume auto")
+                write_interrupted_marker(accelerator, run_dir, state.step)
+                logger.close()
+                return EXIT_INTERRUPTED
+            if state.step >= total_steps:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    if last_saved != state.step:
+        ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
+    val = validation_loss(model, data.validation, data.collator, accelerator, recipe.eval.batch_size)
+    logger.log({"step": state.step, "val_loss": val, "final": True})
+    accelerator.print(f"final validation loss {val:.4f}")
+    logger.close()
+
+    from launcher.export import save_final
+
+    save_final(accelerator, model, tokenizer, recipe, run_dir / "final")
+    clear_interrupted_marker(accelerator, run_dir)
+    if recipe.eval.after_training:
+        from launcher.evaluation import evaluate_after_training
+
+        evaluate_after_training(accelerator, model, tokenizer, recipe, run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def make_progress(accelerator, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step",
+                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+INTERRUPTED_MARKER = "INTERRUPTED"
+
+
+def write_interrupted_marker(accelerator, run_dir: Path, step: int) -> None:
+    if accelerator.is_main_process:
+        ckpt.write_text_atomic(run_dir / INTERRUPTED_MARKER, f"step_{step}\n")
+
+
+def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
+    if accelerator.is_main_process:
+        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--resume", default=None, help="auto, or a checkpoint directory")
+    parser.add_argument("--force-resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return train(args.run_dir.resolve(), args.resume, args.force_resume)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
