@@ -8,6 +8,8 @@ Accelerate does not wrap the model in DDP.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import timedelta
 
 import torch
@@ -26,9 +28,11 @@ def runs_on_cpu(recipe: Recipe) -> bool:
 
 def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=None) -> Accelerator:
     cpu = runs_on_cpu(recipe)
-    backend = "gloo" if cpu else "nccl"
+    # Only a launched group (torchrun sets WORLD_SIZE) gets a process group; one process runs plain.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or recipe.launch.zero > 0
+    handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT)]
     kwargs = dict(
-        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=COLLECTIVE_TIMEOUT)],
+        kwargs_handlers=handlers if distributed else [],
         # The loop steps the scheduler once per optimizer step itself (see train.py).
         step_scheduler_with_optimizer=False,
         project_dir=project_dir,
@@ -71,11 +75,20 @@ def sum_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]
     return tensor.tolist()
 
 
-def without_zero3_init(accelerator: Accelerator):
-    """A context in which from_pretrained builds a whole, unsharded model (for inference copies)."""
-    import contextlib
+@contextlib.contextmanager
+def without_zero3_init():
+    """A context in which ``from_pretrained`` builds a whole, unsharded model.
 
-    plugin = accelerator.state.deepspeed_plugin if uses_deepspeed(accelerator) else None
-    if plugin is None:
-        return contextlib.nullcontext()
-    return plugin.zero3_init_context_manager(enable=False)
+    transformers shards every model it builds while a ZeRO-3 config is registered (its
+    ``is_deepspeed_zero3_enabled``). Accelerate's ``zero3_init_context_manager(enable=False)``
+    does not clear that registration, so a model loaded "unsharded" came out with empty
+    weights; hide the registration for the duration instead.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

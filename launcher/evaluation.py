@@ -121,7 +121,7 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
     if recipe.eval.compare_original:
         # The original model is small next to training state: each rank holds a whole copy
         # (never ZeRO-3 sharded), so its generate calls need no cross-rank sync.
-        with without_zero3_init(accelerator):
+        with without_zero3_init():
             original = load_for_inference(recipe.model.name, None, len(tokenizer), recipe).to(accelerator.device)
         evaluate_model(accelerator, original, tokenizer, recipe, rows, eval_dir / "original",
                        run_info(recipe, f"{recipe.model.name} (original)", None), synced=False)
@@ -139,7 +139,9 @@ def evaluate_standalone(run_dir: Path) -> int:
     accelerator = build_accelerator(recipe)
     tokenizer = load_tokenizer(recipe)
     rows = eval_rows(recipe)
-    model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
+    # Load whole on every rank, then let DeepSpeed shard it: the same path as training.
+    with without_zero3_init():
+        model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
     synced = False
     if recipe.launch.zero:
         model = accelerator.prepare(model)  # ZeRO-3 shards the weights over the ranks

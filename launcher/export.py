@@ -62,7 +62,7 @@ def save_merged(accelerator, recipe: Recipe, tokenizer, adapter_dir: Path) -> No
     """Base model + adapter folded into one ordinary model directory (final/merged)."""
     from launcher.model import load_for_inference
 
-    with without_zero3_init(accelerator):
+    with without_zero3_init():
         model = load_for_inference(recipe.model.name, str(adapter_dir), len(tokenizer), recipe)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(adapter_dir / "merged"), safe_serialization=True)
