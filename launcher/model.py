@@ -115,8 +115,22 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection):
     return get_peft_model(model, lora_config(lora))
 
 
+def set_dropout(model: torch.nn.Module, rate: float) -> None:
+    """Every dropout layer of the model (and its config, so a saved model keeps it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):  # functional dropout (T5 attention)
+            module.dropout = rate
+    for key in ("dropout_rate", "dropout"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, rate)
+
+
 def build_model(recipe: Recipe, vocab_size: int):
     model = load_base_model(recipe, vocab_size)
+    if recipe.model.dropout is not None:
+        set_dropout(model, recipe.model.dropout)
     if recipe.train.method == "lora":
         model = apply_lora(model, recipe.lora)
     return model

@@ -33,6 +33,7 @@ class ModelSection(Section):
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     adapter: Optional[str] = None  # a PEFT adapter directory on top of `name` (ftlaunch eval)
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"  # fp32 master weights + autocast
+    dropout: Optional[float] = Field(None, ge=0, lt=1)  # override the model's dropout (null: keep it)
 
 
 class DataSection(Section):

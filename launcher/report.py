@@ -150,7 +150,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     sections = [
         f"# ftlaunch report: {run_dir.name}",
         "",
-        f"Model: {first['scores'].get('model')} · data: {first['scores'].get('dataset')} "
+        f"Data: {first['scores'].get('dataset')} "
         f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples · generation: "
         f"max_new_tokens {first['scores'].get('max_new_tokens')}, beams {first['scores'].get('num_beams')}",
         "",

@@ -245,8 +245,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     model.train()
     while not done and state.epoch < recipe.train.epochs:
         data.sampler.epoch = state.epoch
-        epoch_loader = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        for batch in epoch_loader:
+        for batch in epoch_batches(accelerator, loader, state.batches_in_epoch):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -308,6 +307,26 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def epoch_batches(accelerator, loader, skip: int):
+    """Iterate one epoch; a resumed epoch skips the batches already trained on.
+
+    Starting a DataLoader iteration draws a base seed from torch's global RNG. An uninterrupted
+    run drew it at the start of the epoch, before the checkpoint's RNG snapshot; the resumed
+    run must not draw it again, or every later dropout mask shifts.
+    """
+    if not skip:
+        yield from loader
+        return
+    rng = torch.get_rng_state()
+    iterator = iter(accelerator.skip_first_batches(loader, skip))
+    first = next(iterator, None)  # the iteration (and its seed draw) starts here
+    torch.set_rng_state(rng)
+    if first is None:
+        return
+    yield first
+    yield from iterator
 
 
 def make_progress(accelerator, total: int, initial: int):

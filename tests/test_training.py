@@ -1,0 +1,244 @@
+"""The training loop on CPU ranks (gloo), through the real CLI, on the embedded tiny model.
+
+References are independent of the loop: validation loss is recomputed here with a plain
+PyTorch forward pass over the reloaded final model; equivalence and resume compare two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DIALOGSUM, UNIGRAM_TOKENIZER, cli_env, needs_dialogsum, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
+FAST = ("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4",
+        "--set", "eval.after_training=false")
+
+
+def train_args(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[str]:
+    return [method, "--cpu", "--gpus", str(gpus), "--zero", str(zero), "--model", "tiny-t5", "--data", "sample",
+            "--output", str(out), *FAST, *extra]
+
+
+def train(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[dict]:
+    result = run_cli(*train_args(method, out, *extra, gpus=gpus, zero=zero))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def losses(metrics: list[dict]) -> list[float]:
+    return [row["loss"] for row in metrics if "loss" in row]
+
+
+def final_val_loss(metrics: list[dict]) -> float:
+    return [row for row in metrics if row.get("final")][-1]["val_loss"]
+
+
+# ---------------------------------------------------------------- independent references
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SAMPLE.parent / "tiny_t5_tokenizer"))
+
+
+def reference_val_loss(model, tokenizer, rows: list[dict], max_source: int = 512, max_target: int = 128) -> float:
+    """Token-weighted cross-entropy, one example at a time (no padding, no batching tricks)."""
+    model.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for row in rows:
+            source = tokenizer(PROMPT.replace("{dialogue}", row["dialogue"]), max_length=max_source,
+                               truncation=True, return_tensors="pt")
+            labels = tokenizer(text_target=row["summary"], max_length=max_target, truncation=True,
+                               return_tensors="pt")["input_ids"]
+            logits = model(**source, labels=labels).logits
+            total += torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item()
+            tokens += labels.numel()
+    return total / tokens
+
+
+def reload_final(run_dir: Path, method: str):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from launcher.model import build_tiny_t5
+
+    if method == "full":
+        return AutoModelForSeq2SeqLM.from_pretrained(str(run_dir / "final"))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(build_tiny_t5(1000), str(run_dir / "final"))
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("method,zero", [("full", 0), ("full", 2), ("full", 3), ("lora", 0), ("lora", 2),
+                                         ("lora", 3)])
+def test_trains_saves_and_reloads(tmp_path, method, zero):
+    lr = "2e-3" if method == "full" else "1e-2"
+    metrics = train(method, tmp_path / "run", "--set", "train.epochs=2", "--set", f"train.lr={lr}", zero=zero)
+    curve = losses(metrics)
+    assert len(curve) == 16  # 64 examples / (4 per rank x 2 ranks) x 2 epochs
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.05, curve
+    if method == "lora":
+        adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+        assert adapter and all(t.numel() > 0 for t in adapter.values())
+        assert any("lora_B" in key and t.abs().sum() > 0 for key, t in adapter.items())
+    model = reload_final(tmp_path / "run", method)
+    rows = [json.loads(line) for line in (SAMPLE / "validation.jsonl").read_text().splitlines()]
+    expected = reference_val_loss(model, tiny_tokenizer(), rows)
+    assert final_val_loss(metrics) == pytest.approx(expected, rel=1e-4)
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+    """2 ranks x micro batch 4 == 1 rank x accumulation 2 x micro batch 4, step for step."""
+    common = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
+    two_ranks = losses(train("full", tmp_path / "ddp", *common, gpus=2))
+    one_rank = losses(train("full", tmp_path / "accum", *common, "--set", "train.grad_accum=2", gpus=1))
+    assert len(two_ranks) == len(one_rank) == 8
+    assert two_ranks == pytest.approx(one_rank, rel=1e-5, abs=1e-6)
+    zero2 = losses(train("full", tmp_path / "zero2", *common, gpus=2, zero=2))
+    assert zero2 == pytest.approx(two_ranks, rel=1e-4, abs=1e-5)
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def interrupt_after(run_dir: Path, args: list[str], step: int) -> subprocess.CompletedProcess:
+    """Start a run, send SIGUSR1 to its ranks once `step` is logged, return the finished process."""
+    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=cli_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(losses(read_jsonl(metrics))) >= step:
+            for pid in rank_pids(run_dir):
+                os.kill(pid, signal.SIGUSR1)
+            break
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.returncode, output, "")
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, zero):
+    common = ("--set", "train.epochs=6", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=1000")
+    reference = train("full", tmp_path / "reference", *common, zero=zero)
+
+    run_dir = tmp_path / "interrupted"
+    args = train_args("full", run_dir, *common, zero=zero)
+    stopped = interrupt_after(run_dir, args, step=5)
+    assert stopped.returncode != 0, stopped.stdout[-3000:]
+    assert (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
+    saved_step = int((run_dir / "INTERRUPTED").read_text().strip().split("_")[1])
+    assert 5 <= saved_step < 48, "the run finished before the signal: make it longer"
+
+    resumed = run_cli(*args, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert not (run_dir / "INTERRUPTED").exists()
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["step"] for row in metrics if "loss" in row] == list(range(1, 49))
+    assert losses(metrics) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
+    assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
+    ours = load_file(str(run_dir / "final" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "reference" / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    run_dir = tmp_path / "run"
+    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2")
+    result = run_cli(*train_args("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2",
+                                 gpus=1), "--resume", "auto")
+    assert result.returncode == 2
+    assert "world_size 2 -> 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lora_changes_only_adapter_weights(tmp_path):
+    from launcher.model import build_tiny_t5
+
+    run_dir = tmp_path / "run"
+    train("lora", run_dir, "--set", "train.epochs=1", "--set", "train.lr=1e-2", "--set", "train.checkpoint_every=8")
+    trained = load_file(str(run_dir / "checkpoints" / "step_8" / "model.safetensors"))
+    base = build_tiny_t5(1000).state_dict()
+    lora_keys = [key for key in trained if "lora_" in key]
+    assert lora_keys and any(trained[key].abs().sum() > 0 for key in lora_keys if "lora_B" in key)
+    compared = 0
+    for key, value in trained.items():
+        if "lora_" in key:
+            continue
+        plain = key.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(value, base[plain]), f"base weight {plain} changed"
+        compared += 1
+    assert compared >= len(base) - 2  # every base weight (tied copies may be saved once)
+
+
+def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(tmp_path):
+    """FLAN-T5 has its own lm_head; transformers 5 ties T5's by default (DESIGN.md)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from launcher.model import build_tiny_t5
+
+    run_dir = tmp_path / "run"
+    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=8",
+          gpus=1)
+    trained = build_tiny_t5(1000)
+    state = load_file(str(run_dir / "checkpoints" / "step_8" / "model.safetensors"))
+    trained.load_state_dict(state, strict=False)
+    trained.lm_head.weight.data.copy_(state["lm_head.weight"])
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(run_dir / "final")).eval()
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.shared.weight)
+    tokenizer = tiny_tokenizer()
+    inputs = tokenizer(["#Person1#: Hello, how are you?\n#Person2#: Fine, thanks."], return_tensors="pt")
+    decoder = torch.tensor([[0, 5, 9, 13]])
+    with torch.no_grad():
+        expected = trained.eval()(**inputs, decoder_input_ids=decoder).logits
+        got = reloaded(**inputs, decoder_input_ids=decoder).logits
+    assert torch.equal(expected, got)
+
+
+@needs_dialogsum()
+@pytest.mark.skipif(not UNIGRAM_TOKENIZER.is_dir(), reason=f"tokenizer not found at {UNIGRAM_TOKENIZER}")
+def test_real_dialogsum_validation_loss_drops(tmp_path):
+    """A small T5 (tiny-t5 layout, 8k DialogSum tokenizer) for a fixed short budget on real data."""
+    from transformers import AutoTokenizer
+
+    from launcher.model import build_tiny_t5
+
+    run_dir = tmp_path / "run"
+    result = run_cli("full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", str(DIALOGSUM),
+                     "--output", str(run_dir), "--set", f"model.tokenizer={UNIGRAM_TOKENIZER}",
+                     "--set", "model.precision=fp32", "--set", "data.train_limit=768",
+                     "--set", "data.validation_limit=64", "--set", "data.max_source_length=256",
+                     "--set", "data.max_target_length=64", "--set", "train.micro_batch_size=8",
+                     "--set", "train.lr=3e-3", "--set", "train.max_steps=40", "--set", "train.log_every=5",
+                     "--set", "eval.after_training=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    tokenizer = AutoTokenizer.from_pretrained(str(UNIGRAM_TOKENIZER))
+    rows = read_jsonl(DIALOGSUM / "validation.jsonl")[:64]
+    initial = reference_val_loss(build_tiny_t5(len(tokenizer)), tokenizer, rows, 256, 64)
+    final = final_val_loss(read_jsonl(run_dir / "metrics.jsonl"))
+    assert final < initial - 1.0, (initial, final)
+    assert math.isfinite(final)
