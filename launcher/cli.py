@@ -94,7 +94,6 @@ def train_command(method: str):
     ) -> None:
         from launcher import launch
         from launcher.recipe import build_recipe, default_recipe_path, load_recipe
-        from launcher.render import require_multinode_address
 
         path = recipe_path or default_recipe_path(method)
         recipe = load_recipe(path, overrides)
@@ -114,19 +113,8 @@ def train_command(method: str):
                 raw[section][name] = value
         recipe = build_recipe(raw, "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
-
-        launch.validate_before_launch(recipe)
-        if not dry_run:
-            require_multinode_address(recipe, dict(os.environ))
-            if not recipe.launch.cpu:
-                launch.check_gpus(recipe)
-        launch.prepare_run_dir(run_dir, recipe, resume, overwrite)
-        if resume:
-            launch.check_resume_shape(recipe, run_dir, resume, force_resume)
-        launch.write_run_files(recipe, run_dir, resume, ["ftlaunch", method, *sys.argv[2:]])
-        if force_resume:
-            command_file = run_dir / "command.sh"
-            command_file.write_text(command_file.read_text().replace("--run-dir", "--force-resume --run-dir"))
+        launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume,
+                              dry_run=dry_run, argv=["ftlaunch", method, *sys.argv[2:]])
 
         from launcher.render import summarize
 
@@ -237,8 +225,48 @@ def report_command(
     typer.echo(compare_runs(run_dirs, output))
 
 
+def click_exceptions():
+    """Typer >= 0.24 vendors Click (typer._click); older Typer raises Click's own classes."""
+    import click
+
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return (click.UsageError,), (click.exceptions.Abort,), (click.exceptions.Exit,)
+    return ((vendored.UsageError, click.UsageError), (typer.Abort, click.exceptions.Abort),
+            (typer.Exit, click.exceptions.Exit))
+
+
+def given_value(exc) -> str:
+    """The value the user typed for the flag Click rejected (Click's message omits it)."""
+    param = getattr(exc, "param", None)
+    for opt in getattr(param, "opts", []):
+        for index, arg in enumerate(sys.argv[:-1]):
+            if arg == opt:
+                return f" (got {sys.argv[index + 1]!r})"
+    return ""
+
+
 def main() -> None:
-    app()
+    """Run the app; usage errors (a bad flag value) also become one line and exit 2."""
+    usage_errors, aborts, exits = click_exceptions()
+    try:
+        result = app(standalone_mode=False)
+    except aborts:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except usage_errors as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.ctx.get_help() if exc.ctx else "", err=False)
+            sys.exit(0)
+        if os.environ.get("FTLAUNCH_DEBUG") == "1" or "--debug" in sys.argv:
+            raise
+        command = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
+        typer.echo(f"error: {exc.format_message()}{given_value(exc)} (see ftlaunch{command} --help)", err=True)
+        sys.exit(EXIT_USAGE)
+    except exits as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

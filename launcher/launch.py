@@ -105,35 +105,53 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "recipe.yaml").is_file()
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; --overwrite clears it, --resume continues it."""
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory (checks only: nothing is deleted here)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output {run_dir} is a file; pass a directory")
+    if overwrite and resume:
+        raise UserError("--overwrite starts the run again and --resume continues it; pass only one of them")
+    if overwrite:
+        return
     if not holds_run(run_dir):
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
             raise UserError(f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
                             "or pass --overwrite")
         return
     same = (run_dir / "recipe.yaml").read_text() == dump_recipe(recipe)
-    if overwrite:
-        shutil.rmtree(run_dir)
-    elif not same and not resume:
+    if not same and not resume:
         raise UserError(f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
                         "--overwrite to replace it, or pick a new directory")
-    elif same and not resume and ckpt.find_latest_checkpoint(run_dir) is not None:
+    if same and not resume and ckpt.find_latest_checkpoint(run_dir) is not None:
         raise UserError(f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
                         "continue it or --overwrite to start again")
 
 
 def write_run_files(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-                    entry: str = "launcher.train") -> None:
-    render_run(recipe, run_dir, resume, argv, entry).write(run_dir)
+                    entry: str = "launcher.train", force_resume: bool = False) -> None:
+    render_run(recipe, run_dir, resume, argv, entry, force_resume).write(run_dir)
 
 
 def exec_command(run_dir: Path) -> None:
     """Replace this process with command.sh, so signals (Ctrl-C, SLURM) reach the launcher and ranks."""
     command = run_dir / "command.sh"
     os.execvp("bash", ["bash", str(command)])
+
+
+def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool,
+                   dry_run: bool, argv: list[str]) -> None:
+    """Every check first, then (only then) touch the run directory and write its files."""
+    validate_before_launch(recipe)
+    if not dry_run:
+        require_multinode_address(recipe, dict(os.environ))
+        if not recipe.launch.cpu:
+            check_gpus(recipe)
+    check_run_dir(run_dir, recipe, resume, overwrite)
+    if resume:
+        check_resume_shape(recipe, run_dir, resume, force_resume)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
 
 
 def validate_before_launch(recipe: Recipe) -> None:

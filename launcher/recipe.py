@@ -177,18 +177,33 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def is_text_field(path: list[str]) -> bool:
+    """True when the schema types this key as text, so ``--set`` keeps the value verbatim."""
+    model: type[BaseModel] = Recipe
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(path[-1])
+    return field is not None and field.annotation in (str, Optional[str])
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``train.lr=3e-4`` into a key path and a YAML-typed value."""
+    """Split ``train.lr=3e-4`` into a key path and a value typed by YAML (text keys stay text)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=3e-4")
+    path = key.strip().split(".")
+    if is_text_field(path):
+        return path, raw if raw != "null" else None
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value.strip() != raw.strip():
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:

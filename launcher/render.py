@@ -140,24 +140,29 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
 
 
 def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-                   entry: str = "launcher.train") -> str:
+                   entry: str = "launcher.train", force_resume: bool = False) -> str:
     """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
     run_dir = run_dir.resolve()
     launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(run_dir / "accelerate.yaml"))]
     launch = recipe.launch
+    setup: list[str] = []
     if launch.nodes > 1:
         rank = str(launch.machine_rank) if launch.machine_rank is not None else MACHINE_RANK_FROM_ENV
         launch_args += ["--machine_rank", rank]
         if not launch.main_address:
-            launch_args += ["--main_process_ip", MAIN_ADDRESS_FROM_ENV]
+            setup.append(f"main_address={MAIN_ADDRESS_FROM_ENV}")  # an assignment: set -e stops on failure
+            launch_args += ["--main_process_ip", '"$main_address"']
         if not launch.main_port:
             launch_args += ["--main_process_port", MAIN_PORT_FROM_ENV]
     train_args = ["-m", entry, "--run-dir", shlex.quote(str(run_dir))]
     if resume:
         train_args += ["--resume", shlex.quote(resume)]
+    if force_resume:
+        train_args.append("--force-resume")
+    invocation = shlex.join(argv).replace("\n", "\n#   ")  # a newline in an argument stays a comment
     lines = [
         "#!/usr/bin/env bash",
-        f"# Rendered by ftlaunch: {shlex.join(argv)}",
+        f"# Rendered by ftlaunch: {invocation}",
         "# Run it on every node (one launcher per node); each starts its node's ranks.",
         "set -euo pipefail",
         "# Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.",
@@ -168,18 +173,19 @@ def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list
             "# --cpu: ranks are CPU processes (gloo); hide GPUs, real or announced by SLURM.",
             'export CUDA_VISIBLE_DEVICES=""',
         ]
+    lines += setup
     lines.append("exec " + " ".join(launch_args + train_args))
     return "\n".join(lines) + "\n"
 
 
 def render_run(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-               entry: str = "launcher.train") -> RenderedRun:
+               entry: str = "launcher.train", force_resume: bool = False) -> RenderedRun:
     deepspeed = render_deepspeed_config(recipe) if recipe.launch.zero else None
     return RenderedRun(
         recipe_yaml=dump_recipe(recipe),
         accelerate_yaml=render_accelerate_config(recipe, run_dir),
         deepspeed_json=json.dumps(deepspeed, indent=2) + "\n" if deepspeed is not None else None,
-        command_sh=render_command(recipe, run_dir, resume, argv, entry),
+        command_sh=render_command(recipe, run_dir, resume, argv, entry, force_resume),
     )
 
 
