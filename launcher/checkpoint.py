@@ -17,6 +17,9 @@ from pathlib import Path
 from launcher.errors import UserError
 
 STATE_FILE = "ftlaunch_state.json"
+# Fault injection for the crash-during-save test: the main rank dies after the shards are
+# written but before the checkpoint is complete, as a crash or a full disk would leave it.
+CRASH_IN_SAVE_ENV = "FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP"
 LATEST_FILE = "latest"
 
 
@@ -58,6 +61,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):
+        os._exit(17)
     if accelerator.is_main_process:
         write_text_atomic(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
         if final.exists():  # the same step saved again (a resumed run): replace it whole

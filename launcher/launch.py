@@ -12,6 +12,7 @@ from pathlib import Path
 from launcher import checkpoint as ckpt
 from launcher.data import dataset_dir, load_split
 from launcher.errors import UserError
+from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
 from launcher.render import render_run, require_multinode_address
 
@@ -71,6 +72,41 @@ def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
     if missing:
         raise UserError(f"lora.target_modules {missing} name no module of {recipe.model.name}; "
                         "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)")
+
+
+def hub_reference_problem(name: str, repo_type: str) -> str | None:
+    """Why a hub id cannot be loaded by the ranks (None when it is cached or reachable)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    marker = "config.json" if repo_type == "model" else "README.md"
+    if isinstance(try_to_load_from_cache(name, marker, repo_type=repo_type), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1 and it is not in the local cache"
+    try:
+        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+        info(name, timeout=10)
+    except RepositoryNotFoundError:
+        return "no such repository on the hub (or it is private: log in with `hf auth login`)"
+    except Exception as exc:  # noqa: BLE001 - any network failure means the ranks would fail too
+        return f"the hub cannot be reached ({type(exc).__name__}) and it is not in the local cache"
+    return None
+
+
+def check_hub_references(recipe: Recipe) -> None:
+    """Hub ids must be loadable before a launch costs an allocation (skipped for --dry-run)."""
+    if dataset_dir(recipe.data.dataset) is None:
+        problem = hub_reference_problem(recipe.data.dataset, "dataset")
+        if problem:
+            raise UserError(f"dataset {recipe.data.dataset!r}: {problem}; download it where there is network and "
+                            "pass --data DIR with train/validation/test.jsonl")
+    for what, name in (("model", recipe.model.name), ("tokenizer", recipe.model.tokenizer)):
+        if name and name != EMBEDDED_MODEL and not is_local_reference(name):
+            problem = hub_reference_problem(name, "model")
+            if problem:
+                raise UserError(f"{what} {name!r}: {problem}; download it where there is network "
+                                f"(hf download {name} --local-dir DIR) and pass --model DIR")
 
 
 def visible_gpus() -> int:
@@ -146,6 +182,7 @@ def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwri
         require_multinode_address(recipe, dict(os.environ))
         if not recipe.launch.cpu:
             check_gpus(recipe)
+        check_hub_references(recipe)
     check_run_dir(run_dir, recipe, resume, overwrite)
     if resume:
         check_resume_shape(recipe, run_dir, resume, force_resume)

@@ -36,16 +36,28 @@ from launcher.recipe import Recipe, read_run_recipe
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1; the loop checkpoints at the next optimizer step and exits."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; the loop checkpoints at the next optimizer step and exits.
+
+    A second Ctrl-C (SIGINT) interrupts at once, for a user who does not want to wait.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.previous: dict[int, object] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        """After training nothing polls the flag: a signal must act at once again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signal = signum
 
     @property
@@ -288,6 +300,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
+    stop.uninstall()
 
     if last_saved != state.step:
         ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)

@@ -201,10 +201,11 @@ def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(tmp_path):
     from launcher.model import build_tiny_t5
 
     run_dir = tmp_path / "run"
-    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=8",
-          gpus=1)
+    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.lr=2e-3", gpus=1)
     trained = build_tiny_t5(1000)
-    state = load_file(str(run_dir / "checkpoints" / "step_8" / "model.safetensors"))
+    last = (run_dir / "checkpoints" / "latest").read_text().strip()  # the final step's checkpoint
+    assert last == "step_16"
+    state = load_file(str(run_dir / "checkpoints" / last / "model.safetensors"))
     trained.load_state_dict(state, strict=False)
     trained.lm_head.weight.data.copy_(state["lm_head.weight"])
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(run_dir / "final")).eval()
