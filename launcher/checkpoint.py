@@ -79,6 +79,12 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     return final
 
 
+def remove_incomplete(run_dir: Path) -> None:
+    """Drop what a crash left mid-save (``.tmp-step_N``); complete checkpoints are untouched."""
+    for leftover in checkpoints_dir(run_dir).glob(".tmp-step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a folder counts once its state file is in it)."""
     found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]

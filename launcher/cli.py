@@ -161,14 +161,18 @@ def eval_command(
     raw["model"].update(name=model, adapter=str(adapter.resolve()) if adapter else None)
     raw["data"]["dataset"] = data
     raw["eval"].update(split=split, limit=limit if limit is not None else raw["eval"]["limit"])
-    raw["launch"].update(gpus=gpus, zero=parse_zero(zero), cpu=cpu)
+    if zero not in {"0", "3"}:
+        raise UserError(f"--zero {zero}: evaluation either replicates the model (0) or shards it (3); use 0 or 3")
+    raw["launch"].update(gpus=gpus, zero=int(zero), cpu=cpu)
     recipe = build_recipe(raw, "command line")
     if adapter and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run")
     launch.check_eval_data(recipe)
     check_model_path(model)
-    if not dry_run and not cpu:
-        launch.check_gpus(recipe)
+    if not dry_run:
+        if not cpu:
+            launch.check_gpus(recipe)
+        launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "rouge.json").exists() \
             and not (run_dir / "recipe.yaml").exists():

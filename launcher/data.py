@@ -43,48 +43,58 @@ def dataset_dir(dataset: str) -> Path | None:
     return None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Strict JSON Lines: every failure names the file and line and says how to fix it."""
-    rows: list[dict[str, Any]] = []
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    hint = " (it looks like a Python literal: convert with json.dumps)" if line.lstrip().startswith(
-                        "{'"
-                    ) else ""
-                    raise UserError(
-                        f"{path} line {number} is not JSON ({exc.msg}){hint}; each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path} line {number} is not a JSON object; each line must be one JSON object")
-                rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Strict JSON Lines, as (line number, object): every failure names the file, line and fix."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path} line {number} is not UTF-8 text (byte {offset + exc.start}); "
+                                "re-encode it as UTF-8") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = " (it looks like a Python literal: convert with json.dumps)" if line.lstrip().startswith(
+                    "{'") else ""
+                raise UserError(
+                    f"{path} line {number} is not JSON ({exc.msg}){hint}; each line must be one JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {number} is not a JSON object; each line must be one JSON object")
+            rows.append((number, row))
     return rows
 
 
-def normalize_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """Map DialogSum's field layouts onto id/dialogue/summary/references."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def normalize_rows(rows: list[tuple[int, dict[str, Any]]], source: str, unit: str = "line") -> list[dict[str, Any]]:
+    """Map DialogSum's field layouts onto id/dialogue/summary/references.
+
+    ``rows`` carry their position (a file's line number, or a hub row's index) for messages.
+    """
     out: list[dict[str, Any]] = []
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         references = [row[key] for key in REFERENCE_FIELDS if isinstance(row.get(key), str) and row[key].strip()]
         if not references and isinstance(row.get("summary"), str) and row["summary"].strip():
             references = [row["summary"]]
         dialogue = row.get("dialogue")
         if not isinstance(dialogue, str) or not dialogue.strip():
-            raise UserError(f"{source} row {number} has no 'dialogue' text; every row needs dialogue and summary")
+            raise UserError(f"{source} {unit} {number} has no 'dialogue' text; every row needs dialogue and summary")
         if not references:
             raise UserError(
-                f"{source} row {number} has no 'summary' (or summary1..3) text; every row needs dialogue and summary"
+                f"{source} {unit} {number} has no 'summary' (or summary1..3) text; every row needs dialogue and summary"
             )
         out.append(
             {
-                "id": str(row.get("id", f"row_{number - 1}")),
+                "id": str(row.get("id", f"row_{number}")),
                 "dialogue": dialogue,
                 "summary": references[0],
                 "references": references,
@@ -115,9 +125,9 @@ def load_split(dataset: str, split: str, limit: int | None = None) -> list[dict[
             raise UserError(
                 f"split {split!r} not found: {path} does not exist (splits there: {', '.join(present) or 'none'})"
             )
-        rows = normalize_rows(read_jsonl(path), str(path))
+        rows = normalize_rows(read_jsonl_lines(path), str(path))
     else:
-        rows = normalize_rows(load_hub_split(dataset, split), f"{dataset}[{split}]")
+        rows = normalize_rows(list(enumerate(load_hub_split(dataset, split))), f"{dataset}[{split}]", unit="row")
     if not rows:
         raise UserError(f"split {split!r} of {dataset} is empty; it needs at least one dialogue")
     return rows[:limit] if limit else rows

@@ -21,13 +21,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0) -> None:
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None:
+        if self.path.exists():
             kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         try:

@@ -237,13 +237,18 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
         micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed, method=recipe.train.method,
     )
     checkpoint = ckpt.resolve_resume(run_dir, resume)
+    if accelerator.is_main_process:
+        ckpt.remove_incomplete(run_dir)
     if checkpoint is not None:
         saved = ckpt.read_state(checkpoint)
         ckpt.check_compatible(saved, state, checkpoint, force_resume)
         accelerator.load_state(str(checkpoint))
         state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, state.step if checkpoint else None)
+    elif resume:
+        accelerator.print("no complete checkpoint found: starting from step 0")
+    # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
+    logger = MetricsLogger(run_dir, accelerator.is_main_process, state.step)
     accelerator.print(
         f"training: {total_steps} optimizer steps, {batches_per_rank} micro-batches per rank per epoch, "
         f"effective batch {recipe.effective_batch_size()}"

@@ -1,0 +1,463 @@
+"""Memory estimates per GPU for every ZeRO stage and offload: which strategy fits a model.
+
+Pure functions, no CLI. Model states (parameters, gradients, optimizer state) per GPU come from
+DeepSpeed's own estimator functions, which are the reference:
+
+- stage 0 (DDP, nothing partitioned): ``estimate_zero2_model_states_mem_needs`` with one GPU,
+  i.e. 2Ψ + 18Ψ = 20Ψ bytes (ftlaunch's DDP holds fp32 weights 4Ψ + fp32 gradients 4Ψ + Adam 8Ψ,
+  plus DDP's gradient buckets 4Ψ: the same 20Ψ);
+- stage 1: DeepSpeed has no stage-1 estimator; stage 1 keeps the full 16-bit gradients on every
+  rank, so it is ``estimate_zero2_model_states_mem_needs`` + 2Ψ(1 - 1/N);
+- stage 2: ``estimate_zero2_model_states_mem_needs`` (cpu_offload for --offload optimizer);
+- stage 3: ``estimate_zero3_model_states_mem_needs`` (cpu_offload, cpu_offload_params for
+  --offload optimizer / full), with the largest layer's parameters (the gather buffer).
+
+(The ``*_all_cold`` functions only print a table; they call these two, which return numbers.)
+N = GPUs per node x nodes; Ψ = parameters. LoRA: the estimator is applied to the trainable
+parameters T, and the frozen base weights F = Ψ - T are added: 4F under DDP (ftlaunch keeps fp32
+weights), 2F under ZeRO-1/2 (DeepSpeed casts the module to bf16), 2F/N under ZeRO-3, 0 on the
+GPU with ZeRO-3 parameter offload.
+
+Activations (bf16 autocast, no activation checkpointing), bytes per micro-batch of b examples,
+source length s, target length t, d_model h, d_ff f, heads a, vocab V, L_e / L_d layers; after
+Korthikanti et al. 2022 ("Reducing Activation Recomputation", 11h + 5as per token for
+self-attention), with T5's gated-GELU feed-forward (3h + 11f per token) and fp32 residual-stream
+norms (4h per norm):
+
+    encoder layer:  b·s·(22h + 11f + 5·a·s)
+    decoder layer:  b·t·(37h + 11f + 5·a·(t + s)) + b·s·4h     (self + cross attention, K/V of the encoder output)
+    logits + loss:  10·b·t·V                                    (bf16 logits, fp32 copy, fp32 gradient)
+    activations = L_e·encoder + L_d·decoder + logits
+
+It is an estimate (±30%); the recommendation keeps a margin (``HEADROOM``) for the CUDA
+context, allocator fragmentation and temporary buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from launcher.errors import UserError
+
+GIB = 2**30
+HEADROOM = 0.15  # fraction of GPU memory kept free
+ALL_MODELS = "flan-t5-all"
+FLAN_T5_VOCAB = 32128
+
+# google/flan-t5-*: config.json values (gated-GELU, untied lm_head). Parameter counts include
+# the lm_head (FLAN-T5 checkpoints carry their own; transformers 5 ties it when building from a
+# config, so a config-built model has vocab x d_model fewer parameters).
+FLAN_T5_CONFIGS: dict[str, dict[str, int]] = {
+    "google/flan-t5-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+    "google/flan-t5-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
+    "google/flan-t5-large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+                                 num_heads=16),
+    "google/flan-t5-xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
+    "google/flan-t5-xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
+                               num_heads=64),
+}
+KNOWN_MODELS: dict[str, int] = {
+    "google/flan-t5-small": 76_961_152,
+    "google/flan-t5-base": 247_577_856,
+    "google/flan-t5-large": 783_150_080,
+    "google/flan-t5-xl": 2_849_757_184,
+    "google/flan-t5-xxl": 11_135_332_352,
+}
+
+OFFLOADS = ("none", "optimizer", "full")
+# Rows in table order; ``recommend`` prefers no offload at the smallest stage that fits, then
+# the least offload (CPU offload costs more speed than one more ZeRO stage on the GPUs). ZeRO-1 +
+# offload comes last: ZeRO-2 + offload moves the same optimizer traffic and holds less, so it
+# never loses to it.
+ROW_ORDER = ((0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"), (3, "none"),
+             (3, "optimizer"), (3, "full"))
+PREFERENCE = ((0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"),
+              (3, "full"), (1, "optimizer"))
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the estimate needs to know about a model (None: unknown, activations not estimated)."""
+
+    name: str
+    params: int
+    largest_layer: int  # parameters of the largest single module (ZeRO-3 gathers it whole)
+    d_model: int | None = None
+    d_ff: int | None = None
+    num_layers: int | None = None
+    num_decoder_layers: int | None = None
+    num_heads: int | None = None
+    d_kv: int | None = None
+    vocab_size: int | None = None
+
+
+def canonical_name(model: str) -> str:
+    """``flan-t5-base`` -> ``google/flan-t5-base``; anything else unchanged."""
+    if model in KNOWN_MODELS:
+        return model
+    if f"google/{model}" in KNOWN_MODELS:
+        return f"google/{model}"
+    return model
+
+
+def expand_models(model: str) -> list[str]:
+    """``flan-t5-all`` (or ``all``) -> every known FLAN-T5 size; anything else -> [model]."""
+    if model in (ALL_MODELS, "all", "google/flan-t5-all"):
+        return list(KNOWN_MODELS)
+    return [model]
+
+
+def _spec_from_t5_dims(name: str, params: int, dims: dict[str, Any], vocab: int) -> ModelSpec:
+    return ModelSpec(
+        name=name, params=params, largest_layer=max(vocab * dims["d_model"], dims["d_model"] * dims["d_ff"]),
+        d_model=dims["d_model"], d_ff=dims["d_ff"], num_layers=dims["num_layers"],
+        num_decoder_layers=dims.get("num_decoder_layers") or dims["num_layers"], num_heads=dims["num_heads"],
+        d_kv=dims.get("d_kv"), vocab_size=vocab,
+    )
+
+
+def _checkpoint_keys(directory: Path) -> set[str] | None:
+    """Tensor names of a saved model (safetensors headers only), or None when no weights are there."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    single = directory / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as handle:
+            return set(handle.keys())
+    return None
+
+
+def _largest_layer(model) -> int:
+    """As DeepSpeed's live estimator: the most parameters owned directly by one module."""
+    return max((sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()), default=0)
+
+
+def _count_unique(model) -> int:
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def _spec_from_directory(directory: Path, name: str) -> ModelSpec:
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForSeq2SeqLM.from_config(config)
+    params = _count_unique(skeleton)
+    head = getattr(skeleton, "lm_head", None)
+    shared = getattr(skeleton, "shared", None)
+    if head is not None and shared is not None and head.weight is shared.weight:
+        # transformers 5 ties T5's lm_head when building from a config; a FLAN-T5-style checkpoint
+        # (or a config saying tie_word_embeddings: false) has its own lm_head matrix.
+        keys = _checkpoint_keys(directory)
+        raw = json.loads((directory / "config.json").read_text())
+        untied = ("lm_head.weight" in keys) if keys is not None else raw.get("tie_word_embeddings") is False
+        if untied:
+            params += head.weight.numel()
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
+    return ModelSpec(
+        name=name, params=params, largest_layer=_largest_layer(skeleton), d_model=get("d_model", "hidden_size"),
+        d_ff=get("d_ff", "intermediate_size", "ffn_dim", "encoder_ffn_dim"),
+        num_layers=get("num_layers", "encoder_layers", "num_hidden_layers"),
+        num_decoder_layers=get("num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers"),
+        num_heads=get("num_heads", "num_attention_heads", "encoder_attention_heads"), d_kv=get("d_kv"),
+        vocab_size=get("vocab_size"),
+    )
+
+
+def model_spec(model: str) -> ModelSpec:
+    """A known FLAN-T5 name, ``tiny-t5`` (built), or a local directory (config -> meta-device model)."""
+    from launcher.recipe import EMBEDDED_MODEL
+
+    name = canonical_name(model)
+    if name in KNOWN_MODELS:
+        return _spec_from_t5_dims(name, KNOWN_MODELS[name], FLAN_T5_CONFIGS[name], FLAN_T5_VOCAB)
+    if model == EMBEDDED_MODEL:
+        from launcher.model import TINY_T5_CONFIG, build_tiny_t5
+        from launcher.paths import TINY_TOKENIZER_DIR
+
+        vocab = len(json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
+        built = build_tiny_t5(vocab)
+        spec = _spec_from_t5_dims(model, _count_unique(built), TINY_T5_CONFIG, vocab)
+        return replace(spec, largest_layer=_largest_layer(built))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model {model} has no config.json; pass a directory written by save_pretrained, "
+                            f"tiny-t5, or one of {', '.join(KNOWN_MODELS)}")
+        return _spec_from_directory(path, model)
+    raise UserError(f"unknown model {model!r} for an estimate (no download): use one of "
+                    f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json")
+
+
+def parameter_count(model: str) -> int:
+    """Parameters of a known name, tiny-t5, or a local model directory (UserError otherwise)."""
+    return model_spec(model).params
+
+
+def lora_trainable_params(spec: ModelSpec, r: int = 32, targets: Sequence[str] = ("q", "v")) -> int:
+    """LoRA parameters PEFT adds to a T5: r x (in + out) per targeted projection.
+
+    Attention blocks: one per encoder layer, two per decoder layer (self, cross). q/k/v map
+    d_model -> heads x d_kv, o maps back; wi_0/wi_1/wo are the feed-forward matrices.
+    """
+    if spec.d_model is None or spec.num_layers is None:
+        raise UserError(f"cannot count LoRA parameters of {spec.name}: its architecture is unknown")
+    h = spec.d_model
+    inner = (spec.num_heads or 1) * (spec.d_kv or h // (spec.num_heads or 1))
+    f = spec.d_ff or 4 * h
+    per_attention = {"q": h + inner, "k": h + inner, "v": h + inner, "o": inner + h}
+    per_ffn = {"wi_0": h + f, "wi_1": h + f, "wo": f + h, "wi": h + f}
+    attention_blocks = spec.num_layers + 2 * (spec.num_decoder_layers or spec.num_layers)
+    ffn_blocks = spec.num_layers + (spec.num_decoder_layers or spec.num_layers)
+    total = 0
+    for target in targets:
+        if target in per_attention:
+            total += r * per_attention[target] * attention_blocks
+        elif target in per_ffn:
+            total += r * per_ffn[target] * ffn_blocks
+        else:
+            raise UserError(f"LoRA target {target!r} is not a T5 projection (q, k, v, o, wi_0, wi_1, wo)")
+    return total
+
+
+# ---------------------------------------------------------------- estimates
+
+
+@dataclass(frozen=True)
+class EstimateRow:
+    stage: int  # 0 = DDP, 1-3 = ZeRO stage
+    offload: str  # none | optimizer | full
+    model_states_gib: float  # per GPU: parameters + gradients + optimizer state (DeepSpeed's estimator)
+    activations_gib: float  # per GPU, one micro-batch (0 when the architecture is unknown)
+    cpu_gib: float  # CPU RAM per node (DeepSpeed's estimator; offloaded states, buffers)
+    world_size: int = 1
+
+    @property
+    def total_gib(self) -> float:
+        return self.model_states_gib + self.activations_gib
+
+    @property
+    def label(self) -> str:
+        name = "DDP" if self.stage == 0 else f"ZeRO-{self.stage}"
+        return name if self.offload == "none" else f"{name} + offload {self.offload}"
+
+    @property
+    def flags(self) -> str:
+        """The ftlaunch flags that select this row."""
+        return f"--zero {self.stage}" + (f" --offload {self.offload}" if self.offload != "none" else "")
+
+    def fits(self, gpu_mem_gib: float, headroom: float = HEADROOM) -> bool:
+        return self.total_gib <= gpu_mem_gib * (1.0 - headroom)
+
+
+def activation_bytes(*, micro_batch: int, source_len: int, target_len: int, d_model: int, n_layers: int,
+                     d_ff: int | None = None, num_heads: int | None = None, vocab_size: int | None = None,
+                     n_decoder_layers: int | None = None) -> int:
+    """The activation formula of the module docstring (bytes per GPU, one micro-batch)."""
+    b, s, t, h = micro_batch, source_len, target_len, d_model
+    f = d_ff or int(2.5 * h)
+    a = num_heads or max(1, h // 64)
+    v = vocab_size or FLAN_T5_VOCAB
+    encoder = b * s * (22 * h + 11 * f + 5 * a * s)
+    decoder = b * t * (37 * h + 11 * f + 5 * a * (t + s)) + b * s * 4 * h
+    logits = 10 * b * t * v
+    return n_layers * encoder + (n_decoder_layers or n_layers) * decoder + logits
+
+
+def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]:
+    """(cpu bytes, gpu bytes) from DeepSpeed's stage 1/2 estimator."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, num_nodes=nodes,
+                                                 cpu_offload=offload)
+
+
+def _zero3(params: int, largest_layer: int, gpus: int, nodes: int, offload: str) -> tuple[int, int]:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _largest = estimate_zero3_model_states_mem_needs(
+        params, largest_layer, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload != "none",
+        cpu_offload_params=offload == "full", zero_init=True)
+    return cpu, gpu
+
+
+def model_state_bytes(stage: int, offload: str, *, params: int, gpus: int, nodes: int, trainable: int | None = None,
+                      largest_layer: int | None = None) -> tuple[int, int]:
+    """(gpu bytes per GPU, cpu bytes per node) of parameters + gradients + optimizer state."""
+    world = gpus * nodes
+    trainable = params if trainable is None else trainable
+    frozen = params - trainable
+    largest = largest_layer if largest_layer is not None else params // 10
+    if stage == 0:
+        cpu, gpu = _zero2(trainable, 1, 1, False)  # nothing partitioned
+        return gpu + 4 * frozen, cpu * gpus
+    if stage in (1, 2):
+        cpu, gpu = _zero2(trainable, gpus, nodes, offload != "none")
+        if stage == 1:
+            gpu += int(2 * trainable * (1 - 1 / world))  # stage 1 keeps whole 16-bit gradients
+        return gpu + 2 * frozen, cpu
+    cpu, gpu = _zero3(trainable, largest, gpus, nodes, offload)
+    if offload == "full":
+        return gpu, cpu + 2 * frozen // nodes
+    return gpu + 2 * frozen // world, cpu
+
+
+def estimate_rows(params: int, *, gpus: int = 1, nodes: int = 1, lora: bool = False, trainable: int | None = None,
+                  micro_batch: int = 8, source_len: int = 512, target_len: int = 128, d_model: int | None = None,
+                  n_layers: int | None = None, d_ff: int | None = None, num_heads: int | None = None,
+                  vocab_size: int | None = None, n_decoder_layers: int | None = None,
+                  largest_layer: int | None = None) -> list[EstimateRow]:
+    """Per-GPU memory for every stage x offload (ROW_ORDER). LoRA needs ``trainable``."""
+    if gpus < 1 or nodes < 1:
+        raise UserError("--gpus and --nodes must be at least 1")
+    if lora and trainable is None:
+        raise UserError("a LoRA estimate needs the number of trainable parameters")
+    trainable = trainable if lora else params
+    if largest_layer is None:
+        largest_layer = (vocab_size or FLAN_T5_VOCAB) * d_model if d_model else params // 10
+    activations = 0
+    if d_model and n_layers:
+        activations = activation_bytes(micro_batch=micro_batch, source_len=source_len, target_len=target_len,
+                                       d_model=d_model, n_layers=n_layers, d_ff=d_ff, num_heads=num_heads,
+                                       vocab_size=vocab_size, n_decoder_layers=n_decoder_layers)
+    rows = []
+    for stage, offload in ROW_ORDER:
+        gpu, cpu = model_state_bytes(stage, offload, params=params, gpus=gpus, nodes=nodes, trainable=trainable,
+                                     largest_layer=largest_layer)
+        rows.append(EstimateRow(stage, offload, gpu / GIB, activations / GIB, cpu / GIB, gpus * nodes))
+    return rows
+
+
+def estimate_model(model: str, *, gpus: int = 1, nodes: int = 1, lora: bool = False, lora_r: int = 32,
+                   lora_targets: Sequence[str] = ("q", "v"), micro_batch: int = 8, source_len: int = 512,
+                   target_len: int = 128) -> list[EstimateRow]:
+    """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory)."""
+    spec = model_spec(model)
+    trainable = lora_trainable_params(spec, lora_r, lora_targets) if lora else None
+    return estimate_rows(spec.params, gpus=gpus, nodes=nodes, lora=lora, trainable=trainable,
+                         micro_batch=micro_batch, source_len=source_len, target_len=target_len, d_model=spec.d_model,
+                         n_layers=spec.num_layers, d_ff=spec.d_ff, num_heads=spec.num_heads,
+                         vocab_size=spec.vocab_size, n_decoder_layers=spec.num_decoder_layers,
+                         largest_layer=spec.largest_layer)
+
+
+def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
+    """The smallest stage that fits without offload, else the least offload (then smallest stage)
+    that fits in ``gpu_mem_gib`` x (1 - headroom), in ``PREFERENCE`` order; UserError when nothing fits."""
+    by_key = {(row.stage, row.offload): row for row in rows}
+    for key in PREFERENCE:
+        row = by_key.get(key)
+        if row is not None and row.fits(gpu_mem_gib, headroom):
+            return row
+    smallest = min(by_key.values(), key=lambda row: row.total_gib)
+    raise UserError(
+        f"nothing fits in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom): the smallest is "
+        f"{smallest.label} at {smallest.total_gib:.1f} GiB; use more GPUs, LoRA, or a smaller micro batch"
+    )
+
+
+def zero_auto(model: str, gpu_mem_gib: float, **kwargs) -> tuple[EstimateRow, str]:
+    """For ``--zero auto``: the recommended row and one line for the dry-run summary."""
+    rows = estimate_model(model, **kwargs)
+    row = recommend(rows, gpu_mem_gib)
+    return row, (f"{row.label} (--zero auto: the smallest stage that fits {gpu_mem_gib:g} GiB per GPU; "
+                 f"estimated {row.total_gib:.1f} GiB = {row.model_states_gib:.1f} model states + "
+                 f"{row.activations_gib:.1f} activations)")
+
+
+def detect_gpu_mem_gib() -> float | None:
+    """Memory of the first visible GPU, or None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GIB
+    except Exception:  # noqa: BLE001 - no usable CUDA: the caller picks a default
+        return None
+    return None
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def render_table(rows: Sequence[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM,
+                 title: str | None = None) -> str:
+    """A markdown table of every row, the recommended one marked."""
+    try:
+        best: EstimateRow | None = recommend(rows, gpu_mem_gib, headroom)
+    except UserError:
+        best = None
+    world = rows[0].world_size if rows else 1
+    lines = [title] if title else []
+    lines += [
+        f"| strategy | flags | model states / GPU (GiB) | activations / GPU (GiB) | total / GPU (GiB) | "
+        f"CPU RAM / node (GiB) | fits {gpu_mem_gib:g} GiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        fits = "yes" if row.fits(gpu_mem_gib, headroom) else "no"
+        if row is best:
+            fits += " **<- recommended**"
+        lines.append(f"| {row.label} | `{row.flags}` | {_gib(row.model_states_gib)} | {_gib(row.activations_gib)} | "
+                     f"{_gib(row.total_gib)} | {_gib(row.cpu_gib)} | {fits} |")
+    usable = gpu_mem_gib * (1 - headroom)
+    lines.append("")
+    lines.append(f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
+                 "Model states from DeepSpeed's estimator; activations: bf16, no checkpointing (see launcher/estimate.py).")
+    if best is None:
+        lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")
+    return "\n".join(lines)
+
+
+def render_models_table(models: Sequence[str] | None = None, gpu_mem_gib: float = 80.0, *, gpus: int = 1,
+                        nodes: int = 1, lora: bool = False, micro_batch: int = 8, source_len: int = 512,
+                        target_len: int = 128, headroom: float = HEADROOM) -> str:
+    """One line per model (default: every FLAN-T5 size): totals per stage and the recommendation."""
+    models = list(models or KNOWN_MODELS)
+    lines = [
+        f"| model | parameters | trainable | DDP | ZeRO-1 | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload full | "
+        f"recommended for {gpu_mem_gib:g} GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for model in models:
+        spec = model_spec(model)
+        rows = estimate_model(model, gpus=gpus, nodes=nodes, lora=lora, micro_batch=micro_batch,
+                              source_len=source_len, target_len=target_len)
+        by_key = {(r.stage, r.offload): r for r in rows}
+        trainable = lora_trainable_params(spec) if lora else spec.params
+        try:
+            best = recommend(rows, gpu_mem_gib, headroom)
+            choice = f"{best.label} ({_gib(best.total_gib)} GiB)"
+        except UserError:
+            choice = "nothing fits"
+        cells = [_gib(by_key[key].total_gib) for key in ((0, "none"), (1, "none"), (2, "none"), (3, "none"),
+                                                         (3, "full"))]
+        lines.append(f"| {spec.name} | {spec.params / 1e6:,.0f}M | {trainable / 1e6:,.1f}M | " + " | ".join(cells)
+                     + f" | {choice} |")
+    lines.append("")
+    lines.append(f"Total GiB per GPU (model states + activations), {gpus} GPU(s) x {nodes} node(s), micro batch "
+                 f"{micro_batch}, {source_len}/{target_len} tokens, {'LoRA r=32 on q,v' if lora else 'full fine-tuning'}.")
+    return "\n".join(lines)

@@ -1,0 +1,378 @@
+"""The bad-input catalogue: every mistake is refused before any rank starts.
+
+For each case the real CLI (a subprocess, offline, CPU) must exit with code 2 and print exactly one
+stderr line, ``error: ...``, that names the file/key (and line where there is one) and says how to fix
+it; no traceback; nothing written into --output (absent afterwards, or a pre-existing directory
+unchanged byte for byte); and no launch: a fake ``accelerate`` first on PATH records any attempt to
+start ranks, so a refusal that came too late fails the test at once (and cheaply).
+
+Recipe typos/types, --zero, fp16, --gpus, method mismatch, a different run in --output, a missing data
+dir or model path and bad LoRA targets are in test_cli_errors.py; this file covers the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli
+
+SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
+CLI_TIMEOUT = 120  # a refusal takes seconds; this only bounds a hang
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under a directory with its bytes (directories as b'<dir>')."""
+    return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+            for path in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture
+def no_launch(tmp_path) -> dict[str, str]:
+    """A CLI environment whose `accelerate` only records that a launch was attempted (exit 99)."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "LAUNCHED"
+    fake = bin_dir / "accelerate"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{marker}"\nexit 99\n')
+    fake.chmod(0o755)
+    env = cli_env()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["FTLAUNCH_TEST_LAUNCH_MARKER"] = str(marker)
+    return env
+
+
+def refused(env: dict[str, str], *args: str, output: Path | None, fragments: tuple[str, ...] = (),
+            patterns: tuple[str, ...] = (), watch: tuple[Path, ...] = ()) -> str:
+    """Run `ftlaunch ARGS`; expect exit 2, one `error:` line with every fragment, nothing written.
+
+    ``output`` (the command's output directory) must be absent afterwards if it was absent, else
+    unchanged; every directory in ``watch`` must be unchanged too. Returns the error line.
+    """
+    watched = [path for path in (output, *watch) if path is not None]
+    before = {path: tree(path) if path.exists() else None for path in watched}
+    started = time.monotonic()
+    result = run_cli(*args, env=env, timeout=CLI_TIMEOUT)
+    elapsed = time.monotonic() - started
+    output_text = result.stdout + result.stderr
+    marker = Path(env["FTLAUNCH_TEST_LAUNCH_MARKER"])
+    assert not marker.exists(), f"a launch was attempted ({marker.read_text().strip()}):\n{output_text}"
+    assert "accelerate launch" not in result.stdout, f"the command line of a launch was printed:\n{output_text}"
+    assert "Traceback" not in output_text, output_text
+    assert result.returncode == 2, f"exit code {result.returncode} after {elapsed:.1f} s:\n{output_text}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one `error:` line, got:\n{result.stderr}"
+    line = lines[0]
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    for pattern in patterns:
+        assert re.search(pattern, line), f"/{pattern}/ not in {line!r}"
+    for path, snapshot in before.items():
+        if snapshot is None:
+            assert not path.exists(), f"{path} was created by a refused command"
+        else:
+            assert tree(path) == snapshot, f"{path} was changed by a refused command"
+    return line
+
+
+def data_dir(tmp_path: Path, name: str = "data") -> Path:
+    """A copy of the embedded sample (train/validation/test.jsonl) to corrupt."""
+    directory = tmp_path / name
+    directory.mkdir()
+    for path in SAMPLE.glob("*.jsonl"):
+        shutil.copyfile(path, directory / path.name)
+    return directory
+
+
+def edit_lines(path: Path, edit) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    edit(lines)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def drop_field(path: Path, line_number: int, field: str) -> None:
+    def edit(lines: list[str]) -> None:
+        row = json.loads(lines[line_number - 1])
+        del row[field]
+        lines[line_number - 1] = json.dumps(row)
+
+    edit_lines(path, edit)
+
+
+def train_args(data: Path | str, output: Path, *extra: str) -> list[str]:
+    """A real launch (no --dry-run), one CPU rank, embedded model: refused or it would start a rank."""
+    return ["full", "--cpu", "--model", "tiny-t5", "--data", str(data), "--output", str(output), *extra]
+
+
+# ---------------------------------------------------------------- data files
+
+
+def test_python_literal_line(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    path = data / "validation.jsonl"
+
+    def to_python_literal(lines: list[str]) -> None:
+        lines[2] = repr(json.loads(lines[2]))  # {'id': 'validation_2', ...}
+
+    edit_lines(path, to_python_literal)
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(path), "line 3 ", "not JSON", "Python literal", "json.dumps", "one JSON object"),
+            watch=(data,))
+
+
+def test_truncated_last_line(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    path = data / "train.jsonl"
+    text = path.read_text(encoding="utf-8").rstrip("\n")
+    path.write_text(text[:-40], encoding="utf-8")  # the last row cut mid-string, as by a full disk
+    assert len(path.read_text().splitlines()) == 64
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(path), "line 64 ", "not JSON", "one JSON object"), watch=(data,))
+
+
+def test_json_array_instead_of_json_lines(tmp_path, no_launch):
+    """A .json export (one array of rows) renamed to .jsonl."""
+    data = data_dir(tmp_path)
+    path = data / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text(json.dumps(rows) + "\n")
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(path), "line 1 ", "not a JSON object", "each line must be one JSON object"), watch=(data,))
+
+
+def write_latin1_byte(path: Path, line_number: int) -> int:
+    """Put one Latin-1 byte (é) into a line; returns its byte offset in the file."""
+    lines = path.read_bytes().split(b"\n")
+    position = lines[line_number - 1].index(b"#Person1#")
+    lines[line_number - 1] = lines[line_number - 1][:position] + b"caf\xe9 " + lines[line_number - 1][position:]
+    path.write_bytes(b"\n".join(lines))
+    return sum(len(line) + 1 for line in lines[:line_number - 1]) + position + 3
+
+
+def test_non_utf8_bytes(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    path = data / "train.jsonl"
+    write_latin1_byte(path, 40)
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(path), "not UTF-8", "re-encode it as UTF-8"), watch=(data,))
+
+
+def test_non_utf8_bytes_names_the_line(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    path = data / "train.jsonl"
+    offset = write_latin1_byte(path, 40)
+    line = refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+                   fragments=(str(path), "not UTF-8"), watch=(data,))
+    assert "line 40" in line, line
+    byte = re.search(r"byte (\d+)", line)
+    assert byte is None or int(byte.group(1)) == offset, f"byte offset {offset} expected: {line}"
+
+
+def test_row_without_dialogue(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    drop_field(data / "train.jsonl", 5, "dialogue")
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(data / "train.jsonl"), "'dialogue'", "every row needs dialogue and summary"),
+            patterns=(r"\b(row|line) 5\b",), watch=(data,))
+
+
+def test_row_without_summary(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    drop_field(data / "validation.jsonl", 7, "summary")
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(data / "validation.jsonl"), "'summary'", "every row needs dialogue and summary"),
+            patterns=(r"\b(row|line) 7\b",), watch=(data,))
+
+
+def test_missing_field_names_the_file_line_despite_blank_lines(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    path = data / "train.jsonl"
+    drop_field(path, 5, "dialogue")
+    edit_lines(path, lambda lines: lines.insert(1, ""))  # the row without dialogue is now on line 6
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(path), "'dialogue'"), patterns=(r"\b(row|line) 6\b",), watch=(data,))
+
+
+def test_empty_split(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    (data / "validation.jsonl").write_text("\n")
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=("'validation'", str(data), "empty", "at least one dialogue"), watch=(data,))
+
+
+def test_missing_test_split_when_evaluating_after_training(tmp_path, no_launch):
+    data = data_dir(tmp_path)
+    (data / "test.jsonl").unlink()
+    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
+            fragments=("'test'", str(data / "test.jsonl"), "does not exist", "splits there: train, validation"),
+            watch=(data,))
+    # Without the evaluation the test split is not needed: the check follows the recipe.
+    result = run_cli(*train_args(data, tmp_path / "out", "--set", "eval.after_training=false", "--dry-run"),
+                     env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_split_name_that_does_not_exist(tmp_path, no_launch):
+    refused(no_launch, *train_args("sample", tmp_path / "out", "--set", "data.train_split=nope"),
+            output=tmp_path / "out",
+            fragments=("'nope'", str(SAMPLE / "nope.jsonl"), "does not exist", "splits there: test, train, validation"))
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_refusal_leaves_an_existing_run_as_it_was(tmp_path, no_launch, flag):
+    """Bad data found on a relaunch: --overwrite must not delete the old run, --resume must not touch it."""
+    data = data_dir(tmp_path)
+    output = tmp_path / "run"
+    result = run_cli(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (output / "notes.txt").write_text("results of the first run\n")
+    drop_field(data / "train.jsonl", 3, "summary")
+    extra = ["--overwrite"] if flag == "--overwrite" else ["--resume", "auto"]
+    refused(no_launch, *train_args(data, output, *extra), output=output,
+            fragments=(str(data / "train.jsonl"), "'summary'"), patterns=(r"\b(row|line) 3\b",), watch=(data,))
+    assert (output / "notes.txt").read_text() == "results of the first run\n"
+
+
+def existing_run_with_checkpoint(env: dict[str, str], output: Path) -> Path:
+    """A rendered run (dry run) plus a checkpoint folder as a crashed save and a finished one leave them."""
+    result = run_cli(*train_args("sample", output, "--dry-run"), env=env, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoints = output / "checkpoints"
+    (checkpoints / ".tmp-step_8").mkdir(parents=True)
+    (checkpoints / ".tmp-step_8" / "model.safetensors").write_bytes(b"half written")
+    (checkpoints / "step_4").mkdir()
+    state = {"step": 4, "epoch": 0, "batches_in_epoch": 4, "world_size": 1, "grad_accum": 1,
+             "micro_batch_size": 8, "seed": 42, "method": "full"}
+    (checkpoints / "step_4" / "ftlaunch_state.json").write_text(json.dumps(state))
+    (checkpoints / "latest").write_text("step_4\n")
+    return checkpoints
+
+
+def test_resume_from_a_half_written_checkpoint(tmp_path, no_launch):
+    output = tmp_path / "run"
+    checkpoints = existing_run_with_checkpoint(no_launch, output)
+    partial = checkpoints / ".tmp-step_8"
+    refused(no_launch, *train_args("sample", output, "--resume", str(partial)), output=output,
+            fragments=(f"--resume {partial}", "not a complete ftlaunch checkpoint", "ftlaunch_state.json"))
+
+
+def test_same_run_with_checkpoints_needs_resume_or_overwrite(tmp_path, no_launch):
+    output = tmp_path / "run"
+    existing_run_with_checkpoint(no_launch, output)
+    refused(no_launch, *train_args("sample", output), output=output,
+            fragments=(str(output), "already holds this run with checkpoints", "--resume auto", "--overwrite"))
+
+
+# ---------------------------------------------------------------- hub ids without network
+
+
+def unreachable_hub(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Network allowed (not offline) but the hub refuses connections; an empty cache."""
+    env = dict(env)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(key, None)
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_CACHE=str(tmp_path / "hf-home" / "hub"), NO_PROXY="127.0.0.1,localhost")
+    return env
+
+
+def offline_empty_cache(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    env = dict(env)
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-home" / "hub"))
+    return env
+
+
+@pytest.mark.parametrize("network", ["offline", "unreachable"])
+def test_dataset_hub_id_without_network(tmp_path, no_launch, network):
+    env = offline_empty_cache(no_launch, tmp_path) if network == "offline" else unreachable_hub(no_launch, tmp_path)
+    reason = "HF_HUB_OFFLINE=1" if network == "offline" else "the hub cannot be reached"
+    refused(env, *train_args("some/dataset", tmp_path / "out"), output=tmp_path / "out",
+            fragments=("'some/dataset'", reason, "not in the local cache", "--data DIR"))
+
+
+@pytest.mark.parametrize("network", ["offline", "unreachable"])
+def test_model_hub_id_without_network(tmp_path, no_launch, network):
+    env = offline_empty_cache(no_launch, tmp_path) if network == "offline" else unreachable_hub(no_launch, tmp_path)
+    reason = "HF_HUB_OFFLINE=1" if network == "offline" else "the hub cannot be reached"
+    refused(env, "full", "--cpu", "--model", "google/flan-t5-base", "--data", "sample", "--output",
+            str(tmp_path / "out"), output=tmp_path / "out",
+            fragments=("'google/flan-t5-base'", reason, "not in the local cache", "hf download google/flan-t5-base",
+                       "--model DIR"))
+
+
+# ---------------------------------------------------------------- ftlaunch eval
+
+
+def test_eval_adapter_dir_missing(tmp_path, no_launch):
+    adapter = tmp_path / "no-such-adapter"
+    refused(no_launch, "eval", "--cpu", "--adapter", str(adapter), "--output", str(tmp_path / "out"),
+            output=tmp_path / "out", fragments=(f"--adapter {adapter}", "adapter_config.json", "final/"))
+
+
+def test_eval_adapter_dir_without_adapter_config(tmp_path, no_launch):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"not really")
+    refused(no_launch, "eval", "--cpu", "--adapter", str(adapter), "--output", str(tmp_path / "out"),
+            output=tmp_path / "out", watch=(adapter,),
+            fragments=(f"--adapter {adapter}", "no adapter_config.json", "final/ folder of a LoRA run"))
+
+
+def test_eval_model_dir_without_config(tmp_path, no_launch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights without a config")
+    refused(no_launch, "eval", "--cpu", "--model", str(model), "--output", str(tmp_path / "out"),
+            output=tmp_path / "out", watch=(model,),
+            fragments=(f"--model {model}", "no config.json", "final/ folder", "hub id", "tiny-t5"))
+
+
+def test_eval_split_that_does_not_exist(tmp_path, no_launch):
+    refused(no_launch, "eval", "--cpu", "--split", "nope", "--output", str(tmp_path / "out"),
+            output=tmp_path / "out", fragments=("'nope'", "does not exist", "splits there: test, train, validation"))
+
+
+def test_eval_model_hub_id_without_network(tmp_path, no_launch):
+    env = offline_empty_cache(no_launch, tmp_path)
+    refused(env, "eval", "--cpu", "--model", "google/flan-t5-base", "--output", str(tmp_path / "out"),
+            output=tmp_path / "out", fragments=("'google/flan-t5-base'", "HF_HUB_OFFLINE=1", "--model DIR"))
+
+
+# ---------------------------------------------------------------- ftlaunch score / report
+
+
+def test_score_file_that_is_not_jsonl(tmp_path, no_launch):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "test_0", "prediction": "a"}\n{\'id\': \'test_1\', \'prediction\': \'b\'}\n')
+    refused(no_launch, "score", str(predictions), "--output", str(tmp_path / "out"), output=tmp_path / "out",
+            fragments=(str(predictions), "line 2 ", "not JSON", "json.dumps", "one JSON object"))
+    assert predictions.read_text().startswith('{"id": "test_0"')
+
+
+def test_score_ids_not_in_the_dataset(tmp_path, no_launch):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "test_0", "prediction": "a"}\n{"id": "nope", "prediction": "b"}\n')
+    refused(no_launch, "score", str(predictions), "--data", "sample", "--output", str(tmp_path / "out"),
+            output=tmp_path / "out",
+            fragments=(str(predictions), "1 prediction ids", "'nope'", "sample[test]",
+                       "score against the split the predictions were made for"))
+
+
+@pytest.mark.parametrize("to_output", [False, True], ids=["into-run-dir", "output"])
+def test_report_on_a_dir_without_evaluations(tmp_path, no_launch, to_output):
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)  # a run that stopped before its evaluation
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')
+    output = tmp_path / "report" if to_output else None
+    refused(no_launch, "report", str(run_dir), *(["--output", str(output)] if output else []), output=output,
+            watch=(run_dir,), fragments=(str(run_dir), "no evaluations", "eval/*/rouge.json", "ftlaunch eval"))

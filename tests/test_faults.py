@@ -1,0 +1,386 @@
+"""Faults on CPU ranks (gloo), through the real CLI: nothing lost, no hangs.
+
+* a crash in the middle of a checkpoint save leaves the previous checkpoint usable, and resuming
+  from it gives the uninterrupted run's numbers;
+* a rank killed with SIGKILL ends the whole job (non-zero) within seconds, with no rank left over;
+* SIGTERM on one rank, or Ctrl-C on the launcher, checkpoints, writes RUN/INTERRUPTED and ends the
+  job; `--resume auto` continues to the uninterrupted run's numbers;
+* a checkpoint of another accumulation is refused on resume (nothing touched) unless --force-resume.
+
+Every wait is bounded; on a timeout the job's processes (launcher and ranks, which torchrun starts
+in sessions of their own) are killed and the test fails with the captured output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+BASE = ("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--set", "model.precision=fp32",
+        "--set", "eval.after_training=false", "--set", "train.micro_batch_size=4", "--set", "train.log_every=1")
+# 64 examples / (4 per rank x 2 ranks) = 8 optimizer steps per epoch: 32 steps, checkpoints every 4.
+SHAPE = ("--set", "train.epochs=4", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=4")
+TOTAL_STEPS = 32
+LONG = ("--set", "train.epochs=20", "--set", "train.lr=2e-3")  # 160 steps: still running when signalled
+JOB_TIMEOUT = 180  # one launch takes 10-30 s on two shared cores; this only bounds a hang
+EXIT_BOUND = 30  # a dead rank / a stop request must end the job within this many seconds
+
+
+def train_args(run_dir: Path, zero: int, *extra: str) -> list[str]:
+    return ["full", *BASE, "--zero", str(zero), "--output", str(run_dir), *extra]
+
+
+# ---------------------------------------------------------------- processes
+
+
+def job_pids(run_dir: Path) -> list[int]:
+    """The launcher (accelerate/torchrun) and rank processes of one run directory."""
+    out = subprocess.run(["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """{global rank: pid} of the rank processes (torchrun sets RANK and LOCAL_RANK in their environment)."""
+    ranks = {}
+    for pid in job_pids(run_dir):
+        try:
+            entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(entry.split(b"=", 1) for entry in entries if b"=" in entry)
+        if b"RANK" in env and b"LOCAL_RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+class Job:
+    """`ftlaunch ARGS` in the background, in its own session (so a Ctrl-C can go to its process group)."""
+
+    def __init__(self, run_dir: Path, args: list[str], **env: str) -> None:
+        self.run_dir = run_dir
+        self.log = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
+        self.handle = self.log.open("w")
+        self.process = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=cli_env(**env), cwd=REPO,
+                                        stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started = time.monotonic()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")  # the job writes to the file directly
+
+    def fail(self, why: str) -> None:
+        self.kill()
+        pytest.fail(f"{why}\n--- output (tail) ---\n{self.output()[-6000:]}")
+
+    def wait_until(self, condition, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            if self.process.poll() is not None:
+                self.fail(f"the job ended (exit {self.process.returncode}) before {what}")
+            time.sleep(0.02)
+        self.fail(f"timed out after {timeout} s waiting for {what}")
+
+    def wait(self, timeout: float = JOB_TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"the job did not end within {timeout} s")
+
+    def wait_for_step(self, step: int = 1) -> None:
+        """Until metrics.jsonl holds a training loss for `step` (both ranks are then in the loop)."""
+        metrics = self.run_dir / "metrics.jsonl"
+
+        def reached() -> bool:
+            return metrics.is_file() and any(row.get("step", 0) >= step and "loss" in row
+                                             for row in parse_metrics(metrics))
+
+        self.wait_until(reached, JOB_TIMEOUT, f"training step {step}")
+
+    def kill(self) -> None:
+        """Kill whatever is left: the launcher's process group and the ranks (their own sessions)."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in job_pids(self.run_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.handle.close()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def parse_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl while it is being written (a torn last line is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def run_job(run_dir: Path, args: list[str], **env: str) -> tuple[int, str]:
+    with Job(run_dir, args, **env) as job:
+        code = job.wait()
+        return code, job.output()
+
+
+def assert_no_rank_left(run_dir: Path, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while job_pids(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = job_pids(run_dir)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of {run_dir} still running {within} s after the job ended: {left}"
+
+
+# ---------------------------------------------------------------- metrics and checkpoints
+
+
+def losses(metrics: list[dict]) -> list[float]:
+    return [row["loss"] for row in metrics if "loss" in row]
+
+
+def loss_steps(metrics: list[dict]) -> list[int]:
+    return [row["step"] for row in metrics if "loss" in row]
+
+
+def final_val_loss(metrics: list[dict]) -> float:
+    return [row for row in metrics if row.get("final")][-1]["val_loss"]
+
+
+def assert_same_run(metrics: list[dict], reference: list[dict]) -> None:
+    assert loss_steps(metrics) == list(range(1, TOTAL_STEPS + 1))
+    assert losses(metrics) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
+    assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
+
+
+def latest_name(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def assert_complete_checkpoint(run_dir: Path, step: int) -> None:
+    from launcher.checkpoint import STATE_FILE, find_latest_checkpoint
+
+    checkpoint = run_dir / "checkpoints" / f"step_{step}"
+    assert latest_name(run_dir) == f"step_{step}"
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["step"] == step and state["world_size"] == 2 and state["grad_accum"] == 1
+    assert find_latest_checkpoint(run_dir) == checkpoint
+    weights = [p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
+    assert weights and all(p.stat().st_size > 0 for p in weights), sorted(checkpoint.rglob("*"))
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+            for path in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of SHAPE per ZeRO stage, made once: zero -> (run dir, metrics)."""
+    runs: dict[int, tuple[Path, list[dict]]] = {}
+
+    def get(zero: int) -> tuple[Path, list[dict]]:
+        if zero not in runs:
+            run_dir = tmp_path_factory.mktemp(f"reference-zero{zero}") / "run"
+            code, output = run_job(run_dir, train_args(run_dir, zero, *SHAPE))
+            assert code == 0, output[-6000:]
+            metrics = read_jsonl(run_dir / "metrics.jsonl")
+            assert loss_steps(metrics) == list(range(1, TOTAL_STEPS + 1))
+            runs[zero] = (run_dir, metrics)
+        return runs[zero]
+
+    return get
+
+
+# ---------------------------------------------------------------- crash during a checkpoint save
+
+
+@pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, zero):
+    _, expected = reference(zero)
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, zero, *SHAPE)
+    checkpoints = run_dir / "checkpoints"
+    with Job(run_dir, args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="8") as job:
+        job.wait_until(lambda: (checkpoints / ".tmp-step_8").is_dir(), JOB_TIMEOUT, "the save of step 8")
+        saving = time.monotonic()
+        code = job.wait()
+        ended = time.monotonic() - saving
+        output = job.output()
+    assert code != 0, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to end after the main rank died mid-save"
+    assert_no_rank_left(run_dir)
+
+    # The half-written step_8 stays a temporary folder that nothing takes for a checkpoint.
+    assert (checkpoints / ".tmp-step_8").is_dir() and not (checkpoints / "step_8").exists()
+    assert not (checkpoints / ".tmp-step_8" / "ftlaunch_state.json").exists()
+    assert_complete_checkpoint(run_dir, 4)
+    assert not (run_dir / "INTERRUPTED").exists()
+
+    code, output = run_job(run_dir, [*args, "--resume", "auto"])
+    assert code == 0, output[-6000:]
+    assert f"resumed from {checkpoints / 'step_4'} at step 4" in output
+    assert not list(checkpoints.glob(".tmp-*")), sorted(p.name for p in checkpoints.iterdir())
+    assert latest_name(run_dir) == f"step_{TOTAL_STEPS}"
+    assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+
+
+def test_crash_during_the_first_save_restarts_from_scratch(tmp_path, reference):
+    _, expected = reference(0)
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, 0, *SHAPE)
+    code, output = run_job(run_dir, args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="4")
+    assert code != 0, output[-6000:]
+    assert_no_rank_left(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / ".tmp-step_4").is_dir() and not (checkpoints / "latest").exists()
+    assert not list(checkpoints.glob("step_*"))
+
+    code, output = run_job(run_dir, [*args, "--resume", "auto"])  # nothing to resume: starts again
+    assert code == 0, output[-6000:]
+    assert "resumed from" not in output
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert final_val_loss(metrics) == pytest.approx(final_val_loss(expected), rel=1e-5)
+    assert losses(metrics)[-TOTAL_STEPS:] == pytest.approx(losses(expected), rel=1e-5, abs=1e-6)
+    assert_same_run(metrics, expected)  # metrics.jsonl reads as one run: no steps from the crashed attempt
+
+
+# ---------------------------------------------------------------- a rank dies
+
+
+@pytest.mark.parametrize("zero", [0, 3], ids=["ddp", "zero3"])
+def test_killed_rank_ends_the_job_within_seconds(tmp_path, zero):
+    run_dir = tmp_path / "run"
+    with Job(run_dir, train_args(run_dir, zero, *LONG)) as job:
+        job.wait_for_step(1)
+        ranks = job.wait_until(lambda: (found := rank_pids(run_dir)) and len(found) == 2 and found, 30,
+                               "two rank processes")
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+        code = job.wait(timeout=EXIT_BOUND + 30)
+        ended = time.monotonic() - killed
+        output = job.output()
+    assert code != 0, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to end after rank 1 was killed"
+    assert_no_rank_left(run_dir)
+    steps = loss_steps(parse_metrics(run_dir / "metrics.jsonl"))
+    assert steps and steps[-1] < 160, "the run finished before the kill: make it longer"
+
+
+# ---------------------------------------------------------------- stop requests
+
+
+def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
+    _, expected = reference(0)
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, 0, *SHAPE)
+    with Job(run_dir, args) as job:
+        job.wait_for_step(1)
+        ranks = job.wait_until(lambda: (found := rank_pids(run_dir)) and len(found) == 2 and found, 30,
+                               "two rank processes")
+        os.kill(ranks[1], signal.SIGTERM)  # one rank only: the others learn it at the next step
+        signalled = time.monotonic()
+        code = job.wait(timeout=EXIT_BOUND + 30)
+        ended = time.monotonic() - signalled
+        output = job.output()
+    assert code != 0, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"
+    assert_no_rank_left(run_dir)
+    assert re.search(r"exitcode\s*:\s*3\b", output), "the ranks should exit with code 3:\n" + output[-4000:]
+    assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
+    step = int((run_dir / "INTERRUPTED").read_text().strip().removeprefix("step_"))
+    assert 1 <= step < TOTAL_STEPS, "the run finished before the signal: make it longer"
+    assert f"stop requested by signal: checkpoint step_{step} written" in output
+    assert_complete_checkpoint(run_dir, step)
+    assert loss_steps(read_jsonl(run_dir / "metrics.jsonl")) == list(range(1, step + 1))
+
+    code, output = run_job(run_dir, [*args, "--resume", "auto"])
+    assert code == 0, output[-6000:]
+    assert f"at step {step}" in output and "resumed from" in output
+    assert not (run_dir / "INTERRUPTED").exists()
+    assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+
+
+def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
+    """SIGINT to the launcher's process group, as a terminal's Ctrl-C sends it."""
+    run_dir = tmp_path / "run"
+    with Job(run_dir, train_args(run_dir, 0, *LONG)) as job:
+        job.wait_for_step(1)
+        os.killpg(job.process.pid, signal.SIGINT)
+        signalled = time.monotonic()
+        code = job.wait(timeout=EXIT_BOUND + 30)
+        ended = time.monotonic() - signalled
+        output = job.output()
+    assert code != 0, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after Ctrl-C"
+    assert_no_rank_left(run_dir)
+    assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
+    step = int((run_dir / "INTERRUPTED").read_text().strip().removeprefix("step_"))
+    assert 1 <= step < 160
+    assert_complete_checkpoint(run_dir, step)
+
+
+# ---------------------------------------------------------------- resume with another accumulation
+
+
+def test_resume_with_another_accumulation_needs_force(tmp_path, reference):
+    source, _ = reference(0)
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_28"
+    assert (checkpoint / "ftlaunch_state.json").is_file()
+    # 2 micro-batches per step from step 28 (epoch 3, 4 of its 8 micro-batches done): 4 more steps to 32.
+    args = train_args(run_dir, 0, *SHAPE, "--set", "train.grad_accum=2", "--set", "train.epochs=8")
+
+    before = tree(run_dir)
+    for resume in ("auto", str(checkpoint)):
+        started = time.monotonic()
+        code, output = run_job(run_dir, [*args, "--resume", resume])
+        assert code == 2, output[-6000:]
+        assert time.monotonic() - started < EXIT_BOUND
+        assert "Traceback" not in output, output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        assert "grad_accum 1 -> 2" in errors[0] and "--force-resume" in errors[0], errors[0]
+        assert "world_size" not in errors[0] and "micro_batch_size" not in errors[0], errors[0]
+        assert tree(run_dir) == before, f"a refused --resume {resume} changed the run directory"
+
+    code, output = run_job(run_dir, [*args, "--resume", str(checkpoint), "--force-resume"])
+    assert code == 0, output[-6000:]
+    assert f"resumed from {checkpoint} at step 28" in output
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert loss_steps(metrics) == list(range(1, 33))
+    assert [row for row in metrics if row.get("final")], metrics[-3:]
+    state = json.loads((run_dir / "checkpoints" / "step_32" / "ftlaunch_state.json").read_text())
+    assert state["grad_accum"] == 2 and state["step"] == 32
