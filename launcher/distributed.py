@@ -59,6 +59,12 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def print_main(accelerator: Accelerator, text: str) -> None:
+    """Print once per job (Accelerate's print is once per node: noisy in multi-node logs)."""
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank if the flag is set on any rank (one tiny all-reduce)."""
     if accelerator.num_processes == 1:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from launcher.data import build_prompt, load_split, shard_sorted_batches
-from launcher.distributed import build_accelerator, without_zero3_init, zero_stage
+from launcher.distributed import build_accelerator, print_main, without_zero3_init, zero_stage
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
@@ -105,7 +105,7 @@ def evaluate_model(accelerator, model, tokenizer, recipe: Recipe, rows: list[dic
         return None
     scores = score_predictions(predictions, [row["references"] for row in rows], recipe)
     write_eval_outputs(out_dir, rows, predictions, scores, info)
-    accelerator.print(f"{info['model']}: rouge1 {scores['rouge1']:.4f} rouge2 {scores['rouge2']:.4f} "
+    print_main(accelerator, f"{info['model']}: rouge1 {scores['rouge1']:.4f} rouge2 {scores['rouge2']:.4f} "
                       f"rougeL {scores['rougeL']:.4f} rougeLsum {scores['rougeLsum']:.4f} (n={scores['n']})")
     return scores
 

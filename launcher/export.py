@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.distributed import uses_deepspeed, without_zero3_init
+from launcher.distributed import print_main, uses_deepspeed, without_zero3_init
 from launcher.recipe import Recipe
 
 
@@ -51,7 +51,7 @@ def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> 
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
-        accelerator.print(f"saved {'adapter' if recipe.train.method == 'lora' else 'model'} to {out_dir}")
+        print_main(accelerator, f"saved {'adapter' if recipe.train.method == 'lora' else 'model'} to {out_dir}")
     accelerator.wait_for_everyone()
     if recipe.train.method == "lora" and recipe.lora.save_merged and accelerator.is_main_process:
         save_merged(accelerator, recipe, tokenizer, out_dir)
@@ -67,4 +67,4 @@ def save_merged(accelerator, recipe: Recipe, tokenizer, adapter_dir: Path) -> No
     merged = model.merge_and_unload()
     merged.save_pretrained(str(adapter_dir / "merged"), safe_serialization=True)
     tokenizer.save_pretrained(str(adapter_dir / "merged"))
-    accelerator.print(f"saved merged model to {adapter_dir / 'merged'}")
+    print_main(accelerator, f"saved merged model to {adapter_dir / 'merged'}")

@@ -54,21 +54,38 @@ def check_model_reference(recipe: Recipe) -> None:
         check_lora_targets(recipe, model_config)
 
 
-def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
+# Leaf module names of T5 (and FLAN-T5) models: enough to check LoRA targets without importing
+# transformers, which would add seconds to every dry run and job start.
+T5_MODULE_NAMES = frozenset({"shared", "encoder", "decoder", "embed_tokens", "block", "layer", "SelfAttention",
+                             "EncDecAttention", "q", "k", "v", "o", "relative_attention_bias", "layer_norm",
+                             "DenseReluDense", "wi", "wi_0", "wi_1", "wo", "act", "dropout", "final_layer_norm",
+                             "lm_head", "0", "1", "2"})
+
+
+def model_module_names(config_dir: Path | None) -> set[str]:
+    """Leaf names of the model's modules, from a meta-device skeleton (no weights loaded)."""
+    if config_dir is None or read_model_type(config_dir) == "t5":
+        return set(T5_MODULE_NAMES)
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from launcher.model import TINY_T5_CONFIG, missing_lora_targets
-
-    if config_dir is None:
-        from transformers import T5Config
-
-        config = T5Config(vocab_size=1000, **TINY_T5_CONFIG)
-    else:
-        config = AutoConfig.from_pretrained(str(config_dir))
     with torch.device("meta"):
-        skeleton = AutoModelForSeq2SeqLM.from_config(config)
-    missing = missing_lora_targets(skeleton, list(recipe.lora.target_modules))
+        skeleton = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(config_dir)))
+    return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+
+
+def read_model_type(config_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((config_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
+    names = model_module_names(config_dir)
+    missing = [target for target in recipe.lora.target_modules if target not in names]
     if missing:
         raise UserError(f"lora.target_modules {missing} name no module of {recipe.model.name}; "
                         "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)")

@@ -25,7 +25,7 @@ import torch
 
 from launcher import checkpoint as ckpt
 from launcher.data import LengthGroupedBatchSampler, example_lengths, load_split, shard_sorted_batches, tokenized_split
-from launcher.distributed import any_rank, build_accelerator, sum_over_ranks, uses_deepspeed
+from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
 from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from launcher.metrics import MetricsLogger
 from launcher.model import build_model, count_parameters, load_tokenizer
@@ -223,7 +223,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe, len(tokenizer))
     trainable, total = count_parameters(model)
-    accelerator.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    print_main(accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
     data = prepare_data(recipe, tokenizer, accelerator, run_dir)
     optimizer = build_optimizer(model, recipe)
@@ -244,12 +244,12 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
         ckpt.check_compatible(saved, state, checkpoint, force_resume)
         accelerator.load_state(str(checkpoint))
         state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        print_main(accelerator, f"resumed from {checkpoint} at step {state.step}")
     elif resume:
-        accelerator.print("no complete checkpoint found: starting from step 0")
+        print_main(accelerator, "no complete checkpoint found: starting from step 0")
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
     logger = MetricsLogger(run_dir, accelerator.is_main_process, state.step)
-    accelerator.print(
+    print_main(accelerator, 
         f"training: {total_steps} optimizer steps, {batches_per_rank} micro-batches per rank per epoch, "
         f"effective batch {recipe.effective_batch_size()}"
     )
@@ -293,9 +293,10 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
                 ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
                 last_saved = state.step
             if interrupted:
-                accelerator.print(f"stop requested by signal: checkpoint step_{state.step} written; resume with "
+                print_main(accelerator, f"stop requested by signal: checkpoint step_{state.step} written; resume with "
                                   "--resume auto")
                 write_interrupted_marker(accelerator, run_dir, state.step)
+                accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
                 logger.close()
                 return EXIT_INTERRUPTED
             if state.step >= total_steps:
@@ -311,7 +312,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
         ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
     val = validation_loss(model, data.validation, data.collator, accelerator, recipe.eval.batch_size)
     logger.log({"step": state.step, "val_loss": val, "final": True})
-    accelerator.print(f"final validation loss {val:.4f}")
+    print_main(accelerator, f"final validation loss {val:.4f}")
     logger.close()
 
     from launcher.export import save_final

@@ -1,0 +1,49 @@
+"""The embedded tiny-t5 and model helpers, in-process (no launch)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, T5Config
+
+from launcher.launch import T5_MODULE_NAMES
+from launcher.model import TINY_T5_CONFIG, build_tiny_t5, set_dropout
+
+
+def test_tiny_t5_is_the_same_everywhere_and_leaves_the_global_rng_alone():
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first, second = build_tiny_t5(1000), build_tiny_t5(1000)
+    assert torch.equal(torch.get_rng_state(), before)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_tiny_t5_has_its_own_lm_head_like_flan_t5(tmp_path):
+    model = build_tiny_t5(1000).eval()
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits,
+                           reloaded(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_static_t5_module_names_match_a_real_t5_skeleton():
+    """The launcher checks LoRA targets against a name list to avoid importing transformers."""
+    for config in (T5Config(vocab_size=1000, **TINY_T5_CONFIG), T5Config(vocab_size=1000, num_layers=2)):
+        with torch.device("meta"):
+            skeleton = AutoModelForSeq2SeqLM.from_config(config)
+        names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
+        assert {n for n in names if not n.isdigit()} <= T5_MODULE_NAMES
+
+
+def test_zero_dropout_makes_training_mode_deterministic():
+    model = build_tiny_t5(1000).train()
+    set_dropout(model, 0.0)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        first = model(input_ids=ids, decoder_input_ids=ids).logits
+        second = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(first, second)
+    assert model.config.dropout_rate == 0.0

@@ -1,0 +1,255 @@
+"""slurm/full.sh and slurm/lora.sh on a real two-node SLURM cluster (slurm/test-cluster).
+
+Each job runs with ``--cpu --gpus 1``: one CPU rank on each emulated node, world size 2, the
+job scripts' GPU-cluster headers unchanged (--gres=gpu:8, --cpus-per-task=16).
+
+- lora: both nodes take part, the run ends with an adapter and a ROUGE report;
+- full --zero 3: DeepSpeed ZeRO-3 across the nodes, a full model and a report;
+- preemption: USR1 to the batch shell (as ``--signal=B:USR1@N`` does) -> the ranks checkpoint
+  -> the job requeues itself -> resumes -> ends with the same losses as the uninterrupted job;
+- a crash (with a stale INTERRUPTED marker in the run dir) fails the job and is not requeued.
+
+Skipped unless root (the cluster fixture starts munged/slurmctld/slurmd).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ as a package or as a plain directory on sys.path
+    from .conftest import REPO, cli_env, read_jsonl
+    from .slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
+except ImportError:
+    from conftest import REPO, cli_env, read_jsonl
+    from slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+JOB_TIMEOUT_S = 240  # one job, submit to end (render ~10 s, ranks ~15 s to start, training, report)
+PREEMPT_TIMEOUT_S = 300
+# A requeued job is PENDING/RUNNING again, never in one of these.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}  # interrupted job: first run + requeue delay (~12 s) + second run
+TINY = ["--model", "tiny-t5", "--data", "sample", "--cpu", "--gpus", "1"]
+# 4 optimizer steps per epoch on the sample (64 rows, micro batch 8, world size 2): 16 steps.
+# fp32 so that an interrupted-and-resumed run can be compared tightly with an uninterrupted one.
+EXACT = ["--set", "train.epochs=4", "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1",
+         "--set", "eval.limit=2", "--set", "model.precision=fp32"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def job_env(cluster, run_dir: Path, **extra: str) -> dict[str, str]:
+    """Offline, one thread per rank (cli_env), the cluster's client settings, this venv's ftlaunch on PATH."""
+    env = cli_env(**{key: cluster.env[key] for key in ("SLURM_CONF", "FTLAUNCH_SLURM_STATE", "PATH")})
+    for key in list(env):  # nothing of an enclosing job or of the user's own ftlaunch settings
+        if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "FTLAUNCH_")) and key not in (
+                "SLURM_CONF", "FTLAUNCH_SLURM_STATE"):
+            del env[key]
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["FTLAUNCH_OUTPUT"] = str(run_dir)
+    env.update(extra)
+    return env
+
+
+class Job:
+    def __init__(self, cluster, tmp_path: Path, script: str, args: list[str], **env: str) -> None:
+        self.cluster = cluster
+        self.name = f"ftl-test-{uuid.uuid4().hex[:8]}"
+        self.run_dir = tmp_path / "run"
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = job_env(cluster, self.run_dir, **env)
+        self.command = ["sbatch", f"--job-name={self.name}", f"--output={self.logs}/slurm-%j.out",
+                        f"slurm/{script}", *args]
+        self.id: str | None = None
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("slurm-*.out")))
+
+    def diagnostics(self) -> str:
+        parts = [f"$ {' '.join(self.command)}"]
+        try:
+            if self.id:
+                parts.append(self.cluster.run("scontrol", "show", "job", self.id, check=False, timeout=20).stdout)
+            parts.append(self.cluster.run("sinfo", "-N", "-o", "%N %t %E", check=False, timeout=20).stdout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            parts.append(f"(scontrol/sinfo failed: {exc})")
+        parts.append("----- job log\n" + self.log()[-20000:])
+        return "\n".join(parts)
+
+    def submit_and_wait(self, timeout: float = JOB_TIMEOUT_S) -> str:
+        """Submit, then poll the job state (sbatch --wait polls with growing sleeps: up to ~30 s late)."""
+        self.submit()
+        state = self.cluster.wait_job_state(self.id, FINAL_STATES, timeout)
+        if state not in FINAL_STATES:
+            self.cancel()
+            pytest.fail(f"job did not finish within {timeout}s (JobState={state})\n{self.diagnostics()}")
+        return state
+
+    def submit(self) -> str:
+        res = subprocess.run([self.command[0], "--parsable", *self.command[1:]], env=self.env, cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, f"sbatch failed: {res.stdout}\n{res.stderr}"
+        self.id = res.stdout.strip().split(";")[0]
+        return self.id
+
+    def state(self) -> str | None:
+        return self.cluster.job_field(self.id, "JobState")
+
+    def cancel(self) -> None:
+        self.cluster.cancel(name=self.name)
+
+
+def assert_two_nodes(job: Job) -> None:
+    """Both emulated nodes ran a launcher, node rank = SLURM_NODEID, and formed one world of 2."""
+    log = job.log()
+    assert "node node1 SLURM_NODEID 0 of 2" in log, job.diagnostics()
+    assert "node node2 SLURM_NODEID 1 of 2" in log, job.diagnostics()
+    assert "world size       2 = 1 per node x 2 node(s)" in log, job.diagnostics()
+    accelerate_yaml = (job.run_dir / "accelerate.yaml").read_text()
+    assert re.search(r"^num_processes: 2\b", accelerate_yaml, re.M), accelerate_yaml
+    assert re.search(r"^num_machines: 2\b", accelerate_yaml, re.M), accelerate_yaml
+    # The rendered files are printed into the job log.
+    assert f"----- {job.run_dir}/command.sh" in log and f"----- {job.run_dir}/accelerate.yaml" in log
+
+
+def assert_report(run_dir: Path) -> None:
+    for name in ("report.md", "rouge.json"):
+        path = run_dir / "report" / name
+        assert path.is_file() and path.stat().st_size > 0, f"missing {path}"
+    assert not (run_dir / "INTERRUPTED").exists()
+
+
+def final_losses(run_dir: Path) -> tuple[dict, dict]:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    final = [row for row in rows if row.get("final")]
+    steps = [row for row in rows if "loss" in row]
+    assert final and steps, rows
+    return steps[-1], final[-1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@pytest.fixture(scope="module")
+def lora_job(slurm_cluster, tmp_path_factory):
+    """One uninterrupted two-node LoRA job (also the reference of the preemption test)."""
+    job = Job(slurm_cluster, tmp_path_factory.mktemp("lora"), "lora.sh", [*TINY, *EXACT])
+    t0 = time.monotonic()
+    state = job.submit_and_wait()
+    print(f"lora job {job.id}: {time.monotonic() - t0:.0f}s")
+    assert state == "COMPLETED", job.diagnostics()
+    return job
+
+
+def test_lora_job_runs_on_both_nodes(lora_job):
+    job = lora_job
+    assert job.state() == "COMPLETED", job.diagnostics()
+    assert_two_nodes(job)
+    final = job.run_dir / "final"
+    assert (final / "adapter_config.json").is_file(), job.diagnostics()
+    adapter = final / "adapter_model.safetensors"
+    assert adapter.is_file() and adapter.stat().st_size > 0, job.diagnostics()
+    assert_report(job.run_dir)
+    step, _ = final_losses(job.run_dir)
+    assert step["step"] == 16, step
+    assert "SLURM_RESTART_COUNT=0" in job.log()
+
+
+def test_full_zero3_job_runs_on_both_nodes(slurm_cluster, tmp_path):
+    job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, "--zero", "3", "--set", "eval.limit=2"])
+    t0 = time.monotonic()
+    state = job.submit_and_wait()
+    print(f"full ZeRO-3 job {job.id}: {time.monotonic() - t0:.0f}s")
+    assert state == "COMPLETED", job.diagnostics()
+    assert_two_nodes(job)
+    log = job.log()
+    assert f"----- {job.run_dir}/deepspeed.json" in log and '"stage": 3' in log, job.diagnostics()
+    model = job.run_dir / "final" / "model.safetensors"
+    assert model.is_file() and model.stat().st_size > 0, job.diagnostics()
+    assert_report(job.run_dir)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, lora_job):
+    job = Job(slurm_cluster, tmp_path, "lora.sh", [*TINY, *EXACT])
+    t0 = time.monotonic()
+    job.submit()
+    metrics = job.run_dir / "metrics.jsonl"
+    try:
+        def steps_logged() -> int:
+            try:
+                return sum(1 for row in read_jsonl(metrics) if "loss" in row)
+            except (OSError, ValueError):
+                return 0
+
+        assert wait_for(lambda: steps_logged() >= 5 or job.state() not in ("PENDING", "RUNNING", None),
+                        JOB_TIMEOUT_S), f"no training steps logged\n{job.diagnostics()}"
+        assert job.state() == "RUNNING" and steps_logged() < 16, f"job not running mid-training\n{job.diagnostics()}"
+        # What `#SBATCH --signal=B:USR1@300` does before the time limit: signal the batch shell only.
+        slurm_cluster.run("scancel", "--signal=USR1", "--batch", job.id, timeout=30)
+        signalled_at = steps_logged()
+
+        state = slurm_cluster.wait_job_state(job.id, FINAL_STATES, PREEMPT_TIMEOUT_S)
+        assert state in FINAL_STATES, f"job did not requeue and finish (JobState={state})\n{job.diagnostics()}"
+    finally:
+        job.cancel()
+    print(f"preempted lora job {job.id}: {time.monotonic() - t0:.0f}s (signal after {signalled_at} steps)")
+    log = job.log()
+    assert job.state() == "COMPLETED", job.diagnostics()
+    assert job.cluster.job_field(job.id, "Restarts") == "1", job.diagnostics()
+    stopped = re.search(r"checkpoint step_(\d+) written", log)
+    assert "got SIGUSR1: forwarding USR1 to the ranks" in log and stopped, job.diagnostics()
+    assert "requeueing job" in log and "SLURM_RESTART_COUNT=1" in log, job.diagnostics()
+    resumed = re.search(r"resumed from \S+/checkpoints/step_(\d+) at step (\d+)", log)
+    assert resumed and resumed.group(1) == stopped.group(1), job.diagnostics()
+    print(f"stopped and resumed at step {stopped.group(1)} (4 steps per epoch)")
+    assert_two_nodes(job)
+    assert (job.run_dir / "final" / "adapter_model.safetensors").stat().st_size > 0
+    assert_report(job.run_dir)
+
+    # Same losses as the uninterrupted job (same command, same world size, fp32).
+    step, final = final_losses(job.run_dir)
+    ref_step, ref_final = final_losses(lora_job.run_dir)
+    assert step["step"] == ref_step["step"] == 16
+    assert math.isclose(step["loss"], ref_step["loss"], rel_tol=1e-5), (step, ref_step)
+    assert math.isclose(final["val_loss"], ref_final["val_loss"], rel_tol=1e-5), (final, ref_final)
+    steps = [row["step"] for row in read_jsonl(job.run_dir / "metrics.jsonl") if "loss" in row]
+    assert steps == list(range(1, 17)), steps  # one row per step: the resumed run dropped nothing, doubled nothing
+
+
+def test_crash_is_not_requeued(slurm_cluster, tmp_path):
+    """A launcher that fails (here: a broken `accelerate` on PATH) fails the job, even with a stale
+    INTERRUPTED marker from an earlier run in the run directory: no requeue loop."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "accelerate"
+    fake.write_text("#!/bin/sh\necho 'fake accelerate: crashing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    job = Job(slurm_cluster, tmp_path, "lora.sh", TINY)
+    job.run_dir.mkdir()
+    (job.run_dir / "recipe.yaml").write_text("# an earlier run of this directory\n")
+    (job.run_dir / "INTERRUPTED").write_text("step_2\n")
+    job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
+    assert job.submit_and_wait() == "FAILED", job.diagnostics()
+    assert job.cluster.job_field(job.id, "Restarts") == "0", job.diagnostics()
+    log = job.log()
+    assert "fake accelerate: crashing" in log and "not requeued" in log, job.diagnostics()
