@@ -59,8 +59,26 @@ DebugOption = typer.Option(False, "--debug", help="Show tracebacks.", callback=d
 
 def parse_zero(value: str) -> int:
     if value not in {"0", "1", "2", "3"}:
-        raise UserError(f"--zero {value} is not a ZeRO stage; use 0 (DDP), 1, 2 or 3")
+        raise UserError(f"--zero {value} is not a ZeRO stage; use 0 (DDP), 1, 2, 3 or auto")
     return int(value)
+
+
+def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
+    """--zero auto: the smallest ZeRO stage (then least offload) whose estimate fits the GPUs."""
+    from launcher.estimate import detect_gpu_mem_gib, zero_auto
+
+    memory = gpu_mem or detect_gpu_mem_gib()
+    assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
+    row, note = zero_auto(
+        recipe.model.name, memory or 80.0, gpus=recipe.launch.gpus, nodes=recipe.launch.nodes,
+        lora=recipe.train.method == "lora", lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules),
+        micro_batch=recipe.train.micro_batch_size, source_len=recipe.data.max_source_length,
+        target_len=recipe.data.max_target_length,
+    )
+    recipe.launch.zero = row.stage
+    if not keep_offload:
+        recipe.launch.offload = row.offload
+    return note + assumed
 
 
 def default_output(method: str, model: str) -> Path:
@@ -75,7 +93,8 @@ def train_command(method: str):
     def command(
         gpus: Optional[int] = typer.Option(None, "--gpus", help="Processes (GPUs) per node [recipe: 1]."),
         nodes: Optional[int] = typer.Option(None, "--nodes", help="Machines [recipe: 1]."),
-        zero: Optional[str] = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage."),
+        zero: Optional[str] = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage, auto."),
+        gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."),
         offload: Optional[Offload] = typer.Option(None, "--offload", help="ZeRO CPU offload."),
         recipe_path: Optional[Path] = typer.Option(None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."),
         model: Optional[str] = typer.Option(None, "--model", help="Hub id, local path, or tiny-t5 (embedded)."),
@@ -102,7 +121,7 @@ def train_command(method: str):
                             f"use `ftlaunch {recipe.train.method}` or a {method} recipe")
         flags = {
             "model.name": model, "data.dataset": data, "launch.gpus": gpus, "launch.nodes": nodes,
-            "launch.zero": parse_zero(zero) if zero is not None else None,
+            "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
             "launch.offload": offload.value if offload else None, "launch.cpu": True if cpu else None,
             "launch.main_address": main_address, "launch.main_port": main_port, "launch.machine_rank": machine_rank,
         }
@@ -112,13 +131,15 @@ def train_command(method: str):
                 section, name = key.split(".")
                 raw[section][name] = value
         recipe = build_recipe(raw, "command line")
+        zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
+        recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume,
                               dry_run=dry_run, argv=["ftlaunch", method, *sys.argv[2:]])
 
         from launcher.render import summarize
 
-        typer.echo(summarize(recipe, run_dir))
+        typer.echo(summarize(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
         typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
         if dry_run:
             typer.echo("dry run: nothing launched")
@@ -191,6 +212,37 @@ def check_model_path(model: str) -> None:
     if is_local_reference(model) and not (Path(model).expanduser() / "config.json").is_file():
         raise UserError(f"--model {model} is not a model directory (no config.json); pass a run's final/ folder, "
                         "a hub id, or tiny-t5")
+
+
+@app.command("estimate")
+@user_errors
+def estimate_command(
+    model: str = typer.Option("google/flan-t5-base", "--model",
+                              help="Known name (flan-t5-small..xxl), flan-t5-all, tiny-t5 or a local directory."),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
+    nodes: int = typer.Option(1, "--nodes"),
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
+    lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
+    micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
+    source_len: int = typer.Option(512, "--source-len"),
+    target_len: int = typer.Option(128, "--target-len"),
+    debug: bool = DebugOption,
+) -> None:
+    """Per-GPU memory for each ZeRO stage and offload (DeepSpeed's estimator + activations)."""
+    from launcher import estimate
+
+    if gpus < 1 or nodes < 1 or micro_batch < 1:
+        raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
+    memory = gpu_mem or estimate.detect_gpu_mem_gib() or 80.0
+    shape = dict(gpus=gpus, nodes=nodes, lora=lora, micro_batch=micro_batch, source_len=source_len,
+                 target_len=target_len)
+    models = estimate.expand_models(model)
+    if len(models) > 1:
+        typer.echo(estimate.render_models_table(models, memory, **shape))
+        return
+    rows = estimate.estimate_model(model, **shape)
+    title = f"{estimate.canonical_name(model)}: {'LoRA' if lora else 'full fine-tuning'}, {gpus} GPU(s) x {nodes} node(s)"
+    typer.echo(estimate.render_table(rows, memory, title=title))
 
 
 @app.command("score")

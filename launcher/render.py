@@ -189,7 +189,7 @@ def render_run(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str
     )
 
 
-def summarize(recipe: Recipe, run_dir: Path) -> str:
+def summarize(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...] = ()) -> str:
     """The short dry-run summary: world size, effective batch, stage, precision, paths."""
     launch, train = recipe.launch, recipe.train
     strategy = "DDP" if launch.zero == 0 else f"DeepSpeed ZeRO-{launch.zero}"
@@ -210,6 +210,7 @@ def summarize(recipe: Recipe, run_dir: Path) -> str:
                            f"{launch.main_port or '20000 + $SLURM_JOB_ID % 20000'}")] if launch.nodes > 1 else []),
         ("run dir", str(run_dir)),
         ("command", str(run_dir / "command.sh")),
+        *notes,
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

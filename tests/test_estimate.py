@@ -1,0 +1,148 @@
+"""launcher/estimate.py: model states per GPU agree with DeepSpeed's own estimator (called here
+directly as the independent reference), LoRA lowers the estimate, and the recommendation moves
+from DDP to sharding/offload as models outgrow the GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launcher import estimate
+from launcher.errors import UserError
+
+GIB = 2**30
+
+
+def deepspeed_zero2(params: int, gpus: int, nodes: int, offload: bool) -> int:
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, num_nodes=nodes,
+                                                 cpu_offload=offload)[1]
+
+
+def deepspeed_zero3(params: int, largest: int, gpus: int, nodes: int, offload: bool, offload_params: bool) -> int:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    return estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, num_nodes=nodes,
+                                                 cpu_offload=offload, cpu_offload_params=offload_params)[1]
+
+
+def rows_by_key(rows):
+    return {(row.stage, row.offload): row for row in rows}
+
+
+def test_known_parameter_counts_match_the_architectures():
+    """KNOWN_MODELS = a meta-device model from each config + its own (untied) lm_head."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    for name, dims in estimate.FLAN_T5_CONFIGS.items():
+        config = T5Config(vocab_size=estimate.FLAN_T5_VOCAB, feed_forward_proj="gated-gelu",
+                          tie_word_embeddings=False, **dims)
+        with torch.device("meta"):
+            model = T5ForConditionalGeneration(config)
+        unique = {id(p): p.numel() for p in model.parameters()}
+        counted = sum(unique.values())
+        if model.lm_head.weight is model.shared.weight:
+            counted += model.lm_head.weight.numel()
+        assert counted == estimate.KNOWN_MODELS[name], name
+    assert estimate.parameter_count("flan-t5-base") == 247_577_856
+    assert estimate.parameter_count("google/flan-t5-xxl") == 11_135_332_352
+
+
+@pytest.mark.parametrize("model", ["flan-t5-base", "flan-t5-xl"])
+@pytest.mark.parametrize("gpus,nodes", [(1, 1), (4, 1), (8, 2)])
+def test_model_states_agree_with_deepspeeds_estimator(model, gpus, nodes):
+    spec = estimate.model_spec(model)
+    psi, largest = spec.params, spec.largest_layer
+    assert largest == estimate.FLAN_T5_VOCAB * spec.d_model  # the embedding is T5's largest layer
+    rows = rows_by_key(estimate.estimate_model(model, gpus=gpus, nodes=nodes))
+    reference = {
+        (0, "none"): deepspeed_zero2(psi, 1, 1, False),
+        (2, "none"): deepspeed_zero2(psi, gpus, nodes, False),
+        (2, "optimizer"): deepspeed_zero2(psi, gpus, nodes, True),
+        (3, "none"): deepspeed_zero3(psi, largest, gpus, nodes, False, False),
+        (3, "optimizer"): deepspeed_zero3(psi, largest, gpus, nodes, True, False),
+        (3, "full"): deepspeed_zero3(psi, largest, gpus, nodes, True, True),
+    }
+    for key, expected in reference.items():
+        assert rows[key].model_states_gib * GIB == pytest.approx(expected, rel=0.03), key
+    # ZeRO-1 keeps whole 16-bit gradients: between ZeRO-2 and DDP.
+    assert rows[(2, "none")].model_states_gib <= rows[(1, "none")].model_states_gib <= rows[(0, "none")].model_states_gib
+
+
+def test_paper_ratios_at_two_ranks():
+    """ZeRO paper: DDP 16Ψ vs ZeRO-3 16Ψ/N; DeepSpeed's estimator (with fp32 gradients) 20Ψ vs 18Ψ/N + buffer."""
+    rows = rows_by_key(estimate.estimate_model("flan-t5-xl", gpus=2))
+    assert rows[(3, "none")].model_states_gib / rows[(0, "none")].model_states_gib < 0.55
+
+
+def test_lora_lowers_the_estimate():
+    full = rows_by_key(estimate.estimate_model("flan-t5-xl"))
+    lora = rows_by_key(estimate.estimate_model("flan-t5-xl", lora=True))
+    for key in full:
+        assert lora[key].model_states_gib <= full[key].model_states_gib, key
+        if key[1] == "none":  # with optimizer offload both hold 16-bit weights only: equal
+            assert lora[key].model_states_gib < full[key].model_states_gib, key
+    spec = estimate.model_spec("flan-t5-xl")
+    assert 0 < estimate.lora_trainable_params(spec) < spec.params * 0.01
+
+
+def test_lora_count_matches_peft():
+    from launcher.model import apply_lora, build_tiny_t5
+    from launcher.recipe import LoraSection
+
+    model = apply_lora(build_tiny_t5(1000), LoraSection())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.lora_trainable_params(estimate.model_spec("tiny-t5")) == trainable
+
+
+def test_recommend_small_model_big_gpu_is_ddp():
+    row = estimate.recommend(estimate.estimate_model("flan-t5-small"), gpu_mem_gib=80)
+    assert (row.stage, row.offload) == (0, "none")
+
+
+def test_recommend_xxl_on_80gib_needs_sharding_or_offload():
+    row = estimate.recommend(estimate.estimate_model("flan-t5-xxl"), gpu_mem_gib=80)
+    assert row.stage > 0 and row.offload != "none"
+    assert row.total_gib <= 80 * (1 - estimate.HEADROOM)
+    eight = estimate.recommend(estimate.estimate_model("flan-t5-xxl", gpus=8), gpu_mem_gib=80)
+    assert eight.stage >= 2
+
+
+def test_nothing_fits_is_a_user_error():
+    with pytest.raises(UserError, match="nothing fits"):
+        estimate.recommend(estimate.estimate_model("flan-t5-xxl", micro_batch=64), gpu_mem_gib=16)
+
+
+def test_unknown_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown model"):
+        estimate.parameter_count("some-org/unknown-model")
+    with pytest.raises(UserError, match="config.json"):
+        estimate.parameter_count(str(tmp_path))
+
+
+def test_local_directory_counts_like_the_built_model(tmp_path):
+    """A saved tiny-t5 (own lm_head) read back from its directory: config -> meta model (+ lm_head)."""
+    from launcher.model import build_tiny_t5
+
+    model = build_tiny_t5(1000)
+    model.save_pretrained(str(tmp_path / "m"))
+    expected = sum({id(p): p.numel() for p in model.parameters()}.values())
+    assert estimate.parameter_count(str(tmp_path / "m")) == expected == estimate.parameter_count("tiny-t5")
+    # config only (no weights), as FLAN-T5's config.json says it: tie_word_embeddings false = own lm_head
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert estimate.parameter_count(str(tmp_path / "c")) == expected
+
+
+def test_tables_render():
+    text = estimate.render_table(estimate.estimate_model("flan-t5-base", gpus=2), gpu_mem_gib=24)
+    assert "recommended" in text and "ZeRO-3 + offload full" in text and "`--zero 3 --offload full`" in text
+    many = estimate.render_models_table(estimate.expand_models(estimate.ALL_MODELS), gpu_mem_gib=80)
+    assert all(name in many for name in estimate.KNOWN_MODELS)
+    row, line = estimate.zero_auto("flan-t5-large", 40.0, gpus=2)
+    assert row.flags in estimate.render_table(estimate.estimate_model("flan-t5-large", gpus=2), 40.0)
+    assert "--zero auto" in line

@@ -1,0 +1,40 @@
+"""`--zero auto` and `ftlaunch estimate` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+from launcher.estimate import estimate_model, recommend
+
+
+def test_zero_auto_picks_the_recommended_stage_and_says_so(tmp_path):
+    expected = recommend(estimate_model("google/flan-t5-xxl", gpus=8, micro_batch=8), 80.0)
+    assert expected.stage > 0  # xxl does not fit one 80 GiB GPU with plain DDP
+    out = tmp_path / "xxl"
+    result = run_cli("full", "--zero", "auto", "--gpu-mem", "80", "--model", "google/flan-t5-xxl", "--gpus", "8",
+                     "--dry-run", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "zero auto" in result.stdout and expected.label in result.stdout
+    config = json.loads((out / "deepspeed.json").read_text())
+    assert config["zero_optimization"]["stage"] == expected.stage
+    offloaded = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+    assert offloaded == (expected.offload != "none")
+
+
+def test_zero_auto_keeps_ddp_for_a_model_that_fits(tmp_path):
+    out = tmp_path / "base"
+    result = run_cli("lora", "--zero", "auto", "--gpu-mem", "80", "--model", "google/flan-t5-base", "--gpus", "4",
+                     "--dry-run", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "DDP" in result.stdout and not (out / "deepspeed.json").exists()
+
+
+def test_estimate_command_prints_every_stage_and_a_recommendation():
+    result = run_cli("estimate", "--model", "flan-t5-xl", "--gpus", "8", "--gpu-mem", "40")
+    assert result.returncode == 0, result.stderr
+    for label in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "offload full"):
+        assert label in result.stdout
+    assert "recommended" in result.stdout
+    table = run_cli("estimate", "--model", "flan-t5-all")
+    assert table.returncode == 0 and "flan-t5-xxl" in table.stdout and "flan-t5-small" in table.stdout
