@@ -212,11 +212,27 @@ def deepspeed_grad_norm(accelerator, model):
     return float(norm) if norm is not None else None
 
 
-def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
+@dataclass
+class Run:
+    """Everything one rank's training holds, prepared by Accelerate."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: object
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    loader: torch.utils.data.DataLoader
+    data: TrainingData
+    state: ckpt.TrainState
+    total_steps: int
+    batches_per_rank: int
+
+
+def set_up(run_dir: Path) -> Run:
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe, project_dir=str(run_dir))
-    stop = StopRequest()
-    stop.install()
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
@@ -224,107 +240,153 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     model = build_model(recipe, len(tokenizer))
     trainable, total = count_parameters(model)
     print_main(accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-
     data = prepare_data(recipe, tokenizer, accelerator, run_dir)
     optimizer = build_optimizer(model, recipe)
     batches_per_rank = math.ceil(len(data.sampler) / accelerator.num_processes)
     total_steps = total_optimizer_steps(recipe, batches_per_rank)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
-
     state = ckpt.TrainState(
         world_size=accelerator.num_processes, grad_accum=recipe.train.grad_accum,
         micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed, method=recipe.train.method,
     )
-    checkpoint = ckpt.resolve_resume(run_dir, resume)
-    if accelerator.is_main_process:
-        ckpt.remove_incomplete(run_dir)
-    if checkpoint is not None:
-        saved = ckpt.read_state(checkpoint)
-        ckpt.check_compatible(saved, state, checkpoint, force_resume)
-        accelerator.load_state(str(checkpoint))
-        state.step, state.epoch, state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
-        print_main(accelerator, f"resumed from {checkpoint} at step {state.step}")
-    elif resume:
-        print_main(accelerator, "no complete checkpoint found: starting from step 0")
-    # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, state.step)
-    print_main(accelerator, 
-        f"training: {total_steps} optimizer steps, {batches_per_rank} micro-batches per rank per epoch, "
-        f"effective batch {recipe.effective_batch_size()}"
-    )
+    return Run(recipe, run_dir, accelerator, model, tokenizer, optimizer, scheduler, loader, data, state,
+               total_steps, batches_per_rank)
 
-    progress = make_progress(accelerator, total_steps, state.step)
-    stats = WindowStats()
-    last_saved = state.step if checkpoint else -1
+
+def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
+    """Load the checkpoint ``--resume`` names (if any); True when training continues from one."""
+    checkpoint = ckpt.resolve_resume(run.run_dir, resume)
+    if run.accelerator.is_main_process:
+        ckpt.remove_incomplete(run.run_dir)
+    if checkpoint is None:
+        if resume:
+            print_main(run.accelerator, "no complete checkpoint found: starting from step 0")
+        return False
+    saved = ckpt.read_state(checkpoint)
+    ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
+    run.accelerator.load_state(str(checkpoint))
+    run.state.step, run.state.epoch, run.state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
+    print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
+    return True
+
+
+def train_step(run: Run, batch: dict):
+    """One micro-batch; the optimizer steps when the accumulation window closes. Returns (loss, grad norm)."""
+    accelerator, model = run.accelerator, run.model
     grad_norm = None
-    done = state.step >= total_steps
-    model.train()
-    while not done and state.epoch < recipe.train.epochs:
-        data.sampler.epoch = state.epoch
-        for batch in epoch_batches(accelerator, loader, state.batches_in_epoch):
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = clip_and_norm(accelerator, model, recipe.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = clip_and_norm(accelerator, model, run.recipe.train.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float().item(), grad_norm
+
+
+def after_optimizer_step(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
+    """Metrics line every ``log_every`` steps and periodic validation; returns the next window."""
+    state, train = run.state, run.recipe.train
+    progress.update(1)
+    if state.step % train.log_every == 0 or state.step == run.total_steps:
+        epoch_progress = state.epoch + state.batches_in_epoch / max(run.batches_per_rank, 1)
+        row = metrics_row(run.accelerator, stats, state.step, epoch_progress, run.scheduler.get_last_lr()[0],
+                          grad_norm)
+        logger.log(row)
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        stats = WindowStats()
+    if train.eval_every and state.step % train.eval_every == 0 and state.step < run.total_steps:
+        logger.log({"step": state.step, "val_loss": run_validation(run)})
+    return stats
+
+
+def run_validation(run: Run) -> float:
+    return validation_loss(run.model, run.data.validation, run.data.collator, run.accelerator,
+                           run.recipe.eval.batch_size)
+
+
+def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool) -> bool:
+    """Epochs of optimizer steps until the budget is spent; False when a signal stopped it."""
+    state, recipe, accelerator = run.state, run.recipe, run.accelerator
+    progress = make_progress(accelerator, run.total_steps, state.step)
+    stats, grad_norm = WindowStats(), None
+    last_saved = state.step if resumed else -1
+    run.model.train()
+    while state.step < run.total_steps and state.epoch < recipe.train.epochs:
+        run.data.sampler.epoch = state.epoch
+        for batch in epoch_batches(accelerator, run.loader, state.batches_in_epoch):
+            loss, norm = train_step(run, batch)
+            grad_norm = norm if norm is not None else grad_norm
             state.batches_in_epoch += 1
-            stats.add(loss.detach().float().item(), batch)
+            stats.add(loss, batch)
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
+            run.scheduler.step()
             state.step += 1
-            progress.update(1)
-            grad_norm = deepspeed_grad_norm(accelerator, model) or grad_norm
-            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
-                epoch_progress = state.epoch + state.batches_in_epoch / max(batches_per_rank, 1)
-                row = metrics_row(accelerator, stats, state.step, epoch_progress, scheduler.get_last_lr()[0], grad_norm)
-                logger.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-                stats = WindowStats()
-            if recipe.train.eval_every and state.step % recipe.train.eval_every == 0 and state.step < total_steps:
-                val = validation_loss(model, data.validation, data.collator, accelerator, recipe.eval.batch_size)
-                logger.log({"step": state.step, "val_loss": val})
+            grad_norm = deepspeed_grad_norm(accelerator, run.model) or grad_norm
+            stats = after_optimizer_step(run, stats, grad_norm, logger, progress)
             interrupted = any_rank(accelerator, stop.requested)
             periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
             if periodic or interrupted:
-                ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
+                ckpt.save_checkpoint(accelerator, run.run_dir, state, recipe.train.keep_checkpoints)
                 last_saved = state.step
             if interrupted:
-                print_main(accelerator, f"stop requested by signal: checkpoint step_{state.step} written; resume with "
-                                  "--resume auto")
-                write_interrupted_marker(accelerator, run_dir, state.step)
-                accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
-                logger.close()
-                return EXIT_INTERRUPTED
-            if state.step >= total_steps:
-                done = True
+                progress.close()
+                return False
+            if state.step >= run.total_steps:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
-    stop.uninstall()
-
     if last_saved != state.step:
-        ckpt.save_checkpoint(accelerator, run_dir, state, recipe.train.keep_checkpoints)
-    val = validation_loss(model, data.validation, data.collator, accelerator, recipe.eval.batch_size)
-    logger.log({"step": state.step, "val_loss": val, "final": True})
-    print_main(accelerator, f"final validation loss {val:.4f}")
-    logger.close()
+        ckpt.save_checkpoint(accelerator, run.run_dir, state, recipe.train.keep_checkpoints)
+    return True
 
+
+def stop_after_signal(run: Run) -> int:
+    print_main(run.accelerator, f"stop requested by signal: checkpoint step_{run.state.step} written; "
+                                "resume with --resume auto")
+    write_interrupted_marker(run.accelerator, run.run_dir, run.state.step)
+    run.accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
+    return EXIT_INTERRUPTED
+
+
+def finish(run: Run, logger: MetricsLogger) -> None:
+    """Final validation loss, final/ save, then generation and the report."""
+    val = run_validation(run)
+    logger.log({"step": run.state.step, "val_loss": val, "final": True})
+    print_main(run.accelerator, f"final validation loss {val:.4f}")
     from launcher.export import save_final
 
-    save_final(accelerator, model, tokenizer, recipe, run_dir / "final")
-    clear_interrupted_marker(accelerator, run_dir)
-    if recipe.eval.after_training:
+    save_final(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir / "final")
+    clear_interrupted_marker(run.accelerator, run.run_dir)
+    if run.recipe.eval.after_training:
         from launcher.evaluation import evaluate_after_training
 
-        evaluate_after_training(accelerator, model, tokenizer, recipe, run_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        evaluate_after_training(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+
+
+def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
+    stop = StopRequest()
+    stop.install()
+    run = set_up(run_dir)
+    resumed = restore(run, resume, force_resume)
+    # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
+    logger = MetricsLogger(run_dir, run.accelerator.is_main_process, run.state.step)
+    print_main(run.accelerator, f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
+                                f"per rank per epoch, effective batch {run.recipe.effective_batch_size()}")
+    try:
+        completed = train_loop(run, logger, stop, resumed)
+        stop.uninstall()
+        if not completed:
+            return stop_after_signal(run)
+        finish(run, logger)
+    finally:
+        logger.close()
     return 0
 
 
