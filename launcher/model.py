@@ -54,23 +54,38 @@ def build_tiny_t5(vocab_size: int):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=vocab_size, **TINY_T5_CONFIG)
+    keep_own_lm_head(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_T5_SEED)
         model = T5ForConditionalGeneration(config)
-        # transformers 5 always ties T5's lm_head to the embedding when building from a config;
-        # FLAN-T5 checkpoints carry their own lm_head, so give tiny-t5 one too.
+        # FLAN-T5's own lm_head, initialised at the scale of the embedding's output.
         model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
     return model
 
 
+def keep_own_lm_head(config) -> None:
+    """Keep a separate lm_head where the checkpoint has one (FLAN-T5, T5 v1.1).
+
+    transformers 5 forces T5's ``tie_word_embeddings`` to True and records the saved "False" as
+    ``scale_decoder_outputs=False`` (PR #42815). Loading then ties lm_head to the embedding
+    unless it can see that both tensors differ — which it cannot under ZeRO-3, where weights
+    arrive sharded: the checkpoint's lm_head was silently dropped. Setting the flag back after
+    the config is built keeps lm_head a parameter of its own on every path.
+    """
+    if getattr(config, "scale_decoder_outputs", True) is False:
+        config.tie_word_embeddings = False
+
+
 def load_base_model(recipe: Recipe, vocab_size: int):
     """The pretrained (or embedded) seq2seq model, in fp32: autocast does the bf16 math."""
-    from transformers import AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     if recipe.model.name == EMBEDDED_MODEL:
         return build_tiny_t5(vocab_size)
+    config = from_pretrained_or_explain(AutoConfig.from_pretrained, recipe.model.name, "model")
+    keep_own_lm_head(config)
     return from_pretrained_or_explain(AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model",
-                                      dtype=torch.float32)
+                                      config=config, dtype=torch.float32)
 
 
 def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):

@@ -19,7 +19,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.paths import project_dir
-from launcher.recipe import Recipe, dump_recipe
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
 
 DEFAULT_PORT = 29500
 # Multi-node values a job script cannot know before it runs: evaluated by bash on each node.
@@ -89,16 +89,57 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     }
     config.update({key: value for key, value in resolved.items() if key in config})
     config["bf16"] = {"enabled": recipe.model.precision == "bf16"}
+    fill_bucket_sizes(config["zero_optimization"], model_hidden_size(recipe.model.name))
     if recipe.launch.offload == "optimizer":
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": not recipe.launch.cpu}
     if recipe.launch.cpu:
         for key in ("offload_optimizer", "offload_param"):
             if key in config["zero_optimization"]:
                 config["zero_optimization"][key]["pin_memory"] = False  # no CUDA: nothing to pin
-    leftover = [key for key, value in config.items() if value == "auto"]
+    leftover = [key for key, value in config.items() if value == "auto"]  # bucket sizes may stay "auto"
     if leftover:
         raise AssertionError(f"template {template.name} has unresolved auto keys: {leftover}")
     return config
+
+
+def model_hidden_size(name: str) -> int | None:
+    """d_model of the model, when it can be known without downloading anything."""
+    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
+    from launcher.model import TINY_T5_CONFIG
+
+    if name == EMBEDDED_MODEL:
+        return TINY_T5_CONFIG["d_model"]
+    if canonical_name(name) in FLAN_T5_CONFIGS:
+        return FLAN_T5_CONFIGS[canonical_name(name)]["d_model"]
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except ValueError:
+            return None
+        size = values.get("d_model") or values.get("hidden_size")
+        return int(size) if size else None
+    return None
+
+
+def fill_bucket_sizes(zero: dict[str, Any], hidden: int | None) -> None:
+    """ZeRO communication buckets sized to the model (Hugging Face's rule for "auto").
+
+    Fixed 5e7-element buckets cost ~95 MiB per rank whatever the model, and dominate small
+    ones; d^2-sized buckets keep ZeRO-3 at its 16 bytes/parameter/world-size. When the width is
+    unknown (a hub id not in our table), "auto" stays and Accelerate fills it from the model's
+    config at prepare time.
+    """
+    if hidden is None:
+        return
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 # ---------------------------------------------------------------- accelerate YAML

@@ -393,8 +393,28 @@ def test_accelerate_template_loads_as_is(path: Path):
         assert (REPO / config.deepspeed_config["deepspeed_config_file"]).is_file()
 
 
+# Communication buckets sized to the model's width (Accelerate fills them from model.config).
+BUCKET_KEYS = {1: set(), 2: {"zero_optimization.reduce_bucket_size"},
+               3: {"zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                   "zero_optimization.stage3_param_persistence_threshold"}}
+
+
 @pytest.mark.parametrize("path", DEEPSPEED_TEMPLATES, ids=lambda path: path.name)
-def test_deepspeed_template_auto_only_for_batch_clipping_bf16(path: Path):
+def test_deepspeed_template_auto_only_for_batch_clipping_bf16_and_buckets(path: Path):
     config = read_json(path)
-    assert auto_keys(config) == AUTO_KEYS
-    assert config["zero_optimization"]["stage"] in {1, 2, 3}
+    stage = config["zero_optimization"]["stage"]
+    assert stage in {1, 2, 3}
+    assert auto_keys(config) == AUTO_KEYS | BUCKET_KEYS[stage]
+
+
+@pytest.mark.parametrize("model,hidden", [("tiny-t5", 64), ("google/flan-t5-xl", 2048)])
+def test_zero3_buckets_are_sized_to_the_model(render, model, hidden):
+    run_dir, _ = render("full", "--zero", "3", "--gpus", "2", "--model", model)
+    zero = read_json(run_dir / "deepspeed.json")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == hidden * hidden
+    assert zero["stage3_param_persistence_threshold"] == 10 * hidden
+
+
+def test_zero3_buckets_stay_auto_for_an_unknown_hub_model(render):
+    run_dir, _ = render("full", "--zero", "3", "--gpus", "2", "--model", "someone/some-t5")
+    assert read_json(run_dir / "deepspeed.json")["zero_optimization"]["reduce_bucket_size"] == "auto"
