@@ -322,6 +322,14 @@ def write_result(name: str, text: str, out_dir: Path | None = None) -> Path:
     return path
 
 
+def emit(text: str, args, parser) -> None:
+    """Write the results file (real runs, or --quick with an explicit --out); print a quick run's text."""
+    if not args.quick or args.out != parser.get_default("out"):
+        write_result(args.out.name, text, args.out.parent)
+    else:
+        print(text)
+
+
 def command_line() -> str:
     return shlex.join(["python", *[str(Path(a).relative_to(REPO)) if a.startswith(str(REPO)) else a
                                    for a in sys.argv]])

@@ -100,10 +100,7 @@ def main() -> None:
         "(fewer shapes) only adds padded compute. The CPU benchmarks use fp32 for every contender (the same",
         "precision everywhere is what matters for the ratios).",
     ])
-    if not args.quick or args.out != parser.get_default("out"):
-        bl.write_result(args.out.name, text, args.out.parent)
-    else:
-        print(text)
+    bl.emit(text, args, parser)
 
 
 if __name__ == "__main__":

@@ -178,9 +178,9 @@ def peak_flops(override: float | None) -> tuple[float | None, str]:
 
 
 def train_one(accelerator, recipe, arch: str, method: str, args, loop: str = "product") -> dict:
-    """``loop="product"``: train.py's step as it is (per-step loss/token/grad-norm .item() syncs via
-    WindowStats.add, clip_and_norm, deepspeed_grad_norm, any_rank); ``"lean"``: the same math with
-    no host syncs inside the step (what the loop would cost if it logged from device tensors)."""
+    """``loop="product"``: train.py's step as it is (device-side WindowStats, clip_and_norm,
+    deepspeed_grad_norm, and the per-step stop-flag all-reduce ``any_rank``); ``"lean"``: the same
+    math with none of that bookkeeping (its cost is the difference)."""
     import torch
 
     from launcher.data import LengthGroupedBatchSampler
@@ -230,7 +230,7 @@ def train_one(accelerator, recipe, arch: str, method: str, args, loop: str = "pr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if loop == "product":
-                stats.add(loss.detach().float().item(), batch)  # as train.py: 3 host syncs per micro-batch
+                stats.add(loss, batch)  # as train.py: sums stay on the device
                 deepspeed_grad_norm(accelerator, model)
                 any_rank(accelerator, False)
             if done >= args.warmup:

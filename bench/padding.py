@@ -64,7 +64,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from launcher.data import LengthGroupedBatchSampler, example_lengths, load_split, tokenize_rows
+    from launcher.data import LengthGroupedBatchSampler, batching_keys, example_lengths, load_split, tokenize_rows
     from launcher.recipe import DataSection
     from launcher.train import build_collator
 
@@ -75,9 +75,8 @@ def main() -> None:
     n, b = len(examples), args.batch
 
     # ftlaunch: its sampler over its lengths (as prepare_data builds it), its collator.
-    sampler = LengthGroupedBatchSampler(example_lengths({"input_ids": [e["input_ids"] for e in examples],
-                                                         "labels": [e["labels"] for e in examples]}),
-                                        b, args.seed, data.group_by_length)
+    columns = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+    sampler = LengthGroupedBatchSampler(batching_keys(columns), b, args.seed, data.group_by_length)
     ft_batches = sampler.batches()
     cpu_collator, gpu_collator = build_collator(tokenizer, on_gpu=False), build_collator(tokenizer, on_gpu=True)
     strategies: dict[str, list] = {}
@@ -85,10 +84,10 @@ def main() -> None:
         collated_cost(cpu_collator, examples, batch) for batch in ft_batches]
     strategies["ftlaunch on GPU (same, pad_to_multiple_of=8)"] = [
         collated_cost(gpu_collator, examples, batch) for batch in ft_batches]
-    # What-if: the same sampler keyed on source length only (then target length as a tie-break).
-    src_key = [len(e["input_ids"]) * 1000 + len(e["labels"]) for e in examples]
-    what_if = LengthGroupedBatchSampler(src_key, b, args.seed, True).batches()
-    strategies["what-if: ftlaunch's sampler keyed on (source, target) length instead of their sum"] = [
+    # What-if: the sampler keyed on the sum of source and target lengths (ftlaunch before 2026-11-27).
+    sum_key = example_lengths(columns)
+    what_if = LengthGroupedBatchSampler(sum_key, b, args.seed, True).batches()
+    strategies["what-if: the same sampler keyed on source + target length (the previous key)"] = [
         collated_cost(cpu_collator, examples, batch) for batch in what_if]
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(n).tolist()
@@ -125,19 +124,15 @@ def main() -> None:
         "",
         f"Goal: ftlaunch >= 0.90 -> **{ft_total:.3f}, {goal}**.",
         "",
-        "ftlaunch sorts each megabatch (50 batches) by source + target length (`launcher.data.example_lengths`).",
-        "HF's sampler sorts by source length only and comes out slightly ahead overall: source tokens are",
-        f"{src_lens.sum() / (src_lens.sum() + tgt_lens.sum()):.0%} of all tokens, and a sum key puts long-source/short-target",
-        "and short-source/long-target examples together, which costs encoder padding (0.95 vs 0.98) for a small",
-        "decoder gain. Keying the product's sort on (source, target) instead of the sum (the what-if row; a",
-        "one-line change in `launcher.data.example_lengths` or the sampler's key) gains ~1.6 points. On GPU the",
+        "ftlaunch sorts each megabatch (50 batches) by source length, then target length",
+        "(`launcher.data.batching_keys`). Source tokens are",
+        f"{src_lens.sum() / (src_lens.sum() + tgt_lens.sum()):.0%} of all tokens; the earlier key, the sum of both lengths",
+        "(the what-if row), put long-source/short-target and short-source/long-target examples together and",
+        "cost encoder padding (0.95 vs 0.98) for a small decoder gain. On GPU the",
         "collator's pad_to_multiple_of=8 costs ~3 points (30-token targets rounded up to 32), just under 0.90;",
         "it buys tensor-core-friendly shapes, so it is a trade, not a defect.",
     ])
-    if not args.quick or args.out != parser.get_default("out"):
-        bl.write_result(args.out.name, text, args.out.parent)
-    else:
-        print(text)
+    bl.emit(text, args, parser)
 
 
 if __name__ == "__main__":

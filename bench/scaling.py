@@ -121,10 +121,7 @@ def main() -> None:
                   f"(foreign load {res['foreign_load']:.2f})", flush=True)
     (args.work / "raw.json").write_text(json.dumps({f"{k[0]}-{k[1]}x{k[2]}": v for k, v in results.items()}, indent=1))
     text = report(args, results, kinds, time.time() - started)
-    if not args.quick or args.out != parser.get_default("out"):
-        bl.write_result(args.out.name, text, args.out.parent)
-    else:
-        print(text)
+    bl.emit(text, args, parser)
 
 
 def report(args, results, kinds, elapsed: float) -> str:

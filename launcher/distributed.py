@@ -73,9 +73,10 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def sum_over_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64 if accelerator.device.type == "cpu" else torch.float32,
-                          device=accelerator.device)
+def sum_over_ranks(accelerator: Accelerator, values: list) -> list[float]:
+    """Sum numbers (Python or device tensors) over all ranks with one all-reduce."""
+    dtype = torch.float64 if accelerator.device.type == "cpu" else torch.float32
+    tensor = torch.stack([torch.as_tensor(value, device=accelerator.device).to(dtype) for value in values])
     if accelerator.num_processes > 1:
         tensor = accelerator.reduce(tensor, reduction="sum")
     return tensor.tolist()

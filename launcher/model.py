@@ -54,26 +54,31 @@ def build_tiny_t5(vocab_size: int):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=vocab_size, **TINY_T5_CONFIG)
-    keep_own_lm_head(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_T5_SEED)
         model = T5ForConditionalGeneration(config)
-        # FLAN-T5's own lm_head, initialised at the scale of the embedding's output.
+        # FLAN-T5's own lm_head (built from a config, transformers 5 ties it to the embedding).
         model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
+    model.config.tie_word_embeddings = False  # a later tie_weights() must not tie it back
     return model
 
 
-def keep_own_lm_head(config) -> None:
-    """Keep a separate lm_head where the checkpoint has one (FLAN-T5, T5 v1.1).
+def has_own_lm_head(config) -> bool:
+    """FLAN-T5 / T5 v1.1 checkpoints carry an lm_head of their own.
 
     transformers 5 forces T5's ``tie_word_embeddings`` to True and records the saved "False" as
-    ``scale_decoder_outputs=False`` (PR #42815). Loading then ties lm_head to the embedding
-    unless it can see that both tensors differ — which it cannot under ZeRO-3, where weights
-    arrive sharded: the checkpoint's lm_head was silently dropped. Setting the flag back after
-    the config is built keeps lm_head a parameter of its own on every path.
+    ``scale_decoder_outputs=False`` (PR #42815); loading then ties lm_head to the embedding unless
+    it can see that both tensors differ, which it cannot under ZeRO-3, where weights arrive
+    sharded: the checkpoint's lm_head was silently dropped.
     """
-    if getattr(config, "scale_decoder_outputs", True) is False:
-        config.tie_word_embeddings = False
+    return getattr(config, "scale_decoder_outputs", True) is False
+
+
+def tie_input_embeddings(model) -> None:
+    """Encoder and decoder read the shared embedding (what tie_word_embeddings did, minus lm_head)."""
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if stack is not None and getattr(stack, "embed_tokens", None) is not None:
+            stack.embed_tokens.weight = model.shared.weight
 
 
 def load_base_model(recipe: Recipe, vocab_size: int):
@@ -83,9 +88,14 @@ def load_base_model(recipe: Recipe, vocab_size: int):
     if recipe.model.name == EMBEDDED_MODEL:
         return build_tiny_t5(vocab_size)
     config = from_pretrained_or_explain(AutoConfig.from_pretrained, recipe.model.name, "model")
-    keep_own_lm_head(config)
-    return from_pretrained_or_explain(AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model",
-                                      config=config, dtype=torch.float32)
+    own_lm_head = has_own_lm_head(config) and hasattr(config, "tie_word_embeddings")
+    if own_lm_head:
+        config.tie_word_embeddings = False  # nothing is tied while loading: lm_head keeps its weights
+    model = from_pretrained_or_explain(AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model",
+                                       config=config, dtype=torch.float32)
+    if own_lm_head:
+        tie_input_embeddings(model)
+    return model
 
 
 def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.data import LengthGroupedBatchSampler, example_lengths, load_split, shard_sorted_batches, tokenized_split
+from launcher.data import LengthGroupedBatchSampler, batching_keys, example_lengths, load_split, shard_sorted_batches, tokenized_split
 from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
 from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from launcher.metrics import MetricsLogger
@@ -92,7 +92,7 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path) -> Train
         train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
         validation = tokenized_split(val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}")
     sampler = LengthGroupedBatchSampler(
-        example_lengths(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length
+        batching_keys(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length
     )
     collator = build_collator(tokenizer, accelerator.device.type == "cuda")
     loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator)
@@ -163,19 +163,23 @@ def validation_loss(model, validation, collator, accelerator, batch_size: int) -
 
 @dataclass
 class WindowStats:
-    """What happened since the last metrics line (this rank only)."""
+    """What happened since the last metrics line (this rank only).
 
-    loss_sum: float = 0.0
+    Sums stay on the device and are read once per metrics line: reading them every step
+    (``.item()``) would make the host wait for the GPU and stop it queueing the next step.
+    """
+
+    loss_sum: torch.Tensor | float = 0.0
+    tokens: torch.Tensor | int = 0
     micro_batches: int = 0
     samples: int = 0
-    tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, batch: dict) -> None:
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor, batch: dict) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().float()
+        self.tokens = self.tokens + batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
         self.micro_batches += 1
         self.samples += batch["input_ids"].size(0)
-        self.tokens += int(batch["attention_mask"].sum().item() + (batch["labels"] != -100).sum().item())
 
 
 def metrics_row(accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm) -> dict:
@@ -197,12 +201,10 @@ def metrics_row(accelerator, stats: WindowStats, step: int, epoch_progress: floa
 
 
 def clip_and_norm(accelerator, model, max_norm: float | None):
-    """Clip (DDP) and return the gradient norm; DeepSpeed clips inside its own step."""
-    if uses_deepspeed(accelerator):
+    """Clip (DDP) and return the gradient norm as a tensor; DeepSpeed clips inside its own step."""
+    if uses_deepspeed(accelerator) or not max_norm:
         return None
-    if max_norm:
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
-    return None
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def deepspeed_grad_norm(accelerator, model):
@@ -282,7 +284,7 @@ def train_step(run: Run, batch: dict):
             grad_norm = clip_and_norm(accelerator, model, run.recipe.train.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach().float().item(), grad_norm
+    return loss, grad_norm
 
 
 def after_optimizer_step(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:

@@ -47,3 +47,21 @@ def test_zero_dropout_makes_training_mode_deterministic():
         second = model(input_ids=ids, decoder_input_ids=ids).logits
     assert torch.equal(first, second)
     assert model.config.dropout_rate == 0.0
+
+
+def test_loading_a_checkpoint_with_its_own_lm_head_keeps_embeddings_tied(tmp_path):
+    from launcher.model import load_base_model
+    from launcher.recipe import Recipe
+
+    original = build_tiny_t5(1000).eval()
+    original.save_pretrained(tmp_path)
+    recipe = Recipe.model_validate({"model": {"name": str(tmp_path)}})
+    loaded = load_base_model(recipe, 1000).eval()
+    assert loaded.encoder.embed_tokens.weight is loaded.shared.weight
+    assert loaded.decoder.embed_tokens.weight is loaded.shared.weight
+    assert loaded.lm_head.weight is not loaded.shared.weight
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in original.parameters())
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        assert torch.equal(original(input_ids=ids, decoder_input_ids=ids).logits,
+                           loaded(input_ids=ids, decoder_input_ids=ids).logits)
