@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from launcher.model import TINY_T5_CONFIG
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -30,22 +32,8 @@ SKIP_EXIT = 0  # a script without its data says so and exits 0 (nothing measured
 
 # FLAN-T5's architecture family (gated-GELU feed-forward, relative attention buckets, untied
 # lm_head, unscaled decoder outputs), scaled down to d_model 128 for 2 CPU cores.
-BENCH_T5_CONFIG: dict[str, Any] = dict(
-    d_model=128,
-    d_kv=32,
-    d_ff=320,
-    num_layers=4,
-    num_decoder_layers=4,
-    num_heads=4,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    dropout_rate=0.1,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
+BENCH_T5_CONFIG: dict[str, Any] = dict(TINY_T5_CONFIG, d_model=128, d_kv=32, d_ff=320, num_layers=4,
+                                       num_decoder_layers=4)
 BENCH_T5_SEED = 4321
 
 

@@ -111,6 +111,13 @@ class Job:
 
         self.wait_until(reached, JOB_TIMEOUT, f"training step {step}")
 
+    def signal_rank(self, index: int, sig: int) -> float:
+        """Send `sig` to one rank process (by RANK) once both run; returns when it was sent."""
+        ranks = self.wait_until(lambda: (found := rank_pids(self.run_dir)) and len(found) == 2 and found, 30,
+                                "two rank processes")
+        os.kill(ranks[index], sig)
+        return time.monotonic()
+
     def kill(self) -> None:
         """Kill whatever is left: the launcher's process group and the ranks (their own sessions)."""
         if self.process.poll() is None:
@@ -284,10 +291,7 @@ def test_killed_rank_ends_the_job_within_seconds(tmp_path, zero):
     run_dir = tmp_path / "run"
     with Job(run_dir, train_args(run_dir, zero, *LONG)) as job:
         job.wait_for_step(1)
-        ranks = job.wait_until(lambda: (found := rank_pids(run_dir)) and len(found) == 2 and found, 30,
-                               "two rank processes")
-        os.kill(ranks[1], signal.SIGKILL)
-        killed = time.monotonic()
+        killed = job.signal_rank(1, signal.SIGKILL)
         code = job.wait(timeout=EXIT_BOUND + 30)
         ended = time.monotonic() - killed
         output = job.output()
@@ -307,10 +311,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     args = train_args(run_dir, 0, *SHAPE)
     with Job(run_dir, args) as job:
         job.wait_for_step(1)
-        ranks = job.wait_until(lambda: (found := rank_pids(run_dir)) and len(found) == 2 and found, 30,
-                               "two rank processes")
-        os.kill(ranks[1], signal.SIGTERM)  # one rank only: the others learn it at the next step
-        signalled = time.monotonic()
+        signalled = job.signal_rank(1, signal.SIGTERM)  # one rank only: the others learn it at the next step
         code = job.wait(timeout=EXIT_BOUND + 30)
         ended = time.monotonic() - signalled
         output = job.output()
