@@ -153,7 +153,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, zero):
 
     resumed = run_cli(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
-    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "INTERRUPTED").exists()
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [row["step"] for row in metrics if "loss" in row] == list(range(1, 49))
