@@ -189,7 +189,7 @@ def eval_command(
     if adapter and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run")
     launch.check_eval_data(recipe)
-    check_model_path(model)
+    launch.local_model_dir(model)
     if not dry_run:
         if not cpu:
             launch.check_gpus(recipe)
@@ -204,14 +204,6 @@ def eval_command(
         return
     sys.stdout.flush()
     launch.exec_command(run_dir)
-
-
-def check_model_path(model: str) -> None:
-    from launcher.model import is_local_reference
-
-    if is_local_reference(model) and not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(f"--model {model} is not a model directory (no config.json); pass a run's final/ folder, "
-                        "a hub id, or tiny-t5")
 
 
 @app.command("estimate")

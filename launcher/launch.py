@@ -13,7 +13,7 @@ from launcher import checkpoint as ckpt
 from launcher.data import dataset_dir, load_split
 from launcher.errors import UserError
 from launcher.model import is_local_reference
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import render_run, require_multinode_address
 
 RUN_FILES = ("recipe.yaml", "accelerate.yaml", "command.sh")
@@ -37,21 +37,25 @@ def check_eval_data(recipe: Recipe) -> None:
         load_split(recipe.data.dataset, recipe.eval.split, recipe.eval.limit)
 
 
+def local_model_dir(name: str) -> Path | None:
+    """The directory behind a local model reference (None for tiny-t5 or a hub id)."""
+    if name == EMBEDDED_MODEL or not is_local_reference(name):
+        return None
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {name}: no config.json there; pass a directory written by save_pretrained "
+                        "(e.g. a run's final/ folder), a hub id, or tiny-t5")
+    return path
+
+
 def check_model_reference(recipe: Recipe) -> None:
-    """A local path must exist; LoRA targets must name modules of the model."""
+    """A local path must be a model directory; LoRA targets must name modules of the model."""
     name = recipe.model.name
-    if name == EMBEDDED_MODEL:
-        model_config = None
-    elif name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(f"model path {name} has no config.json; pass a directory written by save_pretrained, "
-                            "a hub id, or tiny-t5")
-        model_config = path
-    else:
+    if name != EMBEDDED_MODEL and not is_local_reference(name):
         return  # hub ids are resolved by the ranks (offline: from the local cache)
+    model_dir = local_model_dir(name)
     if recipe.train.method == "lora":
-        check_lora_targets(recipe, model_config)
+        check_lora_targets(recipe, model_dir)
 
 
 # Leaf module names of T5 (and FLAN-T5) models: enough to check LoRA targets without importing
@@ -64,7 +68,7 @@ T5_MODULE_NAMES = frozenset({"shared", "encoder", "decoder", "embed_tokens", "bl
 
 def model_module_names(config_dir: Path | None) -> set[str]:
     """Leaf names of the model's modules, from a meta-device skeleton (no weights loaded)."""
-    if config_dir is None or read_model_type(config_dir) == "t5":
+    if config_dir is None or local_model_type(str(config_dir)) == "t5":
         return set(T5_MODULE_NAMES)
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
@@ -72,15 +76,6 @@ def model_module_names(config_dir: Path | None) -> set[str]:
     with torch.device("meta"):
         skeleton = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(config_dir)))
     return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
-
-
-def read_model_type(config_dir: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((config_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:

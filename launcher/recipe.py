@@ -8,6 +8,7 @@ recipe into every run directory, and each rank reads it back from there.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -138,17 +139,17 @@ class Recipe(Section):
         return self.train.micro_batch_size * self.train.grad_accum * self.launch.world_size
 
 
+def local_model_type(name: str) -> str | None:
+    """``model_type`` from a local model directory's config.json (None when there is none)."""
+    try:
+        return json.loads((Path(name).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_t5_name(name: str) -> bool:
     """T5-family models overflow in fp16; recognise them by name or by a local config."""
-    if name == EMBEDDED_MODEL or "t5" in name.lower():
-        return True
-    config = Path(name) / "config.json"
-    if config.is_file():
-        try:
-            return "t5" in str(yaml.safe_load(config.read_text()).get("model_type", "")).lower()
-        except (yaml.YAMLError, AttributeError):
-            return False
-    return False
+    return name == EMBEDDED_MODEL or "t5" in name.lower() or "t5" in str(local_model_type(name) or "").lower()
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -217,12 +218,17 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def build_recipe(data: dict[str, Any], source: str) -> Recipe:
-    """Validate raw data into a Recipe, turning pydantic's report into one line."""
+def build_recipe(data: dict[str, Any], source: str, overridden: list[list[str]] = ()) -> Recipe:
+    """Validate raw data into a Recipe, turning pydantic's report into one line.
+
+    The line names ``--set`` when the bad key came from an override, else ``source``.
+    """
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{source}: {describe_validation_error(exc)}") from None
+        loc = [str(part) for part in exc.errors()[0]["loc"]]
+        blamed = "--set" if loc in overridden else source
+        raise UserError(f"{blamed}: {describe_validation_error(exc)}") from None
 
 
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
@@ -232,12 +238,7 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         key_path, value = parse_override(item)
         apply_override(data, key_path, value)
         overridden.append(key_path)
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        loc = [str(part) for part in exc.errors()[0]["loc"]]
-        source = "--set" if loc in overridden else f"recipe {path}"
-        raise UserError(f"{source}: {describe_validation_error(exc)}") from None
+    return build_recipe(data, f"recipe {path}", overridden)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
