@@ -139,12 +139,17 @@ class Recipe(Section):
         return self.train.micro_batch_size * self.train.grad_accum * self.launch.world_size
 
 
-def local_model_type(name: str) -> str | None:
-    """``model_type`` from a local model directory's config.json (None when there is none)."""
+def local_model_config(name: str) -> dict[str, Any]:
+    """A local model directory's config.json as a dict ({} for a hub id, tiny-t5 or no file)."""
     try:
-        return json.loads((Path(name).expanduser() / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((Path(name).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def local_model_type(name: str) -> str | None:
+    return local_model_config(name).get("model_type")
 
 
 def is_t5_name(name: str) -> bool:

@@ -19,7 +19,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.paths import project_dir
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_config
 
 DEFAULT_PORT = 29500
 # Multi-node values a job script cannot know before it runs: evaluated by bash on each node.
@@ -111,15 +111,9 @@ def model_hidden_size(name: str) -> int | None:
         return TINY_T5_CONFIG["d_model"]
     if canonical_name(name) in FLAN_T5_CONFIGS:
         return FLAN_T5_CONFIGS[canonical_name(name)]["d_model"]
-    config = Path(name).expanduser() / "config.json"
-    if config.is_file():
-        try:
-            values = json.loads(config.read_text())
-        except ValueError:
-            return None
-        size = values.get("d_model") or values.get("hidden_size")
-        return int(size) if size else None
-    return None
+    config = local_model_config(name)
+    size = config.get("d_model") or config.get("hidden_size")
+    return int(size) if size else None
 
 
 def fill_bucket_sizes(zero: dict[str, Any], hidden: int | None) -> None:
