@@ -16,6 +16,22 @@ from launcher.distributed import print_main, without_zero3_init
 from launcher.recipe import Recipe
 
 
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None):
+    """Drop the names under which a tied parameter appears a second time (T5's encoder and
+    decoder ``embed_tokens`` are ``shared``). DeepSpeed's ZeRO-1/2 state dict holds clones, which
+    save_pretrained can no longer recognise as one tensor: each would be written again."""
+    if state_dict is None:
+        return None
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return {name: tensor for name, tensor in state_dict.items() if name not in aliases}
+
+
 def saved_dtype(state_dict: dict[str, torch.Tensor] | None) -> torch.dtype:
     floats = {t.dtype for t in (state_dict or {}).values() if t.is_floating_point()}
     return floats.pop() if len(floats) == 1 else torch.float32
@@ -29,6 +45,7 @@ def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> 
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
+        state_dict = without_tied_copies(unwrapped, state_dict)
         base_config = getattr(unwrapped, "config", None)
         if base_config is not None and recipe.train.method == "full":
             base_config.dtype = saved_dtype(state_dict)  # what the files hold, not the autocast dtype
