@@ -230,3 +230,28 @@ def test_bf16_strategies_train_with_the_same_numerics(tmp_path, model_dir):
         assert losses[0] == pytest.approx(reference_losses[0], rel=1e-6), name
         assert losses == pytest.approx(reference_losses, rel=1e-4), name
         assert update_error(runs[name], runs["ddp"], initial) < tolerance, name
+
+
+def test_lora_on_a_saved_checkpoint_under_zero3(tmp_path, model_dir):
+    """LoRA on weights that arrive partitioned (zero.Init): a non-empty adapter that reloads on
+    the base directory with PEFT and gives the validation loss the run reported."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from test_training import reference_val_loss
+
+    run_dir = tmp_path / "run"
+    result = run_cli("lora", "--cpu", "--gpus", "2", "--zero", "3", "--model", str(model_dir), "--data", "sample",
+                     "--output", str(run_dir), "--set", "model.precision=fp32", "--set", "train.lr=1e-2",
+                     "--set", "train.max_steps=3", "--set", "train.micro_batch_size=4",
+                     "--set", "eval.after_training=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())
+    assert any("lora_B" in key and t.abs().sum() > 0 for key, t in adapter.items())
+    base = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
+    model = PeftModel.from_pretrained(base, str(run_dir / "final"))
+    rows = read_jsonl(SAMPLE / "validation.jsonl")
+    expected = reference_val_loss(model, AutoTokenizer.from_pretrained(str(model_dir)), rows)
+    reported = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row.get("final")][-1]["val_loss"]
+    assert reported == pytest.approx(expected, rel=1e-4)
