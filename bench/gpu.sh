@@ -36,6 +36,8 @@ mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 ENV_TXT="$OUT_DIR/env.txt"
 PYTHON=${PYTHON:-python3}
+# command.sh runs `accelerate launch`: the console scripts of the Python that runs the benchmark first.
+PY_BIN=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))' 2> /dev/null) && export PATH="$PY_BIN:$PATH"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONDONTWRITEBYTECODE=1  # nothing, not even __pycache__, lands in the working tree
 : > "$ENV_TXT"

@@ -72,7 +72,7 @@ class Settings:
     max_new_tokens: int = 64
     step_timeout_s: float = 150.0
     stall_s: float = 60.0  # no output and no CPU use for this long: hung
-    min_left_s: float = 20.0  # do not start a part with less time than this left
+    min_left_s: float = 30.0  # do not start a part with less time than this left
 
     @classmethod
     def for_tiny(cls) -> "Settings":
@@ -104,15 +104,13 @@ class Part:
 
 
 def build_plan(cli: str | None, measure: str | None, tiny: bool) -> list[tuple[str, str]]:
-    """The default plan, or the CLI runs and measurements asked for (comma lists; "" for none),
-    in the order given, CLI runs first."""
+    """The default plan, or only the CLI runs and measurements asked for (comma lists), in the
+    order given, CLI runs first (a rerun of what a first run had to skip)."""
     if cli is None and measure is None:
         return list(TINY_PLAN if tiny else DEFAULT_PLAN)
-    default = TINY_PLAN if tiny else DEFAULT_PLAN
-    wanted = {kind: [item for k, item in default if k == kind] if value is None else
-              [item.strip() for item in value.split(",") if item.strip()]
-              for kind, value in (("cli", cli), ("measure", measure))}
-    return [("cli", item) for item in wanted["cli"]] + [("measure", item) for item in wanted["measure"]]
+    items = {kind: [item.strip() for item in (value or "").split(",") if item.strip()]
+             for kind, value in (("cli", cli), ("measure", measure))}
+    return [("cli", item) for item in items["cli"]] + [("measure", item) for item in items["measure"]]
 
 
 def plan_problems(plan: list[tuple[str, str]]) -> list[str]:
@@ -682,8 +680,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-work", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, a few steps")
     parser.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time budget (deadline)")
-    parser.add_argument("--cli", default=None, help="comma list of method:strategy for the CLI runs")
-    parser.add_argument("--measure", default=None, help="comma list of strategies to measure ('' for none)")
+    parser.add_argument("--cli", default=None, help="only these CLI runs: full:DDP,lora:ZeRO-3,...")
+    parser.add_argument("--measure", default=None, help="only these measurements: DDP,ZeRO-2,...")
     parser.add_argument("--archs", default=None, help="comma list of base,large (measurement; CLI uses the first)")
     parser.add_argument("--site", type=Path, default=None, help="where gpu.sh installed the carried wheels")
     parser.add_argument("--data", default=None, help="a DialogSum folder (train/validation/test.jsonl)")
@@ -708,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.for_tiny() if args.tiny else Settings()
     if args.archs and not args.tiny:
         settings.archs = tuple(split_list(args.archs, settings.archs))
+        if not settings.archs or set(settings.archs) - {"base", "large"}:
+            print(f"gpu_bench: --archs {args.archs}: use base and/or large", file=sys.stderr)
+            return 2
     if args.stall_s:
         settings.stall_s = args.stall_s
     unknown = plan_problems(build_plan(args.cli, args.measure, args.tiny))

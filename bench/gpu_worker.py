@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -219,6 +220,8 @@ def worker_preflight(args: argparse.Namespace) -> None:
             info["problems"].append(f"requirement check failed: {type(exc).__name__}: {exc}")
     elif not args.tiny:
         info["problems"].append(f"no carried wheels installed ({args.site or 'no --site'})")
+    if shutil.which("accelerate") is None:  # every command.sh runs `accelerate launch`
+        info["problems"].append("missing: the `accelerate` command is not on PATH")
     try:
         import torch
 

@@ -287,3 +287,59 @@ def test_gpu_preflight_tells_missing_from_broken_imports(tmp_path, monkeypatch):
     assert gpu_worker.import_problem("fails_on_version")[1] == (
         "conflict: importing fails_on_version fails: ImportError: needs pyarrow>=24, found 19")
     assert gpu_worker.import_problem("json")[1] is None
+
+
+# ---------------------------------------------------------------- bench/gpu.sh: killing a part
+
+
+TREE = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "child":  # a rank torchrun would start: its own session, deaf to SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("child started", flush=True)
+    while True:
+        if sys.argv[2] == "busy":
+            sum(range(200_000))  # computing: alive, never hung
+        time.sleep(0.01 if sys.argv[2] == "busy" else 1)
+child = subprocess.Popen([sys.executable, __file__, "child", sys.argv[2]], start_new_session=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize(("behaviour", "limits", "status"), [
+    ("busy", {"timeout_s": 60, "stall_s": 60, "deadline_in": 3}, "killed: the run's time budget ran out"),
+    ("busy", {"timeout_s": 3, "stall_s": 60, "deadline_in": 60}, "killed: step timeout (3 s)"),
+    ("silent", {"timeout_s": 60, "stall_s": 3, "deadline_in": 60}, "killed: hung (no output and no CPU use for 3 s)"),
+])
+def test_a_part_past_a_limit_is_killed_with_its_whole_tree(tmp_path, behaviour, limits, status):
+    """Limits are checked while the part runs; the kill reaches a grandchild in a session of its own."""
+    import time
+
+    import gpu_bench
+
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    part = gpu_bench.Part("tree", "measure")
+    started = time.monotonic()
+    gpu_bench.run_part(part, [sys.executable, str(script), "parent", behaviour], dict(os.environ),
+                       tmp_path / "tree.log", limits["timeout_s"], limits["stall_s"], time.time() + limits["deadline_in"])
+    assert part.status == status
+    assert time.monotonic() - started < 30
+    assert "child started" in (tmp_path / "tree.log").read_text()
+    assert not marked_processes(str(script)), "the grandchild survived"
+
+
+def test_gpu_default_plan_covers_both_methods_under_every_strategy():
+    import gpu_bench
+
+    plan = gpu_bench.build_plan(None, None, tiny=False)
+    strategies = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
+    assert sorted(item for kind, item in plan if kind == "cli") == sorted(
+        f"{method}:{strategy}" for method in ("full", "lora") for strategy in strategies)
+    assert sorted(item for kind, item in plan if kind == "measure") == sorted(strategies)
+    assert plan[:2] == [("cli", "full:DDP"), ("measure", "DDP")]  # the end-to-end proof first
+    assert gpu_bench.build_plan("lora:DDP,lora:ZeRO-2", None, tiny=False) == [("cli", "lora:DDP"),
+                                                                              ("cli", "lora:ZeRO-2")]
+    assert gpu_bench.build_plan(None, "ZeRO-3", tiny=False) == [("measure", "ZeRO-3")]
+    assert gpu_bench.plan_problems([("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP")]) == [
+        "cli full:ZeRO-9", "cli DDP", "measure full:DDP"]
