@@ -358,9 +358,9 @@ class Driver:
 
     def part_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
-                   PYTHONWARNINGS="ignore::FutureWarning")
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error",
+                   DATASETS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning")
         env[RUN_ENV] = self.run_marker
         env[DEADLINE_ENV] = f"{self.deadline:.0f}"
         paths = [str(REPO)] + ([str(self.args.site)] if self.args.site else [])
@@ -511,7 +511,8 @@ class Driver:
         run_dir = self.work / "runs" / f"measure-{strategy}-{arch}"
         render_measure_run(strategy, arch, run_dir, self.settings.batch, self.settings.tiny, self.part_env())
         s = self.settings
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir / "accelerate.yaml"),
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(run_dir / "accelerate.yaml"),
                    str(WORKER), "measure", "--run-dir", str(run_dir),
                    "--strategy", strategy, "--arch", arch, "--tokenizer", self.prepared["tokenizer"],
                    "--batch", str(s.batch), "--warmup", str(s.warmup), "--steps", str(s.steps),
@@ -547,7 +548,8 @@ class Driver:
     def write(self) -> None:
         """results.json and summary.md, rewritten whole (atomically) after every part."""
         payload = {
-            "meta": {"command": os.environ.get("GPU_SH_COMMAND", " ".join(sys.argv)), "tiny": self.settings.tiny,
+            "meta": {"command": os.environ.get("GPU_SH_COMMAND", " ".join(sys.argv)).strip(),
+                     "tiny": self.settings.tiny,
                      "elapsed_s": round(time.time() - self.started, 1), "budget_s": self.args.budget_s,
                      "settings": asdict(self.settings), "date": time.strftime("%Y-%m-%d %H:%M %Z")},
             "env": self.env_info, "prepared": self.prepared, "parts": [asdict(part) for part in self.parts],
@@ -598,7 +600,8 @@ def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: d
         scores = json.loads(rouge.read_text())
         result.update(rouge1=scores.get("rouge1"), rougeL=scores.get("rougeL"), eval_n=scores.get("n"))
     result["report"] = (run_dir / "report" / "report.md").is_file()
-    result["final_files"] = sorted(p.name for p in (run_dir / "final").iterdir()) if (run_dir / "final").is_dir() else []
+    final_dir = run_dir / "final"
+    result["final_files"] = sorted(p.name for p in final_dir.iterdir()) if final_dir.is_dir() else []
     return result
 
 
@@ -609,62 +612,70 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def md_table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown section with one table (numeric columns, marked with a leading '#', align right)."""
+    header = "| " + " | ".join(c.lstrip("#") for c in columns) + " |"
+    rule = "| " + " | ".join("---:" if c.startswith("#") else "---" for c in columns) + " |"
+    return ["", f"## {title}", "", header, rule] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def cli_row(r: dict) -> list[str]:
+    loss = f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}"
+    return [r["method"], r["strategy"], str(r.get("steps", "-")), fmt(r.get("tokens_per_s"), ",.0f"),
+            fmt(r.get("samples_per_s"), ".1f"), fmt(r.get("mfu_approx"), ".1%"), loss, fmt(r.get("val_loss"), ".3f"),
+            f"{fmt(r.get('rouge1'), '.3f')} ({r.get('eval_n', '-')})", "yes" if r.get("report") else "no"]
+
+
+def measured_row(r: dict) -> list[str]:
+    head = [str(r.get("arch")), str(r.get("method")), str(r.get("strategy"))]
+    if "error" in r:
+        return head + [f"error: {r['error']}"] + [""] * 6
+    return head + [f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:.1f}", f"{r['tflops']:.1f}",
+                   fmt(r.get("mfu"), ".1%"), fmt(r.get("mfu_padded"), ".1%"), fmt(r.get("peak_alloc_gib"), ".2f"),
+                   fmt(r.get("host_syncs_per_step"), ".1f")]
+
+
+def generation_row(r: dict) -> list[str]:
+    if "error" in r:
+        return [str(r.get("arch")), f"error: {r['error']}"] + [""] * 6
+    return [r["arch"], str(r["dialogues"]), str(r["batch"]), str(r["max_new_tokens"]), f"{r['seconds']:.1f}",
+            f"{r['dialogues_per_s']:.1f}", f"{r['new_tokens_per_s']:,.0f}", fmt(r.get("peak_alloc_gib"), ".2f")]
+
+
 def summary(payload: dict) -> str:
-    """The summary table (also printed by gpu.sh at the end)."""
+    """summary.md: what ran and every table (gpu.sh prints it at the end too)."""
     env, meta, parts = payload["env"], payload["meta"], payload["parts"]
-    versions = env.get("versions", {})
     lines = [
         "# ftlaunch GPU benchmark" + (" (--tiny rehearsal on CPU)" if meta["tiny"] else ""),
         "",
-        f"- command: `{meta['command']}`; date {meta['date']}; {meta['elapsed_s']:.0f} s of a {meta['budget_s']:.0f} s budget",
+        f"- command: `{meta['command']}`; date {meta['date']}; {meta['elapsed_s']:.0f} s of a "
+        f"{meta['budget_s']:.0f} s budget",
         f"- device: {env.get('device', '?')}; peak for MFU: {env.get('peak_label', '?')}; measured 8192^3 bf16 "
         f"matmul: {fmt(env.get('matmul_tflops'), '.0f')} TFLOP/s; {env.get('cpus', '?')} CPUs",
-        "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "?"),
+        "- versions: " + (", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()) or "?"),
     ]
-    problems = env.get("problems") or []
-    if problems:
-        lines += ["- **environment problems**: " + "; ".join(problems)]
-    model = payload.get("prepared", {}).get("model_note")
-    if model:
-        lines.append(f"- model: {model}")
-    lines += ["", "## Parts", "", "| part | status | seconds | peak GPU MiB (nvidia-smi) |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {p['name']} | {p['status']} | {p['seconds']:.0f} | {fmt(p['peak_gpu_mib'], '.0f')} |" for p in parts]
-    cli = [r for p in parts if p["kind"] == "cli" for r in p["results"]]
+    if env.get("problems"):
+        lines.append("- **environment problems**: " + "; ".join(env["problems"]))
+    if payload.get("prepared", {}).get("model_note"):
+        lines.append(f"- model: {payload['prepared']['model_note']}")
+    lines += md_table("Parts", ["part", "status", "#seconds", "#peak GPU MiB (nvidia-smi)"],
+                      [[p["name"], p["status"], f"{p['seconds']:.0f}", fmt(p["peak_gpu_mib"], ".0f")] for p in parts])
+    results = [(p["kind"], r) for p in parts for r in p["results"]]
+    cli = [cli_row(r) for kind, r in results if kind == "cli"]
     if cli:
-        lines += ["", "## The real CLI (`ftlaunch full|lora --gpus 1`), a few dozen steps, then generation + report", "",
-                  "| method | strategy | steps | tokens/s | samples/s | MFU (approx.) | loss first -> last | val loss | "
-                  "ROUGE-1 (n) | report |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |"]
-        for r in cli:
-            lines.append(
-                f"| {r['method']} | {r['strategy']} | {r.get('steps', '-')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-                f"{fmt(r.get('samples_per_s'), '.1f')} | {fmt(r.get('mfu_approx'), '.1%')} | "
-                f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')} | {fmt(r.get('val_loss'), '.3f')} | "
-                f"{fmt(r.get('rouge1'), '.3f')} ({r.get('eval_n', '-')}) | {'yes' if r.get('report') else 'no'} |")
-    train = [r for p in parts if p["kind"] == "measure" for r in p["results"] if r.get("kind") == "train"]
+        lines += md_table("The real CLI (`ftlaunch full|lora --gpus 1`): a few dozen steps, then generation + report",
+                          ["method", "strategy", "#steps", "#tokens/s", "#samples/s", "#MFU (approx.)",
+                           "loss first -> last", "#val loss", "ROUGE-1 (n)", "report"], cli)
+    train = [measured_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "train"]
     if train:
-        lines += ["", "## Measured: the product's step, timed after warm-up", "",
-                  "| model | method | strategy | tokens/s | samples/s | TFLOP/s | MFU | MFU padded | peak alloc GiB | "
-                  "host syncs/step |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in train:
-            if "error" in r:
-                lines.append(f"| {r.get('arch')} | {r.get('method')} | {r.get('strategy')} | error: {r['error']} "
-                             "| | | | | | |")
-                continue
-            lines.append(
-                f"| {r['arch']} | {r['method']} | {r['strategy']} | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.1f} | "
-                f"{r['tflops']:.1f} | {fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_padded'), '.1%')} | "
-                f"{fmt(r.get('peak_alloc_gib'), '.2f')} | {fmt(r.get('host_syncs_per_step'), '.1f')} |")
-    gen = [r for p in parts if p["kind"] == "measure" for r in p["results"] if r.get("kind") == "generate"]
+        lines += md_table("Measured: the product's step, timed after warm-up",
+                          ["model", "method", "strategy", "#tokens/s", "#samples/s", "#TFLOP/s", "#MFU",
+                           "#MFU padded", "#peak alloc GiB", "#host syncs/step"], train)
+    gen = [generation_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "generate"]
     if gen:
-        lines += ["", "## Generation (`evaluation.generate_predictions`, greedy, bf16 autocast)", "",
-                  "| model | dialogues | batch | max_new_tokens | seconds | dialogues/s | new tokens/s | peak alloc GiB |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in gen:
-            if "error" in r:
-                lines.append(f"| {r.get('arch')} | error: {r['error']} | | | | | | |")
-                continue
-            lines.append(f"| {r['arch']} | {r['dialogues']} | {r['batch']} | {r['max_new_tokens']} | {r['seconds']:.1f} | "
-                         f"{r['dialogues_per_s']:.1f} | {r['new_tokens_per_s']:,.0f} | {fmt(r.get('peak_alloc_gib'), '.2f')} |")
+        lines += md_table("Generation (`evaluation.generate_predictions`, greedy, bf16 autocast)",
+                          ["model", "#dialogues", "#batch", "#max_new_tokens", "#seconds", "#dialogues/s",
+                           "#new tokens/s", "#peak alloc GiB"], gen)
     lines += ["", "Files: summary.md (this), results.json (every number), logs.txt (each part's log tail), "
               "env.txt (wheels, versions, conflicts), reports.md (the CLI runs' report.md)."]
     return "\n".join(lines) + "\n"

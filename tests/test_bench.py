@@ -254,7 +254,8 @@ def test_gpu_cli_runs_render_the_bench_model_directorys_width(tmp_path):
 def fake_distribution(site, name: str, version: str, requires: list[str]) -> None:
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
-    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"] + [f"Requires-Dist: {r}" for r in requires]
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {requirement}" for requirement in requires]
     (info / "METADATA").write_text("\n".join(lines) + "\n")
 
 
@@ -321,8 +322,9 @@ def test_a_part_past_a_limit_is_killed_with_its_whole_tree(tmp_path, behaviour, 
     script.write_text(TREE)
     part = gpu_bench.Part("tree", "measure")
     started = time.monotonic()
-    gpu_bench.run_part(part, [sys.executable, str(script), "parent", behaviour], dict(os.environ),
-                       tmp_path / "tree.log", limits["timeout_s"], limits["stall_s"], time.time() + limits["deadline_in"])
+    command = [sys.executable, str(script), "parent", behaviour]
+    gpu_bench.run_part(part, command, dict(os.environ), tmp_path / "tree.log", limits["timeout_s"], limits["stall_s"],
+                       deadline=time.time() + limits["deadline_in"])
     assert part.status == status
     assert time.monotonic() - started < 30
     assert "child started" in (tmp_path / "tree.log").read_text()
@@ -343,3 +345,17 @@ def test_gpu_default_plan_covers_both_methods_under_every_strategy():
     assert gpu_bench.build_plan(None, "ZeRO-3", tiny=False) == [("measure", "ZeRO-3")]
     assert gpu_bench.plan_problems([("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP")]) == [
         "cli full:ZeRO-9", "cli DDP", "measure full:DDP"]
+
+
+@pytest.mark.slow
+def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path):
+    """The GPU mode on a machine without one: preflight only, exit 3, the plan listed as skipped."""
+    out = tmp_path / "out"
+    env = cli_env(OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    assert parts[0]["name"] == "preflight" and parts[0]["status"] == "ok"
+    assert len(parts) == 1 + 12 and all(p["status"].startswith("skipped: no GPU visible") for p in parts[1:])
+    assert "| cli lora ZeRO-3+offload | skipped: no GPU visible" in result.stdout
