@@ -1,34 +1,27 @@
-"""The GPU benchmark run by bench/gpu.sh (one H100/H200, no network, < 8 minutes).
+"""The GPU benchmark that bench/gpu.sh runs: one H100/H200, no network, under 8 minutes.
 
-FLAN-T5-base and -large architectures (random init from their config values, no download),
-bf16 autocast over fp32 master weights (the product's precision), full fine-tuning and LoRA,
-DDP vs ZeRO-2 vs ZeRO-3 on one GPU, through the product's own pieces: configs rendered by
-``ftlaunch {full,lora} --dry-run --gpus 1 --zero N``, then per strategy ONE process started by
-``accelerate launch`` with that config, which builds the Accelerator (``build_accelerator``),
-LoRA (``apply_lora``), AdamW (``build_optimizer``), the length-grouped loader
-(``LengthGroupedBatchSampler`` + ``build_collator``) and runs the loop's step (accumulate,
-backward, clip, step, zero_grad, loss.item()) for each (architecture, method) in turn,
-releasing everything between them (``accelerator.free_memory``). Reported per run:
+This driver imports no torch: it runs every part as a subprocess in a session of its own and
+rewrites its results into ``--out`` after every part (summary.md, results.json, logs.txt, env.txt,
+reports.md: five files, flat). The parts, most valuable first:
 
-  tokens/s     non-pad source + target tokens per second over the timed steps
-  MFU          model FLOPs / (time x peak bf16 FLOP/s) with, per optimizer step,
-               FLOPs = c x (N_enc x S + N_dec x T) + attention,
-               c = 6 (full: forward 2 + backward 4) or 4 (LoRA: no weight gradients for frozen weights),
-               N_enc / N_dec = encoder / decoder parameters without the embedding (the decoder's
-               includes lm_head), S / T = non-pad source / target tokens of the step,
-               attention = 12 x inner x (L_enc x sum s_i^2 + L_dec x sum t_i^2 + L_dec x sum t_i s_i)
-               (QK^T and AV, 2 FLOPs per MAC, x3 for forward + backward; inner = heads x d_kv)
-  peak memory  torch.cuda.max_memory_allocated() from before the model is built to the end, minus
-               what an earlier part of the same process left allocated (reported as well)
+  preflight   imports, versions, conflicts, the GPU and its peak (gpu_worker.py)
+  prepare     a FLAN-T5-base-shaped model directory and synthetic DialogSum-like data (gpu_worker.py)
+  cli         the real CLI: ``python -m launcher.cli {full,lora} --gpus 1 --zero N [--offload
+              optimizer] --model DIR --data DIR`` (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + optimizer offload),
+              a few dozen optimizer steps, then distributed generation, ROUGE and the report;
+              tokens/s from the run's own metrics.jsonl (windows after the first), MFU from it with
+              the training set's mean FLOPs per token ("approx."), peak GPU memory from nvidia-smi
+  measure     per strategy, ``accelerate launch gpu_worker.py measure`` with the configs
+              ``ftlaunch full --dry-run`` renders for the real architecture's name (so ZeRO bucket
+              sizes are flan-t5-base's): the product's step timed, MFU, memory, host syncs per step;
+              the DDP part also times generation (definitions: gpu_worker.py)
 
-Generation: the product's ``launcher.evaluation.generate_predictions`` (length-sorted batches,
-bf16 autocast, greedy) on 500 dialogues: the DialogSum test split when ``--data DIR`` is given,
-else synthetic dialogues with DialogSum-like token lengths (lognormal: source mean ~181, p95 ~340;
-target mean ~28). A random-init model never emits EOS, so every dialogue generates exactly
-max_new_tokens tokens.
+Every part has a step timeout, a hang timeout (no output and no CPU use by any of its processes)
+and the run's deadline, all checked while it runs; a part past one of them is killed with its whole
+process tree (its session, and every process carrying the part's marker in its environment, which
+also finds ranks that torchrun started in sessions of their own), and the others' results are kept.
 
-``--tiny``: the embedded tiny-t5 on CPU ranks (gloo), a few steps: proves the whole script works
-before GPU time is spent (tests/test_bench.py).
+``--tiny``: the same plan on CPU ranks with a tiny model (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -36,443 +29,719 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from gpu_worker import ARCHS, DEADLINE_ENV, RESULT_PREFIX, STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-ARCHS = ("google/flan-t5-base", "google/flan-t5-large")
-METHODS = ("full", "lora")
-STRATEGIES = {"DDP": 0, "ZeRO-2": 2, "ZeRO-3": 3}
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12))
-SOURCE_LOGNORMAL = (5.10, 0.45)  # DialogSum with a T5 tokenizer: mean ~181, p95 ~340 tokens
-TARGET_LOGNORMAL = (3.25, 0.40)  # mean ~28, p95 ~50
+WORKER = Path(__file__).resolve().with_name("gpu_worker.py")
+OUT_FILES = ("summary.md", "results.json", "logs.txt", "env.txt", "reports.md")  # all of --out, flat
+RUN_ENV = "FTLAUNCH_BENCH_RUN"  # marks every process of one benchmark run (swept at the end)
+STEP_ENV = "FTLAUNCH_BENCH_STEP"  # marks every process of one part (killed together)
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- settings and plan
 
 
-def lognormal_lengths(n: int, mu_sigma: tuple[float, float], low: int, high: int, seed: int) -> list[int]:
-    import numpy as np
+@dataclass
+class Settings:
+    """Sizes and limits of one benchmark run (GPU defaults; ``--tiny`` shrinks them for CPU)."""
 
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(*mu_sigma, size=n)), low, high).astype(int).tolist()
+    tiny: bool = False
+    archs: tuple[str, ...] = ("base",)
+    batch: int = 16
+    cli_steps: int = 30
+    log_every: int = 5
+    cli_eval_limit: int = 32
+    cli_max_new_tokens: int = 32
+    warmup: int = 5
+    steps: int = 20
+    sync_steps: int = 3
+    dialogues: int = 500
+    eval_batch: int = 64
+    max_new_tokens: int = 64
+    step_timeout_s: float = 150.0
+    stall_s: float = 60.0  # no output and no CPU use for this long: hung
+    min_left_s: float = 30.0  # do not start a part with less time than this left
 
-
-def synthetic_token_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Token-id examples with DialogSum-like lengths (ids 3.. vocab-1; last id = EOS 1)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed + 1)
-    src = lognormal_lengths(n, SOURCE_LOGNORMAL, 16, 512, seed)
-    tgt = lognormal_lengths(n, TARGET_LOGNORMAL, 4, 128, seed + 2)
-    out = []
-    for s, t in zip(src, tgt):
-        ids = rng.integers(3, vocab, size=s - 1).tolist() + [1]
-        out.append({"input_ids": ids, "attention_mask": [1] * s, "labels": rng.integers(3, vocab, t - 1).tolist() + [1]})
-    return out
-
-
-def synthetic_dialogues(n: int, tokenizer, seed: int = 0) -> list[dict]:
-    """Text dialogues whose prompts tokenize to DialogSum-like lengths under ``tokenizer``."""
-    import numpy as np
-
-    from launcher.data import build_prompt
-    from launcher.paths import SAMPLE_DATA_DIR
-    from launcher.recipe import DEFAULT_PROMPT
-
-    words = " ".join(json.loads(line)["dialogue"] for line in (SAMPLE_DATA_DIR / "train.jsonl").read_text().splitlines()
-                     if line.strip()).split()
-    probe = " ".join(words[:2000])
-    per_word = len(tokenizer(probe)["input_ids"]) / 2000
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i, length in enumerate(lognormal_lengths(n, SOURCE_LOGNORMAL, 16, 512, seed)):
-        count = max(4, int(length / per_word))
-        start = int(rng.integers(0, max(1, len(words) - count)))
-        text = " ".join((words * (1 + count // max(len(words), 1)))[start:start + count])
-        rows.append({"id": f"synthetic_{i}", "dialogue": text, "summary": "x", "references": ["x"]})
-    lengths = [len(ids) for ids in tokenizer([build_prompt(DEFAULT_PROMPT, r["dialogue"]) for r in rows],
-                                             max_length=512, truncation=True)["input_ids"]]
-    print(f"synthetic dialogues: source tokens mean {np.mean(lengths):.0f}, p95 {np.percentile(lengths, 95):.0f}",
-          flush=True)
-    return rows
+    @classmethod
+    def for_tiny(cls) -> "Settings":
+        return cls(tiny=True, archs=("tiny",), batch=4, cli_steps=3, log_every=1, cli_eval_limit=4,
+                   cli_max_new_tokens=8, warmup=1, steps=2, sync_steps=0, dialogues=8, eval_batch=4,
+                   max_new_tokens=8, step_timeout_s=240.0, stall_s=20.0, min_left_s=10.0)
 
 
-def load_tokenizer(path: str | None):
-    from transformers import AutoTokenizer
-
-    from launcher.paths import TINY_TOKENIZER_DIR
-
-    return AutoTokenizer.from_pretrained(path or str(TINY_TOKENIZER_DIR))
-
-
-# ---------------------------------------------------------------- models and FLOPs
+# Most valuable first, so that the time budget, if it runs out, cuts the least: the CLI end to
+# end, the measurement, ZeRO-3 (full and LoRA: the paths that break on GPUs), offload, the rest.
+DEFAULT_PLAN = (("cli", "full:DDP"), ("measure", "DDP"), ("cli", "full:ZeRO-3"), ("cli", "lora:ZeRO-3"),
+                ("measure", "ZeRO-3"), ("cli", "full:ZeRO-3+offload"), ("measure", "ZeRO-3+offload"),
+                ("cli", "full:ZeRO-2"), ("measure", "ZeRO-2"), ("cli", "lora:DDP"), ("cli", "lora:ZeRO-2"),
+                ("cli", "lora:ZeRO-3+offload"))
+TINY_PLAN = (("cli", "full:DDP"), ("measure", "DDP"), ("measure", "ZeRO-2"), ("cli", "lora:ZeRO-3+offload"))
 
 
-def arch_config(arch: str) -> dict:
-    from launcher.estimate import FLAN_T5_CONFIGS, FLAN_T5_VOCAB
-    from launcher.model import TINY_T5_CONFIG
+@dataclass
+class Part:
+    """One subprocess of the plan and what came of it."""
 
-    if arch == "tiny-t5":
-        return dict(TINY_T5_CONFIG, vocab_size=1000)
-    return dict(FLAN_T5_CONFIGS[arch], vocab_size=FLAN_T5_VOCAB, feed_forward_proj="gated-gelu",
-                tie_word_embeddings=False, dropout_rate=0.1, pad_token_id=0, eos_token_id=1,
-                decoder_start_token_id=0)
-
-
-def build_arch(arch: str, device):
-    """Random init on the device (fast), fp32 master weights, FLAN-T5's own lm_head."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    from launcher.distributed import without_zero3_init
-
-    config = T5Config(**arch_config(arch))
-    with without_zero3_init(), torch.device(device):
-        torch.manual_seed(0)
-        model = T5ForConditionalGeneration(config)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * config.d_model**-0.5)
-    return model
+    name: str
+    kind: str  # preflight | prepare | cli | measure
+    status: str = "planned"  # ok | failed (exit N) | killed: why | skipped: why
+    seconds: float = 0.0
+    returncode: int | None = None
+    results: list[dict] = field(default_factory=list)
+    peak_gpu_mib: float | None = None
 
 
-def flop_params(model) -> tuple[int, int, dict]:
-    """(encoder, decoder) parameters that do matmuls per token (no embedding; lm_head in the decoder)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enc = sum(p.numel() for n, p in base.encoder.named_parameters() if "embed_tokens" not in n)
-    dec = sum(p.numel() for n, p in base.decoder.named_parameters() if "embed_tokens" not in n)
-    dec += base.lm_head.weight.numel()
-    c = base.config
-    return enc, dec, {"inner": c.num_heads * c.d_kv, "L_enc": c.num_layers, "L_dec": c.num_decoder_layers}
+def build_plan(cli: str | None, measure: str | None, tiny: bool) -> list[tuple[str, str]]:
+    """The default plan, or only the CLI runs and measurements asked for (comma lists), in the
+    order given, CLI runs first (a rerun of what a first run had to skip)."""
+    if cli is None and measure is None:
+        return list(TINY_PLAN if tiny else DEFAULT_PLAN)
+    items = {kind: [item.strip() for item in (value or "").split(",") if item.strip()]
+             for kind, value in (("cli", cli), ("measure", measure))}
+    return [("cli", item) for item in items["cli"]] + [("measure", item) for item in items["measure"]]
 
 
-def step_flops(batch_examples: list[tuple[int, int]], enc: int, dec: int, dims: dict, lora: bool) -> float:
-    c = 4 if lora else 6
-    s_sum = sum(s for s, _ in batch_examples)
-    t_sum = sum(t for _, t in batch_examples)
-    attention = 12 * dims["inner"] * (dims["L_enc"] * sum(s * s for s, _ in batch_examples)
-                                      + dims["L_dec"] * sum(t * t for _, t in batch_examples)
-                                      + dims["L_dec"] * sum(t * s for s, t in batch_examples))
-    return c * (enc * s_sum + dec * t_sum) + attention
+def plan_problems(plan: list[tuple[str, str]]) -> list[str]:
+    """Parts of a plan that name no method:strategy (cli) or strategy (measure)."""
+    bad = []
+    for kind, item in plan:
+        strategy = item.split(":")[-1]
+        method_ok = kind == "measure" or (item.count(":") == 1 and item.split(":")[0] in ("full", "lora"))
+        if strategy not in STRATEGIES or not method_ok or (kind == "measure" and ":" in item):
+            bad.append(f"{kind} {item}")
+    return bad
 
 
-def peak_flops(override: float | None) -> tuple[float | None, str]:
-    import torch
-
-    if override:
-        return override * 1e12, f"given ({override:g} TFLOP/s)"
-    if not torch.cuda.is_available():
-        return None, "no GPU"
-    name = torch.cuda.get_device_name(0)
-    for key, value in PEAK_BF16:
-        if key in name:
-            return value, f"{name}: {value / 1e12:g} TFLOP/s dense bf16"
-    return None, f"{name}: peak unknown (pass --peak-tflops)"
+# ---------------------------------------------------------------- process trees
 
 
-# ---------------------------------------------------------------- worker: training
-
-
-def train_one(accelerator, recipe, arch: str, method: str, args, loop: str = "product") -> dict:
-    """``loop="product"``: train.py's step as it is (device-side WindowStats, clip_and_norm,
-    deepspeed_grad_norm, and the per-step stop-flag all-reduce ``any_rank``); ``"lean"``: the same
-    math with none of that bookkeeping (its cost is the difference)."""
-    import torch
-
-    from launcher.data import LengthGroupedBatchSampler
-    from launcher.distributed import any_rank, uses_deepspeed
-    from launcher.model import apply_lora, count_parameters
-    from launcher.train import WindowStats, build_collator, build_optimizer, clip_and_norm, deepspeed_grad_norm
-
-    on_gpu = accelerator.device.type == "cuda"
-    baseline = 0
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()  # anything an earlier part left behind in this process
-    model = build_arch(arch, accelerator.device)
-    if method == "lora":
-        model = apply_lora(model, recipe.lora)
-    trainable, total = count_parameters(model)
-    enc, dec, dims = flop_params(model)
-    vocab = model.config.vocab_size
-    steps = args.warmup + args.steps
-    examples = load_train_examples(args, vocab, steps * args.batch)
-    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42)
-    tokenizer = load_tokenizer(args.tokenizer)
-    collator = build_collator(tokenizer, on_gpu)
-    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collator)
-    optimizer = build_optimizer(model, recipe)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    model.train()
-    stats = WindowStats()
-    timed_tokens = timed_flops = timed_padded = 0.0
-    done = 0
-    start = None
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    while done < steps:
-        for batch in loader:
-            if done == args.warmup:
-                sync()
-                start = time.perf_counter()
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if loop == "product":
-                        clip_and_norm(accelerator, model, recipe.train.max_grad_norm)
-                    elif recipe.train.max_grad_norm and not uses_deepspeed(accelerator):
-                        accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if loop == "product":
-                stats.add(loss, batch)  # as train.py: sums stay on the device
-                deepspeed_grad_norm(accelerator, model)
-                any_rank(accelerator, False)
-            if done >= args.warmup:
-                mask = batch["attention_mask"]
-                labels = batch["labels"]
-                pairs = list(zip(mask.sum(1).tolist(), (labels != -100).sum(1).tolist()))
-                timed_tokens += sum(s + t for s, t in pairs)
-                timed_flops += step_flops(pairs, enc, dec, dims, method == "lora")
-                timed_padded += step_flops([(mask.shape[1], labels.shape[1])] * mask.shape[0], enc, dec, dims,
-                                           method == "lora")
-            done += 1
-            if done >= steps:
-                break
-    sync()
-    seconds = time.perf_counter() - start
-    peak, label = peak_flops(args.peak_tflops)
-    result = {
-        "arch": arch, "method": method, "loop": loop, "params": total, "trainable": trainable, "steps": args.steps,
-        "batch": args.batch, "tokens_per_s": timed_tokens / seconds,
-        "samples_per_s": args.steps * args.batch / seconds, "tflops": timed_flops / seconds / 1e12,
-        "mfu": timed_flops / seconds / peak if peak else None,
-        "mfu_padded": timed_padded / seconds / peak if peak else None, "peak_label": label,
-        "peak_mem_gib": (torch.cuda.max_memory_allocated() - baseline) / 2**30 if on_gpu else None,
-        "left_over_at_start_gib": baseline / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
-    }
-    del model, optimizer, loader, batch, loss
-    accelerator.free_memory()
-    return result
-
-
-def load_train_examples(args, vocab: int, n: int) -> list[dict]:
-    if args.data:
-        from launcher.data import load_split, tokenize_rows
-        from launcher.recipe import DataSection
-
-        return tokenize_rows(load_split(args.data, "train", n), load_tokenizer(args.tokenizer), DataSection())
-    return synthetic_token_examples(n, vocab if not args.tiny else 1000)
-
-
-def worker_train(args) -> None:
-    from launcher.distributed import build_accelerator
-    from launcher.recipe import read_run_recipe
-
-    recipe = read_run_recipe(args.run_dir)
-    accelerator = build_accelerator(recipe)
-    parts = [(arch, method, "product") for arch in args.archs for method in args.methods]
-    if args.strategy == "DDP" and "full" in args.methods:
-        parts += [(arch, "full", "lean") for arch in args.archs]  # the cost of the loop's per-step syncs
-    for arch, method, loop in parts:
+def ancestors() -> set[int]:
+    """This process and its parents (never signalled, even if they carry a marker)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
         try:
-            result = train_one(accelerator, recipe, arch, method, args, loop)
-        except Exception as exc:  # noqa: BLE001 - an OOM or error is a result, the others still run
-            result = {"arch": arch, "method": method, "loop": loop,
-                      "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            accelerator.free_memory()
-        result["strategy"] = args.strategy
-        if accelerator.is_main_process:
-            print(f"BENCH_RESULT {json.dumps(result)}", flush=True)
-    accelerator.end_training()
+            status = Path(f"/proc/{pid}/status").read_text()
+            pid = int(re.search(r"^PPid:\s*(\d+)", status, re.MULTILINE).group(1))
+        except (OSError, AttributeError, ValueError):
+            break
+    return pids
 
 
-# ---------------------------------------------------------------- worker: generation
+def marked_pids(key: str, value: str) -> list[int]:
+    """PIDs of this user's processes whose environment holds KEY=VALUE (ours: we set it)."""
+    needle = f"{key}={value}".encode()
+    skip = ancestors()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
 
 
-def worker_generate(args) -> None:
-    import torch
+def signal_tree(leader: int | None, key: str, value: str, sig: int) -> int:
+    """Send ``sig`` to the part's session and to every process (and its group) carrying its marker."""
+    own_group = os.getpgrp()
+    groups = {leader} if leader else set()
+    pids = marked_pids(key, value)
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except OSError:
+            pass
+    for group in groups - {own_group}:
+        try:
+            os.killpg(group, sig)
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    return len(pids)
 
-    from launcher.distributed import build_accelerator
-    from launcher.evaluation import generate_predictions
-    from launcher.recipe import read_run_recipe
 
-    recipe = read_run_recipe(args.run_dir)
-    recipe.eval.max_new_tokens = args.max_new_tokens
-    recipe.eval.batch_size = args.eval_batch
-    accelerator = build_accelerator(recipe)
-    tokenizer = load_tokenizer(args.tokenizer)
-    if args.data:
-        from launcher.data import load_split
+def kill_tree(leader: int | None, key: str, value: str, grace_s: float = 5.0) -> None:
+    """SIGTERM, a grace period, then SIGKILL until no marked process is left."""
+    signal_tree(leader, key, value, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and marked_pids(key, value):
+        time.sleep(0.2)
+    for _ in range(10):
+        if not signal_tree(leader, key, value, signal.SIGKILL):
+            break
+        time.sleep(0.2)
 
-        rows = load_split(args.data, "test", args.dialogues)
+
+# ---------------------------------------------------------------- running one part
+
+
+class Stop(Exception):
+    """The driver was told to stop (SIGTERM/SIGINT from gpu.sh's timeout or a user)."""
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """user + system CPU seconds of each live process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+class Liveness:
+    """When did a part last show life: output in its log, or CPU use by one of its processes?
+
+    A hung process sleeps (no output, no CPU); importing, loading or computing uses a core. An
+    idle launcher polling its ranks uses far less than LIVE_CPU_SHARE of one.
+    """
+
+    LIVE_CPU_SHARE = 0.1
+
+    def __init__(self, marker: str, log_path: Path) -> None:
+        self.marker, self.log_path = marker, log_path
+        self.size = 0
+        self.cpu: dict[int, float] = {}
+        self.checked = self.last_alive = time.monotonic()
+
+    def check(self) -> float:
+        """Seconds since the part last showed life."""
+        now = time.monotonic()
+        size = self.log_path.stat().st_size
+        cpu = cpu_seconds(marked_pids(STEP_ENV, self.marker))
+        used = sum(max(0.0, value - self.cpu.get(pid, value)) for pid, value in cpu.items())
+        if size != self.size or set(cpu) - set(self.cpu) or used >= self.LIVE_CPU_SHARE * (now - self.checked):
+            self.last_alive = now
+        self.size, self.cpu, self.checked = size, cpu, now
+        return now - self.last_alive
+
+
+def gpu_memory_used_mib() -> float | None:
+    """Memory in use on GPU 0 as nvidia-smi reports it (None without nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=5)
+        return float(out.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def run_part(part: Part, command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+             stall_s: float, deadline: float) -> None:
+    """Run one part in a session of its own; kill its whole tree past a limit (checked while it runs)."""
+    marker = secrets.token_hex(6)
+    env = {**env, STEP_ENV: marker}
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    liveness, quiet, checked, reason = Liveness(marker, log_path), 0.0, 0.0, None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.25)
+            now = time.monotonic()
+            if now - checked >= 1.0:
+                checked, quiet = now, liveness.check()
+                used = gpu_memory_used_mib()
+                if used is not None:
+                    part.peak_gpu_mib = max(part.peak_gpu_mib or 0.0, used)
+            if now - started > timeout_s:
+                reason = f"killed: step timeout ({timeout_s:.0f} s)"
+            elif quiet > stall_s:
+                reason = f"killed: hung (no output and no CPU use for {stall_s:.0f} s)"
+            elif time.time() > deadline:
+                reason = "killed: the run's time budget ran out"
+            if reason:
+                break
+    except Stop:
+        reason = "killed: the benchmark was stopped"
+    if reason:
+        kill_tree(proc.pid, STEP_ENV, marker)
     else:
-        rows = synthetic_dialogues(args.dialogues, tokenizer)
-    on_gpu = accelerator.device.type == "cuda"
-    for arch in args.archs:
-        if on_gpu:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        model = build_arch(arch, accelerator.device).eval()
-        generate_predictions(accelerator, model, tokenizer, rows[: args.eval_batch], recipe, synced=False)  # warm-up
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced=False)
-        if on_gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        assert len(predictions) == len(rows)
-        result = {"arch": arch, "dialogues": len(rows), "seconds": seconds, "dialogues_per_s": len(rows) / seconds,
-                  "new_tokens_per_s": len(rows) * args.max_new_tokens / seconds, "batch": args.eval_batch,
-                  "max_new_tokens": args.max_new_tokens, "source": "DialogSum test" if args.data else "synthetic",
-                  "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
-        print(f"BENCH_RESULT {json.dumps(result)}", flush=True)
-        del model
-    accelerator.end_training()
+        kill_tree(None, STEP_ENV, marker, grace_s=2.0)  # a rank that outlived its launcher
+    proc.wait()
+    part.returncode = proc.returncode
+    part.seconds = time.monotonic() - started
+    part.status = reason or ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})")
+    if reason == "killed: the benchmark was stopped":
+        raise Stop
+
+
+def result_lines(text: str) -> list[dict]:
+    """The ``BENCH_RESULT {json}`` lines a worker printed (also those of a part killed later)."""
+    results = []
+    for line in text.replace("\r", "\n").splitlines():
+        if line.startswith(RESULT_PREFIX):
+            try:
+                results.append(json.loads(line[len(RESULT_PREFIX):]))
+            except ValueError:
+                pass
+    return results
+
+
+def log_tail(text: str, lines: int = 150, limit: int = 24_000) -> str:
+    """The end of a log without repeats: progress-bar frames (tqdm's \\r), repeated warnings."""
+    seen: set[str] = set()
+    kept, dropped = [], 0
+    for line in text.replace("\r", "\n").splitlines():
+        key = re.sub(r"\d+", "#", line.strip())  # progress bars differ only in their numbers
+        if not key or key in seen:
+            dropped += bool(key)
+            continue
+        seen.add(key)
+        kept.append(line)
+    tail = "\n".join(kept[-lines:])[-limit:]
+    return tail + (f"\n[{dropped} repeated lines left out]" if dropped else "")
+
+
+def render_measure_run(strategy: str, arch: str, run_dir: Path, batch: int, tiny: bool,
+                       env: dict[str, str] | None = None) -> None:
+    """The run files ``ftlaunch full --dry-run`` renders for the real architecture's name
+    (google/flan-t5-base, not the tiny model: ZeRO bucket sizes follow d_model)."""
+    zero, offload = STRATEGIES[strategy]
+    command = [sys.executable, "-m", "launcher.cli", "full", "--dry-run", "--gpus", "1", "--zero", str(zero),
+               "--model", ARCHS[arch], "--data", "sample", "--output", str(run_dir), "--overwrite",
+               "--set", f"train.micro_batch_size={batch}", "--set", "model.precision=bf16"]
+    command += (["--offload", offload] if offload != "none" else []) + (["--cpu"] if tiny else [])
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"render failed: {done.stderr.strip()[-300:]}")
 
 
 # ---------------------------------------------------------------- driver
 
 
-def render(method: str, zero: int, out: Path, args) -> None:
-    command = [sys.executable, "-m", "launcher.cli", method, "--dry-run", "--gpus", "1", "--zero", str(zero),
-               "--model", "tiny-t5", "--data", "sample", "--output", str(out), "--overwrite",
-               "--set", f"train.micro_batch_size={args.batch}", "--set", "model.precision=bf16"]
-    if args.tiny:
-        command.append("--cpu")
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
+class Driver:
+    """Runs the plan and keeps --out current after every part."""
 
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        self.args = args
+        self.settings = settings
+        self.out: Path = args.out.resolve()
+        self.work: Path = (args.work or Path(tempfile.mkdtemp(prefix="ftlaunch-gpu-bench-"))).resolve()
+        self.started = time.time()
+        self.deadline = self.started + args.budget_s
+        self.run_marker = os.environ.get(RUN_ENV) or secrets.token_hex(6)
+        self.parts: list[Part] = []
+        self.plan = build_plan(args.cli, args.measure, settings.tiny)
+        self.env_info: dict[str, Any] = {}
+        self.prepared: dict[str, Any] = {}
 
-def launch(run_dir: Path, worker_args: list[str], timeout: float) -> tuple[list[dict], str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir / "accelerate.yaml"),
-               str(Path(__file__).resolve()), *worker_args, "--run-dir", str(run_dir)]
-    started = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    log = f"$ {' '.join(command)}\n(exit {proc.returncode}, {time.perf_counter() - started:.0f} s)\n{proc.stdout}\n{proc.stderr}"
-    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-    return results, log
+    # ------------------------------------------------------------ environment of the parts
 
+    def part_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error",
+                   DATASETS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning")
+        env[RUN_ENV] = self.run_marker
+        env[DEADLINE_ENV] = f"{self.deadline:.0f}"
+        paths = [str(REPO)] + ([str(self.args.site)] if self.args.site else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH", "")] if p])
+        env.pop("FTLAUNCH_DEBUG", None)
+        if self.settings.tiny:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=("train", "generate"))
-    parser.add_argument("--run-dir", type=Path)
-    parser.add_argument("--strategy", default="DDP")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d')}")
-    parser.add_argument("--data", default=None, help="DialogSum directory (train/test.jsonl); default: synthetic")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory; default: the package's tiny one")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny-t5, a few steps")
-    parser.add_argument("--archs", nargs="*", default=list(ARCHS))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--dialogues", type=int, default=500)
-    parser.add_argument("--eval-batch", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--budget-s", type=float, default=450, help="stop launching new parts after this")
-    args = parser.parse_args()
-    if args.tiny:
-        args.archs, args.batch, args.warmup, args.steps = ["tiny-t5"], 4, 1, 3
-        args.dialogues, args.eval_batch, args.max_new_tokens = 12, 8, 8
-    if args.worker:
-        args.run_dir = args.run_dir.resolve()
-        (worker_train if args.worker == "train" else worker_generate)(args)
-        return
-    started = time.perf_counter()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    runs = out / "runs"
-    common = ["--archs", *args.archs, "--methods", *args.methods, "--batch", str(args.batch), "--warmup",
-              str(args.warmup), "--steps", str(args.steps), "--dialogues", str(args.dialogues), "--eval-batch",
-              str(args.eval_batch), "--max-new-tokens", str(args.max_new_tokens)]
-    common += ["--data", args.data] if args.data else []
-    common += ["--tokenizer", args.tokenizer] if args.tokenizer else []
-    common += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-    common += ["--tiny"] if args.tiny else []
-    train_results, gen_results, logs, skipped = [], [], [], []
-    for name in args.strategies:
-        if time.perf_counter() - started > args.budget_s:
-            skipped.append(f"training {name} (time budget)")
-            continue
-        run_dir = runs / name
-        render("full", STRATEGIES[name], run_dir, args)
-        results, log = launch(run_dir, ["--worker", "train", "--strategy", name, *common], timeout=300)
-        train_results += results
-        logs.append(log)
-        print(f"{name}: {len(results)} results", flush=True)
-    if time.perf_counter() - started <= args.budget_s + 60:
-        run_dir = runs / "generate"
-        render("full", 0, run_dir, args)
-        results, log = launch(run_dir, ["--worker", "generate", *common], timeout=240)
-        gen_results += results
-        logs.append(log)
-    else:
-        skipped.append("generation (time budget)")
-    (out / "results.json").write_text(json.dumps({"train": train_results, "generate": gen_results}, indent=1))
-    (out / "logs.txt").write_text("\n\n".join(logs))
-    (out / "README.md").write_text(report(args, train_results, gen_results, skipped, time.perf_counter() - started))
-    print(f"wrote {out / 'README.md'}")
-    expected = len(args.strategies) * len(args.archs) * len(args.methods)
-    ok = [r for r in train_results if "error" not in r and r.get("loop") == "product"]
-    sys.exit(0 if len(ok) == expected and gen_results else 1)
+    def worker(self, *args: str) -> list[str]:
+        return [sys.executable, str(WORKER), *args]
 
+    # ------------------------------------------------------------ the plan
 
-def report(args, train: list[dict], gen: list[dict], skipped: list[str], elapsed: float) -> str:
-    import platform
-
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (--tiny smoke run)"
-    versions = {}
-    for name in ("torch", "transformers", "accelerate", "deepspeed", "peft"):
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        for name in ("logs.txt", "reports.md"):  # env.txt: gpu.sh starts it, preflight appends
+            (self.out / name).write_text("")
+        self.write()
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            versions[name] = "missing"
+            self.step_preflight()
+            if not self.settings.tiny and not self.env_info.get("cuda"):
+                self.skip_all("no GPU visible (torch.cuda.is_available() is False)")
+                return 3
+            self.step_prepare()
+            if not self.prepared:
+                self.skip_all("prepare failed: no model or data to run on")
+                return 1
+            for kind, item, arch in self.parts_planned():
+                self.step(kind, item, arch)
+        except Stop:
+            self.skip_all("the benchmark was stopped")
+        finally:
+            self.write()
+            if not self.args.keep_work:
+                shutil.rmtree(self.work, ignore_errors=True)
+        ok = all(part.status == "ok" for part in self.parts)
+        return 0 if ok else 1
+
+    def skip_all(self, why: str) -> None:
+        """Every planned part not run yet is listed as skipped, with the reason."""
+        for part in self.parts:
+            if part.status == "planned":
+                part.status = f"skipped: {why}"
+        done = {part.name for part in self.parts}
+        for kind, item, arch in self.parts_planned():
+            name = self.part_name(kind, item, arch)
+            if name not in done:
+                self.parts.append(Part(name, kind, status=f"skipped: {why}"))
+        self.write()
+
+    def parts_planned(self) -> list[tuple[str, str, str]]:
+        """(kind, item, arch): measurements for every architecture, CLI runs on the first."""
+        return [(kind, item, arch) for kind, item in self.plan
+                for arch in (self.settings.archs if kind == "measure" else self.settings.archs[:1])]
+
+    def part_name(self, kind: str, item: str, arch: str) -> str:
+        if kind == "cli":
+            method, strategy = item.split(":")
+            return f"cli {method} {strategy}"
+        return f"measure {item} {arch}"
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def launch(self, part: Part, command: list[str], timeout_s: float | None = None) -> str:
+        """Run the part (unless too little time is left); returns its log text."""
+        if self.time_left() < self.settings.min_left_s:
+            part.status = "skipped: the run's time budget ran out"
+            return ""
+        log = self.work / f"{len(self.parts):02d}-{re.sub(r'[^A-Za-z0-9.+-]', '_', part.name)}.log"
+        print(f"[{time.time() - self.started:5.0f} s] {part.name} ...", flush=True)
+        run_part(part, command, self.part_env(), log, timeout_s or self.settings.step_timeout_s,
+                 self.settings.stall_s, self.deadline)
+        text = log.read_text(errors="replace")
+        part.results = result_lines(text)
+        self.append_log(part, text)
+        print(f"[{time.time() - self.started:5.0f} s] {part.name}: {part.status} ({part.seconds:.0f} s)", flush=True)
+        return text
+
+    def step_preflight(self) -> None:
+        part = self.new_part("preflight", "preflight")
+        command = self.worker("preflight", *(["--tiny"] if self.settings.tiny else []),
+                              *(["--site", str(self.args.site)] if self.args.site else []),
+                              *(["--peak-tflops", str(self.args.peak_tflops)] if self.args.peak_tflops else []))
+        self.launch(part, command, timeout_s=120)
+        self.env_info = part.results[-1] if part.results else {"error": "preflight printed nothing"}
+        self.append_env()
+        self.write()
+
+    def step_prepare(self) -> None:
+        part = self.new_part("prepare", "prepare")
+        command = self.worker("prepare", "--work", str(self.work), "--archs", ",".join(self.settings.archs),
+                              "--train-rows", str(self.settings.cli_steps * self.settings.batch),
+                              "--test-rows", str(max(self.settings.cli_eval_limit, self.settings.dialogues)),
+                              *(["--tiny"] if self.settings.tiny else []),
+                              *(["--tokenizer", self.args.tokenizer] if self.args.tokenizer else []),
+                              *(["--data", self.args.data] if self.args.data else []))
+        self.launch(part, command, timeout_s=180)
+        if part.status == "ok" and part.results:
+            self.prepared = part.results[-1]
+        self.write()
+
+    def new_part(self, name: str, kind: str) -> Part:
+        part = Part(name, kind)
+        self.parts.append(part)
+        return part
+
+    def step(self, kind: str, item: str, arch: str) -> None:
+        part = self.new_part(self.part_name(kind, item, arch), kind)
+        try:
+            (self.step_cli if kind == "cli" else self.step_measure)(part, item, arch)
+        except Stop:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken part is a result; the others still run
+            part.status = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        self.write()
+
+    def cli_args(self, method: str, strategy: str, run_dir: Path, model: str) -> list[str]:
+        zero, offload = STRATEGIES[strategy]
+        s = self.settings
+        args = [sys.executable, "-m", "launcher.cli", method, "--gpus", "1", "--zero", str(zero),
+                "--model", model, "--data", self.prepared["data_dir"], "--output", str(run_dir), "--overwrite",
+                "--set", f"train.micro_batch_size={s.batch}", "--set", f"train.max_steps={s.cli_steps}",
+                "--set", f"train.log_every={s.log_every}", "--set", "train.checkpoint_every=null",
+                "--set", "train.eval_every=null", "--set", "data.validation_limit=16",
+                "--set", f"eval.limit={s.cli_eval_limit}", "--set", f"eval.batch_size={s.cli_eval_limit}",
+                "--set", f"eval.max_new_tokens={s.cli_max_new_tokens}", "--set", "model.precision=bf16"]
+        if offload != "none":
+            args += ["--offload", offload]
+        # The original model is scored once (first CLI run): the report's comparison path.
+        first = not any(part.kind == "cli" for part in self.parts[:-1])
+        args += ["--set", f"eval.compare_original={'true' if first else 'false'}"]
+        return args + (["--cpu"] if s.tiny else [])
+
+    def step_cli(self, part: Part, item: str, arch: str) -> None:
+        method, strategy = item.split(":")
+        run_dir = self.work / "runs" / f"cli-{method}-{strategy}"
+        model_dir = self.prepared["models"][arch]
+        self.launch(part, self.cli_args(method, strategy, run_dir, model_dir))
+        if part.status.startswith("skipped"):
+            return
+        part.results = [cli_result(run_dir, method, strategy, arch, self.prepared, self.env_info, self.settings)]
+        self.append_report(part, run_dir)
+
+    def step_measure(self, part: Part, strategy: str, arch: str) -> None:
+        run_dir = self.work / "runs" / f"measure-{strategy}-{arch}"
+        render_measure_run(strategy, arch, run_dir, self.settings.batch, self.settings.tiny, self.part_env())
+        s = self.settings
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(run_dir / "accelerate.yaml"),
+                   str(WORKER), "measure", "--run-dir", str(run_dir),
+                   "--strategy", strategy, "--arch", arch, "--tokenizer", self.prepared["tokenizer"],
+                   "--batch", str(s.batch), "--warmup", str(s.warmup), "--steps", str(s.steps),
+                   "--sync-steps", str(s.sync_steps), "--eval-batch", str(s.eval_batch),
+                   "--max-new-tokens", str(s.max_new_tokens),
+                   "--generate", str(s.dialogues if strategy == "DDP" else 0),
+                   "--data-dir", self.prepared["data_dir"]]
+        if self.args.peak_tflops:
+            command += ["--peak-tflops", str(self.args.peak_tflops)]
+        if s.tiny:
+            command.append("--tiny")
+        self.launch(part, command)
+        for result in part.results:
+            result.setdefault("strategy", strategy)
+
+    # ------------------------------------------------------------ output files (flat, <= 8)
+
+    def append_log(self, part: Part, text: str) -> None:
+        with (self.out / "logs.txt").open("a") as handle:
+            handle.write(f"\n===== {part.name}: {part.status}, {part.seconds:.0f} s =====\n{log_tail(text)}\n")
+
+    def append_env(self) -> None:
+        with (self.out / "env.txt").open("a") as handle:
+            handle.write("\n===== preflight (python3 bench/gpu_worker.py preflight) =====\n")
+            handle.write(json.dumps(self.env_info, indent=1) + "\n")
+
+    def append_report(self, part: Part, run_dir: Path) -> None:
+        report = run_dir / "report" / "report.md"
+        text = report.read_text(errors="replace")[:20_000] if report.is_file() else "(no report.md)"
+        with (self.out / "reports.md").open("a") as handle:
+            handle.write(f"\n\n# {part.name} ({part.status})\n\n{text}\n")
+
+    def write(self) -> None:
+        """results.json and summary.md, rewritten whole (atomically) after every part."""
+        payload = {
+            "meta": {"command": os.environ.get("GPU_SH_COMMAND", " ".join(sys.argv)).strip(),
+                     "tiny": self.settings.tiny,
+                     "elapsed_s": round(time.time() - self.started, 1), "budget_s": self.args.budget_s,
+                     "settings": asdict(self.settings), "date": time.strftime("%Y-%m-%d %H:%M %Z")},
+            "env": self.env_info, "prepared": self.prepared, "parts": [asdict(part) for part in self.parts],
+        }
+        write_atomic(self.out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
+        try:
+            text = summary(payload)
+        except Exception as exc:  # noqa: BLE001 - a formatting bug must not cost the figures
+            text = f"# summary failed ({type(exc).__name__}: {exc}); see results.json\n\n" + "\n".join(
+                f"- {part.name}: {part.status}" for part in self.parts) + "\n"
+        write_atomic(self.out / "summary.md", text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: dict, env_info: dict,
+               settings: Settings) -> dict:
+    """What one real CLI run left in its run directory (whatever it got to before it ended)."""
+    result: dict[str, Any] = {"method": method, "strategy": strategy, "arch": arch}
+    metrics = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                metrics.append(json.loads(line))
+            except ValueError:
+                pass
+    train_rows = [row for row in metrics if "loss" in row]
+    if train_rows:
+        steady = train_rows[1:] or train_rows  # the first window holds the first steps' start-up
+        result.update(steps=train_rows[-1]["step"], loss_first=train_rows[0]["loss"], loss_last=train_rows[-1]["loss"],
+                      tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
+                      samples_per_s=sum(r["samples_per_s"] for r in steady) / len(steady),
+                      grad_norm=train_rows[-1].get("grad_norm"))
+        per_token = prepared.get("flops_per_token", {}).get(arch, {}).get(method)
+        peak = env_info.get("peak_flops")
+        if per_token and peak:
+            result["mfu_approx"] = result["tokens_per_s"] * per_token / peak
+    final = [row for row in metrics if row.get("final")]
+    if final:
+        result["val_loss"] = final[-1].get("val_loss")
+    rouge = run_dir / "eval" / "finetuned" / "rouge.json"
+    if rouge.is_file():
+        scores = json.loads(rouge.read_text())
+        result.update(rouge1=scores.get("rouge1"), rougeL=scores.get("rougeL"), eval_n=scores.get("n"))
+    result["report"] = (run_dir / "report" / "report.md").is_file()
+    final_dir = run_dir / "final"
+    result["final_files"] = sorted(p.name for p in final_dir.iterdir()) if final_dir.is_dir() else []
+    return result
+
+
+# ---------------------------------------------------------------- summary.md
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def md_table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown section with one table (numeric columns, marked with a leading '#', align right)."""
+    header = "| " + " | ".join(c.lstrip("#") for c in columns) + " |"
+    rule = "| " + " | ".join("---:" if c.startswith("#") else "---" for c in columns) + " |"
+    return ["", f"## {title}", "", header, rule] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def cli_row(r: dict) -> list[str]:
+    loss = f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}"
+    return [r["method"], r["strategy"], str(r.get("steps", "-")), fmt(r.get("tokens_per_s"), ",.0f"),
+            fmt(r.get("samples_per_s"), ".1f"), fmt(r.get("mfu_approx"), ".1%"), loss, fmt(r.get("val_loss"), ".3f"),
+            f"{fmt(r.get('rouge1'), '.3f')} ({r.get('eval_n', '-')})", "yes" if r.get("report") else "no"]
+
+
+def measured_row(r: dict) -> list[str]:
+    head = [str(r.get("arch")), str(r.get("method")), str(r.get("strategy"))]
+    if "error" in r:
+        return head + [f"error: {r['error']}"] + [""] * 6
+    return head + [f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:.1f}", f"{r['tflops']:.1f}",
+                   fmt(r.get("mfu"), ".1%"), fmt(r.get("mfu_padded"), ".1%"), fmt(r.get("peak_alloc_gib"), ".2f"),
+                   fmt(r.get("host_syncs_per_step"), ".1f")]
+
+
+def generation_row(r: dict) -> list[str]:
+    if "error" in r:
+        return [str(r.get("arch")), f"error: {r['error']}"] + [""] * 6
+    return [r["arch"], str(r["dialogues"]), str(r["batch"]), str(r["max_new_tokens"]), f"{r['seconds']:.1f}",
+            f"{r['dialogues_per_s']:.1f}", f"{r['new_tokens_per_s']:,.0f}", fmt(r.get("peak_alloc_gib"), ".2f")]
+
+
+def summary(payload: dict) -> str:
+    """summary.md: what ran and every table (gpu.sh prints it at the end too)."""
+    env, meta, parts = payload["env"], payload["meta"], payload["parts"]
     lines = [
-        "# GPU benchmark: DDP vs ZeRO-2 vs ZeRO-3 on one GPU, full and LoRA, + generation",
+        "# ftlaunch GPU benchmark" + (" (--tiny rehearsal on CPU)" if meta["tiny"] else ""),
         "",
-        "- command: `" + " ".join(["bash bench/gpu.sh", os.environ.get("GPU_SH_ARGS", "")]).strip() + "`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; device: {device}; python {platform.python_version()}; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- bf16 autocast over fp32 master weights; micro batch {args.batch}; {args.warmup} warm-up + {args.steps} timed "
-        f"steps; data: {args.data or 'synthetic DialogSum-like lengths'}; {elapsed:.0f} s wall",
-        "- FLOPs per step = c x (N_enc x S + N_dec x T) + 12 x inner x (L_enc sum s^2 + L_dec sum t^2 + L_dec sum t s), "
-        "c = 6 full / 4 LoRA; MFU on non-pad tokens (MFU padded: on the padded batch)",
-        "",
-        "| model | method | strategy | loop | tokens/s | samples/s | TFLOP/s | MFU | MFU padded | peak memory GiB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"- command: `{meta['command']}`; date {meta['date']}; {meta['elapsed_s']:.0f} s of a "
+        f"{meta['budget_s']:.0f} s budget",
+        f"- device: {env.get('device', '?')}; peak for MFU: {env.get('peak_label', '?')}; measured 8192^3 bf16 "
+        f"matmul: {fmt(env.get('matmul_tflops'), '.0f')} TFLOP/s; {env.get('cpus', '?')} CPUs",
+        "- versions: " + (", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()) or "?"),
     ]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in train:
-        if "error" in r:
-            lines.append(f"| {r['arch']} | {r['method']} | {r['strategy']} | {r.get('loop')} | error: {r['error']} "
-                         "| | | | | |")
-            continue
-        lines.append(f"| {r['arch']} | {r['method']} | {r['strategy']} | {r['loop']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['samples_per_s']:.1f} | {r['tflops']:.1f} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['mfu_padded'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} |")
-    lines += ["", "| model | dialogues | source | batch | max_new_tokens | seconds | dialogues/s | new tokens/s | "
-              "peak memory GiB |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in gen:
-        lines.append(f"| {r['arch']} | {r['dialogues']} | {r['source']} | {r['batch']} | {r['max_new_tokens']} | "
-                     f"{r['seconds']:.1f} | {r['dialogues_per_s']:.1f} | {r['new_tokens_per_s']:,.0f} | "
-                     f"{fmt(r['peak_mem_gib'], '.2f')} |")
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(skipped)]
-    lines += ["", "Logs of every launch: logs.txt; raw numbers: results.json."]
+    if env.get("problems"):
+        lines.append("- **environment problems**: " + "; ".join(env["problems"]))
+    if payload.get("prepared", {}).get("model_note"):
+        lines.append(f"- model: {payload['prepared']['model_note']}")
+    lines += md_table("Parts", ["part", "status", "#seconds", "#peak GPU MiB (nvidia-smi)"],
+                      [[p["name"], p["status"], f"{p['seconds']:.0f}", fmt(p["peak_gpu_mib"], ".0f")] for p in parts])
+    results = [(p["kind"], r) for p in parts for r in p["results"]]
+    cli = [cli_row(r) for kind, r in results if kind == "cli"]
+    if cli:
+        lines += md_table("The real CLI (`ftlaunch full|lora --gpus 1`): a few dozen steps, then generation + report",
+                          ["method", "strategy", "#steps", "#tokens/s", "#samples/s", "#MFU (approx.)",
+                           "loss first -> last", "#val loss", "ROUGE-1 (n)", "report"], cli)
+    train = [measured_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "train"]
+    if train:
+        lines += md_table("Measured: the product's step, timed after warm-up",
+                          ["model", "method", "strategy", "#tokens/s", "#samples/s", "#TFLOP/s", "#MFU",
+                           "#MFU padded", "#peak alloc GiB", "#host syncs/step"], train)
+    gen = [generation_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "generate"]
+    if gen:
+        lines += md_table("Generation (`evaluation.generate_predictions`, greedy, bf16 autocast)",
+                          ["model", "#dialogues", "#batch", "#max_new_tokens", "#seconds", "#dialogues/s",
+                           "#new tokens/s", "#peak alloc GiB"], gen)
+    lines += ["", "Files: summary.md (this), results.json (every number), logs.txt (each part's log tail), "
+              "env.txt (wheels, versions, conflicts), reports.md (the CLI runs' report.md)."]
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- entry
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="results folder (gpu.sh: $OUT, else bench/results/gpu-<date>)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new one under /tmp)")
+    parser.add_argument("--keep-work", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, a few steps")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time budget (deadline)")
+    parser.add_argument("--cli", default=None, help="only these CLI runs: full:DDP,lora:ZeRO-3,...")
+    parser.add_argument("--measure", default=None, help="only these measurements: DDP,ZeRO-2,...")
+    parser.add_argument("--archs", default=None, help="comma list of base,large (measurement; CLI uses the first)")
+    parser.add_argument("--site", type=Path, default=None, help="where gpu.sh installed the carried wheels")
+    parser.add_argument("--data", default=None, help="a DialogSum folder (train/validation/test.jsonl)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the package's tiny one)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, if the table lacks the GPU")
+    parser.add_argument("--stall-s", type=float, default=None, help="kill a part silent this long")
+    parser.add_argument("--sweep", default=None, help="kill what is left of the run with this marker, then exit")
+    return parser.parse_args(argv)
+
+
+def split_list(value: str | None, default: tuple[str, ...]) -> list[str]:
+    if value is None:
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.sweep:
+        kill_tree(None, RUN_ENV, args.sweep, grace_s=3.0)
+        return 0
+    settings = Settings.for_tiny() if args.tiny else Settings()
+    if args.archs and not args.tiny:
+        settings.archs = tuple(split_list(args.archs, settings.archs))
+        if not settings.archs or set(settings.archs) - {"base", "large"}:
+            print(f"gpu_bench: --archs {args.archs}: use base and/or large", file=sys.stderr)
+            return 2
+    if args.stall_s:
+        settings.stall_s = args.stall_s
+    unknown = plan_problems(build_plan(args.cli, args.measure, args.tiny))
+    if unknown:
+        print(f"gpu_bench: unknown parts {unknown}; use --cli full:DDP,lora:ZeRO-3,... and --measure "
+              f"DDP,ZeRO-2,...; strategies: {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    args.out = args.out or REPO / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d')}"
+    driver = Driver(args, settings)
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the final write
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return driver.run()
+    finally:
+        kill_tree(None, RUN_ENV, driver.run_marker, grace_s=2.0)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

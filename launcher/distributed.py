@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe
@@ -79,6 +79,7 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         step_scheduler_with_optimizer=False,
         project_dir=project_dir,
         log_with=log_with,
+        dataloader_config=dataloader_config(cpu),
     )
     if recipe.launch.zero:
         # Precision and clipping come from the rendered deepspeed.json (accumulation too: the
@@ -90,6 +91,12 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         gradient_accumulation_steps=recipe.train.grad_accum,
         **kwargs,
     )
+
+
+def dataloader_config(cpu: bool) -> DataLoaderConfiguration:
+    """GPU ranks copy each (pinned, see train.pins_memory) batch with ``non_blocking=True``:
+    Accelerate's default is a synchronous copy, a host wait for the GPU every micro-batch."""
+    return DataLoaderConfiguration(non_blocking=not cpu)
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:

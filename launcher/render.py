@@ -254,9 +254,26 @@ def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list
             "# --cpu: ranks are CPU processes (gloo); hide GPUs, real or announced by SLURM.",
             'export CUDA_VISIBLE_DEVICES=""',
         ]
+    lines += offload_thread_lines(recipe)
     lines += setup
     lines.append("exec " + " ".join(launch_args + train_args))
     return "\n".join(lines) + "\n"
+
+
+def offload_thread_lines(recipe: Recipe) -> list[str]:
+    """ZeRO-Offload ranks step the optimizer on the CPU: give each its share of this node's cores.
+
+    ``accelerate launch`` sets OMP_NUM_THREADS=1 for every rank when the variable is unset, which
+    leaves a CPU optimizer one core per rank. ``nproc`` counts the cores this job may use (a SLURM
+    task's --cpus-per-task); a value the user exported stays (the tests export 1).
+    """
+    if recipe.launch.offload == "none":
+        return []
+    ranks = recipe.launch.gpus
+    return [
+        f"# ZeRO-Offload: the optimizer steps on the CPU; {ranks} local rank(s) share this node's cores.",
+        f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {ranks} > 1 ? $(nproc) / {ranks} : 1 ))}}"',
+    ]
 
 
 def render_run(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],

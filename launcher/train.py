@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import signal
 import sys
@@ -102,8 +103,15 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
         micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
     )
     collator = build_collator(tokenizer, accelerator.device.type == "cuda", model)
-    loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator)
+    loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator,
+                                         pin_memory=pins_memory(accelerator))
     return TrainingData(loader, sampler, validation, collator)
+
+
+def pins_memory(accelerator) -> bool:
+    """Page-locked batches on CUDA ranks: only a pinned host tensor is copied with
+    ``non_blocking=True`` (build_accelerator) without the host waiting for the copy."""
+    return accelerator.device.type == "cuda"
 
 
 def true_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -127,7 +135,28 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
         {"params": decay, "weight_decay": recipe.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, **adamw_options(recipe))
+
+
+def adamw_options(recipe: Recipe) -> dict:
+    """ZeRO-Offload steps AdamW on the CPU: use torch's fused kernel there (one multi-threaded pass
+    per flat fp32 partition) rather than its per-tensor loop, which DeepSpeed warns "will yield poor
+    performance". Without offload, torch's default for the device."""
+    if recipe.launch.zero and recipe.launch.offload != "none" and cpu_fused_adamw_available():
+        return {"fused": True}
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_fused_adamw_available() -> bool:
+    """torch >= 2.4 has a fused AdamW for CPU tensors; older builds raise on its first step."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    try:
+        torch.optim.AdamW([param], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
@@ -244,11 +273,32 @@ def clip_and_norm(accelerator, model, max_norm: float | None):
     return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def deepspeed_grad_norm(accelerator, model):
+def deepspeed_grad_norm(accelerator, model, previous=None):
+    """DeepSpeed's norm of the last step as it comes (a device tensor), else ``previous``.
+
+    Neither ``float()`` nor a truth test here: either makes the host wait for the GPU every
+    step; metrics_row converts it on logged steps only.
+    """
     if not uses_deepspeed(accelerator):
-        return None
+        return previous
     norm = model.get_global_grad_norm()
-    return float(norm) if norm is not None else None
+    return norm if norm is not None else previous
+
+
+# Optimizer steps between two stop-flag all-reduces (and the first possible stop after a signal).
+STOP_CHECK_EVERY = 10
+
+
+def stop_requested(accelerator, stop: StopRequest, step: int, last_step: int) -> bool:
+    """Did any rank get a stop signal? Asked every STOP_CHECK_EVERY optimizer steps and at the last.
+
+    The all-reduce and its ``.item()`` make the host wait until the GPU has drained its queue;
+    asked every step, the host could never run ahead. Every rank asks at the same steps (it is
+    a collective); a signal waits at most STOP_CHECK_EVERY steps (SLURM signals 300 s early).
+    """
+    if step % STOP_CHECK_EVERY and step < last_step:
+        return False
+    return any_rank(accelerator, stop.requested)
 
 
 @dataclass
@@ -414,9 +464,9 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             stats.add(step, window)
             run.scheduler.step()
             state.step += 1
-            grad_norm = deepspeed_grad_norm(accelerator, run.model) or grad_norm
+            grad_norm = deepspeed_grad_norm(accelerator, run.model, grad_norm)
             stats = after_optimizer_step(run, stats, grad_norm, logger, progress)
-            interrupted = any_rank(accelerator, stop.requested)
+            interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
             periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
             if periodic or interrupted:
                 ckpt.save_checkpoint(accelerator, run.run_dir, state, recipe.train.keep_checkpoints)

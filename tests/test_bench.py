@@ -1,10 +1,16 @@
 """Every bench script runs in its quick/smoke mode (tiny sizes), so the benchmarks are known to
 work before anyone spends machine time (or GPU time) on the real runs. The real-data ones skip
-cleanly without ../shared (or $FTLAUNCH_SHARED_DIR)."""
+cleanly without ../shared (or $FTLAUNCH_SHARED_DIR).
+
+The GPU benchmark (bench/gpu.sh) is rehearsed end to end on CPU ranks with one strategy forced to
+hang; its measurement fixes are checked against hand counts (FLOPs), datasheets (peaks) and the
+rendered configs (ZeRO bucket sizes of the real architecture).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,8 +18,8 @@ import pytest
 
 from conftest import DIALOGSUM, REPO, UNIGRAM_TOKENIZER, cli_env
 
-pytestmark = pytest.mark.slow
 BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
 
 
 def needs_real_data():
@@ -30,6 +36,7 @@ def run_bench(*args: str, timeout: float = 900, env: dict | None = None) -> subp
 
 
 @needs_real_data()
+@pytest.mark.slow
 def test_throughput_quick(tmp_path):
     out = tmp_path / "throughput.md"
     run_bench(BENCH / "throughput.py", "--quick", "--work", tmp_path / "work", "--out", out)
@@ -40,6 +47,7 @@ def test_throughput_quick(tmp_path):
 
 
 @needs_real_data()
+@pytest.mark.slow
 def test_padding_quick(tmp_path):
     out = tmp_path / "padding.md"
     run_bench(BENCH / "padding.py", "--quick", "--out", out)
@@ -51,6 +59,7 @@ def test_padding_quick(tmp_path):
 
 
 @needs_real_data()
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
     out = tmp_path / "scaling.md"
     run_bench(BENCH / "scaling.py", "--quick", "--work", tmp_path / "work", "--out", out)
@@ -58,6 +67,7 @@ def test_scaling_quick(tmp_path):
     assert "| train | 2 x 1 |" in text and "| generate | 2 x 1 |" in text and "efficiency" in text
 
 
+@pytest.mark.slow
 def test_zero_memory_quick(tmp_path):
     """Needs no real data: 2 CPU ranks per stage, configs rendered by ftlaunch --dry-run."""
     out = tmp_path / "zero.md"
@@ -67,39 +77,7 @@ def test_zero_memory_quick(tmp_path):
     assert "| ZeRO-3 (buckets sized to the model) |" in text and "ZeRO-3 as rendered: per-rank model states" in text
 
 
-def test_gpu_script_tiny_on_cpu(tmp_path):
-    """bench/gpu.sh end to end on CPU ranks with tiny-t5: rendering, the three strategies, both
-    methods, generation through the product's generate_predictions, the results folder."""
-    out = tmp_path / "gpu"
-    env = cli_env(OMP_NUM_THREADS="1")
-    result = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--tiny", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    data = json.loads((out / "results.json").read_text())
-    assert {(r["strategy"], r["method"]) for r in data["train"]} == {
-        (s, m) for s in ("DDP", "ZeRO-2", "ZeRO-3") for m in ("full", "lora")}
-    assert all("error" not in r and r["tokens_per_s"] > 0 for r in data["train"]), data["train"]
-    assert data["generate"] and data["generate"][0]["dialogues"] == 12
-    assert "| tiny-t5 | lora | ZeRO-3 |" in (out / "README.md").read_text()
-
-
-def test_gpu_bench_flops_formula():
-    """The MFU formula on a known case: flan-t5-base's matmul parameters and one example."""
-    sys.path.insert(0, str(BENCH))
-    import torch
-
-    import gpu_bench
-
-    with torch.device("meta"):
-        model = gpu_bench.build_arch("google/flan-t5-base", "meta")
-    enc, dec, dims = gpu_bench.flop_params(model)
-    assert enc + dec + 32128 * 768 == 247_577_856  # + the shared embedding = all parameters
-    flops = gpu_bench.step_flops([(200, 30)], enc, dec, dims, lora=False)
-    expected = 6 * (enc * 200 + dec * 30) + 12 * 768 * (12 * 200**2 + 12 * 30**2 + 12 * 30 * 200)
-    assert flops == expected
-    assert gpu_bench.step_flops([(200, 30)], enc, dec, dims, lora=True) < flops
-
-
+@pytest.mark.slow
 def test_scripts_skip_cleanly_without_shared(tmp_path):
     env = cli_env(FTLAUNCH_SHARED_DIR=str(tmp_path / "nowhere"))
     for script in ("throughput.py", "padding.py", "scaling.py"):
@@ -107,3 +85,277 @@ def test_scripts_skip_cleanly_without_shared(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
         assert result.returncode == 0 and "skipped" in result.stdout, (script, result.stdout, result.stderr)
         assert not (tmp_path / "x.md").exists()
+
+
+# ---------------------------------------------------------------- bench/gpu.sh: the rehearsal
+
+
+def repo_files() -> set[str]:
+    """Every file of the working tree (outside .git): the GPU script must add none when $OUT is set."""
+    return {str(path.relative_to(REPO)) for path in REPO.rglob("*") if ".git" not in path.parts and path.is_file()}
+
+
+def marked_processes(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (a part's run directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
+    """`OUT=DIR bash bench/gpu.sh --tiny` on CPU ranks, with ZeRO-2's measurement forced to hang:
+    it is killed (its whole process tree), every other part's results are kept, at most 8 files
+    come back (flat), the summary table is on stdout and nothing lands in the working tree."""
+    import gpu_bench
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = cli_env(OMP_NUM_THREADS="1", OUT=str(out), PYTHON=sys.executable, FTLAUNCH_BENCH_HANG="ZeRO-2")
+    before = repo_files()
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--tiny", "--work", str(work)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-6000:]  # 1: a part did not finish (the hung one)
+
+    files = sorted(path.relative_to(out) for path in out.rglob("*"))
+    assert len(files) <= 8 and all(len(path.parts) == 1 for path in files), files
+    assert {str(path) for path in files} == set(gpu_bench.OUT_FILES)
+    assert repo_files() == before, sorted(repo_files() ^ before)
+    assert not work.exists(), "the scratch folder is removed"
+    assert not marked_processes(str(work)), "a process of the benchmark outlived it"
+
+    parts = {part["name"]: part for part in json.loads((out / "results.json").read_text())["parts"]}
+    hung = parts.pop("measure ZeRO-2 tiny")
+    assert hung["status"].startswith("killed: hung"), hung["status"]
+    assert hung["seconds"] < 120, "the hang is noticed from the missing output and CPU use, not a timeout"
+    assert list(parts) == ["preflight", "prepare", "cli full DDP", "measure DDP tiny", "cli lora ZeRO-3+offload"]
+    assert all(part["status"] == "ok" for part in parts.values()), {k: v["status"] for k, v in parts.items()}
+
+    cli = {(r["method"], r["strategy"]): r for name in ("cli full DDP", "cli lora ZeRO-3+offload")
+           for r in parts[name]["results"]}
+    for row in cli.values():
+        assert row["steps"] == 3 and row["tokens_per_s"] > 0 and row["report"], row
+        assert row["eval_n"] == 4 and row["val_loss"] > 0, row
+    assert "adapter_model.safetensors" in cli[("lora", "ZeRO-3+offload")]["final_files"]
+    measured = {(r["kind"], r["method"]) if r["kind"] == "train" else (r["kind"],): r
+                for r in parts["measure DDP tiny"]["results"]}
+    assert set(measured) == {("train", "full"), ("train", "lora"), ("generate",)}
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for key, r in measured.items() if key[0] == "train")
+    assert measured[("generate",)]["dialogues"] == 8
+
+    summary = (out / "summary.md").read_text()
+    assert "==================== summary" in result.stdout and summary.strip() in result.stdout
+    assert "| measure ZeRO-2 tiny | killed: hung" in summary
+    assert "| full | DDP | 3 |" in summary and "| lora | ZeRO-3+offload | 3 |" in summary
+    assert "# cli lora ZeRO-3+offload (ok)" in (out / "reports.md").read_text()
+    assert "fault hook FTLAUNCH_BENCH_HANG=ZeRO-2" in (out / "logs.txt").read_text()
+
+
+def test_gpu_script_refuses_an_unknown_strategy(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--out", str(tmp_path / "out"),
+                             "--measure", "ZeRO-9"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "measure ZeRO-9" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- bench/gpu.sh: what it measures
+
+
+def test_gpu_flops_count_cross_attention_kv_over_the_source():
+    """flan-t5-base by hand: d 768, 12 heads x 64, d_ff 2048 (gated: wi_0, wi_1, wo), 12 + 12 layers,
+    vocabulary 32,128. The decoder's cross-attention k and v project the encoder's S outputs."""
+    import torch
+
+    import gpu_worker
+
+    with torch.device("meta"):
+        model = gpu_worker.build_arch("base", "meta")
+    d, inner, ff, layers, vocab = 768, 12 * 64, 2048, 12, 32128
+    attention = 4 * d * inner  # q, k, v, o
+    ffn = 3 * d * ff  # wi_0, wi_1, wo
+    per_source = layers * (attention + ffn) + layers * 2 * d * inner  # encoder + cross k, v
+    per_target = layers * (attention + 2 * d * inner + ffn) + vocab * d  # self, cross q, o, ffn; lm_head
+    counts = gpu_worker.flop_counts(model)
+    assert (counts.source, counts.target) == (per_source, per_target) == (99_090_432, 123_764_736)
+    # + shared embedding + layer norms (12 x 2 + 1 + 12 x 3 + 1 of 768) + 2 relative-position tables
+    assert per_source + per_target + vocab * d + (24 + 1 + 36 + 1) * d + 2 * 32 * 12 == 247_577_856
+
+    s, t = 200, 30
+    expected = 6 * (per_source * s + per_target * t) + 12 * inner * (layers * s * s + layers * t * t + layers * t * s)
+    assert int(gpu_worker.step_flops([s], [t], counts, lora=False)) == expected
+    assert int(gpu_worker.step_flops([s], [t], counts, lora=True)) == expected - 2 * (per_source * s + per_target * t)
+    # the old formula ran cross-attention k, v over the T target tokens: ~11% too few FLOPs here
+    old = 6 * ((per_source - layers * 2 * d * inner) * s + (per_target + layers * 2 * d * inner) * t) \
+        + 12 * inner * (layers * s * s + layers * t * t + layers * t * s)
+    assert 0.09 < expected / old - 1 < 0.13
+    two = gpu_worker.step_flops(torch.tensor([s, 100]), torch.tensor([t, 20]), counts, lora=False)
+    assert int(two) == expected + int(gpu_worker.step_flops([100], [20], counts, lora=False))
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.5),  # SXM5: 1,979 with sparsity
+    ("NVIDIA H100 PCIe", 756.5),  # 1,513 with sparsity
+    ("NVIDIA H100 NVL", 835.5),  # 1,671 with sparsity
+    ("NVIDIA H200", 989.5),  # SXM: 1,979 with sparsity
+    ("NVIDIA H200 NVL", 835.5),  # 1,671 with sparsity
+    ("NVIDIA GH200 480GB", 989.5),
+])
+def test_gpu_peak_bf16_is_the_dense_datasheet_figure(name, tflops):
+    import gpu_worker
+
+    peak, label = gpu_worker.peak_bf16(name)
+    assert peak == tflops * 1e12, label
+    assert gpu_worker.peak_bf16("NVIDIA B200")[0] is None
+    assert gpu_worker.peak_bf16(name, override_tflops=500)[0] == 500e12
+
+
+@pytest.mark.parametrize(("strategy", "arch", "hidden"), [("ZeRO-3", "base", 768), ("ZeRO-3+offload", "base", 768),
+                                                          ("ZeRO-2", "large", 1024)])
+def test_gpu_measurement_renders_the_real_architectures_buckets(tmp_path, strategy, arch, hidden):
+    """flan-t5-base: reduce_bucket_size 768^2 = 589,824 (large: 1024^2), not tiny-t5's 64^2 = 4,096."""
+    import gpu_bench
+
+    run_dir = tmp_path / "run"
+    gpu_bench.render_measure_run(strategy, arch, run_dir, batch=16, tiny=False, env=cli_env())
+    zero = json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["reduce_bucket_size"] == hidden * hidden
+    if zero["stage"] == 3:
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+        assert zero["stage3_param_persistence_threshold"] == 10 * hidden
+    assert json.loads((run_dir / "deepspeed.json").read_text())["train_micro_batch_size_per_gpu"] == 16
+
+
+def test_gpu_cli_runs_render_the_bench_model_directorys_width(tmp_path):
+    """The CLI runs pass --model DIR (a saved flan-t5-base-shaped config): the same 768^2 buckets."""
+    import gpu_worker
+    from transformers import T5Config
+
+    from conftest import run_cli
+
+    model_dir = tmp_path / "model"
+    T5Config(**gpu_worker.arch_config("base")).save_pretrained(str(model_dir))
+    result = run_cli("full", "--zero", "3", "--gpus", "1", "--model", str(model_dir), "--dry-run",
+                     "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    zero = json.loads((tmp_path / "run" / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 589_824
+
+
+# ---------------------------------------------------------------- bench/gpu.sh: its environment check
+
+
+def fake_distribution(site, name: str, version: str, requires: list[str]) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {requirement}" for requirement in requires]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
+
+
+def test_gpu_preflight_reports_a_version_conflict_as_a_conflict(tmp_path):
+    from importlib import metadata
+
+    import gpu_worker
+
+    site = tmp_path / "site"
+    fake_distribution(site, "carried-pkg", "1.0", ["packaging>=999", "no-such-dependency-xyz", "pytest",
+                                                   'colorama; extra == "dev"', 'oldlib; python_version < "3.0"'])
+    problems = gpu_worker.requirement_problems(site)
+    found = metadata.version("packaging")
+    assert problems == [
+        f"conflict: carried-pkg 1.0 requires packaging>=999, the image has packaging {found}",
+        "missing: carried-pkg 1.0 requires no-such-dependency-xyz, which is not installed",
+    ]
+
+
+def test_gpu_preflight_tells_missing_from_broken_imports(tmp_path, monkeypatch):
+    import gpu_worker
+
+    (tmp_path / "needs_missing_dep.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "fails_on_version.py").write_text("raise ImportError('needs pyarrow>=24, found 19')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gpu_worker.import_problem("no_such_module_xyz") == (None, "missing: no_such_module_xyz (carry its wheel "
+                                                                     "in .whl/)")
+    assert gpu_worker.import_problem("needs_missing_dep")[1].startswith("broken: needs_missing_dep needs "
+                                                                        "no_such_dependency_xyz")
+    assert gpu_worker.import_problem("fails_on_version")[1] == (
+        "conflict: importing fails_on_version fails: ImportError: needs pyarrow>=24, found 19")
+    assert gpu_worker.import_problem("json")[1] is None
+
+
+# ---------------------------------------------------------------- bench/gpu.sh: killing a part
+
+
+TREE = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "child":  # a rank torchrun would start: its own session, deaf to SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("child started", flush=True)
+    while True:
+        if sys.argv[2] == "busy":
+            sum(range(200_000))  # computing: alive, never hung
+        time.sleep(0.01 if sys.argv[2] == "busy" else 1)
+child = subprocess.Popen([sys.executable, __file__, "child", sys.argv[2]], start_new_session=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize(("behaviour", "limits", "status"), [
+    ("busy", {"timeout_s": 60, "stall_s": 60, "deadline_in": 3}, "killed: the run's time budget ran out"),
+    ("busy", {"timeout_s": 3, "stall_s": 60, "deadline_in": 60}, "killed: step timeout (3 s)"),
+    ("silent", {"timeout_s": 60, "stall_s": 3, "deadline_in": 60}, "killed: hung (no output and no CPU use for 3 s)"),
+])
+def test_a_part_past_a_limit_is_killed_with_its_whole_tree(tmp_path, behaviour, limits, status):
+    """Limits are checked while the part runs; the kill reaches a grandchild in a session of its own."""
+    import time
+
+    import gpu_bench
+
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    part = gpu_bench.Part("tree", "measure")
+    started = time.monotonic()
+    command = [sys.executable, str(script), "parent", behaviour]
+    gpu_bench.run_part(part, command, dict(os.environ), tmp_path / "tree.log", limits["timeout_s"], limits["stall_s"],
+                       deadline=time.time() + limits["deadline_in"])
+    assert part.status == status
+    assert time.monotonic() - started < 30
+    assert "child started" in (tmp_path / "tree.log").read_text()
+    assert not marked_processes(str(script)), "the grandchild survived"
+
+
+def test_gpu_default_plan_covers_both_methods_under_every_strategy():
+    import gpu_bench
+
+    plan = gpu_bench.build_plan(None, None, tiny=False)
+    strategies = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
+    assert sorted(item for kind, item in plan if kind == "cli") == sorted(
+        f"{method}:{strategy}" for method in ("full", "lora") for strategy in strategies)
+    assert sorted(item for kind, item in plan if kind == "measure") == sorted(strategies)
+    assert plan[:2] == [("cli", "full:DDP"), ("measure", "DDP")]  # the end-to-end proof first
+    assert gpu_bench.build_plan("lora:DDP,lora:ZeRO-2", None, tiny=False) == [("cli", "lora:DDP"),
+                                                                              ("cli", "lora:ZeRO-2")]
+    assert gpu_bench.build_plan(None, "ZeRO-3", tiny=False) == [("measure", "ZeRO-3")]
+    assert gpu_bench.plan_problems([("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP")]) == [
+        "cli full:ZeRO-9", "cli DDP", "measure full:DDP"]
+
+
+@pytest.mark.slow
+def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path):
+    """The GPU mode on a machine without one: preflight only, exit 3, the plan listed as skipped."""
+    out = tmp_path / "out"
+    env = cli_env(OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    assert parts[0]["name"] == "preflight" and parts[0]["status"] == "ok"
+    assert len(parts) == 1 + 12 and all(p["status"].startswith("skipped: no GPU visible") for p in parts[1:])
+    assert "| cli lora ZeRO-3+offload | skipped: no GPU visible" in result.stdout

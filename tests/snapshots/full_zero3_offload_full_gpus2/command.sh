@@ -4,4 +4,6 @@
 set -euo pipefail
 # Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.
 trap '' USR1
+# ZeRO-Offload: the optimizer steps on the CPU; 2 local rank(s) share this node's cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))}"
 exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.train --run-dir <RUN>

@@ -4,6 +4,8 @@
 set -euo pipefail
 # Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.
 trap '' USR1
+# ZeRO-Offload: the optimizer steps on the CPU; 8 local rank(s) share this node's cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 8 > 1 ? $(nproc) / 8 : 1 ))}"
 machine_rank="${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-}}"
 case "$machine_rank" in
     '') echo "error: no machine rank for this node: set FTLAUNCH_MACHINE_RANK=R (0..1) on each node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;
