@@ -376,3 +376,26 @@ def test_report_on_a_dir_without_evaluations(tmp_path, no_launch, to_output):
     output = tmp_path / "report" if to_output else None
     refused(no_launch, "report", str(run_dir), *(["--output", str(output)] if output else []), output=output,
             watch=(run_dir,), fragments=(str(run_dir), "no evaluations", "eval/*/rouge.json", "ftlaunch eval"))
+
+
+# ---------------------------------------------------------------- files from other tools
+
+
+@pytest.mark.parametrize("form", ["bom", "crlf", "bom-crlf"])
+def test_jsonl_with_a_byte_order_mark_or_crlf_loads(tmp_path, no_launch, form):
+    """What Windows editors and spreadsheet exports write: a UTF-8 BOM, CRLF line ends."""
+    from launcher.data import load_split
+
+    data = data_dir(tmp_path)
+    for path in data.glob("*.jsonl"):
+        raw = path.read_bytes()
+        if "crlf" in form:
+            raw = raw.replace(b"\n", b"\r\n")
+        if "bom" in form:
+            raw = b"\xef\xbb\xbf" + raw
+        path.write_bytes(raw)
+    result = run_cli(*train_args(data, tmp_path / "out", "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for split in ("train", "validation", "test"):
+        assert load_split(str(data), split) == load_split("sample", split), split
+
