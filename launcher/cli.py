@@ -134,11 +134,14 @@ def train_command(method: str):
         zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
         recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
-        launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume,
-                              dry_run=dry_run, argv=["ftlaunch", method, *sys.argv[2:]])
+        notes = launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite,
+                                      force_resume=force_resume, dry_run=dry_run,
+                                      argv=["ftlaunch", method, *sys.argv[2:]])
 
         from launcher.render import summarize
 
+        for note in notes:
+            typer.echo(f"warning: {note}", err=True)
         typer.echo(summarize(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
         typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
         if dry_run:

@@ -248,17 +248,14 @@ def set_up(run_dir: Path) -> Run:
     total_steps = total_optimizer_steps(recipe, batches_per_rank)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
-    state = ckpt.TrainState(
-        world_size=accelerator.num_processes, grad_accum=recipe.train.grad_accum,
-        micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed, method=recipe.train.method,
-    )
+    state = ckpt.expected_state(recipe, accelerator.num_processes)
     return Run(recipe, run_dir, accelerator, model, tokenizer, optimizer, scheduler, loader, data, state,
                total_steps, batches_per_rank)
 
 
 def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     """Load the checkpoint ``--resume`` names (if any); True when training continues from one."""
-    checkpoint = ckpt.resolve_resume(run.run_dir, resume)
+    checkpoint = ckpt.resolve_resume_on_main(run.accelerator, run.run_dir, resume)
     if run.accelerator.is_main_process:
         ckpt.remove_incomplete(run.run_dir)
     if checkpoint is None:
