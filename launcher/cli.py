@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from launcher.errors import EXIT_USAGE, UserError
+from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -147,8 +147,7 @@ def train_command(method: str):
         if dry_run:
             typer.echo("dry run: nothing launched")
             return
-        sys.stdout.flush()
-        launch.exec_command(run_dir)
+        raise typer.Exit(launch.run_command(run_dir))
 
     command.__doc__ = (
         "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."
@@ -205,8 +204,26 @@ def eval_command(
     typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
     if dry_run:
         return
-    sys.stdout.flush()
-    launch.exec_command(run_dir)
+    raise typer.Exit(launch.run_command(run_dir))
+
+
+@app.command("supervise", hidden=True)
+@user_errors
+def supervise_command(
+    run_dir: Path = typer.Argument(..., help="A run directory rendered by `ftlaunch full|lora|eval --dry-run`."),
+    debug: bool = DebugOption,
+) -> None:
+    """Run RUN/command.sh on this node as `ftlaunch` does (the SLURM job scripts' srun task)."""
+    from launcher import launch
+    from launcher.diskspace import check_free_space
+    from launcher.recipe import read_run_recipe
+
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "command.sh").is_file():
+        raise UserError(f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`")
+    if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
+        check_free_space(read_run_recipe(run_dir), run_dir)
+    raise typer.Exit(launch.run_command(run_dir))
 
 
 @app.command("estimate")
@@ -304,8 +321,8 @@ def main() -> None:
     try:
         result = app(standalone_mode=False)
     except aborts:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        typer.echo("interrupted (exit 3): nothing was launched", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except usage_errors as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             typer.echo(exc.ctx.get_help() if exc.ctx else "", err=False)

@@ -60,9 +60,11 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 
 def print_main(accelerator: Accelerator, text: str) -> None:
-    """Print once per job (Accelerate's print is once per node: noisy in multi-node logs)."""
+    """Print once per job on the console (Accelerate's print is once per node: noisy in multi-node logs)."""
     if accelerator.is_main_process:
-        print(text, flush=True)
+        from launcher.ranklog import console_print
+
+        console_print(text)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

@@ -1,6 +1,6 @@
 """Everything between "the recipe is valid" and "the ranks are running", on the launching host:
 checks that must fail before a launch (data, model, GPUs, run directory, resume shape), the
-run directory's files, and the exec of ``command.sh``.
+run directory's files, and the supervised run of ``command.sh``.
 """
 
 from __future__ import annotations
@@ -183,10 +183,11 @@ def write_run_files(recipe: Recipe, run_dir: Path, resume: str | None, argv: lis
     render_run(recipe, run_dir, resume, argv, entry, force_resume).write(run_dir)
 
 
-def exec_command(run_dir: Path) -> None:
-    """Replace this process with command.sh, so signals (Ctrl-C, SLURM) reach the launcher and ranks."""
-    command = run_dir / "command.sh"
-    os.execvp("bash", ["bash", str(command)])
+def run_command(run_dir: Path) -> int:
+    """Run command.sh as a supervised child: per-rank logs, signals forwarded, a summary on failure."""
+    from launcher.supervise import supervise
+
+    return supervise(run_dir)
 
 
 def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool,

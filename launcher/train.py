@@ -410,10 +410,9 @@ def epoch_batches(accelerator, loader, skip: int):
 
 
 def make_progress(accelerator, total: int, initial: int):
-    from tqdm.auto import tqdm
+    from launcher.progress import make_progress as console_progress
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step",
-                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    return console_progress(accelerator.is_main_process, total, initial)
 
 
 INTERRUPTED_MARKER = "INTERRUPTED"
@@ -435,11 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="auto, or a checkpoint directory")
     parser.add_argument("--force-resume", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        return train(args.run_dir.resolve(), args.resume, args.force_resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    from launcher.ranklog import run_rank
+
+    run_dir = args.run_dir.resolve()
+    return run_rank(run_dir, lambda: train(run_dir, args.resume, args.force_resume))
 
 
 if __name__ == "__main__":
