@@ -1,11 +1,12 @@
-"""Small pieces of a run's output, without launching ranks: plain progress lines for
-non-interactive consoles, and how the supervisor reads a failure."""
+"""Small pieces of a run's output and waits, without launching ranks: plain progress lines for
+non-interactive consoles, the collective timeout, and how the supervisor reads a failure."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 
@@ -47,6 +48,18 @@ def test_progress_on_a_terminal_is_a_redrawn_bar():
         del os.environ["FTLAUNCH_CONSOLE_TTY"]
     assert not isinstance(bar, PlainProgress)
     bar.close()
+
+
+def test_collective_timeout_allows_long_rank0_work(monkeypatch):
+    """Rank 0 alone writes final/, merges and prunes while the others wait in a barrier."""
+    from launcher.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
+    assert collective_timeout() >= timedelta(minutes=60)
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "180")
+    assert collective_timeout() == timedelta(minutes=180)
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, "soon")
+    assert collective_timeout() == timedelta(minutes=60)
 
 
 def test_first_failure_prefers_a_rank_killed_without_a_record(tmp_path):
