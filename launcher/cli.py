@@ -81,6 +81,19 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
     return note + assumed
 
 
+def without_option(args: list[str], option: str) -> list[str]:
+    """``args`` less ``option VALUE`` / ``option=VALUE``: what differs per node stays out of command.sh."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
 def default_output(method: str, model: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{method}-{Path(model).name}-{stamp}"
@@ -108,7 +121,8 @@ def train_command(method: str):
         force_resume: bool = typer.Option(False, "--force-resume", help="Resume despite a changed run shape."),
         main_address: Optional[str] = typer.Option(None, "--main-address", help="Multi-node: first node's address."),
         main_port: Optional[int] = typer.Option(None, "--main-port", help="Multi-node: rendezvous port."),
-        machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="Multi-node: this node's rank."),
+        machine_rank: Optional[int] = typer.Option(
+            None, "--machine-rank", help="Multi-node: this node's rank [$FTLAUNCH_MACHINE_RANK, $SLURM_NODEID]."),
         debug: bool = DebugOption,
     ) -> None:
         from launcher import launch
@@ -123,7 +137,7 @@ def train_command(method: str):
             "model.name": model, "data.dataset": data, "launch.gpus": gpus, "launch.nodes": nodes,
             "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
             "launch.offload": offload.value if offload else None, "launch.cpu": True if cpu else None,
-            "launch.main_address": main_address, "launch.main_port": main_port, "launch.machine_rank": machine_rank,
+            "launch.main_address": main_address, "launch.main_port": main_port,
         }
         raw = recipe.model_dump(mode="json")
         for key, value in flags.items():
@@ -134,9 +148,11 @@ def train_command(method: str):
         zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
         recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
+        rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
         notes = launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite,
                                       force_resume=force_resume, dry_run=dry_run,
-                                      argv=["ftlaunch", method, *sys.argv[2:]])
+                                      argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
+                                      machine_rank=rank)
 
         from launcher.render import summarize
 
@@ -147,7 +163,7 @@ def train_command(method: str):
         if dry_run:
             typer.echo("dry run: nothing launched")
             return
-        raise typer.Exit(launch.run_command(run_dir))
+        raise typer.Exit(launch.run_command(run_dir, rank))
 
     command.__doc__ = (
         "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."

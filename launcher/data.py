@@ -233,44 +233,54 @@ def example_lengths(tokenized) -> list[int]:
 
 
 class LengthGroupedBatchSampler:
-    """Shuffled batches of similar-length examples (HF's megabatch scheme, as batches).
+    """Shuffled micro-batches of similar-length examples, grouped into optimizer steps.
 
-    Each epoch: a seeded permutation is cut into megabatches of ``batch_size * megabatch``
-    examples, each megabatch is sorted by length and cut into batches, and the batch order is
-    shuffled. Padding then costs little while batches stay random. The order depends only on
-    (seed, epoch), so a resumed run sees the same batches; set ``epoch`` before iterating.
-    Accelerate deals whole batches to ranks in turn, so with W ranks the W batches of one
-    optimizer step come from the same megabatch and have similar lengths.
+    Each epoch: a seeded permutation is cut into megabatches of ``step_size * megabatch``
+    examples (``step_size = batch_size * micro_batches_per_step``: the examples of one optimizer
+    step over every rank and accumulation), each megabatch is sorted by length and cut into
+    steps, the step order is shuffled, and every step is cut into its micro-batches. Padding
+    then costs little while steps stay random. The order depends only on (seed, epoch) and the
+    step size, so a resumed run sees the same batches, and 2 ranks x accumulation 1, 1 rank x
+    accumulation 2 and 1 rank with a doubled micro batch train on the same examples at every
+    step. Accelerate deals micro-batches to ranks in turn (rank r takes r, r + W, ...), and a
+    rank accumulates its consecutive ones, so the ``micro_batches_per_step`` micro-batches
+    emitted together are exactly one optimizer step. Set ``epoch`` before iterating.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 megabatch: int = 50) -> None:
+                 megabatch: int = 50, micro_batches_per_step: int = 1) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
         self.megabatch = megabatch
+        self.micro_batches_per_step = micro_batches_per_step
         self.epoch = 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return sum(math.ceil(len(step) / self.batch_size) for step in self.steps())
 
-    def batches(self) -> list[list[int]]:
+    def steps(self) -> list[list[int]]:
+        """The examples of each optimizer step, in training order."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
+        step_size = self.batch_size * self.micro_batches_per_step
         if not self.group_by_length:
-            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        size = self.batch_size * self.megabatch
-        batches: list[list[int]] = []
+            return [order[i:i + step_size].tolist() for i in range(0, len(order), step_size)]
+        size = step_size * self.megabatch
+        steps: list[list[int]] = []
         for start in range(0, len(order), size):
             mega = order[start:start + size]
             mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
-            batches += [mega[i:i + self.batch_size].tolist() for i in range(0, len(mega), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
-            # The short batch stays last so that full batches are dealt evenly to ranks.
-            head = [batches[i] for i in rng.permutation(len(batches) - 1)]
-            return head + [batches[-1]]
-        return [batches[i] for i in rng.permutation(len(batches))]
+            steps += [mega[i:i + step_size].tolist() for i in range(0, len(mega), step_size)]
+        if len(steps) > 1 and len(steps[-1]) < step_size:
+            # The short step stays last so that full micro-batches are dealt evenly to ranks.
+            head = [steps[i] for i in rng.permutation(len(steps) - 1)]
+            return head + [steps[-1]]
+        return [steps[i] for i in rng.permutation(len(steps))]
+
+    def batches(self) -> list[list[int]]:
+        return [step[i:i + self.batch_size] for step in self.steps() for i in range(0, len(step), self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from launcher.errors import UserError
 from launcher.recipe import Recipe
 
 # How long a rank waits in one collective before the job fails. A dead peer ends the job at once
@@ -39,7 +40,48 @@ COLLECTIVE_TIMEOUT = collective_timeout()
 
 
 def runs_on_cpu(recipe: Recipe) -> bool:
-    return recipe.launch.cpu or not torch.cuda.is_available()
+    """CPU ranks only when asked for (--cpu); a GPU run without a usable GPU is an error."""
+    if recipe.launch.cpu:
+        return True
+    require_cuda()
+    return False
+
+
+def cuda_problem() -> str | None:
+    """Why this process cannot use CUDA (None when it can), in words a user can act on."""
+    if torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; {seen}"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - the driver's own reason is the useful part
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot start CUDA: {str(exc).splitlines()[0]}; {seen}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; {seen}"
+
+
+def require_cuda() -> None:
+    """Without this check a GPU job on a node without a usable GPU (an srun step without GPUs,
+    a driver mismatch) would run on CPU ranks, orders of magnitude slower, and say nothing."""
+    problem = cuda_problem()
+    if problem:
+        raise UserError(f"no usable GPU on {os.uname().nodename} (rank {os.environ.get('RANK', '0')}): {problem}; "
+                        "pass --cpu to run on CPU ranks on purpose")
+
+
+def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[recipe.model.precision]
+
+
+def precision_autocast(recipe: Recipe, device: torch.device):
+    """The recipe's autocast for code outside a prepared forward (generation), under every
+    strategy: Accelerate's ``autocast()`` is a null context under DeepSpeed."""
+    dtype = autocast_dtype(recipe)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=None) -> Accelerator:
@@ -55,11 +97,12 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         log_with=log_with,
     )
     if recipe.launch.zero:
-        # Precision, accumulation and clipping come from the rendered deepspeed.json.
-        return Accelerator(**kwargs)
+        # Precision and clipping come from the rendered deepspeed.json (accumulation too: the
+        # same value here keeps Accelerate from warning about a mismatch).
+        return Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, **kwargs)
     return Accelerator(
         cpu=cpu,
-        mixed_precision="bf16" if recipe.model.precision == "bf16" else "no",
+        mixed_precision=recipe.model.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         **kwargs,
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from launcher.data import build_prompt, load_split, shard_sorted_batches
-from launcher.distributed import build_accelerator, print_main, without_zero3_init, zero_stage
+from launcher.distributed import build_accelerator, precision_autocast, print_main, without_zero3_init, zero_stage
 from launcher.errors import EXIT_USAGE, UserError
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
@@ -45,7 +45,7 @@ def generate_predictions(accelerator, model, tokenizer, rows: list[dict], recipe
         indices = shard.indices or [0]
         inputs = tokenizer([prompts[i] for i in indices], max_length=recipe.data.max_source_length,
                            truncation=True, padding=True, return_tensors="pt").to(accelerator.device)
-        with accelerator.autocast():
+        with precision_autocast(recipe, accelerator.device):  # the same autocast as training, any strategy
             output = generator.generate(
                 **inputs,
                 max_new_tokens=recipe.eval.max_new_tokens,
@@ -110,22 +110,38 @@ def evaluate_model(accelerator, model, tokenizer, recipe: Recipe, rows: list[dic
     return scores
 
 
+def original_eval_dir(run_dir: Path) -> Path:
+    return run_dir / "eval" / "original"
+
+
+def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path) -> None:
+    """Score the model before fine-tuning: the very module that will be trained, already
+    prepared (sharded under ZeRO-3, in the recipe's autocast), before its first step.
+
+    So the original and the fine-tuned model are generated with the same code, precision and
+    memory footprint, and no second copy of the model is ever loaded. Skipped when the recipe
+    does not compare, or when a resumed run already holds the scores.
+    """
+    if not (recipe.eval.after_training and recipe.eval.compare_original):
+        return
+    if (original_eval_dir(run_dir) / ROUGE_FILE).is_file():
+        return
+    devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
+        evaluate_model(accelerator, model, tokenizer, recipe, eval_rows(recipe), original_eval_dir(run_dir),
+                       run_info(recipe, f"{recipe.model.name} (original)", None),
+                       synced=zero_stage(accelerator) == 3)
+    accelerator.wait_for_everyone()
+
+
 def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path) -> None:
-    """Fine-tuned model (as trained, sharded or not) and the original model, then the report."""
+    """The fine-tuned model (as trained, sharded or not), then the report with the original's
+    scores written before training (``evaluate_original``)."""
     rows = eval_rows(recipe)
-    eval_dir = run_dir / "eval"
     method = recipe.train.method
-    evaluate_model(accelerator, model, tokenizer, recipe, rows, eval_dir / "finetuned",
+    evaluate_model(accelerator, model, tokenizer, recipe, rows, run_dir / "eval" / "finetuned",
                    run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
                    synced=zero_stage(accelerator) == 3)
-    if recipe.eval.compare_original:
-        # The original model is small next to training state: each rank holds a whole copy
-        # (never ZeRO-3 sharded), so its generate calls need no cross-rank sync.
-        with without_zero3_init():
-            original = load_for_inference(recipe.model.name, None, len(tokenizer), recipe).to(accelerator.device)
-        evaluate_model(accelerator, original, tokenizer, recipe, rows, eval_dir / "original",
-                       run_info(recipe, f"{recipe.model.name} (original)", None), synced=False)
-        del original
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from launcher.report import write_run_report

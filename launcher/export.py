@@ -2,8 +2,7 @@
 
 Under ZeRO-3 every rank holds a shard, so the state dict is gathered on all ranks first
 (``accelerator.get_state_dict``): saving the unwrapped model directly writes empty adapters
-(peft #2500). Under DeepSpeed with bf16 the module holds bf16 copies; a full fine-tune saves
-the fp32 master weights instead, so no precision is lost in the saved model.
+(peft #2500). Weights are saved in fp32, as trained, and config.json says so.
 """
 
 from __future__ import annotations
@@ -13,40 +12,43 @@ from pathlib import Path
 
 import torch
 
-from launcher.distributed import print_main, uses_deepspeed, without_zero3_init
+from launcher.distributed import print_main, without_zero3_init
 from launcher.recipe import Recipe
 
 
-def fp32_master_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights from DeepSpeed's optimizer (every rank must call; main gets the dict)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state: dict[str, torch.Tensor] = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if full is not None and accelerator.is_main_process:
-            state[name] = full.detach().cpu().clone()
-    return state if accelerator.is_main_process else None
-
-
-def gathered_state_dict(accelerator, model, method: str):
-    if uses_deepspeed(accelerator) and method == "full" and accelerator.mixed_precision == "bf16":
-        masters = fp32_master_state_dict(accelerator, model)
-        if masters is not None:
-            full = accelerator.get_state_dict(model)  # buffers and any parameter without a master
-            full.update(masters)
-            return full
-        accelerator.get_state_dict(model)  # collective: every rank takes part
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None):
+    """Drop the names under which a tied parameter appears a second time (T5's encoder and
+    decoder ``embed_tokens`` are ``shared``). DeepSpeed's ZeRO-1/2 state dict holds clones, which
+    save_pretrained can no longer recognise as one tensor: each would be written again."""
+    if state_dict is None:
         return None
-    return accelerator.get_state_dict(model)
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return {name: tensor for name, tensor in state_dict.items() if name not in aliases}
+
+
+def saved_dtype(state_dict: dict[str, torch.Tensor] | None) -> torch.dtype:
+    floats = {t.dtype for t in (state_dict or {}).values() if t.is_floating_point()}
+    return floats.pop() if len(floats) == 1 else torch.float32
 
 
 def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> None:
-    state_dict = gathered_state_dict(accelerator, model, recipe.train.method)
+    # Every rank takes part (ZeRO-3 gathers the shards); fp32 under every strategy, since
+    # DeepSpeed runs with torch_autocast and keeps fp32 weights in its module.
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
+        state_dict = without_tied_copies(unwrapped, state_dict)
+        base_config = getattr(unwrapped, "config", None)
+        if base_config is not None and recipe.train.method == "full":
+            base_config.dtype = saved_dtype(state_dict)  # what the files hold, not the autocast dtype
         unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -15,9 +15,9 @@ from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
-from launcher.render import render_run, require_multinode_address
+from launcher.render import MACHINE_RANK_ENV, render_run, require_multinode_address
 
-RUN_FILES = ("recipe.yaml", "accelerate.yaml", "command.sh")
+RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
 
 
 # ---------------------------------------------------------------- checks before launch
@@ -157,7 +157,11 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory (checks only: nothing is deleted here)."""
+    """Refuse to mix two runs in one directory (checks only: nothing is deleted here).
+
+    The machine rank is not part of a run: every node of a multi-node run passes these checks
+    against the same directory with the same recipe.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output {run_dir} is a file; pass a directory")
     if overwrite and resume:
@@ -183,18 +187,60 @@ def write_run_files(recipe: Recipe, run_dir: Path, resume: str | None, argv: lis
     render_run(recipe, run_dir, resume, argv, entry, force_resume).write(run_dir)
 
 
-def run_command(run_dir: Path) -> int:
-    """Run command.sh as a supervised child: per-rank logs, signals forwarded, a summary on failure."""
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove the old run's outputs but keep its run files, which are then replaced
+    in one rename each, so another node reading them never finds them missing."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name in RUN_FILES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def run_command(run_dir: Path, machine_rank: int | None = None) -> int:
+    """Run command.sh as a supervised child (this node's machine rank in its environment): per-rank
+    logs, signals forwarded to the ranks, a summary on failure; returns ftlaunch's exit code."""
     from launcher.supervise import supervise
 
-    return supervise(run_dir)
+    return supervise(run_dir, machine_rank)
+
+
+def resolve_machine_rank(recipe: Recipe, flag: int | None, env: dict[str, str], dry_run: bool) -> int | None:
+    """This node's machine rank: --machine-rank, else FTLAUNCH_MACHINE_RANK, else SLURM_NODEID.
+
+    A multi-node launch without any of them is refused: assuming 0 on every node makes two
+    "main" nodes whose rendezvous waits forever.
+    """
+    nodes = recipe.launch.nodes
+    if flag is not None:
+        source, raw = "--machine-rank", str(flag)
+    elif env.get(MACHINE_RANK_ENV, "") != "":
+        source, raw = MACHINE_RANK_ENV, env[MACHINE_RANK_ENV]
+    elif env.get("SLURM_NODEID", "") != "":
+        source, raw = "SLURM_NODEID", env["SLURM_NODEID"]
+    else:
+        if nodes > 1 and not dry_run:
+            raise UserError(f"--nodes {nodes}: this node's machine rank is unknown; pass --machine-rank R "
+                            f"(0 on the node at --main-address, 1..{nodes - 1} on the others), set "
+                            f"{MACHINE_RANK_ENV}=R, or run under SLURM")
+        return None
+    if not raw.isdigit() or int(raw) >= nodes:
+        raise UserError(f"{source}={raw} is not a machine rank of a {nodes}-node run; use 0..{nodes - 1}")
+    return int(raw)
 
 
 def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool,
-                   dry_run: bool, argv: list[str]) -> list[str]:
+                   dry_run: bool, argv: list[str], machine_rank: int | None = None) -> list[str]:
     """Every check first, then (only then) touch the run directory and write its files.
 
-    Returns lines for the user (checkpoints a resume skipped)."""
+    On a multi-node run every node may call this on the same (shared) directory: only machine
+    rank 0 clears it for --overwrite; the others write the same files (atomically).
+    Returns lines for the user (checkpoints a resume skipped).
+    """
     validate_before_launch(recipe)
     if not dry_run:
         require_multinode_address(recipe, dict(os.environ))
@@ -205,8 +251,8 @@ def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwri
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
     if not dry_run:
         check_free_space(recipe, run_dir)  # an --overwrite frees what it replaces: the same count holds
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if overwrite and not machine_rank:
+        clear_run_dir(run_dir)
     write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
     return notes
 

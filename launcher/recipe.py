@@ -36,6 +36,11 @@ class ModelSection(Section):
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"  # fp32 master weights + autocast
     dropout: Optional[float] = Field(None, ge=0, lt=1)  # override the model's dropout (null: keep it)
 
+    @property
+    def mixed_precision(self) -> str:
+        """Accelerate's name for the autocast dtype (fp32: no autocast)."""
+        return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
+
 
 class DataSection(Section):
     dataset: str = "knkarthick/dialogsum"  # hub id, directory of {split}.jsonl, or sample (embedded)
@@ -104,7 +109,7 @@ class LaunchSection(Section):
     cpu: bool = False  # ranks are CPU processes (gloo): the whole path without a GPU
     main_address: Optional[str] = None  # multi-node: first node's address
     main_port: Optional[int] = Field(None, gt=0, lt=65536)
-    machine_rank: Optional[int] = Field(None, ge=0)  # multi-node: fixed rank, else $SLURM_NODEID
+    # No machine rank here: it differs per node, so it is not part of a run (see render.py).
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "LaunchSection":
@@ -133,6 +138,9 @@ class Recipe(Section):
             raise ValueError(
                 "model.precision=fp16 overflows T5 (inf/NaN activations); use bf16, or fp32 on GPUs without bf16"
             )
+        if self.model.precision == "fp16" and self.launch.cpu:
+            raise ValueError("model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
+                             "use bf16 or fp32 with --cpu")
         return self
 
     def effective_batch_size(self) -> int:

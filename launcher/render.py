@@ -9,6 +9,7 @@ read, diffed or launched by hand without ftlaunch.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_con
 
 DEFAULT_PORT = 29500
 # Multi-node values a job script cannot know before it runs: evaluated by bash on each node.
-MACHINE_RANK_FROM_ENV = '"${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-0}}"'
+# The machine rank is never written into the run: one run directory (and one command.sh) serves
+# every node, each with its own FTLAUNCH_MACHINE_RANK (``ftlaunch --machine-rank R`` sets it) or
+# SLURM_NODEID. Without either, a node must not guess 0: two rank-0 nodes hang the rendezvous.
+MACHINE_RANK_ENV = "FTLAUNCH_MACHINE_RANK"
 MAIN_ADDRESS_FROM_ENV = (
     '"${FTLAUNCH_MAIN_ADDRESS:-$(scontrol show hostnames '
     '"${SLURM_JOB_NODELIST:?multi-node runs need --main-address or a SLURM allocation}" | head -n 1)}"'
@@ -41,17 +45,27 @@ class RenderedRun:
     command_sh: str
 
     def write(self, run_dir: Path) -> None:
+        """Write (atomically, and only what changed): on a shared filesystem every node of a
+        multi-node run renders the same files while the others may already be reading them."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(self.recipe_yaml)
-        (run_dir / "accelerate.yaml").write_text(self.accelerate_yaml)
+        write_if_changed(run_dir / "recipe.yaml", self.recipe_yaml)
+        write_if_changed(run_dir / "accelerate.yaml", self.accelerate_yaml)
         ds_path = run_dir / "deepspeed.json"
         if self.deepspeed_json is not None:
-            ds_path.write_text(self.deepspeed_json)
+            write_if_changed(ds_path, self.deepspeed_json)
         elif ds_path.exists():
             ds_path.unlink()  # a re-render without ZeRO must not leave a stale config behind
-        command = run_dir / "command.sh"
-        command.write_text(self.command_sh)
-        command.chmod(0o755)
+        write_if_changed(run_dir / "command.sh", self.command_sh, mode=0o755)
+
+
+def write_if_changed(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` by ``text`` in one rename (readers see the old or the new file, never half)."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- template choice
@@ -88,7 +102,7 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "gradient_clipping": train.max_grad_norm or 0.0,
     }
     config.update({key: value for key, value in resolved.items() if key in config})
-    config["bf16"] = {"enabled": recipe.model.precision == "bf16"}
+    set_deepspeed_precision(config, recipe)
     fill_bucket_sizes(config["zero_optimization"], model_hidden_size(recipe.model.name))
     if recipe.launch.offload == "optimizer":
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": not recipe.launch.cpu}
@@ -100,6 +114,23 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     if leftover:
         raise AssertionError(f"template {template.name} has unresolved auto keys: {leftover}")
     return config
+
+
+def set_deepspeed_precision(config: dict[str, Any], recipe: Recipe) -> None:
+    """Fill the templates' ``torch_autocast`` section: ZeRO trains with DDP's numerics.
+
+    DeepSpeed's own ``bf16`` mode casts the module to bf16 and accumulates and reduces
+    gradients in bf16, unlike DDP's fp32 weights under autocast. The templates therefore turn
+    it off and use ``torch_autocast``: fp32 weights, the forward pass under ``torch.autocast``,
+    and (empty ``lower_precision_safe_modules``, fp32 ``communication_data_type`` and
+    ``grad_accum_dtype``) every gradient, reduction and accumulation in fp32. fp32 recipes
+    drop the section: no autocast at all.
+    """
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(recipe.model.precision)
+    if dtype is None:
+        config.pop("torch_autocast", None)
+    else:
+        config["torch_autocast"].update(enabled=True, dtype=dtype)
 
 
 def model_hidden_size(name: str) -> int | None:
@@ -155,14 +186,14 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
     launch = recipe.launch
     values: dict[str, Any] = {"num_processes": launch.world_size, "use_cpu": False}
     if launch.zero == 0:
-        values["mixed_precision"] = "bf16" if recipe.model.precision == "bf16" else "no"
+        values["mixed_precision"] = recipe.model.mixed_precision
         # One CPU process: accelerate runs it directly. Several CPU ranks: the DDP launcher
         # (torchrun) starts them and the loop builds a gloo process group on CPU.
         values["use_cpu"] = launch.cpu and launch.world_size == 1
     else:
         values["deepspeed_config_file"] = str((run_dir / "deepspeed.json").resolve())
     if template_name != "single_gpu.yaml":
-        values.update(num_machines=launch.nodes, machine_rank=launch.machine_rank or 0)
+        values.update(num_machines=launch.nodes, machine_rank=0)  # command.sh passes each node's own
         values["main_process_port"] = launch.main_port or DEFAULT_PORT
         values["main_process_ip"] = launch.main_address if launch.nodes > 1 else None
     for key, value in values.items():
@@ -174,6 +205,21 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
 # ---------------------------------------------------------------- command.sh
 
 
+def machine_rank_setup(nodes: int) -> str:
+    """Bash that sets $machine_rank on each node, or stops with one line and exit code 2."""
+    last = nodes - 1
+    return "\n".join([
+        f'machine_rank="${{{MACHINE_RANK_ENV}:-${{SLURM_NODEID:-}}}}"',
+        'case "$machine_rank" in',
+        f"    '') echo \"error: no machine rank for this node: set {MACHINE_RANK_ENV}=R (0..{last}) on each "
+        'node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;',
+        f"    *[!0-9]*) echo \"error: machine rank '$machine_rank' is not a number (0..{last})\" >&2; exit 2 ;;",
+        "esac",
+        f'[ "$machine_rank" -lt {nodes} ] || {{ echo "error: machine rank $machine_rank is out of range '
+        f'for {nodes} nodes (0..{last})" >&2; exit 2; }}',
+    ])
+
+
 def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
                    entry: str = "launcher.train", force_resume: bool = False) -> str:
     """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
@@ -182,8 +228,8 @@ def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list
     launch = recipe.launch
     setup: list[str] = []
     if launch.nodes > 1:
-        rank = str(launch.machine_rank) if launch.machine_rank is not None else MACHINE_RANK_FROM_ENV
-        launch_args += ["--machine_rank", rank]
+        setup.append(machine_rank_setup(launch.nodes))
+        launch_args += ["--machine_rank", '"$machine_rank"']
         if not launch.main_address:
             setup.append(f"main_address={MAIN_ADDRESS_FROM_ENV}")  # an assignment: set -e stops on failure
             launch_args += ["--main_process_ip", '"$main_address"']

@@ -27,6 +27,7 @@ from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
 from launcher.ranklog import (CONSOLE_TTY_ENV, SUPERVISED_ENV, Failure, logs_dir, rank_log_path,
                               read_failures)
 from launcher.recipe import Recipe, read_run_recipe
+from launcher.render import MACHINE_RANK_ENV
 
 INTERRUPTED_MARKER = "INTERRUPTED"  # written by the ranks after a stop-signal checkpoint (train.py)
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
@@ -37,11 +38,12 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # ---------------------------------------------------------------- where this launcher runs
 
 
-def machine_rank(recipe: Recipe) -> int:
-    """This node's rank, as command.sh will take it (fixed in the recipe, else from SLURM)."""
-    if recipe.launch.machine_rank is not None:
-        return recipe.launch.machine_rank
-    return int(os.environ.get("FTLAUNCH_MACHINE_RANK") or os.environ.get("SLURM_NODEID") or 0)
+def node_rank(machine_rank: int | None) -> int:
+    """This node's rank, as command.sh will take it (given, else FTLAUNCH_MACHINE_RANK or SLURM_NODEID)."""
+    if machine_rank is not None:
+        return machine_rank
+    raw = os.environ.get(MACHINE_RANK_ENV) or os.environ.get("SLURM_NODEID") or "0"
+    return int(raw) if raw.isdigit() else 0
 
 
 def launcher_log_path(run_dir: Path, recipe: Recipe, node: int) -> Path:
@@ -49,9 +51,11 @@ def launcher_log_path(run_dir: Path, recipe: Recipe, node: int) -> Path:
     return logs_dir(run_dir) / name
 
 
-def child_env(recipe: Recipe, console_is_tty: bool) -> dict[str, str]:
+def child_env(recipe: Recipe, console_is_tty: bool, machine_rank: int | None) -> dict[str, str]:
     env = dict(os.environ)
     env[SUPERVISED_ENV] = "1"
+    if machine_rank is not None:
+        env[MACHINE_RANK_ENV] = str(machine_rank)  # command.sh takes this node's rank from it
     env[CONSOLE_TTY_ENV] = "1" if console_is_tty else "0"
     if recipe.launch.cpu:
         # DeepSpeed would warn "Setting accelerator to CPU" in every process after failing to find one.
@@ -267,10 +271,10 @@ def decide(run_dir: Path, recipe: Recipe, node: int, rc: int, started: float, si
 # ---------------------------------------------------------------- the job
 
 
-def supervise(run_dir: Path) -> int:
+def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     """Run RUN/command.sh to its end and return ftlaunch's exit code (printing the summary)."""
     recipe = read_run_recipe(run_dir)
-    node = machine_rank(recipe)
+    node = node_rank(machine_rank)
     launcher_log = launcher_log_path(run_dir, recipe, node)
     if node == 0:
         (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # a crash now must not look like a preemption
@@ -279,7 +283,7 @@ def supervise(run_dir: Path) -> int:
     sys.stdout.flush()
     child = subprocess.Popen(["bash", str(run_dir / "command.sh")], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                             env=child_env(recipe, sys.stdout.isatty()))
+                             env=child_env(recipe, sys.stdout.isatty(), machine_rank))
     pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
     for pump in pumps:
         pump.start()

@@ -1,11 +1,14 @@
 """The training loop every rank runs: ``accelerate launch -m launcher.train --run-dir RUN``.
 
 Features: full or LoRA fine-tuning; DDP or DeepSpeed ZeRO-1/2/3 (from the rendered
-deepspeed.json); fp32 master weights with bf16 autocast; gradient accumulation and clipping;
+deepspeed.json); fp32 weights, gradients and reductions with bf16 autocast under every strategy;
+the objective is the token-weighted mean cross-entropy over each whole optimizer step (every
+micro-batch of the accumulation window on every rank); gradient accumulation and clipping;
 AdamW with warmup + linear/cosine decay; length-grouped batches, one shard per rank;
 validation loss reduced over all ranks; metrics.jsonl + TensorBoard; atomic checkpoints with
-mid-epoch resume; SIGTERM/SIGUSR1 -> checkpoint -> exit 3; final save; then generation and the
-ROUGE report (evaluation.py) unless ``eval.after_training`` is false.
+mid-epoch resume; SIGTERM/SIGUSR1 -> checkpoint -> exit 3; final save; generation with the
+original model before the first step and with the fine-tuned model after the last, and the
+ROUGE report (evaluation.py), unless ``eval.after_training`` is false.
 
 Batch-size formula: effective batch = micro_batch_size x grad_accum x world size.
 Raises: UserError (exit 2) for a checkpoint of another run shape.
@@ -14,6 +17,7 @@ Raises: UserError (exit 2) for a checkpoint of another run shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -76,14 +80,16 @@ class TrainingData:
     collator: object
 
 
-def build_collator(tokenizer, on_gpu: bool):
+def build_collator(tokenizer, on_gpu: bool, model=None):
     from transformers import DataCollatorForSeq2Seq
 
-    # Labels are padded with -100 so padding never enters the loss.
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if on_gpu else None)
+    # Labels are padded with -100 so padding never enters the loss. With the model, batches also
+    # carry decoder_input_ids (labels shifted right), so the loop computes the loss itself.
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
+                                  pad_to_multiple_of=8 if on_gpu else None)
 
 
-def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path) -> TrainingData:
+def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
     data = recipe.data
     cache = run_dir / "cache"
     with accelerator.main_process_first():
@@ -92,25 +98,45 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path) -> Train
         train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
         validation = tokenized_split(val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}")
     sampler = LengthGroupedBatchSampler(
-        batching_keys(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length
+        batching_keys(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length,
+        micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
     )
-    collator = build_collator(tokenizer, accelerator.device.type == "cuda")
+    collator = build_collator(tokenizer, accelerator.device.type == "cuda", model)
     loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator)
     return TrainingData(loader, sampler, validation, collator)
 
 
+def true_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's real shape, also under ZeRO-3, whose ``zero.Init`` leaves an empty 1-D
+    placeholder in ``param`` and the shape in ``ds_shape``."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices only: not on biases and layer norms (as in HF's Trainer)."""
+    return len(true_shape(param)) >= 2 and "norm" not in name.lower()
+
+
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and layer norms (as in HF's Trainer)."""
+    """AdamW with two groups: decayed matrices, and undecayed biases and norms."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": recipe.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """One line per run: which tensors decay (a wrong grouping is otherwise invisible)."""
+    parts = []
+    for group in optimizer.param_groups:
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in group["params"])
+        parts.append(f"weight_decay {group['weight_decay']:g} on {len(group['params'])} tensors ({numel:,} values)")
+    return f"optimizer: AdamW lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
 
 
 def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
@@ -130,6 +156,20 @@ def total_optimizer_steps(recipe: Recipe, batches_per_epoch_per_rank: int) -> in
 # ---------------------------------------------------------------- validation
 
 
+def summed_cross_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies in fp32, number of target tokens) of one micro-batch.
+
+    The loss is computed here from the logits, in fp32 whatever the activations' dtype, instead
+    of the model's own mean: the caller decides what to divide by.
+    """
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"]).logits
+    total = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
+                                              ignore_index=-100, reduction="sum")
+    return total, (labels != -100).sum()
+
+
 @torch.no_grad()
 def validation_loss(model, validation, collator, accelerator, batch_size: int) -> float:
     """Token-weighted cross-entropy over the whole validation split, summed over all ranks.
@@ -144,15 +184,11 @@ def validation_loss(model, validation, collator, accelerator, batch_size: int) -
         indices = shard.indices or [0]
         batch = collator([validation[i] for i in indices])
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        labels = batch["labels"]
         with accelerator.autocast():
-            logits = model(**batch).logits
-        losses = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
-        )
+            losses, count = summed_cross_entropy(model, batch)
         if shard.indices:
             loss_sum += losses.item()
-            tokens += (labels != -100).sum().item()
+            tokens += count.item()
     model.train()
     loss_sum, tokens = sum_over_ranks(accelerator, [loss_sum, tokens])
     return loss_sum / max(tokens, 1.0)
@@ -169,28 +205,29 @@ class WindowStats:
     (``.item()``) would make the host wait for the GPU and stop it queueing the next step.
     """
 
-    loss_sum: torch.Tensor | float = 0.0
-    tokens: torch.Tensor | int = 0
-    micro_batches: int = 0
+    loss_sum: torch.Tensor | float = 0.0  # summed token cross-entropy
+    target_tokens: torch.Tensor | int = 0
+    tokens: torch.Tensor | int = 0  # source + target tokens (throughput)
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
-        self.loss_sum = self.loss_sum + loss.detach().float()
-        self.tokens = self.tokens + batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
-        self.micro_batches += 1
-        self.samples += batch["input_ids"].size(0)
+    def add(self, step: "StepResult", window: list[dict]) -> None:
+        self.loss_sum = self.loss_sum + step.loss_sum
+        self.target_tokens = self.target_tokens + step.target_tokens
+        for batch in window:
+            self.tokens = self.tokens + batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
+            self.samples += batch["input_ids"].size(0)
 
 
 def metrics_row(accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm) -> dict:
-    loss_sum, micro, samples, tokens = sum_over_ranks(
-        accelerator, [stats.loss_sum, stats.micro_batches, stats.samples, stats.tokens]
+    loss_sum, target_tokens, samples, tokens = sum_over_ranks(
+        accelerator, [stats.loss_sum, stats.target_tokens, stats.samples, stats.tokens]
     )
     elapsed = max(time.perf_counter() - stats.started, 1e-9)
     row = {
         "step": step,
         "epoch": round(epoch_progress, 4),
-        "loss": loss_sum / max(micro, 1),
+        "loss": loss_sum / max(target_tokens, 1),  # token-weighted, like val_loss
         "lr": lr,
         "samples_per_s": samples / elapsed,
         "tokens_per_s": tokens / elapsed,
@@ -242,8 +279,9 @@ def set_up(run_dir: Path) -> Run:
     model = build_model(recipe, len(tokenizer))
     trainable, total = count_parameters(model)
     print_main(accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-    data = prepare_data(recipe, tokenizer, accelerator, run_dir)
+    data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
     optimizer = build_optimizer(model, recipe)
+    print_main(accelerator, describe_optimizer(optimizer))
     batches_per_rank = math.ceil(len(data.sampler) / accelerator.num_processes)
     total_steps = total_optimizer_steps(recipe, batches_per_rank)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
@@ -270,18 +308,69 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     return True
 
 
-def train_step(run: Run, batch: dict):
-    """One micro-batch; the optimizer steps when the accumulation window closes. Returns (loss, grad norm)."""
+@dataclass
+class StepResult:
+    """One optimizer step, seen from this rank (tensors stay on the device until logged)."""
+
+    loss_sum: torch.Tensor  # summed token cross-entropy of this rank's micro-batches
+    target_tokens: torch.Tensor  # this rank's target tokens
+    grad_norm: object = None
+
+
+@contextlib.contextmanager
+def gradient_sync(accelerator, model, sync: bool):
+    """Reduce gradients (and let the optimizer step) only after the window's last micro-batch.
+
+    What ``accelerator.accumulate`` does, but for a window the loop has already fetched:
+    accumulate decides by counting batches and by the loader's end, which it sees one batch
+    early when the loop reads a whole window ahead.
+    """
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
+
+
+def train_step(run: Run, window: list[dict]) -> StepResult:
+    """One optimizer step over the micro-batches of one accumulation window.
+
+    The objective is the mean cross-entropy over every target token of the step: all
+    micro-batches of the window on all ranks, so a micro-batch of 400 target tokens counts ten
+    times one of 40, and 2 ranks == accumulation 2 == a doubled micro batch. Each micro-batch
+    backpropagates sum(CE) x (world size x accumulation) / (tokens of the whole step): DDP and
+    DeepSpeed average gradients over ranks and Accelerate/DeepSpeed divide by the accumulation
+    steps, which this factor undoes.
+    """
     accelerator, model = run.accelerator, run.model
+    local_tokens = sum((batch["labels"] != -100).sum() for batch in window)
+    step_tokens = local_tokens
+    if accelerator.num_processes > 1:  # one small all-reduce per step; no host sync
+        step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum")
+    scale = accelerator.num_processes * run.recipe.train.grad_accum / step_tokens.clamp(min=1).float()
+    loss_sum = torch.zeros((), device=accelerator.device)
     grad_norm = None
-    with accelerator.accumulate(model):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            grad_norm = clip_and_norm(accelerator, model, run.recipe.train.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    for index, batch in enumerate(window):
+        last = index == len(window) - 1
+        with gradient_sync(accelerator, model, last):
+            ce_sum, _ = summed_cross_entropy(model, batch)
+            accelerator.backward(ce_sum * scale)
+            if last:
+                grad_norm = clip_and_norm(accelerator, model, run.recipe.train.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        loss_sum = loss_sum + ce_sum.detach()
+    return StepResult(loss_sum, local_tokens, grad_norm)
+
+
+def optimizer_windows(batches, size: int):
+    """Consecutive groups of ``size`` micro-batches (the last of an epoch may be shorter)."""
+    window: list[dict] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def after_optimizer_step(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
@@ -314,13 +403,12 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
     run.model.train()
     while state.step < run.total_steps and state.epoch < recipe.train.epochs:
         run.data.sampler.epoch = state.epoch
-        for batch in epoch_batches(accelerator, run.loader, state.batches_in_epoch):
-            loss, norm = train_step(run, batch)
-            grad_norm = norm if norm is not None else grad_norm
-            state.batches_in_epoch += 1
-            stats.add(loss, batch)
-            if not accelerator.sync_gradients:
-                continue
+        batches = epoch_batches(accelerator, run.loader, state.batches_in_epoch)
+        for window in optimizer_windows(batches, recipe.train.grad_accum):
+            step = train_step(run, window)
+            grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm
+            state.batches_in_epoch += len(window)
+            stats.add(step, window)
             run.scheduler.step()
             state.step += 1
             grad_norm = deepspeed_grad_norm(accelerator, run.model) or grad_norm
@@ -373,6 +461,10 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     stop = StopRequest()
     stop.install()
     run = set_up(run_dir)
+    from launcher.evaluation import evaluate_original
+
+    # Before restore() loads trained weights: the model is still the original here.
+    evaluate_original(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
     resumed = restore(run, resume, force_resume)
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
     logger = MetricsLogger(run_dir, run.accelerator.is_main_process, run.state.step)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, cli_env, run_cli
 
@@ -164,8 +165,9 @@ ACCELERATE_CASES = {
                      dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=2, mixed_precision="no")),
     "ddp-2x2-fixed-address": (["full", "--gpus", "2", "--nodes", "2", "--main-address", "10.1.2.3", "--main-port",
                                "29400", "--machine-rank", "1"],
+                              # The machine rank is per node, never part of the run: command.sh passes it.
                               dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=2,
-                                   main_process_ip="10.1.2.3", main_process_port=29400, machine_rank=1)),
+                                   main_process_ip="10.1.2.3", main_process_port=29400, machine_rank=0)),
     "zero1": (["full", "--zero", "1", "--gpus", "2"], dict(distributed_type="DEEPSPEED", num_processes=2,
                                                            num_machines=1)),
     "zero2-cpu": (["full", "--zero", "2", "--gpus", "2", "--cpu"], dict(distributed_type="DEEPSPEED", num_processes=2)),
@@ -307,7 +309,14 @@ def test_deepspeed_json_accepted_by_deepspeed(render, deepspeed_config, flags, w
     run_dir, _ = render("full", *flags)
     config = deepspeed_config(run_dir / "deepspeed.json", world)
     assert config.zero_optimization_stage == zero_stage(flags)
-    assert config.bfloat16_config.enabled is bf16
+    # bf16 = torch.autocast over fp32 weights (DDP's numerics), never DeepSpeed's bf16 module cast;
+    # gradients are accumulated and reduced in fp32.
+    assert config.torch_autocast_enabled is bf16
+    assert config.torch_autocast_dtype == (torch.bfloat16 if bf16 else None)
+    assert config.torch_autocast_lower_precision_safe_modules == ([] if bf16 else None)
+    assert not config.bfloat16_config.enabled and not config.float16_config.enabled
+    assert config.communication_data_type == torch.float32
+    assert config.grad_accum_dtype == "fp32"
     assert config.gradient_clipping == clip
     assert (config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps) == (micro, accum)
     assert config.train_batch_size == micro * accum * world
@@ -372,7 +381,7 @@ def test_snapshots_have_no_leftover_cases():
 TEMPLATES = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 DEEPSPEED_TEMPLATES = sorted((REPO / "accelerate_configs" / "deepspeed").glob("*.json"))
 AUTO_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16.enabled"}
+             "gradient_clipping"}
 
 
 def auto_keys(node, prefix: str = "") -> set[str]:
@@ -400,7 +409,7 @@ BUCKET_KEYS = {1: set(), 2: {"zero_optimization.reduce_bucket_size"},
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_TEMPLATES, ids=lambda path: path.name)
-def test_deepspeed_template_auto_only_for_batch_clipping_bf16_and_buckets(path: Path):
+def test_deepspeed_template_auto_only_for_batch_clipping_and_buckets(path: Path):
     config = read_json(path)
     stage = config["zero_optimization"]["stage"]
     assert stage in {1, 2, 3}

@@ -4,5 +4,11 @@
 set -euo pipefail
 # Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.
 trap '' USR1
+machine_rank="${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-}}"
+case "$machine_rank" in
+    '') echo "error: no machine rank for this node: set FTLAUNCH_MACHINE_RANK=R (0..1) on each node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;
+    *[!0-9]*) echo "error: machine rank '$machine_rank' is not a number (0..1)" >&2; exit 2 ;;
+esac
+[ "$machine_rank" -lt 2 ] || { echo "error: machine rank $machine_rank is out of range for 2 nodes (0..1)" >&2; exit 2; }
 main_address="${FTLAUNCH_MAIN_ADDRESS:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:?multi-node runs need --main-address or a SLURM allocation}" | head -n 1)}"
-exec accelerate launch --config_file <RUN>/accelerate.yaml --machine_rank "${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-0}}" --main_process_ip "$main_address" --main_process_port "${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}" -m launcher.train --run-dir <RUN>
+exec accelerate launch --config_file <RUN>/accelerate.yaml --machine_rank "$machine_rank" --main_process_ip "$main_address" --main_process_port "${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}" -m launcher.train --run-dir <RUN>
