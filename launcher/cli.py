@@ -126,25 +126,30 @@ def train_command(method: str):
         debug: bool = DebugOption,
     ) -> None:
         from launcher import launch
-        from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+        from launcher.recipe import build_recipe, default_recipe_path, load_recipe_data
 
         path = recipe_path or default_recipe_path(method)
-        recipe = load_recipe(path, overrides)
-        if recipe.train.method != method:
-            raise UserError(f"recipe {path} is a {recipe.train.method} recipe (train.method); "
-                            f"use `ftlaunch {recipe.train.method}` or a {method} recipe")
+        raw, overridden = load_recipe_data(path, overrides)
+        train = raw.get("train")
+        recipe_method = train.get("method", "full") if isinstance(train, dict) else "full"
+        if recipe_method in ("full", "lora") and recipe_method != method:
+            raise UserError(f"recipe {path} is a {recipe_method} recipe (train.method); "
+                            f"use `ftlaunch {recipe_method}` or a {method} recipe")
         flags = {
             "model.name": model, "data.dataset": data, "launch.gpus": gpus, "launch.nodes": nodes,
             "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
             "launch.offload": offload.value if offload else None, "launch.cpu": True if cpu else None,
             "launch.main_address": main_address, "launch.main_port": main_port,
         }
-        raw = recipe.model_dump(mode="json")
+        flagged = []
         for key, value in flags.items():
             if value is not None:
                 section, name = key.split(".")
+                if not isinstance(raw.setdefault(section, {}), dict):
+                    break  # the recipe's own section is malformed: validation below names it
                 raw[section][name] = value
-        recipe = build_recipe(raw, "command line")
+                flagged.append([section, name])
+        recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
         zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
         recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()

@@ -161,8 +161,14 @@ def local_model_type(name: str) -> str | None:
 
 
 def is_t5_name(name: str) -> bool:
-    """T5-family models overflow in fp16; recognise them by name or by a local config."""
-    return name == EMBEDDED_MODEL or "t5" in name.lower() or "t5" in str(local_model_type(name) or "").lower()
+    """T5-family models overflow in fp16; recognise them by a local config's model_type, else
+    (a hub id) by name."""
+    if name == EMBEDDED_MODEL:
+        return True
+    model_type = local_model_type(name)
+    if model_type is not None:
+        return "t5" in model_type.lower()
+    return "t5" in name.lower()
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -231,26 +237,35 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def build_recipe(data: dict[str, Any], source: str, overridden: list[list[str]] = ()) -> Recipe:
+def build_recipe(data: dict[str, Any], source: str, overridden: list[list[str]] = (),
+                 flagged: list[list[str]] = ()) -> Recipe:
     """Validate raw data into a Recipe, turning pydantic's report into one line.
 
-    The line names ``--set`` when the bad key came from an override, else ``source``.
+    The line names ``--set`` when the bad key came from an override, "command line" when it
+    came from a flag (``flagged``), else ``source``.
     """
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         loc = [str(part) for part in exc.errors()[0]["loc"]]
-        blamed = "--set" if loc in overridden else source
+        blamed = "command line" if loc in flagged else "--set" if loc in overridden else source
         raise UserError(f"{blamed}: {describe_validation_error(exc)}") from None
 
 
-def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe_data(path: Path, overrides: list[str] = ()) -> tuple[dict[str, Any], list[list[str]]]:
+    """The recipe file with ``--set`` overrides applied, not yet validated (flags may still
+    change it: ``--model bart --set model.precision=fp16`` is valid only once both apply)."""
     data = read_yaml_mapping(path)
     overridden = []
     for item in overrides:
         key_path, value = parse_override(item)
         apply_override(data, key_path, value)
         overridden.append(key_path)
+    return data, overridden
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    data, overridden = load_recipe_data(path, overrides)
     return build_recipe(data, f"recipe {path}", overridden)
 
 
