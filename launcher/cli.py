@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from launcher.errors import EXIT_USAGE, UserError
+from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -154,19 +154,21 @@ def train_command(method: str):
         recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
-        launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume,
-                              dry_run=dry_run, argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
-                              machine_rank=rank)
+        notes = launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite,
+                                      force_resume=force_resume, dry_run=dry_run,
+                                      argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
+                                      machine_rank=rank)
 
         from launcher.render import summarize
 
+        for note in notes:
+            typer.echo(f"warning: {note}", err=True)
         typer.echo(summarize(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
         typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
         if dry_run:
             typer.echo("dry run: nothing launched")
             return
-        sys.stdout.flush()
-        launch.exec_command(run_dir, rank)
+        raise typer.Exit(launch.run_command(run_dir, rank))
 
     command.__doc__ = (
         "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."
@@ -223,8 +225,26 @@ def eval_command(
     typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
     if dry_run:
         return
-    sys.stdout.flush()
-    launch.exec_command(run_dir)
+    raise typer.Exit(launch.run_command(run_dir))
+
+
+@app.command("supervise", hidden=True)
+@user_errors
+def supervise_command(
+    run_dir: Path = typer.Argument(..., help="A run directory rendered by `ftlaunch full|lora|eval --dry-run`."),
+    debug: bool = DebugOption,
+) -> None:
+    """Run RUN/command.sh on this node as `ftlaunch` does (the SLURM job scripts' srun task)."""
+    from launcher import launch
+    from launcher.diskspace import check_free_space
+    from launcher.recipe import read_run_recipe
+
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "command.sh").is_file():
+        raise UserError(f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`")
+    if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
+        check_free_space(read_run_recipe(run_dir), run_dir)
+    raise typer.Exit(launch.run_command(run_dir))
 
 
 @app.command("estimate")
@@ -322,8 +342,8 @@ def main() -> None:
     try:
         result = app(standalone_mode=False)
     except aborts:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        typer.echo("interrupted (exit 3): nothing was launched", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except usage_errors as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             typer.echo(exc.ctx.get_help() if exc.ctx else "", err=False)

@@ -44,13 +44,16 @@ def dataset_dir(dataset: str) -> Path | None:
 
 
 def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Strict JSON Lines, as (line number, object): every failure names the file, line and fix."""
+    """Strict JSON Lines, as (line number, object): every failure names the file, line and fix.
+
+    A UTF-8 byte-order mark and CRLF line ends (Windows editors, spreadsheet exports) are accepted.
+    """
     rows: list[tuple[int, dict[str, Any]]] = []
     offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise UserError(f"{path} line {number} is not UTF-8 text (byte {offset + exc.start}); "
                                 "re-encode it as UTF-8") from None

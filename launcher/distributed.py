@@ -19,8 +19,24 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProce
 from launcher.errors import UserError
 from launcher.recipe import Recipe
 
-# A dead peer should end the job quickly, not after NCCL's default 10-30 minutes.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# How long a rank waits in one collective before the job fails. A dead peer ends the job at once
+# anyway (torchrun sees it exit); this bounds a hung peer, and the barriers in which every other
+# rank waits while rank 0 alone writes final/, merges an adapter or prunes old checkpoints: an
+# xl/xxl model on a slow filesystem needs many minutes there. Set FTLAUNCH_COLLECTIVE_TIMEOUT_MINUTES.
+COLLECTIVE_TIMEOUT_ENV = "FTLAUNCH_COLLECTIVE_TIMEOUT_MINUTES"
+DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 60.0
+
+
+def collective_timeout() -> timedelta:
+    """The process-group timeout: FTLAUNCH_COLLECTIVE_TIMEOUT_MINUTES if set (and positive), else 60 minutes."""
+    try:
+        minutes = float(os.environ.get(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_MINUTES))
+    except ValueError:
+        minutes = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES
+    return timedelta(minutes=minutes if minutes > 0 else DEFAULT_COLLECTIVE_TIMEOUT_MINUTES)
+
+
+COLLECTIVE_TIMEOUT = collective_timeout()
 
 
 def runs_on_cpu(recipe: Recipe) -> bool:
@@ -110,9 +126,11 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 
 def print_main(accelerator: Accelerator, text: str) -> None:
-    """Print once per job (Accelerate's print is once per node: noisy in multi-node logs)."""
+    """Print once per job on the console (Accelerate's print is once per node: noisy in multi-node logs)."""
     if accelerator.is_main_process:
-        print(text, flush=True)
+        from launcher.ranklog import console_print
+
+        console_print(text)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

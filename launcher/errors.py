@@ -1,4 +1,9 @@
-"""The one exception type that means "the user can fix this": it becomes a one-line error and exit 2."""
+"""Exceptions and exit codes a person reads: UserError (bad input, exit 2), RunFailure (a run that
+failed for a reason one line explains, exit 1), and EXIT_INTERRUPTED (3: stopped, resumable).
+
+Exit codes of ``ftlaunch`` and of every rank: 0 done, 1 crashed, 2 bad input, 3 interrupted and
+resumable with ``--resume auto``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,12 @@ class UserError(Exception):
     """
 
 
+class RunFailure(Exception):
+    """A failure during a run that one line explains (a full disk, a damaged file): the rank records
+    the message for the launcher's summary and exits with EXIT_CRASHED; the traceback stays in its log."""
+
+
+EXIT_CRASHED = 1
 EXIT_USAGE = 2
 # A rank that stopped on SIGTERM/SIGUSR1 after writing a checkpoint exits with this code,
 # so job scripts can tell "preempted, resume me" from a crash.

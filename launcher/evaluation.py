@@ -175,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate and score one model on one split (ftlaunch eval).")
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
-    try:
-        return evaluate_standalone(args.run_dir.resolve())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    from launcher.ranklog import run_rank
+
+    run_dir = args.run_dir.resolve()
+    return run_rank(run_dir, lambda: evaluate_standalone(run_dir))
 
 
 if __name__ == "__main__":

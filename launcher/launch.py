@@ -1,6 +1,6 @@
 """Everything between "the recipe is valid" and "the ranks are running", on the launching host:
 checks that must fail before a launch (data, model, GPUs, run directory, resume shape), the
-run directory's files, and the exec of ``command.sh``.
+run directory's files, and the supervised run of ``command.sh``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from launcher import checkpoint as ckpt
 from launcher.data import dataset_dir, load_split
+from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
@@ -136,14 +137,16 @@ def check_gpus(recipe: Recipe) -> None:
                     "--cpu to run the ranks as CPU processes, or --dry-run to only render the configs")
 
 
-def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> None:
-    checkpoint = ckpt.resolve_resume(run_dir, resume)
+def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> list[str]:
+    """The checkpoint a resume will load must be intact and of this run; returns lines to show
+    (damaged checkpoints ``auto`` skipped, or that it starts over)."""
+    notes: list[str] = []
+    checkpoint = ckpt.resolve_resume(run_dir, resume, notes)
     if checkpoint is None:
-        return
-    current = ckpt.TrainState(world_size=recipe.launch.world_size, grad_accum=recipe.train.grad_accum,
-                              micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed,
-                              method=recipe.train.method)
+        return notes
+    current = ckpt.expected_state(recipe, recipe.launch.world_size)
     ckpt.check_compatible(ckpt.read_state(checkpoint), current, checkpoint, force)
+    return notes
 
 
 # ---------------------------------------------------------------- the run directory
@@ -174,7 +177,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
     if not same and not resume:
         raise UserError(f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
                         "--overwrite to replace it, or pick a new directory")
-    if same and not resume and ckpt.find_latest_checkpoint(run_dir) is not None:
+    if same and not resume and ckpt.has_checkpoints(run_dir):
         raise UserError(f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
                         "continue it or --overwrite to start again")
 
@@ -198,12 +201,12 @@ def clear_run_dir(run_dir: Path) -> None:
             entry.unlink()
 
 
-def exec_command(run_dir: Path, machine_rank: int | None = None) -> None:
-    """Replace this process with command.sh, so signals (Ctrl-C, SLURM) reach the launcher and ranks."""
-    command = run_dir / "command.sh"
-    if machine_rank is not None:
-        os.environ[MACHINE_RANK_ENV] = str(machine_rank)
-    os.execvp("bash", ["bash", str(command)])
+def run_command(run_dir: Path, machine_rank: int | None = None) -> int:
+    """Run command.sh as a supervised child (this node's machine rank in its environment): per-rank
+    logs, signals forwarded to the ranks, a summary on failure; returns ftlaunch's exit code."""
+    from launcher.supervise import supervise
+
+    return supervise(run_dir, machine_rank)
 
 
 def resolve_machine_rank(recipe: Recipe, flag: int | None, env: dict[str, str], dry_run: bool) -> int | None:
@@ -231,11 +234,12 @@ def resolve_machine_rank(recipe: Recipe, flag: int | None, env: dict[str, str], 
 
 
 def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool,
-                   dry_run: bool, argv: list[str], machine_rank: int | None = None) -> None:
+                   dry_run: bool, argv: list[str], machine_rank: int | None = None) -> list[str]:
     """Every check first, then (only then) touch the run directory and write its files.
 
     On a multi-node run every node may call this on the same (shared) directory: only machine
     rank 0 clears it for --overwrite; the others write the same files (atomically).
+    Returns lines for the user (checkpoints a resume skipped).
     """
     validate_before_launch(recipe)
     if not dry_run:
@@ -244,11 +248,13 @@ def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwri
             check_gpus(recipe)
         check_hub_references(recipe)
     check_run_dir(run_dir, recipe, resume, overwrite)
-    if resume:
-        check_resume_shape(recipe, run_dir, resume, force_resume)
+    notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
+    if not dry_run:
+        check_free_space(recipe, run_dir)  # an --overwrite frees what it replaces: the same count holds
     if overwrite and not machine_rank:
         clear_run_dir(run_dir)
     write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
+    return notes
 
 
 def validate_before_launch(recipe: Recipe) -> None:

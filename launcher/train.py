@@ -336,17 +336,14 @@ def set_up(run_dir: Path) -> Run:
     total_steps = total_optimizer_steps(recipe, batches_per_rank)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
-    state = ckpt.TrainState(
-        world_size=accelerator.num_processes, grad_accum=recipe.train.grad_accum,
-        micro_batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed, method=recipe.train.method,
-    )
+    state = ckpt.expected_state(recipe, accelerator.num_processes)
     return Run(recipe, run_dir, accelerator, model, tokenizer, optimizer, scheduler, loader, data, state,
                total_steps, batches_per_rank)
 
 
 def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     """Load the checkpoint ``--resume`` names (if any); True when training continues from one."""
-    checkpoint = ckpt.resolve_resume(run.run_dir, resume)
+    checkpoint = ckpt.resolve_resume_on_main(run.accelerator, run.run_dir, resume)
     if run.accelerator.is_main_process:
         ckpt.remove_incomplete(run.run_dir)
     if checkpoint is None:
@@ -555,10 +552,9 @@ def epoch_batches(accelerator, loader, skip: int):
 
 
 def make_progress(accelerator, total: int, initial: int):
-    from tqdm.auto import tqdm
+    from launcher.progress import make_progress as console_progress
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step",
-                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    return console_progress(accelerator.is_main_process, total, initial)
 
 
 INTERRUPTED_MARKER = "INTERRUPTED"
@@ -580,11 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="auto, or a checkpoint directory")
     parser.add_argument("--force-resume", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        return train(args.run_dir.resolve(), args.resume, args.force_resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    from launcher.ranklog import run_rank
+
+    run_dir = args.run_dir.resolve()
+    return run_rank(run_dir, lambda: train(run_dir, args.resume, args.force_resume))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 #   1. on the batch host, render the run once:
 #        ftlaunch METHOD --nodes $SLURM_NNODES --gpus N --output RUN --resume auto "$@" --dry-run
 #      and print the rendered accelerate.yaml / deepspeed.json / command.sh into the job log;
-#   2. srun one launcher per node: `bash RUN/command.sh` (it takes its machine rank from
-#      $SLURM_NODEID on each node, the main node from the job's node list, the port from the job id);
+#   2. srun one launcher per node: `ftlaunch supervise RUN`, which runs RUN/command.sh (it takes its
+#      machine rank from $SLURM_NODEID on each node, the main node from the job's node list, the port
+#      from the job id) with per-rank logs in RUN/logs/ and a failure summary;
 #   3. preemption / time limit: SLURM signals this batch shell (--signal=B:USR1@300); the
 #      signal is forwarded to srun, which delivers it to every process of the job step; the
 #      ranks checkpoint at the next optimizer step, write RUN/INTERRUPTED and exit; this shell
@@ -184,12 +185,14 @@ srun_args=(--kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-pe
 # srun of Slurm >= 22.05 does not inherit sbatch's --cpus-per-task: without it the launcher
 # and all its ranks would be bound to one CPU where task affinity/cgroups are enforced.
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-# In each task: ignore USR1 until command.sh (trap '' USR1) execs the launcher; say where we are.
+# In each task: ignore USR1 until ftlaunch's supervisor handles it; say where we are. The supervisor
+# runs command.sh (which ignores USR1 in the launcher), keeps the launcher's and each rank's output
+# in RUN/logs/, passes signals to the ranks and ends a failure with a summary instead of tracebacks.
 task='trap "" USR1
-echo "[ftlaunch-slurm] node ${SLURMD_NODENAME:-$(hostname)} SLURM_NODEID ${SLURM_NODEID} of ${SLURM_NNODES}: launching $0"
-exec bash "$0"'
-ftl_log "launch: srun ${srun_args[*]} bash $RUN/command.sh"
-srun "${srun_args[@]}" bash -c "$task" "$RUN/command.sh" &
+echo "[ftlaunch-slurm] node ${SLURMD_NODENAME:-$(hostname)} SLURM_NODEID ${SLURM_NODEID} of ${SLURM_NNODES}: launching $0/command.sh"
+exec ftlaunch supervise "$0"'
+ftl_log "launch: srun ${srun_args[*]} ftlaunch supervise $RUN (runs $RUN/command.sh; logs in $RUN/logs/)"
+srun "${srun_args[@]}" bash -c "$task" "$RUN" &
 SRUN_PID=$!
 # A signal that came while srun was starting: srun may not handle USR1 yet, send it later.
 [ -n "$STOP_SIGNAL" ] && start_resender

@@ -52,3 +52,29 @@ def ftlaunch():
 def needs_dialogsum():
     return pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(),
                               reason=f"real DialogSum not found at {DIALOGSUM} (set FTLAUNCH_SHARED_DIR)")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory for a tmpfs of a given size (``small_disk("16M")`` -> its mount point), unmounted
+    after the test. Skips the test where it cannot mount (not root, or no tmpfs)."""
+    import shutil
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a small disk for this test is a tmpfs mount, which needs root")
+        point = tmp_path / f"disk-{size}-{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs for this test: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        shutil.rmtree(point, ignore_errors=True)

@@ -376,3 +376,133 @@ def test_report_on_a_dir_without_evaluations(tmp_path, no_launch, to_output):
     output = tmp_path / "report" if to_output else None
     refused(no_launch, "report", str(run_dir), *(["--output", str(output)] if output else []), output=output,
             watch=(run_dir,), fragments=(str(run_dir), "no evaluations", "eval/*/rouge.json", "ftlaunch eval"))
+
+
+# ---------------------------------------------------------------- files from other tools
+
+
+@pytest.mark.parametrize("form", ["bom", "crlf", "bom-crlf"])
+def test_jsonl_with_a_byte_order_mark_or_crlf_loads(tmp_path, no_launch, form):
+    """What Windows editors and spreadsheet exports write: a UTF-8 BOM, CRLF line ends."""
+    from launcher.data import load_split
+
+    data = data_dir(tmp_path)
+    for path in data.glob("*.jsonl"):
+        raw = path.read_bytes()
+        if "crlf" in form:
+            raw = raw.replace(b"\n", b"\r\n")
+        if "bom" in form:
+            raw = b"\xef\xbb\xbf" + raw
+        path.write_bytes(raw)
+    result = run_cli(*train_args(data, tmp_path / "out", "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for split in ("train", "validation", "test"):
+        assert load_split(str(data), split) == load_split("sample", split), split
+
+
+# ---------------------------------------------------------------- checkpoints a resume cannot use
+
+
+def write_checkpoint(output: Path, step: int) -> Path:
+    """An intact checkpoint of the run rendered in ``output``, as save_checkpoint leaves one: the state
+    of this recipe, files (placeholder bytes), and the manifest written last; ``latest`` names it."""
+    from dataclasses import asdict
+
+    from launcher.checkpoint import STATE_FILE, expected_state, write_manifest
+    from launcher.recipe import read_run_recipe
+
+    recipe = read_run_recipe(output)
+    state = expected_state(recipe, recipe.launch.world_size)
+    state.step, state.batches_in_epoch = step, step
+    checkpoint = output / "checkpoints" / f"step_{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(os.urandom(4096))
+    (checkpoint / "optimizer.bin").write_bytes(os.urandom(8192))
+    (checkpoint / STATE_FILE).write_text(json.dumps(asdict(state)))
+    write_manifest(checkpoint)
+    (output / "checkpoints" / "latest").write_text(f"{checkpoint.name}\n")
+    return checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flip"])
+def test_resume_path_of_a_damaged_checkpoint(tmp_path, no_launch, damage):
+    output = tmp_path / "run"
+    result = run_cli(*train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = write_checkpoint(output, 4)
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:1000] if damage == "truncated" else data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    problem = "model.safetensors is 1000 bytes, its manifest says 4096" if damage == "truncated" else "SHA-256"
+    refused(no_launch, *train_args("sample", output, "--resume", str(checkpoint)), output=output,
+            fragments=(f"--resume {checkpoint}", "damaged", problem, "--resume auto"))
+
+
+def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
+    """Arguments that change one input of the run (and the file changes that go with them)."""
+    if kind == "data":
+        edit_lines(data / "train.jsonl", lambda lines: lines.__setitem__(
+            0, json.dumps({**json.loads(lines[0]), "summary": "Another summary."})))
+        return []
+    if kind == "model":
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 64, "num_layers": 2}))
+        return ["--model", str(model)]
+    if kind == "tokenizer":
+        tokenizer = tmp_path / "tokenizer"
+        shutil.copytree(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer)
+        config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+        (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+        return ["--set", f"model.tokenizer={tokenizer}"]
+    return []  # method: `ftlaunch lora` instead of `ftlaunch full`
+
+
+@pytest.mark.parametrize("kind", ["model", "data", "method", "tokenizer"])
+def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch, kind):
+    data = data_dir(tmp_path)
+    output = tmp_path / "run"
+    result = run_cli(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = write_checkpoint(output, 4)
+    # The same tokenizer copied elsewhere is the same tokenizer: only a changed one is refused.
+    extra = changed_input(kind, tmp_path, data)
+    args = train_args(data, output, *extra, "--resume", "auto")
+    if kind == "method":
+        args[0] = "lora"
+    fragments = {"model": ("model: other files",), "data": ("data: the training file",),
+                 "method": ("method full -> lora",), "tokenizer": ("tokenizer: other files",)}[kind]
+    line = refused(no_launch, *args, output=output, watch=(data,),
+                   fragments=(str(checkpoint), "other training inputs", "--force-resume", *fragments))
+    if kind != "model":
+        assert "model" not in line.split("(")[1].split(")")[0], line  # only what changed is named
+    # --force-resume accepts it: the launch goes ahead (here: the fake launcher is reached).
+    result = run_cli(*args, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
+    assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+
+
+def test_resume_with_the_same_tokenizer_copied_elsewhere(tmp_path, no_launch):
+    output = tmp_path / "run"
+    result = run_cli(*train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    write_checkpoint(output, 4)
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer)
+    result = run_cli(*train_args("sample", output, "--set", f"model.tokenizer={tokenizer}", "--resume", "auto",
+                                 "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- not enough disk
+
+
+def test_disk_too_small_for_the_run(tmp_path, no_launch, small_disk):
+    """tiny-t5: ~3.9 MiB per checkpoint x (2 kept + 1 being written) + final + logs do not fit in 16 MiB."""
+    output = small_disk("16M") / "run"
+    refused(no_launch, *train_args("sample", output), output=output,
+            fragments=(f"--output {output}", "the run will write about", "is free there",
+                       "train.keep_checkpoints", "pick another --output"))
+    # The same run fits a larger disk: the check is an estimate, not a refusal of small disks.
+    output = small_disk("128M") / "run"
+    result = run_cli(*train_args("sample", output), env=no_launch, timeout=CLI_TIMEOUT)
+    assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr

@@ -62,15 +62,17 @@ def job_env(cluster, run_dir: Path, **extra: str) -> dict[str, str]:
 
 
 class Job:
-    def __init__(self, cluster, tmp_path: Path, script: str, args: list[str], **env: str) -> None:
+    def __init__(self, cluster, tmp_path: Path, script: str, args: list[str], cwd: Path = REPO, **env: str) -> None:
         self.cluster = cluster
         self.name = f"ftl-test-{uuid.uuid4().hex[:8]}"
         self.run_dir = tmp_path / "run"
         self.logs = tmp_path / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = job_env(cluster, self.run_dir, **env)
+        self.cwd = cwd  # the submit directory
+        script_path = f"slurm/{script}" if cwd == REPO else str(REPO / "slurm" / script)
         self.command = ["sbatch", f"--job-name={self.name}", f"--output={self.logs}/slurm-%j.out",
-                        f"slurm/{script}", *args]
+                        script_path, *args]
         self.id: str | None = None
 
     def log(self) -> str:
@@ -97,7 +99,7 @@ class Job:
         return state
 
     def submit(self) -> str:
-        res = subprocess.run([self.command[0], "--parsable", *self.command[1:]], env=self.env, cwd=REPO,
+        res = subprocess.run([self.command[0], "--parsable", *self.command[1:]], env=self.env, cwd=self.cwd,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, f"sbatch failed: {res.stdout}\n{res.stderr}"
         self.id = res.stdout.strip().split(";")[0]
@@ -253,3 +255,29 @@ def test_crash_is_not_requeued(slurm_cluster, tmp_path):
     assert job.cluster.job_field(job.id, "Restarts") == "0", job.diagnostics()
     log = job.log()
     assert "fake accelerate: crashing" in log and "not requeued" in log, job.diagnostics()
+
+
+def test_job_submitted_from_outside_the_repository(slurm_cluster, tmp_path):
+    """`sbatch /path/to/ftlaunch/slurm/lora.sh` from a project directory: the job finds slurm/common.sh
+    without FTLAUNCH_REPO, and its default run directory is under the submit directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    job = Job(slurm_cluster, tmp_path, "lora.sh", [*TINY, "--set", "train.max_steps=2", "--set", "eval.limit=2"],
+              cwd=project)
+    del job.env["FTLAUNCH_OUTPUT"]
+    assert "FTLAUNCH_REPO" not in job.env
+    state = job.submit_and_wait()
+    assert state == "COMPLETED", job.diagnostics()
+    run_dirs = list((project / "runs").glob("lora-slurm-*"))
+    assert [p.name for p in run_dirs] == [f"lora-slurm-{job.id}"], job.diagnostics()
+    run_dir = run_dirs[0]
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file(), job.diagnostics()
+    assert_report(run_dir)
+    log = job.log()
+    assert f"cwd {project}" in log, job.diagnostics()
+    assert "Traceback" not in log, job.diagnostics()
+    assert re.search(r"^training: step 2/2 \(100%\)", log, re.M), job.diagnostics()  # plain lines, no redraws
+    assert "\r" not in log, job.diagnostics()
+    logs = run_dir / "logs"
+    assert {p.name for p in logs.glob("*.log")} >= {"rank0.log", "rank1.log", "launcher-node0.log",
+                                                     "launcher-node1.log"}, job.diagnostics()
