@@ -491,7 +491,7 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     steps = args.warmup + args.steps + args.sync_steps
     examples = synthetic_token_examples(steps * args.batch, model.config.vocab_size)
     sampler = LengthGroupedBatchSampler([len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42)
-    collator = build_collator(AutoTokenizer.from_pretrained(args.tokenizer), on_gpu)
+    collator = build_collator(AutoTokenizer.from_pretrained(args.tokenizer), on_gpu, model)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collator,
                                          pin_memory=pins_memory(accelerator))
     optimizer = build_optimizer(model, recipe)
@@ -508,9 +508,9 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     def product_step(index: int, timed: bool) -> None:
         nonlocal grad_norm, tokens, flops, padded
         batch = next(iterator)
-        loss, norm = train_step(run, batch)
-        grad_norm = norm if norm is not None else grad_norm
-        stats.add(loss, batch)
+        step = train_step(run, [batch])  # one micro-batch per optimizer step (recipe grad_accum 1)
+        grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm
+        stats.add(step, [batch])
         grad_norm = deepspeed_grad_norm(accelerator, model, grad_norm)
         stop_requested(accelerator, stop, index + 1, steps)
         if timed:  # counted on the device: no host sync
