@@ -139,7 +139,7 @@ def test_training_loader_pins_memory_only_on_cuda_ranks(tmp_path):
     recipe = recipe_for()
     tokenizer = load_tokenizer(recipe)
     for device, pinned in (("cuda", True), ("cpu", False)):
-        accelerator = SimpleNamespace(device=torch.device(device), main_process_first=nullcontext)
+        accelerator = SimpleNamespace(device=torch.device(device), main_process_first=nullcontext, num_processes=1)
         data = train.prepare_data(recipe, tokenizer, accelerator, tmp_path / device)
         assert data.loader.pin_memory is pinned, device
 
