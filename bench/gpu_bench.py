@@ -396,10 +396,18 @@ class Driver:
             self.skip_all("the benchmark was stopped")
         finally:
             self.write()
-            if not self.args.keep_work:
-                shutil.rmtree(self.work, ignore_errors=True)
+            self.remove_work()
         ok = all(part.status == "ok" for part in self.parts)
         return 0 if ok else 1
+
+    def remove_work(self) -> None:
+        """Delete the scratch folder; a stop arriving meanwhile only leaves it (results are written)."""
+        if self.args.keep_work:
+            return
+        try:
+            shutil.rmtree(self.work, ignore_errors=True)
+        except Stop:
+            print(f"gpu_bench: stopped while removing {self.work}; left it", file=sys.stderr)
 
     def skip_all(self, why: str) -> None:
         """Every planned part not run yet is listed as skipped, with the reason."""
