@@ -15,9 +15,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from launcher.model import TINY_T5_CONFIG
 
@@ -32,8 +33,9 @@ SKIP_EXIT = 0  # a script without its data says so and exits 0 (nothing measured
 
 # FLAN-T5's architecture family (gated-GELU feed-forward, relative attention buckets, untied
 # lm_head, unscaled decoder outputs), scaled down to d_model 128 for 2 CPU cores.
-BENCH_T5_CONFIG: dict[str, Any] = dict(TINY_T5_CONFIG, d_model=128, d_kv=32, d_ff=320, num_layers=4,
-                                       num_decoder_layers=4)
+BENCH_T5_CONFIG: dict[str, Any] = dict(
+    TINY_T5_CONFIG, d_model=128, d_kv=32, d_ff=320, num_layers=4, num_decoder_layers=4
+)
 BENCH_T5_SEED = 4321
 
 
@@ -43,8 +45,10 @@ def real_data_available() -> bool:
 
 def skip_without_data(script: str) -> None:
     if not real_data_available():
-        print(f"{script}: skipped: real DialogSum or the unigram tokenizer not found under {SHARED} "
-              "(set FTLAUNCH_SHARED_DIR)")
+        print(
+            f"{script}: skipped: real DialogSum or the unigram tokenizer not found under {SHARED} "
+            "(set FTLAUNCH_SHARED_DIR)"
+        )
         sys.exit(SKIP_EXIT)
 
 
@@ -52,13 +56,22 @@ def bench_env(threads: int, **extra: str) -> dict[str, str]:
     """Offline, quiet, a fixed thread count (torch reads OMP_NUM_THREADS at start)."""
     env = dict(os.environ)
     env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-        TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+        TRANSFORMERS_VERBOSITY="error",
+        DATASETS_VERBOSITY="error",
+        TQDM_DISABLE="1",
         CUDA_VISIBLE_DEVICES="",
     )
     env.pop("FTLAUNCH_DEBUG", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH_DIR), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env.update(extra)
     return env
 
@@ -122,14 +135,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tokenize_examples(rows: Sequence[dict], tokenizer, max_source: int = 512, max_target: int = 128) -> list[dict]:
+def tokenize_examples(
+    rows: Sequence[dict], tokenizer, max_source: int = 512, max_target: int = 128
+) -> list[dict]:
     """The product's tokenization (prompt + dialogue -> summary), unpadded."""
     sources = [PROMPT.replace("{dialogue}", row["dialogue"]) for row in rows]
     summaries = [row.get("summary") or row.get("summary1") for row in rows]
     enc = tokenizer(sources, max_length=max_source, truncation=True)
     tgt = tokenizer(text_target=summaries, max_length=max_target, truncation=True)
-    return [{"input_ids": a, "attention_mask": m, "labels": b}
-            for a, m, b in zip(enc["input_ids"], enc["attention_mask"], tgt["input_ids"])]
+    return [
+        {"input_ids": a, "attention_mask": m, "labels": b}
+        for a, m, b in zip(enc["input_ids"], enc["attention_mask"], tgt["input_ids"])
+    ]
 
 
 # ---------------------------------------------------------------- running with accounting
@@ -173,8 +190,14 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_measured(command: Sequence[str], env: dict[str, str], timeout: float = 900, cwd: Path = REPO,
-                 poll=None, poll_every: float = 0.05) -> RunRecord:
+def run_measured(
+    command: Sequence[str],
+    env: dict[str, str],
+    timeout: float = 900,
+    cwd: Path = REPO,
+    poll=None,
+    poll_every: float = 0.05,
+) -> RunRecord:
     """Run a command; record wall time, its CPU time and how busy the rest of the machine was.
 
     ``poll()``, when given, is called every ``poll_every`` seconds while the command runs.
@@ -210,8 +233,10 @@ def run_measured(command: Sequence[str], env: dict[str, str], timeout: float = 9
 
 def check(record: RunRecord, what: str) -> RunRecord:
     if record.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {record.returncode}): {shlex.join(record.command)}\n"
-                         f"--- stdout\n{record.stdout[-4000:]}\n--- stderr\n{record.stderr[-8000:]}")
+        raise SystemExit(
+            f"{what} failed (exit {record.returncode}): {shlex.join(record.command)}\n"
+            f"--- stdout\n{record.stdout[-4000:]}\n--- stderr\n{record.stderr[-8000:]}"
+        )
     return record
 
 
@@ -231,7 +256,7 @@ def last_json_line(text: str, key: str = "BENCH_RESULT") -> dict:
     """Worker processes print ``BENCH_RESULT {json}`` as their last word."""
     for line in reversed(text.splitlines()):
         if line.startswith(key + " "):
-            return json.loads(line[len(key) + 1:])
+            return json.loads(line[len(key) + 1 :])
     raise ValueError(f"no {key} line in output:\n{text[-3000:]}")
 
 
@@ -268,8 +293,9 @@ def machine() -> str:
 
 def git_revision() -> str:
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -319,8 +345,9 @@ def emit(text: str, args, parser) -> None:
 
 
 def command_line() -> str:
-    return shlex.join(["python", *[str(Path(a).relative_to(REPO)) if a.startswith(str(REPO)) else a
-                                   for a in sys.argv]])
+    return shlex.join(
+        ["python", *[str(Path(a).relative_to(REPO)) if a.startswith(str(REPO)) else a for a in sys.argv]]
+    )
 
 
 # ---------------------------------------------------------------- CPU time of a grandchild process

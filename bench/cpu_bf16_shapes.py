@@ -34,7 +34,9 @@ def worker(args) -> None:
     precision, multiple = CONFIGS[args.config]
     tokenizer = AutoTokenizer.from_pretrained(str(bl.UNIGRAM_TOKENIZER))
     examples = tokenize_rows(load_split(str(bl.DIALOGSUM), "train", args.examples), tokenizer, DataSection())
-    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42)
+    sampler = LengthGroupedBatchSampler(
+        [len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42
+    )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=multiple)
     batches = [collator([examples[i] for i in b]) for b in sampler.batches()]
     model = bl.load_bench_model(args.model)
@@ -77,29 +79,67 @@ def main() -> None:
     model = bl.save_bench_model(args.work / "bench-t5", 8100)
     rows = []
     for threads, name in ((t, n) for t in args.threads for n in CONFIGS):
-        command = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--model", str(model),
-                   "--examples", str(args.examples), "--batch", str(args.batch)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--config",
+            name,
+            "--model",
+            str(model),
+            "--examples",
+            str(args.examples),
+            "--batch",
+            str(args.batch),
+        ]
         record = bl.check(bl.run_measured(command, bl.bench_env(threads)), name)
         r = bl.last_json_line(record.stdout)
-        rows.append([name, threads, r["steps"], r["shapes"], f"{1000 * r['epoch1_s'] / r['steps']:.0f}",
-                     f"{1000 * r['epoch2_s'] / r['steps']:.0f}", f"{r['epoch1_s'] / r['epoch2_s']:.2f}x",
-                     f"{record.foreign_load:.2f}"])
+        rows.append(
+            [
+                name,
+                threads,
+                r["steps"],
+                r["shapes"],
+                f"{1000 * r['epoch1_s'] / r['steps']:.0f}",
+                f"{1000 * r['epoch2_s'] / r['steps']:.0f}",
+                f"{r['epoch1_s'] / r['epoch2_s']:.2f}x",
+                f"{record.foreign_load:.2f}",
+            ]
+        )
         print(rows[-1], flush=True)
-    text = "\n".join([
-        bl.header("CPU: does bf16 autocast pay a kernel build per new batch shape?", bl.command_line(), [
-            f"bench T5 (d_model 128), first {args.examples} DialogSum train examples, batch {args.batch}, "
-            f"ftlaunch's batches, OMP_NUM_THREADS {args.threads}, each configuration in a fresh process; {time.time() - started:.0f} s wall"]),
-        "## Results", "",
-        bl.md_table(["precision", "threads", "steps per epoch", "distinct shapes", "epoch 1 ms/step (new shapes)",
-                     "epoch 2 ms/step (same shapes)", "epoch 1 / epoch 2", "foreign CPU load"], rows),
-        "",
-        "If new shapes cost a kernel build, epoch 1 would be slower than epoch 2 (same batches) in bf16 only.",
-        "Measured on a quiet machine: epoch 1 / epoch 2 is within noise (<= ~1.1x) for fp32 and bf16 alike, so",
-        "there is no per-shape penalty worth fixing; the slow first steps seen earlier came from other users' load.",
-        "bf16 autocast is somewhat faster than fp32 on this CPU (it has avx512_bf16); padding to a multiple of 64",
-        "(fewer shapes) only adds padded compute. The CPU benchmarks use fp32 for every contender (the same",
-        "precision everywhere is what matters for the ratios).",
-    ])
+    text = "\n".join(
+        [
+            bl.header(
+                "CPU: does bf16 autocast pay a kernel build per new batch shape?",
+                bl.command_line(),
+                [
+                    f"bench T5 (d_model 128), first {args.examples} DialogSum train examples, batch {args.batch}, "
+                    f"ftlaunch's batches, OMP_NUM_THREADS {args.threads}, each configuration in a fresh process; {time.time() - started:.0f} s wall"
+                ],
+            ),
+            "## Results",
+            "",
+            bl.md_table(
+                [
+                    "precision",
+                    "threads",
+                    "steps per epoch",
+                    "distinct shapes",
+                    "epoch 1 ms/step (new shapes)",
+                    "epoch 2 ms/step (same shapes)",
+                    "epoch 1 / epoch 2",
+                    "foreign CPU load",
+                ],
+                rows,
+            ),
+            "",
+            "If new shapes cost a kernel build, epoch 1 would be slower than epoch 2 (same batches) in bf16 only.",
+            "Measured on a quiet machine: epoch 1 / epoch 2 is within noise (<= ~1.1x) for fp32 and bf16 alike, so",
+            "there is no per-shape penalty worth fixing; the slow first steps seen earlier came from other users' load.",
+            "bf16 autocast is somewhat faster than fp32 on this CPU (it has avx512_bf16); padding to a multiple of 64",
+            "(fewer shapes) only adds padded compute. The CPU benchmarks use fp32 for every contender (the same",
+            "precision everywhere is what matters for the ratios).",
+        ]
+    )
     bl.emit(text, args, parser)
 
 

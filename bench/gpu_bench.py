@@ -75,18 +75,43 @@ class Settings:
     min_left_s: float = 30.0  # do not start a part with less time than this left
 
     @classmethod
-    def for_tiny(cls) -> "Settings":
-        return cls(tiny=True, archs=("tiny",), batch=4, cli_steps=3, log_every=1, cli_eval_limit=4,
-                   cli_max_new_tokens=8, warmup=1, steps=2, sync_steps=0, dialogues=8, eval_batch=4,
-                   max_new_tokens=8, step_timeout_s=240.0, stall_s=20.0, min_left_s=10.0)
+    def for_tiny(cls) -> Settings:
+        return cls(
+            tiny=True,
+            archs=("tiny",),
+            batch=4,
+            cli_steps=3,
+            log_every=1,
+            cli_eval_limit=4,
+            cli_max_new_tokens=8,
+            warmup=1,
+            steps=2,
+            sync_steps=0,
+            dialogues=8,
+            eval_batch=4,
+            max_new_tokens=8,
+            step_timeout_s=240.0,
+            stall_s=20.0,
+            min_left_s=10.0,
+        )
 
 
 # Most valuable first, so that the time budget, if it runs out, cuts the least: the CLI end to
 # end, the measurement, ZeRO-3 (full and LoRA: the paths that break on GPUs), offload, the rest.
-DEFAULT_PLAN = (("cli", "full:DDP"), ("measure", "DDP"), ("cli", "full:ZeRO-3"), ("cli", "lora:ZeRO-3"),
-                ("measure", "ZeRO-3"), ("cli", "full:ZeRO-3+offload"), ("measure", "ZeRO-3+offload"),
-                ("cli", "full:ZeRO-2"), ("measure", "ZeRO-2"), ("cli", "lora:DDP"), ("cli", "lora:ZeRO-2"),
-                ("cli", "lora:ZeRO-3+offload"))
+DEFAULT_PLAN = (
+    ("cli", "full:DDP"),
+    ("measure", "DDP"),
+    ("cli", "full:ZeRO-3"),
+    ("cli", "lora:ZeRO-3"),
+    ("measure", "ZeRO-3"),
+    ("cli", "full:ZeRO-3+offload"),
+    ("measure", "ZeRO-3+offload"),
+    ("cli", "full:ZeRO-2"),
+    ("measure", "ZeRO-2"),
+    ("cli", "lora:DDP"),
+    ("cli", "lora:ZeRO-2"),
+    ("cli", "lora:ZeRO-3+offload"),
+)
 TINY_PLAN = (("cli", "full:DDP"), ("measure", "DDP"), ("measure", "ZeRO-2"), ("cli", "lora:ZeRO-3+offload"))
 
 
@@ -108,8 +133,10 @@ def build_plan(cli: str | None, measure: str | None, tiny: bool) -> list[tuple[s
     order given, CLI runs first (a rerun of what a first run had to skip)."""
     if cli is None and measure is None:
         return list(TINY_PLAN if tiny else DEFAULT_PLAN)
-    items = {kind: [item.strip() for item in (value or "").split(",") if item.strip()]
-             for kind, value in (("cli", cli), ("measure", measure))}
+    items = {
+        kind: [item.strip() for item in (value or "").split(",") if item.strip()]
+        for kind, value in (("cli", cli), ("measure", measure))
+    }
     return [("cli", item) for item in items["cli"]] + [("measure", item) for item in items["measure"]]
 
 
@@ -233,7 +260,11 @@ class Liveness:
         size = self.log_path.stat().st_size
         cpu = cpu_seconds(marked_pids(STEP_ENV, self.marker))
         used = sum(max(0.0, value - self.cpu.get(pid, value)) for pid, value in cpu.items())
-        if size != self.size or set(cpu) - set(self.cpu) or used >= self.LIVE_CPU_SHARE * (now - self.checked):
+        if (
+            size != self.size
+            or set(cpu) - set(self.cpu)
+            or used >= self.LIVE_CPU_SHARE * (now - self.checked)
+        ):
             self.last_alive = now
         self.size, self.cpu, self.checked = size, cpu, now
         return now - self.last_alive
@@ -244,15 +275,26 @@ def gpu_memory_used_mib() -> float | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return float(out.stdout.strip().splitlines()[0])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
-def run_part(part: Part, command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
-             stall_s: float, deadline: float) -> None:
+def run_part(
+    part: Part,
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    timeout_s: float,
+    stall_s: float,
+    deadline: float,
+) -> None:
     """Run one part in a session of its own; kill its whole tree past a limit (checked while it runs)."""
     marker = secrets.token_hex(6)
     env = {**env, STEP_ENV: marker}
@@ -260,8 +302,9 @@ def run_part(part: Part, command: list[str], env: dict[str, str], log_path: Path
     with log_path.open("w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     liveness, quiet, checked, reason = Liveness(marker, log_path), 0.0, 0.0, None
     try:
         while proc.poll() is None:
@@ -300,7 +343,7 @@ def result_lines(text: str) -> list[dict]:
     for line in text.replace("\r", "\n").splitlines():
         if line.startswith(RESULT_PREFIX):
             try:
-                results.append(json.loads(line[len(RESULT_PREFIX):]))
+                results.append(json.loads(line[len(RESULT_PREFIX) :]))
             except ValueError:
                 pass
     return results
@@ -321,14 +364,34 @@ def log_tail(text: str, lines: int = 150, limit: int = 24_000) -> str:
     return tail + (f"\n[{dropped} repeated lines left out]" if dropped else "")
 
 
-def render_measure_run(strategy: str, arch: str, run_dir: Path, batch: int, tiny: bool,
-                       env: dict[str, str] | None = None) -> None:
+def render_measure_run(
+    strategy: str, arch: str, run_dir: Path, batch: int, tiny: bool, env: dict[str, str] | None = None
+) -> None:
     """The run files ``ftlaunch full --dry-run`` renders for the real architecture's name
     (google/flan-t5-base, not the tiny model: ZeRO bucket sizes follow d_model)."""
     zero, offload = STRATEGIES[strategy]
-    command = [sys.executable, "-m", "launcher.cli", "full", "--dry-run", "--gpus", "1", "--zero", str(zero),
-               "--model", ARCHS[arch], "--data", "sample", "--output", str(run_dir), "--overwrite",
-               "--set", f"train.micro_batch_size={batch}", "--set", "model.precision=bf16"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "full",
+        "--dry-run",
+        "--gpus",
+        "1",
+        "--zero",
+        str(zero),
+        "--model",
+        ARCHS[arch],
+        "--data",
+        "sample",
+        "--output",
+        str(run_dir),
+        "--overwrite",
+        "--set",
+        f"train.micro_batch_size={batch}",
+        "--set",
+        "model.precision=bf16",
+    ]
     command += (["--offload", offload] if offload != "none" else []) + (["--cpu"] if tiny else [])
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
@@ -358,9 +421,16 @@ class Driver:
 
     def part_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error",
-                   DATASETS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning")
+        env.update(
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+            TRANSFORMERS_VERBOSITY="error",
+            DATASETS_VERBOSITY="error",
+            PYTHONWARNINGS="ignore::FutureWarning",
+        )
         env[RUN_ENV] = self.run_marker
         env[DEADLINE_ENV] = f"{self.deadline:.0f}"
         paths = [str(REPO)] + ([str(self.args.site)] if self.args.site else [])
@@ -423,8 +493,11 @@ class Driver:
 
     def parts_planned(self) -> list[tuple[str, str, str]]:
         """(kind, item, arch): measurements for every architecture, CLI runs on the first."""
-        return [(kind, item, arch) for kind, item in self.plan
-                for arch in (self.settings.archs if kind == "measure" else self.settings.archs[:1])]
+        return [
+            (kind, item, arch)
+            for kind, item in self.plan
+            for arch in (self.settings.archs if kind == "measure" else self.settings.archs[:1])
+        ]
 
     def part_name(self, kind: str, item: str, arch: str) -> str:
         if kind == "cli":
@@ -442,19 +515,32 @@ class Driver:
             return ""
         log = self.work / f"{len(self.parts):02d}-{re.sub(r'[^A-Za-z0-9.+-]', '_', part.name)}.log"
         print(f"[{time.time() - self.started:5.0f} s] {part.name} ...", flush=True)
-        run_part(part, command, self.part_env(), log, timeout_s or self.settings.step_timeout_s,
-                 self.settings.stall_s, self.deadline)
+        run_part(
+            part,
+            command,
+            self.part_env(),
+            log,
+            timeout_s or self.settings.step_timeout_s,
+            self.settings.stall_s,
+            self.deadline,
+        )
         text = log.read_text(errors="replace")
         part.results = result_lines(text)
         self.append_log(part, text)
-        print(f"[{time.time() - self.started:5.0f} s] {part.name}: {part.status} ({part.seconds:.0f} s)", flush=True)
+        print(
+            f"[{time.time() - self.started:5.0f} s] {part.name}: {part.status} ({part.seconds:.0f} s)",
+            flush=True,
+        )
         return text
 
     def step_preflight(self) -> None:
         part = self.new_part("preflight", "preflight")
-        command = self.worker("preflight", *(["--tiny"] if self.settings.tiny else []),
-                              *(["--site", str(self.args.site)] if self.args.site else []),
-                              *(["--peak-tflops", str(self.args.peak_tflops)] if self.args.peak_tflops else []))
+        command = self.worker(
+            "preflight",
+            *(["--tiny"] if self.settings.tiny else []),
+            *(["--site", str(self.args.site)] if self.args.site else []),
+            *(["--peak-tflops", str(self.args.peak_tflops)] if self.args.peak_tflops else []),
+        )
         self.launch(part, command, timeout_s=120)
         self.env_info = part.results[-1] if part.results else {"error": "preflight printed nothing"}
         self.append_env()
@@ -462,12 +548,20 @@ class Driver:
 
     def step_prepare(self) -> None:
         part = self.new_part("prepare", "prepare")
-        command = self.worker("prepare", "--work", str(self.work), "--archs", ",".join(self.settings.archs),
-                              "--train-rows", str(self.settings.cli_steps * self.settings.batch),
-                              "--test-rows", str(max(self.settings.cli_eval_limit, self.settings.dialogues)),
-                              *(["--tiny"] if self.settings.tiny else []),
-                              *(["--tokenizer", self.args.tokenizer] if self.args.tokenizer else []),
-                              *(["--data", self.args.data] if self.args.data else []))
+        command = self.worker(
+            "prepare",
+            "--work",
+            str(self.work),
+            "--archs",
+            ",".join(self.settings.archs),
+            "--train-rows",
+            str(self.settings.cli_steps * self.settings.batch),
+            "--test-rows",
+            str(max(self.settings.cli_eval_limit, self.settings.dialogues)),
+            *(["--tiny"] if self.settings.tiny else []),
+            *(["--tokenizer", self.args.tokenizer] if self.args.tokenizer else []),
+            *(["--data", self.args.data] if self.args.data else []),
+        )
         self.launch(part, command, timeout_s=180)
         if part.status == "ok" and part.results:
             self.prepared = part.results[-1]
@@ -491,13 +585,43 @@ class Driver:
     def cli_args(self, method: str, strategy: str, run_dir: Path, model: str) -> list[str]:
         zero, offload = STRATEGIES[strategy]
         s = self.settings
-        args = [sys.executable, "-m", "launcher.cli", method, "--gpus", "1", "--zero", str(zero),
-                "--model", model, "--data", self.prepared["data_dir"], "--output", str(run_dir), "--overwrite",
-                "--set", f"train.micro_batch_size={s.batch}", "--set", f"train.max_steps={s.cli_steps}",
-                "--set", f"train.log_every={s.log_every}", "--set", "train.checkpoint_every=null",
-                "--set", "train.eval_every=null", "--set", "data.validation_limit=16",
-                "--set", f"eval.limit={s.cli_eval_limit}", "--set", f"eval.batch_size={s.cli_eval_limit}",
-                "--set", f"eval.max_new_tokens={s.cli_max_new_tokens}", "--set", "model.precision=bf16"]
+        args = [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            method,
+            "--gpus",
+            "1",
+            "--zero",
+            str(zero),
+            "--model",
+            model,
+            "--data",
+            self.prepared["data_dir"],
+            "--output",
+            str(run_dir),
+            "--overwrite",
+            "--set",
+            f"train.micro_batch_size={s.batch}",
+            "--set",
+            f"train.max_steps={s.cli_steps}",
+            "--set",
+            f"train.log_every={s.log_every}",
+            "--set",
+            "train.checkpoint_every=null",
+            "--set",
+            "train.eval_every=null",
+            "--set",
+            "data.validation_limit=16",
+            "--set",
+            f"eval.limit={s.cli_eval_limit}",
+            "--set",
+            f"eval.batch_size={s.cli_eval_limit}",
+            "--set",
+            f"eval.max_new_tokens={s.cli_max_new_tokens}",
+            "--set",
+            "model.precision=bf16",
+        ]
         if offload != "none":
             args += ["--offload", offload]
         # The original model is scored once (first CLI run): the report's comparison path.
@@ -512,22 +636,46 @@ class Driver:
         self.launch(part, self.cli_args(method, strategy, run_dir, model_dir))
         if part.status.startswith("skipped"):
             return
-        part.results = [cli_result(run_dir, method, strategy, arch, self.prepared, self.env_info, self.settings)]
+        part.results = [cli_result(run_dir, method, strategy, arch, self.prepared, self.env_info)]
         self.append_report(part, run_dir)
 
     def step_measure(self, part: Part, strategy: str, arch: str) -> None:
         run_dir = self.work / "runs" / f"measure-{strategy}-{arch}"
         render_measure_run(strategy, arch, run_dir, self.settings.batch, self.settings.tiny, self.part_env())
         s = self.settings
-        command = [sys.executable, "-m", "accelerate.commands.launch",
-                   "--config_file", str(run_dir / "accelerate.yaml"),
-                   str(WORKER), "measure", "--run-dir", str(run_dir),
-                   "--strategy", strategy, "--arch", arch, "--tokenizer", self.prepared["tokenizer"],
-                   "--batch", str(s.batch), "--warmup", str(s.warmup), "--steps", str(s.steps),
-                   "--sync-steps", str(s.sync_steps), "--eval-batch", str(s.eval_batch),
-                   "--max-new-tokens", str(s.max_new_tokens),
-                   "--generate", str(s.dialogues if strategy == "DDP" else 0),
-                   "--data-dir", self.prepared["data_dir"]]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(run_dir / "accelerate.yaml"),
+            str(WORKER),
+            "measure",
+            "--run-dir",
+            str(run_dir),
+            "--strategy",
+            strategy,
+            "--arch",
+            arch,
+            "--tokenizer",
+            self.prepared["tokenizer"],
+            "--batch",
+            str(s.batch),
+            "--warmup",
+            str(s.warmup),
+            "--steps",
+            str(s.steps),
+            "--sync-steps",
+            str(s.sync_steps),
+            "--eval-batch",
+            str(s.eval_batch),
+            "--max-new-tokens",
+            str(s.max_new_tokens),
+            "--generate",
+            str(s.dialogues if strategy == "DDP" else 0),
+            "--data-dir",
+            self.prepared["data_dir"],
+        ]
         if self.args.peak_tflops:
             command += ["--peak-tflops", str(self.args.peak_tflops)]
         if s.tiny:
@@ -540,7 +688,9 @@ class Driver:
 
     def append_log(self, part: Part, text: str) -> None:
         with (self.out / "logs.txt").open("a") as handle:
-            handle.write(f"\n===== {part.name}: {part.status}, {part.seconds:.0f} s =====\n{log_tail(text)}\n")
+            handle.write(
+                f"\n===== {part.name}: {part.status}, {part.seconds:.0f} s =====\n{log_tail(text)}\n"
+            )
 
     def append_env(self) -> None:
         with (self.out / "env.txt").open("a") as handle:
@@ -556,18 +706,27 @@ class Driver:
     def write(self) -> None:
         """results.json and summary.md, rewritten whole (atomically) after every part."""
         payload = {
-            "meta": {"command": os.environ.get("GPU_SH_COMMAND", " ".join(sys.argv)).strip(),
-                     "tiny": self.settings.tiny,
-                     "elapsed_s": round(time.time() - self.started, 1), "budget_s": self.args.budget_s,
-                     "settings": asdict(self.settings), "date": time.strftime("%Y-%m-%d %H:%M %Z")},
-            "env": self.env_info, "prepared": self.prepared, "parts": [asdict(part) for part in self.parts],
+            "meta": {
+                "command": os.environ.get("GPU_SH_COMMAND", " ".join(sys.argv)).strip(),
+                "tiny": self.settings.tiny,
+                "elapsed_s": round(time.time() - self.started, 1),
+                "budget_s": self.args.budget_s,
+                "settings": asdict(self.settings),
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            },
+            "env": self.env_info,
+            "prepared": self.prepared,
+            "parts": [asdict(part) for part in self.parts],
         }
         write_atomic(self.out / "results.json", json.dumps(payload, indent=1, default=str) + "\n")
         try:
             text = summary(payload)
         except Exception as exc:  # noqa: BLE001 - a formatting bug must not cost the figures
-            text = f"# summary failed ({type(exc).__name__}: {exc}); see results.json\n\n" + "\n".join(
-                f"- {part.name}: {part.status}" for part in self.parts) + "\n"
+            text = (
+                f"# summary failed ({type(exc).__name__}: {exc}); see results.json\n\n"
+                + "\n".join(f"- {part.name}: {part.status}" for part in self.parts)
+                + "\n"
+            )
         write_atomic(self.out / "summary.md", text)
 
 
@@ -577,8 +736,7 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: dict, env_info: dict,
-               settings: Settings) -> dict:
+def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: dict, env_info: dict) -> dict:
     """What one real CLI run left in its run directory (whatever it got to before it ended)."""
     result: dict[str, Any] = {"method": method, "strategy": strategy, "arch": arch}
     metrics = []
@@ -592,10 +750,14 @@ def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: d
     train_rows = [row for row in metrics if "loss" in row]
     if train_rows:
         steady = train_rows[1:] or train_rows  # the first window holds the first steps' start-up
-        result.update(steps=train_rows[-1]["step"], loss_first=train_rows[0]["loss"], loss_last=train_rows[-1]["loss"],
-                      tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
-                      samples_per_s=sum(r["samples_per_s"] for r in steady) / len(steady),
-                      grad_norm=train_rows[-1].get("grad_norm"))
+        result.update(
+            steps=train_rows[-1]["step"],
+            loss_first=train_rows[0]["loss"],
+            loss_last=train_rows[-1]["loss"],
+            tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
+            samples_per_s=sum(r["samples_per_s"] for r in steady) / len(steady),
+            grad_norm=train_rows[-1].get("grad_norm"),
+        )
         per_token = prepared.get("flops_per_token", {}).get(arch, {}).get(method)
         peak = env_info.get("peak_flops")
         if per_token and peak:
@@ -629,25 +791,48 @@ def md_table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]
 
 def cli_row(r: dict) -> list[str]:
     loss = f"{fmt(r.get('loss_first'), '.3f')} -> {fmt(r.get('loss_last'), '.3f')}"
-    return [r["method"], r["strategy"], str(r.get("steps", "-")), fmt(r.get("tokens_per_s"), ",.0f"),
-            fmt(r.get("samples_per_s"), ".1f"), fmt(r.get("mfu_approx"), ".1%"), loss, fmt(r.get("val_loss"), ".3f"),
-            f"{fmt(r.get('rouge1'), '.3f')} ({r.get('eval_n', '-')})", "yes" if r.get("report") else "no"]
+    return [
+        r["method"],
+        r["strategy"],
+        str(r.get("steps", "-")),
+        fmt(r.get("tokens_per_s"), ",.0f"),
+        fmt(r.get("samples_per_s"), ".1f"),
+        fmt(r.get("mfu_approx"), ".1%"),
+        loss,
+        fmt(r.get("val_loss"), ".3f"),
+        f"{fmt(r.get('rouge1'), '.3f')} ({r.get('eval_n', '-')})",
+        "yes" if r.get("report") else "no",
+    ]
 
 
 def measured_row(r: dict) -> list[str]:
     head = [str(r.get("arch")), str(r.get("method")), str(r.get("strategy"))]
     if "error" in r:
         return head + [f"error: {r['error']}"] + [""] * 6
-    return head + [f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:.1f}", f"{r['tflops']:.1f}",
-                   fmt(r.get("mfu"), ".1%"), fmt(r.get("mfu_padded"), ".1%"), fmt(r.get("peak_alloc_gib"), ".2f"),
-                   fmt(r.get("host_syncs_per_step"), ".1f")]
+    return head + [
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['samples_per_s']:.1f}",
+        f"{r['tflops']:.1f}",
+        fmt(r.get("mfu"), ".1%"),
+        fmt(r.get("mfu_padded"), ".1%"),
+        fmt(r.get("peak_alloc_gib"), ".2f"),
+        fmt(r.get("host_syncs_per_step"), ".1f"),
+    ]
 
 
 def generation_row(r: dict) -> list[str]:
     if "error" in r:
         return [str(r.get("arch")), f"error: {r['error']}"] + [""] * 6
-    return [r["arch"], str(r["dialogues"]), str(r["batch"]), str(r["max_new_tokens"]), f"{r['seconds']:.1f}",
-            f"{r['dialogues_per_s']:.1f}", f"{r['new_tokens_per_s']:,.0f}", fmt(r.get("peak_alloc_gib"), ".2f")]
+    return [
+        r["arch"],
+        str(r["dialogues"]),
+        str(r["batch"]),
+        str(r["max_new_tokens"]),
+        f"{r['seconds']:.1f}",
+        f"{r['dialogues_per_s']:.1f}",
+        f"{r['new_tokens_per_s']:,.0f}",
+        fmt(r.get("peak_alloc_gib"), ".2f"),
+    ]
 
 
 def summary(payload: dict) -> str:
@@ -666,26 +851,69 @@ def summary(payload: dict) -> str:
         lines.append("- **environment problems**: " + "; ".join(env["problems"]))
     if payload.get("prepared", {}).get("model_note"):
         lines.append(f"- model: {payload['prepared']['model_note']}")
-    lines += md_table("Parts", ["part", "status", "#seconds", "#peak GPU MiB (nvidia-smi)"],
-                      [[p["name"], p["status"], f"{p['seconds']:.0f}", fmt(p["peak_gpu_mib"], ".0f")] for p in parts])
+    lines += md_table(
+        "Parts",
+        ["part", "status", "#seconds", "#peak GPU MiB (nvidia-smi)"],
+        [[p["name"], p["status"], f"{p['seconds']:.0f}", fmt(p["peak_gpu_mib"], ".0f")] for p in parts],
+    )
     results = [(p["kind"], r) for p in parts for r in p["results"]]
     cli = [cli_row(r) for kind, r in results if kind == "cli"]
     if cli:
-        lines += md_table("The real CLI (`ftlaunch full|lora --gpus 1`): a few dozen steps, then generation + report",
-                          ["method", "strategy", "#steps", "#tokens/s", "#samples/s", "#MFU (approx.)",
-                           "loss first -> last", "#val loss", "ROUGE-1 (n)", "report"], cli)
+        lines += md_table(
+            "The real CLI (`ftlaunch full|lora --gpus 1`): a few dozen steps, then generation + report",
+            [
+                "method",
+                "strategy",
+                "#steps",
+                "#tokens/s",
+                "#samples/s",
+                "#MFU (approx.)",
+                "loss first -> last",
+                "#val loss",
+                "ROUGE-1 (n)",
+                "report",
+            ],
+            cli,
+        )
     train = [measured_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "train"]
     if train:
-        lines += md_table("Measured: the product's step, timed after warm-up",
-                          ["model", "method", "strategy", "#tokens/s", "#samples/s", "#TFLOP/s", "#MFU",
-                           "#MFU padded", "#peak alloc GiB", "#host syncs/step"], train)
+        lines += md_table(
+            "Measured: the product's step, timed after warm-up",
+            [
+                "model",
+                "method",
+                "strategy",
+                "#tokens/s",
+                "#samples/s",
+                "#TFLOP/s",
+                "#MFU",
+                "#MFU padded",
+                "#peak alloc GiB",
+                "#host syncs/step",
+            ],
+            train,
+        )
     gen = [generation_row(r) for kind, r in results if kind == "measure" and r.get("kind") == "generate"]
     if gen:
-        lines += md_table("Generation (`evaluation.generate_predictions`, greedy, bf16 autocast)",
-                          ["model", "#dialogues", "#batch", "#max_new_tokens", "#seconds", "#dialogues/s",
-                           "#new tokens/s", "#peak alloc GiB"], gen)
-    lines += ["", "Files: summary.md (this), results.json (every number), logs.txt (each part's log tail), "
-              "env.txt (wheels, versions, conflicts), reports.md (the CLI runs' report.md)."]
+        lines += md_table(
+            "Generation (`evaluation.generate_predictions`, greedy, bf16 autocast)",
+            [
+                "model",
+                "#dialogues",
+                "#batch",
+                "#max_new_tokens",
+                "#seconds",
+                "#dialogues/s",
+                "#new tokens/s",
+                "#peak alloc GiB",
+            ],
+            gen,
+        )
+    lines += [
+        "",
+        "Files: summary.md (this), results.json (every number), logs.txt (each part's log tail), "
+        "env.txt (wheels, versions, conflicts), reports.md (the CLI runs' report.md).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -694,20 +922,34 @@ def summary(payload: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="results folder (gpu.sh: $OUT, else bench/results/gpu-<date>)")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new one under /tmp)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (gpu.sh: $OUT, else bench/results/gpu-<date>)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a new one under /tmp)"
+    )
     parser.add_argument("--keep-work", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, a few steps")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time budget (deadline)")
+    parser.add_argument(
+        "--budget-s", type=float, default=450.0, help="the whole run's time budget (deadline)"
+    )
     parser.add_argument("--cli", default=None, help="only these CLI runs: full:DDP,lora:ZeRO-3,...")
     parser.add_argument("--measure", default=None, help="only these measurements: DDP,ZeRO-2,...")
-    parser.add_argument("--archs", default=None, help="comma list of base,large (measurement; CLI uses the first)")
+    parser.add_argument(
+        "--archs", default=None, help="comma list of base,large (measurement; CLI uses the first)"
+    )
     parser.add_argument("--site", type=Path, default=None, help="where gpu.sh installed the carried wheels")
     parser.add_argument("--data", default=None, help="a DialogSum folder (train/validation/test.jsonl)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the package's tiny one)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, if the table lacks the GPU")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: the package's tiny one)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak, if the table lacks the GPU"
+    )
     parser.add_argument("--stall-s", type=float, default=None, help="kill a part silent this long")
-    parser.add_argument("--sweep", default=None, help="kill what is left of the run with this marker, then exit")
+    parser.add_argument(
+        "--sweep", default=None, help="kill what is left of the run with this marker, then exit"
+    )
     return parser.parse_args(argv)
 
 
@@ -732,8 +974,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.stall_s = args.stall_s
     unknown = plan_problems(build_plan(args.cli, args.measure, args.tiny))
     if unknown:
-        print(f"gpu_bench: unknown parts {unknown}; use --cli full:DDP,lora:ZeRO-3,... and --measure "
-              f"DDP,ZeRO-2,...; strategies: {', '.join(STRATEGIES)}", file=sys.stderr)
+        print(
+            f"gpu_bench: unknown parts {unknown}; use --cli full:DDP,lora:ZeRO-3,... and --measure "
+            f"DDP,ZeRO-2,...; strategies: {', '.join(STRATEGIES)}",
+            file=sys.stderr,
+        )
         return 2
     args.out = args.out or REPO / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d')}"
     driver = Driver(args, settings)

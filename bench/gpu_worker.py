@@ -41,9 +41,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -53,7 +54,10 @@ HANG_ENV = "FTLAUNCH_BENCH_HANG"  # a strategy name: its measurement hangs (the 
 DEADLINE_ENV = "FTLAUNCH_BENCH_DEADLINE"  # epoch seconds: workers start no new sub-part after it
 RESULT_PREFIX = "BENCH_RESULT "
 STRATEGIES: dict[str, tuple[int, str]] = {
-    "DDP": (0, "none"), "ZeRO-2": (2, "none"), "ZeRO-3": (3, "none"), "ZeRO-3+offload": (3, "optimizer"),
+    "DDP": (0, "none"),
+    "ZeRO-2": (2, "none"),
+    "ZeRO-3": (3, "none"),
+    "ZeRO-3+offload": (3, "optimizer"),
 }
 ARCHS = {"base": "google/flan-t5-base", "large": "google/flan-t5-large", "tiny": "tiny-t5"}
 FLAN_T5_VOCAB = 32128
@@ -72,8 +76,20 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
 )
 SOURCE_LOGNORMAL = (5.10, 0.45)  # DialogSum prompts with a T5 tokenizer: mean ~181 tokens, p95 ~340
 TARGET_LOGNORMAL = (3.25, 0.40)  # summaries: mean ~28 tokens, p95 ~50
-REQUIRED_MODULES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "datasets", "pydantic", "typer",
-                    "rouge_score", "nltk", "yaml", "safetensors")
+REQUIRED_MODULES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "deepspeed",
+    "datasets",
+    "pydantic",
+    "typer",
+    "rouge_score",
+    "nltk",
+    "yaml",
+    "safetensors",
+)
 
 
 # ---------------------------------------------------------------- FLOPs and peaks
@@ -109,7 +125,9 @@ def flop_counts(model) -> FlopCounts:
         else:
             target += count
     config = base.config
-    return FlopCounts(source, target, config.num_heads * config.d_kv, config.num_layers, config.num_decoder_layers)
+    return FlopCounts(
+        source, target, config.num_heads * config.d_kv, config.num_layers, config.num_decoder_layers
+    )
 
 
 def step_flops(source_lengths, target_lengths, counts: FlopCounts, lora: bool):
@@ -124,8 +142,15 @@ def step_flops(source_lengths, target_lengths, counts: FlopCounts, lora: bool):
     s = source_lengths.long()
     t = target_lengths.long()
     c = 4 if lora else 6
-    attention = 12 * counts.inner * (counts.enc_layers * (s * s).sum() + counts.dec_layers * (t * t).sum()
-                                     + counts.dec_layers * (t * s).sum())
+    attention = (
+        12
+        * counts.inner
+        * (
+            counts.enc_layers * (s * s).sum()
+            + counts.dec_layers * (t * t).sum()
+            + counts.dec_layers * (t * s).sum()
+        )
+    )
     return c * (counts.source * s.sum() + counts.target * t.sum()) + attention
 
 
@@ -169,8 +194,10 @@ def requirement_problems(site: Path) -> list[str]:
                 problems.append(f"missing: {name} {version} requires {requirement}, which is not installed")
                 continue
             if requirement.specifier and not requirement.specifier.contains(found, prereleases=True):
-                problems.append(f"conflict: {name} {version} requires {requirement}, the image has "
-                                f"{requirement.name} {found}")
+                problems.append(
+                    f"conflict: {name} {version} requires {requirement}, the image has "
+                    f"{requirement.name} {found}"
+                )
     return problems
 
 
@@ -205,8 +232,12 @@ def module_version(module: str, imported) -> str:
 
 
 def worker_preflight(args: argparse.Namespace) -> None:
-    info: dict[str, Any] = {"versions": {}, "problems": [], "cpus": len(os.sched_getaffinity(0)),
-                            "python": sys.version.split()[0]}
+    info: dict[str, Any] = {
+        "versions": {},
+        "problems": [],
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": sys.version.split()[0],
+    }
     for module in REQUIRED_MODULES:
         version, problem = import_problem(module)
         if version:
@@ -237,8 +268,9 @@ def worker_preflight(args: argparse.Namespace) -> None:
         info["cpu_fused_adamw"] = cpu_fused_adamw_available()  # what ZeRO-Offload runs will use
     except Exception as exc:  # noqa: BLE001
         info["problems"].append(f"launcher.train: {type(exc).__name__}: {str(exc)[:200]}")
-    info["peak_flops"], info["peak_label"] = peak_bf16(info.get("device", "") if info.get("cuda") else "",
-                                                       args.peak_tflops)
+    info["peak_flops"], info["peak_label"] = peak_bf16(
+        info.get("device", "") if info.get("cuda") else "", args.peak_tflops
+    )
     if info.get("cuda"):
         try:
             info["matmul_tflops"] = matmul_tflops()
@@ -288,7 +320,9 @@ def build_arch(arch: str, device):
     with without_zero3_init(), torch.device(device):
         torch.manual_seed(0)
         model = T5ForConditionalGeneration(config)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * config.d_model**-0.5)
+        model.lm_head.weight = torch.nn.Parameter(
+            torch.randn(config.vocab_size, config.d_model) * config.d_model**-0.5
+        )
     model.config.tie_word_embeddings = False
     return model
 
@@ -328,7 +362,9 @@ def synthetic_rows(n: int, tokenizer, seed: int, prefix: str) -> list[dict]:
             pick = int(rng.integers(len(sentences)))
             summary.append(sentences[pick])
             length += sent_len[pick]
-        rows.append({"id": f"{prefix}_{index}", "dialogue": "\n".join(dialogue), "summary": " ".join(summary)})
+        rows.append(
+            {"id": f"{prefix}_{index}", "dialogue": "\n".join(dialogue), "summary": " ".join(summary)}
+        )
     return rows
 
 
@@ -344,8 +380,10 @@ def prepare_data(args: argparse.Namespace, tokenizer, data_dir: Path) -> dict:
         if args.data:
             from launcher.data import load_split
 
-            rows = [{"id": r["id"], "dialogue": r["dialogue"], "summary": r["summary"]}
-                    for r in load_split(args.data, split, n)]
+            rows = [
+                {"id": r["id"], "dialogue": r["dialogue"], "summary": r["summary"]}
+                for r in load_split(args.data, split, n)
+            ]
         else:
             rows = synthetic_rows(n, tokenizer, seed=100 * seed, prefix=split)
         write_jsonl(data_dir / f"{split}.jsonl", rows)
@@ -378,16 +416,23 @@ def worker_prepare(args: argparse.Namespace) -> None:
     sizes = prepare_data(args, tokenizer, data_dir)
     sources, targets = train_token_lengths(data_dir, tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict[str, Any] = {"models": {}, "flops_per_token": {}, "data_dir": str(data_dir),
-                              "tokenizer": str(tokenizer_dir), "rows": sizes,
-                              "source_tokens_mean": sum(sources) / len(sources),
-                              "target_tokens_mean": sum(targets) / len(targets)}
+    result: dict[str, Any] = {
+        "models": {},
+        "flops_per_token": {},
+        "data_dir": str(data_dir),
+        "tokenizer": str(tokenizer_dir),
+        "rows": sizes,
+        "source_tokens_mean": sum(sources) / len(sources),
+        "target_tokens_mean": sum(targets) / len(targets),
+    }
     for arch in args.archs:
         model = build_arch(arch, device)
         counts = flop_counts(model)
         tokens = sum(sources) + sum(targets)
-        per_token = {"full": int(step_flops(sources, targets, counts, lora=False)) / tokens,
-                     "lora": int(step_flops(sources, targets, counts, lora=True)) / tokens}
+        per_token = {
+            "full": int(step_flops(sources, targets, counts, lora=False)) / tokens,
+            "lora": int(step_flops(sources, targets, counts, lora=True)) / tokens,
+        }
         total = sum(p.numel() for p in model.parameters())
         directory = work / "models" / arch
         model.save_pretrained(str(directory))
@@ -396,10 +441,12 @@ def worker_prepare(args: argparse.Namespace) -> None:
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         result["models"][arch] = str(directory)
         result["flops_per_token"][arch] = per_token
-        result["model_note"] = (f"{ARCHS[arch]}-shaped, random init, {total:,} parameters (LoRA r=32 on q, v: "
-                                f"{trainable:,} trainable); tokenizer: {args.tokenizer or 'the package tiny one'} "
-                                f"({len(tokenizer)} tokens); data: {args.data or 'synthetic'}, source tokens mean "
-                                f"{result['source_tokens_mean']:.0f}, target {result['target_tokens_mean']:.0f}")
+        result["model_note"] = (
+            f"{ARCHS[arch]}-shaped, random init, {total:,} parameters (LoRA r=32 on q, v: "
+            f"{trainable:,} trainable); tokenizer: {args.tokenizer or 'the package tiny one'} "
+            f"({len(tokenizer)} tokens); data: {args.data or 'synthetic'}, source tokens mean "
+            f"{result['source_tokens_mean']:.0f}, target {result['target_tokens_mean']:.0f}"
+        )
         del model, lora
     emit(result)
 
@@ -429,8 +476,14 @@ def synthetic_token_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed + 1)
     sources = lognormal_lengths(n, SOURCE_LOGNORMAL, 16, 512, seed)
     targets = lognormal_lengths(n, TARGET_LOGNORMAL, 4, 128, seed + 2)
-    return [{"input_ids": rng.integers(3, vocab, size=s - 1).tolist() + [1], "attention_mask": [1] * s,
-             "labels": rng.integers(3, vocab, size=t - 1).tolist() + [1]} for s, t in zip(sources, targets)]
+    return [
+        {
+            "input_ids": rng.integers(3, vocab, size=s - 1).tolist() + [1],
+            "attention_mask": [1] * s,
+            "labels": rng.integers(3, vocab, size=t - 1).tolist() + [1],
+        }
+        for s, t in zip(sources, targets)
+    ]
 
 
 def batches(loader, sampler, count: int):
@@ -471,12 +524,20 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     from types import SimpleNamespace
 
     import torch
+    from transformers import AutoTokenizer
 
     from launcher.data import LengthGroupedBatchSampler
     from launcher.model import apply_lora, count_parameters
-    from launcher.train import (StopRequest, WindowStats, build_collator, build_optimizer, deepspeed_grad_norm,
-                                pins_memory, stop_requested, train_step)
-    from transformers import AutoTokenizer
+    from launcher.train import (
+        StopRequest,
+        WindowStats,
+        build_collator,
+        build_optimizer,
+        deepspeed_grad_norm,
+        pins_memory,
+        stop_requested,
+        train_step,
+    )
 
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
@@ -490,10 +551,13 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     counts = flop_counts(model)
     steps = args.warmup + args.steps + args.sync_steps
     examples = synthetic_token_examples(steps * args.batch, model.config.vocab_size)
-    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42)
+    sampler = LengthGroupedBatchSampler(
+        [len(e["input_ids"]) + len(e["labels"]) for e in examples], args.batch, 42
+    )
     collator = build_collator(AutoTokenizer.from_pretrained(args.tokenizer), on_gpu, model)
-    loader = torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collator,
-                                         pin_memory=pins_memory(accelerator))
+    loader = torch.utils.data.DataLoader(
+        examples, batch_sampler=sampler, collate_fn=collator, pin_memory=pins_memory(accelerator)
+    )
     optimizer = build_optimizer(model, recipe)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -533,17 +597,26 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     syncs = count_host_syncs(lambda: product_step(next(later), timed=False), args.sync_steps)
     peak, label = peak_bf16(torch.cuda.get_device_name(0) if on_gpu else "", args.peak_tflops)
     result = {
-        "kind": "train", "arch": arch, "method": method, "params": total, "trainable": trainable,
-        "steps": args.steps, "batch": args.batch, "seconds": seconds,
-        "tokens_per_s": int(tokens) / seconds, "samples_per_s": args.steps * args.batch / seconds,
-        "tflops": int(flops) / seconds / 1e12, "mfu": int(flops) / seconds / peak if peak else None,
-        "mfu_padded": int(padded) / seconds / peak if peak else None, "peak_label": label,
+        "kind": "train",
+        "arch": arch,
+        "method": method,
+        "params": total,
+        "trainable": trainable,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seconds": seconds,
+        "tokens_per_s": int(tokens) / seconds,
+        "samples_per_s": args.steps * args.batch / seconds,
+        "tflops": int(flops) / seconds / 1e12,
+        "mfu": int(flops) / seconds / peak if peak else None,
+        "mfu_padded": int(padded) / seconds / peak if peak else None,
+        "peak_label": label,
         "host_syncs_per_step": syncs,
         "peak_alloc_gib": (torch.cuda.max_memory_allocated() - left_over) / 2**30 if on_gpu else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
         "left_over_gib": left_over / 2**30,
     }
-    del run, model, optimizer, loader
+    run = model = optimizer = loader = None  # drop the references before freeing memory
     accelerator.free_memory()
     return result
 
@@ -574,10 +647,17 @@ def measure_generation(accelerator, recipe, arch: str, args: argparse.Namespace)
     seconds = time.perf_counter() - start
     if len(predictions) != len(rows):
         raise RuntimeError(f"{len(predictions)} predictions for {len(rows)} dialogues")
-    return {"kind": "generate", "arch": arch, "dialogues": len(rows), "seconds": seconds,
-            "dialogues_per_s": len(rows) / seconds, "new_tokens_per_s": len(rows) * args.max_new_tokens / seconds,
-            "batch": args.eval_batch, "max_new_tokens": args.max_new_tokens,
-            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
+    return {
+        "kind": "generate",
+        "arch": arch,
+        "dialogues": len(rows),
+        "seconds": seconds,
+        "dialogues_per_s": len(rows) / seconds,
+        "new_tokens_per_s": len(rows) * args.max_new_tokens / seconds,
+        "batch": args.eval_batch,
+        "max_new_tokens": args.max_new_tokens,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+    }
 
 
 def worker_measure(args: argparse.Namespace) -> None:
@@ -590,19 +670,28 @@ def worker_measure(args: argparse.Namespace) -> None:
     accelerator = build_accelerator(recipe)
     jobs: list[tuple[str, Callable[[], dict]]] = [
         (method, lambda method=method: measure_training(accelerator, recipe, args.arch, method, args))
-        for method in ("full", "lora")]
+        for method in ("full", "lora")
+    ]
     if args.generate:
         jobs.append(("generate", lambda: measure_generation(accelerator, recipe, args.arch, args)))
     for name, job in jobs:
         if deadline_left() < 15:
-            result = {"kind": "generate" if name == "generate" else "train", "arch": args.arch, "method": name,
-                      "error": "skipped: the run's time budget ran out"}
+            result = {
+                "kind": "generate" if name == "generate" else "train",
+                "arch": args.arch,
+                "method": name,
+                "error": "skipped: the run's time budget ran out",
+            }
         else:
             try:
                 result = job()
             except Exception as exc:  # noqa: BLE001 - an OOM or error is a result; the next part still runs
-                result = {"kind": "generate" if name == "generate" else "train", "arch": args.arch, "method": name,
-                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                result = {
+                    "kind": "generate" if name == "generate" else "train",
+                    "arch": args.arch,
+                    "method": name,
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                }
                 accelerator.free_memory()
         result["strategy"] = args.strategy
         if accelerator.is_main_process:

@@ -81,15 +81,26 @@ class StepLog:
         cpu = self.cpu[last] - self.cpu[warmup]
         samples = sum(b[0] for b in self.batches[warmup:last])
         tokens = sum(b[1] for b in self.batches[warmup:last])
-        return {"samples_per_s": samples / wall, "tokens_per_s": tokens / wall, "timed_s": wall,
-                "samples_per_cpu_s": samples / cpu, "timed_steps": last - warmup, "timed_samples": samples}
+        return {
+            "samples_per_s": samples / wall,
+            "tokens_per_s": tokens / wall,
+            "timed_s": wall,
+            "samples_per_cpu_s": samples / cpu,
+            "timed_steps": last - warmup,
+            "timed_samples": samples,
+        }
 
 
 def run_trainer(mode: str, args) -> dict:
     import datasets
     import torch
-    from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback,
-                              default_data_collator)
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        TrainerCallback,
+        default_data_collator,
+    )
 
     torch.manual_seed(args.seed)
     examples, tokenizer = load_examples(args.examples)
@@ -101,9 +112,14 @@ def run_trainer(mode: str, args) -> dict:
         def pad(ids, size, value):
             return ids + [value] * (size - len(ids))
 
-        rows = [{"input_ids": pad(e["input_ids"], SEED_MAX_SOURCE, pad_id),
-                 "attention_mask": pad(e["attention_mask"], SEED_MAX_SOURCE, 0),
-                 "labels": pad(e["labels"], SEED_MAX_TARGET, pad_id)} for e in examples]
+        rows = [
+            {
+                "input_ids": pad(e["input_ids"], SEED_MAX_SOURCE, pad_id),
+                "attention_mask": pad(e["attention_mask"], SEED_MAX_SOURCE, 0),
+                "labels": pad(e["labels"], SEED_MAX_TARGET, pad_id),
+            }
+            for e in examples
+        ]
         base_collator = default_data_collator
         last = min(WARMUP + TIMED_SEED, steps_per_epoch)
     else:
@@ -114,8 +130,11 @@ def run_trainer(mode: str, args) -> dict:
     def collator(features):
         batch = base_collator(features)
         labels = batch["labels"]
-        label_tokens = int(((labels != -100) & (labels != pad_id)).sum()) if mode == "trainer_seed" else int(
-            (labels != -100).sum())
+        label_tokens = (
+            int(((labels != -100) & (labels != pad_id)).sum())
+            if mode == "trainer_seed"
+            else int((labels != -100).sum())
+        )
         log.batch(len(features), int(batch["attention_mask"].sum()) + label_tokens)
         return batch
 
@@ -143,9 +162,14 @@ def run_trainer(mode: str, args) -> dict:
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if mode == "trainer_grouped" else "random",
     )
-    trainer = Seq2SeqTrainer(model=bl.load_bench_model(args.model), args=training_args,
-                             train_dataset=datasets.Dataset.from_list(rows), data_collator=collator,
-                             processing_class=tokenizer if mode != "trainer_seed" else None, callbacks=[Clock()])
+    trainer = Seq2SeqTrainer(
+        model=bl.load_bench_model(args.model),
+        args=training_args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer if mode != "trainer_seed" else None,
+        callbacks=[Clock()],
+    )
     log.wall[0], log.cpu[0] = time.perf_counter(), time.process_time()
     trainer.train()
     return log.rates(WARMUP, last)
@@ -161,8 +185,10 @@ def run_plain(args) -> dict:
     examples, tokenizer = load_examples(args.examples)
     model = bl.load_bench_model(args.model)
     model.train()
-    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["input_ids"]) + len(examples[i]["labels"])))
-    batches = [order[i:i + args.batch] for i in range(0, len(order), args.batch)]
+    order = sorted(
+        range(len(examples)), key=lambda i: -(len(examples[i]["input_ids"]) + len(examples[i]["labels"]))
+    )
+    batches = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
     random.Random(args.seed).shuffle(batches)
 
     def collate(indices):
@@ -173,9 +199,9 @@ def run_plain(args) -> dict:
         mask = torch.zeros(len(items), src, dtype=torch.long)
         labels = torch.full((len(items), tgt), -100, dtype=torch.long)
         for row, e in enumerate(items):
-            ids[row, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            mask[row, :len(e["input_ids"])] = 1
-            labels[row, :len(e["labels"])] = torch.tensor(e["labels"])
+            ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[row, : len(e["input_ids"])] = 1
+            labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
@@ -208,15 +234,45 @@ def worker(args) -> None:
 def ftlaunch_args(args, out: Path) -> list[str]:
     steps_per_epoch = math.ceil(args.examples / args.batch)
     return [
-        "full", "--cpu", "--gpus", "1", "--zero", "0", "--model", str(args.model), "--data", str(bl.DIALOGSUM),
-        "--output", str(out), "--overwrite",
-        "--set", f"model.tokenizer={bl.UNIGRAM_TOKENIZER}", "--set", f"model.precision={args.precision}",
-        "--set", f"data.train_limit={args.examples}", "--set", "data.validation_limit=8",
-        "--set", f"train.micro_batch_size={args.batch}", "--set", "train.grad_accum=1",
-        "--set", "train.epochs=1", "--set", f"train.max_steps={steps_per_epoch}",
-        "--set", f"train.log_every={WARMUP}", "--set", f"train.seed={args.seed}",
-        "--set", "train.eval_every=null", "--set", "train.checkpoint_every=null",
-        "--set", "eval.after_training=false",
+        "full",
+        "--cpu",
+        "--gpus",
+        "1",
+        "--zero",
+        "0",
+        "--model",
+        str(args.model),
+        "--data",
+        str(bl.DIALOGSUM),
+        "--output",
+        str(out),
+        "--overwrite",
+        "--set",
+        f"model.tokenizer={bl.UNIGRAM_TOKENIZER}",
+        "--set",
+        f"model.precision={args.precision}",
+        "--set",
+        f"data.train_limit={args.examples}",
+        "--set",
+        "data.validation_limit=8",
+        "--set",
+        f"train.micro_batch_size={args.batch}",
+        "--set",
+        "train.grad_accum=1",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        f"train.max_steps={steps_per_epoch}",
+        "--set",
+        f"train.log_every={WARMUP}",
+        "--set",
+        f"train.seed={args.seed}",
+        "--set",
+        "train.eval_every=null",
+        "--set",
+        "train.checkpoint_every=null",
+        "--set",
+        "eval.after_training=false",
     ]
 
 
@@ -260,8 +316,9 @@ def run_contender(name: str, args, round_index: int) -> dict:
     if name == "ftlaunch":
         out = args.work / f"ftlaunch-r{round_index}"
         watch = RankCpuWatch(out)
-        record = bl.check(bl.run_measured(bl.ftlaunch_cmd(*ftlaunch_args(args, out)), env, poll=watch.poll),
-                          "ftlaunch")
+        record = bl.check(
+            bl.run_measured(bl.ftlaunch_cmd(*ftlaunch_args(args, out)), env, poll=watch.poll), "ftlaunch"
+        )
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         logged = [row for row in lines if "samples_per_s" in row]
         windows = []  # (samples, seconds, tokens) per window after the first (warm-up) one
@@ -270,13 +327,34 @@ def run_contender(name: str, args, round_index: int) -> dict:
             windows.append((n, n / row["samples_per_s"], row["tokens_per_s"] * n / row["samples_per_s"]))
         samples, wall, tokens = (sum(w[i] for w in windows) for i in range(3))
         cpu = watch.timed_cpu_s(len(logged))
-        result = {"samples_per_s": samples / wall, "tokens_per_s": tokens / wall, "timed_s": wall,
-                  "samples_per_cpu_s": samples / cpu if cpu else None, "timed_steps": logged[-1]["step"] - WARMUP,
-                  "timed_samples": samples, "cpu_lines_seen": sorted(watch.cpu_at_line)}
+        result = {
+            "samples_per_s": samples / wall,
+            "tokens_per_s": tokens / wall,
+            "timed_s": wall,
+            "samples_per_cpu_s": samples / cpu if cpu else None,
+            "timed_steps": logged[-1]["step"] - WARMUP,
+            "timed_samples": samples,
+            "cpu_lines_seen": sorted(watch.cpu_at_line),
+        }
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--contender", name, "--model", str(args.model),
-                   "--work", str(args.work), "--examples", str(args.examples), "--batch", str(args.batch),
-                   "--precision", args.precision, "--seed", str(args.seed)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--contender",
+            name,
+            "--model",
+            str(args.model),
+            "--work",
+            str(args.work),
+            "--examples",
+            str(args.examples),
+            "--batch",
+            str(args.batch),
+            "--precision",
+            args.precision,
+            "--seed",
+            str(args.seed),
+        ]
         record = bl.check(bl.run_measured(command, env), name)
         result = bl.last_json_line(record.stdout)
     result.update(wall_s=record.wall_s, foreign_load=record.foreign_load, round=round_index)
@@ -315,13 +393,16 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     started = time.time()
     for r in range(args.rounds):
-        order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+        order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
         for name in order:
             bl.wait_for_quiet(max_wait=10 if not args.quick else 0)
             res = run_contender(name, args, r)
             results[name].append(res)
-            print(f"round {r} {name:16s} {res['samples_per_s']:8.2f} samples/s {res['tokens_per_s']:9.0f} tok/s "
-                  f"(wall {res['wall_s']:.0f}s, foreign load {res['foreign_load']:.2f})", flush=True)
+            print(
+                f"round {r} {name:16s} {res['samples_per_s']:8.2f} samples/s {res['tokens_per_s']:9.0f} tok/s "
+                f"(wall {res['wall_s']:.0f}s, foreign load {res['foreign_load']:.2f})",
+                flush=True,
+            )
     (args.work / "raw.json").write_text(json.dumps(results, indent=1))
     if not args.quick or args.out != parser.get_default("out"):
         bl.write_result(args.out.name, report(args, results, params, time.time() - started), args.out.parent)
@@ -335,19 +416,38 @@ def ratio_per_round(results: dict, a: str, b: str, key: str = "samples_per_s") -
 def report(args, results: dict, params: int, elapsed: float) -> str:
     rows = []
     for name, runs in results.items():
-        rows.append([name, bl.median(r["samples_per_s"] for r in runs), bl.spread(r["samples_per_s"] for r in runs),
-                     bl.median(r["tokens_per_s"] for r in runs),
-                     bl.median(r["samples_per_cpu_s"] for r in runs) if runs[0].get("samples_per_cpu_s") else "-",
-                     len(runs), bl.median(r["foreign_load"] for r in runs)])
-    table = bl.md_table(["contender", "samples/s (median)", "range", "non-pad tokens/s (median)",
-                         "samples per CPU-s", "runs", "foreign CPU load"], rows)
+        rows.append(
+            [
+                name,
+                bl.median(r["samples_per_s"] for r in runs),
+                bl.spread(r["samples_per_s"] for r in runs),
+                bl.median(r["tokens_per_s"] for r in runs),
+                bl.median(r["samples_per_cpu_s"] for r in runs) if runs[0].get("samples_per_cpu_s") else "-",
+                len(runs),
+                bl.median(r["foreign_load"] for r in runs),
+            ]
+        )
+    table = bl.md_table(
+        [
+            "contender",
+            "samples/s (median)",
+            "range",
+            "non-pad tokens/s (median)",
+            "samples per CPU-s",
+            "runs",
+            "foreign CPU load",
+        ],
+        rows,
+    )
     trainers = [n for n in ("trainer_seed", "trainer_dynamic", "trainer_grouped") if n in results]
     lines = []
     if "ftlaunch" in results and trainers:
         best = max(trainers, key=lambda n: bl.median(r["samples_per_s"] for r in results[n]))
         vs_best = ratio_per_round(results, "ftlaunch", best)
-        lines.append(f"| ftlaunch / best Trainer setup ({best}) | {bl.median(vs_best):.2f}x | "
-                     f"{bl.spread(vs_best)} | >= 1.3x | {'met' if bl.median(vs_best) >= 1.3 else 'MISSED'} |")
+        lines.append(
+            f"| ftlaunch / best Trainer setup ({best}) | {bl.median(vs_best):.2f}x | "
+            f"{bl.spread(vs_best)} | >= 1.3x | {'met' if bl.median(vs_best) >= 1.3 else 'MISSED'} |"
+        )
         for name in trainers:
             if name != best:
                 rr = ratio_per_round(results, "ftlaunch", name)
@@ -355,18 +455,26 @@ def report(args, results: dict, params: int, elapsed: float) -> str:
     if "ftlaunch" in results and "plain_sorted" in results:
         vs_plain = ratio_per_round(results, "ftlaunch", "plain_sorted")
         ok = bl.median(vs_plain) >= 0.95
-        lines.append(f"| ftlaunch / plain_sorted | {bl.median(vs_plain):.2f}x | {bl.spread(vs_plain)} | "
-                     f">= 0.95x (within 5%) | {'met' if ok else 'MISSED'} |")
+        lines.append(
+            f"| ftlaunch / plain_sorted | {bl.median(vs_plain):.2f}x | {bl.spread(vs_plain)} | "
+            f">= 0.95x (within 5%) | {'met' if ok else 'MISSED'} |"
+        )
     for key, label in (("tokens_per_s", "non-pad tokens/s"), ("samples_per_cpu_s", "samples per CPU-second")):
         if "ftlaunch" in results and trainers and all(r.get(key) for n in results for r in results[n]):
             best_k = max(trainers, key=lambda n: bl.median(r[key] for r in results[n]))
             rr = ratio_per_round(results, "ftlaunch", best_k, key)
-            pp = ratio_per_round(results, "ftlaunch", "plain_sorted", key) if "plain_sorted" in results else []
-            lines.append(f"| on {label}: ftlaunch / best Trainer ({best_k}) | {bl.median(rr):.2f}x | {bl.spread(rr)} | "
-                         f">= 1.3x | {'met' if bl.median(rr) >= 1.3 else 'MISSED'} |")
+            pp = (
+                ratio_per_round(results, "ftlaunch", "plain_sorted", key) if "plain_sorted" in results else []
+            )
+            lines.append(
+                f"| on {label}: ftlaunch / best Trainer ({best_k}) | {bl.median(rr):.2f}x | {bl.spread(rr)} | "
+                f">= 1.3x | {'met' if bl.median(rr) >= 1.3 else 'MISSED'} |"
+            )
             if pp:
-                lines.append(f"| on {label}: ftlaunch / plain_sorted | {bl.median(pp):.2f}x | {bl.spread(pp)} | "
-                             f">= 0.95x | {'met' if bl.median(pp) >= 0.95 else 'MISSED'} |")
+                lines.append(
+                    f"| on {label}: ftlaunch / plain_sorted | {bl.median(pp):.2f}x | {bl.spread(pp)} | "
+                    f">= 0.95x | {'met' if bl.median(pp) >= 0.95 else 'MISSED'} |"
+                )
     ratios = "| ratio (per-round, median) | value | range over rounds | goal | |\n| --- | --- | --- | --- | --- |\n"
     ratios += "\n".join(lines)
     notes = [
@@ -376,14 +484,25 @@ def report(args, results: dict, params: int, elapsed: float) -> str:
         f"batch {args.batch} (1 process, effective batch {args.batch}), precision {args.precision} for every contender, "
         f"OMP_NUM_THREADS={args.threads}, {args.rounds} interleaved rounds, {elapsed / 60:.1f} min wall",
     ]
-    return "\n".join([
-        bl.header("Training throughput: ftlaunch vs Seq2SeqTrainer vs a plain loop (CPU)", bl.command_line(), notes),
-        "## Results", "", table, "", ratios, "",
-        "samples/s and tokens/s are over the timed steps only (all steps after the first WARMUP, see the script's",
-        "docstring); non-pad tokens = source + target tokens of the examples in those steps.",
-        "'foreign CPU load' = share of the machine's CPU time used by other processes during the run",
-        "(other engineers' tests); 'samples per CPU-s' divides by the worker's process CPU time.",
-    ])
+    return "\n".join(
+        [
+            bl.header(
+                "Training throughput: ftlaunch vs Seq2SeqTrainer vs a plain loop (CPU)",
+                bl.command_line(),
+                notes,
+            ),
+            "## Results",
+            "",
+            table,
+            "",
+            ratios,
+            "",
+            "samples/s and tokens/s are over the timed steps only (all steps after the first WARMUP, see the script's",
+            "docstring); non-pad tokens = source + target tokens of the examples in those steps.",
+            "'foreign CPU load' = share of the machine's CPU time used by other processes during the run",
+            "(other engineers' tests); 'samples per CPU-s' divides by the worker's process CPU time.",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ class Ledger:
         self.seen[key] = category
         self.bytes[category] += storage.nbytes()
         if len(self.where[category]) < 12:
-            self.where[category].append(f"{path}:{tuple(tensor.shape)}:{str(tensor.dtype).removeprefix('torch.')}")
+            self.where[category].append(
+                f"{path}:{tuple(tensor.shape)}:{str(tensor.dtype).removeprefix('torch.')}"
+            )
 
 
 def walk(obj, path: str, ledger: Ledger, depth: int = 0, seen: set | None = None) -> None:
@@ -84,8 +86,13 @@ def walk(obj, path: str, ledger: Ledger, depth: int = 0, seen: set | None = None
         return
     if isinstance(obj, dict):
         for key, value in list(obj.items())[:100000]:
-            walk(value, f"{path}[{key if isinstance(key, (str, int)) else type(key).__name__}]", ledger, depth + 1,
-                 seen)
+            walk(
+                value,
+                f"{path}[{key if isinstance(key, (str, int)) else type(key).__name__}]",
+                ledger,
+                depth + 1,
+                seen,
+            )
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             walk(value, f"{path}[{i}]", ledger, depth + 1, seen)
@@ -165,8 +172,14 @@ def worker(run_dir: Path) -> None:
         model.step()
     else:
         optimizer.step()
-    payload = {"rank": accelerator.process_index, "world": accelerator.num_processes, "params": params,
-               "deepspeed": deepspeed, "during": during, "after_step": after_step}
+    payload = {
+        "rank": accelerator.process_index,
+        "world": accelerator.num_processes,
+        "params": params,
+        "deepspeed": deepspeed,
+        "during": during,
+        "after_step": after_step,
+    }
     (run_dir / f"memory-rank{accelerator.process_index}.json").write_text(json.dumps(payload))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -198,20 +211,56 @@ def size_buckets(deepspeed_json: Path, d_model: int) -> dict:
 def run_stage(stage: int, args, variant: str = "as rendered") -> list[dict]:
     out = args.work / (f"zero{stage}" + ("-auto" if variant != "as rendered" else ""))
     env = bl.bench_env(1)
-    bl.check(bl.run_measured(bl.ftlaunch_cmd(
-        "full", "--dry-run", "--cpu", "--gpus", "2", "--zero", str(stage), "--model", str(args.model), "--data",
-        "sample", "--output", str(out), "--overwrite", "--set", "model.precision=bf16",
-        "--set", "train.micro_batch_size=2"), env), f"render zero {stage}")
+    bl.check(
+        bl.run_measured(
+            bl.ftlaunch_cmd(
+                "full",
+                "--dry-run",
+                "--cpu",
+                "--gpus",
+                "2",
+                "--zero",
+                str(stage),
+                "--model",
+                str(args.model),
+                "--data",
+                "sample",
+                "--output",
+                str(out),
+                "--overwrite",
+                "--set",
+                "model.precision=bf16",
+                "--set",
+                "train.micro_batch_size=2",
+            ),
+            env,
+        ),
+        f"render zero {stage}",
+    )
     if variant != "as rendered":
         args.auto_buckets[stage] = size_buckets(out / "deepspeed.json", args.d_model)
     for old in out.glob("memory-rank*.json"):
         old.unlink()
-    record = bl.check(bl.run_measured(bl.accelerate_cmd("--config_file", str(out / "accelerate.yaml"),
-                                                         str(Path(__file__).resolve()), "--worker", "--run-dir",
-                                                         str(out)), env, timeout=600), f"zero {stage} worker")
+    record = bl.check(
+        bl.run_measured(
+            bl.accelerate_cmd(
+                "--config_file",
+                str(out / "accelerate.yaml"),
+                str(Path(__file__).resolve()),
+                "--worker",
+                "--run-dir",
+                str(out),
+            ),
+            env,
+            timeout=600,
+        ),
+        f"zero {stage} worker",
+    )
     results = [json.loads(path.read_text()) for path in sorted(out.glob("memory-rank*.json"))]
     if len(results) != 2:
-        raise SystemExit(f"zero {stage}: expected 2 ranks' results, got {len(results)}\n{record.stdout[-3000:]}")
+        raise SystemExit(
+            f"zero {stage}: expected 2 ranks' results, got {len(results)}\n{record.stdout[-3000:]}"
+        )
     return sorted(results, key=lambda r: r["rank"])
 
 
@@ -221,8 +270,13 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ftlaunch-bench/zero_memory"))
     parser.add_argument("--stages", type=int, nargs="*", default=list(STAGES))
-    parser.add_argument("--what-if", type=int, nargs="*", default=[3],
-                        help="stages to run again with bucket sizes scaled to the model (HF's auto rule)")
+    parser.add_argument(
+        "--what-if",
+        type=int,
+        nargs="*",
+        default=[3],
+        help="stages to run again with bucket sizes scaled to the model (HF's auto rule)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=bl.RESULTS_DIR / "zero_memory.md")
     args = parser.parse_args()
@@ -247,19 +301,45 @@ def main() -> None:
         during = [r["during"]["bytes"] for r in ranks]
         total = max(sum(d[k] for k in ("parameters", "gradients", "optimizer")) for d in during)
         per_rank[(stage, variant)] = (total, psi)
-        after = max(sum(r["after_step"]["bytes"][k] for k in ("parameters", "gradients", "optimizer")) for r in ranks)
-        est_gpu, _ = model_state_bytes(stage, "none", params=psi, gpus=2, nodes=1, largest_layer=8100 * config["d_model"])
-        name = ("DDP" if stage == 0 else f"ZeRO-{stage}") + ("" if variant == "as rendered" else f" ({variant})")
+        after = max(
+            sum(r["after_step"]["bytes"][k] for k in ("parameters", "gradients", "optimizer")) for r in ranks
+        )
+        est_gpu, _ = model_state_bytes(
+            stage, "none", params=psi, gpus=2, nodes=1, largest_layer=8100 * config["d_model"]
+        )
+        name = ("DDP" if stage == 0 else f"ZeRO-{stage}") + (
+            "" if variant == "as rendered" else f" ({variant})"
+        )
         flag = "" if ddp_psi in (None, psi) else " (lm_head tied!)"
-        rows.append([name, f"{psi:,}{flag}",
-                     " / ".join(f"{d['parameters'] / psi:.2f}" for d in during),
-                     " / ".join(f"{d['gradients'] / psi:.2f}" for d in during),
-                     " / ".join(f"{d['optimizer'] / psi:.2f}" for d in during),
-                     f"{total / psi:.2f}Ψ = {total / 2**20:.1f} MiB", f"{after / psi:.2f}Ψ",
-                     f"{est_gpu / psi:.2f}Ψ", f"{paper_bytes(stage, psi, 2) / psi:.2f}Ψ"])
-    lines = [bl.md_table(["strategy (2 ranks)", "Ψ (parameters)", "parameters (rank 0 / 1, bytes/Ψ)", "gradients",
-                          "optimizer", "model states per rank (measured, max over ranks)", "between steps",
-                          "DeepSpeed estimator", "ZeRO paper"], rows)]
+        rows.append(
+            [
+                name,
+                f"{psi:,}{flag}",
+                " / ".join(f"{d['parameters'] / psi:.2f}" for d in during),
+                " / ".join(f"{d['gradients'] / psi:.2f}" for d in during),
+                " / ".join(f"{d['optimizer'] / psi:.2f}" for d in during),
+                f"{total / psi:.2f}Ψ = {total / 2**20:.1f} MiB",
+                f"{after / psi:.2f}Ψ",
+                f"{est_gpu / psi:.2f}Ψ",
+                f"{paper_bytes(stage, psi, 2) / psi:.2f}Ψ",
+            ]
+        )
+    lines = [
+        bl.md_table(
+            [
+                "strategy (2 ranks)",
+                "Ψ (parameters)",
+                "parameters (rank 0 / 1, bytes/Ψ)",
+                "gradients",
+                "optimizer",
+                "model states per rank (measured, max over ranks)",
+                "between steps",
+                "DeepSpeed estimator",
+                "ZeRO paper",
+            ],
+            rows,
+        )
+    ]
     goal = []
     if (0, "as rendered") in per_rank:
         ddp_total, ddp_psi = per_rank[(0, "as rendered")]
@@ -267,42 +347,57 @@ def main() -> None:
             if stage != 3:
                 continue
             absolute, normalised = total / ddp_total, (total / psi) / (ddp_total / ddp_psi)
-            goal.append(f"- ZeRO-3 {variant}: per-rank model states / DDP's = **{absolute:.3f}x** in bytes, "
-                        f"**{normalised:.3f}x** per parameter -> {'met' if normalised <= 0.55 else 'MISSED'} "
-                        "(goal <= 0.55x at 2 ranks)")
+            goal.append(
+                f"- ZeRO-3 {variant}: per-rank model states / DDP's = **{absolute:.3f}x** in bytes, "
+                f"**{normalised:.3f}x** per parameter -> {'met' if normalised <= 0.55 else 'MISSED'} "
+                "(goal <= 0.55x at 2 ranks)"
+            )
     if args.auto_buckets:
         goal.append(f"- what-if bucket sizes (d_model {args.d_model}): {json.dumps(args.auto_buckets)}")
     where = ["", "Where the bytes are (rank 0, first tensors of each category):", ""]
     for (stage, variant), ranks in results.items():
         w = ranks[0]["during"]["where"]
-        where.append(f"- {'DDP' if stage == 0 else f'ZeRO-{stage}'} {variant}: " + "; ".join(
-            f"{k}: {', '.join(v[:4])}" for k, v in w.items() if v))
-    notes = [f"model: random-init T5 (FLAN-T5 family) {json.dumps({k: config[k] for k in ('d_model', 'd_ff', 'num_layers')})}, "
-             f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 (DDP: fp32 weights + bf16 autocast; DeepSpeed: "
-             "bf16 weights + fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
-             f"configs rendered by `ftlaunch full --dry-run --cpu --gpus 2 --zero N`; {time.time() - started:.0f} s wall "
-             "(sizes are exact: no timing noise)"]
-    text = "\n".join([
-        bl.header("ZeRO memory per rank: measured tensors vs DeepSpeed's estimator vs the ZeRO paper", bl.command_line(),
-                  notes),
-        "## Results (bytes per parameter, Ψ = parameters; measured after the 2nd backward, before its update)", "",
-        *lines, "", *goal, "",
-        "- DDP holds fp32 weights (4Ψ), fp32 gradients (4Ψ) and Adam's two fp32 moments (8Ψ) on every rank = 16Ψ,",
-        "  the paper's figure (its 2Ψ + 2Ψ + 12Ψ in fp16 terms); DDP's reducer buckets (+4Ψ) are not reachable here.",
-        "- DeepSpeed's estimator counts fp32 gradient partitions (4Ψ/N) that exist only inside the step, so it sits",
-        "  above the measurement; the paper does not count them.",
-        "- 'between steps' is the same walk after optimizer.step() + zero_grad(): gradients released.",
-        "- ZeRO-3 bucket sizes: rendering sizes `reduce_bucket_size`, `stage3_prefetch_bucket_size` and",
-        "  `stage3_param_persistence_threshold` from the model's d_model (Hugging Face's `auto` rule: d^2, 0.9 d^2, 10 d;",
-        "  `launcher/render.py` `fill_bucket_sizes`). Before that fix the templates' fixed 5e7-element bucket kept 95 MiB",
-        "  per rank whatever the model, and ZeRO-3 measured 2.05x DDP's bytes on this model (goal missed); the",
-        "  'buckets sized to the model' row is the same what-if, and now agrees with the rendered config.",
-        "- All rows hold the same Ψ: loaded under ZeRO-3 the model keeps its own lm_head (fixed in `launcher/model.py`;",
-        "  before, ZeRO-3 tied it to the embedding and dropped vocab x d_model parameters).",
-        "- ZeRO-1 and ZeRO-2 measure the same: in DeepSpeed 0.19 both reduce gradients into rank-partitioned",
-        "  buffers (`averaged_gradients`) during backward; the paper's ZeRO-1 keeps whole 16-bit gradients (10Ψ).",
-        *where,
-    ])
+        where.append(
+            f"- {'DDP' if stage == 0 else f'ZeRO-{stage}'} {variant}: "
+            + "; ".join(f"{k}: {', '.join(v[:4])}" for k, v in w.items() if v)
+        )
+    notes = [
+        f"model: random-init T5 (FLAN-T5 family) {json.dumps({k: config[k] for k in ('d_model', 'd_ff', 'num_layers')})}, "
+        f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 (DDP: fp32 weights + bf16 autocast; DeepSpeed: "
+        "bf16 weights + fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
+        f"configs rendered by `ftlaunch full --dry-run --cpu --gpus 2 --zero N`; {time.time() - started:.0f} s wall "
+        "(sizes are exact: no timing noise)",
+    ]
+    text = "\n".join(
+        [
+            bl.header(
+                "ZeRO memory per rank: measured tensors vs DeepSpeed's estimator vs the ZeRO paper",
+                bl.command_line(),
+                notes,
+            ),
+            "## Results (bytes per parameter, Ψ = parameters; measured after the 2nd backward, before its update)",
+            "",
+            *lines,
+            "",
+            *goal,
+            "",
+            "- DDP holds fp32 weights (4Ψ), fp32 gradients (4Ψ) and Adam's two fp32 moments (8Ψ) on every rank = 16Ψ,",
+            "  the paper's figure (its 2Ψ + 2Ψ + 12Ψ in fp16 terms); DDP's reducer buckets (+4Ψ) are not reachable here.",
+            "- DeepSpeed's estimator counts fp32 gradient partitions (4Ψ/N) that exist only inside the step, so it sits",
+            "  above the measurement; the paper does not count them.",
+            "- 'between steps' is the same walk after optimizer.step() + zero_grad(): gradients released.",
+            "- ZeRO-3 bucket sizes: rendering sizes `reduce_bucket_size`, `stage3_prefetch_bucket_size` and",
+            "  `stage3_param_persistence_threshold` from the model's d_model (Hugging Face's `auto` rule: d^2, 0.9 d^2, 10 d;",
+            "  `launcher/render.py` `fill_bucket_sizes`). Before that fix the templates' fixed 5e7-element bucket kept 95 MiB",
+            "  per rank whatever the model, and ZeRO-3 measured 2.05x DDP's bytes on this model (goal missed); the",
+            "  'buckets sized to the model' row is the same what-if, and now agrees with the rendered config.",
+            "- All rows hold the same Ψ: loaded under ZeRO-3 the model keeps its own lm_head (fixed in `launcher/model.py`;",
+            "  before, ZeRO-3 tied it to the embedding and dropped vocab x d_model parameters).",
+            "- ZeRO-1 and ZeRO-2 measure the same: in DeepSpeed 0.19 both reduce gradients into rank-partitioned",
+            "  buffers (`averaged_gradients`) during backward; the paper's ZeRO-1 keeps whole 16-bit gradients (10Ψ).",
+            *where,
+        ]
+    )
     bl.emit(text, args, parser)
 
 

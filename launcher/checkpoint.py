@@ -69,9 +69,14 @@ def expected_state(recipe, world_size: int) -> TrainState:
     from launcher import fingerprint
 
     return TrainState(
-        world_size=world_size, grad_accum=recipe.train.grad_accum, micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.train.seed, method=recipe.train.method, model=fingerprint.model_fingerprint(recipe.model.name),
-        tokenizer=fingerprint.tokenizer_fingerprint(recipe), data=fingerprint.data_fingerprint(recipe),
+        world_size=world_size,
+        grad_accum=recipe.train.grad_accum,
+        micro_batch_size=recipe.train.micro_batch_size,
+        seed=recipe.train.seed,
+        method=recipe.train.method,
+        model=fingerprint.model_fingerprint(recipe.model.name),
+        tokenizer=fingerprint.tokenizer_fingerprint(recipe),
+        data=fingerprint.data_fingerprint(recipe),
         lora=fingerprint.lora_fingerprint(recipe),
     )
 
@@ -124,7 +129,9 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
 
 def raise_if_injected(rank: int, step: int) -> None:
     if os.environ.get(RAISE_IN_SAVE_ENV) == f"{rank}:{step}":
-        raise RuntimeError(f"injected fault: rank {rank} raises while saving step {step} ({RAISE_IN_SAVE_ENV})")
+        raise RuntimeError(
+            f"injected fault: rank {rank} raises while saving step {step} ({RAISE_IN_SAVE_ENV})"
+        )
 
 
 @contextlib.contextmanager
@@ -154,11 +161,16 @@ def disk_full_message(run_dir: Path, step: int) -> str:
         with contextlib.suppress(Exception):
             needed = diskspace.estimate_checkpoint_bytes(read_run_recipe(run_dir))
     size = f"about {diskspace.human(needed)}" if needed else "more space"
-    kept = (f"{previous.name} is intact and {LATEST_FILE} still names it" if previous
-            else "there is no earlier checkpoint")
-    return (f"disk full: checkpoint step_{step} could not be written to {root} (it needs {size}; "
-            f"{diskspace.human(diskspace.free_bytes(root))} free); {kept}; free space (or lower "
-            "train.keep_checkpoints), then continue with --resume auto")
+    kept = (
+        f"{previous.name} is intact and {LATEST_FILE} still names it"
+        if previous
+        else "there is no earlier checkpoint"
+    )
+    return (
+        f"disk full: checkpoint step_{step} could not be written to {root} (it needs {size}; "
+        f"{diskspace.human(diskspace.free_bytes(root))} free); {kept}; free space (or lower "
+        "train.keep_checkpoints), then continue with --resume auto"
+    )
 
 
 # ---------------------------------------------------------------- manifests
@@ -177,7 +189,9 @@ def write_manifest(directory: Path) -> None:
         if checksums:
             entry["sha256"] = file_sha256(path)
         entries[str(path.relative_to(directory))] = entry
-    write_text_atomic(directory / MANIFEST_FILE, json.dumps({"total_bytes": total, "files": entries}, indent=1))
+    write_text_atomic(
+        directory / MANIFEST_FILE, json.dumps({"total_bytes": total, "files": entries}, indent=1)
+    )
 
 
 def read_manifest(checkpoint: Path) -> dict | None:
@@ -273,8 +287,10 @@ def resolve_resume(run_dir: Path, resume: str | None, notes: list[str] | None = 
         raise UserError(f"--resume {resume}: not a complete ftlaunch checkpoint (no {STATE_FILE} in it)")
     problem = checkpoint_problem(path)
     if problem:
-        raise UserError(f"--resume {resume}: the checkpoint is damaged ({problem}); pass another checkpoint "
-                        f"from {path.parent}, or --resume auto for the newest intact one")
+        raise UserError(
+            f"--resume {resume}: the checkpoint is damaged ({problem}); pass another checkpoint "
+            f"from {path.parent}, or --resume auto for the newest intact one"
+        )
     return path
 
 
@@ -311,8 +327,11 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
     trains something else (another model, tokenizer, data or LoRA shape)."""
     if force:
         return
-    changed = [name for name in IDENTITY_FIELDS
-               if getattr(saved, name) and getattr(saved, name) != getattr(current, name)]
+    changed = [
+        name
+        for name in IDENTITY_FIELDS
+        if getattr(saved, name) and getattr(saved, name) != getattr(current, name)
+    ]
     if changed:
         raise UserError(
             f"checkpoint {checkpoint} was written for other training inputs ({', '.join(describe(name, saved, current) for name in changed)}); "

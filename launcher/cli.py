@@ -10,9 +10,9 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import typer
 
@@ -70,9 +70,15 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
     memory = gpu_mem or detect_gpu_mem_gib()
     assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
     row, note = zero_auto(
-        recipe.model.name, memory or 80.0, gpus=recipe.launch.gpus, nodes=recipe.launch.nodes,
-        lora=recipe.train.method == "lora", lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules),
-        micro_batch=recipe.train.micro_batch_size, source_len=recipe.data.max_source_length,
+        recipe.model.name,
+        memory or 80.0,
+        gpus=recipe.launch.gpus,
+        nodes=recipe.launch.nodes,
+        lora=recipe.train.method == "lora",
+        lora_r=recipe.lora.r,
+        lora_targets=tuple(recipe.lora.target_modules),
+        micro_batch=recipe.train.micro_batch_size,
+        source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,
     )
     recipe.launch.zero = row.stage
@@ -104,25 +110,42 @@ def train_command(method: str):
 
     @user_errors
     def command(
-        gpus: Optional[int] = typer.Option(None, "--gpus", help="Processes (GPUs) per node [recipe: 1]."),
-        nodes: Optional[int] = typer.Option(None, "--nodes", help="Machines [recipe: 1]."),
-        zero: Optional[str] = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage, auto."),
-        gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."),
-        offload: Optional[Offload] = typer.Option(None, "--offload", help="ZeRO CPU offload."),
-        recipe_path: Optional[Path] = typer.Option(None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."),
-        model: Optional[str] = typer.Option(None, "--model", help="Hub id, local path, or tiny-t5 (embedded)."),
-        data: Optional[str] = typer.Option(None, "--data", help="Hub id, directory of JSONL splits, or sample."),
-        overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4."),
-        output: Optional[Path] = typer.Option(None, "--output", help="Run directory [runs/<method>-<model>-<time>]."),
+        gpus: int | None = typer.Option(None, "--gpus", help="Processes (GPUs) per node [recipe: 1]."),
+        nodes: int | None = typer.Option(None, "--nodes", help="Machines [recipe: 1]."),
+        zero: str | None = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage, auto."),
+        gpu_mem: float | None = typer.Option(
+            None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."
+        ),
+        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO CPU offload."),
+        recipe_path: Path | None = typer.Option(
+            None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."
+        ),
+        model: str | None = typer.Option(None, "--model", help="Hub id, local path, or tiny-t5 (embedded)."),
+        data: str | None = typer.Option(None, "--data", help="Hub id, directory of JSONL splits, or sample."),
+        overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4."),
+        output: Path | None = typer.Option(
+            None, "--output", help="Run directory [runs/<method>-<model>-<time>]."
+        ),
         cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Write the configs and command, launch nothing."),
-        resume: Optional[str] = typer.Option(None, "--resume", help="auto (newest checkpoint) or a checkpoint dir."),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Write the configs and command, launch nothing."
+        ),
+        resume: str | None = typer.Option(
+            None, "--resume", help="auto (newest checkpoint) or a checkpoint dir."
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run in --output."),
-        force_resume: bool = typer.Option(False, "--force-resume", help="Resume despite a changed run shape."),
-        main_address: Optional[str] = typer.Option(None, "--main-address", help="Multi-node: first node's address."),
-        main_port: Optional[int] = typer.Option(None, "--main-port", help="Multi-node: rendezvous port."),
-        machine_rank: Optional[int] = typer.Option(
-            None, "--machine-rank", help="Multi-node: this node's rank [$FTLAUNCH_MACHINE_RANK, $SLURM_NODEID]."),
+        force_resume: bool = typer.Option(
+            False, "--force-resume", help="Resume despite a changed run shape."
+        ),
+        main_address: str | None = typer.Option(
+            None, "--main-address", help="Multi-node: first node's address."
+        ),
+        main_port: int | None = typer.Option(None, "--main-port", help="Multi-node: rendezvous port."),
+        machine_rank: int | None = typer.Option(
+            None,
+            "--machine-rank",
+            help="Multi-node: this node's rank [$FTLAUNCH_MACHINE_RANK, $SLURM_NODEID].",
+        ),
         debug: bool = DebugOption,
     ) -> None:
         from launcher import launch
@@ -133,13 +156,20 @@ def train_command(method: str):
         train = raw.get("train")
         recipe_method = train.get("method", "full") if isinstance(train, dict) else "full"
         if recipe_method in ("full", "lora") and recipe_method != method:
-            raise UserError(f"recipe {path} is a {recipe_method} recipe (train.method); "
-                            f"use `ftlaunch {recipe_method}` or a {method} recipe")
+            raise UserError(
+                f"recipe {path} is a {recipe_method} recipe (train.method); "
+                f"use `ftlaunch {recipe_method}` or a {method} recipe"
+            )
         flags = {
-            "model.name": model, "data.dataset": data, "launch.gpus": gpus, "launch.nodes": nodes,
+            "model.name": model,
+            "data.dataset": data,
+            "launch.gpus": gpus,
+            "launch.nodes": nodes,
             "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
-            "launch.offload": offload.value if offload else None, "launch.cpu": True if cpu else None,
-            "launch.main_address": main_address, "launch.main_port": main_port,
+            "launch.offload": offload.value if offload else None,
+            "launch.cpu": True if cpu else None,
+            "launch.main_address": main_address,
+            "launch.main_port": main_port,
         }
         flagged = []
         for key, value in flags.items():
@@ -150,14 +180,22 @@ def train_command(method: str):
                 raw[section][name] = value
                 flagged.append([section, name])
         recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
-        zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
+        zero_note = (
+            pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
+        )
         recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
-        notes = launch.prepare_launch(recipe, run_dir, resume=resume, overwrite=overwrite,
-                                      force_resume=force_resume, dry_run=dry_run,
-                                      argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
-                                      machine_rank=rank)
+        notes = launch.prepare_launch(
+            recipe,
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            force_resume=force_resume,
+            dry_run=dry_run,
+            argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
+            machine_rank=rank,
+        )
 
         from launcher.render import summarize
 
@@ -184,14 +222,16 @@ app.command("lora", help="LoRA fine-tuning: render configs and launch (or --dry-
 @user_errors
 def eval_command(
     model: str = typer.Option("tiny-t5", "--model", help="Hub id, local path, or tiny-t5."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter directory (a run's final/)."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter directory (a run's final/)."),
     data: str = typer.Option("sample", "--data", help="Hub id, directory of JSONL splits, or sample."),
     split: str = typer.Option("test", "--split"),
     gpus: int = typer.Option(1, "--gpus", help="Ranks on this node."),
-    zero: str = typer.Option("0", "--zero", help="0: each rank holds the model; 3: weights sharded (ZeRO-3)."),
+    zero: str = typer.Option(
+        "0", "--zero", help="0: each rank holds the model; 3: weights sharded (ZeRO-3)."
+    ),
     cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First K examples only."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a recipe key (eval.*, data.*)."),
+    limit: int | None = typer.Option(None, "--limit", help="First K examples only."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key (eval.*, data.*)."),
     output: Path = typer.Option(..., "--output", help="Writes predictions.jsonl and rouge.json here."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the configs and command, launch nothing."),
     debug: bool = DebugOption,
@@ -206,11 +246,15 @@ def eval_command(
     raw["data"]["dataset"] = data
     raw["eval"].update(split=split, limit=limit if limit is not None else raw["eval"]["limit"])
     if zero not in {"0", "3"}:
-        raise UserError(f"--zero {zero}: evaluation either replicates the model (0) or shards it (3); use 0 or 3")
+        raise UserError(
+            f"--zero {zero}: evaluation either replicates the model (0) or shards it (3); use 0 or 3"
+        )
     raw["launch"].update(gpus=gpus, zero=int(zero), cpu=cpu)
     recipe = build_recipe(raw, "command line")
     if adapter and not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run")
+        raise UserError(
+            f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run"
+        )
     launch.check_eval_data(recipe)
     launch.local_model_dir(model)
     if not dry_run:
@@ -218,10 +262,16 @@ def eval_command(
             launch.check_gpus(recipe)
         launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "rouge.json").exists() \
-            and not (run_dir / "recipe.yaml").exists():
+    if (
+        run_dir.exists()
+        and any(run_dir.iterdir())
+        and not (run_dir / "rouge.json").exists()
+        and not (run_dir / "recipe.yaml").exists()
+    ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
-    launch.write_run_files(recipe, run_dir, None, ["ftlaunch", "eval", *sys.argv[2:]], entry="launcher.evaluation")
+    launch.write_run_files(
+        recipe, run_dir, None, ["ftlaunch", "eval", *sys.argv[2:]], entry="launcher.evaluation"
+    )
     typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
     if dry_run:
         return
@@ -231,7 +281,9 @@ def eval_command(
 @app.command("supervise", hidden=True)
 @user_errors
 def supervise_command(
-    run_dir: Path = typer.Argument(..., help="A run directory rendered by `ftlaunch full|lora|eval --dry-run`."),
+    run_dir: Path = typer.Argument(
+        ..., help="A run directory rendered by `ftlaunch full|lora|eval --dry-run`."
+    ),
     debug: bool = DebugOption,
 ) -> None:
     """Run RUN/command.sh on this node as `ftlaunch` does (the SLURM job scripts' srun task)."""
@@ -241,7 +293,9 @@ def supervise_command(
 
     run_dir = run_dir.expanduser().resolve()
     if not (run_dir / "command.sh").is_file():
-        raise UserError(f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`")
+        raise UserError(
+            f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`"
+        )
     if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
         check_free_space(read_run_recipe(run_dir), run_dir)
     raise typer.Exit(launch.run_command(run_dir))
@@ -250,11 +304,14 @@ def supervise_command(
 @app.command("estimate")
 @user_errors
 def estimate_command(
-    model: str = typer.Option("google/flan-t5-base", "--model",
-                              help="Known name (flan-t5-small..xxl), flan-t5-all, tiny-t5 or a local directory."),
+    model: str = typer.Option(
+        "google/flan-t5-base",
+        "--model",
+        help="Known name (flan-t5-small..xxl), flan-t5-all, tiny-t5 or a local directory.",
+    ),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
     nodes: int = typer.Option(1, "--nodes"),
-    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
+    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
     source_len: int = typer.Option(512, "--source-len"),
@@ -267,8 +324,14 @@ def estimate_command(
     if gpus < 1 or nodes < 1 or micro_batch < 1:
         raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
     memory = gpu_mem or estimate.detect_gpu_mem_gib() or 80.0
-    shape = dict(gpus=gpus, nodes=nodes, lora=lora, micro_batch=micro_batch, source_len=source_len,
-                 target_len=target_len)
+    shape = dict(
+        gpus=gpus,
+        nodes=nodes,
+        lora=lora,
+        micro_batch=micro_batch,
+        source_len=source_len,
+        target_len=target_len,
+    )
     models = estimate.expand_models(model)
     if len(models) > 1:
         typer.echo(estimate.render_models_table(models, memory, **shape))
@@ -282,12 +345,16 @@ def estimate_command(
 @user_errors
 def score_command(
     predictions: Path = typer.Argument(..., help="predictions.jsonl (id, prediction[, references])."),
-    data: Optional[str] = typer.Option(None, "--data", help="Take references from this dataset instead."),
+    data: str | None = typer.Option(None, "--data", help="Take references from this dataset instead."),
     split: str = typer.Option("test", "--split"),
-    scoring: str = typer.Option("best_of_n", "--scoring", help="best_of_n or per_reference (seed-compatible)."),
+    scoring: str = typer.Option(
+        "best_of_n", "--scoring", help="best_of_n or per_reference (seed-compatible)."
+    ),
     stemmer: bool = typer.Option(True, "--stemmer/--no-stemmer"),
-    split_sentences: bool = typer.Option(False, "--split-sentences", help="One sentence per line for rougeLsum."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write rouge.json here."),
+    split_sentences: bool = typer.Option(
+        False, "--split-sentences", help="One sentence per line for rougeLsum."
+    ),
+    output: Path | None = typer.Option(None, "--output", help="Write rouge.json here."),
     debug: bool = DebugOption,
 ) -> None:
     """Rescore an existing predictions file without generating."""
@@ -300,8 +367,8 @@ def score_command(
 @app.command("report")
 @user_errors
 def report_command(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories or `ftlaunch eval` output directories."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write report.md and rouge.json here."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories or `ftlaunch eval` output directories."),
+    output: Path | None = typer.Option(None, "--output", help="Write report.md and rouge.json here."),
     debug: bool = DebugOption,
 ) -> None:
     """Compare several runs/models in one ROUGE table (one run: its full report)."""
@@ -322,8 +389,11 @@ def click_exceptions():
         from typer._click import exceptions as vendored
     except ImportError:
         return (click.UsageError,), (click.exceptions.Abort,), (click.exceptions.Exit,)
-    return ((vendored.UsageError, click.UsageError), (typer.Abort, click.exceptions.Abort),
-            (typer.Exit, click.exceptions.Exit))
+    return (
+        (vendored.UsageError, click.UsageError),
+        (typer.Abort, click.exceptions.Abort),
+        (typer.Exit, click.exceptions.Exit),
+    )
 
 
 def given_value(exc) -> str:
@@ -351,7 +421,9 @@ def main() -> None:
         if os.environ.get("FTLAUNCH_DEBUG") == "1" or "--debug" in sys.argv:
             raise
         command = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
-        typer.echo(f"error: {exc.format_message()}{given_value(exc)} (see ftlaunch{command} --help)", err=True)
+        typer.echo(
+            f"error: {exc.format_message()}{given_value(exc)} (see ftlaunch{command} --help)", err=True
+        )
         sys.exit(EXIT_USAGE)
     except exits as exc:
         sys.exit(exc.exit_code)

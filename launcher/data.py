@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,21 +56,28 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise UserError(f"{path} line {number} is not UTF-8 text (byte {offset + exc.start}); "
-                                "re-encode it as UTF-8") from None
+                raise UserError(
+                    f"{path} line {number} is not UTF-8 text (byte {offset + exc.start}); "
+                    "re-encode it as UTF-8"
+                ) from None
             offset += len(raw)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                hint = " (it looks like a Python literal: convert with json.dumps)" if line.lstrip().startswith(
-                    "{'") else ""
+                hint = (
+                    " (it looks like a Python literal: convert with json.dumps)"
+                    if line.lstrip().startswith("{'")
+                    else ""
+                )
                 raise UserError(
                     f"{path} line {number} is not JSON ({exc.msg}){hint}; each line must be one JSON object"
                 ) from None
             if not isinstance(row, dict):
-                raise UserError(f"{path} line {number} is not a JSON object; each line must be one JSON object")
+                raise UserError(
+                    f"{path} line {number} is not a JSON object; each line must be one JSON object"
+                )
             rows.append((number, row))
     return rows
 
@@ -78,19 +86,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl_lines(path)]
 
 
-def normalize_rows(rows: list[tuple[int, dict[str, Any]]], source: str, unit: str = "line") -> list[dict[str, Any]]:
+def normalize_rows(
+    rows: list[tuple[int, dict[str, Any]]], source: str, unit: str = "line"
+) -> list[dict[str, Any]]:
     """Map DialogSum's field layouts onto id/dialogue/summary/references.
 
     ``rows`` carry their position (a file's line number, or a hub row's index) for messages.
     """
     out: list[dict[str, Any]] = []
     for number, row in rows:
-        references = [row[key] for key in REFERENCE_FIELDS if isinstance(row.get(key), str) and row[key].strip()]
+        references = [
+            row[key] for key in REFERENCE_FIELDS if isinstance(row.get(key), str) and row[key].strip()
+        ]
         if not references and isinstance(row.get("summary"), str) and row["summary"].strip():
             references = [row["summary"]]
         dialogue = row.get("dialogue")
         if not isinstance(dialogue, str) or not dialogue.strip():
-            raise UserError(f"{source} {unit} {number} has no 'dialogue' text; every row needs dialogue and summary")
+            raise UserError(
+                f"{source} {unit} {number} has no 'dialogue' text; every row needs dialogue and summary"
+            )
         if not references:
             raise UserError(
                 f"{source} {unit} {number} has no 'summary' (or summary1..3) text; every row needs dialogue and summary"
@@ -130,7 +144,9 @@ def load_split(dataset: str, split: str, limit: int | None = None) -> list[dict[
             )
         rows = normalize_rows(read_jsonl_lines(path), str(path))
     else:
-        rows = normalize_rows(list(enumerate(load_hub_split(dataset, split))), f"{dataset}[{split}]", unit="row")
+        rows = normalize_rows(
+            list(enumerate(load_hub_split(dataset, split))), f"{dataset}[{split}]", unit="row"
+        )
     if not rows:
         raise UserError(f"split {split!r} of {dataset} is empty; it needs at least one dialogue")
     return rows[:limit] if limit else rows
@@ -183,15 +199,22 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, data: DataSection) 
     ]
 
 
-def tokenized_split(
-    rows: Sequence[dict[str, Any]], tokenizer, data: DataSection, cache_dir: Path, key: str
-):
+def tokenized_split(rows: Sequence[dict[str, Any]], tokenizer, data: DataSection, cache_dir: Path, key: str):
     """Tokenize once into an Arrow cache file; later calls (other ranks, resumed runs) just load it."""
     import datasets
 
     digest = hashlib.sha256(
-        json.dumps([key, tokenizer.name_or_path, len(tokenizer), data.prompt,
-                    data.max_source_length, data.max_target_length, len(rows)]).encode()
+        json.dumps(
+            [
+                key,
+                tokenizer.name_or_path,
+                len(tokenizer),
+                data.prompt,
+                data.max_source_length,
+                data.max_target_length,
+                len(rows),
+            ]
+        ).encode()
     ).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
     table = datasets.Dataset.from_list([{"row": index} for index in range(len(rows))])
@@ -221,7 +244,10 @@ def batching_keys(tokenized) -> list[int]:
     train: 0.941 vs 0.925 real/computed tokens, bench/results/padding.md).
     """
     longest_target = max((len(labels) for labels in tokenized["labels"]), default=0) + 1
-    return [len(ids) * longest_target + len(labels) for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])]
+    return [
+        len(ids) * longest_target + len(labels)
+        for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
+    ]
 
 
 def example_lengths(tokenized) -> list[int]:
@@ -247,8 +273,15 @@ class LengthGroupedBatchSampler:
     emitted together are exactly one optimizer step. Set ``epoch`` before iterating.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 megabatch: int = 50, micro_batches_per_step: int = 1) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        megabatch: int = 50,
+        micro_batches_per_step: int = 1,
+    ) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
@@ -266,13 +299,13 @@ class LengthGroupedBatchSampler:
         order = rng.permutation(len(self.lengths))
         step_size = self.batch_size * self.micro_batches_per_step
         if not self.group_by_length:
-            return [order[i:i + step_size].tolist() for i in range(0, len(order), step_size)]
+            return [order[i : i + step_size].tolist() for i in range(0, len(order), step_size)]
         size = step_size * self.megabatch
         steps: list[list[int]] = []
         for start in range(0, len(order), size):
-            mega = order[start:start + size]
+            mega = order[start : start + size]
             mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
-            steps += [mega[i:i + step_size].tolist() for i in range(0, len(mega), step_size)]
+            steps += [mega[i : i + step_size].tolist() for i in range(0, len(mega), step_size)]
         if len(steps) > 1 and len(steps[-1]) < step_size:
             # The short step stays last so that full micro-batches are dealt evenly to ranks.
             head = [steps[i] for i in rng.permutation(len(steps) - 1)]
@@ -280,7 +313,11 @@ class LengthGroupedBatchSampler:
         return [steps[i] for i in rng.permutation(len(steps))]
 
     def batches(self) -> list[list[int]]:
-        return [step[i:i + self.batch_size] for step in self.steps() for i in range(0, len(step), self.batch_size)]
+        return [
+            step[i : i + self.batch_size]
+            for step in self.steps()
+            for i in range(0, len(step), self.batch_size)
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
@@ -305,7 +342,7 @@ def shard_sorted_batches(lengths: Sequence[int], batch_size: int, rank: int, wor
     step = batch_size * world
     batches = []
     for start in range(0, len(order), step):
-        chunk = order[start:start + step]
+        chunk = order[start : start + step]
         per_rank = math.ceil(len(chunk) / world)
-        batches.append(ShardBatch(chunk[rank * per_rank:(rank + 1) * per_rank]))
+        batches.append(ShardBatch(chunk[rank * per_rank : (rank + 1) * per_rank]))
     return batches

@@ -81,10 +81,17 @@ def lora_parameters(recipe: Recipe, total: int) -> int:
 
         dims = FLAN_T5_CONFIGS.get(canonical_name(recipe.model.name), dims)
     try:
-        spec = ModelSpec(name=recipe.model.name, params=total, largest_layer=0, d_model=dims.get("d_model"),
-                         d_ff=dims.get("d_ff"), num_layers=dims.get("num_layers"),
-                         num_decoder_layers=dims.get("num_decoder_layers"), num_heads=dims.get("num_heads"),
-                         d_kv=dims.get("d_kv"))
+        spec = ModelSpec(
+            name=recipe.model.name,
+            params=total,
+            largest_layer=0,
+            d_model=dims.get("d_model"),
+            d_ff=dims.get("d_ff"),
+            num_layers=dims.get("num_layers"),
+            num_decoder_layers=dims.get("num_decoder_layers"),
+            num_heads=dims.get("num_heads"),
+            d_kv=dims.get("d_kv"),
+        )
         return lora_trainable_params(spec, recipe.lora.r, tuple(recipe.lora.target_modules))
     except UserError:
         return total // 100  # an unknown architecture: about 1%, LoRA's usual size
@@ -167,8 +174,16 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(exc)
-        if any(word in text for word in ("No space left on device", "os error 28", "StorageFull",
-                                         "Disk quota exceeded", "file write failed")):
+        if any(
+            word in text
+            for word in (
+                "No space left on device",
+                "os error 28",
+                "StorageFull",
+                "Disk quota exceeded",
+                "file write failed",
+            )
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

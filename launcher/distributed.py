@@ -67,8 +67,10 @@ def require_cuda() -> None:
     a driver mismatch) would run on CPU ranks, orders of magnitude slower, and say nothing."""
     problem = cuda_problem()
     if problem:
-        raise UserError(f"no usable GPU on {os.uname().nodename} (rank {os.environ.get('RANK', '0')}): {problem}; "
-                        "pass --cpu to run on CPU ranks on purpose")
+        raise UserError(
+            f"no usable GPU on {os.uname().nodename} (rank {os.environ.get('RANK', '0')}): {problem}; "
+            "pass --cpu to run on CPU ranks on purpose"
+        )
 
 
 def autocast_dtype(recipe: Recipe) -> torch.dtype | None:

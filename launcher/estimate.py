@@ -36,9 +36,10 @@ context, allocator fragmentation and temporary buffers.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from launcher.errors import UserError
 
@@ -51,13 +52,21 @@ FLAN_T5_VOCAB = 32128
 # the lm_head (FLAN-T5 checkpoints carry their own; transformers 5 ties it when building from a
 # config, so a config-built model has vocab x d_model fewer parameters).
 FLAN_T5_CONFIGS: dict[str, dict[str, int]] = {
-    "google/flan-t5-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
-    "google/flan-t5-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "google/flan-t5-large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-                                 num_heads=16),
-    "google/flan-t5-xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32),
-    "google/flan-t5-xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
-                               num_heads=64),
+    "google/flan-t5-small": dict(
+        d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6
+    ),
+    "google/flan-t5-base": dict(
+        d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12
+    ),
+    "google/flan-t5-large": dict(
+        d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16
+    ),
+    "google/flan-t5-xl": dict(
+        d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32
+    ),
+    "google/flan-t5-xxl": dict(
+        d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64
+    ),
 }
 KNOWN_MODELS: dict[str, int] = {
     "google/flan-t5-small": 76_961_152,
@@ -72,10 +81,26 @@ OFFLOADS = ("none", "optimizer", "full")
 # the least offload (CPU offload costs more speed than one more ZeRO stage on the GPUs). ZeRO-1 +
 # offload comes last: ZeRO-2 + offload moves the same optimizer traffic and holds less, so it
 # never loses to it.
-ROW_ORDER = ((0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"), (3, "none"),
-             (3, "optimizer"), (3, "full"))
-PREFERENCE = ((0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"),
-              (3, "full"), (1, "optimizer"))
+ROW_ORDER = (
+    (0, "none"),
+    (1, "none"),
+    (1, "optimizer"),
+    (2, "none"),
+    (2, "optimizer"),
+    (3, "none"),
+    (3, "optimizer"),
+    (3, "full"),
+)
+PREFERENCE = (
+    (0, "none"),
+    (1, "none"),
+    (2, "none"),
+    (3, "none"),
+    (2, "optimizer"),
+    (3, "optimizer"),
+    (3, "full"),
+    (1, "optimizer"),
+)
 
 
 # ---------------------------------------------------------------- models
@@ -115,10 +140,16 @@ def expand_models(model: str) -> list[str]:
 
 def _spec_from_t5_dims(name: str, params: int, dims: dict[str, Any], vocab: int) -> ModelSpec:
     return ModelSpec(
-        name=name, params=params, largest_layer=max(vocab * dims["d_model"], dims["d_model"] * dims["d_ff"]),
-        d_model=dims["d_model"], d_ff=dims["d_ff"], num_layers=dims["num_layers"],
-        num_decoder_layers=dims.get("num_decoder_layers") or dims["num_layers"], num_heads=dims["num_heads"],
-        d_kv=dims.get("d_kv"), vocab_size=vocab,
+        name=name,
+        params=params,
+        largest_layer=max(vocab * dims["d_model"], dims["d_model"] * dims["d_ff"]),
+        d_model=dims["d_model"],
+        d_ff=dims["d_ff"],
+        num_layers=dims["num_layers"],
+        num_decoder_layers=dims.get("num_decoder_layers") or dims["num_layers"],
+        num_heads=dims["num_heads"],
+        d_kv=dims.get("d_kv"),
+        vocab_size=vocab,
     )
 
 
@@ -138,7 +169,9 @@ def _checkpoint_keys(directory: Path) -> set[str] | None:
 
 def _largest_layer(model) -> int:
     """As DeepSpeed's live estimator: the most parameters owned directly by one module."""
-    return max((sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()), default=0)
+    return max(
+        (sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()), default=0
+    )
 
 
 def _count_unique(model) -> int:
@@ -158,7 +191,9 @@ def _spec_from_directory(directory: Path, name: str) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:
-        raise UserError(f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})"
+        ) from None
     with torch.device("meta"):
         skeleton = AutoModelForSeq2SeqLM.from_config(config)
     params = _count_unique(skeleton)
@@ -174,11 +209,15 @@ def _spec_from_directory(directory: Path, name: str) -> ModelSpec:
             params += head.weight.numel()
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
     return ModelSpec(
-        name=name, params=params, largest_layer=_largest_layer(skeleton), d_model=get("d_model", "hidden_size"),
+        name=name,
+        params=params,
+        largest_layer=_largest_layer(skeleton),
+        d_model=get("d_model", "hidden_size"),
         d_ff=get("d_ff", "intermediate_size", "ffn_dim", "encoder_ffn_dim"),
         num_layers=get("num_layers", "encoder_layers", "num_hidden_layers"),
         num_decoder_layers=get("num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers"),
-        num_heads=get("num_heads", "num_attention_heads", "encoder_attention_heads"), d_kv=get("d_kv"),
+        num_heads=get("num_heads", "num_attention_heads", "encoder_attention_heads"),
+        d_kv=get("d_kv"),
         vocab_size=get("vocab_size"),
     )
 
@@ -201,11 +240,15 @@ def model_spec(model: str) -> ModelSpec:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model {model} has no config.json; pass a directory written by save_pretrained, "
-                            f"tiny-t5, or one of {', '.join(KNOWN_MODELS)}")
+            raise UserError(
+                f"model {model} has no config.json; pass a directory written by save_pretrained, "
+                f"tiny-t5, or one of {', '.join(KNOWN_MODELS)}"
+            )
         return _spec_from_directory(path, model)
-    raise UserError(f"unknown model {model!r} for an estimate (no download): use one of "
-                    f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json")
+    raise UserError(
+        f"unknown model {model!r} for an estimate (no download): use one of "
+        f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json"
+    )
 
 
 def parameter_count(model: str) -> int:
@@ -269,9 +312,18 @@ class EstimateRow:
         return self.total_gib <= gpu_mem_gib * (1.0 - headroom)
 
 
-def activation_bytes(*, micro_batch: int, source_len: int, target_len: int, d_model: int, n_layers: int,
-                     d_ff: int | None = None, num_heads: int | None = None, vocab_size: int | None = None,
-                     n_decoder_layers: int | None = None) -> int:
+def activation_bytes(
+    *,
+    micro_batch: int,
+    source_len: int,
+    target_len: int,
+    d_model: int,
+    n_layers: int,
+    d_ff: int | None = None,
+    num_heads: int | None = None,
+    vocab_size: int | None = None,
+    n_decoder_layers: int | None = None,
+) -> int:
     """The activation formula of the module docstring (bytes per GPU, one micro-batch)."""
     b, s, t, h = micro_batch, source_len, target_len, d_model
     f = d_ff or int(2.5 * h)
@@ -287,21 +339,36 @@ def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]
     """(cpu bytes, gpu bytes) from DeepSpeed's stage 1/2 estimator."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, num_nodes=nodes,
-                                                 cpu_offload=offload)
+    return estimate_zero2_model_states_mem_needs(
+        params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
+    )
 
 
 def _zero3(params: int, largest_layer: int, gpus: int, nodes: int, offload: str) -> tuple[int, int]:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cpu, gpu, _largest = estimate_zero3_model_states_mem_needs(
-        params, largest_layer, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload != "none",
-        cpu_offload_params=offload == "full", zero_init=True)
+        params,
+        largest_layer,
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+        cpu_offload=offload != "none",
+        cpu_offload_params=offload == "full",
+        zero_init=True,
+    )
     return cpu, gpu
 
 
-def model_state_bytes(stage: int, offload: str, *, params: int, gpus: int, nodes: int, trainable: int | None = None,
-                      largest_layer: int | None = None) -> tuple[int, int]:
+def model_state_bytes(
+    stage: int,
+    offload: str,
+    *,
+    params: int,
+    gpus: int,
+    nodes: int,
+    trainable: int | None = None,
+    largest_layer: int | None = None,
+) -> tuple[int, int]:
     """(gpu bytes per GPU, cpu bytes per node) of parameters + gradients + optimizer state."""
     world = gpus * nodes
     trainable = params if trainable is None else trainable
@@ -321,11 +388,24 @@ def model_state_bytes(stage: int, offload: str, *, params: int, gpus: int, nodes
     return gpu + 2 * frozen // world, cpu
 
 
-def estimate_rows(params: int, *, gpus: int = 1, nodes: int = 1, lora: bool = False, trainable: int | None = None,
-                  micro_batch: int = 8, source_len: int = 512, target_len: int = 128, d_model: int | None = None,
-                  n_layers: int | None = None, d_ff: int | None = None, num_heads: int | None = None,
-                  vocab_size: int | None = None, n_decoder_layers: int | None = None,
-                  largest_layer: int | None = None) -> list[EstimateRow]:
+def estimate_rows(
+    params: int,
+    *,
+    gpus: int = 1,
+    nodes: int = 1,
+    lora: bool = False,
+    trainable: int | None = None,
+    micro_batch: int = 8,
+    source_len: int = 512,
+    target_len: int = 128,
+    d_model: int | None = None,
+    n_layers: int | None = None,
+    d_ff: int | None = None,
+    num_heads: int | None = None,
+    vocab_size: int | None = None,
+    n_decoder_layers: int | None = None,
+    largest_layer: int | None = None,
+) -> list[EstimateRow]:
     """Per-GPU memory for every stage x offload (ROW_ORDER). LoRA needs ``trainable``."""
     if gpus < 1 or nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1")
@@ -336,28 +416,64 @@ def estimate_rows(params: int, *, gpus: int = 1, nodes: int = 1, lora: bool = Fa
         largest_layer = (vocab_size or FLAN_T5_VOCAB) * d_model if d_model else params // 10
     activations = 0
     if d_model and n_layers:
-        activations = activation_bytes(micro_batch=micro_batch, source_len=source_len, target_len=target_len,
-                                       d_model=d_model, n_layers=n_layers, d_ff=d_ff, num_heads=num_heads,
-                                       vocab_size=vocab_size, n_decoder_layers=n_decoder_layers)
+        activations = activation_bytes(
+            micro_batch=micro_batch,
+            source_len=source_len,
+            target_len=target_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            d_ff=d_ff,
+            num_heads=num_heads,
+            vocab_size=vocab_size,
+            n_decoder_layers=n_decoder_layers,
+        )
     rows = []
     for stage, offload in ROW_ORDER:
-        gpu, cpu = model_state_bytes(stage, offload, params=params, gpus=gpus, nodes=nodes, trainable=trainable,
-                                     largest_layer=largest_layer)
+        gpu, cpu = model_state_bytes(
+            stage,
+            offload,
+            params=params,
+            gpus=gpus,
+            nodes=nodes,
+            trainable=trainable,
+            largest_layer=largest_layer,
+        )
         rows.append(EstimateRow(stage, offload, gpu / GIB, activations / GIB, cpu / GIB, gpus * nodes))
     return rows
 
 
-def estimate_model(model: str, *, gpus: int = 1, nodes: int = 1, lora: bool = False, lora_r: int = 32,
-                   lora_targets: Sequence[str] = ("q", "v"), micro_batch: int = 8, source_len: int = 512,
-                   target_len: int = 128) -> list[EstimateRow]:
+def estimate_model(
+    model: str,
+    *,
+    gpus: int = 1,
+    nodes: int = 1,
+    lora: bool = False,
+    lora_r: int = 32,
+    lora_targets: Sequence[str] = ("q", "v"),
+    micro_batch: int = 8,
+    source_len: int = 512,
+    target_len: int = 128,
+) -> list[EstimateRow]:
     """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory)."""
     spec = model_spec(model)
     trainable = lora_trainable_params(spec, lora_r, lora_targets) if lora else None
-    return estimate_rows(spec.params, gpus=gpus, nodes=nodes, lora=lora, trainable=trainable,
-                         micro_batch=micro_batch, source_len=source_len, target_len=target_len, d_model=spec.d_model,
-                         n_layers=spec.num_layers, d_ff=spec.d_ff, num_heads=spec.num_heads,
-                         vocab_size=spec.vocab_size, n_decoder_layers=spec.num_decoder_layers,
-                         largest_layer=spec.largest_layer)
+    return estimate_rows(
+        spec.params,
+        gpus=gpus,
+        nodes=nodes,
+        lora=lora,
+        trainable=trainable,
+        micro_batch=micro_batch,
+        source_len=source_len,
+        target_len=target_len,
+        d_model=spec.d_model,
+        n_layers=spec.num_layers,
+        d_ff=spec.d_ff,
+        num_heads=spec.num_heads,
+        vocab_size=spec.vocab_size,
+        n_decoder_layers=spec.num_decoder_layers,
+        largest_layer=spec.largest_layer,
+    )
 
 
 def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
@@ -379,9 +495,11 @@ def zero_auto(model: str, gpu_mem_gib: float, **kwargs) -> tuple[EstimateRow, st
     """For ``--zero auto``: the recommended row and one line for the dry-run summary."""
     rows = estimate_model(model, **kwargs)
     row = recommend(rows, gpu_mem_gib)
-    return row, (f"{row.label} (--zero auto: the smallest stage that fits {gpu_mem_gib:g} GiB per GPU; "
-                 f"estimated {row.total_gib:.1f} GiB = {row.model_states_gib:.1f} model states + "
-                 f"{row.activations_gib:.1f} activations)")
+    return row, (
+        f"{row.label} (--zero auto: the smallest stage that fits {gpu_mem_gib:g} GiB per GPU; "
+        f"estimated {row.total_gib:.1f} GiB = {row.model_states_gib:.1f} model states + "
+        f"{row.activations_gib:.1f} activations)"
+    )
 
 
 def detect_gpu_mem_gib() -> float | None:
@@ -403,8 +521,9 @@ def _gib(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
-def render_table(rows: Sequence[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM,
-                 title: str | None = None) -> str:
+def render_table(
+    rows: Sequence[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM, title: str | None = None
+) -> str:
     """A markdown table of every row, the recommended one marked."""
     try:
         best: EstimateRow | None = recommend(rows, gpu_mem_gib, headroom)
@@ -421,20 +540,33 @@ def render_table(rows: Sequence[EstimateRow], gpu_mem_gib: float, headroom: floa
         fits = "yes" if row.fits(gpu_mem_gib, headroom) else "no"
         if row is best:
             fits += " **<- recommended**"
-        lines.append(f"| {row.label} | `{row.flags}` | {_gib(row.model_states_gib)} | {_gib(row.activations_gib)} | "
-                     f"{_gib(row.total_gib)} | {_gib(row.cpu_gib)} | {fits} |")
+        lines.append(
+            f"| {row.label} | `{row.flags}` | {_gib(row.model_states_gib)} | {_gib(row.activations_gib)} | "
+            f"{_gib(row.total_gib)} | {_gib(row.cpu_gib)} | {fits} |"
+        )
     usable = gpu_mem_gib * (1 - headroom)
     lines.append("")
-    lines.append(f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
-                 "Model states from DeepSpeed's estimator; activations: bf16, no checkpointing (see launcher/estimate.py).")
+    lines.append(
+        f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
+        "Model states from DeepSpeed's estimator; activations: bf16, no checkpointing (see launcher/estimate.py)."
+    )
     if best is None:
         lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")
     return "\n".join(lines)
 
 
-def render_models_table(models: Sequence[str] | None = None, gpu_mem_gib: float = 80.0, *, gpus: int = 1,
-                        nodes: int = 1, lora: bool = False, micro_batch: int = 8, source_len: int = 512,
-                        target_len: int = 128, headroom: float = HEADROOM) -> str:
+def render_models_table(
+    models: Sequence[str] | None = None,
+    gpu_mem_gib: float = 80.0,
+    *,
+    gpus: int = 1,
+    nodes: int = 1,
+    lora: bool = False,
+    micro_batch: int = 8,
+    source_len: int = 512,
+    target_len: int = 128,
+    headroom: float = HEADROOM,
+) -> str:
     """One line per model (default: every FLAN-T5 size): totals per stage and the recommendation."""
     models = list(models or KNOWN_MODELS)
     lines = [
@@ -444,8 +576,15 @@ def render_models_table(models: Sequence[str] | None = None, gpu_mem_gib: float 
     ]
     for model in models:
         spec = model_spec(model)
-        rows = estimate_model(model, gpus=gpus, nodes=nodes, lora=lora, micro_batch=micro_batch,
-                              source_len=source_len, target_len=target_len)
+        rows = estimate_model(
+            model,
+            gpus=gpus,
+            nodes=nodes,
+            lora=lora,
+            micro_batch=micro_batch,
+            source_len=source_len,
+            target_len=target_len,
+        )
         by_key = {(r.stage, r.offload): r for r in rows}
         trainable = lora_trainable_params(spec) if lora else spec.params
         try:
@@ -453,11 +592,18 @@ def render_models_table(models: Sequence[str] | None = None, gpu_mem_gib: float 
             choice = f"{best.label} ({_gib(best.total_gib)} GiB)"
         except UserError:
             choice = "nothing fits"
-        cells = [_gib(by_key[key].total_gib) for key in ((0, "none"), (1, "none"), (2, "none"), (3, "none"),
-                                                         (3, "full"))]
-        lines.append(f"| {spec.name} | {spec.params / 1e6:,.0f}M | {trainable / 1e6:,.1f}M | " + " | ".join(cells)
-                     + f" | {choice} |")
+        cells = [
+            _gib(by_key[key].total_gib)
+            for key in ((0, "none"), (1, "none"), (2, "none"), (3, "none"), (3, "full"))
+        ]
+        lines.append(
+            f"| {spec.name} | {spec.params / 1e6:,.0f}M | {trainable / 1e6:,.1f}M | "
+            + " | ".join(cells)
+            + f" | {choice} |"
+        )
     lines.append("")
-    lines.append(f"Total GiB per GPU (model states + activations), {gpus} GPU(s) x {nodes} node(s), micro batch "
-                 f"{micro_batch}, {source_len}/{target_len} tokens, {'LoRA r=32 on q,v' if lora else 'full fine-tuning'}.")
+    lines.append(
+        f"Total GiB per GPU (model states + activations), {gpus} GPU(s) x {nodes} node(s), micro batch "
+        f"{micro_batch}, {source_len}/{target_len} tokens, {'LoRA r=32 on q,v' if lora else 'full fine-tuning'}."
+    )
     return "\n".join(lines)

@@ -19,8 +19,13 @@ from typing import Any
 import torch
 
 from launcher.data import build_prompt, load_split, shard_sorted_batches
-from launcher.distributed import build_accelerator, precision_autocast, print_main, without_zero3_init, zero_stage
-from launcher.errors import EXIT_USAGE, UserError
+from launcher.distributed import (
+    build_accelerator,
+    precision_autocast,
+    print_main,
+    without_zero3_init,
+    zero_stage,
+)
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.rouge import score_rouge
@@ -30,21 +35,32 @@ ROUGE_FILE = "rouge.json"
 
 
 @torch.no_grad()
-def generate_predictions(accelerator, model, tokenizer, rows: list[dict], recipe: Recipe, synced: bool) -> list[str]:
+def generate_predictions(
+    accelerator, model, tokenizer, rows: list[dict], recipe: Recipe, synced: bool
+) -> list[str]:
     """Predictions for ``rows`` in dataset order, on every rank."""
     from accelerate.utils import gather_object
 
     prompts = [build_prompt(recipe.data.prompt, row["dialogue"]) for row in rows]
-    lengths = [len(ids) for ids in tokenizer(prompts, max_length=recipe.data.max_source_length,
-                                             truncation=True)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in tokenizer(prompts, max_length=recipe.data.max_source_length, truncation=True)["input_ids"]
+    ]
     generator = accelerator.unwrap_model(model)
     generator.eval()
     local: list[tuple[int, str]] = []
-    shards = shard_sorted_batches(lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes)
+    shards = shard_sorted_batches(
+        lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes
+    )
     for shard in shards:
         indices = shard.indices or [0]
-        inputs = tokenizer([prompts[i] for i in indices], max_length=recipe.data.max_source_length,
-                           truncation=True, padding=True, return_tensors="pt").to(accelerator.device)
+        inputs = tokenizer(
+            [prompts[i] for i in indices],
+            max_length=recipe.data.max_source_length,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        ).to(accelerator.device)
         with precision_autocast(recipe, accelerator.device):  # the same autocast as training, any strategy
             output = generator.generate(
                 **inputs,
@@ -64,21 +80,35 @@ def in_dataset_order(pairs: list[tuple[int, str]], expected: int) -> list[str]:
     """Exactly one prediction per example, or a loud failure (never a silently short report)."""
     by_index = dict(pairs)
     if len(pairs) != expected or len(by_index) != expected or set(by_index) != set(range(expected)):
-        raise RuntimeError(f"gathered {len(pairs)} predictions ({len(by_index)} distinct) for {expected} examples")
+        raise RuntimeError(
+            f"gathered {len(pairs)} predictions ({len(by_index)} distinct) for {expected} examples"
+        )
     return [by_index[i] for i in range(expected)]
 
 
 def score_predictions(predictions: list[str], references: list[list[str]], recipe: Recipe) -> dict[str, Any]:
-    return score_rouge(predictions, references, mode=recipe.eval.scoring, use_stemmer=recipe.eval.use_stemmer,
-                       split_sentences=recipe.eval.split_sentences)
+    return score_rouge(
+        predictions,
+        references,
+        mode=recipe.eval.scoring,
+        use_stemmer=recipe.eval.use_stemmer,
+        split_sentences=recipe.eval.split_sentences,
+    )
 
 
-def write_eval_outputs(out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict) -> None:
+def write_eval_outputs(
+    out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / PREDICTIONS_FILE).open("w") as handle:
         for row, prediction in zip(rows, predictions):
-            handle.write(json.dumps({"id": row["id"], "prediction": prediction, "references": row["references"]},
-                                    ensure_ascii=False) + "\n")
+            handle.write(
+                json.dumps(
+                    {"id": row["id"], "prediction": prediction, "references": row["references"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     (out_dir / ROUGE_FILE).write_text(json.dumps({**scores, **info}, indent=2) + "\n")
 
 
@@ -97,16 +127,20 @@ def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str,
     }
 
 
-def evaluate_model(accelerator, model, tokenizer, recipe: Recipe, rows: list[dict], out_dir: Path,
-                   info: dict, synced: bool) -> dict | None:
+def evaluate_model(
+    accelerator, model, tokenizer, recipe: Recipe, rows: list[dict], out_dir: Path, info: dict, synced: bool
+) -> dict | None:
     """Generate, gather, score and write one model's predictions; returns the scores on main."""
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None
     scores = score_predictions(predictions, [row["references"] for row in rows], recipe)
     write_eval_outputs(out_dir, rows, predictions, scores, info)
-    print_main(accelerator, f"{info['model']}: rouge1 {scores['rouge1']:.4f} rouge2 {scores['rouge2']:.4f} "
-                      f"rougeL {scores['rougeL']:.4f} rougeLsum {scores['rougeLsum']:.4f} (n={scores['n']})")
+    print_main(
+        accelerator,
+        f"{info['model']}: rouge1 {scores['rouge1']:.4f} rouge2 {scores['rouge2']:.4f} "
+        f"rougeL {scores['rougeL']:.4f} rougeLsum {scores['rougeLsum']:.4f} (n={scores['n']})",
+    )
     return scores
 
 
@@ -128,9 +162,16 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
         return
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
-        evaluate_model(accelerator, model, tokenizer, recipe, eval_rows(recipe), original_eval_dir(run_dir),
-                       run_info(recipe, f"{recipe.model.name} (original)", None),
-                       synced=zero_stage(accelerator) == 3)
+        evaluate_model(
+            accelerator,
+            model,
+            tokenizer,
+            recipe,
+            eval_rows(recipe),
+            original_eval_dir(run_dir),
+            run_info(recipe, f"{recipe.model.name} (original)", None),
+            synced=zero_stage(accelerator) == 3,
+        )
     accelerator.wait_for_everyone()
 
 
@@ -139,9 +180,16 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
     scores written before training (``evaluate_original``)."""
     rows = eval_rows(recipe)
     method = recipe.train.method
-    evaluate_model(accelerator, model, tokenizer, recipe, rows, run_dir / "eval" / "finetuned",
-                   run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
-                   synced=zero_stage(accelerator) == 3)
+    evaluate_model(
+        accelerator,
+        model,
+        tokenizer,
+        recipe,
+        rows,
+        run_dir / "eval" / "finetuned",
+        run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
+        synced=zero_stage(accelerator) == 3,
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from launcher.report import write_run_report
@@ -164,8 +212,16 @@ def evaluate_standalone(run_dir: Path) -> int:
         synced = zero_stage(accelerator) == 3
     else:
         model = model.to(accelerator.device)
-    evaluate_model(accelerator, model, tokenizer, recipe, rows, run_dir,
-                   run_info(recipe, recipe.model.name, recipe.model.adapter), synced)
+    evaluate_model(
+        accelerator,
+        model,
+        tokenizer,
+        recipe,
+        rows,
+        run_dir,
+        run_info(recipe, recipe.model.name, recipe.model.adapter),
+        synced,
+    )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -53,7 +53,9 @@ def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> 
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
-        print_main(accelerator, f"saved {'adapter' if recipe.train.method == 'lora' else 'model'} to {out_dir}")
+        print_main(
+            accelerator, f"saved {'adapter' if recipe.train.method == 'lora' else 'model'} to {out_dir}"
+        )
     accelerator.wait_for_everyone()
     if recipe.train.method == "lora" and recipe.lora.save_merged and accelerator.is_main_process:
         save_merged(accelerator, recipe, tokenizer, out_dir)

@@ -19,8 +19,16 @@ from launcher.paths import TINY_TOKENIZER_DIR
 from launcher.recipe import EMBEDDED_MODEL, Recipe
 
 # Files that define a tokenizer (whichever of them a directory has).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
@@ -54,8 +62,9 @@ def model_fingerprint(name: str) -> str:
     if directory is None:
         return name
     config = directory / "config.json"
-    weights = sorted((p.name, p.stat().st_size) for p in directory.iterdir()
-                     if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    weights = sorted(
+        (p.name, p.stat().st_size) for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
     return _digest([_file_digest(config) if config.is_file() else None, weights])
 
 
@@ -79,8 +88,16 @@ def data_fingerprint(recipe: Recipe) -> str:
     else:
         path = directory / f"{data.train_split}.jsonl"
         source = _file_digest(path) if path.is_file() else f"missing:{path.name}"
-    return _digest([source, data.train_split, data.train_limit, data.prompt, data.max_source_length,
-                    data.max_target_length])
+    return _digest(
+        [
+            source,
+            data.train_split,
+            data.train_limit,
+            data.prompt,
+            data.max_source_length,
+            data.max_target_length,
+        ]
+    )
 
 
 def lora_fingerprint(recipe: Recipe) -> str:

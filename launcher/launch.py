@@ -44,8 +44,10 @@ def local_model_dir(name: str) -> Path | None:
         return None
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise UserError(f"--model {name}: no config.json there; pass a directory written by save_pretrained "
-                        "(e.g. a run's final/ folder), a hub id, or tiny-t5")
+        raise UserError(
+            f"--model {name}: no config.json there; pass a directory written by save_pretrained "
+            "(e.g. a run's final/ folder), a hub id, or tiny-t5"
+        )
     return path
 
 
@@ -61,10 +63,36 @@ def check_model_reference(recipe: Recipe) -> None:
 
 # Leaf module names of T5 (and FLAN-T5) models: enough to check LoRA targets without importing
 # transformers, which would add seconds to every dry run and job start.
-T5_MODULE_NAMES = frozenset({"shared", "encoder", "decoder", "embed_tokens", "block", "layer", "SelfAttention",
-                             "EncDecAttention", "q", "k", "v", "o", "relative_attention_bias", "layer_norm",
-                             "DenseReluDense", "wi", "wi_0", "wi_1", "wo", "act", "dropout", "final_layer_norm",
-                             "lm_head", "0", "1", "2"})
+T5_MODULE_NAMES = frozenset(
+    {
+        "shared",
+        "encoder",
+        "decoder",
+        "embed_tokens",
+        "block",
+        "layer",
+        "SelfAttention",
+        "EncDecAttention",
+        "q",
+        "k",
+        "v",
+        "o",
+        "relative_attention_bias",
+        "layer_norm",
+        "DenseReluDense",
+        "wi",
+        "wi_0",
+        "wi_1",
+        "wo",
+        "act",
+        "dropout",
+        "final_layer_norm",
+        "lm_head",
+        "0",
+        "1",
+        "2",
+    }
+)
 
 
 def model_module_names(config_dir: Path | None) -> set[str]:
@@ -83,8 +111,10 @@ def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
     names = model_module_names(config_dir)
     missing = [target for target in recipe.lora.target_modules if target not in names]
     if missing:
-        raise UserError(f"lora.target_modules {missing} name no module of {recipe.model.name}; "
-                        "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)")
+        raise UserError(
+            f"lora.target_modules {missing} name no module of {recipe.model.name}; "
+            "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)"
+        )
 
 
 def hub_reference_problem(name: str, repo_type: str) -> str | None:
@@ -112,14 +142,18 @@ def check_hub_references(recipe: Recipe) -> None:
     if dataset_dir(recipe.data.dataset) is None:
         problem = hub_reference_problem(recipe.data.dataset, "dataset")
         if problem:
-            raise UserError(f"dataset {recipe.data.dataset!r}: {problem}; download it where there is network and "
-                            "pass --data DIR with train/validation/test.jsonl")
+            raise UserError(
+                f"dataset {recipe.data.dataset!r}: {problem}; download it where there is network and "
+                "pass --data DIR with train/validation/test.jsonl"
+            )
     for what, name in (("model", recipe.model.name), ("tokenizer", recipe.model.tokenizer)):
         if name and name != EMBEDDED_MODEL and not is_local_reference(name):
             problem = hub_reference_problem(name, "model")
             if problem:
-                raise UserError(f"{what} {name!r}: {problem}; download it where there is network "
-                                f"(hf download {name} --local-dir DIR) and pass --model DIR")
+                raise UserError(
+                    f"{what} {name!r}: {problem}; download it where there is network "
+                    f"(hf download {name} --local-dir DIR) and pass --model DIR"
+                )
 
 
 def visible_gpus() -> int:
@@ -132,9 +166,15 @@ def check_gpus(recipe: Recipe) -> None:
     available = visible_gpus()
     if recipe.launch.gpus <= available:
         return
-    seen = f"only {available} are visible here; use --gpus {available}, " if available else "none is visible here; use "
-    raise UserError(f"--gpus {recipe.launch.gpus} asks for {recipe.launch.gpus} GPUs per node but {seen}"
-                    "--cpu to run the ranks as CPU processes, or --dry-run to only render the configs")
+    seen = (
+        f"only {available} are visible here; use --gpus {available}, "
+        if available
+        else "none is visible here; use "
+    )
+    raise UserError(
+        f"--gpus {recipe.launch.gpus} asks for {recipe.launch.gpus} GPUs per node but {seen}"
+        "--cpu to run the ranks as CPU processes, or --dry-run to only render the configs"
+    )
 
 
 def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> list[str]:
@@ -170,20 +210,32 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
         return
     if not holds_run(run_dir):
         if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise UserError(f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
-                            "or pass --overwrite")
+            raise UserError(
+                f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
+                "or pass --overwrite"
+            )
         return
     same = (run_dir / "recipe.yaml").read_text() == dump_recipe(recipe)
     if not same and not resume:
-        raise UserError(f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
-                        "--overwrite to replace it, or pick a new directory")
+        raise UserError(
+            f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
+            "--overwrite to replace it, or pick a new directory"
+        )
     if same and not resume and ckpt.has_checkpoints(run_dir):
-        raise UserError(f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
-                        "continue it or --overwrite to start again")
+        raise UserError(
+            f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
+            "continue it or --overwrite to start again"
+        )
 
 
-def write_run_files(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-                    entry: str = "launcher.train", force_resume: bool = False) -> None:
+def write_run_files(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: str | None,
+    argv: list[str],
+    entry: str = "launcher.train",
+    force_resume: bool = False,
+) -> None:
     render_run(recipe, run_dir, resume, argv, entry, force_resume).write(run_dir)
 
 
@@ -224,17 +276,28 @@ def resolve_machine_rank(recipe: Recipe, flag: int | None, env: dict[str, str], 
         source, raw = "SLURM_NODEID", env["SLURM_NODEID"]
     else:
         if nodes > 1 and not dry_run:
-            raise UserError(f"--nodes {nodes}: this node's machine rank is unknown; pass --machine-rank R "
-                            f"(0 on the node at --main-address, 1..{nodes - 1} on the others), set "
-                            f"{MACHINE_RANK_ENV}=R, or run under SLURM")
+            raise UserError(
+                f"--nodes {nodes}: this node's machine rank is unknown; pass --machine-rank R "
+                f"(0 on the node at --main-address, 1..{nodes - 1} on the others), set "
+                f"{MACHINE_RANK_ENV}=R, or run under SLURM"
+            )
         return None
     if not raw.isdigit() or int(raw) >= nodes:
         raise UserError(f"{source}={raw} is not a machine rank of a {nodes}-node run; use 0..{nodes - 1}")
     return int(raw)
 
 
-def prepare_launch(recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool,
-                   dry_run: bool, argv: list[str], machine_rank: int | None = None) -> list[str]:
+def prepare_launch(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    force_resume: bool,
+    dry_run: bool,
+    argv: list[str],
+    machine_rank: int | None = None,
+) -> list[str]:
     """Every check first, then (only then) touch the run directory and write its files.
 
     On a multi-node run every node may call this on the same (shared) directory: only machine

@@ -58,7 +58,9 @@ def build_tiny_t5(vocab_size: int):
         torch.manual_seed(TINY_T5_SEED)
         model = T5ForConditionalGeneration(config)
         # FLAN-T5's own lm_head (built from a config, transformers 5 ties it to the embedding).
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
+        model.lm_head.weight = torch.nn.Parameter(
+            torch.randn(vocab_size, config.d_model) * config.d_model**-0.5
+        )
     model.config.tie_word_embeddings = False  # a later tie_weights() must not tie it back
     return model
 
@@ -91,8 +93,9 @@ def load_base_model(recipe: Recipe, vocab_size: int):
     own_lm_head = has_own_lm_head(config) and hasattr(config, "tie_word_embeddings")
     if own_lm_head:
         config.tie_word_embeddings = False  # nothing is tied while loading: lm_head keeps its weights
-    model = from_pretrained_or_explain(AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model",
-                                       config=config, dtype=torch.float32)
+    model = from_pretrained_or_explain(
+        AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model", config=config, dtype=torch.float32
+    )
     if own_lm_head:
         tie_input_embeddings(model)
     return model
@@ -101,8 +104,10 @@ def load_base_model(recipe: Recipe, vocab_size: int):
 def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):
     """Call a ``from_pretrained``; a missing path or an unreachable hub becomes a UserError."""
     if is_local_reference(name) and not Path(name).expanduser().exists():
-        raise UserError(f"{what} path {name} does not exist; pass a directory written by save_pretrained, "
-                        "a hub id, or tiny-t5")
+        raise UserError(
+            f"{what} path {name} does not exist; pass a directory written by save_pretrained, "
+            "a hub id, or tiny-t5"
+        )
     try:
         return loader(str(Path(name).expanduser()) if is_local_reference(name) else name, **kwargs)
     except OSError as exc:
@@ -136,7 +141,9 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection):
 
     missing = missing_lora_targets(model, list(lora.target_modules))
     if missing:
-        raise UserError(f"lora.target_modules {missing} name no module of this model; T5 attention has q, k, v, o")
+        raise UserError(
+            f"lora.target_modules {missing} name no module of this model; T5 attention has q, k, v, o"
+        )
     return get_peft_model(model, lora_config(lora))
 
 

@@ -21,7 +21,9 @@ class PlainProgress:
     ``set_postfix`` (the loop logs the step's loss right after ``update``), update or close.
     """
 
-    def __init__(self, total: int, initial: int = 0, every_s: float = PLAIN_EVERY_S, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, initial: int = 0, every_s: float = PLAIN_EVERY_S, enabled: bool = True
+    ) -> None:
         self.total, self.n, self.initial = total, initial, initial
         self.every_s, self.enabled = every_s, enabled
         self.started = self.last = time.monotonic()
@@ -54,7 +56,9 @@ class PlainProgress:
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         if done:
             per_step = elapsed / done
-            left = f", {format_duration(per_step * (self.total - self.n))} left" if self.n < self.total else ""
+            left = (
+                f", {format_duration(per_step * (self.total - self.n))} left" if self.n < self.total else ""
+            )
             parts.append(f"{per_step:.2f} s/step{left}")
         return ", ".join(parts)
 
@@ -77,5 +81,12 @@ def make_progress(enabled: bool, total: int, initial: int):
         return PlainProgress(total, initial, enabled=enabled)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
-                dynamic_ncols=True, file=console)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="training",
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=console,
+    )

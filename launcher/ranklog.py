@@ -20,9 +20,10 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE, RunFailure, UserError
 
@@ -50,8 +51,12 @@ class Where:
 
 def where() -> Where:
     env = os.environ
-    return Where(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
-                 node=int(env.get("GROUP_RANK", env.get("SLURM_NODEID", "0"))), host=socket.gethostname())
+    return Where(
+        rank=int(env.get("RANK", "0")),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        node=int(env.get("GROUP_RANK", env.get("SLURM_NODEID", "0"))),
+        host=socket.gethostname(),
+    )
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
@@ -124,8 +129,11 @@ def start(run_dir: Path) -> Path:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"===== ftlaunch rank {me.rank} (local rank {me.local_rank}, node {me.node}, host {me.host}, "
-          f"pid {os.getpid()}) started {stamp}: {' '.join(sys.argv)}", flush=True)
+    print(
+        f"===== ftlaunch rank {me.rank} (local rank {me.local_rank}, node {me.node}, host {me.host}, "
+        f"pid {os.getpid()}) started {stamp}: {' '.join(sys.argv)}",
+        flush=True,
+    )
     failure_path(run_dir, me.rank).unlink(missing_ok=True)  # a record of an earlier attempt
     return path
 
@@ -153,9 +161,17 @@ class Failure:
 def record_failure(run_dir: Path, exit_code: int, error: str) -> Failure:
     """Write this rank's failure record (best effort: a full disk may refuse even this)."""
     me = where()
-    failure = Failure(rank=me.rank, local_rank=me.local_rank, node=me.node, host=me.host, pid=os.getpid(),
-                      time=time.time(), exit_code=exit_code, error=error,
-                      log=str(rank_log_path(run_dir, me.rank)))
+    failure = Failure(
+        rank=me.rank,
+        local_rank=me.local_rank,
+        node=me.node,
+        host=me.host,
+        pid=os.getpid(),
+        time=time.time(),
+        exit_code=exit_code,
+        error=error,
+        log=str(rank_log_path(run_dir, me.rank)),
+    )
     path = failure_path(run_dir, me.rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

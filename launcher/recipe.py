@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,10 +31,10 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = "google/flan-t5-base"  # hub id, local directory, or tiny-t5 (embedded)
-    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
-    adapter: Optional[str] = None  # a PEFT adapter directory on top of `name` (ftlaunch eval)
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    adapter: str | None = None  # a PEFT adapter directory on top of `name` (ftlaunch eval)
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"  # fp32 master weights + autocast
-    dropout: Optional[float] = Field(None, ge=0, lt=1)  # override the model's dropout (null: keep it)
+    dropout: float | None = Field(None, ge=0, lt=1)  # override the model's dropout (null: keep it)
 
     @property
     def mixed_precision(self) -> str:
@@ -49,12 +49,12 @@ class DataSection(Section):
     max_target_length: int = Field(128, gt=0)
     train_split: str = "train"
     validation_split: str = "validation"
-    train_limit: Optional[int] = Field(None, gt=0)  # first N training examples only
-    validation_limit: Optional[int] = Field(None, gt=0)
+    train_limit: int | None = Field(None, gt=0)  # first N training examples only
+    validation_limit: int | None = Field(None, gt=0)
     group_by_length: bool = True  # batches of similar length: little compute spent on padding
 
     @model_validator(mode="after")
-    def _prompt_has_dialogue(self) -> "DataSection":
+    def _prompt_has_dialogue(self) -> DataSection:
         if "{dialogue}" not in self.prompt:
             raise ValueError("data.prompt must contain the placeholder {dialogue}")
         return self
@@ -63,18 +63,18 @@ class DataSection(Section):
 class TrainSection(Section):
     method: Literal["full", "lora"] = "full"
     epochs: int = Field(1, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)  # optimizer steps; stops before `epochs` if reached
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; stops before `epochs` if reached
     micro_batch_size: int = Field(8, gt=0)  # per rank, per forward pass
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # null: no clipping
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
     seed: int = 42
     log_every: int = Field(10, gt=0)  # optimizer steps between metrics lines
-    eval_every: Optional[int] = Field(None, gt=0)  # validation loss every N steps (always at the end)
-    checkpoint_every: Optional[int] = Field(500, gt=0)  # null: only on preemption
+    eval_every: int | None = Field(None, gt=0)  # validation loss every N steps (always at the end)
+    checkpoint_every: int | None = Field(500, gt=0)  # null: only on preemption
     keep_checkpoints: int = Field(2, gt=0)
 
 
@@ -91,7 +91,7 @@ class EvalSection(Section):
     after_training: bool = True  # generate + ROUGE report at the end of `full`/`lora`
     compare_original: bool = True  # also score the model before fine-tuning
     split: str = "test"
-    limit: Optional[int] = Field(None, gt=0)  # first N examples of the split
+    limit: int | None = Field(None, gt=0)  # first N examples of the split
     batch_size: int = Field(16, gt=0)  # per rank
     max_new_tokens: int = Field(128, gt=0)
     num_beams: int = Field(1, gt=0)
@@ -107,12 +107,12 @@ class LaunchSection(Section):
     zero: Literal[0, 1, 2, 3] = 0  # 0: DDP; 1-3: DeepSpeed ZeRO stage
     offload: Literal["none", "optimizer", "full"] = "none"
     cpu: bool = False  # ranks are CPU processes (gloo): the whole path without a GPU
-    main_address: Optional[str] = None  # multi-node: first node's address
-    main_port: Optional[int] = Field(None, gt=0, lt=65536)
+    main_address: str | None = None  # multi-node: first node's address
+    main_port: int | None = Field(None, gt=0, lt=65536)
     # No machine rank here: it differs per node, so it is not part of a run (see render.py).
 
     @model_validator(mode="after")
-    def _offload_needs_zero(self) -> "LaunchSection":
+    def _offload_needs_zero(self) -> LaunchSection:
         if self.offload != "none" and self.zero == 0:
             raise ValueError("launch.offload needs DeepSpeed: use --zero 1, 2 or 3 with --offload")
         if self.offload == "full" and self.zero != 3:
@@ -133,14 +133,16 @@ class Recipe(Section):
     launch: LaunchSection = Field(default_factory=LaunchSection)
 
     @model_validator(mode="after")
-    def _no_fp16_for_t5(self) -> "Recipe":
+    def _no_fp16_for_t5(self) -> Recipe:
         if self.model.precision == "fp16" and is_t5_name(self.model.name):
             raise ValueError(
                 "model.precision=fp16 overflows T5 (inf/NaN activations); use bf16, or fp32 on GPUs without bf16"
             )
         if self.model.precision == "fp16" and self.launch.cpu:
-            raise ValueError("model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
-                             "use bf16 or fp32 with --cpu")
+            raise ValueError(
+                "model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
+                "use bf16 or fp32 with --cpu"
+            )
         return self
 
     def effective_batch_size(self) -> int:
@@ -181,7 +183,9 @@ def default_recipe_path(method: str) -> Path:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; pass --recipe with a path to a YAML file (see recipes/)")
+        raise UserError(
+            f"recipe {path} does not exist; pass --recipe with a path to a YAML file (see recipes/)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -202,11 +206,13 @@ def is_text_field(path: list[str]) -> bool:
     model: type[BaseModel] = Recipe
     for part in path[:-1]:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return False
         model = field.annotation
     field = model.model_fields.get(path[-1])
-    return field is not None and field.annotation in (str, Optional[str])
+    return field is not None and field.annotation in (str, str | None)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -237,8 +243,9 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def build_recipe(data: dict[str, Any], source: str, overridden: list[list[str]] = (),
-                 flagged: list[list[str]] = ()) -> Recipe:
+def build_recipe(
+    data: dict[str, Any], source: str, overridden: list[list[str]] = (), flagged: list[list[str]] = ()
+) -> Recipe:
     """Validate raw data into a Recipe, turning pydantic's report into one line.
 
     The line names ``--set`` when the bad key came from an override, "command line" when it
@@ -291,7 +298,11 @@ def did_you_mean(loc: list[str]) -> str:
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return ""
         model = field.annotation
     choices = list(model.model_fields)

@@ -105,7 +105,10 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     set_deepspeed_precision(config, recipe)
     fill_bucket_sizes(config["zero_optimization"], model_hidden_size(recipe.model.name))
     if recipe.launch.offload == "optimizer":
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": not recipe.launch.cpu}
+        config["zero_optimization"]["offload_optimizer"] = {
+            "device": "cpu",
+            "pin_memory": not recipe.launch.cpu,
+        }
     if recipe.launch.cpu:
         for key in ("offload_optimizer", "offload_param"):
             if key in config["zero_optimization"]:
@@ -208,20 +211,28 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
 def machine_rank_setup(nodes: int) -> str:
     """Bash that sets $machine_rank on each node, or stops with one line and exit code 2."""
     last = nodes - 1
-    return "\n".join([
-        f'machine_rank="${{{MACHINE_RANK_ENV}:-${{SLURM_NODEID:-}}}}"',
-        'case "$machine_rank" in',
-        f"    '') echo \"error: no machine rank for this node: set {MACHINE_RANK_ENV}=R (0..{last}) on each "
-        'node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;',
-        f"    *[!0-9]*) echo \"error: machine rank '$machine_rank' is not a number (0..{last})\" >&2; exit 2 ;;",
-        "esac",
-        f'[ "$machine_rank" -lt {nodes} ] || {{ echo "error: machine rank $machine_rank is out of range '
-        f'for {nodes} nodes (0..{last})" >&2; exit 2; }}',
-    ])
+    return "\n".join(
+        [
+            f'machine_rank="${{{MACHINE_RANK_ENV}:-${{SLURM_NODEID:-}}}}"',
+            'case "$machine_rank" in',
+            f"    '') echo \"error: no machine rank for this node: set {MACHINE_RANK_ENV}=R (0..{last}) on each "
+            'node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;',
+            f"    *[!0-9]*) echo \"error: machine rank '$machine_rank' is not a number (0..{last})\" >&2; exit 2 ;;",
+            "esac",
+            f'[ "$machine_rank" -lt {nodes} ] || {{ echo "error: machine rank $machine_rank is out of range '
+            f'for {nodes} nodes (0..{last})" >&2; exit 2; }}',
+        ]
+    )
 
 
-def render_command(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-                   entry: str = "launcher.train", force_resume: bool = False) -> str:
+def render_command(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: str | None,
+    argv: list[str],
+    entry: str = "launcher.train",
+    force_resume: bool = False,
+) -> str:
     """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
     run_dir = run_dir.resolve()
     launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(run_dir / "accelerate.yaml"))]
@@ -276,8 +287,14 @@ def offload_thread_lines(recipe: Recipe) -> list[str]:
     ]
 
 
-def render_run(recipe: Recipe, run_dir: Path, resume: str | None, argv: list[str],
-               entry: str = "launcher.train", force_resume: bool = False) -> RenderedRun:
+def render_run(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: str | None,
+    argv: list[str],
+    entry: str = "launcher.train",
+    force_resume: bool = False,
+) -> RenderedRun:
     deepspeed = render_deepspeed_config(recipe) if recipe.launch.zero else None
     return RenderedRun(
         recipe_yaml=dump_recipe(recipe),
@@ -304,8 +321,17 @@ def summarize(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...] 
         ),
         ("strategy", strategy),
         ("precision", recipe.model.precision),
-        *([("main node", f"{launch.main_address or '$SLURM_JOB_NODELIST[0]'}:"
-                           f"{launch.main_port or '20000 + $SLURM_JOB_ID % 20000'}")] if launch.nodes > 1 else []),
+        *(
+            [
+                (
+                    "main node",
+                    f"{launch.main_address or '$SLURM_JOB_NODELIST[0]'}:"
+                    f"{launch.main_port or '20000 + $SLURM_JOB_ID % 20000'}",
+                )
+            ]
+            if launch.nodes > 1
+            else []
+        ),
         ("run dir", str(run_dir)),
         ("command", str(run_dir / "command.sh")),
         *notes,

@@ -23,7 +23,9 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
     """rouge.json + predictions of one evaluation folder."""
     rouge_file = path / "rouge.json"
     if not rouge_file.is_file():
-        raise UserError(f"{path} has no rouge.json; pass a run directory or an `ftlaunch eval` output directory")
+        raise UserError(
+            f"{path} has no rouge.json; pass a run directory or an `ftlaunch eval` output directory"
+        )
     try:
         scores = json.loads(rouge_file.read_text())
     except json.JSONDecodeError as exc:
@@ -39,10 +41,15 @@ def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The evaluations of a run (original/finetuned), or of a bare eval folder."""
     if (run_dir / "rouge.json").is_file():
         return {run_dir.name: read_eval_dir(run_dir)}
-    found = {name: read_eval_dir(run_dir / "eval" / name) for name in MODEL_ORDER
-             if (run_dir / "eval" / name / "rouge.json").is_file()}
+    found = {
+        name: read_eval_dir(run_dir / "eval" / name)
+        for name in MODEL_ORDER
+        if (run_dir / "eval" / name / "rouge.json").is_file()
+    }
     if not found:
-        raise UserError(f"{run_dir} has no evaluations (eval/*/rouge.json); run `ftlaunch eval` or a training run first")
+        raise UserError(
+            f"{run_dir} has no evaluations (eval/*/rouge.json); run `ftlaunch eval` or a training run first"
+        )
     return found
 
 
@@ -74,8 +81,14 @@ def qualitative_examples(evals: dict[str, dict], rows: list[dict], count: int) -
     blocks = []
     for index in range(min(count, len(rows))):
         row = rows[index]
-        lines = [f"### Example {index + 1}: {row['id']}", "", f"**Dialogue** (excerpt): {excerpt(row['dialogue'])}", "",
-                 f"**Human summary:** {row['references'][0]}", ""]
+        lines = [
+            f"### Example {index + 1}: {row['id']}",
+            "",
+            f"**Dialogue** (excerpt): {excerpt(row['dialogue'])}",
+            "",
+            f"**Human summary:** {row['references'][0]}",
+            "",
+        ]
         for name, data in evals.items():
             if index < len(data["predictions"]):
                 lines.append(f"**{name}:** {data['predictions'][index]['prediction'] or '(empty)'}")
@@ -165,17 +178,27 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         final = [row for row in metrics if row.get("final")]
         train_rows = [row for row in metrics if "loss" in row]
         if train_rows:
-            sections += [f"Training: {train_rows[-1]['step']} optimizer steps, first logged loss "
-                         f"{train_rows[0]['loss']:.4f}, last {train_rows[-1]['loss']:.4f}"
-                         + (f", final validation loss {final[-1]['val_loss']:.4f}" if final else "") + ".", ""]
+            sections += [
+                f"Training: {train_rows[-1]['step']} optimizer steps, first logged loss "
+                f"{train_rows[0]['loss']:.4f}, last {train_rows[-1]['loss']:.4f}"
+                + (f", final validation loss {final[-1]['val_loss']:.4f}" if final else "")
+                + ".",
+                "",
+            ]
         plot_loss(metrics, out_dir / "loss.png")
         sections += ["![loss](loss.png)", ""]
     plot_rouge(evals, out_dir / "rouge.png")
-    sections += ["![rouge](rouge.png)", "", "## Examples", "",
-                 qualitative_examples(evals, rows, int(first["scores"].get("report_examples", 3)))]
+    sections += [
+        "![rouge](rouge.png)",
+        "",
+        "## Examples",
+        "",
+        qualitative_examples(evals, rows, int(first["scores"].get("report_examples", 3))),
+    ]
     (out_dir / "report.md").write_text("\n".join(sections).rstrip() + "\n")
-    (out_dir / "rouge.json").write_text(json.dumps({name: data["scores"] for name, data in evals.items()},
-                                                   indent=2) + "\n")
+    (out_dir / "rouge.json").write_text(
+        json.dumps({name: data["scores"] for name, data in evals.items()}, indent=2) + "\n"
+    )
     for name, data in evals.items():
         source = data["path"] / "predictions.jsonl"
         if source.is_file():
@@ -212,5 +235,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "report.md").write_text(text)
-        (out_dir / "rouge.json").write_text(json.dumps({label: scores for label, scores in rows}, indent=2) + "\n")
+        (out_dir / "rouge.json").write_text(
+            json.dumps({label: scores for label, scores in rows}, indent=2) + "\n"
+        )
     return text

@@ -18,7 +18,9 @@ def read_predictions(path: Path) -> list[dict]:
         raise UserError(f"{path} holds no predictions")
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prediction"), str):
-            raise UserError(f"{path} line {number} has no 'prediction' string; each line needs id and prediction")
+            raise UserError(
+                f"{path} line {number} has no 'prediction' string; each line needs id and prediction"
+            )
     return rows
 
 
@@ -27,8 +29,10 @@ def references_from_data(rows: list[dict], dataset: str, split: str, path: Path)
     by_id = {row["id"]: row["references"] for row in load_split(dataset, split)}
     missing = [row.get("id") for row in rows if row.get("id") not in by_id]
     if missing:
-        raise UserError(f"{path}: {len(missing)} prediction ids are not in {dataset}[{split}] "
-                        f"(first: {missing[0]!r}); score against the split the predictions were made for")
+        raise UserError(
+            f"{path}: {len(missing)} prediction ids are not in {dataset}[{split}] "
+            f"(first: {missing[0]!r}); score against the split the predictions were made for"
+        )
     return [by_id[row["id"]] for row in rows]
 
 
@@ -39,20 +43,34 @@ def references_from_file(rows: list[dict], path: Path) -> list[list[str]]:
         if isinstance(refs, str):
             refs = [refs]
         if not refs or not all(isinstance(r, str) for r in refs):
-            raise UserError(f"{path} line {number} has no 'references' list; pass --data to take references "
-                            "from a dataset")
+            raise UserError(
+                f"{path} line {number} has no 'references' list; pass --data to take references "
+                "from a dataset"
+            )
         references.append(refs)
     return references
 
 
-def rescore(path: Path, data: str | None, split: str, scoring: str, stemmer: bool, split_sentences: bool,
-            output: Path | None) -> str:
+def rescore(
+    path: Path,
+    data: str | None,
+    split: str,
+    scoring: str,
+    stemmer: bool,
+    split_sentences: bool,
+    output: Path | None,
+) -> str:
     if scoring not in SCORING_MODES:
         raise UserError(f"--scoring {scoring} is not a scoring mode; use one of {', '.join(SCORING_MODES)}")
     rows = read_predictions(path)
     references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
-    scores = score_rouge([row["prediction"] for row in rows], references, mode=scoring, use_stemmer=stemmer,
-                         split_sentences=split_sentences)
+    scores = score_rouge(
+        [row["prediction"] for row in rows],
+        references,
+        mode=scoring,
+        use_stemmer=stemmer,
+        split_sentences=split_sentences,
+    )
     scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
     text = json.dumps(scores, indent=2)
     if output is not None:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
-from launcher.ranklog import (CONSOLE_TTY_ENV, SUPERVISED_ENV, Failure, logs_dir, rank_log_path,
-                              read_failures)
+from launcher.ranklog import CONSOLE_TTY_ENV, SUPERVISED_ENV, Failure, logs_dir, rank_log_path, read_failures
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.render import MACHINE_RANK_ENV
 
@@ -132,7 +131,7 @@ def child_processes(pid: int) -> list[int]:
             stat = (entry / "stat").read_bytes()
         except OSError:
             continue
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) > 1 and int(fields[1]) == pid:
             children.append(int(entry.name))
     return children
@@ -166,8 +165,10 @@ class SignalForwarder:
         if signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1:
             write_console(b"ftlaunch: second Ctrl-C: stopping the ranks at once\n")
         else:
-            write_console(f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
-                          "stop (Ctrl-C again to stop at once)\n".encode())
+            write_console(
+                f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
+                "stop (Ctrl-C again to stop at once)\n".encode()
+            )
         for pid in self.ranks:
             try:
                 os.kill(pid, signum)
@@ -210,8 +211,9 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code} without a Python error (see its log)"
 
 
-def first_failure(run_dir: Path, recipe: Recipe, node: int, failures: list[Failure],
-                  torchrun: tuple[int, int] | None) -> Failure | None:
+def first_failure(
+    run_dir: Path, recipe: Recipe, node: int, failures: list[Failure], torchrun: tuple[int, int] | None
+) -> Failure | None:
     """The rank that failed first: the earliest record, unless torchrun saw a rank die without one
     (a signal leaves no record, and its peers' errors only follow from it)."""
     if torchrun is not None:
@@ -219,9 +221,17 @@ def first_failure(run_dir: Path, recipe: Recipe, node: int, failures: list[Failu
         rank = node * recipe.launch.gpus + local_rank
         recorded = [failure for failure in failures if failure.rank == rank]
         if not recorded and (code < 0 or not failures):
-            return Failure(rank=rank, local_rank=local_rank, node=node, host=os.uname().nodename, pid=0,
-                           time=0.0, exit_code=code, error=describe_exit(code),
-                           log=str(rank_log_path(run_dir, rank)))
+            return Failure(
+                rank=rank,
+                local_rank=local_rank,
+                node=node,
+                host=os.uname().nodename,
+                pid=0,
+                time=0.0,
+                exit_code=code,
+                error=describe_exit(code),
+                log=str(rank_log_path(run_dir, rank)),
+            )
     return failures[0] if failures else None
 
 
@@ -236,36 +246,64 @@ def interrupted_step(run_dir: Path, since: float) -> str | None:
 
 
 def exit_codes_line(code: int) -> str:
-    meaning = {EXIT_CRASHED: "crashed: fix the cause, then continue with --resume auto",
-               EXIT_INTERRUPTED: "interrupted: continue with --resume auto"}[code]
+    meaning = {
+        EXIT_CRASHED: "crashed: fix the cause, then continue with --resume auto",
+        EXIT_INTERRUPTED: "interrupted: continue with --resume auto",
+    }[code]
     return f"exit code {code} ({meaning}); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted"
 
 
-def decide(run_dir: Path, recipe: Recipe, node: int, rc: int, started: float, signals: list[int],
-           stderr_tail: list[bytes], launcher_log: Path) -> Outcome:
+def decide(
+    run_dir: Path,
+    recipe: Recipe,
+    node: int,
+    rc: int,
+    started: float,
+    signals: list[int],
+    stderr_tail: list[bytes],
+    launcher_log: Path,
+) -> Outcome:
     """Turn the child's exit status, the ranks' records and the INTERRUPTED marker into an exit code."""
     if rc == 0:
         return Outcome(0, [])
     step = interrupted_step(run_dir, started)
     if step:
-        return Outcome(EXIT_INTERRUPTED, [f"interrupted: checkpoint {step} written; {exit_codes_line(EXIT_INTERRUPTED)}"])
+        return Outcome(
+            EXIT_INTERRUPTED, [f"interrupted: checkpoint {step} written; {exit_codes_line(EXIT_INTERRUPTED)}"]
+        )
     failures = read_failures(run_dir, since=started - 1.0)
     first = first_failure(run_dir, recipe, node, failures, torchrun_failure(stderr_tail))
     if first is not None and first.exit_code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, [f"error: {first.error}"])
     if signals:
-        return Outcome(EXIT_INTERRUPTED, [f"interrupted before a new checkpoint was written; "
-                                          f"{exit_codes_line(EXIT_INTERRUPTED)} (from the newest checkpoint, if any)"])
+        return Outcome(
+            EXIT_INTERRUPTED,
+            [
+                f"interrupted before a new checkpoint was written; "
+                f"{exit_codes_line(EXIT_INTERRUPTED)} (from the newest checkpoint, if any)"
+            ],
+        )
     if first is None:
-        last = next((line.decode(errors="replace").strip() for line in reversed(stderr_tail) if line.strip()),
-                    "no output")
-        return Outcome(EXIT_CRASHED, [f"error: the launcher failed (exit {rc}) before any rank reported an error: "
-                                      f"{last}", f"  log: {launcher_log}", f"  {exit_codes_line(EXIT_CRASHED)}"])
-    return Outcome(EXIT_CRASHED, [
-        f"error: rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}",
-        f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
-        f"  {exit_codes_line(EXIT_CRASHED)}",
-    ])
+        last = next(
+            (line.decode(errors="replace").strip() for line in reversed(stderr_tail) if line.strip()),
+            "no output",
+        )
+        return Outcome(
+            EXIT_CRASHED,
+            [
+                f"error: the launcher failed (exit {rc}) before any rank reported an error: {last}",
+                f"  log: {launcher_log}",
+                f"  {exit_codes_line(EXIT_CRASHED)}",
+            ],
+        )
+    return Outcome(
+        EXIT_CRASHED,
+        [
+            f"error: rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}",
+            f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
+            f"  {exit_codes_line(EXIT_CRASHED)}",
+        ],
+    )
 
 
 # ---------------------------------------------------------------- the job
@@ -281,9 +319,14 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     log = LogFile(launcher_log)
     started = time.time()
     sys.stdout.flush()
-    child = subprocess.Popen(["bash", str(run_dir / "command.sh")], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                             env=child_env(recipe, sys.stdout.isatty(), machine_rank))
+    child = subprocess.Popen(
+        ["bash", str(run_dir / "command.sh")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=child_env(recipe, sys.stdout.isatty(), machine_rank),
+    )
     pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
     for pump in pumps:
         pump.start()
@@ -296,7 +339,9 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     finally:
         forwarder.uninstall()
         log.close()
-    outcome = decide(run_dir, recipe, node, rc, started, forwarder.received, list(pumps[1].tail), launcher_log)
+    outcome = decide(
+        run_dir, recipe, node, rc, started, forwarder.received, list(pumps[1].tail), launcher_log
+    )
     for line in outcome.lines:
         print(line, file=sys.stderr, flush=True)
     return outcome.code

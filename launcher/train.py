@@ -29,13 +29,19 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.data import LengthGroupedBatchSampler, batching_keys, example_lengths, load_split, shard_sorted_batches, tokenized_split
+from launcher.data import (
+    LengthGroupedBatchSampler,
+    batching_keys,
+    example_lengths,
+    load_split,
+    shard_sorted_batches,
+    tokenized_split,
+)
 from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
-from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from launcher.errors import EXIT_INTERRUPTED
 from launcher.metrics import MetricsLogger
 from launcher.model import build_model, count_parameters, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
-
 
 # ---------------------------------------------------------------- signals
 
@@ -86,8 +92,9 @@ def build_collator(tokenizer, on_gpu: bool, model=None):
 
     # Labels are padded with -100 so padding never enters the loss. With the model, batches also
     # carry decoder_input_ids (labels shifted right), so the loop computes the loss itself.
-    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
-                                  pad_to_multiple_of=8 if on_gpu else None)
+    return DataCollatorForSeq2Seq(
+        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8 if on_gpu else None
+    )
 
 
 def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
@@ -97,14 +104,23 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
         train_rows = load_split(data.dataset, data.train_split, data.train_limit)
         val_rows = load_split(data.dataset, data.validation_split, data.validation_limit)
         train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
-        validation = tokenized_split(val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}")
+        validation = tokenized_split(
+            val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}"
+        )
     sampler = LengthGroupedBatchSampler(
-        batching_keys(train), recipe.train.micro_batch_size, recipe.train.seed, data.group_by_length,
+        batching_keys(train),
+        recipe.train.micro_batch_size,
+        recipe.train.seed,
+        data.group_by_length,
         micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
     )
     collator = build_collator(tokenizer, accelerator.device.type == "cuda", model)
-    loader = torch.utils.data.DataLoader(train.with_format("python"), batch_sampler=sampler, collate_fn=collator,
-                                         pin_memory=pins_memory(accelerator))
+    loader = torch.utils.data.DataLoader(
+        train.with_format("python"),
+        batch_sampler=sampler,
+        collate_fn=collator,
+        pin_memory=pins_memory(accelerator),
+    )
     return TrainingData(loader, sampler, validation, collator)
 
 
@@ -147,7 +163,7 @@ def adamw_options(recipe: Recipe) -> dict:
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_fused_adamw_available() -> bool:
     """torch >= 2.4 has a fused AdamW for CPU tensors; older builds raise on its first step."""
     param = torch.nn.Parameter(torch.zeros(2))
@@ -164,14 +180,18 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     parts = []
     for group in optimizer.param_groups:
         numel = sum(getattr(p, "ds_numel", p.numel()) for p in group["params"])
-        parts.append(f"weight_decay {group['weight_decay']:g} on {len(group['params'])} tensors ({numel:,} values)")
+        parts.append(
+            f"weight_decay {group['weight_decay']:g} on {len(group['params'])} tensors ({numel:,} values)"
+        )
     return f"optimizer: AdamW lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
 
 
 def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler]
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
+        recipe.train.scheduler
+    ]
     warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -192,10 +212,14 @@ def summed_cross_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     of the model's own mean: the caller decides what to divide by.
     """
     labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=batch["decoder_input_ids"]).logits
-    total = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                                              ignore_index=-100, reduction="sum")
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    ).logits
+    total = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
+    )
     return total, (labels != -100).sum()
 
 
@@ -209,7 +233,9 @@ def validation_loss(model, validation, collator, accelerator, batch_size: int) -
     model.eval()
     lengths = example_lengths(validation)
     loss_sum = tokens = 0.0
-    for shard in shard_sorted_batches(lengths, batch_size, accelerator.process_index, accelerator.num_processes):
+    for shard in shard_sorted_batches(
+        lengths, batch_size, accelerator.process_index, accelerator.num_processes
+    ):
         indices = shard.indices or [0]
         batch = collator([validation[i] for i in indices])
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
@@ -240,7 +266,7 @@ class WindowStats:
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: "StepResult", window: list[dict]) -> None:
+    def add(self, step: StepResult, window: list[dict]) -> None:
         self.loss_sum = self.loss_sum + step.loss_sum
         self.target_tokens = self.target_tokens + step.target_tokens
         for batch in window:
@@ -248,7 +274,9 @@ class WindowStats:
             self.samples += batch["input_ids"].size(0)
 
 
-def metrics_row(accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm) -> dict:
+def metrics_row(
+    accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm
+) -> dict:
     loss_sum, target_tokens, samples, tokens = sum_over_ranks(
         accelerator, [stats.loss_sum, stats.target_tokens, stats.samples, stats.tokens]
     )
@@ -328,7 +356,9 @@ def set_up(run_dir: Path) -> Run:
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe, len(tokenizer))
     trainable, total = count_parameters(model)
-    print_main(accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    print_main(
+        accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"
+    )
     data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
     optimizer = build_optimizer(model, recipe)
     print_main(accelerator, describe_optimizer(optimizer))
@@ -337,8 +367,20 @@ def set_up(run_dir: Path) -> Run:
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     state = ckpt.expected_state(recipe, accelerator.num_processes)
-    return Run(recipe, run_dir, accelerator, model, tokenizer, optimizer, scheduler, loader, data, state,
-               total_steps, batches_per_rank)
+    return Run(
+        recipe,
+        run_dir,
+        accelerator,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        loader,
+        data,
+        state,
+        total_steps,
+        batches_per_rank,
+    )
 
 
 def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
@@ -353,7 +395,11 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     saved = ckpt.read_state(checkpoint)
     ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
     run.accelerator.load_state(str(checkpoint))
-    run.state.step, run.state.epoch, run.state.batches_in_epoch = saved.step, saved.epoch, saved.batches_in_epoch
+    run.state.step, run.state.epoch, run.state.batches_in_epoch = (
+        saved.step,
+        saved.epoch,
+        saved.batches_in_epoch,
+    )
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
     return True
 
@@ -423,14 +469,17 @@ def optimizer_windows(batches, size: int):
         yield window
 
 
-def after_optimizer_step(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
+def after_optimizer_step(
+    run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress
+) -> WindowStats:
     """Metrics line every ``log_every`` steps and periodic validation; returns the next window."""
     state, train = run.state, run.recipe.train
     progress.update(1)
     if state.step % train.log_every == 0 or state.step == run.total_steps:
         epoch_progress = state.epoch + state.batches_in_epoch / max(run.batches_per_rank, 1)
-        row = metrics_row(run.accelerator, stats, state.step, epoch_progress, run.scheduler.get_last_lr()[0],
-                          grad_norm)
+        row = metrics_row(
+            run.accelerator, stats, state.step, epoch_progress, run.scheduler.get_last_lr()[0], grad_norm
+        )
         logger.log(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         stats = WindowStats()
@@ -440,8 +489,9 @@ def after_optimizer_step(run: Run, stats: WindowStats, grad_norm, logger: Metric
 
 
 def run_validation(run: Run) -> float:
-    return validation_loss(run.model, run.data.validation, run.data.collator, run.accelerator,
-                           run.recipe.eval.batch_size)
+    return validation_loss(
+        run.model, run.data.validation, run.data.collator, run.accelerator, run.recipe.eval.batch_size
+    )
 
 
 def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool) -> bool:
@@ -483,8 +533,10 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
 
 
 def stop_after_signal(run: Run) -> int:
-    print_main(run.accelerator, f"stop requested by signal: checkpoint step_{run.state.step} written; "
-                                "resume with --resume auto")
+    print_main(
+        run.accelerator,
+        f"stop requested by signal: checkpoint step_{run.state.step} written; resume with --resume auto",
+    )
     write_interrupted_marker(run.accelerator, run.run_dir, run.state.step)
     run.accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
     return EXIT_INTERRUPTED
@@ -518,8 +570,11 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     resumed = restore(run, resume, force_resume)
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
     logger = MetricsLogger(run_dir, run.accelerator.is_main_process, run.state.step)
-    print_main(run.accelerator, f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
-                                f"per rank per epoch, effective batch {run.recipe.effective_batch_size()}")
+    print_main(
+        run.accelerator,
+        f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
+        f"per rank per epoch, effective batch {run.recipe.effective_batch_size()}",
+    )
     try:
         completed = train_loop(run, logger, stop, resumed)
         stop.uninstall()

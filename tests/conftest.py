@@ -32,12 +32,14 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run `ftlaunch ARGS...` as a user would; returns the completed process (text output)."""
     command = [sys.executable, "-m", "launcher.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or cli_env(),
-                          cwd=cwd or REPO)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd or REPO
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -50,8 +52,10 @@ def ftlaunch():
 
 
 def needs_dialogsum():
-    return pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(),
-                              reason=f"real DialogSum not found at {DIALOGSUM} (set FTLAUNCH_SHARED_DIR)")
+    return pytest.mark.skipif(
+        not (DIALOGSUM / "train.jsonl").is_file(),
+        reason=f"real DialogSum not found at {DIALOGSUM} (set FTLAUNCH_SHARED_DIR)",
+    )
 
 
 @pytest.fixture
@@ -67,8 +71,11 @@ def small_disk(tmp_path):
             pytest.skip("a small disk for this test is a tmpfs mount, which needs root")
         point = tmp_path / f"disk-{size}-{len(mounted)}"
         point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a {size} tmpfs for this test: {result.stderr.strip()}")
         mounted.append(point)

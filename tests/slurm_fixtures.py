@@ -50,8 +50,9 @@ class SlurmCluster:
 
     def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         """Run a SLURM client command (sbatch, squeue, scontrol, ...) against the cluster."""
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        return subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, timeout=timeout, check=check
+        )
 
     def cancel(self, *job_ids: str | int, name: str | None = None) -> None:
         """Best-effort scancel; never raises."""
@@ -109,14 +110,18 @@ def _stop(env: dict[str, str]) -> None:
 def slurm_cluster():
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("SLURM test cluster needs root (start.sh starts munged/slurmctld/slurmd)")
-    if shutil.which("apt-get") is None and shutil.which("slurmctld", path=os.environ.get("PATH", "") + ":/usr/sbin") is None:
+    if (
+        shutil.which("apt-get") is None
+        and shutil.which("slurmctld", path=os.environ.get("PATH", "") + ":/usr/sbin") is None
+    ):
         pytest.skip("SLURM test cluster needs apt-get to install slurm (or slurm preinstalled)")
 
     state_dir = Path(os.environ.get("FTLAUNCH_SLURM_STATE", "/tmp/ftlaunch-slurm"))
     env = _client_env(state_dir)
     try:
-        res = subprocess.run(["bash", str(START_SH)], env=env, capture_output=True, text=True,
-                             timeout=START_TIMEOUT_S)
+        res = subprocess.run(
+            ["bash", str(START_SH)], env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         _stop(env)
         pytest.fail(f"start.sh did not finish within {START_TIMEOUT_S}s")

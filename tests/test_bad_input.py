@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env, run_cli
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
@@ -32,8 +31,10 @@ CLI_TIMEOUT = 120  # a refusal takes seconds; this only bounds a hang
 
 def tree(directory: Path) -> dict[str, bytes]:
     """Every file under a directory with its bytes (directories as b'<dir>')."""
-    return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
-            for path in sorted(directory.rglob("*"))}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+        for path in sorted(directory.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -51,8 +52,14 @@ def no_launch(tmp_path) -> dict[str, str]:
     return env
 
 
-def refused(env: dict[str, str], *args: str, output: Path | None, fragments: tuple[str, ...] = (),
-            patterns: tuple[str, ...] = (), watch: tuple[Path, ...] = ()) -> str:
+def refused(
+    env: dict[str, str],
+    *args: str,
+    output: Path | None,
+    fragments: tuple[str, ...] = (),
+    patterns: tuple[str, ...] = (),
+    watch: tuple[Path, ...] = (),
+) -> str:
     """Run `ftlaunch ARGS`; expect exit 2, one `error:` line with every fragment, nothing written.
 
     ``output`` (the command's output directory) must be absent afterwards if it was absent, else
@@ -66,11 +73,15 @@ def refused(env: dict[str, str], *args: str, output: Path | None, fragments: tup
     output_text = result.stdout + result.stderr
     marker = Path(env["FTLAUNCH_TEST_LAUNCH_MARKER"])
     assert not marker.exists(), f"a launch was attempted ({marker.read_text().strip()}):\n{output_text}"
-    assert "accelerate launch" not in result.stdout, f"the command line of a launch was printed:\n{output_text}"
+    assert "accelerate launch" not in result.stdout, (
+        f"the command line of a launch was printed:\n{output_text}"
+    )
     assert "Traceback" not in output_text, output_text
     assert result.returncode == 2, f"exit code {result.returncode} after {elapsed:.1f} s:\n{output_text}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one `error:` line, got:\n{result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), (
+        f"expected one `error:` line, got:\n{result.stderr}"
+    )
     line = lines[0]
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
@@ -124,9 +135,13 @@ def test_python_literal_line(tmp_path, no_launch):
         lines[2] = repr(json.loads(lines[2]))  # {'id': 'validation_2', ...}
 
     edit_lines(path, to_python_literal)
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(path), "line 3 ", "not JSON", "Python literal", "json.dumps", "one JSON object"),
-            watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "line 3 ", "not JSON", "Python literal", "json.dumps", "one JSON object"),
+        watch=(data,),
+    )
 
 
 def test_truncated_last_line(tmp_path, no_launch):
@@ -135,8 +150,13 @@ def test_truncated_last_line(tmp_path, no_launch):
     text = path.read_text(encoding="utf-8").rstrip("\n")
     path.write_text(text[:-40], encoding="utf-8")  # the last row cut mid-string, as by a full disk
     assert len(path.read_text().splitlines()) == 64
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(path), "line 64 ", "not JSON", "one JSON object"), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "line 64 ", "not JSON", "one JSON object"),
+        watch=(data,),
+    )
 
 
 def test_json_array_instead_of_json_lines(tmp_path, no_launch):
@@ -145,33 +165,50 @@ def test_json_array_instead_of_json_lines(tmp_path, no_launch):
     path = data / "test.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text(json.dumps(rows) + "\n")
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(path), "line 1 ", "not a JSON object", "each line must be one JSON object"), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "line 1 ", "not a JSON object", "each line must be one JSON object"),
+        watch=(data,),
+    )
 
 
 def write_latin1_byte(path: Path, line_number: int) -> int:
     """Put one Latin-1 byte (é) into a line; returns its byte offset in the file."""
     lines = path.read_bytes().split(b"\n")
     position = lines[line_number - 1].index(b"#Person1#")
-    lines[line_number - 1] = lines[line_number - 1][:position] + b"caf\xe9 " + lines[line_number - 1][position:]
+    lines[line_number - 1] = (
+        lines[line_number - 1][:position] + b"caf\xe9 " + lines[line_number - 1][position:]
+    )
     path.write_bytes(b"\n".join(lines))
-    return sum(len(line) + 1 for line in lines[:line_number - 1]) + position + 3
+    return sum(len(line) + 1 for line in lines[: line_number - 1]) + position + 3
 
 
 def test_non_utf8_bytes(tmp_path, no_launch):
     data = data_dir(tmp_path)
     path = data / "train.jsonl"
     write_latin1_byte(path, 40)
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(path), "not UTF-8", "re-encode it as UTF-8"), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "not UTF-8", "re-encode it as UTF-8"),
+        watch=(data,),
+    )
 
 
 def test_non_utf8_bytes_names_the_line(tmp_path, no_launch):
     data = data_dir(tmp_path)
     path = data / "train.jsonl"
     offset = write_latin1_byte(path, 40)
-    line = refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-                   fragments=(str(path), "not UTF-8"), watch=(data,))
+    line = refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "not UTF-8"),
+        watch=(data,),
+    )
     assert "line 40" in line, line
     byte = re.search(r"byte (\d+)", line)
     assert byte is None or int(byte.group(1)) == offset, f"byte offset {offset} expected: {line}"
@@ -180,17 +217,27 @@ def test_non_utf8_bytes_names_the_line(tmp_path, no_launch):
 def test_row_without_dialogue(tmp_path, no_launch):
     data = data_dir(tmp_path)
     drop_field(data / "train.jsonl", 5, "dialogue")
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(data / "train.jsonl"), "'dialogue'", "every row needs dialogue and summary"),
-            patterns=(r"\b(row|line) 5\b",), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(data / "train.jsonl"), "'dialogue'", "every row needs dialogue and summary"),
+        patterns=(r"\b(row|line) 5\b",),
+        watch=(data,),
+    )
 
 
 def test_row_without_summary(tmp_path, no_launch):
     data = data_dir(tmp_path)
     drop_field(data / "validation.jsonl", 7, "summary")
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(data / "validation.jsonl"), "'summary'", "every row needs dialogue and summary"),
-            patterns=(r"\b(row|line) 7\b",), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(data / "validation.jsonl"), "'summary'", "every row needs dialogue and summary"),
+        patterns=(r"\b(row|line) 7\b",),
+        watch=(data,),
+    )
 
 
 def test_missing_field_names_the_file_line_despite_blank_lines(tmp_path, no_launch):
@@ -198,33 +245,59 @@ def test_missing_field_names_the_file_line_despite_blank_lines(tmp_path, no_laun
     path = data / "train.jsonl"
     drop_field(path, 5, "dialogue")
     edit_lines(path, lambda lines: lines.insert(1, ""))  # the row without dialogue is now on line 6
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(path), "'dialogue'"), patterns=(r"\b(row|line) 6\b",), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(path), "'dialogue'"),
+        patterns=(r"\b(row|line) 6\b",),
+        watch=(data,),
+    )
 
 
 def test_empty_split(tmp_path, no_launch):
     data = data_dir(tmp_path)
     (data / "validation.jsonl").write_text("\n")
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=("'validation'", str(data), "empty", "at least one dialogue"), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("'validation'", str(data), "empty", "at least one dialogue"),
+        watch=(data,),
+    )
 
 
 def test_missing_test_split_when_evaluating_after_training(tmp_path, no_launch):
     data = data_dir(tmp_path)
     (data / "test.jsonl").unlink()
-    refused(no_launch, *train_args(data, tmp_path / "out"), output=tmp_path / "out",
-            fragments=("'test'", str(data / "test.jsonl"), "does not exist", "splits there: train, validation"),
-            watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("'test'", str(data / "test.jsonl"), "does not exist", "splits there: train, validation"),
+        watch=(data,),
+    )
     # Without the evaluation the test split is not needed: the check follows the recipe.
-    result = run_cli(*train_args(data, tmp_path / "out", "--set", "eval.after_training=false", "--dry-run"),
-                     env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli(
+        *train_args(data, tmp_path / "out", "--set", "eval.after_training=false", "--dry-run"),
+        env=no_launch,
+        timeout=CLI_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_split_name_that_does_not_exist(tmp_path, no_launch):
-    refused(no_launch, *train_args("sample", tmp_path / "out", "--set", "data.train_split=nope"),
-            output=tmp_path / "out",
-            fragments=("'nope'", str(SAMPLE / "nope.jsonl"), "does not exist", "splits there: test, train, validation"))
+    refused(
+        no_launch,
+        *train_args("sample", tmp_path / "out", "--set", "data.train_split=nope"),
+        output=tmp_path / "out",
+        fragments=(
+            "'nope'",
+            str(SAMPLE / "nope.jsonl"),
+            "does not exist",
+            "splits there: test, train, validation",
+        ),
+    )
 
 
 @pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
@@ -237,8 +310,14 @@ def test_refusal_leaves_an_existing_run_as_it_was(tmp_path, no_launch, flag):
     (output / "notes.txt").write_text("results of the first run\n")
     drop_field(data / "train.jsonl", 3, "summary")
     extra = ["--overwrite"] if flag == "--overwrite" else ["--resume", "auto"]
-    refused(no_launch, *train_args(data, output, *extra), output=output,
-            fragments=(str(data / "train.jsonl"), "'summary'"), patterns=(r"\b(row|line) 3\b",), watch=(data,))
+    refused(
+        no_launch,
+        *train_args(data, output, *extra),
+        output=output,
+        fragments=(str(data / "train.jsonl"), "'summary'"),
+        patterns=(r"\b(row|line) 3\b",),
+        watch=(data,),
+    )
     assert (output / "notes.txt").read_text() == "results of the first run\n"
 
 
@@ -250,8 +329,16 @@ def existing_run_with_checkpoint(env: dict[str, str], output: Path) -> Path:
     (checkpoints / ".tmp-step_8").mkdir(parents=True)
     (checkpoints / ".tmp-step_8" / "model.safetensors").write_bytes(b"half written")
     (checkpoints / "step_4").mkdir()
-    state = {"step": 4, "epoch": 0, "batches_in_epoch": 4, "world_size": 1, "grad_accum": 1,
-             "micro_batch_size": 8, "seed": 42, "method": "full"}
+    state = {
+        "step": 4,
+        "epoch": 0,
+        "batches_in_epoch": 4,
+        "world_size": 1,
+        "grad_accum": 1,
+        "micro_batch_size": 8,
+        "seed": 42,
+        "method": "full",
+    }
     (checkpoints / "step_4" / "ftlaunch_state.json").write_text(json.dumps(state))
     (checkpoints / "latest").write_text("step_4\n")
     return checkpoints
@@ -261,15 +348,23 @@ def test_resume_from_a_half_written_checkpoint(tmp_path, no_launch):
     output = tmp_path / "run"
     checkpoints = existing_run_with_checkpoint(no_launch, output)
     partial = checkpoints / ".tmp-step_8"
-    refused(no_launch, *train_args("sample", output, "--resume", str(partial)), output=output,
-            fragments=(f"--resume {partial}", "not a complete ftlaunch checkpoint", "ftlaunch_state.json"))
+    refused(
+        no_launch,
+        *train_args("sample", output, "--resume", str(partial)),
+        output=output,
+        fragments=(f"--resume {partial}", "not a complete ftlaunch checkpoint", "ftlaunch_state.json"),
+    )
 
 
 def test_same_run_with_checkpoints_needs_resume_or_overwrite(tmp_path, no_launch):
     output = tmp_path / "run"
     existing_run_with_checkpoint(no_launch, output)
-    refused(no_launch, *train_args("sample", output), output=output,
-            fragments=(str(output), "already holds this run with checkpoints", "--resume auto", "--overwrite"))
+    refused(
+        no_launch,
+        *train_args("sample", output),
+        output=output,
+        fragments=(str(output), "already holds this run with checkpoints", "--resume auto", "--overwrite"),
+    )
 
 
 # ---------------------------------------------------------------- hub ids without network
@@ -278,11 +373,24 @@ def test_same_run_with_checkpoints_needs_resume_or_overwrite(tmp_path, no_launch
 def unreachable_hub(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """Network allowed (not offline) but the hub refuses connections; an empty cache."""
     env = dict(env)
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY",
-                "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         env.pop(key, None)
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
-               HF_HUB_CACHE=str(tmp_path / "hf-home" / "hub"), NO_PROXY="127.0.0.1,localhost")
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_CACHE=str(tmp_path / "hf-home" / "hub"),
+        NO_PROXY="127.0.0.1,localhost",
+    )
     return env
 
 
@@ -294,20 +402,47 @@ def offline_empty_cache(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("network", ["offline", "unreachable"])
 def test_dataset_hub_id_without_network(tmp_path, no_launch, network):
-    env = offline_empty_cache(no_launch, tmp_path) if network == "offline" else unreachable_hub(no_launch, tmp_path)
+    env = (
+        offline_empty_cache(no_launch, tmp_path)
+        if network == "offline"
+        else unreachable_hub(no_launch, tmp_path)
+    )
     reason = "HF_HUB_OFFLINE=1" if network == "offline" else "the hub cannot be reached"
-    refused(env, *train_args("some/dataset", tmp_path / "out"), output=tmp_path / "out",
-            fragments=("'some/dataset'", reason, "not in the local cache", "--data DIR"))
+    refused(
+        env,
+        *train_args("some/dataset", tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("'some/dataset'", reason, "not in the local cache", "--data DIR"),
+    )
 
 
 @pytest.mark.parametrize("network", ["offline", "unreachable"])
 def test_model_hub_id_without_network(tmp_path, no_launch, network):
-    env = offline_empty_cache(no_launch, tmp_path) if network == "offline" else unreachable_hub(no_launch, tmp_path)
+    env = (
+        offline_empty_cache(no_launch, tmp_path)
+        if network == "offline"
+        else unreachable_hub(no_launch, tmp_path)
+    )
     reason = "HF_HUB_OFFLINE=1" if network == "offline" else "the hub cannot be reached"
-    refused(env, "full", "--cpu", "--model", "google/flan-t5-base", "--data", "sample", "--output",
-            str(tmp_path / "out"), output=tmp_path / "out",
-            fragments=("'google/flan-t5-base'", reason, "not in the local cache", "hf download google/flan-t5-base",
-                       "--model DIR"))
+    refused(
+        env,
+        "full",
+        "--cpu",
+        "--model",
+        "google/flan-t5-base",
+        "--data",
+        "sample",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(
+            "'google/flan-t5-base'",
+            reason,
+            "not in the local cache",
+            "hf download google/flan-t5-base",
+            "--model DIR",
+        ),
+    )
 
 
 # ---------------------------------------------------------------- ftlaunch eval
@@ -315,37 +450,82 @@ def test_model_hub_id_without_network(tmp_path, no_launch, network):
 
 def test_eval_adapter_dir_missing(tmp_path, no_launch):
     adapter = tmp_path / "no-such-adapter"
-    refused(no_launch, "eval", "--cpu", "--adapter", str(adapter), "--output", str(tmp_path / "out"),
-            output=tmp_path / "out", fragments=(f"--adapter {adapter}", "adapter_config.json", "final/"))
+    refused(
+        no_launch,
+        "eval",
+        "--cpu",
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(f"--adapter {adapter}", "adapter_config.json", "final/"),
+    )
 
 
 def test_eval_adapter_dir_without_adapter_config(tmp_path, no_launch):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"not really")
-    refused(no_launch, "eval", "--cpu", "--adapter", str(adapter), "--output", str(tmp_path / "out"),
-            output=tmp_path / "out", watch=(adapter,),
-            fragments=(f"--adapter {adapter}", "no adapter_config.json", "final/ folder of a LoRA run"))
+    refused(
+        no_launch,
+        "eval",
+        "--cpu",
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        watch=(adapter,),
+        fragments=(f"--adapter {adapter}", "no adapter_config.json", "final/ folder of a LoRA run"),
+    )
 
 
 def test_eval_model_dir_without_config(tmp_path, no_launch):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights without a config")
-    refused(no_launch, "eval", "--cpu", "--model", str(model), "--output", str(tmp_path / "out"),
-            output=tmp_path / "out", watch=(model,),
-            fragments=(f"--model {model}", "no config.json", "final/ folder", "hub id", "tiny-t5"))
+    refused(
+        no_launch,
+        "eval",
+        "--cpu",
+        "--model",
+        str(model),
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        watch=(model,),
+        fragments=(f"--model {model}", "no config.json", "final/ folder", "hub id", "tiny-t5"),
+    )
 
 
 def test_eval_split_that_does_not_exist(tmp_path, no_launch):
-    refused(no_launch, "eval", "--cpu", "--split", "nope", "--output", str(tmp_path / "out"),
-            output=tmp_path / "out", fragments=("'nope'", "does not exist", "splits there: test, train, validation"))
+    refused(
+        no_launch,
+        "eval",
+        "--cpu",
+        "--split",
+        "nope",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("'nope'", "does not exist", "splits there: test, train, validation"),
+    )
 
 
 def test_eval_model_hub_id_without_network(tmp_path, no_launch):
     env = offline_empty_cache(no_launch, tmp_path)
-    refused(env, "eval", "--cpu", "--model", "google/flan-t5-base", "--output", str(tmp_path / "out"),
-            output=tmp_path / "out", fragments=("'google/flan-t5-base'", "HF_HUB_OFFLINE=1", "--model DIR"))
+    refused(
+        env,
+        "eval",
+        "--cpu",
+        "--model",
+        "google/flan-t5-base",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("'google/flan-t5-base'", "HF_HUB_OFFLINE=1", "--model DIR"),
+    )
 
 
 # ---------------------------------------------------------------- ftlaunch score / report
@@ -353,19 +533,41 @@ def test_eval_model_hub_id_without_network(tmp_path, no_launch):
 
 def test_score_file_that_is_not_jsonl(tmp_path, no_launch):
     predictions = tmp_path / "predictions.jsonl"
-    predictions.write_text('{"id": "test_0", "prediction": "a"}\n{\'id\': \'test_1\', \'prediction\': \'b\'}\n')
-    refused(no_launch, "score", str(predictions), "--output", str(tmp_path / "out"), output=tmp_path / "out",
-            fragments=(str(predictions), "line 2 ", "not JSON", "json.dumps", "one JSON object"))
+    predictions.write_text(
+        "{\"id\": \"test_0\", \"prediction\": \"a\"}\n{'id': 'test_1', 'prediction': 'b'}\n"
+    )
+    refused(
+        no_launch,
+        "score",
+        str(predictions),
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(str(predictions), "line 2 ", "not JSON", "json.dumps", "one JSON object"),
+    )
     assert predictions.read_text().startswith('{"id": "test_0"')
 
 
 def test_score_ids_not_in_the_dataset(tmp_path, no_launch):
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text('{"id": "test_0", "prediction": "a"}\n{"id": "nope", "prediction": "b"}\n')
-    refused(no_launch, "score", str(predictions), "--data", "sample", "--output", str(tmp_path / "out"),
-            output=tmp_path / "out",
-            fragments=(str(predictions), "1 prediction ids", "'nope'", "sample[test]",
-                       "score against the split the predictions were made for"))
+    refused(
+        no_launch,
+        "score",
+        str(predictions),
+        "--data",
+        "sample",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=(
+            str(predictions),
+            "1 prediction ids",
+            "'nope'",
+            "sample[test]",
+            "score against the split the predictions were made for",
+        ),
+    )
 
 
 @pytest.mark.parametrize("to_output", [False, True], ids=["into-run-dir", "output"])
@@ -374,8 +576,15 @@ def test_report_on_a_dir_without_evaluations(tmp_path, no_launch, to_output):
     (run_dir / "eval").mkdir(parents=True)  # a run that stopped before its evaluation
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')
     output = tmp_path / "report" if to_output else None
-    refused(no_launch, "report", str(run_dir), *(["--output", str(output)] if output else []), output=output,
-            watch=(run_dir,), fragments=(str(run_dir), "no evaluations", "eval/*/rouge.json", "ftlaunch eval"))
+    refused(
+        no_launch,
+        "report",
+        str(run_dir),
+        *(["--output", str(output)] if output else []),
+        output=output,
+        watch=(run_dir,),
+        fragments=(str(run_dir), "no evaluations", "eval/*/rouge.json", "ftlaunch eval"),
+    )
 
 
 # ---------------------------------------------------------------- files from other tools
@@ -432,17 +641,29 @@ def test_resume_path_of_a_damaged_checkpoint(tmp_path, no_launch, damage):
     checkpoint = write_checkpoint(output, 4)
     weights = checkpoint / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes(data[:1000] if damage == "truncated" else data[:100] + bytes([data[100] ^ 1]) + data[101:])
-    problem = "model.safetensors is 1000 bytes, its manifest says 4096" if damage == "truncated" else "SHA-256"
-    refused(no_launch, *train_args("sample", output, "--resume", str(checkpoint)), output=output,
-            fragments=(f"--resume {checkpoint}", "damaged", problem, "--resume auto"))
+    weights.write_bytes(
+        data[:1000] if damage == "truncated" else data[:100] + bytes([data[100] ^ 1]) + data[101:]
+    )
+    problem = (
+        "model.safetensors is 1000 bytes, its manifest says 4096" if damage == "truncated" else "SHA-256"
+    )
+    refused(
+        no_launch,
+        *train_args("sample", output, "--resume", str(checkpoint)),
+        output=output,
+        fragments=(f"--resume {checkpoint}", "damaged", problem, "--resume auto"),
+    )
 
 
 def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
     """Arguments that change one input of the run (and the file changes that go with them)."""
     if kind == "data":
-        edit_lines(data / "train.jsonl", lambda lines: lines.__setitem__(
-            0, json.dumps({**json.loads(lines[0]), "summary": "Another summary."})))
+        edit_lines(
+            data / "train.jsonl",
+            lambda lines: lines.__setitem__(
+                0, json.dumps({**json.loads(lines[0]), "summary": "Another summary."})
+            ),
+        )
         return []
     if kind == "model":
         model = tmp_path / "model"
@@ -451,7 +672,9 @@ def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
         return ["--model", str(model)]
     if kind == "tokenizer":
         tokenizer = tmp_path / "tokenizer"
-        shutil.copytree(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer)
+        shutil.copytree(
+            Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer
+        )
         config = json.loads((tokenizer / "tokenizer_config.json").read_text())
         (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
         return ["--set", f"model.tokenizer={tokenizer}"]
@@ -470,10 +693,19 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
     args = train_args(data, output, *extra, "--resume", "auto")
     if kind == "method":
         args[0] = "lora"
-    fragments = {"model": ("model: other files",), "data": ("data: the training file",),
-                 "method": ("method full -> lora",), "tokenizer": ("tokenizer: other files",)}[kind]
-    line = refused(no_launch, *args, output=output, watch=(data,),
-                   fragments=(str(checkpoint), "other training inputs", "--force-resume", *fragments))
+    fragments = {
+        "model": ("model: other files",),
+        "data": ("data: the training file",),
+        "method": ("method full -> lora",),
+        "tokenizer": ("tokenizer: other files",),
+    }[kind]
+    line = refused(
+        no_launch,
+        *args,
+        output=output,
+        watch=(data,),
+        fragments=(str(checkpoint), "other training inputs", "--force-resume", *fragments),
+    )
     if kind != "model":
         assert "model" not in line.split("(")[1].split(")")[0], line  # only what changed is named
     # --force-resume accepts it: the launch goes ahead (here: the fake launcher is reached).
@@ -487,9 +719,16 @@ def test_resume_with_the_same_tokenizer_copied_elsewhere(tmp_path, no_launch):
     assert result.returncode == 0, result.stdout + result.stderr
     write_checkpoint(output, 4)
     tokenizer = tmp_path / "tokenizer"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer)
-    result = run_cli(*train_args("sample", output, "--set", f"model.tokenizer={tokenizer}", "--resume", "auto",
-                                 "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer
+    )
+    result = run_cli(
+        *train_args(
+            "sample", output, "--set", f"model.tokenizer={tokenizer}", "--resume", "auto", "--dry-run"
+        ),
+        env=no_launch,
+        timeout=CLI_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -499,9 +738,18 @@ def test_resume_with_the_same_tokenizer_copied_elsewhere(tmp_path, no_launch):
 def test_disk_too_small_for_the_run(tmp_path, no_launch, small_disk):
     """tiny-t5: ~3.9 MiB per checkpoint x (2 kept + 1 being written) + final + logs do not fit in 16 MiB."""
     output = small_disk("16M") / "run"
-    refused(no_launch, *train_args("sample", output), output=output,
-            fragments=(f"--output {output}", "the run will write about", "is free there",
-                       "train.keep_checkpoints", "pick another --output"))
+    refused(
+        no_launch,
+        *train_args("sample", output),
+        output=output,
+        fragments=(
+            f"--output {output}",
+            "the run will write about",
+            "is free there",
+            "train.keep_checkpoints",
+            "pick another --output",
+        ),
+    )
     # The same run fits a larger disk: the check is an estimate, not a refusal of small disks.
     output = small_disk("128M") / "run"
     result = run_cli(*train_args("sample", output), env=no_launch, timeout=CLI_TIMEOUT)

@@ -13,9 +13,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
 from conftest import DIALOGSUM, REPO, UNIGRAM_TOKENIZER, cli_env
 
 BENCH = REPO / "bench"
@@ -25,13 +25,22 @@ sys.path.insert(0, str(BENCH))
 def needs_real_data():
     return pytest.mark.skipif(
         not (DIALOGSUM / "train.jsonl").is_file() or not (UNIGRAM_TOKENIZER / "tokenizer.json").is_file(),
-        reason=f"real DialogSum / unigram tokenizer not found under {DIALOGSUM.parents[1]} (set FTLAUNCH_SHARED_DIR)")
+        reason=f"real DialogSum / unigram tokenizer not found under {DIALOGSUM.parents[1]} (set FTLAUNCH_SHARED_DIR)",
+    )
 
 
 def run_bench(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout, env=env or cli_env(OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, f"{args}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    result = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, (
+        f"{args}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )
     return result
 
 
@@ -53,8 +62,11 @@ def test_padding_quick(tmp_path):
     run_bench(BENCH / "padding.py", "--quick", "--out", out)
     text = out.read_text()
     assert "ftlaunch (LengthGroupedBatchSampler + collator, CPU)" in text
-    efficiencies = [float(line.split("|")[2]) for line in text.splitlines()
-                    if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()]
+    efficiencies = [
+        float(line.split("|")[2])
+        for line in text.splitlines()
+        if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()
+    ]
     assert efficiencies and all(0 < e <= 1 for e in efficiencies)
 
 
@@ -74,15 +86,24 @@ def test_zero_memory_quick(tmp_path):
     run_bench(BENCH / "zero_memory.py", "--quick", "--work", tmp_path / "work", "--out", out)
     text = out.read_text()
     assert "| DDP |" in text and "| ZeRO-1 |" in text and "| ZeRO-2 |" in text and "| ZeRO-3 |" in text
-    assert "| ZeRO-3 (buckets sized to the model) |" in text and "ZeRO-3 as rendered: per-rank model states" in text
+    assert (
+        "| ZeRO-3 (buckets sized to the model) |" in text
+        and "ZeRO-3 as rendered: per-rank model states" in text
+    )
 
 
 @pytest.mark.slow
 def test_scripts_skip_cleanly_without_shared(tmp_path):
     env = cli_env(FTLAUNCH_SHARED_DIR=str(tmp_path / "nowhere"))
     for script in ("throughput.py", "padding.py", "scaling.py"):
-        result = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path / "x.md")],
-                                cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+        result = subprocess.run(
+            [sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path / "x.md")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert result.returncode == 0 and "skipped" in result.stdout, (script, result.stdout, result.stderr)
         assert not (tmp_path / "x.md").exists()
 
@@ -92,7 +113,9 @@ def test_scripts_skip_cleanly_without_shared(tmp_path):
 
 def repo_files() -> set[str]:
     """Every file of the working tree (outside .git): the GPU script must add none when $OUT is set."""
-    return {str(path.relative_to(REPO)) for path in REPO.rglob("*") if ".git" not in path.parts and path.is_file()}
+    return {
+        str(path.relative_to(REPO)) for path in REPO.rglob("*") if ".git" not in path.parts and path.is_file()
+    }
 
 
 def marked_processes(text: str) -> list[str]:
@@ -101,7 +124,9 @@ def marked_processes(text: str) -> list[str]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
             except OSError:
                 continue
             if text in cmdline:
@@ -119,8 +144,14 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = cli_env(OMP_NUM_THREADS="1", OUT=str(out), PYTHON=sys.executable, FTLAUNCH_BENCH_HANG="ZeRO-2")
     before = repo_files()
-    result = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--tiny", "--work", str(work)], cwd=REPO,
-                            capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh"), "--tiny", "--work", str(work)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-6000:]  # 1: a part did not finish (the hung one)
 
@@ -135,17 +166,28 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
     hung = parts.pop("measure ZeRO-2 tiny")
     assert hung["status"].startswith("killed: hung"), hung["status"]
     assert hung["seconds"] < 120, "the hang is noticed from the missing output and CPU use, not a timeout"
-    assert list(parts) == ["preflight", "prepare", "cli full DDP", "measure DDP tiny", "cli lora ZeRO-3+offload"]
+    assert list(parts) == [
+        "preflight",
+        "prepare",
+        "cli full DDP",
+        "measure DDP tiny",
+        "cli lora ZeRO-3+offload",
+    ]
     assert all(part["status"] == "ok" for part in parts.values()), {k: v["status"] for k, v in parts.items()}
 
-    cli = {(r["method"], r["strategy"]): r for name in ("cli full DDP", "cli lora ZeRO-3+offload")
-           for r in parts[name]["results"]}
+    cli = {
+        (r["method"], r["strategy"]): r
+        for name in ("cli full DDP", "cli lora ZeRO-3+offload")
+        for r in parts[name]["results"]
+    }
     for row in cli.values():
         assert row["steps"] == 3 and row["tokens_per_s"] > 0 and row["report"], row
         assert row["eval_n"] == 4 and row["val_loss"] > 0, row
     assert "adapter_model.safetensors" in cli[("lora", "ZeRO-3+offload")]["final_files"]
-    measured = {(r["kind"], r["method"]) if r["kind"] == "train" else (r["kind"],): r
-                for r in parts["measure DDP tiny"]["results"]}
+    measured = {
+        (r["kind"], r["method"]) if r["kind"] == "train" else (r["kind"],): r
+        for r in parts["measure DDP tiny"]["results"]
+    }
     assert set(measured) == {("train", "full"), ("train", "lora"), ("generate",)}
     assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for key, r in measured.items() if key[0] == "train")
     assert measured[("generate",)]["dialogues"] == 8
@@ -159,8 +201,13 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
 
 
 def test_gpu_script_refuses_an_unknown_strategy(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--out", str(tmp_path / "out"),
-                             "--measure", "ZeRO-9"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_bench.py"), "--out", str(tmp_path / "out"), "--measure", "ZeRO-9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "measure ZeRO-9" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -171,9 +218,8 @@ def test_gpu_script_refuses_an_unknown_strategy(tmp_path):
 def test_gpu_flops_count_cross_attention_kv_over_the_source():
     """flan-t5-base by hand: d 768, 12 heads x 64, d_ff 2048 (gated: wi_0, wi_1, wo), 12 + 12 layers,
     vocabulary 32,128. The decoder's cross-attention k and v project the encoder's S outputs."""
-    import torch
-
     import gpu_worker
+    import torch
 
     with torch.device("meta"):
         model = gpu_worker.build_arch("base", "meta")
@@ -188,25 +234,33 @@ def test_gpu_flops_count_cross_attention_kv_over_the_source():
     assert per_source + per_target + vocab * d + (24 + 1 + 36 + 1) * d + 2 * 32 * 12 == 247_577_856
 
     s, t = 200, 30
-    expected = 6 * (per_source * s + per_target * t) + 12 * inner * (layers * s * s + layers * t * t + layers * t * s)
+    expected = 6 * (per_source * s + per_target * t) + 12 * inner * (
+        layers * s * s + layers * t * t + layers * t * s
+    )
     assert int(gpu_worker.step_flops([s], [t], counts, lora=False)) == expected
-    assert int(gpu_worker.step_flops([s], [t], counts, lora=True)) == expected - 2 * (per_source * s + per_target * t)
+    assert int(gpu_worker.step_flops([s], [t], counts, lora=True)) == expected - 2 * (
+        per_source * s + per_target * t
+    )
     # the old formula ran cross-attention k, v over the T target tokens: ~11% too few FLOPs here
-    old = 6 * ((per_source - layers * 2 * d * inner) * s + (per_target + layers * 2 * d * inner) * t) \
-        + 12 * inner * (layers * s * s + layers * t * t + layers * t * s)
+    old = 6 * (
+        (per_source - layers * 2 * d * inner) * s + (per_target + layers * 2 * d * inner) * t
+    ) + 12 * inner * (layers * s * s + layers * t * t + layers * t * s)
     assert 0.09 < expected / old - 1 < 0.13
     two = gpu_worker.step_flops(torch.tensor([s, 100]), torch.tensor([t, 20]), counts, lora=False)
     assert int(two) == expected + int(gpu_worker.step_flops([100], [20], counts, lora=False))
 
 
-@pytest.mark.parametrize(("name", "tflops"), [
-    ("NVIDIA H100 80GB HBM3", 989.5),  # SXM5: 1,979 with sparsity
-    ("NVIDIA H100 PCIe", 756.5),  # 1,513 with sparsity
-    ("NVIDIA H100 NVL", 835.5),  # 1,671 with sparsity
-    ("NVIDIA H200", 989.5),  # SXM: 1,979 with sparsity
-    ("NVIDIA H200 NVL", 835.5),  # 1,671 with sparsity
-    ("NVIDIA GH200 480GB", 989.5),
-])
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.5),  # SXM5: 1,979 with sparsity
+        ("NVIDIA H100 PCIe", 756.5),  # 1,513 with sparsity
+        ("NVIDIA H100 NVL", 835.5),  # 1,671 with sparsity
+        ("NVIDIA H200", 989.5),  # SXM: 1,979 with sparsity
+        ("NVIDIA H200 NVL", 835.5),  # 1,671 with sparsity
+        ("NVIDIA GH200 480GB", 989.5),
+    ],
+)
 def test_gpu_peak_bf16_is_the_dense_datasheet_figure(name, tflops):
     import gpu_worker
 
@@ -216,8 +270,10 @@ def test_gpu_peak_bf16_is_the_dense_datasheet_figure(name, tflops):
     assert gpu_worker.peak_bf16(name, override_tflops=500)[0] == 500e12
 
 
-@pytest.mark.parametrize(("strategy", "arch", "hidden"), [("ZeRO-3", "base", 768), ("ZeRO-3+offload", "base", 768),
-                                                          ("ZeRO-2", "large", 1024)])
+@pytest.mark.parametrize(
+    ("strategy", "arch", "hidden"),
+    [("ZeRO-3", "base", 768), ("ZeRO-3+offload", "base", 768), ("ZeRO-2", "large", 1024)],
+)
 def test_gpu_measurement_renders_the_real_architectures_buckets(tmp_path, strategy, arch, hidden):
     """flan-t5-base: reduce_bucket_size 768^2 = 589,824 (large: 1024^2), not tiny-t5's 64^2 = 4,096."""
     import gpu_bench
@@ -235,14 +291,23 @@ def test_gpu_measurement_renders_the_real_architectures_buckets(tmp_path, strate
 def test_gpu_cli_runs_render_the_bench_model_directorys_width(tmp_path):
     """The CLI runs pass --model DIR (a saved flan-t5-base-shaped config): the same 768^2 buckets."""
     import gpu_worker
-    from transformers import T5Config
-
     from conftest import run_cli
+    from transformers import T5Config
 
     model_dir = tmp_path / "model"
     T5Config(**gpu_worker.arch_config("base")).save_pretrained(str(model_dir))
-    result = run_cli("full", "--zero", "3", "--gpus", "1", "--model", str(model_dir), "--dry-run",
-                     "--output", str(tmp_path / "run"))
+    result = run_cli(
+        "full",
+        "--zero",
+        "3",
+        "--gpus",
+        "1",
+        "--model",
+        str(model_dir),
+        "--dry-run",
+        "--output",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 0, result.stderr
     zero = json.loads((tmp_path / "run" / "deepspeed.json").read_text())["zero_optimization"]
     assert zero["reduce_bucket_size"] == 589_824
@@ -265,8 +330,18 @@ def test_gpu_preflight_reports_a_version_conflict_as_a_conflict(tmp_path):
     import gpu_worker
 
     site = tmp_path / "site"
-    fake_distribution(site, "carried-pkg", "1.0", ["packaging>=999", "no-such-dependency-xyz", "pytest",
-                                                   'colorama; extra == "dev"', 'oldlib; python_version < "3.0"'])
+    fake_distribution(
+        site,
+        "carried-pkg",
+        "1.0",
+        [
+            "packaging>=999",
+            "no-such-dependency-xyz",
+            "pytest",
+            'colorama; extra == "dev"',
+            'oldlib; python_version < "3.0"',
+        ],
+    )
     problems = gpu_worker.requirement_problems(site)
     found = metadata.version("packaging")
     assert problems == [
@@ -281,12 +356,16 @@ def test_gpu_preflight_tells_missing_from_broken_imports(tmp_path, monkeypatch):
     (tmp_path / "needs_missing_dep.py").write_text("import no_such_dependency_xyz\n")
     (tmp_path / "fails_on_version.py").write_text("raise ImportError('needs pyarrow>=24, found 19')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert gpu_worker.import_problem("no_such_module_xyz") == (None, "missing: no_such_module_xyz (carry its wheel "
-                                                                     "in .whl/)")
-    assert gpu_worker.import_problem("needs_missing_dep")[1].startswith("broken: needs_missing_dep needs "
-                                                                        "no_such_dependency_xyz")
+    assert gpu_worker.import_problem("no_such_module_xyz") == (
+        None,
+        "missing: no_such_module_xyz (carry its wheel in .whl/)",
+    )
+    assert gpu_worker.import_problem("needs_missing_dep")[1].startswith(
+        "broken: needs_missing_dep needs no_such_dependency_xyz"
+    )
     assert gpu_worker.import_problem("fails_on_version")[1] == (
-        "conflict: importing fails_on_version fails: ImportError: needs pyarrow>=24, found 19")
+        "conflict: importing fails_on_version fails: ImportError: needs pyarrow>=24, found 19"
+    )
     assert gpu_worker.import_problem("json")[1] is None
 
 
@@ -307,11 +386,18 @@ child.wait()
 """
 
 
-@pytest.mark.parametrize(("behaviour", "limits", "status"), [
-    ("busy", {"timeout_s": 60, "stall_s": 60, "deadline_in": 3}, "killed: the run's time budget ran out"),
-    ("busy", {"timeout_s": 3, "stall_s": 60, "deadline_in": 60}, "killed: step timeout (3 s)"),
-    ("silent", {"timeout_s": 60, "stall_s": 3, "deadline_in": 60}, "killed: hung (no output and no CPU use for 3 s)"),
-])
+@pytest.mark.parametrize(
+    ("behaviour", "limits", "status"),
+    [
+        ("busy", {"timeout_s": 60, "stall_s": 60, "deadline_in": 3}, "killed: the run's time budget ran out"),
+        ("busy", {"timeout_s": 3, "stall_s": 60, "deadline_in": 60}, "killed: step timeout (3 s)"),
+        (
+            "silent",
+            {"timeout_s": 60, "stall_s": 3, "deadline_in": 60},
+            "killed: hung (no output and no CPU use for 3 s)",
+        ),
+    ],
+)
 def test_a_part_past_a_limit_is_killed_with_its_whole_tree(tmp_path, behaviour, limits, status):
     """Limits are checked while the part runs; the kill reaches a grandchild in a session of its own."""
     import time
@@ -323,8 +409,15 @@ def test_a_part_past_a_limit_is_killed_with_its_whole_tree(tmp_path, behaviour, 
     part = gpu_bench.Part("tree", "measure")
     started = time.monotonic()
     command = [sys.executable, str(script), "parent", behaviour]
-    gpu_bench.run_part(part, command, dict(os.environ), tmp_path / "tree.log", limits["timeout_s"], limits["stall_s"],
-                       deadline=time.time() + limits["deadline_in"])
+    gpu_bench.run_part(
+        part,
+        command,
+        dict(os.environ),
+        tmp_path / "tree.log",
+        limits["timeout_s"],
+        limits["stall_s"],
+        deadline=time.time() + limits["deadline_in"],
+    )
     assert part.status == status
     assert time.monotonic() - started < 30
     assert "child started" in (tmp_path / "tree.log").read_text()
@@ -337,14 +430,20 @@ def test_gpu_default_plan_covers_both_methods_under_every_strategy():
     plan = gpu_bench.build_plan(None, None, tiny=False)
     strategies = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
     assert sorted(item for kind, item in plan if kind == "cli") == sorted(
-        f"{method}:{strategy}" for method in ("full", "lora") for strategy in strategies)
+        f"{method}:{strategy}" for method in ("full", "lora") for strategy in strategies
+    )
     assert sorted(item for kind, item in plan if kind == "measure") == sorted(strategies)
     assert plan[:2] == [("cli", "full:DDP"), ("measure", "DDP")]  # the end-to-end proof first
-    assert gpu_bench.build_plan("lora:DDP,lora:ZeRO-2", None, tiny=False) == [("cli", "lora:DDP"),
-                                                                              ("cli", "lora:ZeRO-2")]
+    assert gpu_bench.build_plan("lora:DDP,lora:ZeRO-2", None, tiny=False) == [
+        ("cli", "lora:DDP"),
+        ("cli", "lora:ZeRO-2"),
+    ]
     assert gpu_bench.build_plan(None, "ZeRO-3", tiny=False) == [("measure", "ZeRO-3")]
     assert gpu_bench.plan_problems([("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP")]) == [
-        "cli full:ZeRO-9", "cli DDP", "measure full:DDP"]
+        "cli full:ZeRO-9",
+        "cli DDP",
+        "measure full:DDP",
+    ]
 
 
 @pytest.mark.slow
@@ -352,8 +451,9 @@ def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path)
     """The GPU mode on a machine without one: preflight only, exit 3, the plan listed as skipped."""
     out = tmp_path / "out"
     env = cli_env(OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(["bash", str(BENCH / "gpu.sh")], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     parts = json.loads((out / "results.json").read_text())["parts"]
     assert parts[0]["name"] == "preflight" and parts[0]["status"] == "ok"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env, run_cli
 
 BAD_YAML = "model:\n  name: [google/flan-t5-base\ntrain:\n  lr: 1e-5\n"
@@ -19,8 +18,10 @@ UNKNOWN_KEY = "train:\n  method: full\n  learning_rate: 1.0e-5\n"
 
 def tree(directory: Path) -> dict[str, bytes]:
     """Every file under a directory with its bytes (empty directories as b'<dir>')."""
-    return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
-            for path in sorted(directory.rglob("*"))}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+        for path in sorted(directory.rglob("*"))
+    }
 
 
 def assert_refused(result, *fragments: str) -> str:
@@ -29,7 +30,9 @@ def assert_refused(result, *fragments: str) -> str:
     assert "Traceback" not in output, output
     assert result.returncode == 2, f"exit code {result.returncode}:\n{output}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one `error:` line, got:\n{result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), (
+        f"expected one `error:` line, got:\n{result.stderr}"
+    )
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
@@ -64,11 +67,18 @@ CLICK_ERROR = "BUG: Click/Typer parses this flag itself and prints a multi-line 
 
 # id: (args with {recipes} for the bad_recipes dir, fragments of the error line)
 BAD_INPUTS = {
-    "recipe-yaml-syntax": (["full", "--dry-run", "--recipe", "{recipes}/syntax.yaml"],
-                           ("syntax.yaml", "line", "not valid YAML")),
-    "recipe-unknown-key": (["full", "--dry-run", "--recipe", "{recipes}/unknown.yaml"],
-                           ("unknown key train.learning_rate",)),
-    "recipe-missing": (["full", "--dry-run", "--recipe", "{recipes}/nope.yaml"], ("nope.yaml", "does not exist")),
+    "recipe-yaml-syntax": (
+        ["full", "--dry-run", "--recipe", "{recipes}/syntax.yaml"],
+        ("syntax.yaml", "line", "not valid YAML"),
+    ),
+    "recipe-unknown-key": (
+        ["full", "--dry-run", "--recipe", "{recipes}/unknown.yaml"],
+        ("unknown key train.learning_rate",),
+    ),
+    "recipe-missing": (
+        ["full", "--dry-run", "--recipe", "{recipes}/nope.yaml"],
+        ("nope.yaml", "does not exist"),
+    ),
     "set-wrong-type": (["full", "--dry-run", "--set", "train.lr=abc"], ("train.lr", "abc")),
     "set-without-equals": (["full", "--dry-run", "--set", "nonsense"], ("nonsense", "KEY=VALUE")),
     "set-unknown-key": (["full", "--dry-run", "--set", "train.lrr=1e-4"], ("did you mean train.lr?",)),
@@ -76,7 +86,10 @@ BAD_INPUTS = {
     "offload-full-zero2": (["full", "--dry-run", "--offload", "full", "--zero", "2"], ("--zero 3",)),
     "offload-without-zero": (["full", "--dry-run", "--offload", "optimizer"], ("--zero",)),
     "fp16-t5": (["full", "--dry-run", "--set", "model.precision=fp16"], ("fp16", "T5")),
-    "method-mismatch": (["full", "--dry-run", "--recipe", "recipes/lora.yaml"], ("lora recipe", "ftlaunch lora")),
+    "method-mismatch": (
+        ["full", "--dry-run", "--recipe", "recipes/lora.yaml"],
+        ("lora recipe", "ftlaunch lora"),
+    ),
     "data-missing-dir": (["full", "--dry-run", "--data", "/nonexistent/dir"], ("/nonexistent/dir",)),
     "model-missing-path": (["full", "--dry-run", "--model", "/nonexistent/path"], ("/nonexistent/path",)),
     "gpus-zero": (["full", "--dry-run", "--gpus", "0"], ("launch.gpus",)),
@@ -92,15 +105,29 @@ def test_bad_input_refused(tmp_path, bad_recipes, args, fragments):
 
 def test_gpus_without_gpu_says_how_to_fix(tmp_path):
     """Launching (no --dry-run) 4 GPU ranks where no GPU is visible: refused before anything is written."""
-    line = refused(tmp_path / "out", "full", "--gpus", "4", fragments=("--gpus 4", "--cpu", "--dry-run"),
-                   CUDA_VISIBLE_DEVICES="")
+    line = refused(
+        tmp_path / "out",
+        "full",
+        "--gpus",
+        "4",
+        fragments=("--gpus 4", "--cpu", "--dry-run"),
+        CUDA_VISIBLE_DEVICES="",
+    )
     assert "none is visible" in line
 
 
 def test_lora_target_that_is_not_a_module(tmp_path):
     """Slow (imports transformers): the targets are checked on a meta-device tiny T5."""
-    refused(tmp_path / "out", "lora", "--dry-run", "--model", "tiny-t5", "--set", "lora.target_modules=[q,nonexistent]",
-            fragments=("nonexistent", "tiny-t5"))
+    refused(
+        tmp_path / "out",
+        "lora",
+        "--dry-run",
+        "--model",
+        "tiny-t5",
+        "--set",
+        "lora.target_modules=[q,nonexistent]",
+        fragments=("nonexistent", "tiny-t5"),
+    )
 
 
 def test_output_holding_a_different_run_needs_overwrite(tmp_path):
@@ -130,8 +157,17 @@ def test_refused_overwrite_keeps_the_existing_run(tmp_path):
     output = tmp_path / "run"
     dry_run(output, "full")
     (output / "notes.txt").write_text("results of the first run\n")
-    refused(output, "full", "--dry-run", "--overwrite", "--set", "train.lr=3e-5", "--resume", str(tmp_path / "none"),
-            fragments=("--resume",))
+    refused(
+        output,
+        "full",
+        "--dry-run",
+        "--overwrite",
+        "--set",
+        "train.lr=3e-5",
+        "--resume",
+        str(tmp_path / "none"),
+        fragments=("--resume",),
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):

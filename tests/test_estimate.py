@@ -18,15 +18,24 @@ GIB = 2**30
 def deepspeed_zero2(params: int, gpus: int, nodes: int, offload: bool) -> int:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    return estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, num_nodes=nodes,
-                                                 cpu_offload=offload)[1]
+    return estimate_zero2_model_states_mem_needs(
+        params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
+    )[1]
 
 
-def deepspeed_zero3(params: int, largest: int, gpus: int, nodes: int, offload: bool, offload_params: bool) -> int:
+def deepspeed_zero3(
+    params: int, largest: int, gpus: int, nodes: int, offload: bool, offload_params: bool
+) -> int:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    return estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, num_nodes=nodes,
-                                                 cpu_offload=offload, cpu_offload_params=offload_params)[1]
+    return estimate_zero3_model_states_mem_needs(
+        params,
+        largest,
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+        cpu_offload=offload,
+        cpu_offload_params=offload_params,
+    )[1]
 
 
 def rows_by_key(rows):
@@ -38,8 +47,12 @@ def test_known_parameter_counts_match_the_architectures():
     from transformers import T5Config, T5ForConditionalGeneration
 
     for name, dims in estimate.FLAN_T5_CONFIGS.items():
-        config = T5Config(vocab_size=estimate.FLAN_T5_VOCAB, feed_forward_proj="gated-gelu",
-                          tie_word_embeddings=False, **dims)
+        config = T5Config(
+            vocab_size=estimate.FLAN_T5_VOCAB,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            **dims,
+        )
         with torch.device("meta"):
             model = T5ForConditionalGeneration(config)
         unique = {id(p): p.numel() for p in model.parameters()}
@@ -69,7 +82,11 @@ def test_model_states_agree_with_deepspeeds_estimator(model, gpus, nodes):
     for key, expected in reference.items():
         assert rows[key].model_states_gib * GIB == pytest.approx(expected, rel=0.03), key
     # ZeRO-1 keeps whole 16-bit gradients: between ZeRO-2 and DDP.
-    assert rows[(2, "none")].model_states_gib <= rows[(1, "none")].model_states_gib <= rows[(0, "none")].model_states_gib
+    assert (
+        rows[(2, "none")].model_states_gib
+        <= rows[(1, "none")].model_states_gib
+        <= rows[(0, "none")].model_states_gib
+    )
 
 
 def test_paper_ratios_at_two_ranks():

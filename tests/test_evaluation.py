@@ -10,25 +10,41 @@ import json
 from pathlib import Path
 
 import pytest
-from rouge_score import rouge_scorer
-
 from conftest import read_jsonl, run_cli
+from rouge_score import rouge_scorer
 
 SAMPLE_TEST_SIZE = 13  # does not divide by 2 ranks (nor by the batch sizes used below)
 FP32 = ("--set", "model.precision=fp32")
 
 
 def evaluate(out: Path, *extra: str, gpus: int = 1) -> list[dict]:
-    result = run_cli("eval", "--model", "tiny-t5", "--data", "sample", "--cpu", "--gpus", str(gpus),
-                     "--output", str(out), *FP32, *extra)
+    result = run_cli(
+        "eval",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--cpu",
+        "--gpus",
+        str(gpus),
+        "--output",
+        str(out),
+        *FP32,
+        *extra,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return read_jsonl(out / "predictions.jsonl")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> list[dict]:
-    return evaluate(tmp_path_factory.mktemp("eval") / "one", "--set", "eval.batch_size=4",
-                    "--set", "eval.max_new_tokens=24")
+    return evaluate(
+        tmp_path_factory.mktemp("eval") / "one",
+        "--set",
+        "eval.batch_size=4",
+        "--set",
+        "eval.max_new_tokens=24",
+    )
 
 
 def test_one_process_predictions_cover_the_split_in_order(one_process):
@@ -41,11 +57,20 @@ def test_one_process_predictions_cover_the_split_in_order(one_process):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 3])
 def test_two_ranks_gather_exactly_the_one_process_predictions(tmp_path, one_process, zero):
-    predictions = evaluate(tmp_path / "two", "--zero", str(zero), "--set", "eval.batch_size=4",
-                           "--set", "eval.max_new_tokens=24", gpus=2)
+    predictions = evaluate(
+        tmp_path / "two",
+        "--zero",
+        str(zero),
+        "--set",
+        "eval.batch_size=4",
+        "--set",
+        "eval.max_new_tokens=24",
+        gpus=2,
+    )
     assert len(predictions) == SAMPLE_TEST_SIZE
-    assert [(row["id"], row["prediction"]) for row in predictions] == \
-        [(row["id"], row["prediction"]) for row in one_process]
+    assert [(row["id"], row["prediction"]) for row in predictions] == [
+        (row["id"], row["prediction"]) for row in one_process
+    ]
     scores = json.loads((tmp_path / "two" / "rouge.json").read_text())
     assert scores["n"] == SAMPLE_TEST_SIZE and scores["scoring"] == "best_of_n"
 
@@ -56,11 +81,19 @@ def write_predictions(path: Path, rows: list[dict]) -> Path:
 
 
 PREDICTIONS = [
-    {"id": "a", "prediction": "The cats were running to the park.\nThey played there.",
-     "references": ["A cat runs to the park.\nIt plays in the park.", "Cats went to a park and played."]},
-    {"id": "b", "prediction": "#Person1# asks #Person2# about the train ticket price.",
-     "references": ["#Person2# tells #Person1# the ticket costs ten dollars.",
-                    "#Person1# wants to know how much the ticket is."]},
+    {
+        "id": "a",
+        "prediction": "The cats were running to the park.\nThey played there.",
+        "references": ["A cat runs to the park.\nIt plays in the park.", "Cats went to a park and played."],
+    },
+    {
+        "id": "b",
+        "prediction": "#Person1# asks #Person2# about the train ticket price.",
+        "references": [
+            "#Person2# tells #Person1# the ticket costs ten dollars.",
+            "#Person1# wants to know how much the ticket is.",
+        ],
+    },
     {"id": "c", "prediction": "", "references": ["Nothing was said."]},
 ]
 
@@ -90,13 +123,17 @@ def test_score_matches_rouge_score(tmp_path, scoring):
 
 
 def test_score_single_reference_takes_references_from_data(tmp_path):
-    sample = read_jsonl(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "validation.jsonl")
+    sample = read_jsonl(
+        Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "validation.jsonl"
+    )
     rows = [{"id": row["id"], "prediction": row["summary"].split(".")[0]} for row in sample]
     path = write_predictions(tmp_path / "predictions.jsonl", rows)
     result = run_cli("score", str(path), "--data", "sample", "--split", "validation")
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
-    expected = independent_rouge([{**row, "references": [ref["summary"]]} for row, ref in zip(rows, sample)], True)
+    expected = independent_rouge(
+        [{**row, "references": [ref["summary"]]} for row, ref in zip(rows, sample)], True
+    )
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value, abs=1e-12)
 
@@ -110,12 +147,32 @@ def test_score_rejects_unknown_ids(tmp_path):
 @pytest.mark.slow
 def test_lora_run_ends_with_report_and_compare(tmp_path):
     run_dir = tmp_path / "lora"
-    result = run_cli("lora", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output",
-                     str(run_dir), "--set", "train.log_every=2", "--set", "eval.max_new_tokens=16")
+    result = run_cli(
+        "lora",
+        "--cpu",
+        "--gpus",
+        "2",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--output",
+        str(run_dir),
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "eval.max_new_tokens=16",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     report = run_dir / "report"
-    for name in ("report.md", "rouge.json", "rouge.png", "loss.png", "predictions_original.jsonl",
-                 "predictions_finetuned.jsonl"):
+    for name in (
+        "report.md",
+        "rouge.json",
+        "rouge.png",
+        "loss.png",
+        "predictions_original.jsonl",
+        "predictions_finetuned.jsonl",
+    ):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     assert (report / "rouge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (report / "report.md").read_text()

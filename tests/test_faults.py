@@ -28,13 +28,27 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 
-BASE = ("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--set", "model.precision=fp32",
-        "--set", "eval.after_training=false", "--set", "train.micro_batch_size=4", "--set", "train.log_every=1")
+BASE = (
+    "--cpu",
+    "--gpus",
+    "2",
+    "--model",
+    "tiny-t5",
+    "--data",
+    "sample",
+    "--set",
+    "model.precision=fp32",
+    "--set",
+    "eval.after_training=false",
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "train.log_every=1",
+)
 # 64 examples / (4 per rank x 2 ranks) = 8 optimizer steps per epoch: 32 steps, checkpoints every 4.
 SHAPE = ("--set", "train.epochs=4", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=4")
 TOTAL_STEPS = 32
@@ -52,7 +66,9 @@ def train_args(run_dir: Path, zero: int, *extra: str) -> list[str]:
 
 def job_pids(run_dir: Path) -> list[int]:
     """The launcher (accelerate/torchrun) and rank processes of one run directory."""
-    out = subprocess.run(["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True
+    )
     return [int(pid) for pid in out.stdout.split()]
 
 
@@ -77,8 +93,14 @@ class Job:
         self.run_dir = run_dir
         self.log = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
         self.handle = self.log.open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=cli_env(**env), cwd=REPO,
-                                        stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", *args],
+            env=cli_env(**env),
+            cwd=REPO,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.started = time.monotonic()
 
     def output(self) -> str:
@@ -110,15 +132,17 @@ class Job:
         metrics = self.run_dir / "metrics.jsonl"
 
         def reached() -> bool:
-            return metrics.is_file() and any(row.get("step", 0) >= step and "loss" in row
-                                             for row in parse_metrics(metrics))
+            return metrics.is_file() and any(
+                row.get("step", 0) >= step and "loss" in row for row in parse_metrics(metrics)
+            )
 
         self.wait_until(reached, JOB_TIMEOUT, f"training step {step}")
 
     def signal_rank(self, index: int, sig: int) -> float:
         """Send `sig` to one rank process (by RANK) once both run; returns when it was sent."""
-        ranks = self.wait_until(lambda: (found := rank_pids(self.run_dir)) and len(found) == 2 and found, 30,
-                                "two rank processes")
+        ranks = self.wait_until(
+            lambda: (found := rank_pids(self.run_dir)) and len(found) == 2 and found, 30, "two rank processes"
+        )
         os.kill(ranks[index], sig)
         return time.monotonic()
 
@@ -140,7 +164,7 @@ class Job:
             pass
         self.handle.close()
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -207,13 +231,17 @@ def assert_complete_checkpoint(run_dir: Path, step: int) -> None:
     state = json.loads((checkpoint / STATE_FILE).read_text())
     assert state["step"] == step and state["world_size"] == 2 and state["grad_accum"] == 1
     assert find_latest_checkpoint(run_dir) == checkpoint
-    weights = [p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
+    weights = [
+        p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")
+    ]
     assert weights and all(p.stat().st_size > 0 for p in weights), sorted(checkpoint.rglob("*"))
 
 
 def tree(directory: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
-            for path in sorted(directory.rglob("*"))}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+        for path in sorted(directory.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +351,9 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"
     assert_no_rank_left(run_dir)
     launcher_log = (run_dir / "logs" / "launcher.log").read_text()
-    assert re.search(r"exitcode\s*:\s*3\b", launcher_log), "the ranks should exit with code 3:\n" + launcher_log[-4000:]
+    assert re.search(r"exitcode\s*:\s*3\b", launcher_log), (
+        "the ranks should exit with code 3:\n" + launcher_log[-4000:]
+    )
     assert "Traceback" not in output, output[-6000:]
     assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
     step = int((run_dir / "INTERRUPTED").read_text().strip().removeprefix("step_"))
@@ -356,8 +386,12 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, how):
         output = job.output()
     assert code == 3, output[-6000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
-    assert re.search(r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
-                     r"--resume auto\)", output, re.M), output[-3000:]
+    assert re.search(
+        r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
+        r"--resume auto\)",
+        output,
+        re.M,
+    ), output[-3000:]
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after {how}"
     assert_no_rank_left(run_dir)
     assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
@@ -405,8 +439,16 @@ def test_resume_with_another_accumulation_needs_force(tmp_path, reference):
 
 
 # What libraries print that a person does not need: it belongs in RUN/logs/, never on the console.
-NOISE = ("Setting accelerator to CPU", "OMP_NUM_THREADS", "FutureWarning", "Removed shared tensor",
-         "tied weights", "ChildFailedError", "CalledProcessError", "Traceback")
+NOISE = (
+    "Setting accelerator to CPU",
+    "OMP_NUM_THREADS",
+    "FutureWarning",
+    "Removed shared tensor",
+    "tied weights",
+    "ChildFailedError",
+    "CalledProcessError",
+    "Traceback",
+)
 
 
 def assert_quiet_console(output: str) -> None:
@@ -463,14 +505,18 @@ def test_rank_that_raises_ends_with_a_summary(tmp_path):
     code, output = run_job(run_dir, train_args(run_dir, 0, *SHAPE), FTLAUNCH_FAULT_RAISE_IN_SAVE="1:4")
     assert code == 1, output[-6000:]
     assert_quiet_console(output)
-    summary = output[output.index("error: rank "):].splitlines()
-    assert summary[0] == ("error: rank 1 (node 0, host " + os.uname().nodename + ") failed first: RuntimeError: "
-                          "injected fault: rank 1 raises while saving step 4 (FTLAUNCH_FAULT_RAISE_IN_SAVE)"), summary
+    summary = output[output.index("error: rank ") :].splitlines()
+    assert summary[0] == (
+        "error: rank 1 (node 0, host " + os.uname().nodename + ") failed first: RuntimeError: "
+        "injected fault: rank 1 raises while saving step 4 (FTLAUNCH_FAULT_RAISE_IN_SAVE)"
+    ), summary
     log = run_dir / "logs" / "rank1.log"
     assert summary[1].strip().startswith(f"log: {log} "), summary
     assert "exit code 1 (crashed" in summary[2] and "2 bad input, 3 interrupted" in summary[2], summary
     assert "Traceback" in log.read_text() and "injected fault" in log.read_text()
-    assert "ChildFailedError" in (run_dir / "logs" / "launcher.log").read_text()  # the launcher's report: its log
+    assert (
+        "ChildFailedError" in (run_dir / "logs" / "launcher.log").read_text()
+    )  # the launcher's report: its log
     assert_no_rank_left(run_dir)
 
 
@@ -484,7 +530,9 @@ def test_disk_full_during_a_save(tmp_path, small_disk):
     disk = small_disk("64M")
     run_dir = disk / "run"
     with Job(run_dir, train_args(run_dir, 0, *SHAPE)) as job:
-        job.wait_until(lambda: (run_dir / "checkpoints" / "latest").is_file(), JOB_TIMEOUT, "the first checkpoint")
+        job.wait_until(
+            lambda: (run_dir / "checkpoints" / "latest").is_file(), JOB_TIMEOUT, "the first checkpoint"
+        )
         assert latest_name(run_dir) == "step_4"
         ballast = disk / "ballast"
         with ballast.open("wb") as handle:  # leave 1 MiB: less than one checkpoint (~3.9 MiB)
@@ -515,12 +563,17 @@ def test_clean_run_console_is_quiet(tmp_path):
     run_dir = tmp_path / "run"
     env = cli_env()
     env.pop("OMP_NUM_THREADS")
-    result = run_cli(*train_args(run_dir, 2, "--set", "train.max_steps=3", "--set", "eval.after_training=false"),
-                     env=env, timeout=JOB_TIMEOUT)
+    result = run_cli(
+        *train_args(run_dir, 2, "--set", "train.max_steps=3", "--set", "eval.after_training=false"),
+        env=env,
+        timeout=JOB_TIMEOUT,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert_quiet_console(output)
-    assert re.search(r"^training: step 3/3 \(100%\), loss \d+\.\d+, \d+\.\d+ s/step$", result.stdout, re.M), output
+    assert re.search(r"^training: step 3/3 \(100%\), loss \d+\.\d+, \d+\.\d+ s/step$", result.stdout, re.M), (
+        output
+    )
     assert "saved model to" in result.stdout
     logs = run_dir / "logs"
     ranks = (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import REPO, cli_env, run_cli
+
 from launcher import distributed, train
 from launcher.recipe import build_recipe, default_recipe_path, load_recipe
 
@@ -43,7 +43,7 @@ class CountingAccelerator:
     def __init__(self) -> None:
         self.reductions = 0
 
-    def reduce(self, tensor, reduction="sum"):  # noqa: ARG002 - Accelerate's signature
+    def reduce(self, tensor, reduction="sum"):
         self.reductions += 1
         return tensor
 
@@ -67,11 +67,33 @@ def test_stop_flag_is_all_reduced_every_n_steps_and_at_the_last():
 def tiny_run(tmp_path):
     """A rendered one-process CPU run of tiny-t5 (12 steps over 2 epochs), set up in this process."""
     run_dir = tmp_path / "run"
-    result = run_cli("full", "--cpu", "--gpus", "1", "--model", "tiny-t5", "--data", "sample", "--dry-run",
-                     "--output", str(run_dir), "--set", "train.epochs=2", "--set", "train.max_steps=12",
-                     "--set", "data.max_source_length=64", "--set", "data.max_target_length=32",
-                     "--set", "eval.after_training=false", "--set", "model.precision=fp32",
-                     "--set", "train.checkpoint_every=null")
+    result = run_cli(
+        "full",
+        "--cpu",
+        "--gpus",
+        "1",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--dry-run",
+        "--output",
+        str(run_dir),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "data.max_source_length=64",
+        "--set",
+        "data.max_target_length=32",
+        "--set",
+        "eval.after_training=false",
+        "--set",
+        "model.precision=fp32",
+        "--set",
+        "train.checkpoint_every=null",
+    )
     assert result.returncode == 0, result.stderr
     from accelerate.state import AcceleratorState
 
@@ -88,7 +110,9 @@ def test_train_loop_asks_for_the_stop_flag_every_n_steps(tiny_run, monkeypatch):
     from launcher.metrics import MetricsLogger
 
     steps_asked = []
-    monkeypatch.setattr(train, "any_rank", lambda accelerator, flag: steps_asked.append(tiny_run.state.step) or flag)
+    monkeypatch.setattr(
+        train, "any_rank", lambda accelerator, flag: steps_asked.append(tiny_run.state.step) or flag
+    )
     logger = MetricsLogger(tiny_run.run_dir, True, 0)
     try:
         assert train.train_loop(tiny_run, logger, train.StopRequest(), resumed=False)
@@ -139,7 +163,9 @@ def test_training_loader_pins_memory_only_on_cuda_ranks(tmp_path):
     recipe = recipe_for()
     tokenizer = load_tokenizer(recipe)
     for device, pinned in (("cuda", True), ("cpu", False)):
-        accelerator = SimpleNamespace(device=torch.device(device), main_process_first=nullcontext, num_processes=1)
+        accelerator = SimpleNamespace(
+            device=torch.device(device), main_process_first=nullcontext, num_processes=1
+        )
         data = train.prepare_data(recipe, tokenizer, accelerator, tmp_path / device)
         assert data.loader.pin_memory is pinned, device
 
@@ -165,8 +191,13 @@ def test_offload_optimizer_is_torchs_fused_cpu_adamw():
     from launcher.model import build_tiny_t5
 
     model = build_tiny_t5(1000)
-    for launch, fused in (({"zero": 3, "offload": "optimizer"}, True), ({"zero": 2, "offload": "optimizer"}, True),
-                          ({"zero": 3, "offload": "full"}, True), ({"zero": 3}, None), ({"zero": 0}, None)):
+    for launch, fused in (
+        ({"zero": 3, "offload": "optimizer"}, True),
+        ({"zero": 2, "offload": "optimizer"}, True),
+        ({"zero": 3, "offload": "full"}, True),
+        ({"zero": 3}, None),
+        ({"zero": 0}, None),
+    ):
         optimizer = train.build_optimizer(model, recipe_for(**launch))
         assert optimizer.defaults["fused"] is fused, launch
 
@@ -202,18 +233,34 @@ def fake_accelerate(bin_dir: Path) -> Path:
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_offload_ranks_get_their_share_of_the_cores(tmp_path, gpus):
     run_dir = tmp_path / "run"
-    result = run_cli("full", "--gpus", str(gpus), "--zero", "3", "--offload", "optimizer", "--dry-run",
-                     "--output", str(run_dir))
+    result = run_cli(
+        "full",
+        "--gpus",
+        str(gpus),
+        "--zero",
+        "3",
+        "--offload",
+        "optimizer",
+        "--dry-run",
+        "--output",
+        str(run_dir),
+    )
     assert result.returncode == 0, result.stderr
     env = {key: value for key, value in cli_env().items() if key != "OMP_NUM_THREADS"}
     env["PATH"] = f"{fake_accelerate(tmp_path / 'bin')}{os.pathsep}{env['PATH']}"
-    launched = subprocess.run(["bash", str(run_dir / "command.sh")], capture_output=True, text=True, env=env,
-                              timeout=60)
+    launched = subprocess.run(
+        ["bash", str(run_dir / "command.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
     assert launched.returncode == 0, launched.stderr
     cores = len(os.sched_getaffinity(0))  # what nproc counts
     assert launched.stdout.strip() == str(max(1, cores // gpus))
-    kept = subprocess.run(["bash", str(run_dir / "command.sh")], capture_output=True, text=True,
-                          env={**env, "OMP_NUM_THREADS": "5"}, timeout=60)
+    kept = subprocess.run(
+        ["bash", str(run_dir / "command.sh")],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "5"},
+        timeout=60,
+    )
     assert kept.stdout.strip() == "5"
 
 
@@ -234,5 +281,7 @@ def test_accelerate_hands_the_exported_thread_count_to_the_ranks(monkeypatch):
 
 def test_runs_without_offload_leave_threads_to_accelerate(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli("full", "--gpus", "2", "--zero", "3", "--dry-run", "--output", str(run_dir)).returncode == 0
+    assert (
+        run_cli("full", "--gpus", "2", "--zero", "3", "--dry-run", "--output", str(run_dir)).returncode == 0
+    )
     assert "OMP_NUM_THREADS" not in (run_dir / "command.sh").read_text()

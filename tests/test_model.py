@@ -25,8 +25,10 @@ def test_tiny_t5_has_its_own_lm_head_like_flan_t5(tmp_path):
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
     ids = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits,
-                           reloaded(input_ids=ids, decoder_input_ids=ids).logits)
+        assert torch.equal(
+            model(input_ids=ids, decoder_input_ids=ids).logits,
+            reloaded(input_ids=ids, decoder_input_ids=ids).logits,
+        )
 
 
 def test_static_t5_module_names_match_a_real_t5_skeleton():
@@ -63,5 +65,7 @@ def test_loading_a_checkpoint_with_its_own_lm_head_keeps_embeddings_tied(tmp_pat
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in original.parameters())
     ids = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
-        assert torch.equal(original(input_ids=ids, decoder_input_ids=ids).logits,
-                           loaded(input_ids=ids, decoder_input_ids=ids).logits)
+        assert torch.equal(
+            original(input_ids=ids, decoder_input_ids=ids).logits,
+            loaded(input_ids=ids, decoder_input_ids=ids).logits,
+        )

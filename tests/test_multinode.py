@@ -16,13 +16,35 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, read_jsonl, run_cli
 
-SMALL = ("--cpu", "--gpus", "1", "--nodes", "2", "--main-address", "127.0.0.1", "--model", "tiny-t5",
-         "--data", "sample", "--set", "model.precision=fp32", "--set", "train.max_steps=3",
-         "--set", "train.log_every=1", "--set", "train.micro_batch_size=4", "--set", "eval.limit=4",
-         "--set", "eval.compare_original=false", "--set", "eval.max_new_tokens=8")
+SMALL = (
+    "--cpu",
+    "--gpus",
+    "1",
+    "--nodes",
+    "2",
+    "--main-address",
+    "127.0.0.1",
+    "--model",
+    "tiny-t5",
+    "--data",
+    "sample",
+    "--set",
+    "model.precision=fp32",
+    "--set",
+    "train.max_steps=3",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "eval.limit=4",
+    "--set",
+    "eval.compare_original=false",
+    "--set",
+    "eval.max_new_tokens=8",
+)
 
 
 def free_port() -> int:
@@ -32,8 +54,9 @@ def free_port() -> int:
 
 
 def start(command: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=cli_env(**env), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=REPO, env=cli_env(**env), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def finish_both(processes: list[subprocess.Popen]) -> list[str]:
@@ -64,12 +87,24 @@ def check_two_node_run(run_dir: Path, outputs: list[str]) -> None:
 def test_two_ftlaunch_processes_form_one_two_node_run(tmp_path):
     run_dir = tmp_path / "run"
     port = str(free_port())
-    command = [sys.executable, "-m", "launcher.cli", "full", *SMALL, "--main-port", port, "--output", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "full",
+        *SMALL,
+        "--main-port",
+        port,
+        "--output",
+        str(run_dir),
+    ]
     processes = [start(command + ["--machine-rank", rank]) for rank in ("0", "1")]
     outputs = finish_both(processes)
     check_two_node_run(run_dir, outputs)
     header = (run_dir / "command.sh").read_text().splitlines()[1]
-    assert header.startswith("# Rendered by ftlaunch") and "--machine-rank" not in header  # one file, every node
+    assert (
+        header.startswith("# Rendered by ftlaunch") and "--machine-rank" not in header
+    )  # one file, every node
 
 
 @pytest.mark.slow

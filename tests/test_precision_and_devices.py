@@ -9,7 +9,6 @@ import subprocess
 import pytest
 import torch
 import yaml
-
 from conftest import cli_env, run_cli
 
 
@@ -53,10 +52,17 @@ def test_a_cpu_only_torch_is_named_as_such(monkeypatch):
 def test_ranks_of_a_gpu_job_on_a_node_without_gpus_stop_with_the_reason(tmp_path):
     """An srun step without GPUs: the rendered (GPU) command runs on a CPU-only node."""
     run_dir = tmp_path / "run"
-    rendered = run_cli("full", "--model", "tiny-t5", "--data", "sample", "--output", str(run_dir), "--dry-run")
+    rendered = run_cli(
+        "full", "--model", "tiny-t5", "--data", "sample", "--output", str(run_dir), "--dry-run"
+    )
     assert rendered.returncode == 0, rendered.stderr
-    result = subprocess.run(["bash", str(run_dir / "command.sh")], env=cli_env(CUDA_VISIBLE_DEVICES="0"),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", str(run_dir / "command.sh")],
+        env=cli_env(CUDA_VISIBLE_DEVICES="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "no usable GPU" in output and "pass --cpu" in output
@@ -69,36 +75,109 @@ def bart_dir(tmp_path):
     from transformers import BartConfig
 
     directory = tmp_path / "tiny-bart"
-    BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32).save_pretrained(directory)
+    BartConfig(
+        vocab_size=100,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    ).save_pretrained(directory)
     return directory
 
 
 def test_fp16_for_a_non_t5_model_is_fp16_under_ddp_and_deepspeed(tmp_path, bart_dir):
-    ddp = run_cli("full", "--gpus", "2", "--model", str(bart_dir), "--data", "sample", "--set",
-                  "model.precision=fp16", "--output", str(tmp_path / "ddp"), "--dry-run")
+    ddp = run_cli(
+        "full",
+        "--gpus",
+        "2",
+        "--model",
+        str(bart_dir),
+        "--data",
+        "sample",
+        "--set",
+        "model.precision=fp16",
+        "--output",
+        str(tmp_path / "ddp"),
+        "--dry-run",
+    )
     assert ddp.returncode == 0, ddp.stderr
     assert yaml.safe_load((tmp_path / "ddp" / "accelerate.yaml").read_text())["mixed_precision"] == "fp16"
-    zero = run_cli("full", "--gpus", "2", "--zero", "2", "--model", str(bart_dir), "--data", "sample", "--set",
-                   "model.precision=fp16", "--output", str(tmp_path / "zero"), "--dry-run")
+    zero = run_cli(
+        "full",
+        "--gpus",
+        "2",
+        "--zero",
+        "2",
+        "--model",
+        str(bart_dir),
+        "--data",
+        "sample",
+        "--set",
+        "model.precision=fp16",
+        "--output",
+        str(tmp_path / "zero"),
+        "--dry-run",
+    )
     assert zero.returncode == 0, zero.stderr
     config = json.loads((tmp_path / "zero" / "deepspeed.json").read_text())
-    assert config["torch_autocast"] == {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
+    assert config["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "float16",
+        "lower_precision_safe_modules": [],
+    }
     assert config["communication_data_type"] == "fp32"
 
 
 def test_fp16_is_refused_on_cpu_ranks_and_for_t5(tmp_path, bart_dir):
-    on_cpu = run_cli("full", "--cpu", "--model", str(bart_dir), "--data", "sample", "--set", "model.precision=fp16",
-                     "--output", str(tmp_path / "cpu"), "--dry-run")
+    on_cpu = run_cli(
+        "full",
+        "--cpu",
+        "--model",
+        str(bart_dir),
+        "--data",
+        "sample",
+        "--set",
+        "model.precision=fp16",
+        "--output",
+        str(tmp_path / "cpu"),
+        "--dry-run",
+    )
     assert on_cpu.returncode == 2 and "fp16 needs GPU ranks" in on_cpu.stderr
-    t5 = run_cli("full", "--model", "tiny-t5", "--data", "sample", "--set", "model.precision=fp16",
-                 "--output", str(tmp_path / "t5"), "--dry-run")
+    t5 = run_cli(
+        "full",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--set",
+        "model.precision=fp16",
+        "--output",
+        str(tmp_path / "t5"),
+        "--dry-run",
+    )
     assert t5.returncode == 2 and "overflows T5" in t5.stderr
 
 
 def test_fp32_recipes_render_no_autocast(tmp_path):
-    result = run_cli("full", "--gpus", "2", "--zero", "3", "--model", "tiny-t5", "--data", "sample", "--set",
-                     "model.precision=fp32", "--output", str(tmp_path / "run"), "--dry-run")
+    result = run_cli(
+        "full",
+        "--gpus",
+        "2",
+        "--zero",
+        "3",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--set",
+        "model.precision=fp32",
+        "--output",
+        str(tmp_path / "run"),
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "run" / "deepspeed.json").read_text())
     assert "torch_autocast" not in config and not config["bf16"]["enabled"] and not config["fp16"]["enabled"]

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import read_jsonl, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +27,28 @@ PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 STEPS, LR, WEIGHT_DECAY, SEED = 4, 1e-2, 0.5, 42
 # Large learning rate and weight decay, no clipping, constant schedule, no dropout: every
 # difference in the objective or the optimizer groups shows in the weights after 4 steps.
-TRAINING = ("--set", f"train.lr={LR}", "--set", f"train.weight_decay={WEIGHT_DECAY}", "--set",
-            f"train.max_steps={STEPS}", "--set", "train.scheduler=constant", "--set", "train.max_grad_norm=null",
-            "--set", "model.dropout=0.0", "--set", "train.log_every=1", "--set", "train.checkpoint_every=null",
-            "--set", "eval.after_training=false", "--set", f"train.seed={SEED}")
+TRAINING = (
+    "--set",
+    f"train.lr={LR}",
+    "--set",
+    f"train.weight_decay={WEIGHT_DECAY}",
+    "--set",
+    f"train.max_steps={STEPS}",
+    "--set",
+    "train.scheduler=constant",
+    "--set",
+    "train.max_grad_norm=null",
+    "--set",
+    "model.dropout=0.0",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every=null",
+    "--set",
+    "eval.after_training=false",
+    "--set",
+    f"train.seed={SEED}",
+)
 # (ranks, ZeRO stage, accumulation, micro batch): every one trains on 8 examples per step.
 SHAPES = {
     "ddp": (2, 0, 1, 4),
@@ -61,9 +78,27 @@ def model_dir(tmp_path_factory) -> Path:
 
 def fine_tune(model_dir: Path, out: Path, shape: tuple[int, int, int, int], precision: str) -> str:
     ranks, zero, accum, micro = shape
-    result = run_cli("full", "--cpu", "--gpus", str(ranks), "--zero", str(zero), "--model", str(model_dir),
-                     "--data", "sample", "--output", str(out), *TRAINING, "--set", f"model.precision={precision}",
-                     "--set", f"train.grad_accum={accum}", "--set", f"train.micro_batch_size={micro}")
+    result = run_cli(
+        "full",
+        "--cpu",
+        "--gpus",
+        str(ranks),
+        "--zero",
+        str(zero),
+        "--model",
+        str(model_dir),
+        "--data",
+        "sample",
+        "--output",
+        str(out),
+        *TRAINING,
+        "--set",
+        f"model.precision={precision}",
+        "--set",
+        f"train.grad_accum={accum}",
+        "--set",
+        f"train.micro_batch_size={micro}",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout + result.stderr
 
@@ -96,12 +131,17 @@ def padded(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
     labels = torch.tensor([e["labels"] + [-100] * (target - len(e["labels"])) for e in examples])
     decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
     decoder_input_ids[decoder_input_ids == -100] = pad
-    return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
-            "decoder_input_ids": decoder_input_ids, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != pad).long(),
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+    }
 
 
-def reference_training(model_dir: Path, micro_batch_means: bool = False,
-                       decay_matrices: bool = True) -> tuple[dict[str, torch.Tensor], list[float], int, int]:
+def reference_training(
+    model_dir: Path, micro_batch_means: bool = False, decay_matrices: bool = True
+) -> tuple[dict[str, torch.Tensor], list[float], int, int]:
     """Plain PyTorch: each optimizer step is ONE batch of the step's 8 examples, loss = mean over
     all their target tokens, AdamW with weight decay on matrices (not biases and norms).
     Returns (final weights, per-step losses, decayed and undecayed tensor counts).
@@ -117,23 +157,30 @@ def reference_training(model_dir: Path, micro_batch_means: bool = False,
     from launcher.data import LengthGroupedBatchSampler, batching_keys
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32, dropout_rate=0.0).train()
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, dropout_rate=0.0
+    ).train()
     examples = tokenized_sample(tokenizer)
     columns = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
     steps = LengthGroupedBatchSampler(batching_keys(columns), 8, SEED, True).steps()[:STEPS]
     decay = [p for n, p in model.named_parameters() if decay_matrices and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=LR
+    )
     losses = []
     for step in steps:
         parts = [step[:4], step[4:]] if micro_batch_means else [step]
         for part in parts:
             batch = padded([examples[i] for i in part], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=batch["decoder_input_ids"]).logits
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1),
-                                                     ignore_index=-100)
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"],
+            ).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100
+            )
             (loss / len(parts)).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -141,8 +188,9 @@ def reference_training(model_dir: Path, micro_batch_means: bool = False,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses, len(decay), len(no_decay)
 
 
-def update_error(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
-                 initial: dict[str, torch.Tensor]) -> float:
+def update_error(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> float:
     """|ours - theirs| / |theirs - initial| over all weights: how far apart two fine-tunes
     ended, relative to how far training moved. (Elementwise checks would flag Adam's
     amplification of rounding noise in coordinates whose gradient is near zero.)"""
@@ -236,15 +284,34 @@ def test_lora_on_a_saved_checkpoint_under_zero3(tmp_path, model_dir):
     """LoRA on weights that arrive partitioned (zero.Init): a non-empty adapter that reloads on
     the base directory with PEFT and gives the validation loss the run reported."""
     from peft import PeftModel
+    from test_training import reference_val_loss
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from test_training import reference_val_loss
-
     run_dir = tmp_path / "run"
-    result = run_cli("lora", "--cpu", "--gpus", "2", "--zero", "3", "--model", str(model_dir), "--data", "sample",
-                     "--output", str(run_dir), "--set", "model.precision=fp32", "--set", "train.lr=1e-2",
-                     "--set", "train.max_steps=3", "--set", "train.micro_batch_size=4",
-                     "--set", "eval.after_training=false")
+    result = run_cli(
+        "lora",
+        "--cpu",
+        "--gpus",
+        "2",
+        "--zero",
+        "3",
+        "--model",
+        str(model_dir),
+        "--data",
+        "sample",
+        "--output",
+        str(run_dir),
+        "--set",
+        "model.precision=fp32",
+        "--set",
+        "train.lr=1e-2",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "eval.after_training=false",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     assert adapter and all(t.numel() > 0 for t in adapter.values())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from launcher.errors import UserError
 from launcher.recipe import Recipe, default_recipe_path, dump_recipe, load_recipe
 
@@ -91,7 +91,13 @@ def test_lora_recipe_seed_values():
     recipe = recipe_with(method="lora")
     assert recipe.train.lr == 1e-3
     lora = recipe.lora
-    assert (lora.r, lora.alpha, lora.target_modules, lora.dropout, lora.bias) == (32, 32, ["q", "v"], 0.05, "none")
+    assert (lora.r, lora.alpha, lora.target_modules, lora.dropout, lora.bias) == (
+        32,
+        32,
+        ["q", "v"],
+        0.05,
+        "none",
+    )
 
 
 # ---------------------------------------------------------------- --set: keys and types
@@ -146,8 +152,11 @@ def test_set_text_key_takes_the_value_as_written(override: str, section: str, ke
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("train.lrr=1e-4", "did you mean train.lr?"), ("trian.lr=1e-4", "did you mean train?"),
-     ("lora.alfa=8", "did you mean lora.alpha?")],
+    [
+        ("train.lrr=1e-4", "did you mean train.lr?"),
+        ("trian.lr=1e-4", "did you mean train?"),
+        ("lora.alfa=8", "did you mean lora.alpha?"),
+    ],
 )
 def test_set_unknown_key_suggests_the_closest(override: str, suggestion: str):
     message = refusal(override, method="lora")
@@ -166,9 +175,13 @@ def test_set_below_a_value_is_refused():
 
 @pytest.mark.parametrize(
     ("override", "key", "bad"),
-    [("train.lr=abc", "train.lr", "abc"), ("launch.gpus=four", "launch.gpus", "four"),
-     ("train.epochs=1.5", "train.epochs", "1.5"), ("lora.target_modules=q", "lora.target_modules", "q"),
-     ("launch.gpus=0", "launch.gpus", "0")],
+    [
+        ("train.lr=abc", "train.lr", "abc"),
+        ("launch.gpus=four", "launch.gpus", "four"),
+        ("train.epochs=1.5", "train.epochs", "1.5"),
+        ("lora.target_modules=q", "lora.target_modules", "q"),
+        ("launch.gpus=0", "launch.gpus", "0"),
+    ],
 )
 def test_set_wrong_type_names_key_and_value(override: str, key: str, bad: str):
     message = refusal(override, method="lora")
@@ -178,9 +191,13 @@ def test_set_wrong_type_names_key_and_value(override: str, key: str, bad: str):
 
 @pytest.mark.parametrize(
     ("override", "allowed"),
-    [("launch.zero=5", ["0", "1", "2", "3"]), ("model.precision=fp8", ["'bf16'", "'fp32'", "'fp16'"]),
-     ("launch.offload=gpu", ["'none'", "'optimizer'", "'full'"]), ("lora.bias=some", ["'none'", "'all'", "'lora_only'"]),
-     ("train.scheduler=step", ["'linear'", "'cosine'", "'constant'"])],
+    [
+        ("launch.zero=5", ["0", "1", "2", "3"]),
+        ("model.precision=fp8", ["'bf16'", "'fp32'", "'fp16'"]),
+        ("launch.offload=gpu", ["'none'", "'optimizer'", "'full'"]),
+        ("lora.bias=some", ["'none'", "'all'", "'lora_only'"]),
+        ("train.scheduler=step", ["'linear'", "'cosine'", "'constant'"]),
+    ],
 )
 def test_set_literal_lists_allowed_values(override: str, allowed: list[str]):
     message = refusal(override, method="lora")
@@ -211,7 +228,9 @@ def test_offload_full_needs_zero3(zero: int):
     assert "--zero 3" in message and "optimizer" in message
 
 
-@pytest.mark.parametrize(("zero", "offload"), [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "full")])
+@pytest.mark.parametrize(
+    ("zero", "offload"), [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "full")]
+)
 def test_valid_offload_combinations(zero: int, offload: str):
     launch = recipe_with(f"launch.zero={zero}", f"launch.offload={offload}").launch
     assert (launch.zero, launch.offload) == (zero, offload)

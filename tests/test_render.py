@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, cli_env, run_cli
 
 RUN_FILES = {"recipe.yaml", "accelerate.yaml", "command.sh"}
@@ -69,8 +68,10 @@ def fake_tools(bin_dir: Path) -> Path:
     """`accelerate` that prints its argv (and CUDA_VISIBLE_DEVICES) as JSON; `scontrol` with two hosts."""
     bin_dir.mkdir(exist_ok=True)
     accelerate = bin_dir / "accelerate"
-    accelerate.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                          "print(json.dumps({'argv': sys.argv[1:], 'cuda': os.environ.get('CUDA_VISIBLE_DEVICES')}))\n")
+    accelerate.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'cuda': os.environ.get('CUDA_VISIBLE_DEVICES')}))\n"
+    )
     scontrol = bin_dir / "scontrol"
     scontrol.write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
     for tool in (accelerate, scontrol):
@@ -82,8 +83,9 @@ def trace_command(run_dir: Path, bin_dir: Path, **env: str) -> subprocess.Comple
     """Run the rendered command.sh with the fake tools first on PATH (no SLURM/FTLAUNCH env unless given)."""
     clean = {key: value for key, value in cli_env().items() if not key.startswith(("SLURM_", "FTLAUNCH_"))}
     clean.update(env, PATH=f"{fake_tools(bin_dir)}{os.pathsep}{clean['PATH']}")
-    return subprocess.run(["bash", str(run_dir / "command.sh")], capture_output=True, text=True, env=clean,
-                          timeout=60)
+    return subprocess.run(
+        ["bash", str(run_dir / "command.sh")], capture_output=True, text=True, env=clean, timeout=60
+    )
 
 
 def traced_launch(run_dir: Path, bin_dir: Path, **env: str) -> dict:
@@ -109,8 +111,13 @@ def validated_launch_args(argv: list[str]):
     ("args", "files", "world", "batch", "strategy"),
     [
         (["full", "--gpus", "4"], RUN_FILES, "4 = 4 per node x 1 node(s)", 32, "DDP"),
-        (MULTINODE, RUN_FILES | {"deepspeed.json"}, "16 = 8 per node x 2 node(s)", 128,
-         "DeepSpeed ZeRO-3 (offload optimizer to CPU)"),
+        (
+            MULTINODE,
+            RUN_FILES | {"deepspeed.json"},
+            "16 = 8 per node x 2 node(s)",
+            128,
+            "DeepSpeed ZeRO-3 (offload optimizer to CPU)",
+        ),
     ],
     ids=["full-4gpus", "lora-2nodes-zero3"],
 )
@@ -119,7 +126,10 @@ def test_done_when_dry_run(render, args, files, world, batch, strategy):
     assert run_files(run_dir) == files  # nothing else: no checkpoints, no logs, nothing ran
     world_size = world.split()[0]
     assert summary_value(stdout, "world size").startswith(world)
-    assert summary_value(stdout, "effective batch") == f"{batch} = micro batch 8 x accumulation 1 x world size {world_size}"
+    assert (
+        summary_value(stdout, "effective batch")
+        == f"{batch} = micro batch 8 x accumulation 1 x world size {world_size}"
+    )
     assert summary_value(stdout, "strategy") == strategy
     assert summary_value(stdout, "precision") == "bf16"
     assert summary_value(stdout, "run dir") == str(run_dir)
@@ -133,18 +143,44 @@ def test_only_a_launch_runs_accelerate(tmp_path, dry_run):
     """--dry-run execs nothing; without it, ftlaunch execs command.sh (here with a fake `accelerate`)."""
     run_dir = (tmp_path / "run").resolve()
     env = cli_env(PATH=f"{fake_tools(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
-    result = run_cli("full", "--cpu", "--model", "tiny-t5", "--data", "sample", "--output", str(run_dir),
-                     *(["--dry-run"] if dry_run else []), env=env)
+    result = run_cli(
+        "full",
+        "--cpu",
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--output",
+        str(run_dir),
+        *(["--dry-run"] if dry_run else []),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     launched = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"argv"')]
-    expected_argv = ["launch", "--config_file", str(run_dir / "accelerate.yaml"), "-m", "launcher.train",
-                     "--run-dir", str(run_dir)]
+    expected_argv = [
+        "launch",
+        "--config_file",
+        str(run_dir / "accelerate.yaml"),
+        "-m",
+        "launcher.train",
+        "--run-dir",
+        str(run_dir),
+    ]
     assert launched == ([] if dry_run else [{"argv": expected_argv, "cuda": ""}])
 
 
 def test_set_batch_keys_flow_into_deepspeed_json_and_summary(render):
-    run_dir, stdout = render("full", "--zero", "2", "--gpus", "2", "--set", "train.grad_accum=4",
-                             "--set", "train.micro_batch_size=2")
+    run_dir, stdout = render(
+        "full",
+        "--zero",
+        "2",
+        "--gpus",
+        "2",
+        "--set",
+        "train.grad_accum=4",
+        "--set",
+        "train.micro_batch_size=2",
+    )
     config = read_json(run_dir / "deepspeed.json")
     assert config["gradient_accumulation_steps"] == 4
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -156,24 +192,63 @@ def test_set_batch_keys_flow_into_deepspeed_json_and_summary(render):
 
 # id: (flags, ClusterConfig fields that must hold)
 ACCELERATE_CASES = {
-    "single": (["full"], dict(distributed_type="NO", num_processes=1, num_machines=1, mixed_precision="bf16",
-                              use_cpu=False)),
+    "single": (
+        ["full"],
+        dict(distributed_type="NO", num_processes=1, num_machines=1, mixed_precision="bf16", use_cpu=False),
+    ),
     "single-cpu": (["full", "--cpu"], dict(distributed_type="NO", num_processes=1, use_cpu=True)),
-    "ddp-4": (["full", "--gpus", "4"], dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=1,
-                                            mixed_precision="bf16", machine_rank=0, main_process_ip=None)),
-    "ddp-2x2-fp32": (["full", "--gpus", "2", "--nodes", "2", "--set", "model.precision=fp32"],
-                     dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=2, mixed_precision="no")),
-    "ddp-2x2-fixed-address": (["full", "--gpus", "2", "--nodes", "2", "--main-address", "10.1.2.3", "--main-port",
-                               "29400", "--machine-rank", "1"],
-                              # The machine rank is per node, never part of the run: command.sh passes it.
-                              dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=2,
-                                   main_process_ip="10.1.2.3", main_process_port=29400, machine_rank=0)),
-    "zero1": (["full", "--zero", "1", "--gpus", "2"], dict(distributed_type="DEEPSPEED", num_processes=2,
-                                                           num_machines=1)),
-    "zero2-cpu": (["full", "--zero", "2", "--gpus", "2", "--cpu"], dict(distributed_type="DEEPSPEED", num_processes=2)),
+    "ddp-4": (
+        ["full", "--gpus", "4"],
+        dict(
+            distributed_type="MULTI_GPU",
+            num_processes=4,
+            num_machines=1,
+            mixed_precision="bf16",
+            machine_rank=0,
+            main_process_ip=None,
+        ),
+    ),
+    "ddp-2x2-fp32": (
+        ["full", "--gpus", "2", "--nodes", "2", "--set", "model.precision=fp32"],
+        dict(distributed_type="MULTI_GPU", num_processes=4, num_machines=2, mixed_precision="no"),
+    ),
+    "ddp-2x2-fixed-address": (
+        [
+            "full",
+            "--gpus",
+            "2",
+            "--nodes",
+            "2",
+            "--main-address",
+            "10.1.2.3",
+            "--main-port",
+            "29400",
+            "--machine-rank",
+            "1",
+        ],
+        # The machine rank is per node, never part of the run: command.sh passes it.
+        dict(
+            distributed_type="MULTI_GPU",
+            num_processes=4,
+            num_machines=2,
+            main_process_ip="10.1.2.3",
+            main_process_port=29400,
+            machine_rank=0,
+        ),
+    ),
+    "zero1": (
+        ["full", "--zero", "1", "--gpus", "2"],
+        dict(distributed_type="DEEPSPEED", num_processes=2, num_machines=1),
+    ),
+    "zero2-cpu": (
+        ["full", "--zero", "2", "--gpus", "2", "--cpu"],
+        dict(distributed_type="DEEPSPEED", num_processes=2),
+    ),
     "zero3-lora-2nodes": (MULTINODE, dict(distributed_type="DEEPSPEED", num_processes=16, num_machines=2)),
-    "zero3-offload-full": (["full", "--zero", "3", "--offload", "full", "--gpus", "2"],
-                           dict(distributed_type="DEEPSPEED", num_processes=2, num_machines=1)),
+    "zero3-offload-full": (
+        ["full", "--zero", "3", "--offload", "full", "--gpus", "2"],
+        dict(distributed_type="DEEPSPEED", num_processes=2, num_machines=1),
+    ),
 }
 
 
@@ -202,13 +277,20 @@ def test_accelerate_yaml_loads_with_accelerate(render, flags, expected):
 def test_command_sh_passes_accelerate_launch_validation(render, tmp_path, flags, expected):
     """command.sh run by bash (fake `accelerate`, a 2-node SLURM env), its argv validated by Accelerate."""
     run_dir, _ = render(*flags)
-    traced = traced_launch(run_dir, tmp_path / "bin", SLURM_NODEID="1", SLURM_JOB_ID="4321",
-                           SLURM_JOB_NODELIST="node-[a-b]")
+    traced = traced_launch(
+        run_dir, tmp_path / "bin", SLURM_NODEID="1", SLURM_JOB_ID="4321", SLURM_JOB_NODELIST="node-[a-b]"
+    )
     args = validated_launch_args(traced["argv"])
     assert args.config_file == str(run_dir / "accelerate.yaml")
-    assert (args.module, args.training_script, args.training_script_args) == (True, "launcher.train",
-                                                                             ["--run-dir", str(run_dir)])
-    assert (args.num_processes, args.num_machines) == (expected["num_processes"], expected.get("num_machines", 1))
+    assert (args.module, args.training_script, args.training_script_args) == (
+        True,
+        "launcher.train",
+        ["--run-dir", str(run_dir)],
+    )
+    assert (args.num_processes, args.num_machines) == (
+        expected["num_processes"],
+        expected.get("num_machines", 1),
+    )
     zero = zero_stage(flags)
     assert args.use_deepspeed is bool(zero)
     assert args.multi_gpu is (expected["distributed_type"] == "MULTI_GPU")
@@ -224,10 +306,18 @@ def test_command_sh_passes_accelerate_launch_validation(render, tmp_path, flags,
 def test_multinode_command_sh_takes_machine_rank_from_slurm(render, tmp_path):
     run_dir, _ = render(*MULTINODE)
     for node in ("0", "1"):
-        argv = traced_launch(run_dir, tmp_path / "bin", SLURM_NODEID=node, SLURM_JOB_NODELIST="node-[a-b]")["argv"]
+        argv = traced_launch(run_dir, tmp_path / "bin", SLURM_NODEID=node, SLURM_JOB_NODELIST="node-[a-b]")[
+            "argv"
+        ]
         assert argv[argv.index("--machine_rank") + 1] == node
-    overridden = traced_launch(run_dir, tmp_path / "bin", SLURM_NODEID="0", FTLAUNCH_MACHINE_RANK="1",
-                               FTLAUNCH_MAIN_ADDRESS="10.0.0.9", FTLAUNCH_MAIN_PORT="31000")["argv"]
+    overridden = traced_launch(
+        run_dir,
+        tmp_path / "bin",
+        SLURM_NODEID="0",
+        FTLAUNCH_MACHINE_RANK="1",
+        FTLAUNCH_MAIN_ADDRESS="10.0.0.9",
+        FTLAUNCH_MAIN_PORT="31000",
+    )["argv"]
     assert overridden[overridden.index("--machine_rank") + 1] == "1"
     assert overridden[overridden.index("--main_process_ip") + 1] == "10.0.0.9"
     assert overridden[overridden.index("--main_process_port") + 1] == "31000"
@@ -286,26 +376,95 @@ def device_of(offload_config) -> str | None:
 # (flags, world size, micro batch, accumulation, bf16, clipping, optimizer offload, parameter offload, pinned)
 DEEPSPEED_CASES = {
     "zero1": (["--zero", "1", "--gpus", "2"], 2, 8, 1, True, 1.0, None, None, None),
-    "zero1-offload-optimizer": (["--zero", "1", "--offload", "optimizer"], 1, 8, 1, True, 1.0, "cpu", None, True),
-    "zero2": (["--zero", "2", "--gpus", "4", "--set", "train.grad_accum=4", "--set", "train.micro_batch_size=2"],
-              4, 2, 4, True, 1.0, None, None, None),
-    "zero2-offload-optimizer-cpu": (["--zero", "2", "--offload", "optimizer", "--gpus", "2", "--cpu"],
-                                    2, 8, 1, True, 1.0, "cpu", None, False),
-    "zero2-fp32-noclip": (["--zero", "2", "--set", "model.precision=fp32", "--set", "train.max_grad_norm=null"],
-                          1, 8, 1, False, 0.0, None, None, None),
+    "zero1-offload-optimizer": (
+        ["--zero", "1", "--offload", "optimizer"],
+        1,
+        8,
+        1,
+        True,
+        1.0,
+        "cpu",
+        None,
+        True,
+    ),
+    "zero2": (
+        ["--zero", "2", "--gpus", "4", "--set", "train.grad_accum=4", "--set", "train.micro_batch_size=2"],
+        4,
+        2,
+        4,
+        True,
+        1.0,
+        None,
+        None,
+        None,
+    ),
+    "zero2-offload-optimizer-cpu": (
+        ["--zero", "2", "--offload", "optimizer", "--gpus", "2", "--cpu"],
+        2,
+        8,
+        1,
+        True,
+        1.0,
+        "cpu",
+        None,
+        False,
+    ),
+    "zero2-fp32-noclip": (
+        ["--zero", "2", "--set", "model.precision=fp32", "--set", "train.max_grad_norm=null"],
+        1,
+        8,
+        1,
+        False,
+        0.0,
+        None,
+        None,
+        None,
+    ),
     "zero3": (["--zero", "3", "--gpus", "8", "--nodes", "2"], 16, 8, 1, True, 1.0, None, None, None),
-    "zero3-offload-optimizer": (["--zero", "3", "--offload", "optimizer", "--gpus", "8", "--nodes", "2"],
-                                16, 8, 1, True, 1.0, "cpu", None, True),
-    "zero3-offload-full": (["--zero", "3", "--offload", "full", "--gpus", "2"], 2, 8, 1, True, 1.0, "cpu", "cpu", True),
-    "zero3-offload-full-cpu": (["--zero", "3", "--offload", "full", "--gpus", "2", "--cpu"],
-                               2, 8, 1, True, 1.0, "cpu", "cpu", False),
+    "zero3-offload-optimizer": (
+        ["--zero", "3", "--offload", "optimizer", "--gpus", "8", "--nodes", "2"],
+        16,
+        8,
+        1,
+        True,
+        1.0,
+        "cpu",
+        None,
+        True,
+    ),
+    "zero3-offload-full": (
+        ["--zero", "3", "--offload", "full", "--gpus", "2"],
+        2,
+        8,
+        1,
+        True,
+        1.0,
+        "cpu",
+        "cpu",
+        True,
+    ),
+    "zero3-offload-full-cpu": (
+        ["--zero", "3", "--offload", "full", "--gpus", "2", "--cpu"],
+        2,
+        8,
+        1,
+        True,
+        1.0,
+        "cpu",
+        "cpu",
+        False,
+    ),
 }
 
 
-@pytest.mark.parametrize(("flags", "world", "micro", "accum", "bf16", "clip", "opt_off", "param_off", "pinned"),
-                         DEEPSPEED_CASES.values(), ids=DEEPSPEED_CASES.keys())
-def test_deepspeed_json_accepted_by_deepspeed(render, deepspeed_config, flags, world, micro, accum, bf16, clip,
-                                              opt_off, param_off, pinned):
+@pytest.mark.parametrize(
+    ("flags", "world", "micro", "accum", "bf16", "clip", "opt_off", "param_off", "pinned"),
+    DEEPSPEED_CASES.values(),
+    ids=DEEPSPEED_CASES.keys(),
+)
+def test_deepspeed_json_accepted_by_deepspeed(
+    render, deepspeed_config, flags, world, micro, accum, bf16, clip, opt_off, param_off, pinned
+):
     run_dir, _ = render("full", *flags)
     config = deepspeed_config(run_dir / "deepspeed.json", world)
     assert config.zero_optimization_stage == zero_stage(flags)
@@ -380,8 +539,12 @@ def test_snapshots_have_no_leftover_cases():
 
 TEMPLATES = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 DEEPSPEED_TEMPLATES = sorted((REPO / "accelerate_configs" / "deepspeed").glob("*.json"))
-AUTO_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping"}
+AUTO_KEYS = {
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+}
 
 
 def auto_keys(node, prefix: str = "") -> set[str]:
@@ -403,9 +566,15 @@ def test_accelerate_template_loads_as_is(path: Path):
 
 
 # Communication buckets sized to the model's width (Accelerate fills them from model.config).
-BUCKET_KEYS = {1: set(), 2: {"zero_optimization.reduce_bucket_size"},
-               3: {"zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
-                   "zero_optimization.stage3_param_persistence_threshold"}}
+BUCKET_KEYS = {
+    1: set(),
+    2: {"zero_optimization.reduce_bucket_size"},
+    3: {
+        "zero_optimization.reduce_bucket_size",
+        "zero_optimization.stage3_prefetch_bucket_size",
+        "zero_optimization.stage3_param_persistence_threshold",
+    },
+}
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_TEMPLATES, ids=lambda path: path.name)

@@ -88,9 +88,7 @@ def test_best_of_n_is_per_metric_max_over_references():
     for pred, refs in zip(MULTI_PREDS, MULTI_REFS):
         by_ref = [sc.score(ref, pred) for ref in refs]  # by hand, no score_multi
         per_ex.append({k: max(s[k].fmeasure for s in by_ref) for k in TYPES})
-        best_ref_index.append(
-            {k: max(range(len(refs)), key=lambda i: by_ref[i][k].fmeasure) for k in TYPES}
-        )
+        best_ref_index.append({k: max(range(len(refs)), key=lambda i: by_ref[i][k].fmeasure) for k in TYPES})
     # Sanity of the fixture: the first example takes rouge1 and rouge2 from different refs.
     assert best_ref_index[0]["rouge1"] != best_ref_index[0]["rouge2"]
     expected = {k: mean([e[k] for e in per_ex]) for k in TYPES}
@@ -134,8 +132,7 @@ def test_split_sentences_makes_lsum_sentence_level():
     sc = ref_scorer()
     one_line = {k: v.fmeasure for k, v in sc.score(ref, pred).items()}
     by_line = {
-        k: v.fmeasure
-        for k, v in sc.score("The cat sat.\nThe dog ran.", "The dog ran.\nThe cat sat.").items()
+        k: v.fmeasure for k, v in sc.score("The cat sat.\nThe dog ran.", "The dog ran.\nThe cat sat.").items()
     }
     plain = score_rouge([pred], [[ref]])
     split = score_rouge([pred], [[ref]], split_sentences=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ as a package or as a plain directory on sys.path
-    from .slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
+    from .slurm_fixtures import slurm_cluster
 except ImportError:
     from slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
 
@@ -59,13 +59,21 @@ def test_two_node_job_with_gpus(slurm_cluster, tmp_path):
         tmp_path / "job.sh",
         f"export OUT={out}\n"
         "srun bash -c 'echo $SLURM_NODEID $(hostname) $CUDA_VISIBLE_DEVICES $SLURMD_NODENAME "
-        "$SLURM_CPUS_PER_TASK > \"$OUT/task-$SLURM_PROCID.txt\"'\n",
+        '$SLURM_CPUS_PER_TASK > "$OUT/task-$SLURM_PROCID.txt"\'\n',
     )
     try:
         res = slurm_cluster.run(
-            "sbatch", "--wait", f"--job-name={name}", "--nodes=2", "--gres=gpu:4",
-            "--cpus-per-task=8", f"--chdir={tmp_path}", f"--output={out}/slurm-%j.out",
-            str(job), timeout=JOB_TIMEOUT_S, check=False,
+            "sbatch",
+            "--wait",
+            f"--job-name={name}",
+            "--nodes=2",
+            "--gres=gpu:4",
+            "--cpus-per-task=8",
+            f"--chdir={tmp_path}",
+            f"--output={out}/slurm-%j.out",
+            str(job),
+            timeout=JOB_TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         slurm_cluster.cancel(name=name)
@@ -88,7 +96,7 @@ def _requeue_job_body(out: Path, self_requeue: bool) -> str:
         f"OUT={out}\n"
         'echo "${SLURM_RESTART_COUNT:-unset}" >> "$OUT/runs.txt"\n'
         'if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ]; then\n'
-        "  touch \"$OUT/first-run\"\n"
+        '  touch "$OUT/first-run"\n'
         f"  {requeue}"
         "  sleep 300  # killed by the requeue\n"
         "  exit 1\n"
@@ -98,15 +106,23 @@ def _requeue_job_body(out: Path, self_requeue: bool) -> str:
 
 
 def _submit(cluster, tmp_path: Path, out: Path, script: Path, *extra: str) -> str:
-    res = cluster.run("sbatch", "--parsable", *extra, f"--chdir={tmp_path}",
-                      f"--output={out}/slurm-%j.out", str(script), timeout=60)
+    res = cluster.run(
+        "sbatch",
+        "--parsable",
+        *extra,
+        f"--chdir={tmp_path}",
+        f"--output={out}/slurm-%j.out",
+        str(script),
+        timeout=60,
+    )
     return res.stdout.strip().split(";")[0]
 
 
 def _check_requeued_once(cluster, job_id: str, out: Path, t0: float) -> None:
     marker = out / "marker"
     assert _wait_for(marker, REQUEUE_TIMEOUT_S), (
-        f"requeued job did not rerun within {REQUEUE_TIMEOUT_S}s\n{_diag(cluster, job_id, out)}")
+        f"requeued job did not rerun within {REQUEUE_TIMEOUT_S}s\n{_diag(cluster, job_id, out)}"
+    )
     print(f"job {job_id}: submit -> second run finished in {time.monotonic() - t0:.1f}s")
     assert marker.read_text().strip() == "1"  # SLURM_RESTART_COUNT on the second run
     runs = (out / "runs.txt").read_text().split()

@@ -27,7 +27,7 @@ import pytest
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from .conftest import REPO, cli_env, read_jsonl
-    from .slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
+    from .slurm_fixtures import slurm_cluster
 except ImportError:
     from conftest import REPO, cli_env, read_jsonl
     from slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
@@ -37,12 +37,31 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 JOB_TIMEOUT_S = 240  # one job, submit to end (render ~10 s, ranks ~15 s to start, training, report)
 PREEMPT_TIMEOUT_S = 300
 # A requeued job is PENDING/RUNNING again, never in one of these.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}  # interrupted job: first run + requeue delay (~12 s) + second run
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}  # interrupted job: first run + requeue delay (~12 s) + second run
 TINY = ["--model", "tiny-t5", "--data", "sample", "--cpu", "--gpus", "1"]
 # 4 optimizer steps per epoch on the sample (64 rows, micro batch 8, world size 2): 16 steps.
 # fp32 so that an interrupted-and-resumed run can be compared tightly with an uninterrupted one.
-EXACT = ["--set", "train.epochs=4", "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1",
-         "--set", "eval.limit=2", "--set", "model.precision=fp32"]
+EXACT = [
+    "--set",
+    "train.epochs=4",
+    "--set",
+    "train.checkpoint_every=1000",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "eval.limit=2",
+    "--set",
+    "model.precision=fp32",
+]
 
 
 # ---------------------------------------------------------------- helpers
@@ -53,7 +72,9 @@ def job_env(cluster, run_dir: Path, **extra: str) -> dict[str, str]:
     env = cli_env(**{key: cluster.env[key] for key in ("SLURM_CONF", "FTLAUNCH_SLURM_STATE", "PATH")})
     for key in list(env):  # nothing of an enclosing job or of the user's own ftlaunch settings
         if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "FTLAUNCH_")) and key not in (
-                "SLURM_CONF", "FTLAUNCH_SLURM_STATE"):
+            "SLURM_CONF",
+            "FTLAUNCH_SLURM_STATE",
+        ):
             del env[key]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["FTLAUNCH_OUTPUT"] = str(run_dir)
@@ -62,7 +83,9 @@ def job_env(cluster, run_dir: Path, **extra: str) -> dict[str, str]:
 
 
 class Job:
-    def __init__(self, cluster, tmp_path: Path, script: str, args: list[str], cwd: Path = REPO, **env: str) -> None:
+    def __init__(
+        self, cluster, tmp_path: Path, script: str, args: list[str], cwd: Path = REPO, **env: str
+    ) -> None:
         self.cluster = cluster
         self.name = f"ftl-test-{uuid.uuid4().hex[:8]}"
         self.run_dir = tmp_path / "run"
@@ -71,8 +94,13 @@ class Job:
         self.env = job_env(cluster, self.run_dir, **env)
         self.cwd = cwd  # the submit directory
         script_path = f"slurm/{script}" if cwd == REPO else str(REPO / "slurm" / script)
-        self.command = ["sbatch", f"--job-name={self.name}", f"--output={self.logs}/slurm-%j.out",
-                        script_path, *args]
+        self.command = [
+            "sbatch",
+            f"--job-name={self.name}",
+            f"--output={self.logs}/slurm-%j.out",
+            script_path,
+            *args,
+        ]
         self.id: str | None = None
 
     def log(self) -> str:
@@ -82,7 +110,9 @@ class Job:
         parts = [f"$ {' '.join(self.command)}"]
         try:
             if self.id:
-                parts.append(self.cluster.run("scontrol", "show", "job", self.id, check=False, timeout=20).stdout)
+                parts.append(
+                    self.cluster.run("scontrol", "show", "job", self.id, check=False, timeout=20).stdout
+                )
             parts.append(self.cluster.run("sinfo", "-N", "-o", "%N %t %E", check=False, timeout=20).stdout)
         except (OSError, subprocess.SubprocessError) as exc:
             parts.append(f"(scontrol/sinfo failed: {exc})")
@@ -99,8 +129,14 @@ class Job:
         return state
 
     def submit(self) -> str:
-        res = subprocess.run([self.command[0], "--parsable", *self.command[1:]], env=self.env, cwd=self.cwd,
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [self.command[0], "--parsable", *self.command[1:]],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, f"sbatch failed: {res.stdout}\n{res.stderr}"
         self.id = res.stdout.strip().split(";")[0]
         return self.id
@@ -197,21 +233,27 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     job.submit()
     metrics = job.run_dir / "metrics.jsonl"
     try:
+
         def steps_logged() -> int:
             try:
                 return sum(1 for row in read_jsonl(metrics) if "loss" in row)
             except (OSError, ValueError):
                 return 0
 
-        assert wait_for(lambda: steps_logged() >= 5 or job.state() not in ("PENDING", "RUNNING", None),
-                        JOB_TIMEOUT_S), f"no training steps logged\n{job.diagnostics()}"
-        assert job.state() == "RUNNING" and steps_logged() < 16, f"job not running mid-training\n{job.diagnostics()}"
+        assert wait_for(
+            lambda: steps_logged() >= 5 or job.state() not in ("PENDING", "RUNNING", None), JOB_TIMEOUT_S
+        ), f"no training steps logged\n{job.diagnostics()}"
+        assert job.state() == "RUNNING" and steps_logged() < 16, (
+            f"job not running mid-training\n{job.diagnostics()}"
+        )
         # What `#SBATCH --signal=B:USR1@300` does before the time limit: signal the batch shell only.
         slurm_cluster.run("scancel", "--signal=USR1", "--batch", job.id, timeout=30)
         signalled_at = steps_logged()
 
         state = slurm_cluster.wait_job_state(job.id, FINAL_STATES, PREEMPT_TIMEOUT_S)
-        assert state in FINAL_STATES, f"job did not requeue and finish (JobState={state})\n{job.diagnostics()}"
+        assert state in FINAL_STATES, (
+            f"job did not requeue and finish (JobState={state})\n{job.diagnostics()}"
+        )
     finally:
         job.cancel()
     print(f"preempted lora job {job.id}: {time.monotonic() - t0:.0f}s (signal after {signalled_at} steps)")
@@ -235,7 +277,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert math.isclose(step["loss"], ref_step["loss"], rel_tol=1e-5), (step, ref_step)
     assert math.isclose(final["val_loss"], ref_final["val_loss"], rel_tol=1e-5), (final, ref_final)
     steps = [row["step"] for row in read_jsonl(job.run_dir / "metrics.jsonl") if "loss" in row]
-    assert steps == list(range(1, 17)), steps  # one row per step: the resumed run dropped nothing, doubled nothing
+    assert steps == list(range(1, 17)), (
+        steps
+    )  # one row per step: the resumed run dropped nothing, doubled nothing
 
 
 def test_crash_is_not_requeued(slurm_cluster, tmp_path):
@@ -262,8 +306,13 @@ def test_job_submitted_from_outside_the_repository(slurm_cluster, tmp_path):
     without FTLAUNCH_REPO, and its default run directory is under the submit directory."""
     project = tmp_path / "project"
     project.mkdir()
-    job = Job(slurm_cluster, tmp_path, "lora.sh", [*TINY, "--set", "train.max_steps=2", "--set", "eval.limit=2"],
-              cwd=project)
+    job = Job(
+        slurm_cluster,
+        tmp_path,
+        "lora.sh",
+        [*TINY, "--set", "train.max_steps=2", "--set", "eval.limit=2"],
+        cwd=project,
+    )
     del job.env["FTLAUNCH_OUTPUT"]
     assert "FTLAUNCH_REPO" not in job.env
     state = job.submit_and_wait()
@@ -279,5 +328,9 @@ def test_job_submitted_from_outside_the_repository(slurm_cluster, tmp_path):
     assert re.search(r"^training: step 2/2 \(100%\)", log, re.M), job.diagnostics()  # plain lines, no redraws
     assert "\r" not in log, job.diagnostics()
     logs = run_dir / "logs"
-    assert {p.name for p in logs.glob("*.log")} >= {"rank0.log", "rank1.log", "launcher-node0.log",
-                                                     "launcher-node1.log"}, job.diagnostics()
+    assert {p.name for p in logs.glob("*.log")} >= {
+        "rank0.log",
+        "rank1.log",
+        "launcher-node0.log",
+        "launcher-node1.log",
+    }, job.diagnostics()

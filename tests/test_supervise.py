@@ -8,8 +8,6 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import pytest
-
 from conftest import REPO, cli_env
 
 
@@ -28,8 +26,15 @@ def test_progress_in_a_log_file_is_plain_periodic_lines(tmp_path):
     )
     log = tmp_path / "job.log"
     with log.open("w") as handle:  # a file, as SLURM's --output: not a terminal
-        subprocess.run([sys.executable, "-c", script], stdout=handle, stderr=subprocess.STDOUT, check=True,
-                       env=cli_env(), cwd=REPO, timeout=60)
+        subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env=cli_env(),
+            cwd=REPO,
+            timeout=60,
+        )
     text = log.read_text()
     assert "\r" not in text, repr(text)
     lines = text.splitlines()
@@ -69,13 +74,33 @@ def test_first_failure_prefers_a_rank_killed_without_a_record(tmp_path):
     from launcher.supervise import first_failure, torchrun_failure
 
     recipe = Recipe.model_validate({"launch": {"gpus": 2, "cpu": True}})
-    peer = Failure(rank=0, local_rank=0, node=0, host="h", pid=1, time=10.0, exit_code=1,
-                   error="RuntimeError: Connection closed by peer", log="rank0.log")
-    line = (b"E1128 02:42:52.977000 3912 torch/distributed/elastic/multiprocessing/api.py:1003] "
-            b"failed (exitcode: -9) local_rank: 1 (pid: 4242) of binary: /usr/bin/python")
+    peer = Failure(
+        rank=0,
+        local_rank=0,
+        node=0,
+        host="h",
+        pid=1,
+        time=10.0,
+        exit_code=1,
+        error="RuntimeError: Connection closed by peer",
+        log="rank0.log",
+    )
+    line = (
+        b"E1128 02:42:52.977000 3912 torch/distributed/elastic/multiprocessing/api.py:1003] "
+        b"failed (exitcode: -9) local_rank: 1 (pid: 4242) of binary: /usr/bin/python"
+    )
     first = first_failure(tmp_path, recipe, 0, [peer], torchrun_failure([b"noise", line]))
     assert (first.rank, first.exit_code) == (1, -9) and "SIGKILL" in first.error
     # With a record of its own, the earliest record wins.
-    own = Failure(rank=1, local_rank=1, node=0, host="h", pid=2, time=9.0, exit_code=1,
-                  error="ValueError: bad", log="rank1.log")
+    own = Failure(
+        rank=1,
+        local_rank=1,
+        node=0,
+        host="h",
+        pid=2,
+        time=9.0,
+        exit_code=1,
+        error="ValueError: bad",
+        log="rank1.log",
+    )
     assert first_failure(tmp_path, recipe, 0, [own, peer], torchrun_failure([line])) is own

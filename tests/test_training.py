@@ -17,21 +17,42 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import DIALOGSUM, UNIGRAM_TOKENIZER, cli_env, needs_dialogsum, read_jsonl, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
-FAST = ("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4",
-        "--set", "eval.after_training=false")
+FAST = (
+    "--set",
+    "model.precision=fp32",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "eval.after_training=false",
+)
 
 
 def train_args(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[str]:
-    return [method, "--cpu", "--gpus", str(gpus), "--zero", str(zero), "--model", "tiny-t5", "--data", "sample",
-            "--output", str(out), *FAST, *extra]
+    return [
+        method,
+        "--cpu",
+        "--gpus",
+        str(gpus),
+        "--zero",
+        str(zero),
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--output",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def train(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[dict]:
@@ -57,16 +78,23 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(str(SAMPLE.parent / "tiny_t5_tokenizer"))
 
 
-def reference_val_loss(model, tokenizer, rows: list[dict], max_source: int = 512, max_target: int = 128) -> float:
+def reference_val_loss(
+    model, tokenizer, rows: list[dict], max_source: int = 512, max_target: int = 128
+) -> float:
     """Token-weighted cross-entropy, one example at a time (no padding, no batching tricks)."""
     model.eval()
     total = tokens = 0.0
     with torch.no_grad():
         for row in rows:
-            source = tokenizer(PROMPT.replace("{dialogue}", row["dialogue"]), max_length=max_source,
-                               truncation=True, return_tensors="pt")
-            labels = tokenizer(text_target=row["summary"], max_length=max_target, truncation=True,
-                               return_tensors="pt")["input_ids"]
+            source = tokenizer(
+                PROMPT.replace("{dialogue}", row["dialogue"]),
+                max_length=max_source,
+                truncation=True,
+                return_tensors="pt",
+            )
+            labels = tokenizer(
+                text_target=row["summary"], max_length=max_target, truncation=True, return_tensors="pt"
+            )["input_ids"]
             logits = model(**source, labels=labels).logits
             total += torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item()
             tokens += labels.numel()
@@ -88,8 +116,9 @@ def reload_final(run_dir: Path, method: str):
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("method,zero", [("full", 0), ("full", 2), ("full", 3), ("lora", 0), ("lora", 2),
-                                         ("lora", 3)])
+@pytest.mark.parametrize(
+    "method,zero", [("full", 0), ("full", 2), ("full", 3), ("lora", 0), ("lora", 2), ("lora", 3)]
+)
 def test_trains_saves_and_reloads(tmp_path, method, zero):
     lr = "2e-3" if method == "full" else "1e-2"
     metrics = train(method, tmp_path / "run", "--set", "train.epochs=2", "--set", f"train.lr={lr}", zero=zero)
@@ -118,14 +147,21 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
 
 
 def rank_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True
+    )
     return [int(pid) for pid in out.stdout.split()]
 
 
 def interrupt_after(run_dir: Path, args: list[str], step: int) -> subprocess.CompletedProcess:
     """Start a run, send SIGUSR1 to its ranks once `step` is logged, return the finished process."""
-    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=cli_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *args],
+        env=cli_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -169,8 +205,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, zero):
 def test_resume_refuses_another_world_size(tmp_path):
     run_dir = tmp_path / "run"
     train("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2")
-    result = run_cli(*train_args("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2",
-                                 gpus=1), "--resume", "auto")
+    result = run_cli(
+        *train_args("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2", gpus=1),
+        "--resume",
+        "auto",
+    )
     assert result.returncode == 2
     assert "world_size 2 -> 1" in result.stderr and "Traceback" not in result.stderr
 
@@ -179,7 +218,16 @@ def test_lora_changes_only_adapter_weights(tmp_path):
     from launcher.model import build_tiny_t5
 
     run_dir = tmp_path / "run"
-    train("lora", run_dir, "--set", "train.epochs=1", "--set", "train.lr=1e-2", "--set", "train.checkpoint_every=8")
+    train(
+        "lora",
+        run_dir,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.lr=1e-2",
+        "--set",
+        "train.checkpoint_every=8",
+    )
     trained = load_file(str(run_dir / "checkpoints" / "step_8" / "model.safetensors"))
     base = build_tiny_t5(1000).state_dict()
     lora_keys = [key for key in trained if "lora_" in key]
@@ -229,13 +277,40 @@ def test_real_dialogsum_validation_loss_drops(tmp_path):
     from launcher.model import build_tiny_t5
 
     run_dir = tmp_path / "run"
-    result = run_cli("full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", str(DIALOGSUM),
-                     "--output", str(run_dir), "--set", f"model.tokenizer={UNIGRAM_TOKENIZER}",
-                     "--set", "model.precision=fp32", "--set", "data.train_limit=768",
-                     "--set", "data.validation_limit=64", "--set", "data.max_source_length=256",
-                     "--set", "data.max_target_length=64", "--set", "train.micro_batch_size=8",
-                     "--set", "train.lr=3e-3", "--set", "train.max_steps=40", "--set", "train.log_every=5",
-                     "--set", "eval.after_training=false")
+    result = run_cli(
+        "full",
+        "--cpu",
+        "--gpus",
+        "2",
+        "--model",
+        "tiny-t5",
+        "--data",
+        str(DIALOGSUM),
+        "--output",
+        str(run_dir),
+        "--set",
+        f"model.tokenizer={UNIGRAM_TOKENIZER}",
+        "--set",
+        "model.precision=fp32",
+        "--set",
+        "data.train_limit=768",
+        "--set",
+        "data.validation_limit=64",
+        "--set",
+        "data.max_source_length=256",
+        "--set",
+        "data.max_target_length=64",
+        "--set",
+        "train.micro_batch_size=8",
+        "--set",
+        "train.lr=3e-3",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.log_every=5",
+        "--set",
+        "eval.after_training=false",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     tokenizer = AutoTokenizer.from_pretrained(str(UNIGRAM_TOKENIZER))
     rows = read_jsonl(DIALOGSUM / "validation.jsonl")[:64]
@@ -258,8 +333,25 @@ def test_a_checkpoints_own_lm_head_survives_loading_under_zero(tmp_path, zero):
     base.save_pretrained(base_dir)
     tiny_tokenizer().save_pretrained(base_dir)
     unique = sum(p.numel() for p in base.parameters())
-    result = run_cli("full", "--cpu", "--gpus", "2", "--zero", str(zero), "--model", str(base_dir), "--data", "sample",
-                     "--output", str(tmp_path / "run"), *FAST, "--set", "train.lr=1e-12", "--set", "train.max_steps=1")
+    result = run_cli(
+        "full",
+        "--cpu",
+        "--gpus",
+        "2",
+        "--zero",
+        str(zero),
+        "--model",
+        str(base_dir),
+        "--data",
+        "sample",
+        "--output",
+        str(tmp_path / "run"),
+        *FAST,
+        "--set",
+        "train.lr=1e-12",
+        "--set",
+        "train.max_steps=1",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert f"parameters: {unique:,} trainable of {unique:,}" in result.stdout
     final = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run" / "final"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli
+
 from launcher.estimate import estimate_model, recommend
 
 
@@ -12,8 +13,20 @@ def test_zero_auto_picks_the_recommended_stage_and_says_so(tmp_path):
     expected = recommend(estimate_model("google/flan-t5-xxl", gpus=8, micro_batch=8), 80.0)
     assert expected.stage > 0  # xxl does not fit one 80 GiB GPU with plain DDP
     out = tmp_path / "xxl"
-    result = run_cli("full", "--zero", "auto", "--gpu-mem", "80", "--model", "google/flan-t5-xxl", "--gpus", "8",
-                     "--dry-run", "--output", str(out))
+    result = run_cli(
+        "full",
+        "--zero",
+        "auto",
+        "--gpu-mem",
+        "80",
+        "--model",
+        "google/flan-t5-xxl",
+        "--gpus",
+        "8",
+        "--dry-run",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "zero auto" in result.stdout and expected.label in result.stdout
     config = json.loads((out / "deepspeed.json").read_text())
@@ -24,8 +37,20 @@ def test_zero_auto_picks_the_recommended_stage_and_says_so(tmp_path):
 
 def test_zero_auto_keeps_ddp_for_a_model_that_fits(tmp_path):
     out = tmp_path / "base"
-    result = run_cli("lora", "--zero", "auto", "--gpu-mem", "80", "--model", "google/flan-t5-base", "--gpus", "4",
-                     "--dry-run", "--output", str(out))
+    result = run_cli(
+        "lora",
+        "--zero",
+        "auto",
+        "--gpu-mem",
+        "80",
+        "--model",
+        "google/flan-t5-base",
+        "--gpus",
+        "4",
+        "--dry-run",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "DDP" in result.stdout and not (out / "deepspeed.json").exists()
 

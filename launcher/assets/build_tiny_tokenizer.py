@@ -43,16 +43,16 @@ import os
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["RAYON_NUM_THREADS"] = "1"
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import string  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import string
+import sys
+import tempfile
+from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors  # noqa: E402
-from tokenizers.models import Unigram  # noqa: E402
-from tokenizers.trainers import UnigramTrainer  # noqa: E402
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from tokenizers.trainers import UnigramTrainer
 
 ASSETS_DIR = Path(__file__).resolve().parent
 SAMPLE_DIR = ASSETS_DIR / "sample"
@@ -69,8 +69,7 @@ PROMPT_TEXTS = ["Summarize the following conversation.\n\n", "\n\nSummary: "]
 # Every printable ASCII character plus a few common non-ASCII ones, so that
 # unseen punctuation/digits map to a real piece instead of <unk>.
 INITIAL_ALPHABET = sorted(
-    set(string.ascii_letters + string.digits + string.punctuation)
-    | set("éèêëáàâäíìîïóòôöúùûüñçß€£’‘“”–—…")
+    set(string.ascii_letters + string.digits + string.punctuation) | set("éèêëáàâäíìîïóòôöúùûüñçß€£’‘“”–—…")
 )
 
 SPLITS = ("train", "validation", "test")
