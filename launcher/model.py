@@ -50,7 +50,12 @@ def load_tokenizer(recipe: Recipe):
     name = recipe.model.tokenizer or recipe.model.name
     if name == EMBEDDED_MODEL:
         return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    return from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, "tokenizer")
+    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, "tokenizer")
+    if tokenizer.pad_token_id is None:  # batches are padded; seq2seq tokenizers (T5, BART, ...) have one
+        raise UserError(
+            f"tokenizer {name} has no pad token; pass a seq2seq model's tokenizer with model.tokenizer"
+        )
+    return tokenizer
 
 
 def build_tiny_t5(vocab_size: int):
@@ -155,9 +160,20 @@ def set_dropout(model: torch.nn.Module, rate: float) -> None:
             setattr(model.config, key, rate)
 
 
+def check_vocabulary(model: torch.nn.Module, vocab_size: int, model_label: str) -> None:
+    """A tokenizer with more tokens than the model embeds fails at the first unknown id, mid-run."""
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size > rows:
+        raise UserError(
+            f"the tokenizer has {vocab_size} tokens but model {model_label} embeds only {rows}; "
+            "use the model's own tokenizer (model.tokenizer)"
+        )
+
+
 def build_model(recipe: Recipe, vocab_size: int):
     model = load_base_model(recipe, vocab_size)
     check_decoder_start(model, recipe.model.name)
+    check_vocabulary(model, vocab_size, recipe.model.name)
     if recipe.model.dropout is not None:
         set_dropout(model, recipe.model.dropout)
     if recipe.train.method == "lora":

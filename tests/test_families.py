@@ -177,6 +177,17 @@ def test_decoder_start_comes_from_the_model_and_its_absence_is_refused():
         check_decoder_start(model, "broken-t5")
 
 
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    from launcher.model import build_model
+    from launcher.recipe import Recipe
+
+    tiny_model("bart").save_pretrained(tmp_path)
+    recipe = Recipe.model_validate({"model": {"name": str(tmp_path)}})
+    assert build_model(recipe, 128).get_input_embeddings().num_embeddings == 128
+    with pytest.raises(UserError, match="the tokenizer has 500 tokens but model .* embeds only 128"):
+        build_model(recipe, 500)
+
+
 # ---------------------------------------------------------------- fine-tuning runs (2 CPU ranks)
 
 
