@@ -66,6 +66,7 @@ def parse_zero(value: str) -> int:
 def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
     """--zero auto: the smallest ZeRO stage (then least offload) whose estimate fits the GPUs."""
     from launcher.estimate import detect_gpu_mem_gib, zero_auto
+    from launcher.families import estimate_targets
 
     memory = gpu_mem or detect_gpu_mem_gib()
     assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
@@ -76,7 +77,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
         nodes=recipe.launch.nodes,
         lora=recipe.train.method == "lora",
         lora_r=recipe.lora.r,
-        lora_targets=tuple(recipe.lora.target_modules),
+        lora_targets=estimate_targets(recipe.lora.target_modules),
         micro_batch=recipe.train.micro_batch_size,
         source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,

@@ -72,6 +72,7 @@ def total_parameters(name: str) -> int | None:
 def lora_parameters(recipe: Recipe, total: int) -> int:
     """LoRA's trainable parameters: r x (in + out) per targeted matrix (T5 shapes when known)."""
     from launcher.estimate import ModelSpec, lora_trainable_params
+    from launcher.families import estimate_targets
 
     dims = local_model_config(recipe.model.name)
     if recipe.model.name == EMBEDDED_MODEL:
@@ -92,7 +93,7 @@ def lora_parameters(recipe: Recipe, total: int) -> int:
             num_heads=dims.get("num_heads"),
             d_kv=dims.get("d_kv"),
         )
-        return lora_trainable_params(spec, recipe.lora.r, tuple(recipe.lora.target_modules))
+        return lora_trainable_params(spec, recipe.lora.r, estimate_targets(recipe.lora.target_modules))
     except UserError:
         return total // 100  # an unknown architecture: about 1%, LoRA's usual size
 

@@ -269,6 +269,10 @@ def lora_trainable_params(spec: ModelSpec, r: int = 32, targets: Sequence[str] =
     f = spec.d_ff or 4 * h
     per_attention = {"q": h + inner, "k": h + inner, "v": h + inner, "o": inner + h}
     per_ffn = {"wi_0": h + f, "wi_1": h + f, "wo": f + h, "wi": h + f}
+    # BART, mBART, Pegasus name the same matrices q_proj, k_proj, v_proj, out_proj, fc1, fc2.
+    per_attention |= {f"{name}_proj": size for name, size in per_attention.items() if name != "o"}
+    per_attention["out_proj"] = inner + h
+    per_ffn |= {"fc1": h + f, "fc2": f + h}
     attention_blocks = spec.num_layers + 2 * (spec.num_decoder_layers or spec.num_layers)
     ffn_blocks = spec.num_layers + (spec.num_decoder_layers or spec.num_layers)
     total = 0

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from launcher.data import build_prompt, load_split, shard_sorted_batches
+from launcher.data import build_prompt, load_data_split, shard_sorted_batches
 from launcher.distributed import (
     build_accelerator,
     precision_autocast,
@@ -113,7 +113,7 @@ def write_eval_outputs(
 
 
 def eval_rows(recipe: Recipe) -> list[dict]:
-    return load_split(recipe.data.dataset, recipe.eval.split, recipe.eval.limit)
+    return load_data_split(recipe.data, recipe.eval.split, recipe.eval.limit)
 
 
 def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str, Any]:
@@ -122,6 +122,8 @@ def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str,
         "adapter": adapter,
         "dataset": recipe.data.dataset,
         "split": recipe.eval.split,
+        "source_field": recipe.data.source_field,
+        "target_field": recipe.data.target_field,
         "max_new_tokens": recipe.eval.max_new_tokens,
         "num_beams": recipe.eval.num_beams,
     }

@@ -14,7 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from launcher.data import dataset_dir
+from launcher.data import dataset_dir, split_file
+from launcher.errors import UserError
 from launcher.paths import TINY_TOKENIZER_DIR
 from launcher.recipe import EMBEDDED_MODEL, Recipe
 
@@ -86,14 +87,18 @@ def data_fingerprint(recipe: Recipe) -> str:
     if directory is None:
         source = f"hub:{data.dataset}"
     else:
-        path = directory / f"{data.train_split}.jsonl"
-        source = _file_digest(path) if path.is_file() else f"missing:{path.name}"
+        try:
+            source = _file_digest(split_file(directory, data.train_split))
+        except UserError:
+            source = f"missing:{data.train_split}"
     return _digest(
         [
             source,
             data.train_split,
             data.train_limit,
             data.prompt,
+            data.source_field,
+            data.target_field,
             data.max_source_length,
             data.max_target_length,
         ]
@@ -105,4 +110,5 @@ def lora_fingerprint(recipe: Recipe) -> str:
     if recipe.train.method != "lora":
         return ""
     lora = recipe.lora
-    return f"r={lora.r} alpha={lora.alpha} targets={','.join(lora.target_modules)}"
+    targets = ",".join(lora.target_modules) if lora.target_modules else "query+value"
+    return f"r={lora.r} alpha={lora.alpha} targets={targets}"

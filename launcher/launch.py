@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 
 from launcher import checkpoint as ckpt
-from launcher.data import dataset_dir, load_split
+from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
+from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
 from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import MACHINE_RANK_ENV, render_run, require_multinode_address
@@ -27,15 +28,15 @@ def check_data(recipe: Recipe) -> None:
     """Read every split the run will use (local files only: the hub is read by the ranks)."""
     if dataset_dir(recipe.data.dataset) is None:
         return
-    load_split(recipe.data.dataset, recipe.data.train_split)
-    load_split(recipe.data.dataset, recipe.data.validation_split)
+    load_data_split(recipe.data, recipe.data.train_split)
+    load_data_split(recipe.data, recipe.data.validation_split)
     if recipe.eval.after_training:
-        load_split(recipe.data.dataset, recipe.eval.split)
+        load_data_split(recipe.data, recipe.eval.split)
 
 
 def check_eval_data(recipe: Recipe) -> None:
     if dataset_dir(recipe.data.dataset) is not None:
-        load_split(recipe.data.dataset, recipe.eval.split, recipe.eval.limit)
+        load_data_split(recipe.data, recipe.eval.split, recipe.eval.limit)
 
 
 def local_model_dir(name: str) -> Path | None:
@@ -61,60 +62,17 @@ def check_model_reference(recipe: Recipe) -> None:
         check_lora_targets(recipe, model_dir)
 
 
-# Leaf module names of T5 (and FLAN-T5) models: enough to check LoRA targets without importing
-# transformers, which would add seconds to every dry run and job start.
-T5_MODULE_NAMES = frozenset(
-    {
-        "shared",
-        "encoder",
-        "decoder",
-        "embed_tokens",
-        "block",
-        "layer",
-        "SelfAttention",
-        "EncDecAttention",
-        "q",
-        "k",
-        "v",
-        "o",
-        "relative_attention_bias",
-        "layer_norm",
-        "DenseReluDense",
-        "wi",
-        "wi_0",
-        "wi_1",
-        "wo",
-        "act",
-        "dropout",
-        "final_layer_norm",
-        "lm_head",
-        "0",
-        "1",
-        "2",
-    }
-)
-
-
-def model_module_names(config_dir: Path | None) -> set[str]:
-    """Leaf names of the model's modules, from a meta-device skeleton (no weights loaded)."""
+def model_module_names(config_dir: Path | None) -> ModuleNames:
+    """The module names LoRA targets can name: T5's from a list (tiny-t5, a local T5: no
+    transformers import), any other family's from a meta-device skeleton (no weights loaded)."""
     if config_dir is None or local_model_type(str(config_dir)) == "t5":
-        return set(T5_MODULE_NAMES)
-    import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(config_dir)))
-    return {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+        return T5_MODULE_NAMES
+    return module_names(skeleton(config_dir))
 
 
 def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
-    names = model_module_names(config_dir)
-    missing = [target for target in recipe.lora.target_modules if target not in names]
-    if missing:
-        raise UserError(
-            f"lora.target_modules {missing} name no module of {recipe.model.name}; "
-            "T5 attention has q, k, v, o (feed-forward: wi_0, wi_1, wo)"
-        )
+    """The ranks' rule (families.resolve_lora_targets), applied before the launch."""
+    resolve_lora_targets(model_module_names(config_dir), recipe.lora.target_modules, recipe.model.name)
 
 
 def hub_reference_problem(name: str, repo_type: str) -> str | None:

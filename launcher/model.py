@@ -1,5 +1,8 @@
 """Models and tokenizers: hub ids and local paths, the embedded tiny-t5, LoRA through PEFT.
 
+Any seq2seq family loads through the Auto classes; what differs per family (LoRA targets, layer
+classes, precision, decoder start) is read from the model by ``launcher.families``.
+
 ``tiny-t5`` is a small random-init T5 built from a config with FLAN-T5's layout (gated-GELU
 feed-forward, unscaled decoder outputs, its own ``lm_head`` untied from the embedding) and a
 tokenizer shipped in the package. Its weights come from a fixed seed, so every rank and every
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserError
+from launcher.families import check_decoder_start, module_names, resolve_lora_targets
 from launcher.paths import TINY_TOKENIZER_DIR
 from launcher.recipe import EMBEDDED_MODEL, LoraSection, Recipe
 
@@ -46,7 +50,12 @@ def load_tokenizer(recipe: Recipe):
     name = recipe.model.tokenizer or recipe.model.name
     if name == EMBEDDED_MODEL:
         return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    return from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, "tokenizer")
+    tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, name, "tokenizer")
+    if tokenizer.pad_token_id is None:  # batches are padded; seq2seq tokenizers (T5, BART, ...) have one
+        raise UserError(
+            f"tokenizer {name} has no pad token; pass a seq2seq model's tokenizer with model.tokenizer"
+        )
+    return tokenizer
 
 
 def build_tiny_t5(vocab_size: int):
@@ -117,34 +126,26 @@ def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):
         ) from None
 
 
-def lora_config(lora: LoraSection):
+def lora_config(lora: LoraSection, targets: list[str]):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,
         r=lora.r,
         lora_alpha=lora.alpha,
-        target_modules=list(lora.target_modules),
+        target_modules=targets,
         lora_dropout=lora.dropout,
         bias=lora.bias,
     )
 
 
-def missing_lora_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
-    """LoRA targets that name no module of the model (PEFT matches on the last name part)."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [target for target in targets if target not in leaves]
-
-
-def apply_lora(model: torch.nn.Module, lora: LoraSection):
+def apply_lora(model: torch.nn.Module, lora: LoraSection, model_label: str = "this model"):
+    """PEFT's LoRA on the recipe's targets, or on the model's attention query and value
+    projections when the recipe names none (families.resolve_lora_targets)."""
     from peft import get_peft_model
 
-    missing = missing_lora_targets(model, list(lora.target_modules))
-    if missing:
-        raise UserError(
-            f"lora.target_modules {missing} name no module of this model; T5 attention has q, k, v, o"
-        )
-    return get_peft_model(model, lora_config(lora))
+    targets = resolve_lora_targets(module_names(model), lora.target_modules, model_label)
+    return get_peft_model(model, lora_config(lora, targets))
 
 
 def set_dropout(model: torch.nn.Module, rate: float) -> None:
@@ -159,12 +160,24 @@ def set_dropout(model: torch.nn.Module, rate: float) -> None:
             setattr(model.config, key, rate)
 
 
+def check_vocabulary(model: torch.nn.Module, vocab_size: int, model_label: str) -> None:
+    """A tokenizer with more tokens than the model embeds fails at the first unknown id, mid-run."""
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size > rows:
+        raise UserError(
+            f"the tokenizer has {vocab_size} tokens but model {model_label} embeds only {rows}; "
+            "use the model's own tokenizer (model.tokenizer)"
+        )
+
+
 def build_model(recipe: Recipe, vocab_size: int):
     model = load_base_model(recipe, vocab_size)
+    check_decoder_start(model, recipe.model.name)
+    check_vocabulary(model, vocab_size, recipe.model.name)
     if recipe.model.dropout is not None:
         set_dropout(model, recipe.model.dropout)
     if recipe.train.method == "lora":
-        model = apply_lora(model, recipe.lora)
+        model = apply_lora(model, recipe.lora, recipe.model.name)
     return model
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import UserError
+from launcher.families import is_t5_family
 from launcher.paths import project_dir
 
 DEFAULT_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -43,7 +44,15 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    dataset: str = "knkarthick/dialogsum"  # hub id, directory of {split}.jsonl, or sample (embedded)
+    dataset: str = "knkarthick/dialogsum"  # hub id, directory of {split}.jsonl/.csv/.parquet, or sample
+    source_field: str = Field(
+        "dialogue", min_length=1, description="column holding the text to summarize (fills {dialogue})"
+    )
+    target_field: str | list[str] = Field(
+        "summary",
+        description="column of the reference summary, or a list of columns for several references "
+        "(the first is the training target; all are scored, best-of-n)",
+    )
     prompt: str = DEFAULT_PROMPT  # must contain {dialogue}
     max_source_length: int = Field(512, gt=0)
     max_target_length: int = Field(128, gt=0)
@@ -58,6 +67,38 @@ class DataSection(Section):
         if "{dialogue}" not in self.prompt:
             raise ValueError("data.prompt must contain the placeholder {dialogue}")
         return self
+
+    @field_validator("target_field", mode="before")
+    @classmethod
+    def _target_is_columns(cls, value: Any) -> Any:
+        columns = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(columns, list)
+            or not columns
+            or any(not isinstance(c, str) or not c.strip() for c in columns)
+        ):
+            raise ValueError(
+                f"data.target_field={value!r} must be a column name or a non-empty list of them, "
+                "e.g. summary or [summary1, summary2]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fields_are_columns(self) -> DataSection:
+        targets = self.target_fields
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"data.target_field={self.target_field!r} names a column twice")
+        if self.source_field in targets:
+            raise ValueError(
+                f"data.source_field and data.target_field both name {self.source_field!r}; "
+                "the text to summarize and its summary must be different columns"
+            )
+        return self
+
+    @property
+    def target_fields(self) -> list[str]:
+        """The reference columns, the training target first."""
+        return [self.target_field] if isinstance(self.target_field, str) else list(self.target_field)
 
 
 class TrainSection(Section):
@@ -81,7 +122,12 @@ class TrainSection(Section):
 class LoraSection(Section):
     r: int = Field(32, gt=0)
     alpha: int = Field(32, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="module names to adapt; null: the model's attention query and value projections "
+        "(T5, mT5: q, v; BART, mBART, Pegasus: q_proj, v_proj)",
+    )
     dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     save_merged: bool = False  # also write final/merged: base + adapter as one model
@@ -136,7 +182,8 @@ class Recipe(Section):
     def _no_fp16_for_t5(self) -> Recipe:
         if self.model.precision == "fp16" and is_t5_name(self.model.name):
             raise ValueError(
-                "model.precision=fp16 overflows T5 (inf/NaN activations); use bf16, or fp32 on GPUs without bf16"
+                "model.precision=fp16 overflows T5-family models (T5, FLAN-T5, T5 v1.1, mT5, umT5: inf/NaN "
+                "activations); use bf16, or fp32 on GPUs without bf16"
             )
         if self.model.precision == "fp16" and self.launch.cpu:
             raise ValueError(
@@ -163,14 +210,8 @@ def local_model_type(name: str) -> str | None:
 
 
 def is_t5_name(name: str) -> bool:
-    """T5-family models overflow in fp16; recognise them by a local config's model_type, else
-    (a hub id) by name."""
-    if name == EMBEDDED_MODEL:
-        return True
-    model_type = local_model_type(name)
-    if model_type is not None:
-        return "t5" in model_type.lower()
-    return "t5" in name.lower()
+    """T5-family models overflow in fp16 (families.is_t5_family), also tiny-t5."""
+    return name == EMBEDDED_MODEL or is_t5_family(local_model_type(name), name)
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -141,6 +141,16 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def reference_columns(scores: dict) -> str:
+    """Where several references came from, when the recipe mapped several columns."""
+    columns = scores.get("target_field")
+    return (
+        f" · references: columns {', '.join(columns)}"
+        if isinstance(columns, list) and len(columns) > 1
+        else ""
+    )
+
+
 def scoring_note(scores: dict) -> str:
     return scores.get("description") or f"scoring: {scores.get('scoring')}"
 
@@ -164,8 +174,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         f"# ftlaunch report: {run_dir.name}",
         "",
         f"Data: {first['scores'].get('dataset')} "
-        f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples · generation: "
-        f"max_new_tokens {first['scores'].get('max_new_tokens')}, beams {first['scores'].get('num_beams')}",
+        f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
+        f" · generation: max_new_tokens {first['scores'].get('max_new_tokens')}, beams {first['scores'].get('num_beams')}",
         "",
         "## ROUGE (F-measure, %)",
         "",
@@ -211,7 +221,8 @@ def load_dialogues(scores: dict, count: int) -> list[str]:
     try:
         from launcher.data import load_split
 
-        rows = load_split(scores["dataset"], scores["split"], count)
+        fields = {key: scores[key] for key in ("source_field", "target_field") if scores.get(key)}
+        rows = load_split(scores["dataset"], scores["split"], count, **fields)
         return [row["dialogue"] for row in rows]
     except (UserError, KeyError, OSError, ValueError):
         return [""] * count

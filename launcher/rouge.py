@@ -126,7 +126,11 @@ def score_rouge(
     if mode == "per_reference":
         how = f"each of {n_pairs} (prediction, reference) pairs scored on its own"
     elif max_refs > 1:
-        how = f"each of {n} predictions scored against its best reference (of up to {max_refs}) per metric"
+        how = (
+            f"each of {n} predictions scored against its best reference (of up to {max_refs}) per metric "
+            "(best-of-n: rouge_score's score_multi keeps the highest F-measure over the references, "
+            "for each ROUGE type separately)"
+        )
     else:
         how = f"each of {n} predictions scored against its single reference"
     stem = "with" if use_stemmer else "without"

@@ -33,7 +33,7 @@ from launcher.data import (
     LengthGroupedBatchSampler,
     batching_keys,
     example_lengths,
-    load_split,
+    load_data_split,
     shard_sorted_batches,
     tokenized_split,
 )
@@ -101,8 +101,8 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
     data = recipe.data
     cache = run_dir / "cache"
     with accelerator.main_process_first():
-        train_rows = load_split(data.dataset, data.train_split, data.train_limit)
-        val_rows = load_split(data.dataset, data.validation_split, data.validation_limit)
+        train_rows = load_data_split(data, data.train_split, data.train_limit)
+        val_rows = load_data_split(data, data.validation_split, data.validation_limit)
         train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
         validation = tokenized_split(
             val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, T5Config
+from transformers import AutoModelForSeq2SeqLM
 
-from launcher.launch import T5_MODULE_NAMES
-from launcher.model import TINY_T5_CONFIG, build_tiny_t5, set_dropout
+from launcher.model import build_tiny_t5, set_dropout
 
 
 def test_tiny_t5_is_the_same_everywhere_and_leaves_the_global_rng_alone():
@@ -29,15 +28,6 @@ def test_tiny_t5_has_its_own_lm_head_like_flan_t5(tmp_path):
             model(input_ids=ids, decoder_input_ids=ids).logits,
             reloaded(input_ids=ids, decoder_input_ids=ids).logits,
         )
-
-
-def test_static_t5_module_names_match_a_real_t5_skeleton():
-    """The launcher checks LoRA targets against a name list to avoid importing transformers."""
-    for config in (T5Config(vocab_size=1000, **TINY_T5_CONFIG), T5Config(vocab_size=1000, num_layers=2)):
-        with torch.device("meta"):
-            skeleton = AutoModelForSeq2SeqLM.from_config(config)
-        names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
-        assert {n for n in names if not n.isdigit()} <= T5_MODULE_NAMES
 
 
 def test_zero_dropout_makes_training_mode_deterministic():

@@ -91,13 +91,11 @@ def test_lora_recipe_seed_values():
     recipe = recipe_with(method="lora")
     assert recipe.train.lr == 1e-3
     lora = recipe.lora
-    assert (lora.r, lora.alpha, lora.target_modules, lora.dropout, lora.bias) == (
-        32,
-        32,
-        ["q", "v"],
-        0.05,
-        "none",
-    )
+    assert (lora.r, lora.alpha, lora.target_modules, lora.dropout, lora.bias) == (32, 32, None, 0.05, "none")
+    # null: the attention query and value projections, which for the seed's T5 are q and v
+    from launcher.families import T5_MODULE_NAMES, resolve_lora_targets
+
+    assert resolve_lora_targets(T5_MODULE_NAMES, lora.target_modules, "t5") == ["q", "v"]
 
 
 # ---------------------------------------------------------------- --set: keys and types
