@@ -116,7 +116,8 @@ def train_command(method: str):
         gpu_mem: float | None = typer.Option(
             None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."
         ),
-        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO CPU offload."),
+        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO (or --fsdp: full) CPU offload."),
+        fsdp: bool = typer.Option(False, "--fsdp", help="Shard with PyTorch FSDP2 instead of DeepSpeed."),
         recipe_path: Path | None = typer.Option(
             None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."
         ),
@@ -167,6 +168,7 @@ def train_command(method: str):
             "launch.nodes": nodes,
             "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
             "launch.offload": offload.value if offload else None,
+            "launch.fsdp": True if fsdp else None,
             "launch.cpu": True if cpu else None,
             "launch.main_address": main_address,
             "launch.main_port": main_port,
