@@ -80,6 +80,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
         micro_batch=recipe.train.micro_batch_size,
         source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,
+        fsdp=recipe.launch.fsdp,
     )
     recipe.launch.zero = row.stage
     if not keep_offload:
@@ -315,6 +316,7 @@ def estimate_command(
     nodes: int = typer.Option(1, "--nodes"),
     gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
+    fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
     source_len: int = typer.Option(512, "--source-len"),
     target_len: int = typer.Option(128, "--target-len"),
@@ -338,7 +340,7 @@ def estimate_command(
     if len(models) > 1:
         typer.echo(estimate.render_models_table(models, memory, **shape))
         return
-    rows = estimate.estimate_model(model, **shape)
+    rows = estimate.estimate_model(model, fsdp=fsdp, **shape)
     title = f"{estimate.canonical_name(model)}: {'LoRA' if lora else 'full fine-tuning'}, {gpus} GPU(s) x {nodes} node(s)"
     typer.echo(estimate.render_table(rows, memory, title=title))
 
