@@ -105,7 +105,7 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         return Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, **kwargs)
     from launcher.fsdp import fsdp_plugin
 
-    plugin = fsdp_plugin() if recipe.launch.fsdp and distributed else None
+    plugin = fsdp_plugin(cpu) if recipe.launch.fsdp and distributed else None
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.model.mixed_precision,

@@ -19,16 +19,21 @@ import os
 import torch
 
 
-def fsdp_plugin():
+def fsdp_plugin(cpu: bool):
     """FSDP2 as accelerate.yaml says (``accelerate launch`` exports it as FSDP_* variables), with an
     fp32 MixedPrecisionPolicy: Accelerate's bf16 policy would cast the sharded weights to bf16 and
-    reduce gradients in bf16, so FSDP and DDP runs would not be comparable."""
+    reduce gradients in bf16, so FSDP and DDP runs would not be comparable. CPU ranks offload
+    without pinning (no CUDA: nothing to pin), as the ZeRO configs do."""
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     fp32 = {"param_dtype": torch.float32, "reduce_dtype": torch.float32, "output_dtype": torch.float32}
     os.environ.setdefault("FSDP_VERSION", "2")  # a rank started without accelerate launch
     os.environ.setdefault("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
-    return FullyShardedDataParallelPlugin(mixed_precision_policy=fp32)
+    plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=fp32)
+    if cpu and isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    return plugin
 
 
 def share_input_embedding(model: torch.nn.Module) -> None:
