@@ -81,6 +81,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
         micro_batch=recipe.train.micro_batch_size,
         source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,
+        fsdp=recipe.launch.fsdp,
     )
     recipe.launch.zero = row.stage
     if not keep_offload:
@@ -117,7 +118,8 @@ def train_command(method: str):
         gpu_mem: float | None = typer.Option(
             None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."
         ),
-        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO CPU offload."),
+        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO (or --fsdp: full) CPU offload."),
+        fsdp: bool = typer.Option(False, "--fsdp", help="Shard with PyTorch FSDP2 instead of DeepSpeed."),
         recipe_path: Path | None = typer.Option(
             None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."
         ),
@@ -168,6 +170,7 @@ def train_command(method: str):
             "launch.nodes": nodes,
             "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
             "launch.offload": offload.value if offload else None,
+            "launch.fsdp": True if fsdp else None,
             "launch.cpu": True if cpu else None,
             "launch.main_address": main_address,
             "launch.main_port": main_port,
@@ -314,6 +317,7 @@ def estimate_command(
     nodes: int = typer.Option(1, "--nodes"),
     gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
+    fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
     source_len: int = typer.Option(512, "--source-len"),
     target_len: int = typer.Option(128, "--target-len"),
@@ -337,7 +341,7 @@ def estimate_command(
     if len(models) > 1:
         typer.echo(estimate.render_models_table(models, memory, **shape))
         return
-    rows = estimate.estimate_model(model, **shape)
+    rows = estimate.estimate_model(model, fsdp=fsdp, **shape)
     title = f"{estimate.canonical_name(model)}: {'LoRA' if lora else 'full fine-tuning'}, {gpus} GPU(s) x {nodes} node(s)"
     typer.echo(estimate.render_table(rows, memory, title=title))
 

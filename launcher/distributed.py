@@ -103,12 +103,29 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         # Precision and clipping come from the rendered deepspeed.json (accumulation too: the
         # same value here keeps Accelerate from warning about a mismatch).
         return Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, **kwargs)
-    return Accelerator(
+    from launcher.fsdp import fsdp_plugin
+
+    plugin = fsdp_plugin(cpu) if recipe.launch.fsdp and distributed else None
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.model.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
+        fsdp_plugin=plugin,
         **kwargs,
     )
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate turns FSDP on for GPU-like process groups only and silently trains CPU ranks
+        # with DDP; FSDP2's fully_shard itself runs on CPU ranks over gloo.
+        # Both shared states, as Accelerate does for GPU ranks: every later AcceleratorState()
+        # copies the PartialState's type over its own.
+        from accelerate.state import PartialState
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    if plugin is not None and not uses_fsdp(accelerator):
+        raise RuntimeError(f"--fsdp asked for, but Accelerate set up {accelerator.distributed_type}")
+    return accelerator
 
 
 def dataloader_config(cpu: bool) -> DataLoaderConfiguration:
@@ -119,6 +136,16 @@ def dataloader_config(cpu: bool) -> DataLoaderConfiguration:
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def uses_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """ZeRO-3 or FSDP: every forward gathers weights collectively, so generation must keep all
+    ranks in lockstep (``synced_gpus``)."""
+    return zero_stage(accelerator) == 3 or uses_fsdp(accelerator)
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -297,6 +297,7 @@ class EstimateRow:
     activations_gib: float  # per GPU, one micro-batch (0 when the architecture is unknown)
     cpu_gib: float  # CPU RAM per node (DeepSpeed's estimator; offloaded states, buffers)
     world_size: int = 1
+    fsdp: bool = False  # PyTorch FSDP2 (--fsdp) instead of DDP / ZeRO; stage is then 0
 
     @property
     def total_gib(self) -> float:
@@ -304,12 +305,16 @@ class EstimateRow:
 
     @property
     def label(self) -> str:
+        if self.fsdp:
+            return "FSDP2" + (" + offload full" if self.offload == "full" else "")
         name = "DDP" if self.stage == 0 else f"ZeRO-{self.stage}"
         return name if self.offload == "none" else f"{name} + offload {self.offload}"
 
     @property
     def flags(self) -> str:
         """The ftlaunch flags that select this row."""
+        if self.fsdp:
+            return "--fsdp" + (" --offload full" if self.offload == "full" else "")
         return f"--zero {self.stage}" + (f" --offload {self.offload}" if self.offload != "none" else "")
 
     def fits(self, gpu_mem_gib: float, headroom: float = HEADROOM) -> bool:
@@ -392,6 +397,49 @@ def model_state_bytes(
     return gpu + 2 * frozen // world, cpu
 
 
+def fsdp_state_bytes(
+    offload: str, *, params: int, gpus: int, nodes: int, trainable: int, largest_layer: int
+) -> tuple[int, int]:
+    """(gpu bytes per GPU, cpu bytes per node) under FSDP2 as ftlaunch runs it.
+
+    fp32 everything (weights, gradients and reductions; autocast does the bf16 math): trainable
+    parameters 4 + 4 + 8 (Adam) = 16 bytes and frozen ones 4 bytes, sharded over all N ranks, plus
+    the gathered fp32 weights of two units at a time (the current one and the prefetched next;
+    the largest module bounds a unit). ``--offload full`` keeps the shards in CPU RAM.
+    """
+    world = gpus * nodes
+    shards = (16 * trainable + 4 * (params - trainable)) // world
+    gathered = 2 * 4 * largest_layer
+    if offload == "full":
+        return gathered, shards * gpus
+    return shards + gathered, 0
+
+
+def fsdp_rows(rows: Sequence[EstimateRow], **state) -> list[EstimateRow]:
+    """The two FSDP2 rows (no offload, offload full), with the activations of ``rows``."""
+    activations = rows[0].activations_gib if rows else 0.0
+    world = state["gpus"] * state["nodes"]
+    out = []
+    for offload in ("none", "full"):
+        gpu, cpu = fsdp_state_bytes(offload, **state)
+        out.append(EstimateRow(0, offload, gpu / GIB, activations, cpu / GIB, world, fsdp=True))
+    return out
+
+
+def recommend_fsdp(
+    rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM
+) -> EstimateRow:
+    """``--fsdp --zero auto``: FSDP2 without offload when it fits, else with ``--offload full``."""
+    candidates = [row for row in rows if row.fsdp]
+    for row in candidates:
+        if row.fits(gpu_mem_gib, headroom):
+            return row
+    raise UserError(
+        f"FSDP2 does not fit in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom) even with "
+        f"--offload full ({candidates[-1].total_gib:.1f} GiB); use more GPUs, LoRA, or a smaller micro batch"
+    )
+
+
 def estimate_rows(
     params: int,
     *,
@@ -409,8 +457,10 @@ def estimate_rows(
     vocab_size: int | None = None,
     n_decoder_layers: int | None = None,
     largest_layer: int | None = None,
+    fsdp: bool = False,
 ) -> list[EstimateRow]:
-    """Per-GPU memory for every stage x offload (ROW_ORDER). LoRA needs ``trainable``."""
+    """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``.
+    LoRA needs ``trainable``."""
     if gpus < 1 or nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1")
     if lora and trainable is None:
@@ -443,6 +493,10 @@ def estimate_rows(
             largest_layer=largest_layer,
         )
         rows.append(EstimateRow(stage, offload, gpu / GIB, activations / GIB, cpu / GIB, gpus * nodes))
+    if fsdp:
+        rows += fsdp_rows(
+            rows, params=params, gpus=gpus, nodes=nodes, trainable=trainable, largest_layer=largest_layer
+        )
     return rows
 
 
@@ -457,6 +511,7 @@ def estimate_model(
     micro_batch: int = 8,
     source_len: int = 512,
     target_len: int = 128,
+    fsdp: bool = False,
 ) -> list[EstimateRow]:
     """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory)."""
     spec = model_spec(model)
@@ -477,13 +532,14 @@ def estimate_model(
         vocab_size=spec.vocab_size,
         n_decoder_layers=spec.num_decoder_layers,
         largest_layer=spec.largest_layer,
+        fsdp=fsdp,
     )
 
 
 def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
     """The smallest stage that fits without offload, else the least offload (then smallest stage)
     that fits in ``gpu_mem_gib`` x (1 - headroom), in ``PREFERENCE`` order; UserError when nothing fits."""
-    by_key = {(row.stage, row.offload): row for row in rows}
+    by_key = {(row.stage, row.offload): row for row in rows if not row.fsdp}
     for key in PREFERENCE:
         row = by_key.get(key)
         if row is not None and row.fits(gpu_mem_gib, headroom):
@@ -495,12 +551,14 @@ def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float =
     )
 
 
-def zero_auto(model: str, gpu_mem_gib: float, **kwargs) -> tuple[EstimateRow, str]:
-    """For ``--zero auto``: the recommended row and one line for the dry-run summary."""
-    rows = estimate_model(model, **kwargs)
-    row = recommend(rows, gpu_mem_gib)
+def zero_auto(model: str, gpu_mem_gib: float, fsdp: bool = False, **kwargs) -> tuple[EstimateRow, str]:
+    """For ``--zero auto``: the recommended row and one line for the dry-run summary. With
+    ``--fsdp`` the sharding engine is chosen: auto decides the offload only."""
+    rows = estimate_model(model, fsdp=fsdp, **kwargs)
+    row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib)
+    choice = "FSDP2 with the least offload" if fsdp else "the smallest stage"
     return row, (
-        f"{row.label} (--zero auto: the smallest stage that fits {gpu_mem_gib:g} GiB per GPU; "
+        f"{row.label} (--zero auto: {choice} that fits {gpu_mem_gib:g} GiB per GPU; "
         f"estimated {row.total_gib:.1f} GiB = {row.model_states_gib:.1f} model states + "
         f"{row.activations_gib:.1f} activations)"
     )
@@ -552,7 +610,7 @@ def render_table(
     lines.append("")
     lines.append(
         f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
-        "Model states from DeepSpeed's estimator; activations: bf16, no checkpointing (see launcher/estimate.py)."
+        "Model states from DeepSpeed's estimator (FSDP2: fp32 shards + two gathered units); activations: bf16, no checkpointing (see launcher/estimate.py)."
     )
     if best is None:
         lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")

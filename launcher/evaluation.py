@@ -1,8 +1,8 @@
 """Generation on all ranks, gathered once per example, scored with ROUGE.
 
 Each rank generates a length-sorted shard; every rank makes the same number of ``generate``
-calls (placeholder batches where its shard ran out), so ZeRO-3's ``synced_gpus`` generation
-cannot hang. Results are gathered as (index, text) objects and the main process checks it got
+calls (placeholder batches where its shard ran out), so ZeRO-3's and FSDP's ``synced_gpus``
+generation cannot hang. Results are gathered as (index, text) objects and the main process checks it got
 exactly one prediction per example before writing anything.
 
 Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --run-dir OUT``.
@@ -23,9 +23,11 @@ from launcher.distributed import (
     build_accelerator,
     precision_autocast,
     print_main,
+    shards_weights,
     without_zero3_init,
     zero_stage,
 )
+from launcher.fsdp import root_weights_gathered
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.rouge import score_rouge
@@ -61,7 +63,7 @@ def generate_predictions(
             padding=True,
             return_tensors="pt",
         ).to(accelerator.device)
-        with precision_autocast(recipe, accelerator.device):  # the same autocast as training, any strategy
+        with precision_autocast(recipe, accelerator.device), root_weights_gathered(generator):
             output = generator.generate(
                 **inputs,
                 max_new_tokens=recipe.eval.max_new_tokens,
@@ -172,7 +174,7 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
             eval_rows(recipe),
             original_eval_dir(run_dir),
             run_info(recipe, f"{recipe.model.name} (original)", None),
-            synced=zero_stage(accelerator) == 3,
+            synced=shards_weights(accelerator),
         )
     accelerator.wait_for_everyone()
 
@@ -190,7 +192,7 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
         rows,
         run_dir / "eval" / "finetuned",
         run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
-        synced=zero_stage(accelerator) == 3,
+        synced=shards_weights(accelerator),
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

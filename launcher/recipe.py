@@ -151,6 +151,7 @@ class LaunchSection(Section):
     gpus: int = Field(1, gt=0)  # processes per node
     nodes: int = Field(1, gt=0)
     zero: Literal[0, 1, 2, 3] = 0  # 0: DDP; 1-3: DeepSpeed ZeRO stage
+    fsdp: bool = False  # PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with zero 1-3
     offload: Literal["none", "optimizer", "full"] = "none"
     cpu: bool = False  # ranks are CPU processes (gloo): the whole path without a GPU
     main_address: str | None = None  # multi-node: first node's address
@@ -159,9 +160,19 @@ class LaunchSection(Section):
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LaunchSection:
-        if self.offload != "none" and self.zero == 0:
-            raise ValueError("launch.offload needs DeepSpeed: use --zero 1, 2 or 3 with --offload")
-        if self.offload == "full" and self.zero != 3:
+        if self.fsdp and self.zero:
+            raise ValueError(
+                f"launch.fsdp (--fsdp) and launch.zero={self.zero} (--zero {self.zero}) are two sharding "
+                "engines (PyTorch FSDP2, DeepSpeed ZeRO): pick one (--zero 0 with --fsdp)"
+            )
+        if self.fsdp and self.offload == "optimizer":
+            raise ValueError(
+                "launch.offload=optimizer is DeepSpeed's; FSDP2 offloads parameters, gradients and the "
+                "optimizer step together: use --offload full with --fsdp"
+            )
+        if self.offload != "none" and self.zero == 0 and not self.fsdp:
+            raise ValueError("launch.offload needs sharding: use --zero 1, 2 or 3, or --fsdp, with --offload")
+        if self.offload == "full" and self.zero != 3 and not self.fsdp:
             raise ValueError("launch.offload=full (parameters too) needs --zero 3; use --offload optimizer")
         return self
 

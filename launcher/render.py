@@ -73,6 +73,8 @@ def write_if_changed(path: Path, text: str, mode: int = 0o644) -> None:
 
 def accelerate_template_name(recipe: Recipe) -> str:
     launch = recipe.launch
+    if launch.fsdp:
+        return "fsdp.yaml"
     if launch.zero == 0:
         return "single_gpu.yaml" if launch.world_size == 1 else "multi_gpu.yaml"
     if launch.zero == 3 and launch.offload == "full":
@@ -188,7 +190,9 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
     text = (project_dir("accelerate_configs") / template_name).read_text()
     launch = recipe.launch
     values: dict[str, Any] = {"num_processes": launch.world_size, "use_cpu": False}
-    if launch.zero == 0:
+    if launch.fsdp:
+        values.update(fsdp_values(recipe))
+    elif launch.zero == 0:
         values["mixed_precision"] = recipe.model.mixed_precision
         # One CPU process: accelerate runs it directly. Several CPU ranks: the DDP launcher
         # (torchrun) starts them and the loop builds a gloo process group on CPU.
@@ -203,6 +207,38 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
         text = set_yaml_value(text, key, value)
     header = f"# Rendered by ftlaunch from accelerate_configs/{template_name} for this run.\n"
     return header + text
+
+
+def fsdp_values(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's say in fsdp.yaml: autocast dtype, block class to wrap, parameter offload.
+
+    The ranks always run FSDP's launcher path (``use_cpu: false``); CPU ranks hide the GPUs in
+    command.sh and build a gloo group (``accelerate launch --cpu`` would start one process only).
+    """
+    return {
+        "mixed_precision": recipe.model.mixed_precision,
+        "fsdp_transformer_layer_cls_to_wrap": model_block_classes(recipe.model.name),
+        "fsdp_offload_params": recipe.launch.offload == "full",
+    }
+
+
+def model_block_classes(name: str) -> str | None:
+    """The model's repeated block (``_no_split_modules``: T5Block for T5), comma-separated as
+    Accelerate reads it; None (Accelerate then reads ``_no_split_modules`` itself at prepare
+    time) when the model's class cannot be known without downloading its config."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = "t5" if name == EMBEDDED_MODEL else local_model_config(name).get("model_type")
+    class_name = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
+    if class_name is None and model_type is None:
+        from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
+
+        class_name = "T5ForConditionalGeneration" if canonical_name(name) in FLAN_T5_CONFIGS else None
+    blocks = (
+        getattr(getattr(transformers, class_name, None), "_no_split_modules", None) if class_name else None
+    )
+    return ",".join(blocks) if blocks else None
 
 
 # ---------------------------------------------------------------- command.sh
@@ -308,6 +344,8 @@ def summarize(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...] 
     """The short dry-run summary: world size, effective batch, stage, precision, paths."""
     launch, train = recipe.launch, recipe.train
     strategy = "DDP" if launch.zero == 0 else f"DeepSpeed ZeRO-{launch.zero}"
+    if launch.fsdp:
+        strategy = "PyTorch FSDP2 (fully_shard)"
     if launch.offload != "none":
         strategy += f" (offload {launch.offload} to CPU)"
     device = "CPU ranks (gloo)" if launch.cpu else "GPU ranks (nccl)"

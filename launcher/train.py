@@ -355,6 +355,10 @@ def set_up(run_dir: Path) -> Run:
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
     model = build_model(recipe, len(tokenizer))
+    if recipe.launch.fsdp:
+        from launcher.fsdp import share_input_embedding
+
+        share_input_embedding(model)
     trainable, total = count_parameters(model)
     print_main(
         accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"

@@ -596,3 +596,49 @@ def test_zero3_buckets_are_sized_to_the_model(render, model, hidden):
 def test_zero3_buckets_stay_auto_for_an_unknown_hub_model(render):
     run_dir, _ = render("full", "--zero", "3", "--gpus", "2", "--model", "someone/some-t5")
     assert read_json(run_dir / "deepspeed.json")["zero_optimization"]["reduce_bucket_size"] == "auto"
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def test_fsdp_accelerate_yaml_is_accelerates_fsdp2_config(tmp_path):
+    """In-process render of --fsdp, read back by Accelerate's own config loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from launcher.recipe import Recipe
+    from launcher.render import render_accelerate_config
+
+    recipe = Recipe.model_validate(
+        {"model": {"name": "tiny-t5"}, "launch": {"gpus": 2, "nodes": 2, "fsdp": True, "offload": "full"}}
+    )
+    (tmp_path / "accelerate.yaml").write_text(render_accelerate_config(recipe, tmp_path))
+    config = load_config_from_file(str(tmp_path / "accelerate.yaml"))
+    assert (config.distributed_type, config.num_processes, config.num_machines) == ("FSDP", 4, 2)
+    assert config.mixed_precision == "bf16" and config.use_cpu is False
+    assert config.fsdp_config == {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "T5Block",
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_offload_params": True,
+        "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_activation_checkpointing": False,
+    }
+    assert config.deepspeed_config == {}
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--fsdp", "--zero", "3"], ("launch.fsdp", "--zero 3", "pick one")),
+        (["--fsdp", "--offload", "optimizer"], ("--offload full",)),
+    ],
+)
+def test_fsdp_conflicts_are_one_line_refusals(tmp_path, flags, words):
+    result = run_cli("full", "--cpu", "--gpus", "2", *flags, "--dry-run", "--output", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (tmp_path / "run").exists()

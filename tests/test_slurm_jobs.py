@@ -5,6 +5,7 @@ job scripts' GPU-cluster headers unchanged (--gres=gpu:8, --cpus-per-task=16).
 
 - lora: both nodes take part, the run ends with an adapter and a ROUGE report;
 - full --zero 3: DeepSpeed ZeRO-3 across the nodes, a full model and a report;
+- full --fsdp: PyTorch FSDP2 across the nodes, sharded checkpoints, a full model and a report;
 - preemption: USR1 to the batch shell (as ``--signal=B:USR1@N`` does) -> the ranks checkpoint
   -> the job requeues itself -> resumes -> ends with the same losses as the uninterrupted job;
 - a crash (with a stale INTERRUPTED marker in the run dir) fails the job and is not requeued.
@@ -222,6 +223,23 @@ def test_full_zero3_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     assert_two_nodes(job)
     log = job.log()
     assert f"----- {job.run_dir}/deepspeed.json" in log and '"stage": 3' in log, job.diagnostics()
+    model = job.run_dir / "final" / "model.safetensors"
+    assert model.is_file() and model.stat().st_size > 0, job.diagnostics()
+    assert_report(job.run_dir)
+
+
+def test_full_fsdp_job_runs_on_both_nodes(slurm_cluster, tmp_path):
+    """--fsdp passes through slurm/full.sh unchanged: FSDP2 shards across the two nodes, the
+    checkpoint is sharded (DCP), final/ is a whole model and the report is written."""
+    job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, "--fsdp", "--set", "eval.limit=2"])
+    t0 = time.monotonic()
+    state = job.submit_and_wait()
+    print(f"full FSDP job {job.id}: {time.monotonic() - t0:.0f}s")
+    assert state == "COMPLETED", job.diagnostics()
+    assert_two_nodes(job)
+    assert "distributed_type: FSDP" in job.log(), job.diagnostics()
+    checkpoints = list((job.run_dir / "checkpoints").glob("step_*/pytorch_model_fsdp_0"))
+    assert checkpoints, job.diagnostics()
     model = job.run_dir / "final" / "model.safetensors"
     assert model.is_file() and model.stat().st_size > 0, job.diagnostics()
     assert_report(job.run_dir)
