@@ -223,22 +223,18 @@ def fsdp_values(recipe: Recipe) -> dict[str, Any]:
 
 
 def model_block_classes(name: str) -> str | None:
-    """The model's repeated block (``_no_split_modules``: T5Block for T5), comma-separated as
-    Accelerate reads it; None (Accelerate then reads ``_no_split_modules`` itself at prepare
-    time) when the model's class cannot be known without downloading its config."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    """The model's repeated layers (T5Block for T5; BART's encoder and decoder layers), comma-separated
+    as Accelerate reads them for FSDP auto-wrap. A local model directory is inspected on the meta
+    device (``families.block_class_names``); the embedded model and FLAN-T5 names are T5; None for
+    another hub id (Accelerate then reads ``_no_split_modules`` itself at prepare time)."""
+    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
+    from launcher.families import block_class_names, skeleton
 
-    model_type = "t5" if name == EMBEDDED_MODEL else local_model_config(name).get("model_type")
-    class_name = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
-    if class_name is None and model_type is None:
-        from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
-
-        class_name = "T5ForConditionalGeneration" if canonical_name(name) in FLAN_T5_CONFIGS else None
-    blocks = (
-        getattr(getattr(transformers, class_name, None), "_no_split_modules", None) if class_name else None
-    )
-    return ",".join(blocks) if blocks else None
+    if name == EMBEDDED_MODEL or canonical_name(name) in FLAN_T5_CONFIGS:
+        return "T5Block"
+    if not local_model_config(name):
+        return None
+    return ",".join(block_class_names(skeleton(Path(name).expanduser()))) or None
 
 
 # ---------------------------------------------------------------- command.sh
