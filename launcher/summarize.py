@@ -12,6 +12,7 @@ Entry point for the ranks: ``accelerate launch -m launcher.summarize --run-dir W
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -228,7 +229,8 @@ def summarize(
         from launcher import launch
 
         launch.check_gpus(recipe)
-    summaries = summarize_launched(recipe, rows, argv) if gpus > 1 else generate_summaries(recipe, rows)
+    with contextlib.redirect_stdout(sys.stderr):  # library notices must not mix with the summaries
+        summaries = summarize_launched(recipe, rows, argv) if gpus > 1 else generate_summaries(recipe, rows)
     write_summaries(
         rows, summaries, output, plain=input_path == "-" and len(rows) == 1 and rows[0]["id"] == STDIN_ID
     )
