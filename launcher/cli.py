@@ -301,6 +301,21 @@ def summarize_command(
     summarize(source, input_path, output, gpus, cpu, overrides, ["ftlaunch", "summarize", *sys.argv[2:]])
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapter into its base model."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights in bf16 or fp32."),
+    output: Path = typer.Option(..., "--output", help="The standalone model folder to write."),
+    debug: bool = DebugOption,
+) -> None:
+    """A standalone model folder: weights (merged LoRA), tokenizer, generation settings, card."""
+    from launcher.export import export_run
+
+    typer.echo(f"exported to {export_run(run_dir, output, merge, dtype)}")
+
+
 @app.command("supervise", hidden=True)
 @user_errors
 def supervise_command(

@@ -124,3 +124,49 @@ def write_inference_settings(model_dir: Path, recipe: Recipe, method: str | None
 def read_inference_settings(model_dir: Path) -> dict[str, Any] | None:
     path = model_dir / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- ftlaunch export
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
+    """A standalone folder from a run's final/: the model (a LoRA adapter merged into its base
+    with PEFT's ``merge_and_unload`` when asked), weights in ``dtype``, tokenizer, settings, card."""
+    from launcher.card import write_model_card
+    from launcher.errors import UserError
+    from launcher.model import load_for_inference, load_tokenizer
+    from launcher.recipe import read_run_recipe
+
+    run_dir = run_dir.expanduser().resolve()
+    final = run_dir / "final"
+    if not (run_dir / "recipe.yaml").is_file() or not final.is_dir():
+        raise UserError(f"{run_dir} is not a finished run (no recipe.yaml and final/); pass a run directory")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")
+    output = output.expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"--output {output} is not empty; pick a new directory for the export")
+    recipe = read_run_recipe(run_dir)
+    lora = recipe.train.method == "lora"
+    if lora and not merge:
+        if dtype != "fp32":
+            raise UserError("--dtype bf16 applies to a model; add --merge to export a LoRA run as one model")
+        shutil.copytree(final, output, dirs_exist_ok=True)
+        return output
+    tokenizer_recipe = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"tokenizer": str(final)})}
+    )
+    tokenizer = load_tokenizer(tokenizer_recipe)
+    name, adapter = (recipe.model.name, str(final)) if lora else (str(final), None)
+    model = load_for_inference(name, adapter, len(tokenizer), recipe)
+    if lora:
+        model = model.merge_and_unload()
+    model = model.to(EXPORT_DTYPES[dtype])
+    model.config.dtype = EXPORT_DTYPES[dtype]
+    model.save_pretrained(str(output), safe_serialization=True)
+    tokenizer.save_pretrained(str(output))
+    write_inference_settings(output, recipe, method="full")
+    write_model_card(run_dir, output, library="transformers")
+    return output

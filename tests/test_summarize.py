@@ -202,6 +202,46 @@ def test_model_card_rouge_equals_the_report(request, method, library):
     assert ("AutoPeftModelForSeq2SeqLM" in text) == (method == "lora")
 
 
+# ---------------------------------------------------------------- export
+
+
+def test_export_merge_equals_adapter_on_base(lora_run, base_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from launcher.export import export_run
+
+    out = export_run(lora_run, tmp_path / "merged", merge=True, dtype="fp32")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "ftlaunch.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+    reference = PeftModel.from_pretrained(
+        AutoModelForSeq2SeqLM.from_pretrained(str(base_dir)), str(lora_run / "final")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    dialogues = [row["dialogue"] for row in read_jsonl(SAMPLE_TEST)[:4]]
+    inputs = tokenizer(dialogues, truncation=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = merged.generate(**inputs, max_new_tokens=12, do_sample=False)
+        expected = reference.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_export_casts_a_full_model_to_bf16(full_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from launcher.export import export_run
+
+    out = export_run(full_run, tmp_path / "bf16", merge=False, dtype="bf16")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    with pytest.raises(UserError, match="not empty"):
+        export_run(full_run, out, merge=False, dtype="bf16")
+
+
 # ---------------------------------------------------------------- refusals
 
 
