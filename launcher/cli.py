@@ -1,4 +1,4 @@
-"""The ``ftlaunch`` command line (Typer): full | lora | eval | score | report.
+"""The ``ftlaunch`` command line (Typer): full | lora | eval | summarize | score | report.
 
 Every command turns bad input into ``error: <one line>`` and exit code 2 (``--debug`` shows the
 traceback); nothing is written before the input has been checked.
@@ -280,6 +280,44 @@ def eval_command(
     if dry_run:
         return
     raise typer.Exit(launch.run_command(run_dir))
+
+
+@app.command("summarize")
+@user_errors
+def summarize_command(
+    source: Path = typer.Argument(
+        ..., help="A run directory, its final/ folder (model or LoRA adapter), or a seq2seq model folder."
+    ),
+    input_path: str = typer.Option(
+        "-", "--input", help="JSON Lines with dialogue (+ id), a text file (one dialogue), or - (stdin)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", help="Write JSON Lines {id, summary} here [stdout]."
+    ),
+    gpus: int = typer.Option(1, "--gpus", help="Ranks on this node."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a setting: --set eval.num_beams=4."),
+    debug: bool = DebugOption,
+) -> None:
+    """Summarize new dialogues with the prompt and generation settings the model was evaluated with."""
+    from launcher.summarize import summarize
+
+    summarize(source, input_path, output, gpus, cpu, overrides, ["ftlaunch", "summarize", *sys.argv[2:]])
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapter into its base model."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights in bf16 or fp32."),
+    output: Path = typer.Option(..., "--output", help="The standalone model folder to write."),
+    debug: bool = DebugOption,
+) -> None:
+    """A standalone model folder: weights (merged LoRA), tokenizer, generation settings, card."""
+    from launcher.export import export_run
+
+    typer.echo(f"exported to {export_run(run_dir, output, merge, dtype)}")
 
 
 @app.command("supervise", hidden=True)

@@ -196,9 +196,11 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from launcher.card import write_model_card
         from launcher.report import write_run_report
 
         write_run_report(run_dir)
+        write_model_card(run_dir)  # after the report: the card's ROUGE is report/rouge.json
 
 
 def evaluate_standalone(run_dir: Path) -> int:

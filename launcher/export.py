@@ -7,8 +7,10 @@ Under ZeRO-3 every rank holds a shard, so the state dict is gathered on all rank
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +53,7 @@ def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> 
             base_config.dtype = saved_dtype(state_dict)  # what the files hold, not the autocast dtype
         unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        write_inference_settings(tmp, recipe)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         print_main(
@@ -71,4 +74,99 @@ def save_merged(accelerator, recipe: Recipe, tokenizer, adapter_dir: Path) -> No
     merged = model.merge_and_unload()
     merged.save_pretrained(str(adapter_dir / "merged"), safe_serialization=True)
     tokenizer.save_pretrained(str(adapter_dir / "merged"))
+    write_inference_settings(adapter_dir / "merged", recipe, method="full")
     print_main(accelerator, f"saved merged model to {adapter_dir / 'merged'}")
+
+
+# ---------------------------------------------------------------- settings that travel with the model
+
+SETTINGS_FILE = "ftlaunch.json"
+
+
+def inference_settings(recipe: Recipe, method: str | None = None) -> dict[str, Any]:
+    """What a user of ``final/`` needs to generate as the run's evaluation did: the prompt, the
+    truncation lengths and the generation settings (and, for an adapter, its base model)."""
+    return {
+        "method": method or recipe.train.method,
+        "base_model": recipe.model.name,
+        "dataset": recipe.data.dataset,
+        "prompt": recipe.data.prompt,
+        "max_source_length": recipe.data.max_source_length,
+        "max_target_length": recipe.data.max_target_length,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "num_beams": recipe.eval.num_beams,
+        "batch_size": recipe.eval.batch_size,
+        "precision": recipe.model.precision,
+    }
+
+
+def write_inference_settings(model_dir: Path, recipe: Recipe, method: str | None = None) -> None:
+    """``ftlaunch.json`` (read by ``ftlaunch summarize``), plus the same settings where plain
+    transformers looks for them: generation_config.json (beams, new tokens, greedy) and the
+    tokenizer's ``model_max_length`` (so ``truncation=True`` cuts where training did)."""
+    from transformers import GenerationConfig
+
+    settings = inference_settings(recipe, method)
+    (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    if (model_dir / "generation_config.json").is_file():  # a model (an adapter folder has none)
+        generation = GenerationConfig.from_pretrained(str(model_dir))
+        generation.update(
+            max_new_tokens=recipe.eval.max_new_tokens, num_beams=recipe.eval.num_beams, do_sample=False
+        )
+        generation.save_pretrained(str(model_dir))
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        data = json.loads(tokenizer_config.read_text())
+        data["model_max_length"] = recipe.data.max_source_length
+        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_inference_settings(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- ftlaunch export
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
+    """A standalone folder from a run's final/: the model (a LoRA adapter merged into its base
+    with PEFT's ``merge_and_unload`` when asked), weights in ``dtype``, tokenizer, settings, card."""
+    from launcher.card import write_model_card
+    from launcher.errors import UserError
+    from launcher.model import load_for_inference, load_tokenizer
+    from launcher.recipe import read_run_recipe
+
+    run_dir = run_dir.expanduser().resolve()
+    final = run_dir / "final"
+    if not (run_dir / "recipe.yaml").is_file() or not final.is_dir():
+        raise UserError(f"{run_dir} is not a finished run (no recipe.yaml and final/); pass a run directory")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")
+    output = output.expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"--output {output} is not empty; pick a new directory for the export")
+    recipe = read_run_recipe(run_dir)
+    lora = recipe.train.method == "lora"
+    if lora and not merge:
+        if dtype != "fp32":
+            raise UserError("--dtype bf16 applies to a model; add --merge to export a LoRA run as one model")
+        shutil.copytree(final, output, dirs_exist_ok=True)
+        return output
+    tokenizer_recipe = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"tokenizer": str(final)})}
+    )
+    tokenizer = load_tokenizer(tokenizer_recipe)
+    name, adapter = (recipe.model.name, str(final)) if lora else (str(final), None)
+    model = load_for_inference(name, adapter, len(tokenizer), recipe)
+    if lora:
+        model = model.merge_and_unload()
+    model = model.to(EXPORT_DTYPES[dtype])
+    model.config.dtype = EXPORT_DTYPES[dtype]
+    model.save_pretrained(str(output), safe_serialization=True)
+    tokenizer.save_pretrained(str(output))
+    write_inference_settings(output, recipe, method="full")
+    write_model_card(run_dir, output, library="transformers")
+    return output
