@@ -91,7 +91,7 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for weights, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(
-        None, gt=0, description="Validation loss every N optimizer steps (always at the end)."
+        200, gt=0, description="Validation loss every N optimizer steps (always at the end; null: only then)."
     )
     checkpoint_every: int | None = Field(
         500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
@@ -268,9 +268,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     """Set a dotted key in a nested dict; the schema later checks the key exists."""
     node = data
-    for part in path[:-1]:
+    for depth, part in enumerate(path[:-1]):
+        parent = section_at(path[:depth])
+        is_value_key = (
+            parent is not None and part in parent.model_fields and section_at(path[: depth + 1]) is None
+        )
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict) or is_value_key:  # in the file, or a schema default
             raise UserError(f"--set {'.'.join(path)}: {part} is not a section")
         node = child
     node[path[-1]] = value
