@@ -28,7 +28,7 @@ from launcher.distributed import (
 )
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
-from launcher.rouge import score_rouge
+from launcher.scoring import score_predictions
 
 PREDICTIONS_FILE = "predictions.jsonl"
 ROUGE_FILE = "rouge.json"
@@ -86,16 +86,6 @@ def in_dataset_order(pairs: list[tuple[int, str]], expected: int) -> list[str]:
     return [by_index[i] for i in range(expected)]
 
 
-def score_predictions(predictions: list[str], references: list[list[str]], recipe: Recipe) -> dict[str, Any]:
-    return score_rouge(
-        predictions,
-        references,
-        mode=recipe.eval.scoring,
-        use_stemmer=recipe.eval.use_stemmer,
-        split_sentences=recipe.eval.split_sentences,
-    )
-
-
 def write_eval_outputs(
     out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict
 ) -> None:
@@ -134,7 +124,7 @@ def evaluate_model(
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None
-    scores = score_predictions(predictions, [row["references"] for row in rows], recipe)
+    scores = score_predictions(predictions, [row["references"] for row in rows], recipe.eval)
     write_eval_outputs(out_dir, rows, predictions, scores, info)
     print_main(
         accelerator,

@@ -556,6 +556,23 @@ def test_score_file_that_is_not_jsonl(tmp_path, no_launch):
     assert predictions.read_text().startswith('{"id": "test_0"')
 
 
+def test_score_with_a_scoring_mode_that_does_not_exist(tmp_path, no_launch):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "test_0", "prediction": "a", "references": ["a"]}\n')
+    refused(
+        no_launch,
+        "score",
+        str(predictions),
+        "--scoring",
+        "mean",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("--scoring mean", "'best_of_n'", "'per_reference'"),
+        watch=(tmp_path,),
+    )
+
+
 def test_score_ids_not_in_the_dataset(tmp_path, no_launch):
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text('{"id": "test_0", "prediction": "a"}\n{"id": "nope", "prediction": "b"}\n')
