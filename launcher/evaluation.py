@@ -10,7 +10,6 @@ Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -218,13 +217,13 @@ def evaluate_standalone(run_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate and score one model on one split (ftlaunch eval).")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    from launcher.ranklog import run_rank
+    from launcher.ranklog import rank_main
 
-    run_dir = args.run_dir.resolve()
-    return run_rank(run_dir, lambda: evaluate_standalone(run_dir))
+    return rank_main(
+        argv,
+        "Generate and score one model on one split (ftlaunch eval).",
+        lambda run_dir, _args: evaluate_standalone(run_dir),
+    )
 
 
 if __name__ == "__main__":

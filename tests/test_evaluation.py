@@ -47,6 +47,7 @@ def one_process(tmp_path_factory) -> list[dict]:
     )
 
 
+@pytest.mark.slow  # launches `ftlaunch eval` (accelerate + a rank): processes, half a minute
 def test_one_process_predictions_cover_the_split_in_order(one_process):
     sample = read_jsonl(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "test.jsonl")
     assert [row["id"] for row in one_process] == [row["id"] for row in sample]
