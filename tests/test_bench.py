@@ -431,6 +431,7 @@ child.wait()
 """
 
 
+@pytest.mark.slow  # a real process tree left to hit each limit: seconds each
 @pytest.mark.parametrize(
     ("behaviour", "limits", "status"),
     [
