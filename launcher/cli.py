@@ -1,4 +1,4 @@
-"""The ``ftlaunch`` command line (Typer): full | lora | eval | score | report.
+"""The ``ftlaunch`` command line (Typer): full | lora | eval | score | report | estimate | recipe.
 
 Every command turns bad input into ``error: <one line>`` and exit code 2 (``--debug`` shows the
 traceback); nothing is written before the input has been checked.
