@@ -12,7 +12,7 @@ pad-to-max-length (512 source / 128 target; the seed notebook padded labels to 5
 worse still), and a global sort (no randomness left).
 
   python bench/padding.py              # full train split (12,460 dialogues), ~1 min
-  python bench/padding.py --quick      # first 512 dialogues (tests/test_bench.py)
+  python bench/padding.py --quick      # first 128 dialogues (tests/test_bench.py)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     bl.skip_without_data("padding.py")
     if args.quick:
-        args.limit = 512
+        args.limit = 128
     started = time.time()
     import torch
     from transformers import AutoTokenizer

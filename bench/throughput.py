@@ -25,7 +25,7 @@ Contenders run as fresh processes, interleaved in rounds with a rotating order; 
 reports per-contender medians and per-round ratios (each ratio from runs minutes apart).
 
   python bench/throughput.py                  # the real measurement (~10 min on 2 cores)
-  python bench/throughput.py --quick          # smoke test: 24 examples, batch 4, 1 round (tests/test_bench.py)
+  python bench/throughput.py --quick          # smoke test: 12 examples, batch 2, 1 round (tests/test_bench.py)
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, help="a subset of contenders")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 24 examples, batch 4, 1 round")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 12 examples, batch 2, 1 round")
     parser.add_argument("--out", type=Path, default=bl.RESULTS_DIR / "throughput.md")
     args = parser.parse_args()
     bl.skip_without_data("throughput.py")
@@ -382,7 +382,7 @@ def main() -> None:
         worker(args)
         return
     if args.quick:
-        args.examples, args.batch, args.rounds = 24, 4, 1
+        args.examples, args.batch, args.rounds = 12, 2, 1
     args.work.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 

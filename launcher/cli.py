@@ -1,4 +1,4 @@
-"""The ``ftlaunch`` command line (Typer): full | lora | eval | summarize | score | report.
+"""The ``ftlaunch`` command line (Typer): full | lora | eval | summarize | export | score | report | estimate | recipe.
 
 Every command turns bad input into ``error: <one line>`` and exit code 2 (``--debug`` shows the
 traceback); nothing is written before the input has been checked.
@@ -63,8 +63,11 @@ def parse_zero(value: str) -> int:
     return int(value)
 
 
-def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
-    """--zero auto: the smallest ZeRO stage (then least offload) whose estimate fits the GPUs."""
+def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[dict[str, object], str]:
+    """--zero auto: the smallest ZeRO stage (then least offload) whose estimate fits the GPUs.
+
+    Returns the launch keys to change and a note; the validated recipe is not changed in place
+    (the caller validates the changed recipe again)."""
     from launcher.estimate import detect_gpu_mem_gib, zero_auto
     from launcher.families import estimate_targets
 
@@ -83,10 +86,10 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> str:
         target_len=recipe.data.max_target_length,
         fsdp=recipe.launch.fsdp,
     )
-    recipe.launch.zero = row.stage
+    changes: dict[str, object] = {"zero": row.stage}
     if not keep_offload:
-        recipe.launch.offload = row.offload
-    return note + assumed
+        changes["offload"] = row.offload
+    return changes, note + assumed
 
 
 def without_option(args: list[str], option: str) -> list[str]:
@@ -107,29 +110,54 @@ def default_output(method: str, model: str) -> Path:
     return Path("runs") / f"{method}-{Path(model).name}-{stamp}"
 
 
+# The flags of `ftlaunch full|lora` that set a recipe key; their help is the key's schema description.
+FLAG_KEYS = {
+    "model": "model.name",
+    "data": "data.dataset",
+    "gpus": "launch.gpus",
+    "nodes": "launch.nodes",
+    "zero": "launch.zero",
+    "offload": "launch.offload",
+    "fsdp": "launch.fsdp",
+    "cpu": "launch.cpu",
+    "main_address": "launch.main_address",
+    "main_port": "launch.main_port",
+}
+
+
+def key_help(flag: str, extra: str = "") -> str:
+    """A flag's help: the description of the recipe key it sets (launcher/recipe.py), and the key."""
+    from launcher.recipe import key_description
+
+    key = FLAG_KEYS[flag]
+    return f"{key_description(key).rstrip('.')}{extra} (recipe key {key})"
+
+
 def train_command(method: str):
     """Build the `full` / `lora` command (same flags, different recipe)."""
 
     @user_errors
     def command(
-        gpus: int | None = typer.Option(None, "--gpus", help="Processes (GPUs) per node [recipe: 1]."),
-        nodes: int | None = typer.Option(None, "--nodes", help="Machines [recipe: 1]."),
-        zero: str | None = typer.Option(None, "--zero", help="0 = DDP, 1/2/3 = DeepSpeed ZeRO stage, auto."),
+        gpus: int | None = typer.Option(None, "--gpus", help=key_help("gpus")),
+        nodes: int | None = typer.Option(None, "--nodes", help=key_help("nodes")),
+        zero: str | None = typer.Option(
+            None, "--zero", help=key_help("zero", "; auto: the smallest that fits --gpu-mem")
+        ),
         gpu_mem: float | None = typer.Option(
-            None, "--gpu-mem", help="GiB per GPU for --zero auto [detected]."
+            None, "--gpu-mem", help="GiB per GPU for --zero auto (default: detected)."
         ),
-        offload: Offload | None = typer.Option(None, "--offload", help="ZeRO (or --fsdp: full) CPU offload."),
-        fsdp: bool = typer.Option(False, "--fsdp", help="Shard with PyTorch FSDP2 instead of DeepSpeed."),
+        offload: Offload | None = typer.Option(None, "--offload", help=key_help("offload")),
+        fsdp: bool = typer.Option(False, "--fsdp", help=key_help("fsdp")),
         recipe_path: Path | None = typer.Option(
-            None, "--recipe", help=f"Recipe YAML [recipes/{method}.yaml]."
+            None, "--recipe", help=f"Recipe YAML (default: recipes/{method}.yaml)."
         ),
-        model: str | None = typer.Option(None, "--model", help="Hub id, local path, or tiny-t5 (embedded)."),
-        data: str | None = typer.Option(None, "--data", help="Hub id, directory of JSONL splits, or sample."),
+        model: str | None = typer.Option(None, "--model", help=key_help("model")),
+        data: str | None = typer.Option(None, "--data", help=key_help("data")),
         overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4."),
         output: Path | None = typer.Option(
-            None, "--output", help="Run directory [runs/<method>-<model>-<time>]."
+            None, "--output", help="Run directory (default: runs/<method>-<model>-<time>)."
         ),
-        cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
+        cpu: bool = typer.Option(False, "--cpu", help=key_help("cpu")),
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Write the configs and command, launch nothing."
         ),
@@ -140,14 +168,12 @@ def train_command(method: str):
         force_resume: bool = typer.Option(
             False, "--force-resume", help="Resume despite a changed run shape."
         ),
-        main_address: str | None = typer.Option(
-            None, "--main-address", help="Multi-node: first node's address."
-        ),
-        main_port: int | None = typer.Option(None, "--main-port", help="Multi-node: rendezvous port."),
+        main_address: str | None = typer.Option(None, "--main-address", help=key_help("main_address")),
+        main_port: int | None = typer.Option(None, "--main-port", help=key_help("main_port")),
         machine_rank: int | None = typer.Option(
             None,
             "--machine-rank",
-            help="Multi-node: this node's rank [$FTLAUNCH_MACHINE_RANK, $SLURM_NODEID].",
+            help="Multi-node: this node's rank (default: $FTLAUNCH_MACHINE_RANK, $SLURM_NODEID).",
         ),
         debug: bool = DebugOption,
     ) -> None:
@@ -163,18 +189,19 @@ def train_command(method: str):
                 f"recipe {path} is a {recipe_method} recipe (train.method); "
                 f"use `ftlaunch {recipe_method}` or a {method} recipe"
             )
-        flags = {
-            "model.name": model,
-            "data.dataset": data,
-            "launch.gpus": gpus,
-            "launch.nodes": nodes,
-            "launch.zero": parse_zero(zero) if zero not in (None, "auto") else None,
-            "launch.offload": offload.value if offload else None,
-            "launch.fsdp": True if fsdp else None,
-            "launch.cpu": True if cpu else None,
-            "launch.main_address": main_address,
-            "launch.main_port": main_port,
-        }
+        values = dict(
+            model=model,
+            data=data,
+            gpus=gpus,
+            nodes=nodes,
+            zero=parse_zero(zero) if zero not in (None, "auto") else None,
+            offload=offload.value if offload else None,
+            fsdp=True if fsdp else None,
+            cpu=True if cpu else None,
+            main_address=main_address,
+            main_port=main_port,
+        )
+        flags = {FLAG_KEYS[flag]: value for flag, value in values.items()}
         flagged = []
         for key, value in flags.items():
             if value is not None:
@@ -184,10 +211,12 @@ def train_command(method: str):
                 raw[section][name] = value
                 flagged.append([section, name])
         recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
-        zero_note = (
-            pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None) if zero == "auto" else None
-        )
-        recipe = build_recipe(recipe.model_dump(mode="json"), "command line")
+        zero_note = None
+        if zero == "auto":
+            changes, zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None)
+            resolved = recipe.model_dump(mode="json")
+            resolved["launch"].update(changes)
+            recipe = build_recipe(resolved, "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
         notes = launch.prepare_launch(
@@ -201,12 +230,12 @@ def train_command(method: str):
             machine_rank=rank,
         )
 
-        from launcher.render import summarize
+        from launcher.console import command_line, run_summary
 
         for note in notes:
             typer.echo(f"warning: {note}", err=True)
-        typer.echo(summarize(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
-        typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
+        typer.echo(run_summary(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
+        typer.echo(command_line(run_dir))
         if dry_run:
             typer.echo("dry run: nothing launched")
             return
@@ -276,7 +305,9 @@ def eval_command(
     launch.write_run_files(
         recipe, run_dir, None, ["ftlaunch", "eval", *sys.argv[2:]], entry="launcher.evaluation"
     )
-    typer.echo("$ " + (run_dir / "command.sh").read_text().strip().splitlines()[-1].removeprefix("exec "))
+    from launcher.console import command_line
+
+    typer.echo(command_line(run_dir))
     if dry_run:
         return
     raise typer.Exit(launch.run_command(run_dir))
@@ -353,7 +384,7 @@ def estimate_command(
     ),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
     nodes: int = typer.Option(1, "--nodes"),
-    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU [detected, else 80]."),
+    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU (default: detected, else 80)."),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
     fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
@@ -387,7 +418,7 @@ def estimate_command(
 @app.command("score")
 @user_errors
 def score_command(
-    predictions: Path = typer.Argument(..., help="predictions.jsonl (id, prediction[, references])."),
+    predictions: Path = typer.Argument(..., help="predictions.jsonl (id, prediction, optional references)."),
     data: str | None = typer.Option(None, "--data", help="Take references from this dataset instead."),
     split: str = typer.Option("test", "--split"),
     scoring: str = typer.Option(
@@ -422,6 +453,47 @@ def report_command(
         typer.echo((out / "report.md").read_text())
         return
     typer.echo(compare_runs(run_dirs, output))
+
+
+recipe_app = typer.Typer(
+    no_args_is_help=True, help="The recipe schema: every key, and checking a recipe file without running it."
+)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("keys")
+@user_errors
+def recipe_keys_command(
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (README's key table)."),
+    debug: bool = DebugOption,
+) -> None:
+    """Every recipe key: type, default and description (from the schema in launcher/recipe.py)."""
+    from launcher.recipe import keys_markdown, recipe_keys
+
+    if markdown:
+        typer.echo(keys_markdown(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("key", "type", "default", "description", box=None, pad_edge=False)
+    for info in recipe_keys():
+        table.add_row(info.key, info.type, info.default, info.description)
+    Console(width=200, soft_wrap=True).print(table)
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate_command(
+    path: Path = typer.Argument(..., help="A recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.lr=3e-4."),
+    debug: bool = DebugOption,
+) -> None:
+    """Check a recipe (with --set overrides) against the schema: one line OK, or the error (exit 2)."""
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    typer.echo(f"OK: {path} is a valid {recipe.train.method} recipe")
 
 
 def click_exceptions():

@@ -2,7 +2,7 @@
 
 On CPU ranks the process group must be gloo: without it, Accelerate on a CPU-only host counts
 one process per rank while DeepSpeed shards across all of them, so data is not sharded and
-gathers are wrong (see DESIGN.md). DDP on several CPU ranks needs ``cpu=True`` as well, or
+gathers are wrong (see docs/ARCHITECTURE.md, "Pitfalls"). DDP on several CPU ranks needs ``cpu=True`` as well, or
 Accelerate does not wrap the model in DDP.
 """
 

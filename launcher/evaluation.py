@@ -10,7 +10,6 @@ Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from launcher.distributed import (
 from launcher.fsdp import root_weights_gathered
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
-from launcher.rouge import score_rouge
+from launcher.scoring import score_predictions
 
 PREDICTIONS_FILE = "predictions.jsonl"
 ROUGE_FILE = "rouge.json"
@@ -88,16 +87,6 @@ def in_dataset_order(pairs: list[tuple[int, str]], expected: int) -> list[str]:
     return [by_index[i] for i in range(expected)]
 
 
-def score_predictions(predictions: list[str], references: list[list[str]], recipe: Recipe) -> dict[str, Any]:
-    return score_rouge(
-        predictions,
-        references,
-        mode=recipe.eval.scoring,
-        use_stemmer=recipe.eval.use_stemmer,
-        split_sentences=recipe.eval.split_sentences,
-    )
-
-
 def write_eval_outputs(
     out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict
 ) -> None:
@@ -138,7 +127,7 @@ def evaluate_model(
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None
-    scores = score_predictions(predictions, [row["references"] for row in rows], recipe)
+    scores = score_predictions(predictions, [row["references"] for row in rows], recipe.eval)
     write_eval_outputs(out_dir, rows, predictions, scores, info)
     print_main(
         accelerator,
@@ -234,13 +223,13 @@ def evaluate_standalone(run_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate and score one model on one split (ftlaunch eval).")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    from launcher.ranklog import run_rank
+    from launcher.ranklog import rank_main
 
-    run_dir = args.run_dir.resolve()
-    return run_rank(run_dir, lambda: evaluate_standalone(run_dir))
+    return rank_main(
+        argv,
+        "Generate and score one model on one split (ftlaunch eval).",
+        lambda run_dir, _args: evaluate_standalone(run_dir),
+    )
 
 
 if __name__ == "__main__":

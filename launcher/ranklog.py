@@ -14,6 +14,7 @@ to say which rank failed first and why. Nothing here imports torch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -212,6 +213,21 @@ def fail(run_dir: Path, exit_code: int, error: str) -> int:
     if os.environ.get(SUPERVISED_ENV) != "1" and (failure.rank == 0 or exit_code != EXIT_USAGE):
         console.write(f"error: rank {failure.rank}: {error} (log: {failure.log})\n")
     return exit_code
+
+
+def rank_main(
+    argv: list[str] | None, description: str, body: Callable[[Path, argparse.Namespace], int], *options
+) -> int:
+    """The entry point of every rank (``python -m launcher.train|evaluation --run-dir RUN``):
+    parse ``--run-dir`` (and ``options``: ``(flags, kwargs)`` pairs), then run
+    ``body(run_dir, args)`` under ``run_rank``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    for flags, kwargs in options:
+        parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    return run_rank(run_dir, lambda: body(run_dir, args))
 
 
 def run_rank(run_dir: Path, body: Callable[[], int]) -> int:

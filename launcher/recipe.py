@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,11 +32,19 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name: str = "google/flan-t5-base"  # hub id, local directory, or tiny-t5 (embedded)
-    tokenizer: str | None = None  # defaults to the model's own tokenizer
-    adapter: str | None = None  # a PEFT adapter directory on top of `name` (ftlaunch eval)
-    precision: Literal["bf16", "fp32", "fp16"] = "bf16"  # fp32 master weights + autocast
-    dropout: float | None = Field(None, ge=0, lt=1)  # override the model's dropout (null: keep it)
+    name: str = Field(
+        "google/flan-t5-base", description="Hub id, local directory, or tiny-t5 (embedded, no download)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or directory (null: the model's own).")
+    adapter: str | None = Field(
+        None, description="A PEFT adapter directory on top of model.name (ftlaunch eval)."
+    )
+    precision: Literal["bf16", "fp32", "fp16"] = Field(
+        "bf16", description="Autocast dtype over fp32 master weights (fp16 is refused for T5)."
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Override the model's dropout (null: keep it)."
+    )
 
     @property
     def mixed_precision(self) -> str:
@@ -44,23 +53,28 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    dataset: str = "knkarthick/dialogsum"  # hub id, directory of {split}.jsonl/.csv/.parquet, or sample
+    dataset: str = Field(
+        "knkarthick/dialogsum",
+        description="Hub id, directory of {split}.jsonl/.csv/.parquet files, or sample (embedded).",
+    )
     source_field: str = Field(
-        "dialogue", min_length=1, description="column holding the text to summarize (fills {dialogue})"
+        "dialogue", min_length=1, description="Column holding the text to summarize (fills {dialogue})."
     )
     target_field: str | list[str] = Field(
         "summary",
-        description="column of the reference summary, or a list of columns for several references "
-        "(the first is the training target; all are scored, best-of-n)",
+        description="Column of the reference summary, or a list of columns for several references "
+        "(the first is the training target; all are scored, best-of-n).",
     )
-    prompt: str = DEFAULT_PROMPT  # must contain {dialogue}
-    max_source_length: int = Field(512, gt=0)
-    max_target_length: int = Field(128, gt=0)
-    train_split: str = "train"
-    validation_split: str = "validation"
-    train_limit: int | None = Field(None, gt=0)  # first N training examples only
-    validation_limit: int | None = Field(None, gt=0)
-    group_by_length: bool = True  # batches of similar length: little compute spent on padding
+    prompt: str = Field(DEFAULT_PROMPT, description="Model input; {dialogue} is replaced by the dialogue.")
+    max_source_length: int = Field(512, gt=0, description="Input tokens kept (prompt + dialogue).")
+    max_target_length: int = Field(128, gt=0, description="Summary tokens kept as labels.")
+    train_split: str = Field("train", description="Split to train on.")
+    validation_split: str = Field("validation", description="Split for the validation loss.")
+    train_limit: int | None = Field(None, gt=0, description="First N training examples only.")
+    validation_limit: int | None = Field(None, gt=0, description="First N validation examples only.")
+    group_by_length: bool = Field(
+        True, description="Batches of similar length: little compute spent on padding."
+    )
 
     @model_validator(mode="after")
     def _prompt_has_dialogue(self) -> DataSection:
@@ -102,60 +116,74 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["full", "lora"] = "full"
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; stops before `epochs` if reached
-    micro_batch_size: int = Field(8, gt=0)  # per rank, per forward pass
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
-    seed: int = 42
-    log_every: int = Field(10, gt=0)  # optimizer steps between metrics lines
-    eval_every: int | None = Field(None, gt=0)  # validation loss every N steps (always at the end)
-    checkpoint_every: int | None = Field(500, gt=0)  # null: only on preemption
-    keep_checkpoints: int = Field(2, gt=0)
+    method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
+    epochs: int = Field(1, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after N optimizer steps (before train.epochs if reached)."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Examples per rank per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    seed: int = Field(42, description="Seed for weights, dropout and data order.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
+    eval_every: int | None = Field(
+        200, gt=0, description="Validation loss every N optimizer steps (always at the end; null: only then)."
+    )
+    checkpoint_every: int | None = Field(
+        500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
 
 
 class LoraSection(Section):
-    r: int = Field(32, gt=0)
-    alpha: int = Field(32, gt=0)
+    r: int = Field(32, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling (alpha / r).")
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
-        description="module names to adapt; null: the model's attention query and value projections "
-        "(T5, mT5: q, v; BART, mBART, Pegasus: q_proj, v_proj)",
+        description="Module names that get adapters; null: the model's attention query and value "
+        "projections (T5, mT5: q, v; BART, mBART, Pegasus: q_proj, v_proj).",
     )
-    dropout: float = Field(0.05, ge=0, lt=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    save_merged: bool = False  # also write final/merged: base + adapter as one model
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    save_merged: bool = Field(False, description="Also write final/merged: base + adapter as one model.")
 
 
 class EvalSection(Section):
-    after_training: bool = True  # generate + ROUGE report at the end of `full`/`lora`
-    compare_original: bool = True  # also score the model before fine-tuning
-    split: str = "test"
-    limit: int | None = Field(None, gt=0)  # first N examples of the split
-    batch_size: int = Field(16, gt=0)  # per rank
-    max_new_tokens: int = Field(128, gt=0)
-    num_beams: int = Field(1, gt=0)
-    scoring: Literal["best_of_n", "per_reference"] = "best_of_n"
-    use_stemmer: bool = True
-    split_sentences: bool = False  # one sentence per line before rougeLsum
-    report_examples: int = Field(3, ge=0)
+    after_training: bool = Field(True, description="Generate + ROUGE report at the end of full/lora.")
+    compare_original: bool = Field(True, description="Also score the model before fine-tuning.")
+    split: str = Field("test", description="Split to generate on and score.")
+    limit: int | None = Field(None, gt=0, description="First N examples of the split only.")
+    batch_size: int = Field(16, gt=0, description="Dialogues per rank per generate call.")
+    max_new_tokens: int = Field(128, gt=0, description="Longest generated summary, in tokens.")
+    num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy).")
+    scoring: Literal["best_of_n", "per_reference"] = Field(
+        "best_of_n", description="Several references: best per metric, or the seed's per-row mean."
+    )
+    use_stemmer: bool = Field(True, description="Porter stemmer in ROUGE.")
+    split_sentences: bool = Field(False, description="One sentence per line before rougeLsum.")
+    report_examples: int = Field(3, ge=0, description="Example predictions shown in the report.")
 
 
 class LaunchSection(Section):
-    gpus: int = Field(1, gt=0)  # processes per node
-    nodes: int = Field(1, gt=0)
-    zero: Literal[0, 1, 2, 3] = 0  # 0: DDP; 1-3: DeepSpeed ZeRO stage
-    fsdp: bool = False  # PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with zero 1-3
-    offload: Literal["none", "optimizer", "full"] = "none"
-    cpu: bool = False  # ranks are CPU processes (gloo): the whole path without a GPU
-    main_address: str | None = None  # multi-node: first node's address
-    main_port: int | None = Field(None, gt=0, lt=65536)
+    gpus: int = Field(1, gt=0, description="Processes (GPUs) per node.")
+    nodes: int = Field(1, gt=0, description="Machines.")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="0: DDP; 1, 2, 3: DeepSpeed ZeRO stage.")
+    fsdp: bool = Field(
+        False, description="Shard with PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with zero 1-3."
+    )
+    offload: Literal["none", "optimizer", "full"] = Field(
+        "none", description="CPU offload: ZeRO optimizer or full; FSDP full only."
+    )
+    cpu: bool = Field(False, description="Run the ranks as CPU processes (gloo).")
+    main_address: str | None = Field(None, description="Multi-node: first node's address.")
+    main_port: int | None = Field(None, gt=0, lt=65536, description="Multi-node: rendezvous port.")
     # No machine rank here: it differs per node, so it is not part of a run (see render.py).
 
     @model_validator(mode="after")
@@ -253,17 +281,23 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def is_text_field(path: list[str]) -> bool:
-    """True when the schema types this key as text, so ``--set`` keeps the value verbatim."""
+def section_at(path: list[str]) -> type[BaseModel] | None:
+    """The schema class reached by walking ``path`` from Recipe (None where a part is no section)."""
     model: type[BaseModel] = Recipe
-    for part in path[:-1]:
+    for part in path:
         field = model.model_fields.get(part)
         if field is None or not (
             isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
         ):
-            return False
+            return None
         model = field.annotation
-    field = model.model_fields.get(path[-1])
+    return model
+
+
+def is_text_field(path: list[str]) -> bool:
+    """True when the schema types this key as text, so ``--set`` keeps the value verbatim."""
+    section = section_at(path[:-1])
+    field = section.model_fields.get(path[-1]) if section else None
     return field is not None and field.annotation in (str, str | None)
 
 
@@ -287,9 +321,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     """Set a dotted key in a nested dict; the schema later checks the key exists."""
     node = data
-    for part in path[:-1]:
+    for depth, part in enumerate(path[:-1]):
+        parent = section_at(path[:depth])
+        is_value_key = (
+            parent is not None and part in parent.model_fields and section_at(path[: depth + 1]) is None
+        )
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict) or is_value_key:  # in the file, or a schema default
             raise UserError(f"--set {'.'.join(path)}: {part} is not a section")
         node = child
     node[path[-1]] = value
@@ -347,22 +385,66 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def did_you_mean(loc: list[str]) -> str:
     """Suggest the closest valid key at the same level of the schema."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        if (
-            field is None
-            or not isinstance(field.annotation, type)
-            or not issubclass(field.annotation, BaseModel)
-        ):
-            return ""
-        model = field.annotation
-    choices = list(model.model_fields)
+    section = section_at(loc[:-1])
+    if section is None:
+        return ""
+    choices = list(section.model_fields)
     close = difflib.get_close_matches(loc[-1], choices, n=1)
-    prefix = ".".join(loc[:-1] + [close[0]]) if close else None
-    if prefix:
-        return f"; did you mean {prefix}?"
+    if close:
+        return f"; did you mean {'.'.join(loc[:-1] + [close[0]])}?"
     return f"; valid keys here: {', '.join(choices)}"
+
+
+# ---------------------------------------------------------------- the schema describes itself
+
+
+class KeyInfo(NamedTuple):
+    key: str  # dotted: train.lr
+    type: str  # as written in the schema: int | None, Literal['linear', ...]
+    default: str  # YAML text of the default
+    description: str
+
+
+def type_name(annotation: Any) -> str:
+    """The annotation as a reader writes it (``int | None``, ``'a' | 'b'``), not ``typing.Optional[int]``."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(arg) if isinstance(arg, str) else str(arg) for arg in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " | ".join(type_name(arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if get_origin(annotation) is list:
+        return f"list[{type_name(get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def recipe_keys() -> list[KeyInfo]:
+    """Every recipe key in schema order with its type, default and description: the one source of
+    ``ftlaunch recipe keys``, README's key table and the flag help of ``ftlaunch full|lora``."""
+    keys = []
+    for section_name, section in Recipe.model_fields.items():
+        for name, field in section.annotation.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            text = json.dumps(default)  # JSON is YAML: what a recipe file would say
+            keys.append(
+                KeyInfo(f"{section_name}.{name}", type_name(field.annotation), text, field.description or "")
+            )
+    return keys
+
+
+def key_description(key: str) -> str:
+    """The schema's description of a dotted key (``launch.gpus``)."""
+    section, name = key.split(".")
+    return Recipe.model_fields[section].annotation.model_fields[name].description or ""
+
+
+def keys_markdown() -> str:
+    """README's key table (`ftlaunch recipe keys --markdown`)."""
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for info in recipe_keys():
+        cells = (f"`{info.key}`", f"`{info.type}`", f"`{info.default}`", info.description)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -336,44 +336,6 @@ def render_run(
     )
 
 
-def summarize(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...] = ()) -> str:
-    """The short dry-run summary: world size, effective batch, stage, precision, paths."""
-    launch, train = recipe.launch, recipe.train
-    strategy = "DDP" if launch.zero == 0 else f"DeepSpeed ZeRO-{launch.zero}"
-    if launch.fsdp:
-        strategy = "PyTorch FSDP2 (fully_shard)"
-    if launch.offload != "none":
-        strategy += f" (offload {launch.offload} to CPU)"
-    device = "CPU ranks (gloo)" if launch.cpu else "GPU ranks (nccl)"
-    rows = [
-        ("method", f"{train.method} fine-tuning of {recipe.model.name} on {recipe.data.dataset}"),
-        ("world size", f"{launch.world_size} = {launch.gpus} per node x {launch.nodes} node(s), {device}"),
-        (
-            "effective batch",
-            f"{recipe.effective_batch_size()} = micro batch {train.micro_batch_size} x accumulation "
-            f"{train.grad_accum} x world size {launch.world_size}",
-        ),
-        ("strategy", strategy),
-        ("precision", recipe.model.precision),
-        *(
-            [
-                (
-                    "main node",
-                    f"{launch.main_address or '$SLURM_JOB_NODELIST[0]'}:"
-                    f"{launch.main_port or '20000 + $SLURM_JOB_ID % 20000'}",
-                )
-            ]
-            if launch.nodes > 1
-            else []
-        ),
-        ("run dir", str(run_dir)),
-        ("command", str(run_dir / "command.sh")),
-        *notes,
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
 def require_multinode_address(recipe: Recipe, env: dict[str, str]) -> None:
     """Launching (not rendering) several nodes needs to know where machine rank 0 is."""
     if recipe.launch.nodes > 1 and not recipe.launch.main_address and not env.get("SLURM_JOB_NODELIST"):

@@ -1,13 +1,36 @@
-"""``ftlaunch score``: rescore an existing predictions file, without generating."""
+"""Scoring predictions with ROUGE under the recipe's eval settings: at the end of a run, in
+``ftlaunch eval`` (evaluation.py) and in ``ftlaunch score`` (rescoring a predictions file).
+
+rouge.py is the metric itself (evaluate's definitions over rouge_score); this module is the one
+place that turns the settings (``eval.scoring``, ``eval.use_stemmer``, ``eval.split_sentences``)
+into a call of it.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from launcher.data import load_split, read_jsonl
 from launcher.errors import UserError
-from launcher.rouge import SCORING_MODES, score_rouge
+from launcher.recipe import EvalSection, describe_validation_error
+from launcher.rouge import score_rouge
+
+
+def score_predictions(
+    predictions: list[str], references: list[list[str]], settings: EvalSection
+) -> dict[str, Any]:
+    """ROUGE of ``predictions`` against their references, as the eval settings say."""
+    return score_rouge(
+        predictions,
+        references,
+        mode=settings.scoring,
+        use_stemmer=settings.use_stemmer,
+        split_sentences=settings.split_sentences,
+    )
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -60,17 +83,13 @@ def rescore(
     split_sentences: bool,
     output: Path | None,
 ) -> str:
-    if scoring not in SCORING_MODES:
-        raise UserError(f"--scoring {scoring} is not a scoring mode; use one of {', '.join(SCORING_MODES)}")
+    try:  # the flags are the recipe's eval keys: the schema checks them
+        settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
+    except ValidationError as exc:
+        raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
     rows = read_predictions(path)
     references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
-    scores = score_rouge(
-        [row["prediction"] for row in rows],
-        references,
-        mode=scoring,
-        use_stemmer=stemmer,
-        split_sentences=split_sentences,
-    )
+    scores = score_predictions([row["prediction"] for row in rows], references, settings)
     scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
     text = json.dumps(scores, indent=2)
     if output is not None:

@@ -16,7 +16,6 @@ Raises: UserError (exit 2) for a checkpoint of another run shape.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import math
@@ -630,15 +629,15 @@ def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--resume", default=None, help="auto, or a checkpoint directory")
-    parser.add_argument("--force-resume", action="store_true")
-    args = parser.parse_args(argv)
-    from launcher.ranklog import run_rank
+    from launcher.ranklog import rank_main
 
-    run_dir = args.run_dir.resolve()
-    return run_rank(run_dir, lambda: train(run_dir, args.resume, args.force_resume))
+    return rank_main(
+        argv,
+        __doc__.splitlines()[0],
+        lambda run_dir, args: train(run_dir, args.resume, args.force_resume),
+        (("--resume",), dict(default=None, help="auto, or a checkpoint directory")),
+        (("--force-resume",), dict(action="store_true")),
+    )
 
 
 if __name__ == "__main__":

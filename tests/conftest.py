@@ -1,12 +1,22 @@
-"""Shared test helpers: run the real `ftlaunch` CLI in a subprocess, offline, on CPU."""
+"""Shared test helpers: run the real `ftlaunch` CLI, offline, on CPU.
+
+``run_cli`` starts ``python -m launcher.cli`` as a subprocess (seconds: it imports torch each time);
+``run_cli_in_process`` calls the same ``main()`` with the same argv, environment and working
+directory inside the test process (milliseconds). Refusals and renders use the in-process one; the
+few end-to-end tests and everything that launches ranks use the subprocess.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -42,6 +52,57 @@ def run_cli(
     )
 
 
+def run_cli_in_process(
+    *args: str, timeout: float | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`ftlaunch ARGS...` through ``launcher.cli.main`` in this process; the same result object as
+    ``run_cli``. Nothing is launched: where ``env`` names FTLAUNCH_TEST_LAUNCH_MARKER (the fake
+    `accelerate` of the refusal tests) the launch step appends the run directory to that file and
+    returns 99 as the fake does; anywhere else a launch fails the test (use ``run_cli``)."""
+    from launcher import cli, launch
+
+    env = env or cli_env()
+    marker = env.get("FTLAUNCH_TEST_LAUNCH_MARKER")
+
+    def no_launch(run_dir, *_args, **_kwargs):
+        if marker is None:
+            raise AssertionError("an in-process `ftlaunch` tried to launch ranks; use run_cli (a subprocess)")
+        with open(marker, "a") as file:
+            file.write(f"launch {run_dir}\n")
+        return 99
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), Path.cwd(), sys.argv
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["ftlaunch", *map(str, args)]
+    try:
+        os.chdir(cwd or REPO)
+        with (
+            mock.patch.object(launch, "run_command", no_launch),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except AssertionError:
+                raise
+            except Exception:  # noqa: BLE001 (what a subprocess prints before dying: a traceback, exit 1)
+                stderr.write(traceback.format_exc())
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(
+        ["ftlaunch", *map(str, args)], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -49,6 +110,12 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture
 def ftlaunch():
     return run_cli
+
+
+# The whole suite is offline (no hub): set before anything imports huggingface_hub, which reads
+# these once, so in-process CLI runs behave like the offline subprocesses.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 
 def needs_dialogsum():

@@ -1,10 +1,14 @@
 """The bad-input catalogue: every mistake is refused before any rank starts.
 
-For each case the real CLI (a subprocess, offline, CPU) must exit with code 2 and print exactly one
+For each case the real CLI (offline, CPU) must exit with code 2 and print exactly one
 stderr line, ``error: ...``, that names the file/key (and line where there is one) and says how to fix
 it; no traceback; nothing written into --output (absent afterwards, or a pre-existing directory
 unchanged byte for byte); and no launch: a fake ``accelerate`` first on PATH records any attempt to
 start ranks, so a refusal that came too late fails the test at once (and cheaply).
+
+The CLI runs in-process (``run_cli_in_process``: the same ``main()``, argv and environment, where a
+launch attempt fails the test); the hub-without-network cases run it as a subprocess, because
+huggingface_hub reads HF_HOME and the offline switch once, when it is imported.
 
 Recipe typos/types, --zero, fp16, --gpus, method mismatch, a different run in --output, a missing data
 dir or model path and bad LoRA targets are in test_cli_errors.py; this file covers the rest.
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_cli_in_process
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
 CLI_TIMEOUT = 120  # a refusal takes seconds; this only bounds a hang
@@ -59,6 +63,7 @@ def refused(
     fragments: tuple[str, ...] = (),
     patterns: tuple[str, ...] = (),
     watch: tuple[Path, ...] = (),
+    run=run_cli_in_process,
 ) -> str:
     """Run `ftlaunch ARGS`; expect exit 2, one `error:` line with every fragment, nothing written.
 
@@ -68,7 +73,7 @@ def refused(
     watched = [path for path in (output, *watch) if path is not None]
     before = {path: tree(path) if path.exists() else None for path in watched}
     started = time.monotonic()
-    result = run_cli(*args, env=env, timeout=CLI_TIMEOUT)
+    result = run(*args, env=env, timeout=CLI_TIMEOUT)
     elapsed = time.monotonic() - started
     output_text = result.stdout + result.stderr
     marker = Path(env["FTLAUNCH_TEST_LAUNCH_MARKER"])
@@ -278,7 +283,7 @@ def test_missing_test_split_when_evaluating_after_training(tmp_path, no_launch):
         watch=(data,),
     )
     # Without the evaluation the test split is not needed: the check follows the recipe.
-    result = run_cli(
+    result = run_cli_in_process(
         *train_args(data, tmp_path / "out", "--set", "eval.after_training=false", "--dry-run"),
         env=no_launch,
         timeout=CLI_TIMEOUT,
@@ -305,7 +310,7 @@ def test_refusal_leaves_an_existing_run_as_it_was(tmp_path, no_launch, flag):
     """Bad data found on a relaunch: --overwrite must not delete the old run, --resume must not touch it."""
     data = data_dir(tmp_path)
     output = tmp_path / "run"
-    result = run_cli(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     (output / "notes.txt").write_text("results of the first run\n")
     drop_field(data / "train.jsonl", 3, "summary")
@@ -323,7 +328,7 @@ def test_refusal_leaves_an_existing_run_as_it_was(tmp_path, no_launch, flag):
 
 def existing_run_with_checkpoint(env: dict[str, str], output: Path) -> Path:
     """A rendered run (dry run) plus a checkpoint folder as a crashed save and a finished one leave them."""
-    result = run_cli(*train_args("sample", output, "--dry-run"), env=env, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(*train_args("sample", output, "--dry-run"), env=env, timeout=CLI_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     checkpoints = output / "checkpoints"
     (checkpoints / ".tmp-step_8").mkdir(parents=True)
@@ -412,6 +417,7 @@ def test_dataset_hub_id_without_network(tmp_path, no_launch, network):
         env,
         *train_args("some/dataset", tmp_path / "out"),
         output=tmp_path / "out",
+        run=run_cli,
         fragments=("'some/dataset'", reason, "not in the local cache", "--data DIR"),
     )
 
@@ -435,6 +441,7 @@ def test_model_hub_id_without_network(tmp_path, no_launch, network):
         "--output",
         str(tmp_path / "out"),
         output=tmp_path / "out",
+        run=run_cli,
         fragments=(
             "'google/flan-t5-base'",
             reason,
@@ -524,6 +531,7 @@ def test_eval_model_hub_id_without_network(tmp_path, no_launch):
         "--output",
         str(tmp_path / "out"),
         output=tmp_path / "out",
+        run=run_cli,
         fragments=("'google/flan-t5-base'", "HF_HUB_OFFLINE=1", "--model DIR"),
     )
 
@@ -546,6 +554,23 @@ def test_score_file_that_is_not_jsonl(tmp_path, no_launch):
         fragments=(str(predictions), "line 2 ", "not JSON", "json.dumps", "one JSON object"),
     )
     assert predictions.read_text().startswith('{"id": "test_0"')
+
+
+def test_score_with_a_scoring_mode_that_does_not_exist(tmp_path, no_launch):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "test_0", "prediction": "a", "references": ["a"]}\n')
+    refused(
+        no_launch,
+        "score",
+        str(predictions),
+        "--scoring",
+        "mean",
+        "--output",
+        str(tmp_path / "out"),
+        output=tmp_path / "out",
+        fragments=("--scoring mean", "'best_of_n'", "'per_reference'"),
+        watch=(tmp_path,),
+    )
 
 
 def test_score_ids_not_in_the_dataset(tmp_path, no_launch):
@@ -603,7 +628,9 @@ def test_jsonl_with_a_byte_order_mark_or_crlf_loads(tmp_path, no_launch, form):
         if "bom" in form:
             raw = b"\xef\xbb\xbf" + raw
         path.write_bytes(raw)
-    result = run_cli(*train_args(data, tmp_path / "out", "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(
+        *train_args(data, tmp_path / "out", "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for split in ("train", "validation", "test"):
         assert load_split(str(data), split) == load_split("sample", split), split
@@ -636,7 +663,9 @@ def write_checkpoint(output: Path, step: int) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "bit-flip"])
 def test_resume_path_of_a_damaged_checkpoint(tmp_path, no_launch, damage):
     output = tmp_path / "run"
-    result = run_cli(*train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(
+        *train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     checkpoint = write_checkpoint(output, 4)
     weights = checkpoint / "model.safetensors"
@@ -685,7 +714,7 @@ def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
 def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch, kind):
     data = data_dir(tmp_path)
     output = tmp_path / "run"
-    result = run_cli(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     checkpoint = write_checkpoint(output, 4)
     # The same tokenizer copied elsewhere is the same tokenizer: only a changed one is refused.
@@ -709,20 +738,22 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
     if kind != "model":
         assert "model" not in line.split("(")[1].split(")")[0], line  # only what changed is named
     # --force-resume accepts it: the launch goes ahead (here: the fake launcher is reached).
-    result = run_cli(*args, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(*args, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
     assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
 
 
 def test_resume_with_the_same_tokenizer_copied_elsewhere(tmp_path, no_launch):
     output = tmp_path / "run"
-    result = run_cli(*train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli_in_process(
+        *train_args("sample", output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     write_checkpoint(output, 4)
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(
         Path(__file__).resolve().parents[1] / "launcher" / "assets" / "tiny_t5_tokenizer", tokenizer
     )
-    result = run_cli(
+    result = run_cli_in_process(
         *train_args(
             "sample", output, "--set", f"model.tokenizer={tokenizer}", "--resume", "auto", "--dry-run"
         ),
@@ -752,5 +783,5 @@ def test_disk_too_small_for_the_run(tmp_path, no_launch, small_disk):
     )
     # The same run fits a larger disk: the check is an estimate, not a refusal of small disks.
     output = small_disk("128M") / "run"
-    result = run_cli(*train_args("sample", output), env=no_launch, timeout=CLI_TIMEOUT)
+    result = run_cli(*train_args("sample", output), env=no_launch, timeout=CLI_TIMEOUT)  # a launch
     assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr

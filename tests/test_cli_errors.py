@@ -1,8 +1,8 @@
 """Bad input to `ftlaunch full|lora`: exit code 2, one `error: ...` line on stderr, no traceback,
 and nothing written into --output (absent afterwards, or a pre-existing directory unchanged).
 
-Each case is one `python -m launcher.cli` subprocess (about 0.3 s); the LoRA target check builds a
-meta-device T5 and imports transformers (several seconds).
+Each case runs the CLI's ``main()`` in-process (``run_cli_in_process``: milliseconds); the GPU check
+runs it as a subprocess, as a user would (CUDA visibility is fixed once per process).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_cli_in_process
 
 BAD_YAML = "model:\n  name: [google/flan-t5-base\ntrain:\n  lr: 1e-5\n"
 UNKNOWN_KEY = "train:\n  method: full\n  learning_rate: 1.0e-5\n"
@@ -38,10 +38,12 @@ def assert_refused(result, *fragments: str) -> str:
     return lines[0]
 
 
-def refused(output: Path, *args: str, fragments: tuple[str, ...] = (), **env: str) -> str:
+def refused(
+    output: Path, *args: str, fragments: tuple[str, ...] = (), run=run_cli_in_process, **env: str
+) -> str:
     """Run `ftlaunch ARGS --output OUTPUT`, expect a refusal that leaves OUTPUT as it was."""
     before = tree(output) if output.exists() else None
-    line = assert_refused(run_cli(*args, "--output", str(output), env=cli_env(**env)), *fragments)
+    line = assert_refused(run(*args, "--output", str(output), env=cli_env(**env)), *fragments)
     if before is None:
         assert not output.exists(), f"{output} was created by a refused command"
     else:
@@ -50,7 +52,7 @@ def refused(output: Path, *args: str, fragments: tuple[str, ...] = (), **env: st
 
 
 def dry_run(output: Path, *args: str) -> None:
-    result = run_cli(*args, "--dry-run", "--output", str(output))
+    result = run_cli_in_process(*args, "--dry-run", "--output", str(output))
     assert result.returncode == 0, result.stderr
 
 
@@ -111,6 +113,7 @@ def test_gpus_without_gpu_says_how_to_fix(tmp_path):
         "--gpus",
         "4",
         fragments=("--gpus 4", "--cpu", "--dry-run"),
+        run=run_cli,
         CUDA_VISIBLE_DEVICES="",
     )
     assert "none is visible" in line
@@ -149,7 +152,7 @@ def test_output_not_empty_without_a_run(tmp_path):
 def test_output_is_a_file(tmp_path):
     output = tmp_path / "out"
     output.write_text("not a directory\n")
-    assert_refused(run_cli("full", "--dry-run", "--output", str(output)), "is a file")
+    assert_refused(run_cli_in_process("full", "--dry-run", "--output", str(output)), "is a file")
     assert output.read_text() == "not a directory\n"
 
 
@@ -171,7 +174,9 @@ def test_refused_overwrite_keeps_the_existing_run(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli("full", "--dry-run", "--zero", "5", "--debug", "--output", str(tmp_path / "out"))
+    result = run_cli_in_process(
+        "full", "--dry-run", "--zero", "5", "--debug", "--output", str(tmp_path / "out")
+    )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_cli, run_cli_in_process
 from rouge_score import rouge_scorer
 
 SAMPLE_TEST_SIZE = 13  # does not divide by 2 ranks (nor by the batch sizes used below)
@@ -47,6 +47,7 @@ def one_process(tmp_path_factory) -> list[dict]:
     )
 
 
+@pytest.mark.slow  # launches `ftlaunch eval` (accelerate + a rank): processes, half a minute
 def test_one_process_predictions_cover_the_split_in_order(one_process):
     sample = read_jsonl(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "test.jsonl")
     assert [row["id"] for row in one_process] == [row["id"] for row in sample]
@@ -112,7 +113,7 @@ def independent_rouge(rows: list[dict], best_of: bool) -> dict[str, float]:
 @pytest.mark.parametrize("scoring", ["best_of_n", "per_reference"])
 def test_score_matches_rouge_score(tmp_path, scoring):
     path = write_predictions(tmp_path / "predictions.jsonl", PREDICTIONS)
-    result = run_cli("score", str(path), "--scoring", scoring, "--output", str(tmp_path / "out"))
+    result = run_cli_in_process("score", str(path), "--scoring", scoring, "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "out" / "rouge.json").read_text())
     expected = independent_rouge(PREDICTIONS, best_of=scoring == "best_of_n")
@@ -128,7 +129,7 @@ def test_score_single_reference_takes_references_from_data(tmp_path):
     )
     rows = [{"id": row["id"], "prediction": row["summary"].split(".")[0]} for row in sample]
     path = write_predictions(tmp_path / "predictions.jsonl", rows)
-    result = run_cli("score", str(path), "--data", "sample", "--split", "validation")
+    result = run_cli_in_process("score", str(path), "--data", "sample", "--split", "validation")
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     expected = independent_rouge(
@@ -140,7 +141,7 @@ def test_score_single_reference_takes_references_from_data(tmp_path):
 
 def test_score_rejects_unknown_ids(tmp_path):
     path = write_predictions(tmp_path / "predictions.jsonl", [{"id": "nope", "prediction": "x"}])
-    result = run_cli("score", str(path), "--data", "sample")
+    result = run_cli_in_process("score", str(path), "--data", "sample")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "nope" in result.stderr
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_cli_in_process
 
 from launcher import distributed, train
 from launcher.recipe import build_recipe, default_recipe_path, load_recipe
@@ -67,7 +67,7 @@ def test_stop_flag_is_all_reduced_every_n_steps_and_at_the_last():
 def tiny_run(tmp_path):
     """A rendered one-process CPU run of tiny-t5 (12 steps over 2 epochs), set up in this process."""
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "full",
         "--cpu",
         "--gpus",
@@ -233,7 +233,7 @@ def fake_accelerate(bin_dir: Path) -> Path:
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_offload_ranks_get_their_share_of_the_cores(tmp_path, gpus):
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "full",
         "--gpus",
         str(gpus),
@@ -282,6 +282,9 @@ def test_accelerate_hands_the_exported_thread_count_to_the_ranks(monkeypatch):
 def test_runs_without_offload_leave_threads_to_accelerate(tmp_path):
     run_dir = tmp_path / "run"
     assert (
-        run_cli("full", "--gpus", "2", "--zero", "3", "--dry-run", "--output", str(run_dir)).returncode == 0
+        run_cli_in_process(
+            "full", "--gpus", "2", "--zero", "3", "--dry-run", "--output", str(run_dir)
+        ).returncode
+        == 0
     )
     assert "OMP_NUM_THREADS" not in (run_dir / "command.sh").read_text()

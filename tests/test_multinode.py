@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, read_jsonl, run_cli
+from conftest import REPO, cli_env, read_jsonl, run_cli, run_cli_in_process
 
 SMALL = (
     "--cpu",
@@ -119,18 +119,18 @@ def test_render_once_then_command_sh_on_every_node(tmp_path):
 
 
 def test_a_node_without_a_machine_rank_is_refused(tmp_path):
-    result = run_cli("full", *SMALL, "--output", str(tmp_path / "run"))
+    result = run_cli_in_process("full", *SMALL, "--output", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "machine rank is unknown" in result.stderr and "--machine-rank" in result.stderr
     assert not (tmp_path / "run").exists()
-    wrong = run_cli("full", *SMALL, "--machine-rank", "2", "--output", str(tmp_path / "run"))
+    wrong = run_cli_in_process("full", *SMALL, "--machine-rank", "2", "--output", str(tmp_path / "run"))
     assert wrong.returncode == 2 and "use 0..1" in wrong.stderr
 
 
 def test_command_sh_without_a_machine_rank_stops_before_launching(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli("full", *SMALL, "--output", str(run_dir), "--dry-run").returncode == 0
+    assert run_cli_in_process("full", *SMALL, "--output", str(run_dir), "--dry-run").returncode == 0
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "accelerate").write_text("#!/bin/sh\necho launched\n")

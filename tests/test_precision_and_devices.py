@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_cli_in_process
 
 
 def gpu_recipe():
@@ -89,7 +89,7 @@ def bart_dir(tmp_path):
 
 
 def test_fp16_for_a_non_t5_model_is_fp16_under_ddp_and_deepspeed(tmp_path, bart_dir):
-    ddp = run_cli(
+    ddp = run_cli_in_process(
         "full",
         "--gpus",
         "2",
@@ -105,7 +105,7 @@ def test_fp16_for_a_non_t5_model_is_fp16_under_ddp_and_deepspeed(tmp_path, bart_
     )
     assert ddp.returncode == 0, ddp.stderr
     assert yaml.safe_load((tmp_path / "ddp" / "accelerate.yaml").read_text())["mixed_precision"] == "fp16"
-    zero = run_cli(
+    zero = run_cli_in_process(
         "full",
         "--gpus",
         "2",
@@ -132,7 +132,7 @@ def test_fp16_for_a_non_t5_model_is_fp16_under_ddp_and_deepspeed(tmp_path, bart_
 
 
 def test_fp16_is_refused_on_cpu_ranks_and_for_t5(tmp_path, bart_dir):
-    on_cpu = run_cli(
+    on_cpu = run_cli_in_process(
         "full",
         "--cpu",
         "--model",
@@ -146,7 +146,7 @@ def test_fp16_is_refused_on_cpu_ranks_and_for_t5(tmp_path, bart_dir):
         "--dry-run",
     )
     assert on_cpu.returncode == 2 and "fp16 needs GPU ranks" in on_cpu.stderr
-    t5 = run_cli(
+    t5 = run_cli_in_process(
         "full",
         "--model",
         "tiny-t5",
@@ -162,7 +162,7 @@ def test_fp16_is_refused_on_cpu_ranks_and_for_t5(tmp_path, bart_dir):
 
 
 def test_fp32_recipes_render_no_autocast(tmp_path):
-    result = run_cli(
+    result = run_cli_in_process(
         "full",
         "--gpus",
         "2",

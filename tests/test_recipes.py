@@ -45,8 +45,13 @@ def header_comment(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the recipe files
 
 
-def test_seed_recipes_exist():
-    assert {path.name for path in RECIPES} >= {"full.yaml", "lora.yaml"}
+def test_the_recipes_users_pass_are_the_packaged_defaults():
+    """`ftlaunch full|lora` without --recipe read recipes/full.yaml and recipes/lora.yaml, and those
+    are full and LoRA recipes (not only present: loaded, and of the right method)."""
+    for method in ("full", "lora"):
+        path = default_recipe_path(method)
+        assert path.resolve() == (REPO / "recipes" / f"{method}.yaml").resolve()
+        assert load_recipe(path).train.method == method
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
@@ -72,30 +77,57 @@ def test_every_recipe_round_trips_through_the_resolved_dump(path: Path):
     assert Recipe.model_validate(yaml.safe_load(dump_recipe(recipe))) == recipe
 
 
+def seed_table() -> dict[str, dict[str, str]]:
+    """docs/ARCHITECTURE.md's seed recipe table: {method: {key: value as written}}."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split("## The seed recipe", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table: dict[str, dict[str, str]] = {"full": {}, "lora": {}}
+    for row in rows:
+        keys, full, lora = (cell.strip() for cell in row.strip("|").split("|"))
+        for method, cell in (("full", full), ("lora", lora)):
+            if cell != "-":
+                table[method][keys] = full if cell == "the same" else cell
+    return table
+
+
+def seed_values(keys: str, cell: str) -> dict[str, object]:
+    """One table row as {dotted key: typed value}: "`lora.r`, `lora.alpha`" | "`32`, `32`"."""
+    names = re.findall(r"`([a-z_.]+)`", keys)
+    cell = cell.split(" (")[0]  # "`0.01` (AdamW)"
+    values = re.findall(r"`([^`]*)`", cell)
+    if names == ["lora.target_modules"]:
+        return {names[0]: values}
+    assert len(names) == len(values), (keys, cell)
+    return {
+        name: yaml.safe_load(value.replace("\\n", "\n"))
+        if name != "data.prompt"
+        else value.replace("\\n", "\n")
+        for name, value in zip(names, values)
+    }
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_seed_values_shared_by_both_recipes(method: str):
-    recipe = recipe_with(method=method)
-    assert recipe.train.method == method
-    assert recipe.model.name == "google/flan-t5-base"
-    assert recipe.data.dataset == "knkarthick/dialogsum"
-    assert recipe.data.prompt == SEED_PROMPT
-    assert recipe.train.weight_decay == 0.01
-    assert recipe.train.epochs == 1
+def test_recipes_hold_the_seed_values_of_the_architecture_note(method: str):
+    """Every value of the seed recipe table (docs/ARCHITECTURE.md, from the seed notebook) is what
+    `ftlaunch full|lora` resolves: model, data, prompt, optimizer settings and the LoRA shape."""
+    recipe = recipe_with(method=method).model_dump(mode="json")
+    expected = {}
+    for keys, cell in seed_table()[method].items():
+        expected.update(seed_values(keys, cell))
+    assert len(expected) >= (6 if method == "full" else 11), expected
+    for key, value in expected.items():
+        section, name = key.split(".")
+        got = recipe[section][name]
+        if key == "lora.target_modules":  # null: the attention query and value projections (T5: q, v)
+            from launcher.families import T5_MODULE_NAMES, resolve_lora_targets
 
-
-def test_full_recipe_seed_values():
-    assert recipe_with(method="full").train.lr == 1e-5
-
-
-def test_lora_recipe_seed_values():
-    recipe = recipe_with(method="lora")
-    assert recipe.train.lr == 1e-3
-    lora = recipe.lora
-    assert (lora.r, lora.alpha, lora.target_modules, lora.dropout, lora.bias) == (32, 32, None, 0.05, "none")
-    # null: the attention query and value projections, which for the seed's T5 are q and v
-    from launcher.families import T5_MODULE_NAMES, resolve_lora_targets
-
-    assert resolve_lora_targets(T5_MODULE_NAMES, lora.target_modules, "t5") == ["q", "v"]
+            got = resolve_lora_targets(T5_MODULE_NAMES, got, "t5")
+        assert got == (float(value) if isinstance(got, float) else value), (
+            f"{method}: {key} is {got!r}, the seed's is {value!r}"
+        )
+    assert recipe["data"]["prompt"] == SEED_PROMPT
+    assert recipe["train"]["method"] == method
 
 
 # ---------------------------------------------------------------- --set: keys and types
@@ -232,3 +264,63 @@ def test_offload_full_needs_zero3(zero: int):
 def test_valid_offload_combinations(zero: int, offload: str):
     launch = recipe_with(f"launch.zero={zero}", f"launch.offload={offload}").launch
     assert (launch.zero, launch.offload) == (zero, offload)
+
+
+# ---------------------------------------------------------------- the schema describes itself
+
+
+def test_every_recipe_key_has_a_description():
+    from launcher.recipe import recipe_keys
+
+    keys = recipe_keys()
+    assert len(keys) == sum(len(field.annotation.model_fields) for field in Recipe.model_fields.values())
+    missing = [info.key for info in keys if len(info.description) < 8]
+    assert not missing, f"recipe keys without a description in launcher/recipe.py: {missing}"
+
+
+def test_readme_key_table_is_the_schemas():
+    from launcher.recipe import keys_markdown
+
+    text = (REPO / "README.md").read_text()
+    begin, end = "<!-- recipe-keys:begin -->\n", "<!-- recipe-keys:end -->"
+    assert begin in text and end in text, "README.md lost its recipe-keys markers"
+    table = text.split(begin, 1)[1].split(end, 1)[0]
+    assert table == keys_markdown(), (
+        "README.md's recipe key table differs from the schema (launcher/recipe.py): regenerate it with "
+        "`ftlaunch recipe keys --markdown` and paste it between the recipe-keys markers"
+    )
+
+
+def test_recipe_keys_command_lists_every_key_with_its_default():
+    from conftest import run_cli_in_process
+
+    from launcher.recipe import recipe_keys
+
+    result = run_cli_in_process("recipe", "keys")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    for info in recipe_keys():
+        assert info.key in lines, f"{info.key} missing from `ftlaunch recipe keys`"
+        assert info.description[:20] in lines[info.key], lines[info.key]
+    # the defaults shown are the ones a recipe without the key resolves to
+    assert '"google/flan-t5-base"' in lines["model.name"] and "1e-05" in lines["train.lr"]
+    assert Recipe().train.lr == 1e-05 and Recipe().model.name == "google/flan-t5-base"
+
+
+def test_recipe_validate_accepts_a_good_recipe_and_refuses_a_bad_one(tmp_path):
+    from conftest import run_cli_in_process
+
+    ok = run_cli_in_process("recipe", "validate", str(REPO / "recipes" / "lora.yaml"), "--set", "lora.r=8")
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert ok.stdout.strip() == f"OK: {REPO / 'recipes' / 'lora.yaml'} is a valid lora recipe"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 1e-4\n")
+    before = bad.read_bytes()
+    result = run_cli_in_process("recipe", "validate", str(bad))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"error: recipe {bad}: unknown key train.lrr; did you mean train.lr?"
+    assert bad.read_bytes() == before
+    wrong = run_cli_in_process(
+        "recipe", "validate", str(REPO / "recipes" / "full.yaml"), "--set", "train.lr=abc"
+    )
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: --set: train.lr='abc'"), wrong.stderr

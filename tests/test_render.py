@@ -1,7 +1,9 @@
 """`ftlaunch full|lora --dry-run`: the rendered run files, checked by Accelerate's and DeepSpeed's
 own parsers, pinned by snapshots, and the command.sh traced through bash with a fake `accelerate`.
 
-Every render is a real `python -m launcher.cli ... --dry-run` subprocess (about 0.3 s each).
+Every render runs the CLI's ``main()`` in-process (``run_cli_in_process``: the same argv,
+environment and working directory as a subprocess, milliseconds each); one launch runs the real
+`python -m launcher.cli` subprocess end to end.
 Refresh the snapshots after an intended change with:
 
     FTLAUNCH_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_render.py -k snapshot
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_cli, run_cli_in_process
 
 RUN_FILES = {"recipe.yaml", "accelerate.yaml", "command.sh"}
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
@@ -41,7 +43,7 @@ def render(tmp_path_factory):
         key = (args, name)
         if key not in cache:
             run_dir = (tmp_path_factory.mktemp("render") / name).resolve()
-            result = run_cli(*args, "--dry-run", "--output", str(run_dir))
+            result = run_cli_in_process(*args, "--dry-run", "--output", str(run_dir))
             assert result.returncode == 0, f"ftlaunch {' '.join(args)} failed:\n{result.stderr}"
             assert "Traceback" not in result.stderr
             cache[key] = run_dir, result.stdout
@@ -143,7 +145,7 @@ def test_only_a_launch_runs_accelerate(tmp_path, dry_run):
     """--dry-run execs nothing; without it, ftlaunch execs command.sh (here with a fake `accelerate`)."""
     run_dir = (tmp_path / "run").resolve()
     env = cli_env(PATH=f"{fake_tools(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
-    result = run_cli(
+    result = (run_cli_in_process if dry_run else run_cli)(
         "full",
         "--cpu",
         "--model",

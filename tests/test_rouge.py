@@ -56,7 +56,21 @@ def test_result_shape_and_metadata():
     assert isinstance(r["description"], str) and r["description"]
     for k in TYPES:
         assert isinstance(r[k], float) and 0.0 <= r[k] <= 1.0
-    assert SCORING_MODES == ("best_of_n", "per_reference")
+
+
+@pytest.mark.parametrize("mode", SCORING_MODES)
+def test_every_advertised_mode_scores_like_rouge_score(mode):
+    """Each mode the module advertises is accepted, reported, and scored as rouge_score scores it
+    (best_of_n: per-metric max over references; per_reference: mean over every pair)."""
+    sc = ref_scorer()
+    by_ref = [[sc.score(ref, pred) for ref in refs] for pred, refs in zip(MULTI_PREDS, MULTI_REFS)]
+    if mode == "best_of_n":
+        expected = {k: mean([max(s[k].fmeasure for s in row) for row in by_ref]) for k in TYPES}
+    else:
+        expected = {k: mean([s[k].fmeasure for row in by_ref for s in row]) for k in TYPES}
+    r = score_rouge(MULTI_PREDS, MULTI_REFS, mode=mode)
+    assert r["scoring"] == mode
+    assert_scores(r, expected)
 
 
 def test_single_reference_matches_rouge_score():
@@ -69,6 +83,8 @@ def test_single_reference_matches_rouge_score():
 
 def test_empty_prediction_scores_zero():
     r = score_rouge([""], [["something to say"]])
+    expected = {k: v.fmeasure for k, v in ref_scorer().score("something to say", "").items()}
+    assert_scores(r, expected)
     assert all(r[k] == 0.0 for k in TYPES)
 
 

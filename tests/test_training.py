@@ -243,7 +243,7 @@ def test_lora_changes_only_adapter_weights(tmp_path):
 
 
 def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(tmp_path):
-    """FLAN-T5 has its own lm_head; transformers 5 ties T5's by default (DESIGN.md)."""
+    """FLAN-T5 has its own lm_head; transformers 5 ties T5's by default (docs/ARCHITECTURE.md, "Pitfalls")."""
     from transformers import AutoModelForSeq2SeqLM
 
     from launcher.model import build_tiny_t5
