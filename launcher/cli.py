@@ -120,6 +120,7 @@ FLAG_KEYS = {
     "offload": "launch.offload",
     "fsdp": "launch.fsdp",
     "cpu": "launch.cpu",
+    "report_to": "train.report_to",
     "main_address": "launch.main_address",
     "main_port": "launch.main_port",
 }
@@ -158,6 +159,7 @@ def train_command(method: str):
             None, "--output", help="Run directory (default: runs/<method>-<model>-<time>)."
         ),
         cpu: bool = typer.Option(False, "--cpu", help=key_help("cpu")),
+        report_to: str | None = typer.Option(None, "--report-to", help=key_help("report_to")),
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Write the configs and command, launch nothing."
         ),
@@ -198,6 +200,7 @@ def train_command(method: str):
             offload=offload.value if offload else None,
             fsdp=True if fsdp else None,
             cpu=True if cpu else None,
+            report_to=report_to,
             main_address=main_address,
             main_port=main_port,
         )

@@ -11,10 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe
@@ -86,7 +92,10 @@ def precision_autocast(recipe: Recipe, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=None) -> Accelerator:
+def build_accelerator(
+    recipe: Recipe, run_dir: Path | None = None, log_with: list[str] | None = None
+) -> Accelerator:
+    """The rank's Accelerator; ``log_with`` (train.report_to) writes its local files under RUN/trackers/."""
     cpu = runs_on_cpu(recipe)
     # Only a launched group (torchrun sets WORLD_SIZE) gets a process group; one process runs plain.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or recipe.launch.zero > 0
@@ -95,8 +104,10 @@ def build_accelerator(recipe: Recipe, project_dir: str | None = None, log_with=N
         kwargs_handlers=handlers if distributed else [],
         # The loop steps the scheduler once per optimizer step itself (see train.py).
         step_scheduler_with_optimizer=False,
-        project_dir=project_dir,
-        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
+        if run_dir is not None
+        else None,
+        log_with=log_with or None,
         dataloader_config=dataloader_config(cpu),
     )
     if recipe.launch.zero:

@@ -17,6 +17,7 @@ from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolv
 from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import MACHINE_RANK_ENV, render_run, require_multinode_address
+from launcher.trackers import check_trackers_installed
 
 RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
 
@@ -268,6 +269,7 @@ def prepare_launch(
         if not recipe.launch.cpu:
             check_gpus(recipe)
         check_hub_references(recipe)
+        check_trackers_installed(recipe.train.report_to)
     check_run_dir(run_dir, recipe, resume, overwrite)
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
     if not dry_run:

@@ -1,7 +1,8 @@
-"""Training metrics: one JSON object per logged step in metrics.jsonl, mirrored to TensorBoard.
+"""Training metrics: one JSON object per logged step in metrics.jsonl, mirrored to the recipe's
+experiment trackers (train.report_to: TensorBoard by default) through ``accelerator.log``.
 
-Only the main process writes. A resumed run first drops the lines logged after its checkpoint,
-so the file reads as one uninterrupted run.
+Only the main process writes metrics.jsonl. A resumed run first drops the lines logged after its
+checkpoint, so the file reads as one uninterrupted run (the trackers do the same: trackers.py).
 """
 
 from __future__ import annotations
@@ -21,33 +22,27 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0) -> None:
+    """metrics.jsonl (the record the report reads) and the trackers, from one ``log(row)`` call."""
+
+    def __init__(self, accelerator, run_dir: Path, recipe, resume_step: int = 0) -> None:
+        from launcher.trackers import start_trackers
+
+        self.accelerator = accelerator
         self.path = run_dir / METRICS_FILE
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        if self.path.exists():
+        self.enabled = accelerator.is_main_process
+        if self.enabled and self.path.exists():
             kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-        except ImportError:  # tensorboard is optional at run time; metrics.jsonl is the record
-            self.writer = None
+        start_trackers(accelerator, recipe, run_dir, resume_step)
 
     def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, row["step"])
-            self.writer.flush()
+        from launcher.trackers import scalars
+
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        self.accelerator.log(scalars(row), step=row["step"])  # main process only (Accelerate)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish every tracker run (flushes TensorBoard, ends the MLflow / W&B run)."""
+        self.accelerator.end_training()

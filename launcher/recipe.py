@@ -139,6 +139,22 @@ class TrainSection(Section):
         500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
+        "comma-separated, or none.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_from_text(cls, value: Any) -> Any:
+        """``tensorboard,mlflow`` (a flag or --set) or a YAML list; ``none`` (or empty): no tracker."""
+        names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if value is None or names in ([], ["none"], [""]):
+            return []
+        if isinstance(names, list) and len(set(names)) != len(names):
+            raise ValueError(f"train.report_to={value!r} names a tracker twice")
+        return names
 
 
 class LoraSection(Section):

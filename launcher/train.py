@@ -348,7 +348,7 @@ class Run:
 
 def set_up(run_dir: Path) -> Run:
     recipe = read_run_recipe(run_dir)
-    accelerator = build_accelerator(recipe, project_dir=str(run_dir))
+    accelerator = build_accelerator(recipe, run_dir=run_dir, log_with=recipe.train.report_to)
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
@@ -558,8 +558,10 @@ def finish(run: Run, logger: MetricsLogger) -> None:
         from launcher.evaluation import evaluate_after_training
 
         evaluate_after_training(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
+        from launcher.trackers import log_rouge
+
+        log_rouge(run.accelerator, run.run_dir, run.state.step)
     run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
 
 
 def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
@@ -572,7 +574,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     evaluate_original(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
     resumed = restore(run, resume, force_resume)
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
-    logger = MetricsLogger(run_dir, run.accelerator.is_main_process, run.state.step)
+    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, run.state.step)
     print_main(
         run.accelerator,
         f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "

@@ -113,7 +113,7 @@ def test_train_loop_asks_for_the_stop_flag_every_n_steps(tiny_run, monkeypatch):
     monkeypatch.setattr(
         train, "any_rank", lambda accelerator, flag: steps_asked.append(tiny_run.state.step) or flag
     )
-    logger = MetricsLogger(tiny_run.run_dir, True, 0)
+    logger = MetricsLogger(tiny_run.accelerator, tiny_run.run_dir, tiny_run.recipe, 0)
     try:
         assert train.train_loop(tiny_run, logger, train.StopRequest(), resumed=False)
     finally:

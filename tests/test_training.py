@@ -153,11 +153,13 @@ def rank_pids(run_dir: Path) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def interrupt_after(run_dir: Path, args: list[str], step: int) -> subprocess.CompletedProcess:
+def interrupt_after(
+    run_dir: Path, args: list[str], step: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Start a run, send SIGUSR1 to its ranks once `step` is logged, return the finished process."""
     process = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", *args],
-        env=cli_env(),
+        env=env or cli_env(),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,126 @@
+"""Experiment trackers through Accelerate (--report-to): what each tracker holds, read back with the
+tracker's own reader (MlflowClient on a SQLite store, W&B's offline run files, TensorBoard's event
+reader), compared with the run's metrics.jsonl and report/rouge.json; a resumed run continues the
+same tracker run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, read_jsonl, run_cli, run_cli_in_process
+
+
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output", str(out),
+        "--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4",
+        "--set", "train.lr=2e-3", "--set", "eval.limit=4", "--set", "eval.max_new_tokens=8",
+        "--set", "eval.compare_original=false", *extra,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- refusals (in-process)
+
+
+def test_an_unknown_tracker_is_refused_with_the_choices(tmp_path):
+    result = run_cli_in_process(*tiny_args(tmp_path / "run", "--report-to", "comet"), "--dry-run")
+    assert result.returncode == 2
+    assert "train.report_to" in result.stderr and "'comet'" in result.stderr and "mlflow" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a)
+    )
+    result = run_cli_in_process(*tiny_args(tmp_path / "run", "--report-to", "tensorboard,trackio"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "pip install 'ftlaunch[trackio]'" in result.stderr and "--report-to tensorboard" in result.stderr
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_report_to_none_and_lists_resolve(tmp_path):
+    from launcher.recipe import Recipe
+
+    assert Recipe().train.report_to == ["tensorboard"]
+    assert Recipe.model_validate({"train": {"report_to": "none"}}).train.report_to == []
+    assert Recipe.model_validate({"train": {"report_to": "mlflow, wandb"}}).train.report_to == [
+        "mlflow",
+        "wandb",
+    ]
+    result = run_cli_in_process(*tiny_args(tmp_path / "run", "--report-to", "none"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "report_to: []" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+# ---------------------------------------------------------------- a real run on 2 CPU ranks
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+    from test_training import interrupt_after, losses
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = cli_env(MLFLOW_TRACKING_URI=store, WANDB_MODE="offline", WANDB_SILENT="true")
+    run_dir = tmp_path / "run"
+    args = tiny_args(
+        run_dir, "--report-to", "tensorboard,mlflow,wandb",
+        "--set", "train.epochs=4", "--set", "train.checkpoint_every=1000",
+    )  # fmt: skip
+    stopped = interrupt_after(run_dir, args, step=3, env=env)
+    assert stopped.returncode != 0 and (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
+    first_ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
+
+    resumed = run_cli(*args, "--resume", "auto", env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    logged = {row["step"]: row["loss"] for row in metrics if "loss" in row}
+    assert list(logged) == list(range(1, len(logged) + 1)) and len(logged) == len(losses(metrics))
+    rouge = json.loads((run_dir / "report" / "rouge.json").read_text())["finetuned"]
+
+    # MLflow: one run, the same one before and after the resume; params = the resolved recipe
+    ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
+    assert ids == first_ids
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("ftlaunch")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.run_id for run in runs] == [ids["mlflow"]]
+    params = runs[0].data.params
+    assert float(params["train.lr"]) == 2e-3 and params["model.name"] == "tiny-t5"
+    history = client.get_metric_history(ids["mlflow"], "loss")
+    by_step = {}
+    for point in history:  # the steps logged again after the checkpoint replace the first attempt's
+        by_step[point.step] = point.value
+    assert sorted(by_step) == sorted(logged)
+    assert by_step == pytest.approx(logged, rel=1e-6)
+    assert runs[0].data.metrics["rouge/finetuned/rougeLsum"] == pytest.approx(rouge["rougeLsum"])
+    assert runs[0].data.metrics["val_loss"] == pytest.approx(
+        [r for r in metrics if r.get("final")][-1]["val_loss"]
+    )
+
+    # W&B offline: both attempts wrote offline runs with the same run id, nothing went to a server
+    offline = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(path.name.endswith(ids["wandb"]) for path in offline)
+    assert all((path / f"run-{ids['wandb']}.wandb").is_file() for path in offline)
+
+    # TensorBoard: the resumed run purged the steps after its checkpoint: each step once
+    scalars = tensorboard_scalars(run_dir / "trackers" / "ftlaunch", "loss")
+    assert [step for step, _ in scalars] == sorted(logged)
+    assert [value for _, value in scalars] == pytest.approx(list(logged.values()), rel=1e-6)
