@@ -53,6 +53,10 @@ def generate_predictions(
     shards = shard_sorted_batches(
         lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes
     )
+    from launcher.progress import make_progress
+
+    # Every rank runs the same number of batches (lockstep): the main rank's count is the job's.
+    progress = make_progress(accelerator.is_main_process, len(shards), 0, label="generating", unit="batch")
     for shard in shards:
         indices = shard.indices or [0]
         inputs = tokenizer(
@@ -73,6 +77,8 @@ def generate_predictions(
         texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         if shard.indices:
             local += [(index, text.strip()) for index, text in zip(shard.indices, texts)]
+        progress.update(1)
+    progress.close()
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     return in_dataset_order(gathered, len(rows))
 

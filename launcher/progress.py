@@ -1,4 +1,4 @@
-"""Training progress on the console: a redrawn bar in a terminal, periodic plain lines elsewhere.
+"""Training and generation progress on the console: a redrawn bar in a terminal, periodic plain lines elsewhere.
 
 A SLURM job log or a file is not a terminal: carriage-return redraws would pile up there as one
 endless line, so progress is written as ``training: step 40/160 (25%) ...`` lines every
@@ -22,9 +22,16 @@ class PlainProgress:
     """
 
     def __init__(
-        self, total: int, initial: int = 0, every_s: float = PLAIN_EVERY_S, enabled: bool = True
+        self,
+        total: int,
+        initial: int = 0,
+        every_s: float = PLAIN_EVERY_S,
+        enabled: bool = True,
+        label: str = "training",
+        unit: str = "step",
     ) -> None:
         self.total, self.n, self.initial = total, initial, initial
+        self.label, self.unit = label, unit
         self.every_s, self.enabled = every_s, enabled
         self.started = self.last = time.monotonic()
         self.postfix: dict[str, str] = {}
@@ -52,14 +59,16 @@ class PlainProgress:
     def line(self) -> str:
         done = self.n - self.initial
         elapsed = time.monotonic() - self.started
-        parts = [f"training: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"]
+        parts = [
+            f"{self.label}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+        ]
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         if done:
             per_step = elapsed / done
             left = (
                 f", {format_duration(per_step * (self.total - self.n))} left" if self.n < self.total else ""
             )
-            parts.append(f"{per_step:.2f} s/step{left}")
+            parts.append(f"{per_step:.2f} s/{self.unit}{left}")
         return ", ".join(parts)
 
     def _print(self) -> None:
@@ -75,17 +84,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def make_progress(enabled: bool, total: int, initial: int):
+def make_progress(enabled: bool, total: int, initial: int, label: str = "training", unit: str = "step"):
     """tqdm on a terminal, plain periodic lines otherwise; only the main process shows anything."""
     if not console.isatty():
-        return PlainProgress(total, initial, enabled=enabled)
+        return PlainProgress(total, initial, enabled=enabled, label=label, unit=unit)
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
-        desc="training",
-        unit="step",
+        desc=label,
+        unit=unit,
         disable=not enabled,
         dynamic_ncols=True,
         file=console,

@@ -4,6 +4,7 @@ non-interactive consoles, the collective timeout, and how the supervisor reads a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -41,6 +42,20 @@ def test_progress_in_a_log_file_is_plain_periodic_lines(tmp_path):
     assert 2 <= len(lines) <= 4, lines  # periodic (every ~2 steps here), not one per step
     assert lines[-1].startswith("training: step 6/6 (100%), loss 6.5000, "), lines
     assert all(line.startswith("training: step ") for line in lines), lines
+
+
+def test_generation_progress_counts_batches(capsys):
+    """Generation (eval, summarize) reports batches the same way training reports steps."""
+    from launcher.progress import PlainProgress
+
+    bar = PlainProgress(3, label="generating", unit="batch", every_s=3600)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"generating: batch 3/3 \(100%\), \d+\.\d+ s/batch", lines[0]), (
+        lines
+    )
 
 
 def test_progress_on_a_terminal_is_a_redrawn_bar():
