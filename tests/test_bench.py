@@ -130,7 +130,11 @@ def test_zero_memory_quick(tmp_path):
     assert 15.5 < states["DDP"] < 16.5, states  # fp32 weights + gradients + two Adam moments
     for stage in ("ZeRO-1", "ZeRO-2", "ZeRO-3"):
         assert sane(states[stage], 0.0, states["DDP"]), states  # sharding saves memory at 2 ranks
-    assert states["ZeRO-3"] < 0.6 * states["DDP"], states
+    # ZeRO-1 at 2 ranks: weights + gradients whole, Adam moments halved: 4 + 4 + 8/2 = 12 bytes
+    assert 11.5 < states["ZeRO-1"] < 12.5, states
+    # ZeRO-3 shards the weights too (the tiny model's small tensors stay whole, persistence threshold)
+    assert states["ZeRO-3"] < min(states["ZeRO-1"], states["ZeRO-2"]), states
+    assert states["ZeRO-3"] < 0.7 * states["DDP"], states
 
 
 @pytest.mark.slow
