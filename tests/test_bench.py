@@ -102,13 +102,16 @@ def test_scaling_quick(tmp_path):
     raw = json.loads((tmp_path / "work" / "raw.json").read_text())
     assert set(raw) == {"train-1x2", "train-2x1", "generate-1x2", "generate-2x1"}
     for name, runs in raw.items():
-        assert len(runs) == 1 and sane(runs[0]["samples_per_s"]), (name, runs)
-    efficiencies = [  # the verdict rows: | train | 0.93 | ... and | generate | 0.97 | ...
-        float(match.group(2))
-        for match in re.finditer(r"^\| (train|generate) \| (\d+\.\d+) \|", text, re.MULTILINE)
-    ]
+        assert len(runs) == 1 and math.isfinite(runs[0]["samples_per_s"]), (name, runs)
+        assert sane(runs[0]["wall_s"]), (name, runs)
+    # Training is timed inside the run: a real rate. Generation is a full run's wall time minus a
+    # startup run's, which in quick mode (16 dialogues, 8 new tokens) is below the noise of a loaded
+    # machine and can come out negative: only the long run's figure is meaningful (bench/README.md).
+    assert sane(raw["train-1x2"][0]["samples_per_s"]) and sane(raw["train-2x1"][0]["samples_per_s"]), raw
+    assert all(sane(raw[name][0]["startup_s"]) for name in ("generate-1x2", "generate-2x1")), raw
+    efficiency = re.search(r"^\| train \| (-?\d+\.\d+) \|", text, re.MULTILINE)
     # 2 ranks x 1 thread vs 1 rank x 2 threads on the same 2 cores: a ratio near 1, never 0 or 10
-    assert len(efficiencies) == 2 and all(sane(e, 0.1, 5.0) for e in efficiencies), efficiencies
+    assert efficiency and sane(float(efficiency.group(1)), 0.1, 5.0), text
 
 
 @pytest.mark.slow
