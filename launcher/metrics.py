@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.trackers import scalars, start_trackers
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -25,8 +27,6 @@ class MetricsLogger:
     """metrics.jsonl (the record the report reads) and the trackers, from one ``log(row)`` call."""
 
     def __init__(self, accelerator, run_dir: Path, recipe, resume_step: int = 0) -> None:
-        from launcher.trackers import start_trackers
-
         self.accelerator = accelerator
         self.path = run_dir / METRICS_FILE
         self.enabled = accelerator.is_main_process
@@ -36,8 +36,6 @@ class MetricsLogger:
         start_trackers(accelerator, recipe, run_dir, resume_step)
 
     def log(self, row: dict[str, Any]) -> None:
-        from launcher.trackers import scalars
-
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

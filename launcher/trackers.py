@@ -24,12 +24,12 @@ PROJECT_NAME = (
     "ftlaunch"  # TensorBoard subfolder, MLflow experiment (MLFLOW_EXPERIMENT_NAME wins), W&B project
 )
 
-# tracker -> (module that must import, pip extra that installs it)
+# tracker -> (module that must import, how to install it: tensorboard is a dependency, the others extras)
 TRACKER_PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "mlflow": ("mlflow", "mlflow"),
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install 'ftlaunch[mlflow]'"),
+    "wandb": ("wandb", "pip install 'ftlaunch[wandb]'"),
+    "trackio": ("trackio", "pip install 'ftlaunch[trackio]'"),
 }
 
 
@@ -44,7 +44,7 @@ def check_trackers_installed(names: list[str]) -> None:
     if missing:
         name = missing[0]
         raise UserError(
-            f"train.report_to: {name} is asked for but not installed: pip install 'ftlaunch[{TRACKER_PACKAGES[name][1]}]' "
+            f"train.report_to: {name} is asked for but not installed: {TRACKER_PACKAGES[name][1]} "
             f"(or --report-to {','.join(n for n in names if n != name) or 'none'})"
         )
 
