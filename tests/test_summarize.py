@@ -8,6 +8,7 @@ LoRA run (on a base model saved as a directory) serve every check of this module
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,9 @@ def test_summarize_gives_the_runs_own_predictions(request, tmp_path, method, gpu
     got = read_jsonl(out)
     assert [row["id"] for row in got] == [row["id"] for row in expected]
     assert [row["summary"] for row in got] == [row["prediction"] for row in expected]
+    # generation shows its progress, on stderr: standard output is the summaries' channel
+    assert re.search(r"^generating: batch (\d+)/\1 \(100%\)", result.stderr, re.M), result.stderr[-3000:]
+    assert "generating:" not in result.stdout
 
 
 def test_lora_summarize_in_process_gives_the_runs_own_predictions(lora_run, tmp_path):
