@@ -271,7 +271,9 @@ def run_sweep(
     recipes = [point_recipe(method, options, point, fixed) for point in sweep.points]
     done = [is_done(sweep.run_dir(point), recipe) for point, recipe in zip(sweep.points, recipes)]
     for point, recipe, finished in zip(sweep.points, recipes, done):
-        if not finished:
+        if finished:
+            continue
+        try:
             launch.check_launch(
                 recipe,
                 sweep.run_dir(point),
@@ -280,6 +282,8 @@ def run_sweep(
                 force_resume=options["force_resume"],
                 dry_run=dry_run or slurm,
             )
+        except UserError as exc:
+            raise UserError(f"sweep point {point.name}: {exc}") from None
     if slurm:
         return submit_array(sweep, options, recipes, done, max_parallel, sbatch_args, dry_run)
     return run_here(sweep, options, recipes, done, dry_run)
