@@ -239,10 +239,14 @@ def is_done(run_dir: Path, recipe) -> bool:
     return (run_dir / "final").is_dir() and evaluated and not (run_dir / "INTERRUPTED").exists()
 
 
+def set_args(point: Point) -> list[str]:
+    return [arg for item in point.sets() for arg in ("--set", item)]
+
+
 def point_argv(sweep: Sweep, point: Point) -> list[str]:
     """What `ftlaunch` runs for the point (also the comment in its command.sh)."""
-    return ["ftlaunch", sweep.method, *sweep.args, *[arg for item in point.sets() for arg in ("--set", item)],
-            "--output", str(sweep.run_dir(point)), "--resume", "auto"]  # fmt: skip
+    run_dir = str(sweep.run_dir(point))
+    return ["ftlaunch", sweep.method, *sweep.args, *set_args(point), "--output", run_dir, "--resume", "auto"]
 
 
 # ---------------------------------------------------------------- the command
@@ -269,6 +273,10 @@ def run_sweep(
     sweep = plan_sweep(method, list(args), new_point_values(grid, variants), output.expanduser().resolve())
     fixed = fixed_keys(options)
     recipes = [point_recipe(method, options, point, fixed) for point in sweep.points]
+    if not slurm and not dry_run and any(recipe.launch.nodes > 1 for recipe in recipes):
+        raise UserError(
+            "a sweep without --slurm runs on this machine only: add --slurm for multi-node points"
+        )
     done = [is_done(sweep.run_dir(point), recipe) for point, recipe in zip(sweep.points, recipes)]
     for point, recipe, finished in zip(sweep.points, recipes, done):
         if finished:
@@ -398,11 +406,10 @@ def task_args(sweep: Sweep, options: dict[str, Any], point: Point, recipe) -> li
     from launcher.recipe import default_recipe_path
 
     recipe_args = [] if options["recipe_path"] else ["--recipe", str(default_recipe_path(sweep.method))]
-    sets = [arg for item in point.sets() for arg in ("--set", item)]
     return [
         *sweep.args,
         *recipe_args,
-        *sets,
+        *set_args(point),
         "--gpus",
         str(recipe.launch.gpus),
         "--output",

@@ -50,7 +50,7 @@ def check_key(key: str, source: str) -> None:
     if key == "train.method":
         raise UserError(
             f"{source}: a sweep runs one method (ftlaunch sweep full|lora); sweep the other method "
-            "with its own command and compare both: ftlaunch report SWEEP1 SWEEP2/POINT ..."
+            "with its own command into another directory"
         )
 
 
@@ -133,10 +133,15 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return {key: last if lasts.count(last) == 1 else key for key, last in zip(keys, lasts)}
 
 
+def readable(text: str) -> str:
+    """A value as a name part: a list ``[q,v]`` reads ``q+v``."""
+    return re.sub(r"[\[\]{}\"' ]", "", text).replace(",", "+")
+
+
 def point_name(values: Values, keys: list[str]) -> str:
     """The directory name of a point: ``lr=3e-4_r=8``; filesystem-safe, the same on every run."""
     short = short_keys(keys)
-    parts = [f"{short[key]}={values[key]}" for key in keys if key in values]
+    parts = [f"{short[key]}={readable(values[key])}" for key in keys if key in values]
     name = UNSAFE.sub("-", "_".join(parts)).strip(".") or "default"
     if len(name) > MAX_NAME:
         digest = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
 
@@ -28,7 +29,7 @@ except ImportError:
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ARRAY_TIMEOUT_S = 600
-STEPS = 24  # the preempted task stops at step 10 (the ranks agree on a stop every 10th step)
+STEPS = 24  # 3 epochs of the sample; the preempted task stops at step 10 (the ranks agree every 10th step)
 NAMES = ["lr=1e-3_r=4", "lr=1e-3_r=8", "lr=3e-3_r=4", "lr=3e-3_r=8"]
 
 
@@ -51,7 +52,7 @@ def test_sweep_runs_as_one_job_array_and_a_preempted_task_resumes_its_own_run(sl
     env = job_env(slurm_cluster, tmp_path / "unused")  # FTLAUNCH_OUTPUT there: the sweep must ignore it
     args = [
         "sweep", "lora", *TINY, "--report-to", "none", "--set", "model.precision=fp32",
-        "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=1000",
+        "--set", "train.epochs=3", "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1", "--set", "train.checkpoint_every=1000",
         "--set", "eval.limit=2", "--set", "eval.max_new_tokens=8",
         "--grid", "train.lr=1e-3,3e-3", "--grid", "lora.r=4,8",
         "--output", str(sweep), "--slurm", "--max-parallel", "2", f"--sbatch=--job-name={name}",
@@ -72,18 +73,34 @@ def test_sweep_runs_as_one_job_array_and_a_preempted_task_resumes_its_own_run(sl
     def array_active() -> bool:
         return bool(slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip())
 
+    scancel = None
     try:
         metrics0 = sweep / NAMES[0] / "metrics.jsonl"
         assert wait_for(lambda: steps_logged(metrics0) >= 3 or not array_active(), ARRAY_TIMEOUT_S), (
             diagnostics()
         )
         assert steps_logged(metrics0) < STEPS, f"task 0 was not mid-training\n{diagnostics()}"
-        slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0", timeout=30)
+        # What `#SBATCH --signal=B:USR1@N` does before the time limit, to task 0's batch shell only.
+        # For an array task, Slurm 22.05's scancel answers "Job is in transitional state, retrying"
+        # and sends the signal again every ~5 s for ~35 s (verified: delivered each time). A repeat
+        # reaching the requeued task before its ranks start would stop it: end scancel once the
+        # batch shell has the signal.
+        scancel = subprocess.Popen(
+            ["scancel", "--signal=USR1", "--batch", f"{job}_0"],
+            env=slurm_cluster.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_for(lambda: "got SIGUSR1" in log0.read_text(errors="replace"), 60), diagnostics()
+        scancel.kill()
         rows, _ = report_rows(sweep)  # while the array runs
         assert len(rows) == 4 and any("done" not in row for row in rows), rows
         assert wait_for(lambda: not array_active(), ARRAY_TIMEOUT_S), f"array still running\n{diagnostics()}"
     finally:
         slurm_cluster.cancel(name=name)
+        if scancel is not None:
+            scancel.kill()
+            scancel.wait()
     print(f"sweep array {job}: {time.monotonic() - t0:.0f}s")
 
     for index, point in enumerate(NAMES):
