@@ -249,6 +249,21 @@ def point_argv(sweep: Sweep, point: Point) -> list[str]:
     return ["ftlaunch", sweep.method, *sweep.args, *set_args(point), "--output", run_dir, "--resume", "auto"]
 
 
+def prepare_point(sweep: Sweep, point: Point, recipe, options: dict[str, Any], dry_run: bool) -> list[str]:
+    """The point's run directory as `ftlaunch METHOD ... --output SWEEP/POINT --resume auto` prepares it."""
+    from launcher import launch
+
+    return launch.prepare_launch(
+        recipe,
+        sweep.run_dir(point),
+        resume="auto",
+        overwrite=False,
+        force_resume=options["force_resume"],
+        dry_run=dry_run,
+        argv=point_argv(sweep, point),
+    )
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -336,15 +351,7 @@ def run_here(sweep: Sweep, options: dict[str, Any], recipes: list, done: list[bo
         for number, (point, recipe) in enumerate(todo, start=1):
             run_dir = sweep.run_dir(point)
             print(f"\n===== sweep point [{point.index}] {point.name} ({number}/{len(todo)})", flush=True)
-            notes = launch.prepare_launch(
-                recipe,
-                run_dir,
-                resume="auto",
-                overwrite=False,
-                force_resume=options["force_resume"],
-                dry_run=dry_run,
-                argv=point_argv(sweep, point),
-            )
+            notes = prepare_point(sweep, point, recipe, options, dry_run)
             for note in notes:
                 print(f"warning: {note}", file=sys.stderr)
             print(run_summary(recipe, run_dir))
@@ -439,7 +446,6 @@ def submit_array(
     dry_run: bool,
 ) -> int:
     """Render every unfinished point and submit them as one `sbatch --array` of slurm/sweep.sh."""
-    from launcher import launch
 
     script = sweep_script()
     todo = [point for point, finished in zip(sweep.points, done) if not finished]
@@ -467,15 +473,7 @@ def submit_array(
     cpu = all(recipes[point.index].launch.cpu for point in todo)
     for point in todo:
         recipe = recipes[point.index]
-        launch.prepare_launch(
-            recipe,
-            sweep.run_dir(point),
-            resume="auto",
-            overwrite=False,
-            force_resume=options["force_resume"],
-            dry_run=True,
-            argv=point_argv(sweep, point),
-        )
+        prepare_point(sweep, point, recipe, options, dry_run=True)
         args = task_args(sweep, options, point, recipe)
         (sweep.dir / SLURM_DIR / f"{point.index}.args").write_bytes(
             b"".join(a.encode() + b"\0" for a in args)
