@@ -1,4 +1,4 @@
-"""The ``ftlaunch`` command line (Typer): full | lora | eval | summarize | export | score | report | estimate | recipe.
+"""The ``ftlaunch`` command line (Typer): full | lora | sweep | eval | summarize | export | score | report | estimate | recipe.
 
 Every command turns bad input into ``error: <one line>`` and exit code 2 (``--debug`` shows the
 traceback); nothing is written before the input has been checked.
@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -180,46 +181,26 @@ def train_command(method: str):
         debug: bool = DebugOption,
     ) -> None:
         from launcher import launch
-        from launcher.recipe import build_recipe, default_recipe_path, load_recipe_data
 
-        path = recipe_path or default_recipe_path(method)
-        raw, overridden = load_recipe_data(path, overrides)
-        train = raw.get("train")
-        recipe_method = train.get("method", "full") if isinstance(train, dict) else "full"
-        if recipe_method in ("full", "lora") and recipe_method != method:
-            raise UserError(
-                f"recipe {path} is a {recipe_method} recipe (train.method); "
-                f"use `ftlaunch {recipe_method}` or a {method} recipe"
-            )
-        values = dict(
-            model=model,
-            data=data,
-            gpus=gpus,
-            nodes=nodes,
-            zero=parse_zero(zero) if zero not in (None, "auto") else None,
-            offload=offload.value if offload else None,
-            fsdp=True if fsdp else None,
-            cpu=True if cpu else None,
-            report_to=report_to,
-            main_address=main_address,
-            main_port=main_port,
+        recipe, zero_note = train_recipe(
+            method,
+            dict(
+                recipe_path=recipe_path,
+                overrides=overrides,
+                model=model,
+                data=data,
+                gpus=gpus,
+                nodes=nodes,
+                zero=zero,
+                gpu_mem=gpu_mem,
+                offload=offload,
+                fsdp=fsdp,
+                cpu=cpu,
+                report_to=report_to,
+                main_address=main_address,
+                main_port=main_port,
+            ),
         )
-        flags = {FLAG_KEYS[flag]: value for flag, value in values.items()}
-        flagged = []
-        for key, value in flags.items():
-            if value is not None:
-                section, name = key.split(".")
-                if not isinstance(raw.setdefault(section, {}), dict):
-                    break  # the recipe's own section is malformed: validation below names it
-                raw[section][name] = value
-                flagged.append([section, name])
-        recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
-        zero_note = None
-        if zero == "auto":
-            changes, zero_note = pick_zero_stage(recipe, gpu_mem, keep_offload=offload is not None)
-            resolved = recipe.model_dump(mode="json")
-            resolved["launch"].update(changes)
-            recipe = build_recipe(resolved, "command line")
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
         notes = launch.prepare_launch(
@@ -248,6 +229,48 @@ def train_command(method: str):
         "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."
     )
     return command
+
+
+def train_recipe(method: str, options: dict[str, Any]):
+    """The validated recipe `ftlaunch full|lora` runs with these options (the command's parameters by
+    name): the recipe file, its --set overrides, then the flags; and the --zero auto note (or None).
+    `ftlaunch sweep` builds each of its points here too."""
+    from launcher.recipe import build_recipe, default_recipe_path, load_recipe_data
+
+    path = options["recipe_path"] or default_recipe_path(method)
+    raw, overridden = load_recipe_data(path, options["overrides"])
+    train = raw.get("train")
+    recipe_method = train.get("method", "full") if isinstance(train, dict) else "full"
+    if recipe_method in ("full", "lora") and recipe_method != method:
+        raise UserError(
+            f"recipe {path} is a {recipe_method} recipe (train.method); "
+            f"use `ftlaunch {recipe_method}` or a {method} recipe"
+        )
+    zero, offload = options["zero"], options["offload"]
+    values = {flag: options[flag] for flag in FLAG_KEYS}
+    values.update(
+        zero=parse_zero(zero) if zero not in (None, "auto") else None,
+        offload=offload.value if offload else None,
+        fsdp=True if options["fsdp"] else None,
+        cpu=True if options["cpu"] else None,
+    )
+    flags = {FLAG_KEYS[flag]: value for flag, value in values.items()}
+    flagged = []
+    for key, value in flags.items():
+        if value is not None:
+            section, name = key.split(".")
+            if not isinstance(raw.setdefault(section, {}), dict):
+                break  # the recipe's own section is malformed: validation below names it
+            raw[section][name] = value
+            flagged.append([section, name])
+    recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
+    zero_note = None
+    if zero == "auto":
+        changes, zero_note = pick_zero_stage(recipe, options["gpu_mem"], keep_offload=offload is not None)
+        resolved = recipe.model_dump(mode="json")
+        resolved["launch"].update(changes)
+        recipe = build_recipe(resolved, "command line")
+    return recipe, zero_note
 
 
 app.command("full", help="Full fine-tuning: render configs and launch (or --dry-run).")(train_command("full"))
@@ -354,6 +377,49 @@ def export_command(
     typer.echo(f"exported to {export_run(run_dir, output, merge, dtype)}")
 
 
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def sweep_command(
+    ctx: typer.Context,
+    method: str = typer.Argument(..., help="full or lora (then any flag of `ftlaunch full|lora`)."),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="KEY=V1,V2,...: values of a recipe key; several --grid: every combination."
+    ),
+    variants: Path | None = typer.Option(
+        None, "--variants", help="YAML list of variants, each a mapping of recipe keys (instead of --grid)."
+    ),
+    output: Path = typer.Option(..., "--output", help="Sweep directory: one run directory per point."),
+    slurm: bool = typer.Option(False, "--slurm", help="Submit the points as one SLURM job array."),
+    max_parallel: int | None = typer.Option(
+        None, "--max-parallel", min=1, help="--slurm: at most K array tasks at once (%K)."
+    ),
+    sbatch_args: list[str] = typer.Option(
+        [], "--sbatch", help="--slurm: an sbatch option for the array, e.g. --sbatch=--partition=gpu."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Render every point, launch or submit nothing."),
+    debug: bool = DebugOption,
+) -> None:
+    """Fine-tune once per point of a grid (flags of full/lora apply to all): here one after another, or one SLURM array."""
+    from launcher.sweep import run_sweep
+
+    if method not in ("full", "lora"):
+        raise UserError(
+            f"ftlaunch sweep {method}: sweep full or lora, e.g. ftlaunch sweep lora --grid lora.r=8,32"
+        )
+    code = run_sweep(
+        method,
+        ctx.args,
+        grid,
+        variants,
+        output,
+        slurm=slurm,
+        max_parallel=max_parallel,
+        sbatch_args=sbatch_args,
+        dry_run=dry_run,
+    )
+    raise typer.Exit(code)
+
+
 @app.command("supervise", hidden=True)
 @user_errors
 def supervise_command(
@@ -446,11 +512,22 @@ def score_command(
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories or `ftlaunch eval` output directories."),
     output: Path | None = typer.Option(None, "--output", help="Write report.md and rouge.json here."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="A sweep: sort by and name the best run by this column (default rougeLsum)."
+    ),
     debug: bool = DebugOption,
 ) -> None:
-    """Compare several runs/models in one ROUGE table (one run: its full report)."""
+    """Compare several runs/models in one ROUGE table (one run: its full report; a sweep: every point)."""
     from launcher.report import compare_runs, write_run_report
+    from launcher.sweep import is_sweep
 
+    if len(run_dirs) == 1 and is_sweep(run_dirs[0]):
+        from launcher.sweep_report import DEFAULT_METRIC, write_sweep_report
+
+        typer.echo(write_sweep_report(run_dirs[0], output, metric or DEFAULT_METRIC))
+        return
+    if metric is not None:
+        raise UserError("--metric sorts a sweep's report: pass one sweep directory (with sweep.json)")
     if len(run_dirs) == 1 and (run_dirs[0] / "eval").is_dir():
         out = write_run_report(run_dirs[0], output)
         typer.echo((out / "report.md").read_text())

@@ -263,6 +263,19 @@ def prepare_launch(
     rank 0 clears it for --overwrite; the others write the same files (atomically).
     Returns lines for the user (checkpoints a resume skipped).
     """
+    notes = check_launch(
+        recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume, dry_run=dry_run
+    )
+    if overwrite and not machine_rank:
+        clear_run_dir(run_dir)
+    write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
+    return notes
+
+
+def check_launch(
+    recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool, dry_run: bool
+) -> list[str]:
+    """Every check of ``prepare_launch``, writing nothing (a sweep checks all its points first)."""
     validate_before_launch(recipe)
     if not dry_run:
         require_multinode_address(recipe, dict(os.environ))
@@ -274,9 +287,6 @@ def prepare_launch(
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
     if not dry_run:
         check_free_space(recipe, run_dir)  # an --overwrite frees what it replaces: the same count holds
-    if overwrite and not machine_rank:
-        clear_run_dir(run_dir)
-    write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
     return notes
 
 

@@ -287,6 +287,7 @@ def metrics_row(
         "lr": lr,
         "samples_per_s": samples / elapsed,
         "tokens_per_s": tokens / elapsed,
+        "elapsed_s": round(elapsed, 3),  # since the previous line: their sum is the training time
     }
     if grad_norm is not None:
         row["grad_norm"] = float(grad_norm)
