@@ -533,7 +533,6 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
         WindowStats,
         build_collator,
         build_optimizer,
-        deepspeed_grad_norm,
         pins_memory,
         stop_requested,
         train_step,
@@ -561,7 +560,10 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     optimizer = build_optimizer(model, recipe)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
-    run = SimpleNamespace(accelerator=accelerator, model=model, optimizer=optimizer, recipe=recipe)
+    no_schedule = SimpleNamespace(step=lambda: None)  # a constant learning rate: the step is what is timed
+    run = SimpleNamespace(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=no_schedule, recipe=recipe
+    )
     stats, stop, grad_norm = WindowStats(), StopRequest(), None
     zero = torch.zeros((), dtype=torch.long, device=accelerator.device)
     tokens, flops, padded = zero.clone(), zero.clone(), zero.clone()
@@ -574,8 +576,7 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
         batch = next(iterator)
         step = train_step(run, [batch])  # one micro-batch per optimizer step (recipe grad_accum 1)
         grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm
-        stats.add(step, [batch])
-        grad_norm = deepspeed_grad_norm(accelerator, model, grad_norm)
+        stats.add(step)
         stop_requested(accelerator, stop, index + 1, steps)
         if timed:  # counted on the device: no host sync
             s, t = batch["attention_mask"].sum(1), (batch["labels"] != -100).sum(1)

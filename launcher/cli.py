@@ -298,6 +298,7 @@ def eval_command(
     """Generate with one model on one split across ranks, and score it with ROUGE."""
     from launcher import launch
     from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+    from launcher.render import RankEntry
 
     recipe = load_recipe(default_recipe_path("full"), overrides)
     raw = recipe.model_dump(mode="json")
@@ -328,9 +329,8 @@ def eval_command(
         and not (run_dir / "recipe.yaml").exists()
     ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
-    launch.write_run_files(
-        recipe, run_dir, None, ["ftlaunch", "eval", *sys.argv[2:]], entry="launcher.evaluation"
-    )
+    entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module="launcher.evaluation")
+    launch.write_run_files(recipe, run_dir, entry)
     from launcher.console import command_line
 
     typer.echo(command_line(run_dir))
@@ -467,20 +467,13 @@ def estimate_command(
     if gpus < 1 or nodes < 1 or micro_batch < 1:
         raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
     memory = gpu_mem or estimate.detect_gpu_mem_gib() or 80.0
-    shape = dict(
-        gpus=gpus,
-        nodes=nodes,
-        lora=lora,
-        micro_batch=micro_batch,
-        source_len=source_len,
-        target_len=target_len,
-    )
+    shape = estimate.RunShape(gpus, nodes, lora, micro_batch, source_len, target_len)
     models = estimate.expand_models(model)
     if len(models) > 1:
-        typer.echo(estimate.render_models_table(models, memory, **shape))
+        typer.echo(estimate.render_models_table(models, memory, shape))
         return
-    rows = estimate.estimate_model(model, fsdp=fsdp, **shape)
-    title = f"{estimate.canonical_name(model)}: {'LoRA' if lora else 'full fine-tuning'}, {gpus} GPU(s) x {nodes} node(s)"
+    rows = estimate.estimate_model(model, shape, fsdp=fsdp)
+    title = f"{estimate.canonical_name(model)}: {shape.describe()}"
     typer.echo(estimate.render_table(rows, memory, title=title))
 
 

@@ -321,27 +321,43 @@ class EstimateRow:
         return self.total_gib <= gpu_mem_gib * (1.0 - headroom)
 
 
-def activation_bytes(
-    *,
-    micro_batch: int,
-    source_len: int,
-    target_len: int,
-    d_model: int,
-    n_layers: int,
-    d_ff: int | None = None,
-    num_heads: int | None = None,
-    vocab_size: int | None = None,
-    n_decoder_layers: int | None = None,
-) -> int:
-    """The activation formula of the module docstring (bytes per GPU, one micro-batch)."""
-    b, s, t, h = micro_batch, source_len, target_len, d_model
-    f = d_ff or int(2.5 * h)
-    a = num_heads or max(1, h // 64)
-    v = vocab_size or FLAN_T5_VOCAB
+@dataclass(frozen=True)
+class RunShape:
+    """The run an estimate is for: where it runs, what it trains, what one micro-batch holds."""
+
+    gpus: int = 1  # per node
+    nodes: int = 1
+    lora: bool = False
+    micro_batch: int = 8
+    source_len: int = 512
+    target_len: int = 128
+    lora_r: int = 32
+    lora_targets: Sequence[str] = ("q", "v")
+
+    def trainable_params(self, spec: ModelSpec) -> int:
+        return lora_trainable_params(spec, self.lora_r, self.lora_targets) if self.lora else spec.params
+
+    def describe(self) -> str:
+        method = f"LoRA r={self.lora_r} on {','.join(self.lora_targets)}" if self.lora else "full fine-tuning"
+        return (
+            f"{self.gpus} GPU(s) x {self.nodes} node(s), micro batch {self.micro_batch}, "
+            f"{self.source_len}/{self.target_len} tokens, {method}"
+        )
+
+
+def activation_bytes(spec: ModelSpec, shape: RunShape) -> int:
+    """The activation formula of the module docstring (bytes per GPU, one micro-batch); 0 when
+    the architecture is unknown."""
+    if not (spec.d_model and spec.num_layers):
+        return 0
+    b, s, t, h = shape.micro_batch, shape.source_len, shape.target_len, spec.d_model
+    f = spec.d_ff or int(2.5 * h)
+    a = spec.num_heads or max(1, h // 64)
+    v = spec.vocab_size or FLAN_T5_VOCAB
     encoder = b * s * (22 * h + 11 * f + 5 * a * s)
     decoder = b * t * (37 * h + 11 * f + 5 * a * (t + s)) + b * s * 4 * h
     logits = 10 * b * t * v
-    return n_layers * encoder + (n_decoder_layers or n_layers) * decoder + logits
+    return spec.num_layers * encoder + (spec.num_decoder_layers or spec.num_layers) * decoder + logits
 
 
 def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]:
@@ -415,17 +431,6 @@ def fsdp_state_bytes(
     return shards + gathered, 0
 
 
-def fsdp_rows(rows: Sequence[EstimateRow], **state) -> list[EstimateRow]:
-    """The two FSDP2 rows (no offload, offload full), with the activations of ``rows``."""
-    activations = rows[0].activations_gib if rows else 0.0
-    world = state["gpus"] * state["nodes"]
-    out = []
-    for offload in ("none", "full"):
-        gpu, cpu = fsdp_state_bytes(offload, **state)
-        out.append(EstimateRow(0, offload, gpu / GIB, activations, cpu / GIB, world, fsdp=True))
-    return out
-
-
 def recommend_fsdp(
     rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM
 ) -> EstimateRow:
@@ -440,100 +445,35 @@ def recommend_fsdp(
     )
 
 
-def estimate_rows(
-    params: int,
-    *,
-    gpus: int = 1,
-    nodes: int = 1,
-    lora: bool = False,
-    trainable: int | None = None,
-    micro_batch: int = 8,
-    source_len: int = 512,
-    target_len: int = 128,
-    d_model: int | None = None,
-    n_layers: int | None = None,
-    d_ff: int | None = None,
-    num_heads: int | None = None,
-    vocab_size: int | None = None,
-    n_decoder_layers: int | None = None,
-    largest_layer: int | None = None,
-    fsdp: bool = False,
-) -> list[EstimateRow]:
-    """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``.
-    LoRA needs ``trainable``."""
-    if gpus < 1 or nodes < 1:
+def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
+    """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``."""
+    if shape.gpus < 1 or shape.nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1")
-    if lora and trainable is None:
-        raise UserError("a LoRA estimate needs the number of trainable parameters")
-    trainable = trainable if lora else params
-    if largest_layer is None:
-        largest_layer = (vocab_size or FLAN_T5_VOCAB) * d_model if d_model else params // 10
-    activations = 0
-    if d_model and n_layers:
-        activations = activation_bytes(
-            micro_batch=micro_batch,
-            source_len=source_len,
-            target_len=target_len,
-            d_model=d_model,
-            n_layers=n_layers,
-            d_ff=d_ff,
-            num_heads=num_heads,
-            vocab_size=vocab_size,
-            n_decoder_layers=n_decoder_layers,
-        )
+    states = dict(
+        params=spec.params,
+        gpus=shape.gpus,
+        nodes=shape.nodes,
+        trainable=shape.trainable_params(spec),
+        largest_layer=spec.largest_layer,
+    )
+    activations = activation_bytes(spec, shape) / GIB
+    world = shape.gpus * shape.nodes
     rows = []
     for stage, offload in ROW_ORDER:
-        gpu, cpu = model_state_bytes(
-            stage,
-            offload,
-            params=params,
-            gpus=gpus,
-            nodes=nodes,
-            trainable=trainable,
-            largest_layer=largest_layer,
-        )
-        rows.append(EstimateRow(stage, offload, gpu / GIB, activations / GIB, cpu / GIB, gpus * nodes))
-    if fsdp:
-        rows += fsdp_rows(
-            rows, params=params, gpus=gpus, nodes=nodes, trainable=trainable, largest_layer=largest_layer
-        )
+        gpu, cpu = model_state_bytes(stage, offload, **states)
+        rows.append(EstimateRow(stage, offload, gpu / GIB, activations, cpu / GIB, world))
+    for offload in ("none", "full") if fsdp else ():
+        gpu, cpu = fsdp_state_bytes(offload, **states)
+        rows.append(EstimateRow(0, offload, gpu / GIB, activations, cpu / GIB, world, fsdp=True))
     return rows
 
 
 def estimate_model(
-    model: str,
-    *,
-    gpus: int = 1,
-    nodes: int = 1,
-    lora: bool = False,
-    lora_r: int = 32,
-    lora_targets: Sequence[str] = ("q", "v"),
-    micro_batch: int = 8,
-    source_len: int = 512,
-    target_len: int = 128,
-    fsdp: bool = False,
+    model: str, shape: RunShape | None = None, *, fsdp: bool = False, **fields: Any
 ) -> list[EstimateRow]:
-    """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory)."""
-    spec = model_spec(model)
-    trainable = lora_trainable_params(spec, lora_r, lora_targets) if lora else None
-    return estimate_rows(
-        spec.params,
-        gpus=gpus,
-        nodes=nodes,
-        lora=lora,
-        trainable=trainable,
-        micro_batch=micro_batch,
-        source_len=source_len,
-        target_len=target_len,
-        d_model=spec.d_model,
-        n_layers=spec.num_layers,
-        d_ff=spec.d_ff,
-        num_heads=spec.num_heads,
-        vocab_size=spec.vocab_size,
-        n_decoder_layers=spec.num_decoder_layers,
-        largest_layer=spec.largest_layer,
-        fsdp=fsdp,
-    )
+    """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory); the run
+    is ``shape`` or ``RunShape(**fields)``."""
+    return estimate_rows(model_spec(model), shape or RunShape(**fields), fsdp)
 
 
 def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
@@ -620,17 +560,12 @@ def render_table(
 def render_models_table(
     models: Sequence[str] | None = None,
     gpu_mem_gib: float = 80.0,
-    *,
-    gpus: int = 1,
-    nodes: int = 1,
-    lora: bool = False,
-    micro_batch: int = 8,
-    source_len: int = 512,
-    target_len: int = 128,
+    shape: RunShape | None = None,
     headroom: float = HEADROOM,
 ) -> str:
     """One line per model (default: every FLAN-T5 size): totals per stage and the recommendation."""
     models = list(models or KNOWN_MODELS)
+    shape = shape or RunShape()
     lines = [
         f"| model | parameters | trainable | DDP | ZeRO-1 | ZeRO-2 | ZeRO-3 | ZeRO-3 + offload full | "
         f"recommended for {gpu_mem_gib:g} GiB |",
@@ -638,17 +573,8 @@ def render_models_table(
     ]
     for model in models:
         spec = model_spec(model)
-        rows = estimate_model(
-            model,
-            gpus=gpus,
-            nodes=nodes,
-            lora=lora,
-            micro_batch=micro_batch,
-            source_len=source_len,
-            target_len=target_len,
-        )
+        rows = estimate_rows(spec, shape)
         by_key = {(r.stage, r.offload): r for r in rows}
-        trainable = lora_trainable_params(spec) if lora else spec.params
         try:
             best = recommend(rows, gpu_mem_gib, headroom)
             choice = f"{best.label} ({_gib(best.total_gib)} GiB)"
@@ -659,13 +585,10 @@ def render_models_table(
             for key in ((0, "none"), (1, "none"), (2, "none"), (3, "none"), (3, "full"))
         ]
         lines.append(
-            f"| {spec.name} | {spec.params / 1e6:,.0f}M | {trainable / 1e6:,.1f}M | "
+            f"| {spec.name} | {spec.params / 1e6:,.0f}M | {shape.trainable_params(spec) / 1e6:,.1f}M | "
             + " | ".join(cells)
             + f" | {choice} |"
         )
     lines.append("")
-    lines.append(
-        f"Total GiB per GPU (model states + activations), {gpus} GPU(s) x {nodes} node(s), micro batch "
-        f"{micro_batch}, {source_len}/{target_len} tokens, {'LoRA r=32 on q,v' if lora else 'full fine-tuning'}."
-    )
+    lines.append(f"Total GiB per GPU (model states + activations), {shape.describe()}.")
     return "\n".join(lines)

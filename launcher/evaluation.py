@@ -127,9 +127,12 @@ def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str,
 
 
 def evaluate_model(
-    accelerator, model, tokenizer, recipe: Recipe, rows: list[dict], out_dir: Path, info: dict, synced: bool
+    accelerator, model, tokenizer, recipe: Recipe, out_dir: Path, label: str, synced: bool
 ) -> dict | None:
-    """Generate, gather, score and write one model's predictions; returns the scores on main."""
+    """Generate on the recipe's eval split, gather, score and write one model's predictions
+    (labelled ``label`` in rouge.json); returns the scores on main."""
+    rows = eval_rows(recipe)
+    info = run_info(recipe, label, recipe.model.adapter)
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None
@@ -161,15 +164,15 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
         return
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
+        label = f"{recipe.model.name} (original)"
         evaluate_model(
             accelerator,
             model,
             tokenizer,
             recipe,
-            eval_rows(recipe),
             original_eval_dir(run_dir),
-            run_info(recipe, f"{recipe.model.name} (original)", None),
-            synced=shards_weights(accelerator),
+            label,
+            shards_weights(accelerator),
         )
     accelerator.wait_for_everyone()
 
@@ -177,18 +180,9 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
 def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path) -> None:
     """The fine-tuned model (as trained, sharded or not), then the report with the original's
     scores written before training (``evaluate_original``)."""
-    rows = eval_rows(recipe)
-    method = recipe.train.method
-    evaluate_model(
-        accelerator,
-        model,
-        tokenizer,
-        recipe,
-        rows,
-        run_dir / "eval" / "finetuned",
-        run_info(recipe, f"{recipe.model.name} ({method} fine-tuned)", None),
-        synced=shards_weights(accelerator),
-    )
+    label = f"{recipe.model.name} ({recipe.train.method} fine-tuned)"
+    out_dir = run_dir / "eval" / "finetuned"
+    evaluate_model(accelerator, model, tokenizer, recipe, out_dir, label, shards_weights(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from launcher.card import write_model_card
@@ -203,7 +197,6 @@ def evaluate_standalone(run_dir: Path) -> int:
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe)
     tokenizer = load_tokenizer(recipe)
-    rows = eval_rows(recipe)
     # Load whole on every rank, then let DeepSpeed shard it: the same path as training.
     with without_zero3_init():
         model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
@@ -213,16 +206,7 @@ def evaluate_standalone(run_dir: Path) -> int:
         synced = zero_stage(accelerator) == 3
     else:
         model = model.to(accelerator.device)
-    evaluate_model(
-        accelerator,
-        model,
-        tokenizer,
-        recipe,
-        rows,
-        run_dir,
-        run_info(recipe, recipe.model.name, recipe.model.adapter),
-        synced,
-    )
+    evaluate_model(accelerator, model, tokenizer, recipe, run_dir, recipe.model.name, synced)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -16,7 +16,7 @@ from launcher.errors import UserError
 from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
 from launcher.model import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
-from launcher.render import MACHINE_RANK_ENV, render_run, require_multinode_address
+from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
 from launcher.trackers import check_trackers_installed
 
 RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
@@ -187,15 +187,8 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
         )
 
 
-def write_run_files(
-    recipe: Recipe,
-    run_dir: Path,
-    resume: str | None,
-    argv: list[str],
-    entry: str = "launcher.train",
-    force_resume: bool = False,
-) -> None:
-    render_run(recipe, run_dir, resume, argv, entry, force_resume).write(run_dir)
+def write_run_files(recipe: Recipe, run_dir: Path, entry: RankEntry) -> None:
+    render_run(recipe, run_dir, entry).write(run_dir)
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -268,7 +261,7 @@ def prepare_launch(
     )
     if overwrite and not machine_rank:
         clear_run_dir(run_dir)
-    write_run_files(recipe, run_dir, resume, argv, force_resume=force_resume)
+    write_run_files(recipe, run_dir, RankEntry(argv, resume=resume, force_resume=force_resume))
     return notes
 
 
@@ -291,5 +284,10 @@ def check_launch(
 
 
 def validate_before_launch(recipe: Recipe) -> None:
+    if recipe.model.adapter:
+        raise UserError(
+            f"model.adapter: {recipe.model.adapter!r} is read by `ftlaunch eval` only; a fine-tune starts from "
+            "model.name (merge an adapter first with `ftlaunch export RUN --merge` to train on top of it)"
+        )
     check_data(recipe)
     check_model_reference(recipe)

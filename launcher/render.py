@@ -35,6 +35,26 @@ MAIN_ADDRESS_FROM_ENV = (
 MAIN_PORT_FROM_ENV = '"${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}"'
 
 
+@dataclass(frozen=True)
+class RankEntry:
+    """What command.sh starts on every rank: a module and its run options, and the ftlaunch
+    command line it was rendered from (kept in command.sh as a comment)."""
+
+    argv: list[str]
+    module: str = "launcher.train"  # launcher.evaluation for `ftlaunch eval`, launcher.summarize ...
+    resume: str | None = None
+    force_resume: bool = False
+
+    def rank_args(self, run_dir: Path) -> list[str]:
+        """``python`` arguments of each rank (shell-quoted)."""
+        args = ["-m", self.module, "--run-dir", shlex.quote(str(run_dir))]
+        if self.resume:
+            args += ["--resume", shlex.quote(self.resume)]
+        if self.force_resume:
+            args.append("--force-resume")
+        return args
+
+
 @dataclass
 class RenderedRun:
     """The text of every file a run directory starts with."""
@@ -257,14 +277,7 @@ def machine_rank_setup(nodes: int) -> str:
     )
 
 
-def render_command(
-    recipe: Recipe,
-    run_dir: Path,
-    resume: str | None,
-    argv: list[str],
-    entry: str = "launcher.train",
-    force_resume: bool = False,
-) -> str:
+def render_command(recipe: Recipe, run_dir: Path, entry: RankEntry) -> str:
     """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
     run_dir = run_dir.resolve()
     launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(run_dir / "accelerate.yaml"))]
@@ -278,12 +291,7 @@ def render_command(
             launch_args += ["--main_process_ip", '"$main_address"']
         if not launch.main_port:
             launch_args += ["--main_process_port", MAIN_PORT_FROM_ENV]
-    train_args = ["-m", entry, "--run-dir", shlex.quote(str(run_dir))]
-    if resume:
-        train_args += ["--resume", shlex.quote(resume)]
-    if force_resume:
-        train_args.append("--force-resume")
-    invocation = shlex.join(argv).replace("\n", "\n#   ")  # a newline in an argument stays a comment
+    invocation = shlex.join(entry.argv).replace("\n", "\n#   ")  # a newline in an argument stays a comment
     lines = [
         "#!/usr/bin/env bash",
         f"# Rendered by ftlaunch: {invocation}",
@@ -299,7 +307,7 @@ def render_command(
         ]
     lines += offload_thread_lines(recipe)
     lines += setup
-    lines.append("exec " + " ".join(launch_args + train_args))
+    lines.append("exec " + " ".join(launch_args + entry.rank_args(run_dir)))
     return "\n".join(lines) + "\n"
 
 
@@ -319,20 +327,13 @@ def offload_thread_lines(recipe: Recipe) -> list[str]:
     ]
 
 
-def render_run(
-    recipe: Recipe,
-    run_dir: Path,
-    resume: str | None,
-    argv: list[str],
-    entry: str = "launcher.train",
-    force_resume: bool = False,
-) -> RenderedRun:
+def render_run(recipe: Recipe, run_dir: Path, entry: RankEntry) -> RenderedRun:
     deepspeed = render_deepspeed_config(recipe) if recipe.launch.zero else None
     return RenderedRun(
         recipe_yaml=dump_recipe(recipe),
         accelerate_yaml=render_accelerate_config(recipe, run_dir),
         deepspeed_json=json.dumps(deepspeed, indent=2) + "\n" if deepspeed is not None else None,
-        command_sh=render_command(recipe, run_dir, resume, argv, entry, force_resume),
+        command_sh=render_command(recipe, run_dir, entry),
     )
 
 

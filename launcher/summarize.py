@@ -192,11 +192,12 @@ def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> lis
     """Several ranks: a work directory launched like ``ftlaunch eval``; the main rank writes
     the summaries there."""
     from launcher import launch
+    from launcher.render import RankEntry
 
     with tempfile.TemporaryDirectory(prefix="ftlaunch-summarize-") as work:
         work_dir = Path(work)
         write_rows(work_dir / INPUTS_FILE, rows)
-        launch.write_run_files(recipe, work_dir, None, argv, entry="launcher.summarize")
+        launch.write_run_files(recipe, work_dir, RankEntry(argv, module="launcher.summarize"))
         code = launch.run_command(work_dir)
         if code != 0:
             raise SystemExit(code)

@@ -265,12 +265,11 @@ class WindowStats:
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: StepResult, window: list[dict]) -> None:
+    def add(self, step: StepResult) -> None:
         self.loss_sum = self.loss_sum + step.loss_sum
         self.target_tokens = self.target_tokens + step.target_tokens
-        for batch in window:
-            self.tokens = self.tokens + batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
-            self.samples += batch["input_ids"].size(0)
+        self.tokens = self.tokens + step.tokens
+        self.samples += step.samples
 
 
 def metrics_row(
@@ -294,23 +293,13 @@ def metrics_row(
     return row
 
 
-def clip_and_norm(accelerator, model, max_norm: float | None):
-    """Clip (DDP) and return the gradient norm as a tensor; DeepSpeed clips inside its own step."""
-    if uses_deepspeed(accelerator) or not max_norm:
-        return None
-    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
-
-
-def deepspeed_grad_norm(accelerator, model, previous=None):
-    """DeepSpeed's norm of the last step as it comes (a device tensor), else ``previous``.
+def deepspeed_grad_norm(accelerator, model):
+    """DeepSpeed's norm of the step it just took, as it comes (a device tensor, or None).
 
     Neither ``float()`` nor a truth test here: either makes the host wait for the GPU every
     step; metrics_row converts it on logged steps only.
     """
-    if not uses_deepspeed(accelerator):
-        return previous
-    norm = model.get_global_grad_norm()
-    return norm if norm is not None else previous
+    return model.get_global_grad_norm() if uses_deepspeed(accelerator) else None
 
 
 # Optimizer steps between two stop-flag all-reduces (and the first possible stop after a signal).
@@ -414,7 +403,9 @@ class StepResult:
 
     loss_sum: torch.Tensor  # summed token cross-entropy of this rank's micro-batches
     target_tokens: torch.Tensor  # this rank's target tokens
-    grad_norm: object = None
+    tokens: torch.Tensor  # this rank's source + target tokens (throughput)
+    samples: int
+    grad_norm: object = None  # a device tensor, or None where the step computed none
 
 
 @contextlib.contextmanager
@@ -431,34 +422,49 @@ def gradient_sync(accelerator, model, sync: bool):
 
 
 def train_step(run: Run, window: list[dict]) -> StepResult:
-    """One optimizer step over the micro-batches of one accumulation window.
+    """One optimizer step over the micro-batches of one accumulation window, top to bottom.
 
     The objective is the mean cross-entropy over every target token of the step: all
     micro-batches of the window on all ranks, so a micro-batch of 400 target tokens counts ten
     times one of 40, and 2 ranks == accumulation 2 == a doubled micro batch. Each micro-batch
     backpropagates sum(CE) x (world size x accumulation) / (tokens of the whole step): DDP and
     DeepSpeed average gradients over ranks and Accelerate/DeepSpeed divide by the accumulation
-    steps, which this factor undoes.
+    steps, which this factor undoes. Nothing here reads a device value on the host.
     """
-    accelerator, model = run.accelerator, run.model
+    accelerator, model, train = run.accelerator, run.model, run.recipe.train
+    # 1. The loss denominator: target tokens of the whole step, over all ranks (one small all-reduce).
     local_tokens = sum((batch["labels"] != -100).sum() for batch in window)
     step_tokens = local_tokens
-    if accelerator.num_processes > 1:  # one small all-reduce per step; no host sync
+    if accelerator.num_processes > 1:
         step_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum")
-    scale = accelerator.num_processes * run.recipe.train.grad_accum / step_tokens.clamp(min=1).float()
+    scale = accelerator.num_processes * train.grad_accum / step_tokens.clamp(min=1).float()
+
+    # 2. Forward and backward of each micro-batch; gradients add up locally until the last one.
     loss_sum = torch.zeros((), device=accelerator.device)
     grad_norm = None
     for index, batch in enumerate(window):
         last = index == len(window) - 1
-        with gradient_sync(accelerator, model, last):
+        with gradient_sync(accelerator, model, sync=last):
             ce_sum, _ = summed_cross_entropy(model, batch)
+            # On the last micro-batch the gradients synchronize here: DDP all-reduces them during
+            # backward; DeepSpeed reduces (ZeRO-2/3: reduce-scatters) them at its step boundary.
             accelerator.backward(ce_sum * scale)
-            if last:
-                grad_norm = clip_and_norm(accelerator, model, run.recipe.train.max_grad_norm)
+            if last and train.max_grad_norm and not uses_deepspeed(accelerator):
+                # 3. Clip the synchronized gradients (DeepSpeed clips inside its own step).
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            # 4. Update: a no-op before the last micro-batch (Accelerate skips the optimizer while
+            #    gradients are not synchronized; DeepSpeed steps at its accumulation boundary).
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         loss_sum = loss_sum + ce_sum.detach()
-    return StepResult(loss_sum, local_tokens, grad_norm)
+    run.scheduler.step()
+    if grad_norm is None:
+        grad_norm = deepspeed_grad_norm(accelerator, model)
+
+    # 5. What the metrics line needs, still on the device.
+    tokens = sum(batch["attention_mask"].sum() + (batch["labels"] != -100).sum() for batch in window)
+    samples = sum(batch["input_ids"].size(0) for batch in window)
+    return StepResult(loss_sum, local_tokens, tokens, samples, grad_norm)
 
 
 def optimizer_windows(batches, size: int):
@@ -473,9 +479,7 @@ def optimizer_windows(batches, size: int):
         yield window
 
 
-def after_optimizer_step(
-    run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress
-) -> WindowStats:
+def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
     """Metrics line every ``log_every`` steps and periodic validation; returns the next window."""
     state, train = run.state, run.recipe.train
     progress.update(1)
@@ -510,13 +514,11 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
         batches = epoch_batches(accelerator, run.loader, state.batches_in_epoch)
         for window in optimizer_windows(batches, recipe.train.grad_accum):
             step = train_step(run, window)
-            grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm
+            grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm  # last known
             state.batches_in_epoch += len(window)
-            stats.add(step, window)
-            run.scheduler.step()
             state.step += 1
-            grad_norm = deepspeed_grad_norm(accelerator, run.model, grad_norm)
-            stats = after_optimizer_step(run, stats, grad_norm, logger, progress)
+            stats.add(step)
+            stats = log_and_validate(run, stats, grad_norm, logger, progress)
             interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
             periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
             if periodic or interrupted:

@@ -452,6 +452,21 @@ def test_model_hub_id_without_network(tmp_path, no_launch, network):
     )
 
 
+def test_model_adapter_in_a_training_recipe(tmp_path, no_launch):
+    """model.adapter is read by `ftlaunch eval` only: a fine-tune would silently ignore it."""
+    refused(
+        no_launch,
+        "lora",
+        "--cpu",
+        "--set",
+        f"model.adapter={tmp_path}",
+        "--output",
+        str(tmp_path / "run"),
+        output=tmp_path / "run",
+        fragments=("model.adapter", "ftlaunch eval", "ftlaunch export RUN --merge"),
+    )
+
+
 # ---------------------------------------------------------------- ftlaunch eval
 
 

@@ -145,11 +145,10 @@ def test_deepspeed_grad_norm_stays_on_the_device_until_a_logged_step():
     norm = torch.tensor(2.5).as_subclass(HostReadForbidden)
     model = SimpleNamespace(get_global_grad_norm=lambda: norm)
     assert train.deepspeed_grad_norm(accelerator, model) is norm
-    earlier = torch.tensor(1.0)
     model_without = SimpleNamespace(get_global_grad_norm=lambda: None)
-    assert train.deepspeed_grad_norm(accelerator, model_without, previous=earlier) is earlier
+    assert train.deepspeed_grad_norm(accelerator, model_without) is None
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
-    assert train.deepspeed_grad_norm(ddp, model, previous=earlier) is earlier
+    assert train.deepspeed_grad_norm(ddp, model) is None
 
 
 # ---------------------------------------------------------------- pinned, non-blocking copies
