@@ -405,6 +405,7 @@ def offline_empty_cache(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a subprocess each (the hub reads its settings at import)
 @pytest.mark.parametrize("network", ["offline", "unreachable"])
 def test_dataset_hub_id_without_network(tmp_path, no_launch, network):
     env = (
@@ -422,6 +423,7 @@ def test_dataset_hub_id_without_network(tmp_path, no_launch, network):
     )
 
 
+@pytest.mark.slow  # a subprocess each (the hub reads its settings at import)
 @pytest.mark.parametrize("network", ["offline", "unreachable"])
 def test_model_hub_id_without_network(tmp_path, no_launch, network):
     env = (
@@ -535,6 +537,7 @@ def test_eval_split_that_does_not_exist(tmp_path, no_launch):
     )
 
 
+@pytest.mark.slow  # a subprocess (the hub reads its settings at import)
 def test_eval_model_hub_id_without_network(tmp_path, no_launch):
     env = offline_empty_cache(no_launch, tmp_path)
     refused(

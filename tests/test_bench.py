@@ -110,8 +110,12 @@ def test_scaling_quick(tmp_path):
     assert sane(raw["train-1x2"][0]["samples_per_s"]) and sane(raw["train-2x1"][0]["samples_per_s"]), raw
     assert all(sane(raw[name][0]["startup_s"]) for name in ("generate-1x2", "generate-2x1")), raw
     efficiency = re.search(r"^\| train \| (-?\d+\.\d+) \|", text, re.MULTILINE)
-    # 2 ranks x 1 thread vs 1 rank x 2 threads on the same 2 cores: a ratio near 1, never 0 or 10
-    assert efficiency and sane(float(efficiency.group(1)), 0.1, 5.0), text
+    assert efficiency and sane(float(efficiency.group(1))), text
+    # 2 ranks x 1 thread vs 1 rank x 2 threads on the same 2 cores: a ratio near 1, never 0 or 10,
+    # on a quiet machine. Another job on these cores starves one shape more than the other (a
+    # ratio of 6 was seen): the report prints that foreign load, and the ratio means nothing then.
+    quiet = all(raw[name][0]["foreign_load"] < 0.25 for name in ("train-1x2", "train-2x1"))
+    assert not quiet or sane(float(efficiency.group(1)), 0.1, 5.0), text
 
 
 @pytest.mark.slow
@@ -322,6 +326,7 @@ def test_gpu_peak_bf16_is_the_dense_datasheet_figure(name, tflops):
     assert gpu_worker.peak_bf16(name, override_tflops=500)[0] == 500e12
 
 
+@pytest.mark.slow  # builds the real architectures on the meta device and renders through the CLI
 @pytest.mark.parametrize(
     ("strategy", "arch", "hidden"),
     [("ZeRO-3", "base", 768), ("ZeRO-3+offload", "base", 768), ("ZeRO-2", "large", 1024)],

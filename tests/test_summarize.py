@@ -31,6 +31,8 @@ TRAIN = (
     *("--set", "eval.batch_size=4"),
     *("--set", "eval.compare_original=false"),
 )
+# Every check reads a trained run (the module's two fixtures launch ranks): the fast tier skips it.
+pytestmark = pytest.mark.slow
 
 
 def train_run(method: str, model: str, out: Path) -> Path:
@@ -103,7 +105,6 @@ def test_final_carries_prompt_truncation_and_generation_settings(full_run, lora_
 # ---------------------------------------------------------------- same predictions as the evaluation
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method,gpus", [("full", 1), ("full", 2), ("lora", 2)])
 def test_summarize_gives_the_runs_own_predictions(request, tmp_path, method, gpus):
     run_dir = request.getfixturevalue(f"{method}_run")
@@ -166,7 +167,6 @@ def plain_library_summary(script: str, final: Path, dialogue: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
 def test_full_final_loads_with_plain_transformers_like_summarize_from_stdin(full_run):
     dialogue = first_dialogue()
     result = summarize_cli(full_run / "final", stdin=dialogue)
@@ -176,7 +176,6 @@ def test_full_final_loads_with_plain_transformers_like_summarize_from_stdin(full
     assert plain_library_summary(PLAIN_FULL, full_run / "final", dialogue) == summary
 
 
-@pytest.mark.slow
 def test_lora_final_loads_with_peft_like_summarize_from_a_text_file(lora_run, tmp_path):
     dialogue = first_dialogue()
     text_file = tmp_path / "call.txt"
