@@ -28,6 +28,7 @@ from launcher.distributed import (
 )
 from launcher.fsdp import root_weights_gathered
 from launcher.model import load_for_inference, load_tokenizer
+from launcher.progress import make_progress
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.scoring import score_predictions
 
@@ -53,8 +54,6 @@ def generate_predictions(
     shards = shard_sorted_batches(
         lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes
     )
-    from launcher.progress import make_progress
-
     # Every rank runs the same number of batches (lockstep): the main rank's count is the job's.
     progress = make_progress(accelerator.is_main_process, len(shards), 0, label="generating", unit="batch")
     for shard in shards:
@@ -113,10 +112,11 @@ def eval_rows(recipe: Recipe) -> list[dict]:
     return load_data_split(recipe.data, recipe.eval.split, recipe.eval.limit)
 
 
-def run_info(recipe: Recipe, model_label: str, adapter: str | None) -> dict[str, Any]:
+def run_info(recipe: Recipe, model_label: str) -> dict[str, Any]:
+    """What rouge.json records beside the scores: which model, data and generation settings."""
     return {
         "model": model_label,
-        "adapter": adapter,
+        "adapter": recipe.model.adapter,
         "dataset": recipe.data.dataset,
         "split": recipe.eval.split,
         "source_field": recipe.data.source_field,
@@ -132,7 +132,7 @@ def evaluate_model(
     """Generate on the recipe's eval split, gather, score and write one model's predictions
     (labelled ``label`` in rouge.json); returns the scores on main."""
     rows = eval_rows(recipe)
-    info = run_info(recipe, label, recipe.model.adapter)
+    info = run_info(recipe, label)
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None

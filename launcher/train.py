@@ -461,8 +461,8 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
     if grad_norm is None:
         grad_norm = deepspeed_grad_norm(accelerator, model)
 
-    # 5. What the metrics line needs, still on the device.
-    tokens = sum(batch["attention_mask"].sum() + (batch["labels"] != -100).sum() for batch in window)
+    # 5. What the metrics line needs, still on the device: source + target tokens, examples.
+    tokens = local_tokens + sum(batch["attention_mask"].sum() for batch in window)
     samples = sum(batch["input_ids"].size(0) for batch in window)
     return StepResult(loss_sum, local_tokens, tokens, samples, grad_norm)
 
