@@ -14,7 +14,7 @@ from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
-from launcher.model import is_local_reference
+from launcher.paths import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
 from launcher.trackers import check_trackers_installed

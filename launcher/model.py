@@ -18,7 +18,7 @@ import torch
 
 from launcher.errors import UserError
 from launcher.families import check_decoder_start, module_names, resolve_lora_targets
-from launcher.paths import TINY_TOKENIZER_DIR
+from launcher.paths import TINY_TOKENIZER_DIR, is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, LoraSection, Recipe
 
 TINY_T5_SEED = 1234
@@ -38,10 +38,6 @@ TINY_T5_CONFIG: dict[str, Any] = dict(
     eos_token_id=1,
     decoder_start_token_id=0,
 )
-
-
-def is_local_reference(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def load_tokenizer(recipe: Recipe):

@@ -20,3 +20,8 @@ def project_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"ftlaunch is installed without its {name}/ folder")
+
+
+def is_local_reference(name: str) -> bool:
+    """A model/tokenizer name that means a folder on disk (a path), not a hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
