@@ -61,6 +61,23 @@ def train(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> 
     return read_jsonl(out / "metrics.jsonl")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(name, method, *extra, gpus=2, zero=0) -> (run dir, metrics): each distinct run is
+    trained once per module and read by every test that checks something of it (runs are never
+    modified by the tests that share them)."""
+    runs: dict[tuple, tuple[Path, list[dict]]] = {}
+
+    def get(name: str, method: str, *extra: str, gpus: int = 2, zero: int = 0) -> tuple[Path, list[dict]]:
+        key = (name, method, extra, gpus, zero)
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            runs[key] = (run_dir, train(method, run_dir, *extra, gpus=gpus, zero=zero))
+        return runs[key]
+
+    return get
+
+
 def losses(metrics: list[dict]) -> list[float]:
     return [row["loss"] for row in metrics if "loss" in row]
 
@@ -116,33 +133,52 @@ def reload_final(run_dir: Path, method: str):
 # ---------------------------------------------------------------- tests
 
 
+def trained_two_epochs(trained, method: str, zero: int) -> tuple[Path, list[dict]]:
+    """Two epochs of the sample data: 16 optimizer steps, a checkpoint of the last one."""
+    lr = "2e-3" if method == "full" else "1e-2"
+    return trained(
+        f"{method}-zero{zero}", method, "--set", "train.epochs=2", "--set", f"train.lr={lr}", zero=zero
+    )
+
+
 @pytest.mark.parametrize(
     "method,zero", [("full", 0), ("full", 2), ("full", 3), ("lora", 0), ("lora", 2), ("lora", 3)]
 )
-def test_trains_saves_and_reloads(tmp_path, method, zero):
-    lr = "2e-3" if method == "full" else "1e-2"
-    metrics = train(method, tmp_path / "run", "--set", "train.epochs=2", "--set", f"train.lr={lr}", zero=zero)
+def test_trains_saves_and_reloads(trained, method, zero):
+    run_dir, metrics = trained_two_epochs(trained, method, zero)
     curve = losses(metrics)
     assert len(curve) == 16  # 64 examples / (4 per rank x 2 ranks) x 2 epochs
     assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.05, curve
     if method == "lora":
-        adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+        adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
         assert adapter and all(t.numel() > 0 for t in adapter.values())
         assert any("lora_B" in key and t.abs().sum() > 0 for key, t in adapter.items())
-    model = reload_final(tmp_path / "run", method)
+    model = reload_final(run_dir, method)
     rows = [json.loads(line) for line in (SAMPLE / "validation.jsonl").read_text().splitlines()]
     expected = reference_val_loss(model, tiny_tokenizer(), rows)
     assert final_val_loss(metrics) == pytest.approx(expected, rel=1e-4)
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+ONE_EPOCH = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
+
+
+def two_ranks_one_epoch(trained) -> tuple[Path, list[dict]]:
+    """DDP, 2 ranks x micro batch 4, one epoch: 8 optimizer steps, a checkpoint of the last one."""
+    return trained("ddp-one-epoch", "full", *ONE_EPOCH, gpus=2)
+
+
+def one_rank_one_epoch(trained) -> tuple[Path, list[dict]]:
+    """The same batches on 1 rank: micro batch 4 x accumulation 2."""
+    return trained("one-rank-accum2", "full", *ONE_EPOCH, "--set", "train.grad_accum=2", gpus=1)
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(trained):
     """2 ranks x micro batch 4 == 1 rank x accumulation 2 x micro batch 4, step for step."""
-    common = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
-    two_ranks = losses(train("full", tmp_path / "ddp", *common, gpus=2))
-    one_rank = losses(train("full", tmp_path / "accum", *common, "--set", "train.grad_accum=2", gpus=1))
+    two_ranks = losses(two_ranks_one_epoch(trained)[1])
+    one_rank = losses(one_rank_one_epoch(trained)[1])
     assert len(two_ranks) == len(one_rank) == 8
     assert two_ranks == pytest.approx(one_rank, rel=1e-5, abs=1e-6)
-    zero2 = losses(train("full", tmp_path / "zero2", *common, gpus=2, zero=2))
+    zero2 = losses(trained("zero2-one-epoch", "full", *ONE_EPOCH, gpus=2, zero=2)[1])
     assert zero2 == pytest.approx(two_ranks, rel=1e-4, abs=1e-5)
 
 
@@ -204,38 +240,29 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, zero):
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_refuses_another_world_size(tmp_path):
-    run_dir = tmp_path / "run"
-    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2")
-    result = run_cli(
-        *train_args("full", run_dir, "--set", "train.epochs=1", "--set", "train.checkpoint_every=2", gpus=1),
-        "--resume",
-        "auto",
-    )
+def test_resume_refuses_another_world_size(trained):
+    run_dir, _ = two_ranks_one_epoch(trained)
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    result = run_cli(*train_args("full", run_dir, *ONE_EPOCH, gpus=1), "--resume", "auto")
     assert result.returncode == 2
     assert "world_size 2 -> 1" in result.stderr and "Traceback" not in result.stderr
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before, (
+        "the refusal touched the run"
+    )
 
 
-def test_lora_changes_only_adapter_weights(tmp_path):
+def test_lora_changes_only_adapter_weights(trained):
     from launcher.model import build_tiny_t5
 
-    run_dir = tmp_path / "run"
-    train(
-        "lora",
-        run_dir,
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "train.lr=1e-2",
-        "--set",
-        "train.checkpoint_every=8",
-    )
-    trained = load_file(str(run_dir / "checkpoints" / "step_8" / "model.safetensors"))
+    run_dir, _ = trained_two_epochs(trained, "lora", 0)
+    last = (run_dir / "checkpoints" / "latest").read_text().strip()  # the final step's checkpoint
+    assert last == "step_16"
+    state = load_file(str(run_dir / "checkpoints" / last / "model.safetensors"))
     base = build_tiny_t5(1000).state_dict()
-    lora_keys = [key for key in trained if "lora_" in key]
-    assert lora_keys and any(trained[key].abs().sum() > 0 for key in lora_keys if "lora_B" in key)
+    lora_keys = [key for key in state if "lora_" in key]
+    assert lora_keys and any(state[key].abs().sum() > 0 for key in lora_keys if "lora_B" in key)
     compared = 0
-    for key, value in trained.items():
+    for key, value in state.items():
         if "lora_" in key:
             continue
         plain = key.replace("base_model.model.", "").replace(".base_layer", "")
@@ -244,20 +271,19 @@ def test_lora_changes_only_adapter_weights(tmp_path):
     assert compared >= len(base) - 2  # every base weight (tied copies may be saved once)
 
 
-def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(tmp_path):
+def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(trained):
     """FLAN-T5 has its own lm_head; transformers 5 ties T5's by default (docs/ARCHITECTURE.md, "Pitfalls")."""
     from transformers import AutoModelForSeq2SeqLM
 
     from launcher.model import build_tiny_t5
 
-    run_dir = tmp_path / "run"
-    train("full", run_dir, "--set", "train.epochs=1", "--set", "train.lr=2e-3", gpus=1)
-    trained = build_tiny_t5(1000)
+    run_dir, _ = one_rank_one_epoch(trained)
+    expected_model = build_tiny_t5(1000)
     last = (run_dir / "checkpoints" / "latest").read_text().strip()  # the final step's checkpoint
-    assert last == "step_16"
+    assert last == "step_8"
     state = load_file(str(run_dir / "checkpoints" / last / "model.safetensors"))
-    trained.load_state_dict(state, strict=False)
-    trained.lm_head.weight.data.copy_(state["lm_head.weight"])
+    expected_model.load_state_dict(state, strict=False)
+    expected_model.lm_head.weight.data.copy_(state["lm_head.weight"])
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(run_dir / "final")).eval()
     assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
     assert not torch.equal(reloaded.lm_head.weight, reloaded.shared.weight)
@@ -265,7 +291,7 @@ def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(tmp_path):
     inputs = tokenizer(["#Person1#: Hello, how are you?\n#Person2#: Fine, thanks."], return_tensors="pt")
     decoder = torch.tensor([[0, 5, 9, 13]])
     with torch.no_grad():
-        expected = trained.eval()(**inputs, decoder_input_ids=decoder).logits
+        expected = expected_model.eval()(**inputs, decoder_input_ids=decoder).logits
         got = reloaded(**inputs, decoder_input_ids=decoder).logits
     assert torch.equal(expected, got)
 
