@@ -53,7 +53,7 @@ def total_parameters(name: str) -> int | None:
     from launcher.estimate import KNOWN_MODELS, canonical_name
 
     if name == EMBEDDED_MODEL:
-        from launcher.model import TINY_T5_CONFIG
+        from launcher.families import TINY_T5_CONFIG
         from launcher.paths import TINY_TOKENIZER_DIR
 
         vocab = len(json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
@@ -76,7 +76,7 @@ def lora_parameters(recipe: Recipe, total: int) -> int:
 
     dims = local_model_config(recipe.model.name)
     if recipe.model.name == EMBEDDED_MODEL:
-        from launcher.model import TINY_T5_CONFIG as dims
+        from launcher.families import TINY_T5_CONFIG as dims
     else:
         from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
 

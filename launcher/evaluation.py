@@ -11,7 +11,6 @@ Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,4 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.ranklog import exit_rank
+
+    exit_rank(main())

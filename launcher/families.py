@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import UserError
 
@@ -33,6 +34,25 @@ class ModuleNames:
     leaves: frozenset[str]
     attention: tuple[str, ...]
 
+
+# The embedded tiny model (`tiny-t5`): FLAN-T5's layout at toy size. Here, not in model.py, so the
+# launcher's disk and bucket checks read it without importing torch.
+TINY_T5_CONFIG: dict[str, Any] = dict(
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,  # FLAN-T5: decoder outputs are not rescaled, lm_head is its own matrix
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 
 # T5 (and FLAN-T5, T5 v1.1) module names: enough to check LoRA targets without importing
 # transformers, which would add seconds to every dry run and job start.

@@ -12,32 +12,15 @@ invocation builds the same model without downloading anything.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from launcher.errors import UserError
-from launcher.families import check_decoder_start, module_names, resolve_lora_targets
+from launcher.families import TINY_T5_CONFIG, check_decoder_start, module_names, resolve_lora_targets
 from launcher.paths import TINY_TOKENIZER_DIR, is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, LoraSection, Recipe
 
 TINY_T5_SEED = 1234
-TINY_T5_CONFIG: dict[str, Any] = dict(
-    d_model=64,
-    d_kv=16,
-    d_ff=128,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    dropout_rate=0.1,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,  # FLAN-T5: decoder outputs are not rescaled, lm_head is its own matrix
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
 
 
 def load_tokenizer(recipe: Recipe):

@@ -161,7 +161,7 @@ def set_deepspeed_precision(config: dict[str, Any], recipe: Recipe) -> None:
 def model_hidden_size(name: str) -> int | None:
     """d_model of the model, when it can be known without downloading anything."""
     from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
-    from launcher.model import TINY_T5_CONFIG
+    from launcher.families import TINY_T5_CONFIG
 
     if name == EMBEDDED_MODEL:
         return TINY_T5_CONFIG["d_model"]

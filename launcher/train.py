@@ -20,7 +20,6 @@ import contextlib
 import functools
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -646,4 +645,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.ranklog import exit_rank
+
+    exit_rank(main())

@@ -140,24 +140,26 @@ def test_done_when_dry_run(render, args, files, world, batch, strategy):
     assert os.access(run_dir / "command.sh", os.X_OK)
 
 
-def test_a_cpu_full_run_is_checked_and_rendered_without_importing_torch(tmp_path):
-    """The launcher process only validates and renders: torch (2-3 s to import) is the ranks' job,
-    so `ftlaunch full --cpu` hands over to accelerate within a second (every launch, every test)."""
+def test_a_cpu_full_launch_does_not_import_torch_in_the_launcher(tmp_path):
+    """The launcher process validates, checks the disk, renders and starts `accelerate launch`
+    (here a fake one); torch (2-3 s to import) is the ranks' job, so every `ftlaunch full --cpu`
+    hands over within a second."""
     code = (
         "import sys; from launcher import cli; sys.argv = ['ftlaunch', *sys.argv[1:]]\n"
         "try:\n    cli.main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "print('torch imported' if 'torch' in sys.modules else 'no torch')"
     )
-    args = ["full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--dry-run"]
+    args = ["full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample"]
     result = subprocess.run(
         [sys.executable, "-c", code, *args, "--output", str(tmp_path / "run")],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        env=cli_env(),
+        env=cli_env(PATH=f"{fake_tools(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert '{"argv": ["launch"' in result.stdout, result.stdout[-2000:]  # the fake accelerate ran
     assert result.stdout.strip().endswith("no torch"), result.stdout[-2000:]
 
 
