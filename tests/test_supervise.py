@@ -119,3 +119,22 @@ def test_first_failure_prefers_a_rank_killed_without_a_record(tmp_path):
         log="rank1.log",
     )
     assert first_failure(tmp_path, recipe, 0, [own, peer], torchrun_failure([line])) is own
+
+
+def test_a_rank_exits_with_its_code_after_the_exit_handlers_and_buffered_output():
+    """ranklog.exit_rank skips the interpreter's teardown, not what a run still has to write:
+    libraries' exit handlers run (trackers, logging) and buffered stdout reaches the pipe."""
+    code = (
+        "import atexit, sys\n"
+        "from launcher.ranklog import exit_rank\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "sys.stdout.write('buffered line\\n')\n"
+        "exit_rank(3)\n"
+    )
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED")  # a pipe: stdout is block-buffered, as for a rank under torchrun
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.splitlines() == ["buffered line", "exit handler ran"], result.stdout
