@@ -69,24 +69,22 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
 
     Returns the launch keys to change and a note; the validated recipe is not changed in place
     (the caller validates the changed recipe again)."""
-    from launcher.estimate import detect_gpu_mem_gib, zero_auto
+    from launcher.estimate import RunShape, detect_gpu_mem_gib, zero_auto
     from launcher.families import estimate_targets
 
     memory = gpu_mem or detect_gpu_mem_gib()
     assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
-    row, note = zero_auto(
-        recipe.model.name,
-        memory or 80.0,
+    shape = RunShape(
         gpus=recipe.launch.gpus,
         nodes=recipe.launch.nodes,
         lora=recipe.train.method == "lora",
-        lora_r=recipe.lora.r,
-        lora_targets=estimate_targets(recipe.lora.target_modules),
         micro_batch=recipe.train.micro_batch_size,
         source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,
-        fsdp=recipe.launch.fsdp,
+        lora_r=recipe.lora.r,
+        lora_targets=estimate_targets(recipe.lora.target_modules),
     )
+    row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
     changes: dict[str, object] = {"zero": row.stage}
     if not keep_offload:
         changes["offload"] = row.offload

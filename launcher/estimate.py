@@ -468,12 +468,9 @@ def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[
     return rows
 
 
-def estimate_model(
-    model: str, shape: RunShape | None = None, *, fsdp: bool = False, **fields: Any
-) -> list[EstimateRow]:
-    """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory); the run
-    is ``shape`` or ``RunShape(**fields)``."""
-    return estimate_rows(model_spec(model), shape or RunShape(**fields), fsdp)
+def estimate_model(model: str, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
+    """``estimate_rows`` for a model reference (known name, tiny-t5 or a local directory)."""
+    return estimate_rows(model_spec(model), shape, fsdp)
 
 
 def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
@@ -491,10 +488,10 @@ def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float =
     )
 
 
-def zero_auto(model: str, gpu_mem_gib: float, fsdp: bool = False, **kwargs) -> tuple[EstimateRow, str]:
+def zero_auto(model: str, gpu_mem_gib: float, shape: RunShape, fsdp: bool = False) -> tuple[EstimateRow, str]:
     """For ``--zero auto``: the recommended row and one line for the dry-run summary. With
     ``--fsdp`` the sharding engine is chosen: auto decides the offload only."""
-    rows = estimate_model(model, fsdp=fsdp, **kwargs)
+    rows = estimate_model(model, shape, fsdp)
     row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib)
     choice = "FSDP2 with the least offload" if fsdp else "the smallest stage"
     return row, (

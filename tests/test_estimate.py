@@ -11,6 +11,7 @@ import torch
 
 from launcher import estimate
 from launcher.errors import UserError
+from launcher.estimate import RunShape
 
 GIB = 2**30
 
@@ -70,7 +71,7 @@ def test_model_states_agree_with_deepspeeds_estimator(model, gpus, nodes):
     spec = estimate.model_spec(model)
     psi, largest = spec.params, spec.largest_layer
     assert largest == estimate.FLAN_T5_VOCAB * spec.d_model  # the embedding is T5's largest layer
-    rows = rows_by_key(estimate.estimate_model(model, gpus=gpus, nodes=nodes))
+    rows = rows_by_key(estimate.estimate_model(model, RunShape(gpus=gpus, nodes=nodes)))
     reference = {
         (0, "none"): deepspeed_zero2(psi, 1, 1, False),
         (2, "none"): deepspeed_zero2(psi, gpus, nodes, False),
@@ -91,13 +92,13 @@ def test_model_states_agree_with_deepspeeds_estimator(model, gpus, nodes):
 
 def test_paper_ratios_at_two_ranks():
     """ZeRO paper: DDP 16Ψ vs ZeRO-3 16Ψ/N; DeepSpeed's estimator (with fp32 gradients) 20Ψ vs 18Ψ/N + buffer."""
-    rows = rows_by_key(estimate.estimate_model("flan-t5-xl", gpus=2))
+    rows = rows_by_key(estimate.estimate_model("flan-t5-xl", RunShape(gpus=2)))
     assert rows[(3, "none")].model_states_gib / rows[(0, "none")].model_states_gib < 0.55
 
 
 def test_lora_lowers_the_estimate():
-    full = rows_by_key(estimate.estimate_model("flan-t5-xl"))
-    lora = rows_by_key(estimate.estimate_model("flan-t5-xl", lora=True))
+    full = rows_by_key(estimate.estimate_model("flan-t5-xl", RunShape()))
+    lora = rows_by_key(estimate.estimate_model("flan-t5-xl", RunShape(lora=True)))
     for key in full:
         assert lora[key].model_states_gib <= full[key].model_states_gib, key
         if key[1] == "none":  # with optimizer offload both hold 16-bit weights only: equal
@@ -116,21 +117,21 @@ def test_lora_count_matches_peft():
 
 
 def test_recommend_small_model_big_gpu_is_ddp():
-    row = estimate.recommend(estimate.estimate_model("flan-t5-small"), gpu_mem_gib=80)
+    row = estimate.recommend(estimate.estimate_model("flan-t5-small", RunShape()), gpu_mem_gib=80)
     assert (row.stage, row.offload) == (0, "none")
 
 
 def test_recommend_xxl_on_80gib_needs_sharding_or_offload():
-    row = estimate.recommend(estimate.estimate_model("flan-t5-xxl"), gpu_mem_gib=80)
+    row = estimate.recommend(estimate.estimate_model("flan-t5-xxl", RunShape()), gpu_mem_gib=80)
     assert row.stage > 0 and row.offload != "none"
     assert row.total_gib <= 80 * (1 - estimate.HEADROOM)
-    eight = estimate.recommend(estimate.estimate_model("flan-t5-xxl", gpus=8), gpu_mem_gib=80)
+    eight = estimate.recommend(estimate.estimate_model("flan-t5-xxl", RunShape(gpus=8)), gpu_mem_gib=80)
     assert eight.stage >= 2
 
 
 def test_nothing_fits_is_a_user_error():
     with pytest.raises(UserError, match="nothing fits"):
-        estimate.recommend(estimate.estimate_model("flan-t5-xxl", micro_batch=64), gpu_mem_gib=16)
+        estimate.recommend(estimate.estimate_model("flan-t5-xxl", RunShape(micro_batch=64)), gpu_mem_gib=16)
 
 
 def test_unknown_model_is_a_user_error(tmp_path):
@@ -156,10 +157,12 @@ def test_local_directory_counts_like_the_built_model(tmp_path):
 
 
 def test_tables_render():
-    text = estimate.render_table(estimate.estimate_model("flan-t5-base", gpus=2), gpu_mem_gib=24)
+    text = estimate.render_table(estimate.estimate_model("flan-t5-base", RunShape(gpus=2)), gpu_mem_gib=24)
     assert "recommended" in text and "ZeRO-3 + offload full" in text and "`--zero 3 --offload full`" in text
     many = estimate.render_models_table(estimate.expand_models(estimate.ALL_MODELS), gpu_mem_gib=80)
     assert all(name in many for name in estimate.KNOWN_MODELS)
-    row, line = estimate.zero_auto("flan-t5-large", 40.0, gpus=2)
-    assert row.flags in estimate.render_table(estimate.estimate_model("flan-t5-large", gpus=2), 40.0)
+    row, line = estimate.zero_auto("flan-t5-large", 40.0, RunShape(gpus=2))
+    assert row.flags in estimate.render_table(
+        estimate.estimate_model("flan-t5-large", RunShape(gpus=2)), 40.0
+    )
     assert "--zero auto" in line

@@ -6,11 +6,11 @@ import json
 
 from conftest import run_cli_in_process
 
-from launcher.estimate import estimate_model, recommend
+from launcher.estimate import RunShape, estimate_model, recommend
 
 
 def test_zero_auto_picks_the_recommended_stage_and_says_so(tmp_path):
-    expected = recommend(estimate_model("google/flan-t5-xxl", gpus=8, micro_batch=8), 80.0)
+    expected = recommend(estimate_model("google/flan-t5-xxl", RunShape(gpus=8, micro_batch=8)), 80.0)
     assert expected.stage > 0  # xxl does not fit one 80 GiB GPU with plain DDP
     out = tmp_path / "xxl"
     result = run_cli_in_process(
@@ -68,7 +68,7 @@ def test_estimate_command_prints_every_stage_and_a_recommendation():
 def test_fsdp_zero_auto_picks_fsdp_offload_that_fits_and_estimate_lists_fsdp(tmp_path):
     """xxl full fine-tuning on 2 x 40 GiB: FSDP2's fp32 shards (16 bytes x 11.1e9 / 2) do not
     fit, so --zero auto keeps --fsdp and adds --offload full; the estimate table shows both rows."""
-    rows = estimate_model("google/flan-t5-xxl", gpus=2, micro_batch=1, fsdp=True)
+    rows = estimate_model("google/flan-t5-xxl", RunShape(gpus=2, micro_batch=1), fsdp=True)
     fsdp = {row.offload: row for row in rows if row.fsdp}
     assert fsdp["none"].model_states_gib * 2**30 > 16 * 11_135_332_352 / 2
     assert fsdp["full"].model_states_gib < fsdp["none"].model_states_gib / 10
