@@ -24,8 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
-
 SCORING_MODES = ("best_of_n", "per_reference")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -104,6 +102,10 @@ def score_rouge(
     spaces. Raises ``ValueError`` on mismatched lengths, an empty or non-list references
     entry, non-string texts, empty input or an unknown ``mode``.
     """
+    # Imported here: rouge_score imports nltk (~1 s), which a rank that never scores (every rank
+    # but the main one, every run with eval.after_training false, the report readers) should not pay.
+    from rouge_score import rouge_scorer
+
     _validate(predictions, references, mode)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
 

@@ -216,3 +216,20 @@ def test_bart_baseline_matches_published_numbers(bart_test):
         assert multi[k] >= single[k], k
     assert single["n"] == multi["n"] == 500
     assert single["n_pairs"] == 500 and multi["n_pairs"] == 1500
+
+
+def test_only_scoring_imports_rouge_score_and_nltk():
+    """rouge_score imports nltk (~1 s): every rank imports the training loop and the evaluation,
+    but only the main rank scores, and the report readers only need the metric names."""
+    import subprocess
+
+    code = (
+        "import sys, launcher.train, launcher.evaluation, launcher.report, launcher.sweep_report\n"
+        "before = 'nltk' in sys.modules\n"
+        "from launcher.rouge import score_rouge\n"
+        "score_rouge(['a cat'], [['a cat']])\n"
+        "print(before, 'nltk' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "True"], result.stdout

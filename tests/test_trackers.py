@@ -6,6 +6,8 @@ same tracker run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,32 @@ def tiny_args(out: Path, *extra: str) -> list[str]:
         "--set", "train.lr=2e-3", "--set", "eval.limit=4", "--set", "eval.max_new_tokens=8",
         "--set", "eval.compare_original=false", *extra,
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- DeepSpeed's import of mlflow
+
+IMPORTS_AS_A_RANK = """
+import sys
+from launcher.distributed import keep_deepspeed_from_importing_mlflow
+keep_deepspeed_from_importing_mlflow(sys.argv[1:])
+import deepspeed  # what Accelerate does in every rank (unwrap_model), DDP too
+from accelerate.utils import is_mlflow_available
+print(sys.modules.get("mlflow") is not None, is_mlflow_available(), deepspeed.__version__ != "")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("report_to", "imported"), [(["tensorboard"], "False False True"), (["mlflow"], "True True True")]
+)
+def test_a_rank_imports_mlflow_only_when_it_reports_to_mlflow(report_to, imported):
+    """DeepSpeed imports mlflow (its autotuner's) whenever installed, ~1.4 s per rank: a rank that
+    does not report to MLflow sees it as absent; DeepSpeed itself still imports and works."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_AS_A_RANK, *report_to], capture_output=True, text=True, env=cli_env()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == imported, result.stdout
 
 
 # ---------------------------------------------------------------- refusals (in-process)
