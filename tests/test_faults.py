@@ -219,6 +219,18 @@ def assert_same_run(metrics: list[dict], reference: list[dict]) -> None:
     assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
 
 
+def assert_same_final_weights(run_dir: Path, reference_dir: Path) -> None:
+    """The resumed run's final/ weights are the uninterrupted run's (to float32 round-off)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours = load_file(str(run_dir / "final" / "model.safetensors"))
+    theirs = load_file(str(reference_dir / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
 def latest_name(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
 
@@ -267,7 +279,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, zero):
-    _, expected = reference(zero)
+    reference_dir, expected = reference(zero)
     run_dir = tmp_path / "run"
     args = train_args(run_dir, zero, *SHAPE)
     checkpoints = run_dir / "checkpoints"
@@ -293,6 +305,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, ze
     assert not list(checkpoints.glob(".tmp-*")), sorted(p.name for p in checkpoints.iterdir())
     assert latest_name(run_dir) == f"step_{TOTAL_STEPS}"
     assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+    assert_same_final_weights(run_dir, reference_dir)
 
 
 def test_crash_during_the_first_save_restarts_from_scratch(tmp_path, reference):
@@ -338,7 +351,9 @@ def test_killed_rank_ends_the_job_within_seconds(tmp_path, zero):
 
 
 def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
-    _, expected = reference(0)
+    """DDP: a stop request checkpoints, and the resumed run is the uninterrupted one, step by step
+    and in its final weights (ZeRO-2's resume: test_training's SIGUSR1 test)."""
+    reference_dir, expected = reference(0)
     run_dir = tmp_path / "run"
     args = train_args(run_dir, 0, *SHAPE)
     with Job(run_dir, args) as job:
@@ -367,6 +382,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert f"at step {step}" in output and "resumed from" in output
     assert not (run_dir / "INTERRUPTED").exists()
     assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+    assert_same_final_weights(run_dir, reference_dir)
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
