@@ -107,6 +107,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def assert_same_final_weights(run_dir: Path, reference_dir: Path, file: str = "model.safetensors") -> dict:
+    """``run_dir``'s final/ weights are ``reference_dir``'s to float32 round-off (a resumed run
+    against the uninterrupted one); returns the run's tensors for further checks."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours = load_file(str(run_dir / "final" / file))
+    theirs = load_file(str(reference_dir / "final" / file))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    return ours
+
+
 @pytest.fixture
 def ftlaunch():
     return run_cli

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, read_jsonl
+from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -217,18 +217,6 @@ def assert_same_run(metrics: list[dict], reference: list[dict]) -> None:
     assert loss_steps(metrics) == list(range(1, TOTAL_STEPS + 1))
     assert losses(metrics) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
     assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
-
-
-def assert_same_final_weights(run_dir: Path, reference_dir: Path) -> None:
-    """The resumed run's final/ weights are the uninterrupted run's (to float32 round-off)."""
-    import torch
-    from safetensors.torch import load_file
-
-    ours = load_file(str(run_dir / "final" / "model.safetensors"))
-    theirs = load_file(str(reference_dir / "final" / "model.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
 
 
 def latest_name(run_dir: Path) -> str:

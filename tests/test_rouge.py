@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -221,8 +222,6 @@ def test_bart_baseline_matches_published_numbers(bart_test):
 def test_only_scoring_imports_rouge_score_and_nltk():
     """rouge_score imports nltk (~1 s): every rank imports the training loop and the evaluation,
     but only the main rank scores, and the report readers only need the metric names."""
-    import subprocess
-
     code = (
         "import sys, launcher.train, launcher.evaluation, launcher.report, launcher.sweep_report\n"
         "before = 'nltk' in sys.modules\n"

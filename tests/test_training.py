@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIALOGSUM, UNIGRAM_TOKENIZER, cli_env, needs_dialogsum, read_jsonl, run_cli
+from conftest import (
+    DIALOGSUM,
+    UNIGRAM_TOKENIZER,
+    assert_same_final_weights,
+    cli_env,
+    needs_dialogsum,
+    read_jsonl,
+    run_cli,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -235,11 +243,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert [row["step"] for row in metrics if "loss" in row] == list(range(1, 49))
     assert losses(metrics) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
     assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
-    ours = load_file(str(run_dir / "final" / "model.safetensors"))
-    theirs = load_file(str(tmp_path / "reference" / "final" / "model.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    assert_same_final_weights(run_dir, tmp_path / "reference")
 
 
 def test_resume_refuses_another_world_size(trained):
