@@ -145,6 +145,32 @@ def test_zero_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_launch_overhead_quick_compares_two_trees_and_leaves_no_worktree(tmp_path):
+    """Against HEAD: the same code on both sides, so a positive ratio near 1 on a quiet machine."""
+    out = tmp_path / "launch.md"
+    run_bench(
+        BENCH / "launch_overhead.py",
+        "--baseline",
+        "HEAD",
+        "--quick",
+        "--work",
+        tmp_path / "work",
+        "--out",
+        out,
+    )
+    text = out.read_text()
+    row = re.search(r"^\| DDP, no generation \| (\d+\.\d) \| (\d+\.\d) \| (\d+\.\d+)x \|", text, re.MULTILINE)
+    assert row, text
+    baseline, ours, ratio = map(float, row.groups())
+    assert sane(baseline, 1.0, 600.0) and sane(ours, 1.0, 600.0), text
+    assert ratio == pytest.approx(ours / baseline, abs=0.01), text
+    foreign = float(re.search(r"largest foreign CPU load during a launch (\d+\.\d+)", text).group(1))
+    assert foreign >= 0.25 or sane(ratio, 0.5, 2.0), text  # the same code: only noise moves it
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert str(tmp_path) not in worktrees, worktrees
+
+
+@pytest.mark.slow
 def test_scripts_skip_cleanly_without_shared(tmp_path):
     env = cli_env(FTLAUNCH_SHARED_DIR=str(tmp_path / "nowhere"))
     for script in ("throughput.py", "padding.py", "scaling.py"):
