@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from launcher.export import read_inference_settings
-from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe
+from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.report import percent
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -93,6 +93,11 @@ def rouge_rows(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def generate_arguments(settings: dict) -> str:
+    """The run's generation settings as ``generate()`` keyword arguments."""
+    return ", ".join(f"{key}={value!r}" for key, value in shown_generation_settings(settings).items())
+
+
 def usage_snippet(settings: dict, library: str) -> str:
     prompt = json.dumps(settings["prompt"])
     if library == "peft":
@@ -110,8 +115,7 @@ def usage_snippet(settings: dict, library: str) -> str:
         f"prompt = {prompt}  # the training prompt\n"
         'inputs = tokenizer(prompt.replace("{dialogue}", dialogue), truncation=True, '
         f'max_length={settings["max_source_length"]}, return_tensors="pt")\n'
-        f"output = model.generate(**inputs, max_new_tokens={settings['max_new_tokens']}, "
-        f"num_beams={settings['num_beams']})\n"
+        f"output = model.generate(**inputs, {generate_arguments(settings)})\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```\n\n"
         "Or with ftlaunch (same prompt, truncation and generation as the run's evaluation):\n\n"
         "```bash\nftlaunch summarize PATH --input dialogues.jsonl --output summaries.jsonl\n```\n"

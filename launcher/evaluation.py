@@ -28,7 +28,7 @@ from launcher.distributed import (
 from launcher.fsdp import root_weights_gathered
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.progress import make_progress
-from launcher.recipe import Recipe, read_run_recipe
+from launcher.recipe import GENERATION_KEYS, Recipe, read_run_recipe
 from launcher.scoring import score_predictions
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -65,13 +65,7 @@ def generate_predictions(
             return_tensors="pt",
         ).to(accelerator.device)
         with precision_autocast(recipe, accelerator.device), root_weights_gathered(generator):
-            output = generator.generate(
-                **inputs,
-                max_new_tokens=recipe.eval.max_new_tokens,
-                num_beams=recipe.eval.num_beams,
-                do_sample=False,
-                synced_gpus=synced,
-            )
+            output = generator.generate(**inputs, **recipe.eval.generation(), synced_gpus=synced)
         texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         if shard.indices:
             local += [(index, text.strip()) for index, text in zip(shard.indices, texts)]
@@ -120,8 +114,7 @@ def run_info(recipe: Recipe, model_label: str) -> dict[str, Any]:
         "split": recipe.eval.split,
         "source_field": recipe.data.source_field,
         "target_field": recipe.data.target_field,
-        "max_new_tokens": recipe.eval.max_new_tokens,
-        "num_beams": recipe.eval.num_beams,
+        **{key: getattr(recipe.eval, key) for key in GENERATION_KEYS},
     }
 
 

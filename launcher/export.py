@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from launcher.distributed import print_main, without_zero3_init
-from launcher.recipe import Recipe
+from launcher.recipe import GENERATION_KEYS, Recipe
 
 
 def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None):
@@ -93,8 +93,7 @@ def inference_settings(recipe: Recipe, method: str | None = None) -> dict[str, A
         "prompt": recipe.data.prompt,
         "max_source_length": recipe.data.max_source_length,
         "max_target_length": recipe.data.max_target_length,
-        "max_new_tokens": recipe.eval.max_new_tokens,
-        "num_beams": recipe.eval.num_beams,
+        **{key: getattr(recipe.eval, key) for key in GENERATION_KEYS},
         "batch_size": recipe.eval.batch_size,
         "precision": recipe.model.precision,
     }
@@ -110,9 +109,7 @@ def write_inference_settings(model_dir: Path, recipe: Recipe, method: str | None
     (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     if (model_dir / "generation_config.json").is_file():  # a model (an adapter folder has none)
         generation = GenerationConfig.from_pretrained(str(model_dir))
-        generation.update(
-            max_new_tokens=recipe.eval.max_new_tokens, num_beams=recipe.eval.num_beams, do_sample=False
-        )
+        generation.update(**recipe.eval.generation())
         generation.save_pretrained(str(model_dir))
     tokenizer_config = model_dir / "tokenizer_config.json"
     if tokenizer_config.is_file():

@@ -171,6 +171,29 @@ class LoraSection(Section):
     save_merged: bool = Field(False, description="Also write final/merged: base + adapter as one model.")
 
 
+# The eval.* keys that are generate() arguments (recorded with the model in final/).
+GENERATION_KEYS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+)
+
+
+def shown_generation_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The generation settings worth showing from a saved record (rouge.json, ftlaunch.json): the
+    lengths and beams always, the other controls where the run changed them from the default."""
+    defaults = EvalSection.model_fields
+    return {
+        key: settings[key]
+        for key in GENERATION_KEYS
+        if key in settings
+        and (key in ("max_new_tokens", "num_beams") or settings[key] != defaults[key].default)
+    }
+
+
 class EvalSection(Section):
     after_training: bool = Field(True, description="Generate + ROUGE report at the end of full/lora.")
     compare_original: bool = Field(True, description="Also score the model before fine-tuning.")
@@ -179,12 +202,42 @@ class EvalSection(Section):
     batch_size: int = Field(16, gt=0, description="Dialogues per rank per generate call.")
     max_new_tokens: int = Field(128, gt=0, description="Longest generated summary, in tokens.")
     num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy).")
+    min_new_tokens: int = Field(0, ge=0, description="Shortest generated summary, in tokens (0: no minimum).")
+    length_penalty: float = Field(
+        1.0, description="Beam search only (num_beams > 1): >1 favours longer summaries, <1 shorter."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="No n-gram of this many tokens appears twice in a summary (0: off)."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Divides the score of tokens already generated (1.0: off; 1.2 is common)."
+    )
     scoring: Literal["best_of_n", "per_reference"] = Field(
         "best_of_n", description="Several references: best per metric, or the seed's per-row mean."
     )
     use_stemmer: bool = Field(True, description="Porter stemmer in ROUGE.")
     split_sentences: bool = Field(False, description="One sentence per line before rougeLsum.")
     report_examples: int = Field(3, ge=0, description="Example predictions shown in the report.")
+
+    @model_validator(mode="after")
+    def _generation_settings_agree(self) -> EvalSection:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"eval.min_new_tokens={self.min_new_tokens} is above eval.max_new_tokens={self.max_new_tokens}; "
+                "lower it or raise eval.max_new_tokens"
+            )
+        if self.length_penalty != 1.0 and self.num_beams == 1:
+            raise ValueError(
+                f"eval.length_penalty={self.length_penalty} only acts in beam search; "
+                "set eval.num_beams above 1 (e.g. 4) or leave eval.length_penalty at 1.0"
+            )
+        return self
+
+    def generation(self) -> dict[str, Any]:
+        """The ``generate()`` settings of every generation (evaluation, summarize, final/'s
+        generation_config.json): deterministic decoding with the recipe's length and repetition
+        controls."""
+        return {key: getattr(self, key) for key in GENERATION_KEYS} | {"do_sample": False}
 
 
 class LaunchSection(Section):

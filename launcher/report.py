@@ -14,6 +14,7 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.metrics import read_metrics
+from launcher.recipe import shown_generation_settings
 from launcher.rouge import ROUGE_TYPES
 
 MODEL_ORDER = ("original", "finetuned")
@@ -151,6 +152,11 @@ def reference_columns(scores: dict) -> str:
     )
 
 
+def generation_note(scores: dict) -> str:
+    """``max_new_tokens 128, num_beams 1`` and any repetition/length control the run set."""
+    return ", ".join(f"{key} {value}" for key, value in shown_generation_settings(scores).items())
+
+
 def scoring_note(scores: dict) -> str:
     return scores.get("description") or f"scoring: {scores.get('scoring')}"
 
@@ -175,7 +181,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         "",
         f"Data: {first['scores'].get('dataset')} "
         f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
-        f" · generation: max_new_tokens {first['scores'].get('max_new_tokens')}, beams {first['scores'].get('num_beams')}",
+        f" · generation: {generation_note(first['scores'])}",
         "",
         "## ROUGE (F-measure, %)",
         "",

@@ -23,6 +23,7 @@ from launcher.data import read_jsonl_lines
 from launcher.errors import UserError
 from launcher.export import read_inference_settings
 from launcher.recipe import (
+    GENERATION_KEYS,
     Recipe,
     apply_override,
     build_recipe,
@@ -86,7 +87,8 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
             prompt=settings["prompt"], max_source_length=settings["max_source_length"]
         )
         raw.setdefault("eval", {}).update(
-            {key: settings[key] for key in ("max_new_tokens", "num_beams", "batch_size")}
+            # settings written before a key existed lack it: the schema's default then applies
+            {key: settings[key] for key in (*GENERATION_KEYS, "batch_size") if key in settings}
         )
         raw.setdefault("model", {})["precision"] = settings["precision"]
     adapter = (folder / "adapter_config.json").is_file()

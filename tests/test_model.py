@@ -59,3 +59,34 @@ def test_loading_a_checkpoint_with_its_own_lm_head_keeps_embeddings_tied(tmp_pat
             original(input_ids=ids, decoder_input_ids=ids).logits,
             loaded(input_ids=ids, decoder_input_ids=ids).logits,
         )
+
+
+def test_the_recipes_generation_controls_change_what_generate_does():
+    """eval.min_new_tokens and eval.no_repeat_ngram_size reach generate(): the random tiny model,
+    greedy, repeats tokens and stops early without them and obeys both with them."""
+    from transformers import AutoTokenizer
+
+    from launcher.paths import TINY_TOKENIZER_DIR
+    from launcher.recipe import build_recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    model = build_tiny_t5(len(tokenizer)).eval()
+    inputs = tokenizer(
+        ["#Person1#: Hi, how are you?", "#Person2#: Fine, thanks."], return_tensors="pt", padding=True
+    )
+
+    def new_tokens(**eval_keys) -> list[list[int]]:
+        recipe = build_recipe(
+            {"model": {"name": "tiny-t5"}, "eval": {"max_new_tokens": 12, **eval_keys}}, "test"
+        )
+        output = model.generate(**inputs, **recipe.eval.generation())
+        special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+        return [[t for t in row.tolist()[1:] if t not in special] for row in output]
+
+    def repeats(rows: list[list[int]]) -> bool:
+        return any(len(set(row)) < len(row) for row in rows)
+
+    plain = new_tokens()
+    assert repeats(plain) or min(map(len, plain)) < 6  # what the controls are there to prevent
+    controlled = new_tokens(min_new_tokens=6, no_repeat_ngram_size=1)
+    assert not repeats(controlled) and min(map(len, controlled)) >= 6, controlled

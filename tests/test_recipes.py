@@ -324,3 +324,33 @@ def test_recipe_validate_accepts_a_good_recipe_and_refuses_a_bad_one(tmp_path):
         "recipe", "validate", str(REPO / "recipes" / "full.yaml"), "--set", "train.lr=abc"
     )
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: --set: train.lr='abc'"), wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (("eval.min_new_tokens=200",), ["eval.min_new_tokens=200", "eval.max_new_tokens=128"]),
+        (("eval.length_penalty=2.0",), ["eval.length_penalty=2.0", "eval.num_beams"]),
+        (("eval.no_repeat_ngram_size=-1",), ["eval.no_repeat_ngram_size", "-1"]),
+        (("eval.repetition_penalty=0",), ["eval.repetition_penalty", "0"]),
+    ],
+)
+def test_generation_settings_that_cannot_act_are_refused(overrides: tuple[str, ...], words: list[str]):
+    message = refusal(*overrides)
+    for word in words:
+        assert word in message, message
+
+
+def test_generation_settings_are_what_generate_receives():
+    recipe = recipe_with(
+        "eval.num_beams=4", "eval.length_penalty=0.8", "eval.no_repeat_ngram_size=3", "eval.min_new_tokens=5"
+    )
+    assert recipe.eval.generation() == {
+        "max_new_tokens": 128,
+        "min_new_tokens": 5,
+        "num_beams": 4,
+        "length_penalty": 0.8,
+        "no_repeat_ngram_size": 3,
+        "repetition_penalty": 1.0,
+        "do_sample": False,
+    }

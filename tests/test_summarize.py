@@ -30,7 +30,13 @@ TRAIN = (
     *("--set", "eval.max_new_tokens=12"),
     *("--set", "eval.batch_size=4"),
     *("--set", "eval.compare_original=false"),
+    # generation controls away from their defaults: eval, summarize, final/'s generation_config.json
+    # and a plain transformers/PEFT user must all generate with them to give the same summaries
+    *("--set", "eval.min_new_tokens=4"),
+    *("--set", "eval.no_repeat_ngram_size=2"),
+    *("--set", "eval.repetition_penalty=1.3"),
 )
+GENERATION = {"min_new_tokens": 4, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3}
 # Every check reads a trained run (the module's two fixtures launch ranks): the fast tier skips it.
 pytestmark = pytest.mark.slow
 
@@ -96,10 +102,16 @@ def test_final_carries_prompt_truncation_and_generation_settings(full_run, lora_
         assert settings["prompt"].startswith("Summarize the following conversation.")
         assert settings["max_source_length"] == 512 and settings["max_new_tokens"] == 12
         assert settings["num_beams"] == 1 and settings["base_model"] == base
+        assert GENERATION.items() <= settings.items()
         tokenizer_config = json.loads((run_dir / "final" / "tokenizer_config.json").read_text())
         assert tokenizer_config["model_max_length"] == 512
     generation = json.loads((full_run / "final" / "generation_config.json").read_text())
     assert generation["max_new_tokens"] == 12 and generation["num_beams"] == 1
+    assert GENERATION.items() <= generation.items()
+    card = (full_run / "final" / "README.md").read_text()
+    assert "min_new_tokens=4, num_beams=1, no_repeat_ngram_size=2, repetition_penalty=1.3" in card
+    report = (full_run / "report" / "report.md").read_text()
+    assert "no_repeat_ngram_size 2, repetition_penalty 1.3" in report
 
 
 # ---------------------------------------------------------------- same predictions as the evaluation
@@ -149,7 +161,8 @@ final, dialogue = sys.argv[1], sys.stdin.read()
 settings = json.load(open(final + "/ftlaunch.json"))
 model, tokenizer = AutoPeftModelForSeq2SeqLM.from_pretrained(final), AutoTokenizer.from_pretrained(final)
 inputs = tokenizer(settings["prompt"].replace("{dialogue}", dialogue), truncation=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
+keys = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "repetition_penalty")
+output = model.generate(**inputs, **{key: settings[key] for key in keys})
 print(tokenizer.decode(output[0], skip_special_tokens=True).strip())
 """
 
@@ -227,8 +240,9 @@ def test_export_merge_equals_adapter_on_base(lora_run, base_dir, tmp_path):
     dialogues = [row["dialogue"] for row in read_jsonl(SAMPLE_TEST)[:4]]
     inputs = tokenizer(dialogues, truncation=True, padding=True, return_tensors="pt")
     with torch.no_grad():
-        got = merged.generate(**inputs, max_new_tokens=12, do_sample=False)
-        expected = reference.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
+        # the same explicit settings for both (the export's generation_config.json carries the run's)
+        got = merged.generate(**inputs, max_new_tokens=12, do_sample=False, **GENERATION)
+        expected = reference.eval().generate(**inputs, max_new_tokens=12, do_sample=False, **GENERATION)
     assert torch.equal(got, expected)
 
 
