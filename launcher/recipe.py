@@ -130,6 +130,13 @@ class TrainSection(Section):
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each target's probability spread over the vocabulary in the training loss "
+        "(0.1 is common; val_loss stays plain cross-entropy).",
+    )
     seed: int = Field(42, description="Seed for weights, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(

@@ -203,11 +203,15 @@ def total_optimizer_steps(recipe: Recipe, batches_per_epoch_per_rank: int) -> in
 # ---------------------------------------------------------------- validation
 
 
-def summed_cross_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def summed_cross_entropy(
+    model, batch: dict, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies in fp32, number of target tokens) of one micro-batch.
 
     The loss is computed here from the logits, in fp32 whatever the activations' dtype, instead
-    of the model's own mean: the caller decides what to divide by.
+    of the model's own mean: the caller decides what to divide by. ``label_smoothing`` (the
+    training objective only) mixes the target with a uniform distribution over the vocabulary,
+    torch's definition, which is also Seq2SeqTrainer's ``LabelSmoother``.
     """
     labels = batch["labels"]
     logits = model(
@@ -216,7 +220,11 @@ def summed_cross_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
         decoder_input_ids=batch["decoder_input_ids"],
     ).logits
     total = torch.nn.functional.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
+        logits.float().view(-1, logits.size(-1)),
+        labels.view(-1),
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=label_smoothing,
     )
     return total, (labels != -100).sum()
 
@@ -444,7 +452,7 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
     for index, batch in enumerate(window):
         last = index == len(window) - 1
         with gradient_sync(accelerator, model, sync=last):
-            ce_sum, _ = summed_cross_entropy(model, batch)
+            ce_sum, _ = summed_cross_entropy(model, batch, train.label_smoothing)
             # On the last micro-batch the gradients synchronize here: DDP all-reduces them during
             # backward; DeepSpeed reduces (ZeRO-2/3: reduce-scatters) them at its step boundary.
             accelerator.backward(ce_sum * scale)

@@ -76,7 +76,9 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def fine_tune(model_dir: Path, out: Path, shape: tuple[int, int, int, int], precision: str) -> str:
+def fine_tune(
+    model_dir: Path, out: Path, shape: tuple[int, int, int, int], precision: str, *settings: str
+) -> str:
     ranks, zero, accum, micro = shape
     result = run_cli(
         "full",
@@ -98,6 +100,7 @@ def fine_tune(model_dir: Path, out: Path, shape: tuple[int, int, int, int], prec
         f"train.grad_accum={accum}",
         "--set",
         f"train.micro_batch_size={micro}",
+        *settings,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout + result.stderr
@@ -140,7 +143,10 @@ def padded(examples: list[dict], pad: int) -> dict[str, torch.Tensor]:
 
 
 def reference_training(
-    model_dir: Path, micro_batch_means: bool = False, decay_matrices: bool = True
+    model_dir: Path,
+    micro_batch_means: bool = False,
+    decay_matrices: bool = True,
+    label_smoothing: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], list[float], int, int]:
     """Plain PyTorch: each optimizer step is ONE batch of the step's 8 examples, loss = mean over
     all their target tokens, AdamW with weight decay on matrices (not biases and norms).
@@ -150,7 +156,8 @@ def reference_training(
     ``micro_batch_means`` averages two 4-example micro-batch means per step instead;
     ``decay_matrices=False`` decays nothing (ZeRO-3's empty 1-D placeholders look like biases).
     Which examples form a step is the product's data order (LengthGroupedBatchSampler, what
-    makes the configurations comparable); everything else is computed here.
+    makes the configurations comparable); everything else is computed here. ``label_smoothing``
+    uses the textbook formula written out: (1 - e) x NLL + e x the mean of -log p over the vocabulary.
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -178,9 +185,12 @@ def reference_training(
                 attention_mask=batch["attention_mask"],
                 decoder_input_ids=batch["decoder_input_ids"],
             ).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100
-            )
+            log_probs = torch.log_softmax(logits.view(-1, logits.size(-1)), dim=-1)
+            labels = batch["labels"].view(-1)
+            kept = labels != -100
+            nll = -log_probs[kept].gather(1, labels[kept].unsqueeze(1)).squeeze(1)
+            uniform = -log_probs[kept].mean(dim=-1)
+            loss = ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()
             (loss / len(parts)).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -245,6 +255,18 @@ def test_fp32_fine_tune_of_a_saved_checkpoint_matches_the_reference(tmp_path, mo
     assert update_error(ours, weights, initial_weights(model_dir)) < SAME
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])
+def test_label_smoothing_is_the_smoothed_token_mean_objective(tmp_path, model_dir, name):
+    """train.label_smoothing=0.1 on 2 ranks and on 1 rank x accumulation 2 trains as a plain loop
+    on the smoothed cross-entropy (written out by hand) does; the plain objective lands far away."""
+    smoothed = reference_training(model_dir, label_smoothing=0.1)
+    fine_tune(model_dir, tmp_path / "run", SHAPES[name], "fp32", "--set", "train.label_smoothing=0.1")
+    assert step_losses(tmp_path / "run") == pytest.approx(smoothed[1], rel=1e-5)
+    ours, initial = final_weights(tmp_path / "run"), initial_weights(model_dir)
+    assert update_error(ours, smoothed[0], initial) < SAME
+    assert update_error(reference_training(model_dir)[0], smoothed[0], initial) > DEFECT
 
 
 @pytest.mark.parametrize("defect", ["micro_batch_means", "no_weight_decay"])
