@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.jsonl import read_jsonl
 from launcher.metrics import read_metrics
 from launcher.rouge import ROUGE_TYPES
 
@@ -33,7 +34,7 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
     predictions_file = path / "predictions.jsonl"
     predictions = []
     if predictions_file.is_file():
-        predictions = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+        predictions = read_jsonl(predictions_file)
     return {"scores": scores, "predictions": predictions, "path": path}
 
 
@@ -71,8 +72,13 @@ def rouge_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> s
     return "\n".join(lines)
 
 
+def one_line(text: str) -> str:
+    """Text on one Markdown line: newlines and Unicode line/paragraph separators become spaces."""
+    return " ".join(text.split())
+
+
 def excerpt(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
+    text = one_line(text)
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
@@ -86,12 +92,12 @@ def qualitative_examples(evals: dict[str, dict], rows: list[dict], count: int) -
             "",
             f"**Dialogue** (excerpt): {excerpt(row['dialogue'])}",
             "",
-            f"**Human summary:** {row['references'][0]}",
+            f"**Human summary:** {one_line(row['references'][0])}",
             "",
         ]
         for name, data in evals.items():
             if index < len(data["predictions"]):
-                lines.append(f"**{name}:** {data['predictions'][index]['prediction'] or '(empty)'}")
+                lines.append(f"**{name}:** {one_line(data['predictions'][index]['prediction']) or '(empty)'}")
                 lines.append("")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)

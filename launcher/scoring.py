@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from launcher.data import load_split, read_jsonl
+from launcher.data import load_split
 from launcher.errors import UserError
+from launcher.jsonl import read_jsonl
 from launcher.recipe import EvalSection, describe_validation_error
 from launcher.rouge import score_rouge
 

@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from launcher.data import read_jsonl_lines
 from launcher.errors import UserError
 from launcher.export import read_inference_settings
+from launcher.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
 from launcher.recipe import (
     Recipe,
     apply_override,
@@ -132,15 +132,7 @@ def read_inputs(input_path: str) -> list[dict[str, Any]]:
 
 def parse_text_or_jsonl(text: str, source: str, text_id: str) -> list[dict[str, Any]]:
     if text.lstrip().startswith("{"):  # JSON Lines on standard input
-        lines = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{source} line {number} is not JSON ({exc.msg})") from None
-                lines.append((number, row))
-        return dialogue_rows(lines, source)
+        return dialogue_rows(parse_jsonl_text(text, source), source)
     if not text.strip():
         raise UserError(f"{source} is empty; give one dialogue as text or JSON Lines with 'dialogue'")
     return [{"id": text_id, "dialogue": text.strip()}]
@@ -159,14 +151,14 @@ def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, A
 
 
 def write_summaries(rows: list[dict], summaries: list[str], output: Path | None, plain: bool) -> None:
-    lines = [json.dumps({"id": r["id"], "summary": s}, ensure_ascii=False) for r, s in zip(rows, summaries)]
+    records = [{"id": r["id"], "summary": s} for r, s in zip(rows, summaries)]
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("".join(line + "\n" for line in lines))
+        write_jsonl(output, records)
     elif plain:
         print(summaries[0])
     else:
-        print("\n".join(lines))
+        sys.stdout.write("".join(dumps_line(record) for record in records))
 
 
 # ---------------------------------------------------------------- generation
@@ -196,20 +188,12 @@ def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> lis
 
     with tempfile.TemporaryDirectory(prefix="ftlaunch-summarize-") as work:
         work_dir = Path(work)
-        write_rows(work_dir / INPUTS_FILE, rows)
+        write_jsonl(work_dir / INPUTS_FILE, rows)
         launch.write_run_files(recipe, work_dir, RankEntry(argv, module="launcher.summarize"))
         code = launch.run_command(work_dir)
         if code != 0:
             raise SystemExit(code)
-        return [row["summary"] for row in read_rows(work_dir / SUMMARIES_FILE)]
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [row["summary"] for row in read_jsonl(work_dir / SUMMARIES_FILE)]
 
 
 def summarize(
@@ -241,10 +225,10 @@ def rank_main(work_dir: Path) -> int:
     from launcher.recipe import read_run_recipe
 
     recipe = read_run_recipe(work_dir)
-    rows = read_rows(work_dir / INPUTS_FILE)
+    rows = read_jsonl(work_dir / INPUTS_FILE)
     summaries = generate_summaries(recipe, rows)
     if summaries is not None:
-        write_rows(
+        write_jsonl(
             work_dir / SUMMARIES_FILE, [{"id": r["id"], "summary": s} for r, s in zip(rows, summaries)]
         )
     return 0

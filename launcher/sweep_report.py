@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import EXIT_INTERRUPTED, UserError
+from launcher.jsonl import read_jsonl_partial
 from launcher.metrics import METRICS_FILE
 from launcher.rouge import ROUGE_TYPES
 from launcher.sweep import Point, Sweep, read_status, read_sweep
@@ -58,17 +59,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as far as it is written (a line being appended right now is skipped)."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return read_jsonl_partial(path)
 
 
 def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
