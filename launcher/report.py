@@ -16,6 +16,7 @@ from launcher.errors import UserError
 from launcher.jsonl import read_jsonl
 from launcher.metrics import read_metrics
 from launcher.rouge import ROUGE_TYPES
+from launcher.writable import check_writable_dir
 
 MODEL_ORDER = ("original", "finetuned")
 
@@ -165,6 +166,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
     evals = run_evaluations(run_dir)
     out_dir = out_dir or run_dir / "report"
+    check_writable_dir(out_dir, "--output" if out_dir != run_dir / "report" else "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
@@ -236,6 +238,8 @@ def load_dialogues(scores: dict, count: int) -> list[str]:
 
 def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     """One table over several runs/models; written to OUT/report.md when --output is given."""
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--output")
     rows: list[tuple[str, dict]] = []
     for run_dir in run_dirs:
         if not run_dir.is_dir():

@@ -22,6 +22,8 @@ from typing import Any
 from launcher.errors import UserError
 from launcher.export import read_inference_settings
 from launcher.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
+from launcher.modelfiles import check_model_files
+from launcher.paths import is_local_reference
 from launcher.recipe import (
     Recipe,
     apply_override,
@@ -30,6 +32,7 @@ from launcher.recipe import (
     parse_override,
     read_yaml_mapping,
 )
+from launcher.writable import check_writable_file
 
 INPUTS_FILE = "inputs.jsonl"
 SUMMARIES_FILE = "summaries.jsonl"
@@ -48,6 +51,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
             f"{source} is not a directory; pass a run directory, its final/ folder or a model folder"
         )
     if (source / "recipe.yaml").is_file() and (source / "final").is_dir():
+        check_model_files(source / "final", "run")
         return source / "final", source
     if (source / "recipe.yaml").is_file():
         raise UserError(f"run {source} has no final/ model yet; summarize after the run has finished")
@@ -57,6 +61,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
             f"{source} holds no model (no config.json or adapter_config.json); pass a run directory, "
             "its final/ folder or a folder written by save_pretrained"
         )
+    check_model_files(source, "model folder")
     return source, run_dir
 
 
@@ -95,6 +100,9 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
         adapter=str(folder) if adapter else None,
         tokenizer=str(folder) if (folder / "tokenizer_config.json").is_file() else None,
     )
+    base = raw["model"]["name"]
+    if adapter and is_local_reference(base) and Path(base).expanduser().is_dir():
+        check_model_files(Path(base).expanduser(), f"base model of {folder}")
     raw["launch"] = {"gpus": gpus, "nodes": 1, "zero": 0, "cpu": cpu}
     overridden = []
     for item in overrides:
@@ -210,6 +218,8 @@ def summarize(
         raise UserError(f"--gpus {gpus} must be at least 1")
     recipe = summarize_recipe(source, overrides, gpus, cpu)
     rows = read_inputs(input_path)
+    if output is not None:
+        check_writable_file(output, "--output")  # before generating: the summaries must have a place
     if not cpu and gpus > 1:
         from launcher import launch
 
