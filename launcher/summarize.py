@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -190,18 +191,24 @@ def generate_summaries(recipe: Recipe, rows: list[dict]) -> list[str] | None:
 
 def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> list[str]:
     """Several ranks: a work directory launched like ``ftlaunch eval``; the main rank writes
-    the summaries there."""
+    the summaries there. It is removed once the summaries are read; after a failure it is kept,
+    since the failure summary names a rank log inside it."""
     from launcher import launch
     from launcher.render import RankEntry
 
-    with tempfile.TemporaryDirectory(prefix="ftlaunch-summarize-") as work:
-        work_dir = Path(work)
+    work_dir = Path(tempfile.mkdtemp(prefix="ftlaunch-summarize-"))
+    code = 1
+    try:
         write_jsonl(work_dir / INPUTS_FILE, rows)
         launch.write_run_files(recipe, work_dir, RankEntry(argv, module="launcher.summarize"))
         code = launch.run_command(work_dir)
-        if code != 0:
-            raise SystemExit(code)
-        return [row["summary"] for row in read_jsonl(work_dir / SUMMARIES_FILE)]
+        if code == 0:
+            return [row["summary"] for row in read_jsonl(work_dir / SUMMARIES_FILE)]
+    finally:
+        if code == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"  the work folder {work_dir} is kept for its logs: delete it when done", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def summarize(
