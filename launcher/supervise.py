@@ -131,7 +131,7 @@ class Job:
     run_dir: Path
     kind: str
     started: float
-    eval_model: str = ""  # the `ftlaunch eval` model flags that evaluate this run's final/
+    evaluate: str = ""  # the `ftlaunch eval` command that evaluates this run's final/ as the run would
 
     @classmethod
     def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
@@ -145,8 +145,14 @@ class Job:
                 kind = name
         final = run_dir / "final"
         lora = recipe.train.method == "lora"
-        eval_model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
-        return cls(run_dir, kind, started, eval_model)
+        model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
+        where = f"{' --cpu' if recipe.launch.cpu else ''} --gpus {recipe.launch.gpus}"
+        limit = f" --limit {recipe.eval.limit}" if recipe.eval.limit is not None else ""
+        evaluate = (
+            f"ftlaunch eval {model} --data {recipe.data.dataset} --split {recipe.eval.split}{limit}{where} "
+            f"--output {run_dir / 'eval' / 'finetuned'}"
+        )
+        return cls(run_dir, kind, started, evaluate)
 
     def training_finished(self) -> bool:
         """Training has saved final/ in this launch: what runs now is the final evaluation
@@ -181,7 +187,7 @@ class Job:
             action = "crashed" if code == EXIT_CRASHED else "interrupted"
             meaning = (
                 f"{action} in the final evaluation; training is done and saved in {self.run_dir / 'final'}: "
-                f"evaluate it with `ftlaunch eval {self.eval_model} --output DIR`"
+                f"evaluate it with `{self.evaluate}`, then `ftlaunch report {self.run_dir}`"
             )
         else:
             meaning = {
@@ -340,7 +346,7 @@ def decide(
     if first is not None and first.exit_code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, [f"error: {first.error}"])
     if signals and (job.kind != "train" or job.training_finished()):
-        return Outcome(EXIT_INTERRUPTED, [f"interrupted; {job.advice(EXIT_INTERRUPTED)}"])
+        return Outcome(EXIT_INTERRUPTED, [job.advice(EXIT_INTERRUPTED)])
     if signals:
         return Outcome(
             EXIT_INTERRUPTED,
