@@ -441,6 +441,9 @@ def supervise_command(
         raise UserError(
             f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`"
         )
+    from launcher.writable import check_writable_dir
+
+    check_writable_dir(run_dir, "run directory")  # logs, metrics, checkpoints are written there
     if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
         check_free_space(read_run_recipe(run_dir), run_dir)
     raise typer.Exit(launch.run_command(run_dir))

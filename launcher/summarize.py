@@ -196,7 +196,13 @@ def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> lis
     from launcher import launch
     from launcher.render import RankEntry
 
-    work_dir = Path(tempfile.mkdtemp(prefix="ftlaunch-summarize-"))
+    try:
+        work_dir = Path(tempfile.mkdtemp(prefix="ftlaunch-summarize-"))
+    except OSError as exc:
+        raise UserError(
+            f"cannot create a work folder in {tempfile.gettempdir()} ({exc.strerror}); "
+            "set TMPDIR to a directory you can write to"
+        ) from None
     code = 1
     try:
         write_jsonl(work_dir / INPUTS_FILE, rows)
