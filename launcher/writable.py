@@ -35,7 +35,12 @@ def write_problem(directory: Path) -> str | None:
     try:
         missing = [directory, *directory.parents][: len(directory.relative_to(existing).parts)]
         for folder in reversed(missing):  # top-down, so that each one is recorded for the clean-up
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if folder.is_dir():
+                    continue  # made meanwhile by another process (another node's check): not ours
+                raise
             created.append(folder)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".ftlaunch-write-probe-") as probe:
             probe.write(b"probe")
