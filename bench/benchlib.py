@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import jsonl as launcher_jsonl
 from launcher.model import TINY_T5_CONFIG
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -132,7 +133,7 @@ def count_params(model) -> int:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return launcher_jsonl.read_jsonl(path)
 
 
 def tokenize_examples(

@@ -742,7 +742,7 @@ def cli_result(run_dir: Path, method: str, strategy: str, arch: str, prepared: d
     metrics = []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):  # JSON Lines end at \n only (jsonl.py)
             try:
                 metrics.append(json.loads(line))
             except ValueError:

@@ -78,11 +78,7 @@ def train_throughput(args, ranks: int, threads: int, r: int) -> dict:
         bl.run_measured(bl.ftlaunch_cmd(*train_args(args, ranks, out)), bl.bench_env(threads)),
         f"train {ranks}x{threads}",
     )
-    logged = [
-        row
-        for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if "samples_per_s" in row
-    ]
+    logged = [row for row in bl.read_jsonl(out / "metrics.jsonl") if "samples_per_s" in row]
     effective = args.batch * 2
     samples = seconds = tokens = 0.0
     for prev, row in zip(logged, logged[1:]):  # the first window is warm-up
@@ -135,7 +131,7 @@ def generation_throughput(args, ranks: int, threads: int, r: int) -> dict:
             bl.run_measured(bl.ftlaunch_cmd(*eval_args(args, ranks, out, limit)), env),
             f"eval {ranks}x{threads} {label}",
         )
-        lines = (out / "predictions.jsonl").read_text().splitlines()
+        lines = bl.read_jsonl(out / "predictions.jsonl")
         assert len(lines) == limit, f"{out}: {len(lines)} predictions for {limit} examples"
         timings[label] = record
     seconds = timings["full"].wall_s - timings["startup"].wall_s

@@ -297,7 +297,7 @@ class RankCpuWatch:
             if self.pid is None:
                 return
         try:
-            lines = sum(1 for line in self.metrics.read_text().splitlines() if "samples_per_s" in line)
+            lines = sum(1 for line in self.metrics.read_text().split("\n") if "samples_per_s" in line)
         except OSError:
             return
         if lines and lines not in self.cpu_at_line:
@@ -319,7 +319,7 @@ def run_contender(name: str, args, round_index: int) -> dict:
         record = bl.check(
             bl.run_measured(bl.ftlaunch_cmd(*ftlaunch_args(args, out)), env, poll=watch.poll), "ftlaunch"
         )
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        lines = bl.read_jsonl(out / "metrics.jsonl")
         logged = [row for row in lines if "samples_per_s" in row]
         windows = []  # (samples, seconds, tokens) per window after the first (warm-up) one
         for prev, row in zip(logged, logged[1:]):

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from launcher.export import read_inference_settings
+from launcher.jsonl import read_jsonl
 from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.report import percent
 
@@ -62,9 +63,7 @@ def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
 
 
 def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
-    metrics = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     steps = max((row.get("step", 0) for row in metrics), default=0)
     wall = (run_dir / "final").stat().st_mtime - (run_dir / "recipe.yaml").stat().st_mtime
     strategy = "DDP" if recipe.launch.zero == 0 else f"DeepSpeed ZeRO-{recipe.launch.zero}"

@@ -295,8 +295,10 @@ def eval_command(
 ) -> None:
     """Generate with one model on one split across ranks, and score it with ROUGE."""
     from launcher import launch
+    from launcher.modelfiles import check_model_files
     from launcher.recipe import build_recipe, default_recipe_path, load_recipe
     from launcher.render import RankEntry
+    from launcher.writable import check_writable_dir
 
     recipe = load_recipe(default_recipe_path("full"), overrides)
     raw = recipe.model_dump(mode="json")
@@ -313,6 +315,8 @@ def eval_command(
         raise UserError(
             f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run"
         )
+    if adapter:
+        check_model_files(adapter, "--adapter")
     launch.check_eval_data(recipe)
     launch.local_model_dir(model)
     if not dry_run:
@@ -327,6 +331,7 @@ def eval_command(
         and not (run_dir / "recipe.yaml").exists()
     ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
+    check_writable_dir(run_dir, "--output")
     entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module="launcher.evaluation")
     launch.write_run_files(recipe, run_dir, entry)
     from launcher.console import command_line
@@ -436,6 +441,9 @@ def supervise_command(
         raise UserError(
             f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`"
         )
+    from launcher.writable import check_writable_dir
+
+    check_writable_dir(run_dir, "run directory")  # logs, metrics, checkpoints are written there
     if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
         check_free_space(read_run_recipe(run_dir), run_dir)
     raise typer.Exit(launch.run_command(run_dir))

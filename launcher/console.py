@@ -50,5 +50,5 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
 
 def command_line(run_dir: Path) -> str:
     """The launch line of the run's command.sh, as the user would type it (``$ accelerate launch ...``)."""
-    last = (run_dir / "command.sh").read_text().strip().splitlines()[-1]
+    last = (run_dir / "command.sh").read_text().strip().split("\n")[-1]  # a path may hold U+2028
     return "$ " + last.removeprefix("exec ")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from launcher.errors import UserError
+from launcher.jsonl import read_jsonl, read_jsonl_lines  # noqa: F401 - read_jsonl is this module's API too
 from launcher.paths import SAMPLE_DATA_DIR
 from launcher.recipe import EMBEDDED_DATA, DataSection
 
@@ -56,48 +57,6 @@ def dataset_dir(dataset: str) -> Path | None:
             "(.jsonl, .csv or .parquet), a hub id such as knkarthick/dialogsum, or sample"
         )
     return None
-
-
-def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Strict JSON Lines, as (line number, object): every failure names the file, line and fix.
-
-    A UTF-8 byte-order mark and CRLF line ends (Windows editors, spreadsheet exports) are accepted.
-    """
-    rows: list[tuple[int, dict[str, Any]]] = []
-    offset = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path} line {number} is not UTF-8 text (byte {offset + exc.start}); "
-                    "re-encode it as UTF-8"
-                ) from None
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = (
-                    " (it looks like a Python literal: convert with json.dumps)"
-                    if line.lstrip().startswith("{'")
-                    else ""
-                )
-                raise UserError(
-                    f"{path} line {number} is not JSON ({exc.msg}){hint}; each line must be one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(
-                    f"{path} line {number} is not a JSON object; each line must be one JSON object"
-                )
-            rows.append((number, row))
-    return rows
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in read_jsonl_lines(path)]
 
 
 def read_csv_table(path: Path) -> Table:

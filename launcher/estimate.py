@@ -188,6 +188,9 @@ def _spec_from_directory(directory: Path, name: str) -> ModelSpec:
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
+    from launcher.modelfiles import check_model_files
+
+    check_model_files(directory, "--model")  # the index and safetensors headers are read below
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:

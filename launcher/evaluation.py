@@ -26,6 +26,7 @@ from launcher.distributed import (
     zero_stage,
 )
 from launcher.fsdp import root_weights_gathered
+from launcher.jsonl import write_jsonl
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.progress import make_progress
 from launcher.recipe import GENERATION_KEYS, Recipe, read_run_recipe
@@ -89,15 +90,13 @@ def write_eval_outputs(
     out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / PREDICTIONS_FILE).open("w") as handle:
-        for row, prediction in zip(rows, predictions):
-            handle.write(
-                json.dumps(
-                    {"id": row["id"], "prediction": prediction, "references": row["references"]},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+    write_jsonl(
+        out_dir / PREDICTIONS_FILE,
+        (
+            {"id": row["id"], "prediction": p, "references": row["references"]}
+            for row, p in zip(rows, predictions)
+        ),
+    )
     (out_dir / ROUGE_FILE).write_text(json.dumps({**scores, **info}, indent=2) + "\n")
 
 

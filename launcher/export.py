@@ -134,17 +134,21 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     from launcher.card import write_model_card
     from launcher.errors import UserError
     from launcher.model import load_for_inference, load_tokenizer
+    from launcher.modelfiles import check_model_files
     from launcher.recipe import read_run_recipe
+    from launcher.writable import check_writable_dir
 
     run_dir = run_dir.expanduser().resolve()
     final = run_dir / "final"
     if not (run_dir / "recipe.yaml").is_file() or not final.is_dir():
         raise UserError(f"{run_dir} is not a finished run (no recipe.yaml and final/); pass a run directory")
+    check_model_files(final, "run")
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")
     output = output.expanduser().resolve()
     if output.exists() and any(output.iterdir()):
         raise UserError(f"--output {output} is not empty; pick a new directory for the export")
+    check_writable_dir(output, "--output")
     recipe = read_run_recipe(run_dir)
     lora = recipe.train.method == "lora"
     if lora and not merge:

@@ -14,10 +14,12 @@ from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
+from launcher.modelfiles import check_model_files
 from launcher.paths import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
 from launcher.trackers import check_trackers_installed
+from launcher.writable import check_writable_dir
 
 RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
 
@@ -50,6 +52,7 @@ def local_model_dir(name: str) -> Path | None:
             f"--model {name}: no config.json there; pass a directory written by save_pretrained "
             "(e.g. a run's final/ folder), a hub id, or tiny-t5"
         )
+    check_model_files(path, "--model")
     return path
 
 
@@ -59,6 +62,13 @@ def check_model_reference(recipe: Recipe) -> None:
     if name != EMBEDDED_MODEL and not is_local_reference(name):
         return  # hub ids are resolved by the ranks (offline: from the local cache)
     model_dir = local_model_dir(name)
+    tokenizer = recipe.model.tokenizer
+    if tokenizer and tokenizer != EMBEDDED_MODEL and is_local_reference(tokenizer):
+        if not Path(tokenizer).expanduser().is_dir():
+            raise UserError(
+                f"model.tokenizer {tokenizer}: no such directory; pass a tokenizer folder or a hub id"
+            )
+        check_model_files(Path(tokenizer).expanduser(), "model.tokenizer")
     if recipe.train.method == "lora":
         check_lora_targets(recipe, model_dir)
 
@@ -277,6 +287,7 @@ def check_launch(
         check_hub_references(recipe)
         check_trackers_installed(recipe.train.report_to)
     check_run_dir(run_dir, recipe, resume, overwrite)
+    check_writable_dir(run_dir, "--output")
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
     if not dry_run:
         check_free_space(recipe, run_dir)  # an --overwrite frees what it replaces: the same count holds

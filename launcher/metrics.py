@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.jsonl import read_jsonl
 from launcher.trackers import scalars, start_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -20,7 +21,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 class MetricsLogger:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.jsonl import read_jsonl
 from launcher.metrics import read_metrics
 from launcher.recipe import shown_generation_settings
 from launcher.rouge import ROUGE_TYPES
+from launcher.writable import check_writable_dir
 
 MODEL_ORDER = ("original", "finetuned")
 
@@ -34,7 +36,7 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
     predictions_file = path / "predictions.jsonl"
     predictions = []
     if predictions_file.is_file():
-        predictions = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+        predictions = read_jsonl(predictions_file)
     return {"scores": scores, "predictions": predictions, "path": path}
 
 
@@ -72,8 +74,13 @@ def rouge_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> s
     return "\n".join(lines)
 
 
+def one_line(text: str) -> str:
+    """Text on one Markdown line: newlines and Unicode line/paragraph separators become spaces."""
+    return " ".join(text.split())
+
+
 def excerpt(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
+    text = one_line(text)
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
@@ -87,12 +94,12 @@ def qualitative_examples(evals: dict[str, dict], rows: list[dict], count: int) -
             "",
             f"**Dialogue** (excerpt): {excerpt(row['dialogue'])}",
             "",
-            f"**Human summary:** {row['references'][0]}",
+            f"**Human summary:** {one_line(row['references'][0])}",
             "",
         ]
         for name, data in evals.items():
             if index < len(data["predictions"]):
-                lines.append(f"**{name}:** {data['predictions'][index]['prediction'] or '(empty)'}")
+                lines.append(f"**{name}:** {one_line(data['predictions'][index]['prediction']) or '(empty)'}")
                 lines.append("")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
@@ -165,6 +172,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
     evals = run_evaluations(run_dir)
     out_dir = out_dir or run_dir / "report"
+    check_writable_dir(out_dir, "--output" if out_dir != run_dir / "report" else "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
@@ -236,6 +244,8 @@ def load_dialogues(scores: dict, count: int) -> list[str]:
 
 def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     """One table over several runs/models; written to OUT/report.md when --output is given."""
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--output")
     rows: list[tuple[str, dict]] = []
     for run_dir in run_dirs:
         if not run_dir.is_dir():

@@ -14,10 +14,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from launcher.data import load_split, read_jsonl
+from launcher.data import load_split
 from launcher.errors import UserError
+from launcher.jsonl import read_jsonl
 from launcher.recipe import EvalSection, describe_validation_error
 from launcher.rouge import score_rouge
+from launcher.writable import check_writable_dir
 
 
 def score_predictions(
@@ -87,6 +89,8 @@ def rescore(
         settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
     except ValidationError as exc:
         raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
+    if output is not None:
+        check_writable_dir(output, "--output")
     rows = read_predictions(path)
     references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
     scores = score_predictions([row["prediction"] for row in rows], references, settings)

@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from launcher.data import read_jsonl_lines
 from launcher.errors import UserError
 from launcher.export import read_inference_settings
+from launcher.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
+from launcher.modelfiles import check_model_files
+from launcher.paths import is_local_reference
 from launcher.recipe import (
     GENERATION_KEYS,
     Recipe,
@@ -31,6 +34,7 @@ from launcher.recipe import (
     parse_override,
     read_yaml_mapping,
 )
+from launcher.writable import check_writable_file
 
 INPUTS_FILE = "inputs.jsonl"
 SUMMARIES_FILE = "summaries.jsonl"
@@ -49,6 +53,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
             f"{source} is not a directory; pass a run directory, its final/ folder or a model folder"
         )
     if (source / "recipe.yaml").is_file() and (source / "final").is_dir():
+        check_model_files(source / "final", "run")
         return source / "final", source
     if (source / "recipe.yaml").is_file():
         raise UserError(f"run {source} has no final/ model yet; summarize after the run has finished")
@@ -58,6 +63,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
             f"{source} holds no model (no config.json or adapter_config.json); pass a run directory, "
             "its final/ folder or a folder written by save_pretrained"
         )
+    check_model_files(source, "model folder")
     return source, run_dir
 
 
@@ -97,6 +103,9 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
         adapter=str(folder) if adapter else None,
         tokenizer=str(folder) if (folder / "tokenizer_config.json").is_file() else None,
     )
+    base = raw["model"]["name"]
+    if adapter and is_local_reference(base) and Path(base).expanduser().is_dir():
+        check_model_files(Path(base).expanduser(), f"base model of {folder}")
     raw["launch"] = {"gpus": gpus, "nodes": 1, "zero": 0, "cpu": cpu}
     overridden = []
     for item in overrides:
@@ -134,15 +143,7 @@ def read_inputs(input_path: str) -> list[dict[str, Any]]:
 
 def parse_text_or_jsonl(text: str, source: str, text_id: str) -> list[dict[str, Any]]:
     if text.lstrip().startswith("{"):  # JSON Lines on standard input
-        lines = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{source} line {number} is not JSON ({exc.msg})") from None
-                lines.append((number, row))
-        return dialogue_rows(lines, source)
+        return dialogue_rows(parse_jsonl_text(text, source), source)
     if not text.strip():
         raise UserError(f"{source} is empty; give one dialogue as text or JSON Lines with 'dialogue'")
     return [{"id": text_id, "dialogue": text.strip()}]
@@ -161,14 +162,14 @@ def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, A
 
 
 def write_summaries(rows: list[dict], summaries: list[str], output: Path | None, plain: bool) -> None:
-    lines = [json.dumps({"id": r["id"], "summary": s}, ensure_ascii=False) for r, s in zip(rows, summaries)]
+    records = [{"id": r["id"], "summary": s} for r, s in zip(rows, summaries)]
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("".join(line + "\n" for line in lines))
+        write_jsonl(output, records)
     elif plain:
         print(summaries[0])
     else:
-        print("\n".join(lines))
+        sys.stdout.write("".join(dumps_line(record) for record in records))
 
 
 # ---------------------------------------------------------------- generation
@@ -192,26 +193,30 @@ def generate_summaries(recipe: Recipe, rows: list[dict]) -> list[str] | None:
 
 def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> list[str]:
     """Several ranks: a work directory launched like ``ftlaunch eval``; the main rank writes
-    the summaries there."""
+    the summaries there. It is removed once the summaries are read; after a failure it is kept,
+    since the failure summary names a rank log inside it."""
     from launcher import launch
     from launcher.render import RankEntry
 
-    with tempfile.TemporaryDirectory(prefix="ftlaunch-summarize-") as work:
-        work_dir = Path(work)
-        write_rows(work_dir / INPUTS_FILE, rows)
+    try:
+        work_dir = Path(tempfile.mkdtemp(prefix="ftlaunch-summarize-"))
+    except OSError as exc:
+        raise UserError(
+            f"cannot create a work folder in {tempfile.gettempdir()} ({exc.strerror}); "
+            "set TMPDIR to a directory you can write to"
+        ) from None
+    code = 1
+    try:
+        write_jsonl(work_dir / INPUTS_FILE, rows)
         launch.write_run_files(recipe, work_dir, RankEntry(argv, module="launcher.summarize"))
         code = launch.run_command(work_dir)
-        if code != 0:
-            raise SystemExit(code)
-        return [row["summary"] for row in read_rows(work_dir / SUMMARIES_FILE)]
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if code == 0:
+            return [row["summary"] for row in read_jsonl(work_dir / SUMMARIES_FILE)]
+    finally:
+        if code == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"  the work folder {work_dir} is kept for its logs: delete it when done", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def summarize(
@@ -228,6 +233,8 @@ def summarize(
         raise UserError(f"--gpus {gpus} must be at least 1")
     recipe = summarize_recipe(source, overrides, gpus, cpu)
     rows = read_inputs(input_path)
+    if output is not None:
+        check_writable_file(output, "--output")  # before generating: the summaries must have a place
     if not cpu and gpus > 1:
         from launcher import launch
 
@@ -243,10 +250,10 @@ def rank_main(work_dir: Path) -> int:
     from launcher.recipe import read_run_recipe
 
     recipe = read_run_recipe(work_dir)
-    rows = read_rows(work_dir / INPUTS_FILE)
+    rows = read_jsonl(work_dir / INPUTS_FILE)
     summaries = generate_summaries(recipe, rows)
     if summaries is not None:
-        write_rows(
+        write_jsonl(
             work_dir / SUMMARIES_FILE, [{"id": r["id"], "summary": s} for r, s in zip(rows, summaries)]
         )
     return 0

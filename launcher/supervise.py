@@ -4,10 +4,12 @@
   ``RUN/logs/launcher.log`` (``launcher-node<N>.log`` on several nodes); what the ranks write to
   their console (ranklog.console_print) passes through to the user's screen, byte for byte;
 * Ctrl-C, SIGTERM and SIGUSR1 are passed on to the rank processes themselves, which checkpoint at
-  the next optimizer step and exit 3 (torchrun, told instead, would kill them after 30 s);
+  the next optimizer step and exit 3 (torchrun, told instead, would kill them after 30 s); in the
+  final evaluation, and in ``ftlaunch eval``/``summarize``, they stop at once (nothing to checkpoint);
 * when the job fails, a summary a person can act on replaces the launcher's traceback: which rank
   (and node) failed first, the last line of its error, its log, and the exit code:
-  0 done, 1 crashed, 2 bad input, 3 interrupted and resumable with ``--resume auto``.
+  0 done, 1 crashed, 2 bad input, 3 interrupted; the advice fits the command and phase (Job): only
+  a training run resumes with ``--resume auto``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,83 @@ class Pump(threading.Thread):
             self.tail.append(self.partial)
 
 
+# ---------------------------------------------------------------- what the job is doing
+
+
+@dataclass(frozen=True)
+class Job:
+    """What command.sh runs (``train``, ``eval`` or ``summarize``) and where: the failure summary's
+    advice and the signal notice depend on it (only training checkpoints and resumes)."""
+
+    run_dir: Path
+    kind: str
+    started: float
+    evaluate: str = ""  # the `ftlaunch eval` command that evaluates this run's final/ as the run would
+
+    @classmethod
+    def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
+        try:
+            command = (run_dir / "command.sh").read_text()
+        except OSError:
+            command = ""
+        kind = "train"
+        for module, name in (("launcher.evaluation", "eval"), ("launcher.summarize", "summarize")):
+            if f"-m {module} " in command:
+                kind = name
+        final = run_dir / "final"
+        lora = recipe.train.method == "lora"
+        model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
+        where = f"{' --cpu' if recipe.launch.cpu else ''} --gpus {recipe.launch.gpus}"
+        limit = f" --limit {recipe.eval.limit}" if recipe.eval.limit is not None else ""
+        evaluate = (
+            f"ftlaunch eval {model} --data {recipe.data.dataset} --split {recipe.eval.split}{limit}{where} "
+            f"--output {run_dir / 'eval' / 'finetuned'}"
+        )
+        return cls(run_dir, kind, started, evaluate)
+
+    def training_finished(self) -> bool:
+        """Training has saved final/ in this launch: what runs now is the final evaluation
+        (train.finish saves final/ with one rename, just before generating)."""
+        try:
+            return self.kind == "train" and (self.run_dir / "final").stat().st_mtime >= self.started
+        except OSError:
+            return False
+
+    def signal_notice(self, name: str) -> str:
+        """What the ranks do on a forwarded stop signal, now."""
+        if self.kind == "train" and not self.training_finished():
+            return (
+                f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
+                "stop (Ctrl-C again to stop at once)"
+            )
+        if self.kind == "train":
+            return (
+                f"ftlaunch: got {name} during the final evaluation: the ranks stop now; the trained "
+                f"model is saved in {self.run_dir / 'final'}"
+            )
+        return f"ftlaunch: got {name}: the ranks stop now (ftlaunch {self.kind} keeps no partial results)"
+
+    def advice(self, code: int) -> str:
+        """The exit-code line: what to do next, for this command and phase."""
+        if self.kind != "train":
+            meaning = {
+                EXIT_CRASHED: f"crashed: fix the cause, then run the same `ftlaunch {self.kind}` again",
+                EXIT_INTERRUPTED: f"interrupted: run the same `ftlaunch {self.kind}` again",
+            }[code]
+        elif self.training_finished():
+            action = "crashed" if code == EXIT_CRASHED else "interrupted"
+            meaning = (
+                f"{action} in the final evaluation; training is done and saved in {self.run_dir / 'final'}: "
+                f"evaluate it with `{self.evaluate}`, then `ftlaunch report {self.run_dir}`"
+            )
+        else:
+            meaning = {
+                EXIT_CRASHED: "crashed: fix the cause, then continue with --resume auto",
+                EXIT_INTERRUPTED: "interrupted: continue with --resume auto",
+            }[code]
+        return f"exit code {code} ({meaning}); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted"
+
+
 # ---------------------------------------------------------------- signals
 
 
@@ -140,8 +219,9 @@ def child_processes(pid: int) -> list[int]:
 class SignalForwarder:
     """Pass Ctrl-C/SIGTERM/SIGUSR1 to the rank processes; a second Ctrl-C stops them at once."""
 
-    def __init__(self, child: subprocess.Popen) -> None:
+    def __init__(self, child: subprocess.Popen, job: Job) -> None:
         self.child = child
+        self.job = job
         self.received: list[int] = []
         self.ranks: set[int] = set()
         self.previous: dict[int, object] = {}
@@ -165,10 +245,7 @@ class SignalForwarder:
         if signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1:
             write_console(b"ftlaunch: second Ctrl-C: stopping the ranks at once\n")
         else:
-            write_console(
-                f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
-                "stop (Ctrl-C again to stop at once)\n".encode()
-            )
+            write_console((self.job.signal_notice(name) + "\n").encode())
         for pid in self.ranks:
             try:
                 os.kill(pid, signum)
@@ -245,14 +322,6 @@ def interrupted_step(run_dir: Path, since: float) -> str | None:
     return None
 
 
-def exit_codes_line(code: int) -> str:
-    meaning = {
-        EXIT_CRASHED: "crashed: fix the cause, then continue with --resume auto",
-        EXIT_INTERRUPTED: "interrupted: continue with --resume auto",
-    }[code]
-    return f"exit code {code} ({meaning}); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted"
-
-
 def decide(
     run_dir: Path,
     recipe: Recipe,
@@ -266,21 +335,24 @@ def decide(
     """Turn the child's exit status, the ranks' records and the INTERRUPTED marker into an exit code."""
     if rc == 0:
         return Outcome(0, [])
+    job = Job.of(run_dir, started, recipe)
     step = interrupted_step(run_dir, started)
     if step:
         return Outcome(
-            EXIT_INTERRUPTED, [f"interrupted: checkpoint {step} written; {exit_codes_line(EXIT_INTERRUPTED)}"]
+            EXIT_INTERRUPTED, [f"interrupted: checkpoint {step} written; {job.advice(EXIT_INTERRUPTED)}"]
         )
     failures = read_failures(run_dir, since=started - 1.0)
     first = first_failure(run_dir, recipe, node, failures, torchrun_failure(stderr_tail))
     if first is not None and first.exit_code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, [f"error: {first.error}"])
+    if signals and (job.kind != "train" or job.training_finished()):
+        return Outcome(EXIT_INTERRUPTED, [job.advice(EXIT_INTERRUPTED)])
     if signals:
         return Outcome(
             EXIT_INTERRUPTED,
             [
                 f"interrupted before a new checkpoint was written; "
-                f"{exit_codes_line(EXIT_INTERRUPTED)} (from the newest checkpoint, if any)"
+                f"{job.advice(EXIT_INTERRUPTED)} (from the newest checkpoint, if any)"
             ],
         )
     if first is None:
@@ -293,7 +365,7 @@ def decide(
             [
                 f"error: the launcher failed (exit {rc}) before any rank reported an error: {last}",
                 f"  log: {launcher_log}",
-                f"  {exit_codes_line(EXIT_CRASHED)}",
+                f"  {job.advice(EXIT_CRASHED)}",
             ],
         )
     return Outcome(
@@ -301,7 +373,7 @@ def decide(
         [
             f"error: rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}",
             f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
-            f"  {exit_codes_line(EXIT_CRASHED)}",
+            f"  {job.advice(EXIT_CRASHED)}",
         ],
     )
 
@@ -330,7 +402,7 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
     for pump in pumps:
         pump.start()
-    forwarder = SignalForwarder(child)
+    forwarder = SignalForwarder(child, Job.of(run_dir, started, recipe))
     forwarder.install()
     try:
         rc = child.wait()

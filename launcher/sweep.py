@@ -33,6 +33,7 @@ from typing import Any
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, UserError
 from launcher.paths import PACKAGE_DIR
 from launcher.sweep_grid import Values, grid_points, parse_grid, point_name, read_variants
+from launcher.writable import check_writable_dir
 
 MANIFEST = "sweep.json"
 STATUS_DIR = "status"
@@ -285,6 +286,7 @@ def run_sweep(
     if (max_parallel is not None or sbatch_args) and not slurm:
         raise UserError("--max-parallel and --sbatch shape the SLURM job array: add --slurm")
     options = parse_train_options(method, args)
+    check_writable_dir(output.expanduser().resolve(), "--output")
     sweep = plan_sweep(method, list(args), new_point_values(grid, variants), output.expanduser().resolve())
     fixed = fixed_keys(options)
     recipes = [point_recipe(method, options, point, fixed) for point in sweep.points]

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import EXIT_INTERRUPTED, UserError
+from launcher.jsonl import read_jsonl_partial
 from launcher.metrics import METRICS_FILE
 from launcher.rouge import ROUGE_TYPES
 from launcher.sweep import Point, Sweep, read_status, read_sweep
 from launcher.sweep_grid import short_keys
+from launcher.writable import check_writable_dir
 
 DEFAULT_METRIC = "rougeLsum"
 METRICS = (*ROUGE_TYPES, "val_loss")  # val_loss: lower is better
@@ -58,17 +60,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as far as it is written (a line being appended right now is skipped)."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return read_jsonl_partial(path)
 
 
 def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
@@ -288,6 +280,7 @@ def write_sweep_report(sweep_dir: Path, out_dir: Path | None = None, metric: str
     sweep = read_sweep(sweep_dir)
     rows = sorted_rows([read_point(sweep, point) for point in sweep.points], metric)
     out_dir = out_dir or sweep_dir / "report"
+    check_writable_dir(out_dir, "--output" if out_dir != sweep_dir / "report" else "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_metric(sweep, rows, metric, out_dir / f"{metric}.png")
     plot_losses(rows, out_dir / "loss.png")

@@ -104,7 +104,8 @@ def run_cli_in_process(
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """JSON Lines end at \\n only (str.splitlines would also cut at U+2028 and others inside the text)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def assert_same_final_weights(run_dir: Path, reference_dir: Path, file: str = "model.safetensors") -> dict:

@@ -1,0 +1,140 @@
+"""Failure summaries and signal notices that fit the command and its phase (issue 24, class 7).
+
+Only a training run checkpoints and resumes with ``--resume auto``: a failed ``ftlaunch summarize``
+or ``eval`` must advise running the command again, and name a log that still exists (summarize's
+work folder is temporary); a stop signal during a training run's final evaluation stops the ranks
+at once (nothing polls for it any more), so the notice must not promise a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from launcher.recipe import default_recipe_path, load_recipe
+from launcher.supervise import Job, decide
+
+SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
+
+
+def fake_job_dir(tmp_path: Path, module: str) -> Path:
+    run_dir = tmp_path / module.replace(".", "-")
+    run_dir.mkdir()
+    (run_dir / "command.sh").write_text(f"accelerate launch -m {module} --run-dir {run_dir}\n")
+    return run_dir
+
+
+def test_advice_and_notice_depend_on_the_command_and_phase(tmp_path):
+    recipe = load_recipe(default_recipe_path("lora"), [])
+    started = time.time()
+    for module, kind in (("launcher.evaluation", "eval"), ("launcher.summarize", "summarize")):
+        job = Job.of(fake_job_dir(tmp_path, module), started, recipe)
+        assert job.kind == kind
+        for code in (1, 3):
+            assert "--resume" not in job.advice(
+                code
+            ) and f"run the same `ftlaunch {kind}` again" in job.advice(code)
+        assert "checkpoint" not in job.signal_notice("SIGTERM")
+
+    run_dir = fake_job_dir(tmp_path, "launcher.train")
+    training = Job.of(run_dir, started, recipe)
+    assert "next optimizer step" in training.signal_notice("SIGTERM")
+    assert "--resume auto" in training.advice(1) and "--resume auto" in training.advice(3)
+    (run_dir / "final").mkdir()  # train.finish saved final/ during this launch: the final evaluation runs
+    evaluating = Job.of(run_dir, started, recipe)
+    notice, advice = evaluating.signal_notice("SIGTERM"), evaluating.advice(3)
+    assert "final evaluation" in notice and "next optimizer step" not in notice
+    assert "--resume" not in advice
+    assert f"--model {recipe.model.name} --adapter {run_dir / 'final'}" in advice  # a LoRA run: its adapter
+    assert f"--output {run_dir / 'eval' / 'finetuned'}" in advice
+
+
+def test_a_failed_summarize_summary_advises_running_it_again(tmp_path):
+    """decide() with a rank's failure record, as the supervisor reads it after a summarize."""
+    from launcher.ranklog import Failure, failure_path
+
+    run_dir = fake_job_dir(tmp_path, "launcher.summarize")
+    recipe = load_recipe(default_recipe_path("full"), ["launch.cpu=true"])
+    started = time.time()
+    record = Failure(
+        0, 0, 0, "host", 1, started, 1, "RuntimeError: boom", str(run_dir / "logs" / "rank0.log")
+    )
+    failure_path(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+    failure_path(run_dir, 0).write_text(json.dumps(record.__dict__))
+    outcome = decide(run_dir, recipe, 0, 1, started, [], [], run_dir / "logs" / "launcher.log")
+    text = "\n".join(outcome.lines)
+    assert outcome.code == 1 and "RuntimeError: boom" in text, text
+    assert "--resume" not in text and "run the same `ftlaunch summarize` again" in text, text
+
+
+# ---------------------------------------------------------------- real 2-rank jobs
+
+
+@pytest.fixture(scope="module")
+def mismatched_model(tmp_path_factory) -> Path:
+    """A model folder whose files are intact but whose config.json belongs to another shape
+    (d_ff doubled): the launcher's checks pass, the ranks fail loading the weights."""
+    from transformers import AutoTokenizer
+
+    from launcher.model import build_tiny_t5
+    from launcher.paths import TINY_TOKENIZER_DIR
+
+    path = tmp_path_factory.mktemp("mismatched") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    build_tiny_t5(len(tokenizer)).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    config = json.loads((path / "config.json").read_text())
+    config["d_ff"] *= 2
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.slow
+def test_a_failed_two_rank_summarize_names_a_log_that_exists(mismatched_model, tmp_path):
+    out = tmp_path / "summaries.jsonl"
+    args = ("summarize", str(mismatched_model), "--input", str(SAMPLE / "test.jsonl"), "--cpu", "--gpus", "2")
+    result = run_cli(*args, "--output", str(out))
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text[-6000:]
+    logs = re.findall(r"^  log: (\S+)", result.stderr, re.M)
+    assert logs and Path(logs[0]).is_file(), text[-6000:]
+    assert "size mismatch" in Path(logs[0]).read_text(errors="replace") or "mismatch" in text
+    assert "--resume" not in text and "run the same `ftlaunch summarize` again" in text, text[-3000:]
+    assert not out.exists()
+    shutil.rmtree(Path(logs[0]).parents[1])  # the kept work folder
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path):
+    from test_faults import EXIT_BOUND, JOB_TIMEOUT
+    from test_faults import Job as BackgroundJob
+
+    run_dir = tmp_path / "run"
+    args = [
+        "full",
+        *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample"),
+        *("--set", "model.precision=fp32", "--set", "train.max_steps=2"),
+        *("--set", "eval.compare_original=false", "--set", "eval.batch_size=1"),
+        *("--set", "eval.max_new_tokens=256"),  # 7 batches per rank of ~2 s each: time to signal
+        *("--output", str(run_dir)),
+    ]
+    with BackgroundJob(run_dir, args) as job:
+        job.wait_until(lambda: (run_dir / "final" / "model.safetensors").is_file(), JOB_TIMEOUT, "final/")
+        os.kill(job.process.pid, signal.SIGTERM)
+        code = job.wait(timeout=EXIT_BOUND + 30)
+        output = job.output()
+    assert code == 3, output[-6000:]
+    assert not (run_dir / "eval" / "finetuned" / "rouge.json").exists(), (
+        "the evaluation ended before the signal"
+    )
+    assert "got SIGTERM during the final evaluation" in output, output[-3000:]
+    assert "next optimizer step" not in output and "--resume auto" not in output, output[-3000:]
+    assert f"ftlaunch eval --model {run_dir / 'final'} --data sample --split test --cpu --gpus 2" in output
