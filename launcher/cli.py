@@ -294,7 +294,7 @@ def eval_command(
     debug: bool = DebugOption,
 ) -> None:
     """Generate with one model on one split across ranks, and score it with ROUGE."""
-    from launcher import launch
+    from launcher import launch, runlock
     from launcher.recipe import build_recipe, default_recipe_path, load_recipe
     from launcher.render import RankEntry
 
@@ -320,14 +320,17 @@ def eval_command(
             launch.check_gpus(recipe)
         launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
+    runlock.check_free(run_dir)  # an evaluation is a run: one per directory at a time
     if (
         run_dir.exists()
-        and any(run_dir.iterdir())
+        and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir())
         and not (run_dir / "rouge.json").exists()
         and not (run_dir / "recipe.yaml").exists()
     ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
     entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module="launcher.evaluation")
+    if not dry_run:
+        runlock.hold(run_dir)  # before its files are written
     launch.write_run_files(recipe, run_dir, entry)
     from launcher.console import command_line
 
@@ -613,6 +616,10 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     except exits as exc:
         sys.exit(exc.exit_code)
+    finally:
+        from launcher import runlock
+
+        runlock.release_all()  # run-directory locks: the process's exit frees them; in-process callers too
     sys.exit(result if isinstance(result, int) else 0)
 
 
