@@ -123,6 +123,7 @@ def run_info(recipe: Recipe, model_label: str) -> dict[str, Any]:
         "target_field": recipe.data.target_field,
         "max_new_tokens": recipe.eval.max_new_tokens,
         "num_beams": recipe.eval.num_beams,
+        "batch_size": recipe.eval.batch_size,  # the generation batches: the same on any number of ranks
     }
 
 

@@ -297,3 +297,17 @@ def test_each_dialogue_is_generated_with_the_same_companions_on_1_2_and_3_ranks(
         assert len({len(shard) for shard in shards}) == 1, "ranks must call generate equally often"
         together = sorted(tuple(batch.indices) for shard in shards for batch in shard if batch.indices)
         assert together == sorted(alone), f"{world} ranks form other batches than one rank"
+
+
+def test_report_says_predictions_do_not_depend_on_the_number_of_ranks(tmp_path):
+    from launcher.report import write_run_report
+
+    finetuned = tmp_path / "run" / "eval" / "finetuned"
+    finetuned.mkdir(parents=True)
+    scores = {"rouge1": 0.1, "rouge2": 0.1, "rougeL": 0.1, "rougeLsum": 0.1, "n": 1, "batch_size": 5}
+    (finetuned / "rouge.json").write_text(json.dumps({**scores, "dataset": "none", "split": "test"}))
+    (finetuned / "predictions.jsonl").write_text(
+        json.dumps({"id": "a", "prediction": "x", "references": ["x"]})
+    )
+    text = (write_run_report(tmp_path / "run") / "report.md").read_text()
+    assert "Predictions do not depend on the number of ranks: generation batches of 5 dialogues" in text
