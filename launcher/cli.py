@@ -7,6 +7,7 @@ traceback); nothing is written before the input has been checked.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -56,6 +57,13 @@ def debug_callback(value: bool) -> None:
 
 
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks.", callback=debug_callback, is_eager=True)
+
+
+def gib_amount(value: float | None) -> float | None:
+    """--gpu-mem: a positive, finite GiB count (with inf every stage "fits", with nan none does)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value:g} is not a positive number of GiB; e.g. --gpu-mem 80")
+    return value
 
 
 def parse_zero(value: str) -> int:
@@ -144,7 +152,7 @@ def train_command(method: str):
             None, "--zero", help=key_help("zero", "; auto: the smallest that fits --gpu-mem")
         ),
         gpu_mem: float | None = typer.Option(
-            None, "--gpu-mem", help="GiB per GPU for --zero auto (default: detected)."
+            None, "--gpu-mem", help="GiB per GPU for --zero auto (default: detected).", callback=gib_amount
         ),
         offload: Offload | None = typer.Option(None, "--offload", help=key_help("offload")),
         fsdp: bool = typer.Option(False, "--fsdp", help=key_help("fsdp")),
@@ -454,7 +462,9 @@ def estimate_command(
     ),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
     nodes: int = typer.Option(1, "--nodes"),
-    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU (default: detected, else 80)."),
+    gpu_mem: float | None = typer.Option(
+        None, "--gpu-mem", help="GiB per GPU (default: detected, else 80).", callback=gib_amount
+    ),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
     fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),

@@ -82,6 +82,20 @@ def test_non_finite_recipe_file_value_is_refused(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "0"])
+@pytest.mark.parametrize("command", ["estimate", "full"])
+def test_gpu_mem_must_be_a_positive_finite_amount(tmp_path, command, value):
+    out = tmp_path / "run"
+    args = (
+        ("estimate", "--model", "tiny-t5")
+        if command == "estimate"
+        else (*DRY, "--zero", "auto", "--output", str(out))
+    )
+    line = one_error_line(run_cli_in_process(*args, "--gpu-mem", value))
+    assert "--gpu-mem" in line and "positive number of GiB" in line, line
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- 4: one run per directory
 
 HOLD = """
