@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,11 +78,18 @@ def read_holder(fd: int) -> Holder:
         return Holder(host="unknown", pid=0, started="unknown")
 
 
+class LocksUnsupported(Exception):
+    """The filesystem has no flock (Lustre mounted without ``flock``, some FUSE filesystems)."""
+
+
 def try_lock(fd: int) -> bool:
+    """True when this process now holds the lock, False when another process does."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:  # ENOSYS, ENOLCK, EOPNOTSUPP: no locks here at all
+        raise LocksUnsupported(exc.strerror) from None
     return True
 
 
@@ -98,6 +106,8 @@ def current_holder(run_dir: Path) -> Holder | None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         return read_holder(fd)
+    except LocksUnsupported:
+        return None  # hold() says so when the run starts
     finally:
         os.close(fd)
 
@@ -135,7 +145,18 @@ def hold(run_dir: Path) -> None:
             f"--output {run_dir}: cannot create its lock file {LOCK_FILE} ({exc.strerror}); "
             "pick a directory you can write to"
         ) from None
-    if not try_lock(fd):
+    try:
+        locked = try_lock(fd)
+    except LocksUnsupported as exc:
+        os.close(fd)
+        print(
+            f"warning: {run_dir}'s filesystem does not support file locks ({exc}): a second run on this "
+            "directory would not be refused",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if not locked:
         holder = read_holder(fd)
         os.close(fd)
         if same_job(holder):

@@ -154,6 +154,22 @@ def test_a_held_directory_is_refused_until_its_holder_dies(tmp_path):
     assert run_cli_in_process(*DRY, "--output", str(run_dir)).returncode == 0
 
 
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
+    """Lustre without the flock mount option answers ENOSYS: the run goes on, with one warning."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run_dir = tmp_path / "run"
+    runlock.hold(run_dir)
+    runlock.check_free(run_dir)
+    assert "does not support file locks" in capsys.readouterr().err
+    assert runlock.held_fds(run_dir) == ()
+
+
 def descendants(pid: int) -> list[int]:
     from launcher.supervise import child_processes
 
