@@ -140,6 +140,7 @@ def test_a_held_directory_is_refused_until_its_holder_dies(tmp_path):
                 "--output",
                 str(run_dir),
             ),
+            (*DRY[:-1], "--overwrite", "--output", str(run_dir)),  # would clear the running run
             ("eval", "--cpu", "--output", str(run_dir)),
         ):
             line = one_error_line(run_cli_in_process(*args))
