@@ -7,6 +7,7 @@ traceback); nothing is written before the input has been checked.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -56,6 +57,13 @@ def debug_callback(value: bool) -> None:
 
 
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks.", callback=debug_callback, is_eager=True)
+
+
+def gib_amount(value: float | None) -> float | None:
+    """--gpu-mem: a positive, finite GiB count (with inf every stage "fits", with nan none does)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value:g} is not a positive number of GiB; e.g. --gpu-mem 80")
+    return value
 
 
 def parse_zero(value: str) -> int:
@@ -144,7 +152,7 @@ def train_command(method: str):
             None, "--zero", help=key_help("zero", "; auto: the smallest that fits --gpu-mem")
         ),
         gpu_mem: float | None = typer.Option(
-            None, "--gpu-mem", help="GiB per GPU for --zero auto (default: detected)."
+            None, "--gpu-mem", help="GiB per GPU for --zero auto (default: detected).", callback=gib_amount
         ),
         offload: Offload | None = typer.Option(None, "--offload", help=key_help("offload")),
         fsdp: bool = typer.Option(False, "--fsdp", help=key_help("fsdp")),
@@ -294,7 +302,7 @@ def eval_command(
     debug: bool = DebugOption,
 ) -> None:
     """Generate with one model on one split across ranks, and score it with ROUGE."""
-    from launcher import launch
+    from launcher import launch, runlock
     from launcher.modelfiles import check_model_files
     from launcher.recipe import build_recipe, default_recipe_path, load_recipe
     from launcher.render import RankEntry
@@ -324,15 +332,18 @@ def eval_command(
             launch.check_gpus(recipe)
         launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
+    runlock.check_free(run_dir)  # an evaluation is a run: one per directory at a time
     if (
         run_dir.exists()
-        and any(run_dir.iterdir())
+        and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir())
         and not (run_dir / "rouge.json").exists()
         and not (run_dir / "recipe.yaml").exists()
     ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
     check_writable_dir(run_dir, "--output")
     entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module="launcher.evaluation")
+    if not dry_run:
+        runlock.hold(run_dir)  # before its files are written
     launch.write_run_files(recipe, run_dir, entry)
     from launcher.console import command_line
 
@@ -459,7 +470,9 @@ def estimate_command(
     ),
     gpus: int = typer.Option(1, "--gpus", help="GPUs per node."),
     nodes: int = typer.Option(1, "--nodes"),
-    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GiB per GPU (default: detected, else 80)."),
+    gpu_mem: float | None = typer.Option(
+        None, "--gpu-mem", help="GiB per GPU (default: detected, else 80).", callback=gib_amount
+    ),
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
     fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
@@ -621,6 +634,10 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     except exits as exc:
         sys.exit(exc.exit_code)
+    finally:
+        from launcher import runlock
+
+        runlock.release_all()  # run-directory locks: the process's exit frees them; in-process callers too
     sys.exit(result if isinstance(result, int) else 0)
 
 

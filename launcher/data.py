@@ -422,3 +422,22 @@ def shard_sorted_batches(lengths: Sequence[int], batch_size: int, rank: int, wor
         per_rank = math.ceil(len(chunk) / world)
         batches.append(ShardBatch(chunk[rank * per_rank : (rank + 1) * per_rank]))
     return batches
+
+
+def dealt_generation_batches(
+    lengths: Sequence[int], batch_size: int, rank: int, world: int
+) -> list[ShardBatch]:
+    """This rank's generation batches: formed once for the whole split, dealt whole to ranks.
+
+    Batches of ``batch_size`` examples in length order (longest first) do not depend on the
+    number of ranks, so every dialogue is generated in the same batch with the same padding on
+    1, 2 or 3 ranks: the padded shape changes floating-point sums, which can flip a near-tied
+    greedy token. Batch ``b`` goes to rank ``b % world``; every rank gets as many batches as the
+    busiest one, placeholders (empty ``indices``) where it has none left, because ZeRO-3 and
+    FSDP generation (``synced_gpus``) needs every rank to call ``generate`` equally often.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = [ShardBatch(batch) for batch in batches[rank::world]]
+    per_rank = math.ceil(len(batches) / world)
+    return mine + [ShardBatch([]) for _ in range(per_rank - len(mine))]

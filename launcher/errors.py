@@ -20,6 +20,13 @@ class RunFailure(Exception):
     the message for the launcher's summary and exits with EXIT_CRASHED; the traceback stays in its log."""
 
 
+class Diverged(RunFailure):
+    """The loss, gradient norm or weights became inf or NaN (finite.py): exit 1, nothing saved from
+    then on; its message starts with DIVERGED, which the supervisor's advice keys on."""
+
+
+DIVERGED = "training diverged"
+
 EXIT_CRASHED = 1
 EXIT_USAGE = 2
 # A rank that stopped on SIGTERM/SIGUSR1 after writing a checkpoint exits with this code,

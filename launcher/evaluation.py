@@ -1,8 +1,9 @@
 """Generation on all ranks, gathered once per example, scored with ROUGE.
 
-Each rank generates a length-sorted shard; every rank makes the same number of ``generate``
-calls (placeholder batches where its shard ran out), so ZeRO-3's and FSDP's ``synced_gpus``
-generation cannot hang. Results are gathered as (index, text) objects and the main process checks it got
+Generation batches are formed once for the whole split (length-sorted, ``eval.batch_size``
+each) and dealt whole to ranks, so predictions do not depend on the number of ranks; every rank
+makes the same number of ``generate`` calls (placeholder batches where its share ran out), so
+ZeRO-3's and FSDP's ``synced_gpus`` generation cannot hang. Results are gathered as (index, text) objects and the main process checks it got
 exactly one prediction per example before writing anything.
 
 Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.evaluation --run-dir OUT``.
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from launcher.data import build_prompt, load_data_split, shard_sorted_batches
+from launcher.data import build_prompt, dealt_generation_batches, load_data_split
 from launcher.distributed import (
     build_accelerator,
     precision_autocast,
@@ -51,7 +52,7 @@ def generate_predictions(
     generator = accelerator.unwrap_model(model)
     generator.eval()
     local: list[tuple[int, str]] = []
-    shards = shard_sorted_batches(
+    shards = dealt_generation_batches(
         lengths, recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes
     )
     # Every rank runs the same number of batches (lockstep): the main rank's count is the job's.
@@ -114,6 +115,7 @@ def run_info(recipe: Recipe, model_label: str) -> dict[str, Any]:
         "source_field": recipe.data.source_field,
         "target_field": recipe.data.target_field,
         **{key: getattr(recipe.eval, key) for key in GENERATION_KEYS},
+        "batch_size": recipe.eval.batch_size,  # the generation batches: the same on any number of ranks
     }
 
 

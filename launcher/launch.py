@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from launcher import checkpoint as ckpt
+from launcher import runlock
 from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
@@ -178,7 +179,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
     if overwrite:
         return
     if not holds_run(run_dir):
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir()):
             raise UserError(
                 f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
                 "or pass --overwrite"
@@ -207,7 +208,7 @@ def clear_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
-        if entry.name in RUN_FILES:
+        if entry.name in RUN_FILES or entry.name == runlock.LOCK_FILE:  # the lock this process holds
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -218,8 +219,10 @@ def clear_run_dir(run_dir: Path) -> None:
 def run_command(run_dir: Path, machine_rank: int | None = None) -> int:
     """Run command.sh as a supervised child (this node's machine rank in its environment): per-rank
     logs, signals forwarded to the ranks, a summary on failure; returns ftlaunch's exit code."""
-    from launcher.supervise import supervise
+    from launcher.supervise import node_rank, supervise
 
+    if node_rank(machine_rank) == 0:
+        runlock.hold(run_dir)  # a no-op where prepare_launch took it; `ftlaunch supervise` takes it here
     return supervise(run_dir, machine_rank)
 
 
@@ -264,11 +267,17 @@ def prepare_launch(
 
     On a multi-node run every node may call this on the same (shared) directory: only machine
     rank 0 clears it for --overwrite; the others write the same files (atomically).
+    Only node 0 holds the run directory's lock (runlock.py): the others join its run. A dry run
+    takes no lock but is refused on a held directory, as it would rewrite the run's files.
     Returns lines for the user (checkpoints a resume skipped).
     """
+    if not machine_rank:
+        runlock.check_free(run_dir)  # first: the line names the holder, whatever else is wrong
     notes = check_launch(
         recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume, dry_run=dry_run
     )
+    if not dry_run and not machine_rank:
+        runlock.hold(run_dir)  # until ftlaunch exits: checked above, taken before anything is written
     if overwrite and not machine_rank:
         clear_run_dir(run_dir)
     write_run_files(recipe, run_dir, RankEntry(argv, resume=resume, force_resume=force_resume))

@@ -8,6 +8,7 @@ checkpoint, so the file reads as one uninterrupted run (the trackers do the same
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return read_jsonl(path)
+
+
+def json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or Infinity: a non-finite number becomes null. The loop stops a diverged
+    run before logging its loss (finite.py); this keeps any other value from breaking the file."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in row.items()
+    }
 
 
 class MetricsLogger:
@@ -39,7 +49,7 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self.accelerator.log(scalars(row), step=row["step"])  # main process only (Accelerate)
 
     def close(self) -> None:

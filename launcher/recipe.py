@@ -26,9 +26,10 @@ EMBEDDED_DATA = "sample"
 
 
 class Section(BaseModel):
-    """Base for recipe sections: unknown keys are errors, assignments are validated."""
+    """Base for recipe sections: unknown keys are errors, assignments are validated, and every
+    float is finite (``inf``, ``.inf``, ``nan`` would train to a NaN model without a word)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -206,7 +207,11 @@ class EvalSection(Section):
     compare_original: bool = Field(True, description="Also score the model before fine-tuning.")
     split: str = Field("test", description="Split to generate on and score.")
     limit: int | None = Field(None, gt=0, description="First N examples of the split only.")
-    batch_size: int = Field(16, gt=0, description="Dialogues per rank per generate call.")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        description="Dialogues per generate call (batches formed over the whole split, dealt to ranks).",
+    )
     max_new_tokens: int = Field(128, gt=0, description="Longest generated summary, in tokens.")
     num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy).")
     min_new_tokens: int = Field(0, ge=0, description="Shortest generated summary, in tokens (0: no minimum).")

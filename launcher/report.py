@@ -168,6 +168,19 @@ def scoring_note(scores: dict) -> str:
     return scores.get("description") or f"scoring: {scores.get('scoring')}"
 
 
+def rank_independence(scores: dict) -> list[str]:
+    """The line that says the predictions hold on any number of ranks (evaluation.py forms the
+    batches once for the whole split); absent for evaluations recorded before it did."""
+    size = scores.get("batch_size")
+    if not size:
+        return []
+    return [
+        f"Predictions do not depend on the number of ranks: generation batches of {size} dialogues "
+        "are formed once over the whole split (by length) and dealt whole to the ranks.",
+        "",
+    ]
+
+
 def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
     evals = run_evaluations(run_dir)
@@ -191,6 +204,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
         f" · generation: {generation_note(first['scores'])}",
         "",
+        *rank_independence(first["scores"]),
         "## ROUGE (F-measure, %)",
         "",
         rouge_table(ordered, baseline),

@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
+from launcher import runlock
+from launcher.errors import DIVERGED, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
 from launcher.ranklog import CONSOLE_TTY_ENV, SUPERVISED_ENV, Failure, logs_dir, rank_log_path, read_failures
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.render import MACHINE_RANK_ENV
@@ -368,6 +369,16 @@ def decide(
                 f"  {job.advice(EXIT_CRASHED)}",
             ],
         )
+    if first.error.startswith(DIVERGED):  # every rank stopped at the same step: no rank "failed first"
+        return Outcome(
+            EXIT_CRASHED,
+            [
+                f"error: {first.error}",
+                f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
+                f"  exit code {EXIT_CRASHED} (diverged: resuming with the same settings diverges again; "
+                "change them first); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted",
+            ],
+        )
     return Outcome(
         EXIT_CRASHED,
         [
@@ -398,6 +409,7 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
         stderr=subprocess.PIPE,
         start_new_session=True,
         env=child_env(recipe, sys.stdout.isatty(), machine_rank),
+        pass_fds=runlock.held_fds(run_dir),  # the run holds its directory as long as any of it lives
     )
     pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
     for pump in pumps:

@@ -37,6 +37,7 @@ from launcher.data import (
 )
 from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
 from launcher.errors import EXIT_INTERRUPTED
+from launcher.finite import check_values, check_weights
 from launcher.metrics import MetricsLogger
 from launcher.model import build_model, count_parameters, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
@@ -281,9 +282,12 @@ class WindowStats:
 
 def metrics_row(
     accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm
-) -> dict:
-    loss_sum, target_tokens, samples, tokens = sum_over_ranks(
-        accelerator, [stats.loss_sum, stats.target_tokens, stats.samples, stats.tokens]
+) -> tuple[dict, float]:
+    """The metrics line of a window, and the gradient norm summed over ranks (the same all-reduce):
+    a sum any rank made inf or NaN is inf or NaN on every rank, so all ranks stop together."""
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    loss_sum, target_tokens, samples, tokens, norms = sum_over_ranks(
+        accelerator, [stats.loss_sum, stats.target_tokens, stats.samples, stats.tokens, norm]
     )
     elapsed = max(time.perf_counter() - stats.started, 1e-9)
     row = {
@@ -296,8 +300,8 @@ def metrics_row(
         "elapsed_s": round(elapsed, 3),  # since the previous line: their sum is the training time
     }
     if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
-    return row
+        row["grad_norm"] = norm
+    return row, norms
 
 
 def deepspeed_grad_norm(accelerator, model):
@@ -492,14 +496,15 @@ def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLog
     progress.update(1)
     if state.step % train.log_every == 0 or state.step == run.total_steps:
         epoch_progress = state.epoch + state.batches_in_epoch / max(run.batches_per_rank, 1)
-        row = metrics_row(
-            run.accelerator, stats, state.step, epoch_progress, run.scheduler.get_last_lr()[0], grad_norm
-        )
+        lr = run.scheduler.get_last_lr()[0]
+        row, norms = metrics_row(run.accelerator, stats, state.step, epoch_progress, lr, grad_norm)
+        # Before the line is written: JSON has no NaN, and a diverged run stops here.
+        check_values(run.run_dir, state.step, train.lr, {"loss": row["loss"], "gradient norm": norms})
         logger.log(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         stats = WindowStats()
     if train.eval_every and state.step % train.eval_every == 0 and state.step < run.total_steps:
-        logger.log({"step": state.step, "val_loss": run_validation(run)})
+        logger.log({"step": state.step, "val_loss": checked_validation(run)})
     return stats
 
 
@@ -507,6 +512,19 @@ def run_validation(run: Run) -> float:
     return validation_loss(
         run.model, run.data.validation, run.data.collator, run.accelerator, run.recipe.eval.batch_size
     )
+
+
+def checked_validation(run: Run) -> float:
+    """The validation loss (summed over ranks: every rank decides alike), or a Diverged stop."""
+    val = run_validation(run)
+    check_values(run.run_dir, run.state.step, run.recipe.train.lr, {"validation loss": val})
+    return val
+
+
+def save_checked(run: Run) -> None:
+    """A checkpoint, after checking every trainable weight is finite (never a NaN checkpoint)."""
+    check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
+    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state, run.recipe.train.keep_checkpoints)
 
 
 def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool) -> bool:
@@ -529,7 +547,7 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
             periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
             if periodic or interrupted:
-                ckpt.save_checkpoint(accelerator, run.run_dir, state, recipe.train.keep_checkpoints)
+                save_checked(run)
                 last_saved = state.step
             if interrupted:
                 progress.close()
@@ -541,7 +559,7 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             state.batches_in_epoch = 0
     progress.close()
     if last_saved != state.step:
-        ckpt.save_checkpoint(accelerator, run.run_dir, state, recipe.train.keep_checkpoints)
+        save_checked(run)
     return True
 
 
@@ -557,11 +575,12 @@ def stop_after_signal(run: Run) -> int:
 
 def finish(run: Run, logger: MetricsLogger) -> None:
     """Final validation loss, final/ save, then generation and the report."""
-    val = run_validation(run)
+    val = checked_validation(run)
     logger.log({"step": run.state.step, "val_loss": val, "final": True})
     print_main(run.accelerator, f"final validation loss {val:.4f}")
     from launcher.export import save_final
 
+    check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
     save_final(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir / "final")
     clear_interrupted_marker(run.accelerator, run.run_dir)
     if run.recipe.eval.after_training:

@@ -133,6 +133,25 @@ def test_summarize_gives_the_runs_own_predictions(request, tmp_path, method, gpu
     assert "generating:" not in result.stdout
 
 
+def test_summaries_are_byte_identical_on_1_2_and_3_ranks(full_run, tmp_path):
+    """Generation batches are formed once and dealt whole to ranks (data.dealt_generation_batches):
+    every dialogue is generated in the same batch, with the same padding, whatever the world size.
+    64 dialogues of varied length in batches of 5: 13 batches, uneven over 2 and 3 ranks, the last short."""
+    train = SAMPLE_TEST.with_name("train.jsonl")
+    dialogues = tmp_path / "dialogues.jsonl"
+    rows = [json.loads(line) for line in train.read_text().split("\n") if line.strip()]
+    dialogues.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"]}) + "\n" for r in rows))
+    outputs = {}
+    for gpus in (1, 2, 3):
+        out = tmp_path / f"summaries-{gpus}.jsonl"
+        args = ("--gpus", str(gpus), "--input", str(dialogues), "--output", str(out))
+        result = summarize_cli(full_run, *args, "--set", "eval.batch_size=5")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        outputs[gpus] = out.read_bytes()
+    assert len(read_jsonl(tmp_path / "summaries-1.jsonl")) == len(rows)
+    assert outputs[2] == outputs[1] and outputs[3] == outputs[1]
+
+
 def test_lora_summarize_in_process_gives_the_runs_own_predictions(lora_run, tmp_path):
     from launcher.summarize import summarize
 
