@@ -200,6 +200,8 @@ def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
 def batches_per_rank_by_epoch(sampler, epochs: int, world: int) -> list[int]:
     """Micro-batches each rank runs in each epoch. Fixed-size batches give the same count every
     epoch; a token budget packs each epoch's shuffle into a slightly different number."""
+    if not isinstance(sampler, TokenBudgetBatchSampler):
+        return [math.ceil(len(sampler) / world)] * epochs
     counts = []
     for epoch in range(epochs):
         sampler.epoch = epoch

@@ -170,3 +170,15 @@ def test_fixed_size_batches_unchanged():
     fixed = LengthGroupedBatchSampler(list(range(40)), 4, SEED, micro_batches_per_step=2)
     assert fixed.batch_size == 4 and {len(b) for b in fixed.batches()} == {4}
     assert TokenBudgetBatchSampler.batch_size is None
+
+
+def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
+    """Another budget packs other micro-batches: the data position would point elsewhere."""
+    from launcher.checkpoint import TrainState, check_compatible
+    from launcher.errors import UserError
+
+    with pytest.raises(UserError, match="micro_batch_tokens 1000 -> 2000"):
+        check_compatible(TrainState(micro_batch_tokens=1000), TrainState(micro_batch_tokens=2000), tmp_path)
+    with pytest.raises(UserError, match="micro_batch_tokens None -> 2000"):  # an older checkpoint
+        check_compatible(TrainState(), TrainState(micro_batch_tokens=2000), tmp_path)
+    check_compatible(TrainState(micro_batch_tokens=1000), TrainState(micro_batch_tokens=1000), tmp_path)
