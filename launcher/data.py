@@ -478,10 +478,10 @@ class TokenBudgetBatchSampler:
     each megabatch is sorted by (source, target) length, longest first, and packed greedily: an
     example joins the open micro-batch while ``padded_tokens`` of the result stays within
     ``max_tokens``. Short dialogues so come in large micro-batches and long ones in small. The
-    micro-batches of a megabatch are then made a multiple of ``micro_batches_per_step`` by halving
-    the micro-batch with the most examples (a part of a length-sorted micro-batch never costs more
-    than the whole); a megabatch whose micro-batches are all single examples hands its remainder to
-    the next one. Consecutive micro-batches form a step, and the steps are shuffled. The order
+    micro-batches beyond a megabatch's last whole step (fewer than ``micro_batches_per_step``) go
+    back into the next megabatch; in the last megabatch the micro-batch with the most examples is
+    halved until they make whole steps (a part of a length-sorted micro-batch never costs more than
+    the whole). Consecutive micro-batches form a step, and the steps are shuffled. The order
     depends only on (seed, epoch), the budget and ``micro_batches_per_step``: 2 ranks x
     accumulation 1 and 1 rank x accumulation 2 train on the same micro-batches at every step, and a
     resumed run sees the same batches. Every rank runs the same number of micro-batches in every
@@ -563,17 +563,20 @@ class TokenBudgetBatchSampler:
         order = rng.permutation(len(self.source))
         size = self.micro_batches_per_step
         batches: list[list[int]] = []
+        tail: list[list[int]] = []
         carried = np.zeros(0, dtype=order.dtype)
         for start in range(0, len(order), self.megabatch_examples):
             mega = np.concatenate([carried, order[start : start + self.megabatch_examples]])
             if self.group_by_length:
                 keys = self.source[mega] * (int(self.target.max(initial=0)) + 1) + self.target[mega]
                 mega = mega[np.argsort(-keys, kind="stable")]
-            packed = self.split_to_multiple(self.pack(mega))
+            packed = self.pack(mega)
+            if start + self.megabatch_examples >= len(order):  # the last megabatch: nothing to carry on to
+                packed = self.split_to_multiple(packed)
             whole = len(packed) - len(packed) % size
             batches += packed[:whole]
-            carried = np.asarray([index for batch in packed[whole:] for index in batch], dtype=order.dtype)
-        tail = self.split_to_multiple(self.pack(carried)) if len(carried) else []
+            tail = packed[whole:]
+            carried = np.asarray([index for batch in tail for index in batch], dtype=order.dtype)
         steps = [batches[i : i + size] for i in range(0, len(batches), size)]
         if self.group_by_length:
             steps = [steps[i] for i in rng.permutation(len(steps))]
