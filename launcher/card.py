@@ -78,7 +78,7 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
         ),
         ("precision", recipe.model.precision),
         ("optimizer steps", str(steps)),
-        ("effective batch", str(recipe.effective_batch_size())),
+        ("effective batch", effective_batch(recipe)),
         ("learning rate", f"{recipe.train.lr:g} ({recipe.train.scheduler})"),
         ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
     ]
@@ -146,3 +146,12 @@ def write_model_card(run_dir: Path, model_dir: Path | None = None, library: str 
     path = (model_dir or run_dir / "final") / "README.md"
     path.write_text(render_card(run_dir, model_dir, library))
     return path
+
+
+def effective_batch(recipe) -> str:
+    """Examples per optimizer step, or with a token budget the padded tokens a step holds at most."""
+    train = recipe.train
+    if not train.micro_batch_tokens:
+        return str(recipe.effective_batch_size())
+    tokens = train.micro_batch_tokens * train.grad_accum * recipe.launch.world_size
+    return f"up to {tokens:,} padded tokens (token budget {train.micro_batch_tokens:,} per micro-batch)"

@@ -51,6 +51,7 @@ class TrainState:
     world_size: int = 1
     grad_accum: int = 1
     micro_batch_size: int = 1
+    micro_batch_tokens: int | None = None  # token budget (null: fixed micro_batch_size)
     seed: int = 0
     method: str = "full"
     # What is trained (launcher/fingerprint.py); empty in checkpoints of older versions.
@@ -60,7 +61,7 @@ class TrainState:
     lora: str = ""
 
 
-SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size")
+SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
 IDENTITY_FIELDS = ("model", "tokenizer", "data", "method", "lora")
 
 
@@ -72,6 +73,7 @@ def expected_state(recipe, world_size: int) -> TrainState:
         world_size=world_size,
         grad_accum=recipe.train.grad_accum,
         micro_batch_size=recipe.train.micro_batch_size,
+        micro_batch_tokens=recipe.train.micro_batch_tokens,
         seed=recipe.train.seed,
         method=recipe.train.method,
         model=fingerprint.model_fingerprint(recipe.model.name),

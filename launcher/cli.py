@@ -77,20 +77,24 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
 
     Returns the launch keys to change and a note; the validated recipe is not changed in place
     (the caller validates the changed recipe again)."""
-    from launcher.estimate import RunShape, detect_gpu_mem_gib, zero_auto
+    from launcher.estimate import RunShape, budget_micro_batch, detect_gpu_mem_gib, zero_auto
     from launcher.families import estimate_targets
 
     memory = gpu_mem or detect_gpu_mem_gib()
     assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
+    data, budget = recipe.data, recipe.train.micro_batch_tokens
     shape = RunShape(
         gpus=recipe.launch.gpus,
         nodes=recipe.launch.nodes,
         lora=recipe.train.method == "lora",
-        micro_batch=recipe.train.micro_batch_size,
+        micro_batch=budget_micro_batch(budget, data.max_source_length, data.max_target_length)
+        if budget
+        else recipe.train.micro_batch_size,
         source_len=recipe.data.max_source_length,
         target_len=recipe.data.max_target_length,
         lora_r=recipe.lora.r,
         lora_targets=estimate_targets(recipe.lora.target_modules),
+        micro_batch_tokens=budget,
     )
     row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
     changes: dict[str, object] = {"zero": row.stage}
@@ -476,6 +480,11 @@ def estimate_command(
     lora: bool = typer.Option(False, "--lora", help="LoRA (r=32 on q, v) instead of full fine-tuning."),
     fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Also the FSDP2 rows (--fsdp)."),
     micro_batch: int = typer.Option(8, "--micro-batch", help="Micro batch per GPU (activations)."),
+    micro_batch_tokens: int | None = typer.Option(
+        None,
+        "--micro-batch-tokens",
+        help="Token budget per micro-batch (train.micro_batch_tokens); replaces --micro-batch.",
+    ),
     source_len: int = typer.Option(512, "--source-len"),
     target_len: int = typer.Option(128, "--target-len"),
     debug: bool = DebugOption,
@@ -485,8 +494,17 @@ def estimate_command(
 
     if gpus < 1 or nodes < 1 or micro_batch < 1:
         raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
+    if micro_batch_tokens is not None:
+        if micro_batch_tokens < source_len + target_len:
+            raise UserError(
+                f"--micro-batch-tokens {micro_batch_tokens} is smaller than one example of "
+                f"--source-len {source_len} + --target-len {target_len}; use at least {source_len + target_len}"
+            )
+        micro_batch = estimate.budget_micro_batch(micro_batch_tokens, source_len, target_len)
     memory = gpu_mem or estimate.detect_gpu_mem_gib() or 80.0
-    shape = estimate.RunShape(gpus, nodes, lora, micro_batch, source_len, target_len)
+    shape = estimate.RunShape(
+        gpus, nodes, lora, micro_batch, source_len, target_len, micro_batch_tokens=micro_batch_tokens
+    )
     models = estimate.expand_models(model)
     if len(models) > 1:
         typer.echo(estimate.render_models_table(models, memory, shape))

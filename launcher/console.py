@@ -25,7 +25,11 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
         (
             "effective batch",
             f"{recipe.effective_batch_size()} = micro batch {train.micro_batch_size} x accumulation "
-            f"{train.grad_accum} x world size {launch.world_size}",
+            f"{train.grad_accum} x world size {launch.world_size}"
+            if not train.micro_batch_tokens
+            else f"up to {train.micro_batch_tokens * train.grad_accum * launch.world_size:,} padded tokens "
+            f"= token budget {train.micro_batch_tokens:,} x accumulation {train.grad_accum} x world size "
+            f"{launch.world_size} (train.micro_batch_tokens replaces train.micro_batch_size)",
         ),
         ("strategy", strategy),
         ("precision", recipe.model.precision),

@@ -24,7 +24,7 @@ import numpy as np
 from launcher.errors import UserError
 from launcher.jsonl import read_jsonl, read_jsonl_lines  # noqa: F401 - read_jsonl is this module's API too
 from launcher.paths import SAMPLE_DATA_DIR
-from launcher.recipe import EMBEDDED_DATA, DataSection
+from launcher.recipe import EMBEDDED_DATA, DataSection, TrainSection
 
 REFERENCE_FIELDS = ("summary1", "summary2", "summary3")
 DEFAULT_TARGET = "summary"
@@ -394,6 +394,156 @@ class LengthGroupedBatchSampler:
             for step in self.steps()
             for i in range(0, len(step), self.batch_size)
         ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+
+def train_batch_sampler(
+    tokenized, train: TrainSection, group_by_length: bool, micro_batches_per_step: int
+) -> LengthGroupedBatchSampler | TokenBudgetBatchSampler:
+    """The training split's batches: ``train.micro_batch_tokens`` when set (it takes precedence
+    over ``train.micro_batch_size``), else ``train.micro_batch_size`` examples per micro-batch."""
+    if train.micro_batch_tokens:
+        return TokenBudgetBatchSampler(
+            [len(ids) for ids in tokenized["input_ids"]],
+            [len(labels) for labels in tokenized["labels"]],
+            train.micro_batch_tokens,
+            train.seed,
+            group_by_length,
+            micro_batches_per_step=micro_batches_per_step,
+        )
+    return LengthGroupedBatchSampler(
+        batching_keys(tokenized),
+        train.micro_batch_size,
+        train.seed,
+        group_by_length,
+        micro_batches_per_step=micro_batches_per_step,
+    )
+
+
+def padded_tokens(size: int, longest_source: int, longest_target: int) -> int:
+    """What a micro-batch costs against ``train.micro_batch_tokens``: the padded tensors it becomes,
+    ``size x longest source + size x longest target`` (the collator pads every source to the
+    longest source and every target, and the decoder input made from it, to the longest target)."""
+    return size * (longest_source + longest_target)
+
+
+class TokenBudgetBatchSampler:
+    """Micro-batches filled up to a token budget, grouped into optimizer steps of exactly
+    ``micro_batches_per_step`` micro-batches (accumulation x world size).
+
+    Each epoch: the same seeded permutation as LengthGroupedBatchSampler is cut into megabatches,
+    each megabatch is sorted by (source, target) length, longest first, and packed greedily: an
+    example joins the open micro-batch while ``padded_tokens`` of the result stays within
+    ``max_tokens``. Short dialogues so come in large micro-batches and long ones in small. The
+    micro-batches beyond a megabatch's last whole step (fewer than ``micro_batches_per_step``) go
+    back into the next megabatch; in the last megabatch the micro-batch with the most examples is
+    halved until they make whole steps (a part of a length-sorted micro-batch never costs more than
+    the whole). Consecutive micro-batches form a step, and the steps are shuffled. The order
+    depends only on (seed, epoch), the budget and ``micro_batches_per_step``: 2 ranks x
+    accumulation 1 and 1 rank x accumulation 2 train on the same micro-batches at every step, and a
+    resumed run sees the same batches. Every rank runs the same number of micro-batches in every
+    step (Accelerate deals them in turn: rank r takes r, r + W, ...). Only the last step of an
+    epoch may be short, when the examples left are too few (a budget close to the longest example
+    on a tiny split); Accelerate then evens the ranks' counts as it does for fixed-size batches.
+    Set ``epoch`` before iterating.
+    """
+
+    # Variable-size batches: Accelerate must not judge them by a batch size (BatchSamplerShard
+    # holds back a batch shorter than ``batch_size`` as the epoch's incomplete last one).
+    batch_size = None
+    drop_last = False
+
+    def __init__(
+        self,
+        source_lengths: Sequence[int],
+        target_lengths: Sequence[int],
+        max_tokens: int,
+        seed: int,
+        group_by_length: bool = True,
+        megabatch: int = 50,
+        micro_batches_per_step: int = 1,
+    ) -> None:
+        self.source = np.asarray(source_lengths, dtype=np.int64)
+        self.target = np.asarray(target_lengths, dtype=np.int64)
+        longest = int((self.source + self.target).max(initial=0))
+        if longest > max_tokens:
+            raise UserError(
+                f"train.micro_batch_tokens={max_tokens} is smaller than the longest training example "
+                f"({longest} tokens); set it to at least data.max_source_length + data.max_target_length"
+            )
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.micro_batches_per_step = micro_batches_per_step
+        # About `megabatch` steps' worth of examples per megabatch, as for fixed-size batches.
+        mean = float((self.source + self.target).mean()) if len(self.source) else 1.0
+        per_batch = max(1, int(max_tokens // max(mean, 1.0)))
+        self.megabatch_examples = megabatch * micro_batches_per_step * per_batch
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return sum(len(step) for step in self.steps())
+
+    def pack(self, indices: Sequence[int]) -> list[list[int]]:
+        """Greedy packing in the given order: a new micro-batch starts where the budget would burst."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest_source = longest_target = 0
+        for index in indices:
+            source = max(longest_source, int(self.source[index]))
+            target = max(longest_target, int(self.target[index]))
+            if current and padded_tokens(len(current) + 1, source, target) > self.max_tokens:
+                batches.append(current)
+                current, source, target = [], int(self.source[index]), int(self.target[index])
+            current.append(int(index))
+            longest_source, longest_target = source, target
+        if current:
+            batches.append(current)
+        return batches
+
+    def split_to_multiple(self, batches: list[list[int]]) -> list[list[int]]:
+        """Halve the largest micro-batches until their number is a multiple of the step's (or
+        nothing is left to halve); each half keeps its place, so the order stays length-sorted."""
+        size = self.micro_batches_per_step
+        while len(batches) % size:
+            largest = max(range(len(batches)), key=lambda i: (len(batches[i]), -i))
+            batch = batches[largest]
+            if len(batch) < 2:
+                break
+            half = (len(batch) + 1) // 2
+            batches[largest : largest + 1] = [batch[:half], batch[half:]]
+        return batches
+
+    def steps(self) -> list[list[list[int]]]:
+        """The micro-batches of each optimizer step, in training order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.source))
+        size = self.micro_batches_per_step
+        batches: list[list[int]] = []
+        tail: list[list[int]] = []
+        carried = np.zeros(0, dtype=order.dtype)
+        for start in range(0, len(order), self.megabatch_examples):
+            mega = np.concatenate([carried, order[start : start + self.megabatch_examples]])
+            if self.group_by_length:
+                keys = self.source[mega] * (int(self.target.max(initial=0)) + 1) + self.target[mega]
+                mega = mega[np.argsort(-keys, kind="stable")]
+            packed = self.pack(mega)
+            if start + self.megabatch_examples >= len(order):  # the last megabatch: nothing to carry on to
+                packed = self.split_to_multiple(packed)
+            whole = len(packed) - len(packed) % size
+            batches += packed[:whole]
+            tail = packed[whole:]
+            carried = np.asarray([index for batch in tail for index in batch], dtype=order.dtype)
+        steps = [batches[i : i + size] for i in range(0, len(batches), size)]
+        if self.group_by_length:
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        # A short step (too few examples left to fill one) stays last, as with fixed-size batches.
+        return steps + ([tail] if tail else [])
+
+    def batches(self) -> list[list[int]]:
+        return [batch for step in self.steps() for batch in step]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())

@@ -29,6 +29,11 @@ norms (4h per norm):
     logits + loss:  10·b·t·V                                    (bf16 logits, fp32 copy, fp32 gradient)
     activations = L_e·encoder + L_d·decoder + logits
 
+With a token budget (``train.micro_batch_tokens``, ``--micro-batch-tokens``) b is the number of
+examples of the longest source and target that the budget holds, rounded up: the budget bounds
+a micro-batch's padded tokens, and the longest sequences cost the most per token (the attention
+terms grow with s and t).
+
 It is an estimate (±30%); the recommendation keeps a margin (``HEADROOM``) for the CUDA
 context, allocator fragmentation and temporary buffers.
 """
@@ -336,16 +341,24 @@ class RunShape:
     target_len: int = 128
     lora_r: int = 32
     lora_targets: Sequence[str] = ("q", "v")
+    micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
     def trainable_params(self, spec: ModelSpec) -> int:
         return lora_trainable_params(spec, self.lora_r, self.lora_targets) if self.lora else spec.params
 
     def describe(self) -> str:
         method = f"LoRA r={self.lora_r} on {','.join(self.lora_targets)}" if self.lora else "full fine-tuning"
+        budget = f" (token budget {self.micro_batch_tokens})" if self.micro_batch_tokens else ""
         return (
-            f"{self.gpus} GPU(s) x {self.nodes} node(s), micro batch {self.micro_batch}, "
+            f"{self.gpus} GPU(s) x {self.nodes} node(s), micro batch {self.micro_batch}{budget}, "
             f"{self.source_len}/{self.target_len} tokens, {method}"
         )
+
+
+def budget_micro_batch(tokens: int, source_len: int, target_len: int) -> int:
+    """Examples per micro-batch for the activation estimate under a token budget: the budget
+    filled with examples of the longest source and target (up: a part example still costs)."""
+    return max(1, -(-tokens // (source_len + target_len)))
 
 
 def activation_bytes(spec: ModelSpec, shape: RunShape) -> int:

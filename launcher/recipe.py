@@ -123,6 +123,13 @@ class TrainSection(Section):
         None, gt=0, description="Stop after N optimizer steps (before train.epochs if reached)."
     )
     micro_batch_size: int = Field(8, gt=0, description="Examples per rank per forward pass.")
+    micro_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget per rank per forward pass: micro-batches of similar-length examples "
+        "filled up to N padded tokens (examples x longest source + examples x longest target); "
+        "replaces train.micro_batch_size when set (null: fixed micro_batch_size).",
+    )
     grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
@@ -309,6 +316,18 @@ class Recipe(Section):
             raise ValueError(
                 "model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
                 "use bf16 or fp32 with --cpu"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _token_budget_fits_an_example(self) -> Recipe:
+        budget = self.train.micro_batch_tokens
+        longest = self.data.max_source_length + self.data.max_target_length
+        if budget is not None and budget < longest:
+            raise ValueError(
+                f"train.micro_batch_tokens={budget} is smaller than the longest example: "
+                f"data.max_source_length {self.data.max_source_length} + data.max_target_length "
+                f"{self.data.max_target_length} = {longest} tokens; set it to at least {longest}"
             )
         return self
 

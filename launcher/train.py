@@ -10,7 +10,9 @@ mid-epoch resume; SIGTERM/SIGUSR1 -> checkpoint -> exit 3; final save; generatio
 original model before the first step and with the fine-tuned model after the last, and the
 ROUGE report (evaluation.py), unless ``eval.after_training`` is false.
 
-Batch-size formula: effective batch = micro_batch_size x grad_accum x world size.
+Batch-size formula: effective batch = micro_batch_size x grad_accum x world size; with
+``train.micro_batch_tokens`` (which takes precedence) every micro-batch holds at most that many
+padded tokens and a step is grad_accum x world size such micro-batches (launcher/data.py).
 Raises: UserError (exit 2) for a checkpoint of another run shape.
 """
 
@@ -27,13 +29,15 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
+from launcher.card import effective_batch
 from launcher.data import (
     LengthGroupedBatchSampler,
-    batching_keys,
+    TokenBudgetBatchSampler,
     example_lengths,
     load_data_split,
     shard_sorted_batches,
     tokenized_split,
+    train_batch_sampler,
 )
 from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
 from launcher.errors import EXIT_INTERRUPTED
@@ -81,7 +85,7 @@ class StopRequest:
 @dataclass
 class TrainingData:
     loader: torch.utils.data.DataLoader
-    sampler: LengthGroupedBatchSampler
+    sampler: LengthGroupedBatchSampler | TokenBudgetBatchSampler
     validation: object  # tokenized datasets.Dataset
     collator: object
 
@@ -106,10 +110,9 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
         validation = tokenized_split(
             val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}"
         )
-    sampler = LengthGroupedBatchSampler(
-        batching_keys(train),
-        recipe.train.micro_batch_size,
-        recipe.train.seed,
+    sampler = train_batch_sampler(
+        train,
+        recipe.train,
         data.group_by_length,
         micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
     )
@@ -195,9 +198,22 @@ def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def total_optimizer_steps(recipe: Recipe, batches_per_epoch_per_rank: int) -> int:
-    per_epoch = math.ceil(batches_per_epoch_per_rank / recipe.train.grad_accum)
-    total = per_epoch * recipe.train.epochs
+def batches_per_rank_by_epoch(sampler, epochs: int, world: int) -> list[int]:
+    """Micro-batches each rank runs in each epoch. Fixed-size batches give the same count every
+    epoch; a token budget packs each epoch's shuffle into a slightly different number."""
+    if not isinstance(sampler, TokenBudgetBatchSampler):
+        return [math.ceil(len(sampler) / world)] * epochs
+    counts = []
+    for epoch in range(epochs):
+        sampler.epoch = epoch
+        counts.append(math.ceil(len(sampler) / world))
+    sampler.epoch = 0
+    return counts
+
+
+def total_optimizer_steps(recipe: Recipe, batches_per_rank: list[int]) -> int:
+    """Optimizer steps of the whole run: every epoch's, until train.max_steps."""
+    total = sum(math.ceil(count / recipe.train.grad_accum) for count in batches_per_rank)
     return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
 
 
@@ -366,8 +382,9 @@ def set_up(run_dir: Path) -> Run:
     data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
     optimizer = build_optimizer(model, recipe)
     print_main(accelerator, describe_optimizer(optimizer))
-    batches_per_rank = math.ceil(len(data.sampler) / accelerator.num_processes)
-    total_steps = total_optimizer_steps(recipe, batches_per_rank)
+    by_epoch = batches_per_rank_by_epoch(data.sampler, recipe.train.epochs, accelerator.num_processes)
+    batches_per_rank = by_epoch[0]
+    total_steps = total_optimizer_steps(recipe, by_epoch)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     state = ckpt.expected_state(recipe, accelerator.num_processes)
@@ -607,7 +624,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     print_main(
         run.accelerator,
         f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
-        f"per rank per epoch, effective batch {run.recipe.effective_batch_size()}",
+        f"per rank per epoch, effective batch {effective_batch(run.recipe)}",
     )
     try:
         completed = train_loop(run, logger, stop, resumed)

@@ -469,6 +469,22 @@ def test_model_adapter_in_a_training_recipe(tmp_path, no_launch):
     )
 
 
+def test_token_budget_smaller_than_one_example(tmp_path, no_launch):
+    """A micro-batch must hold the longest example: the budget's minimum is named with its parts."""
+    refused(
+        no_launch,
+        *train_args("sample", tmp_path / "run", "--set", "data.max_target_length=64"),
+        "--set",
+        "train.micro_batch_tokens=500",
+        output=tmp_path / "run",
+        fragments=(
+            "train.micro_batch_tokens=500",
+            "data.max_source_length 512 + data.max_target_length 64 = 576 tokens",
+            "at least 576",
+        ),
+    )
+
+
 # ---------------------------------------------------------------- ftlaunch eval
 
 

@@ -190,6 +190,30 @@ def test_two_ranks_equal_one_rank_with_accumulation(trained):
     assert zero2 == pytest.approx(two_ranks, rel=1e-4, abs=1e-5)
 
 
+# A token budget of 1000 padded tokens: the sample's micro-batches then hold 1 to 6 dialogues
+# (sources of 69..470 tokens, targets of 14..54), so steps differ in size and in token count;
+# 2 micro-batches per step make 9 steps per epoch (a stop request, checked every 10 steps, then
+# lands mid-epoch).
+BUDGET = ("--set", "train.micro_batch_tokens=1000")
+
+
+def test_token_budget_two_ranks_equal_one_rank_with_accumulation(trained):
+    """The same budget on 2 ranks and on 1 rank x accumulation 2: the same micro-batches form every
+    step (launcher/data.py), and the token-weighted objective makes micro-batches of different
+    sizes count by their tokens, so the runs agree step for step and in their final weights to
+    float32 round-off (the gradient all-reduce adds two partial sums where 1 rank accumulates
+    them: a few ulps per step, far inside rel 1e-5)."""
+    two_dir, two_ranks = trained("ddp-budget", "full", *ONE_EPOCH, *BUDGET, gpus=2)
+    one_dir, one_rank = trained(
+        "one-rank-budget-accum2", "full", *ONE_EPOCH, *BUDGET, "--set", "train.grad_accum=2", gpus=1
+    )
+    samples = [row["samples_per_s"] * row["elapsed_s"] for row in two_ranks if "loss" in row]
+    assert len(set(round(n) for n in samples)) > 1, "every step had as many dialogues: no budget"
+    assert len(losses(two_ranks)) == len(losses(one_rank)) > 8  # smaller steps than 8 x 4 dialogues
+    assert losses(two_ranks) == pytest.approx(losses(one_rank), rel=1e-5, abs=1e-6)
+    assert_same_final_weights(two_dir, one_dir)
+
+
 def rank_pids(run_dir: Path) -> list[int]:
     out = subprocess.run(
         ["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True
@@ -221,11 +245,17 @@ def interrupt_after(
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
-    """SIGUSR1 (SLURM's preemption signal) to every rank under ZeRO-2; the resumed run is the
-    uninterrupted one. DDP's resume after a stop request and after a crash: test_faults."""
+    """SIGUSR1 (SLURM's preemption signal) to every rank under ZeRO-2, with token-budget
+    micro-batches (whose packing differs from epoch to epoch); the resumed run is the
+    uninterrupted one. DDP's resume (fixed-size micro-batches) after a stop request and after a
+    crash: test_faults."""
     zero = 2
-    common = ("--set", "train.epochs=6", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=1000")
+    common = (
+        *("--set", "train.epochs=6", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=1000"),
+        *BUDGET,
+    )
     reference = train("full", tmp_path / "reference", *common, zero=zero)
+    total = len(losses(reference))
 
     run_dir = tmp_path / "interrupted"
     args = train_args("full", run_dir, *common, zero=zero)
@@ -233,14 +263,17 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert stopped.returncode != 0, stopped.stdout[-3000:]
     assert (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
     saved_step = int((run_dir / "INTERRUPTED").read_text().strip().split("_")[1])
-    assert 5 <= saved_step < 48, "the run finished before the signal: make it longer"
+    assert 5 <= saved_step < total, "the run finished before the signal: make it longer"
+    state = json.loads((run_dir / "checkpoints" / f"step_{saved_step}" / "ftlaunch_state.json").read_text())
+    assert state["micro_batch_tokens"] == 1000
+    assert saved_step % (total // 6) and state["batches_in_epoch"] > 0, "resume from mid-epoch"
 
     resumed = run_cli(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "INTERRUPTED").exists()
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    assert [row["step"] for row in metrics if "loss" in row] == list(range(1, 49))
+    assert [row["step"] for row in metrics if "loss" in row] == list(range(1, total + 1))
     assert losses(metrics) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
     assert final_val_loss(metrics) == pytest.approx(final_val_loss(reference), rel=1e-5)
     assert_same_final_weights(run_dir, tmp_path / "reference")

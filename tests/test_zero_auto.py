@@ -83,3 +83,31 @@ def test_fsdp_zero_auto_picks_fsdp_offload_that_fits_and_estimate_lists_fsdp(tmp
     assert "fsdp_offload_params: true" in (out / "accelerate.yaml").read_text()
     table = run_cli_in_process("estimate", "--model", "flan-t5-xl", "--gpus", "8", "--gpu-mem", "40")
     assert "| FSDP2 | `--fsdp` |" in table.stdout and "`--fsdp --offload full`" in table.stdout
+
+
+def test_zero_auto_sizes_activations_by_the_token_budget(tmp_path):
+    """A token budget bounds a micro-batch's activations: --zero auto sizes them as the budget
+    filled with the longest examples (32768 / (512 + 128) -> 52 of them), not as
+    train.micro_batch_size; flan-t5-base on 4 x 40 GiB then needs ZeRO-1 where 8 examples fit DDP."""
+    shape = RunShape(gpus=4, micro_batch=52, micro_batch_tokens=32768)
+    expected = recommend(estimate_model("google/flan-t5-base", shape), 40.0)
+    assert expected.stage == 1
+    assert recommend(estimate_model("google/flan-t5-base", RunShape(gpus=4)), 40.0).stage == 0
+    out = tmp_path / "budget"
+    result = run_cli_in_process(
+        *("full", "--zero", "auto", "--gpu-mem", "40", "--model", "google/flan-t5-base", "--gpus", "4"),
+        *("--set", "train.micro_batch_tokens=32768", "--dry-run", "--output", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
+
+
+def test_estimate_command_takes_a_token_budget():
+    budget = run_cli_in_process("estimate", "--micro-batch-tokens", "32768", "--gpu-mem", "80")
+    assert budget.returncode == 0, budget.stderr
+    assert "micro batch 52 (token budget 32768), 512/128 tokens" in budget.stdout
+    fixed = run_cli_in_process("estimate", "--micro-batch", "52", "--gpu-mem", "80")
+    assert budget.stdout.split("\n", 1)[1] == fixed.stdout.split("\n", 1)[1]  # same rows
+    small = run_cli_in_process("estimate", "--micro-batch-tokens", "600")
+    assert small.returncode == 2
+    assert "--micro-batch-tokens 600" in small.stderr and "at least 640" in small.stderr
