@@ -95,6 +95,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
         lora_r=recipe.lora.r,
         lora_targets=estimate_targets(recipe.lora.target_modules),
         micro_batch_tokens=budget,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
     row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
     changes: dict[str, object] = {"zero": row.stage}
@@ -487,6 +488,11 @@ def estimate_command(
     ),
     source_len: int = typer.Option(512, "--source-len"),
     target_len: int = typer.Option(128, "--target-len"),
+    gradient_checkpointing: bool = typer.Option(
+        False,
+        "--gradient-checkpointing",
+        help="Activations with train.gradient_checkpointing (the table shows the other case too).",
+    ),
     debug: bool = DebugOption,
 ) -> None:
     """Per-GPU memory for each ZeRO stage and offload (DeepSpeed's estimator + activations)."""
@@ -503,7 +509,14 @@ def estimate_command(
         micro_batch = estimate.budget_micro_batch(micro_batch_tokens, source_len, target_len)
     memory = gpu_mem or estimate.detect_gpu_mem_gib() or 80.0
     shape = estimate.RunShape(
-        gpus, nodes, lora, micro_batch, source_len, target_len, micro_batch_tokens=micro_batch_tokens
+        gpus,
+        nodes,
+        lora,
+        micro_batch,
+        source_len,
+        target_len,
+        gradient_checkpointing=gradient_checkpointing,
+        micro_batch_tokens=micro_batch_tokens,
     )
     models = estimate.expand_models(model)
     if len(models) > 1:
@@ -511,7 +524,7 @@ def estimate_command(
         return
     rows = estimate.estimate_model(model, shape, fsdp=fsdp)
     title = f"{estimate.canonical_name(model)}: {shape.describe()}"
-    typer.echo(estimate.render_table(rows, memory, title=title))
+    typer.echo(estimate.render_table(rows, memory, title=title, checkpointing=gradient_checkpointing))
 
 
 @app.command("score")

@@ -29,6 +29,11 @@ norms (4h per norm):
     logits + loss:  10·b·t·V                                    (bf16 logits, fp32 copy, fp32 gradient)
     activations = L_e·encoder + L_d·decoder + logits
 
+With gradient checkpointing (``train.gradient_checkpointing``) each layer keeps only its input
+(the fp32 residual stream, 4 bytes per element) and one layer at a time is recomputed in full:
+
+    checkpointed:   L_e·4·b·s·h + L_d·4·b·t·h + b·s·4h + max(encoder layer, decoder layer) + logits
+
 With a token budget (``train.micro_batch_tokens``, ``--micro-batch-tokens``) b is the number of
 examples of the longest source and target that the budget holds, rounded up: the budget bounds
 a micro-batch's padded tokens, and the longest sequences cost the most per token (the attention
@@ -306,6 +311,7 @@ class EstimateRow:
     cpu_gib: float  # CPU RAM per node (DeepSpeed's estimator; offloaded states, buffers)
     world_size: int = 1
     fsdp: bool = False  # PyTorch FSDP2 (--fsdp) instead of DDP / ZeRO; stage is then 0
+    other_activations_gib: float = 0.0  # the activations with gradient checkpointing toggled (shown beside)
 
     @property
     def total_gib(self) -> float:
@@ -341,6 +347,7 @@ class RunShape:
     target_len: int = 128
     lora_r: int = 32
     lora_targets: Sequence[str] = ("q", "v")
+    gradient_checkpointing: bool = False  # activations recomputed per layer (train.gradient_checkpointing)
     micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
     def trainable_params(self, spec: ModelSpec) -> int:
@@ -349,9 +356,10 @@ class RunShape:
     def describe(self) -> str:
         method = f"LoRA r={self.lora_r} on {','.join(self.lora_targets)}" if self.lora else "full fine-tuning"
         budget = f" (token budget {self.micro_batch_tokens})" if self.micro_batch_tokens else ""
+        checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         return (
             f"{self.gpus} GPU(s) x {self.nodes} node(s), micro batch {self.micro_batch}{budget}, "
-            f"{self.source_len}/{self.target_len} tokens, {method}"
+            f"{self.source_len}/{self.target_len} tokens, {method}{checkpointing}"
         )
 
 
@@ -361,19 +369,24 @@ def budget_micro_batch(tokens: int, source_len: int, target_len: int) -> int:
     return max(1, -(-tokens // (source_len + target_len)))
 
 
-def activation_bytes(spec: ModelSpec, shape: RunShape) -> int:
-    """The activation formula of the module docstring (bytes per GPU, one micro-batch); 0 when
-    the architecture is unknown."""
+def activation_bytes(spec: ModelSpec, shape: RunShape, checkpointing: bool | None = None) -> int:
+    """The activation formulas of the module docstring (bytes per GPU, one micro-batch), with or
+    without gradient checkpointing (default: the shape's); 0 when the architecture is unknown."""
     if not (spec.d_model and spec.num_layers):
         return 0
+    checkpointing = shape.gradient_checkpointing if checkpointing is None else checkpointing
     b, s, t, h = shape.micro_batch, shape.source_len, shape.target_len, spec.d_model
     f = spec.d_ff or int(2.5 * h)
     a = spec.num_heads or max(1, h // 64)
     v = spec.vocab_size or FLAN_T5_VOCAB
+    decoder_layers = spec.num_decoder_layers or spec.num_layers
     encoder = b * s * (22 * h + 11 * f + 5 * a * s)
     decoder = b * t * (37 * h + 11 * f + 5 * a * (t + s)) + b * s * 4 * h
     logits = 10 * b * t * v
-    return spec.num_layers * encoder + (spec.num_decoder_layers or spec.num_layers) * decoder + logits
+    if checkpointing:
+        inputs = spec.num_layers * 4 * b * s * h + decoder_layers * 4 * b * t * h + b * s * 4 * h
+        return inputs + max(encoder, decoder) + logits
+    return spec.num_layers * encoder + decoder_layers * decoder + logits
 
 
 def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]:
@@ -473,14 +486,15 @@ def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[
         largest_layer=spec.largest_layer,
     )
     activations = activation_bytes(spec, shape) / GIB
+    other = activation_bytes(spec, shape, not shape.gradient_checkpointing) / GIB
     world = shape.gpus * shape.nodes
     rows = []
     for stage, offload in ROW_ORDER:
         gpu, cpu = model_state_bytes(stage, offload, **states)
-        rows.append(EstimateRow(stage, offload, gpu / GIB, activations, cpu / GIB, world))
+        rows.append(EstimateRow(stage, offload, gpu / GIB, activations, cpu / GIB, world, False, other))
     for offload in ("none", "full") if fsdp else ():
         gpu, cpu = fsdp_state_bytes(offload, **states)
-        rows.append(EstimateRow(0, offload, gpu / GIB, activations, cpu / GIB, world, fsdp=True))
+        rows.append(EstimateRow(0, offload, gpu / GIB, activations, cpu / GIB, world, True, other))
     return rows
 
 
@@ -537,7 +551,11 @@ def _gib(value: float) -> str:
 
 
 def render_table(
-    rows: Sequence[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM, title: str | None = None
+    rows: Sequence[EstimateRow],
+    gpu_mem_gib: float,
+    headroom: float = HEADROOM,
+    title: str | None = None,
+    checkpointing: bool = False,
 ) -> str:
     """A markdown table of every row, the recommended one marked."""
     try:
@@ -545,11 +563,12 @@ def render_table(
     except UserError:
         best = None
     world = rows[0].world_size if rows else 1
+    other = "without" if checkpointing else "with"
     lines = [title] if title else []
     lines += [
         f"| strategy | flags | model states / GPU (GiB) | activations / GPU (GiB) | total / GPU (GiB) | "
-        f"CPU RAM / node (GiB) | fits {gpu_mem_gib:g} GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        f"CPU RAM / node (GiB) | fits {gpu_mem_gib:g} GiB | total {other} gradient checkpointing (GiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for row in rows:
         fits = "yes" if row.fits(gpu_mem_gib, headroom) else "no"
@@ -557,13 +576,15 @@ def render_table(
             fits += " **<- recommended**"
         lines.append(
             f"| {row.label} | `{row.flags}` | {_gib(row.model_states_gib)} | {_gib(row.activations_gib)} | "
-            f"{_gib(row.total_gib)} | {_gib(row.cpu_gib)} | {fits} |"
+            f"{_gib(row.total_gib)} | {_gib(row.cpu_gib)} | {fits} | "
+            f"{_gib(row.model_states_gib + row.other_activations_gib)} |"
         )
     usable = gpu_mem_gib * (1 - headroom)
     lines.append("")
     lines.append(
         f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
-        "Model states from DeepSpeed's estimator (FSDP2: fp32 shards + two gathered units); activations: bf16, no checkpointing (see launcher/estimate.py)."
+        "Model states from DeepSpeed's estimator (FSDP2: fp32 shards + two gathered units); activations: bf16, "
+        f"{'with' if checkpointing else 'no'} gradient checkpointing (see launcher/estimate.py)."
     )
     if best is None:
         lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")

@@ -155,9 +155,28 @@ def build_model(recipe: Recipe, vocab_size: int):
     check_vocabulary(model, vocab_size, recipe.model.name)
     if recipe.model.dropout is not None:
         set_dropout(model, recipe.model.dropout)
+    if recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if recipe.train.method == "lora":
         model = apply_lora(model, recipe.lora, recipe.model.name)
     return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' own switch, with torch's non-reentrant checkpoint: it needs no input that
+    requires grad (LoRA's frozen embeddings would otherwise give no gradient to the adapters)
+    and works with DDP's hooks, ZeRO-3's parameter gathers and FSDP2. Recomputation repeats
+    the same operations, so the numbers stay the same (dropout replays its RNG state)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: the new name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointed_layers(model: torch.nn.Module) -> int:
+    """How many layer stacks recompute their activations (what the run reports, read from the
+    model rather than the recipe)."""
+    return sum(bool(getattr(module, "gradient_checkpointing", False)) for module in model.modules())
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -138,6 +138,11 @@ class TrainSection(Section):
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in backward instead of keeping them: "
+        "much less activation memory for ~30% more compute.",
+    )
     label_smoothing: float = Field(
         0.0,
         ge=0,

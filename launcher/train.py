@@ -43,7 +43,7 @@ from launcher.distributed import any_rank, build_accelerator, print_main, sum_ov
 from launcher.errors import EXIT_INTERRUPTED
 from launcher.finite import check_values, check_weights
 from launcher.metrics import MetricsLogger
-from launcher.model import build_model, count_parameters, load_tokenizer
+from launcher.model import build_model, checkpointed_layers, count_parameters, load_tokenizer
 from launcher.recipe import Recipe, read_run_recipe
 
 # ---------------------------------------------------------------- signals
@@ -376,8 +376,10 @@ def set_up(run_dir: Path) -> Run:
 
         share_input_embedding(model)
     trainable, total = count_parameters(model)
+    checkpointing = ", gradient checkpointing on" if checkpointed_layers(model) else ""
     print_main(
-        accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"
+        accelerator,
+        f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%){checkpointing}",
     )
     data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
     optimizer = build_optimizer(model, recipe)

@@ -166,3 +166,40 @@ def test_tables_render():
         estimate.estimate_model("flan-t5-large", RunShape(gpus=2)), 40.0
     )
     assert "--zero auto" in line
+
+
+def test_gradient_checkpointing_keeps_one_input_per_layer_and_one_layer_in_full():
+    """The checkpointed formula of launcher/estimate.py's docstring, by hand for a small shape,
+    and the table shows the run's case and the other one."""
+    from launcher.estimate import ModelSpec, RunShape, activation_bytes, estimate_rows, render_table
+
+    spec = ModelSpec(
+        "x", 1000, 100, d_model=8, d_ff=16, num_heads=2, num_layers=3, num_decoder_layers=2, vocab_size=50
+    )
+    b, s, t, h, f, a, v = 2, 10, 4, 8, 16, 2, 50
+    encoder = b * s * (22 * h + 11 * f + 5 * a * s)
+    decoder = b * t * (37 * h + 11 * f + 5 * a * (t + s)) + b * s * 4 * h
+    logits = 10 * b * t * v
+    plain = RunShape(micro_batch=b, source_len=s, target_len=t)
+    checkpointed = RunShape(micro_batch=b, source_len=s, target_len=t, gradient_checkpointing=True)
+    assert activation_bytes(spec, plain) == 3 * encoder + 2 * decoder + logits
+    kept = 3 * 4 * b * s * h + 2 * 4 * b * t * h + b * s * 4 * h
+    assert activation_bytes(spec, checkpointed) == kept + max(encoder, decoder) + logits
+    rows = estimate_rows(spec, checkpointed)
+    assert rows[0].activations_gib * GIB == activation_bytes(spec, checkpointed)
+    assert rows[0].other_activations_gib * GIB == activation_bytes(spec, plain)
+    table = render_table(rows, 80.0, checkpointing=True)
+    assert "total without gradient checkpointing" in table and "with gradient checkpointing (see" in table
+
+
+def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
+    """flan-t5-large, micro batch 8 on 2 x 24 GiB: its 12 GiB of activations push the run to a
+    sharded stage; with checkpointing (about 1 GiB) plain DDP fits."""
+    from launcher.estimate import RunShape, zero_auto
+
+    plain, _ = zero_auto("google/flan-t5-large", 24.0, RunShape(gpus=2, micro_batch=8))
+    checkpointed, _ = zero_auto(
+        "google/flan-t5-large", 24.0, RunShape(gpus=2, micro_batch=8, gradient_checkpointing=True)
+    )
+    assert plain.stage > 0 and checkpointed.stage == 0, (plain.label, checkpointed.label)
+    assert checkpointed.activations_gib < plain.activations_gib / 5

@@ -257,6 +257,44 @@ def test_fp32_fine_tune_of_a_saved_checkpoint_matches_the_reference(tmp_path, mo
     assert config["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("name", ["ddp", "zero3"])
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, model_dir, reference, name):
+    """train.gradient_checkpointing recomputes activations in backward: under DDP and ZeRO-3
+    (gathering partitioned weights again for the recomputation) the fp32 run still matches the
+    plain loop, which keeps its activations, as closely as the run without checkpointing does."""
+    weights, losses, _, _ = reference
+    output = fine_tune(
+        model_dir, tmp_path / "run", SHAPES[name], "fp32", "--set", "train.gradient_checkpointing=true"
+    )
+    assert "gradient checkpointing" in output
+    assert step_losses(tmp_path / "run") == pytest.approx(losses, rel=1e-5)
+    assert update_error(final_weights(tmp_path / "run"), weights, initial_weights(model_dir)) < SAME
+
+
+def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, model_dir):
+    """LoRA's base weights and embeddings are frozen: the adapters still get their gradients
+    through recomputed layers, and the same ones (fp32, dropout off)."""
+    adapters = {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        result = run_cli(
+            "lora",
+            *("--cpu", "--gpus", "2", "--model", str(model_dir), "--data", "sample", "--output", str(out)),
+            *TRAINING,
+            *("--set", "model.precision=fp32", "--set", "lora.dropout=0.0"),
+            *("--set", f"train.gradient_checkpointing={checkpointing}"),
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        assert ("gradient checkpointing on" in result.stdout + result.stderr) == (checkpointing == "true")
+        adapters[checkpointing] = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert adapters["true"].keys() == adapters["false"].keys() and adapters["true"]
+    initial_b = 0.0  # LoRA's B matrices start at zero: how far they moved is their norm
+    for key, trained in adapters["false"].items():
+        moved = (trained.double() - initial_b).norm() if "lora_B" in key else trained.double().norm()
+        assert (adapters["true"][key].double() - trained.double()).norm() <= SAME * moved, key
+    assert any("lora_B" in key and value.abs().sum() > 0 for key, value in adapters["true"].items())
+
+
 @pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])
 def test_label_smoothing_is_the_smoothed_token_mean_objective(tmp_path, model_dir, name):
     """train.label_smoothing=0.1 on 2 ranks and on 1 rank x accumulation 2 trains as a plain loop
