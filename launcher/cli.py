@@ -96,6 +96,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
         lora_targets=estimate_targets(recipe.lora.target_modules),
         micro_batch_tokens=budget,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
+        optimizer=recipe.train.optimizer,
     )
     row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
     changes: dict[str, object] = {"zero": row.stage}
@@ -493,6 +494,9 @@ def estimate_command(
         "--gradient-checkpointing",
         help="Activations with train.gradient_checkpointing (the table shows the other case too).",
     ),
+    optimizer: str = typer.Option(
+        "adamw", "--optimizer", help="adamw or adafactor (train.optimizer; adafactor: DDP only)."
+    ),
     debug: bool = DebugOption,
 ) -> None:
     """Per-GPU memory for each ZeRO stage and offload (DeepSpeed's estimator + activations)."""
@@ -500,6 +504,8 @@ def estimate_command(
 
     if gpus < 1 or nodes < 1 or micro_batch < 1:
         raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
+    if optimizer not in ("adamw", "adafactor"):
+        raise UserError(f"--optimizer {optimizer!r} is not one of adamw, adafactor")
     if micro_batch_tokens is not None:
         if micro_batch_tokens < source_len + target_len:
             raise UserError(
@@ -517,6 +523,7 @@ def estimate_command(
         target_len,
         gradient_checkpointing=gradient_checkpointing,
         micro_batch_tokens=micro_batch_tokens,
+        optimizer=optimizer,
     )
     models = estimate.expand_models(model)
     if len(models) > 1:

@@ -131,8 +131,13 @@ class TrainSection(Section):
         "replaces train.micro_batch_size when set (null: fixed micro_batch_size).",
     )
     grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay on matrices (not biases and norms).")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw",
+        description="adamw (torch), or adafactor (transformers', as FLAN-T5 was trained; factored second "
+        "moments, no first moment: little optimizer memory; DDP only; try train.lr=1e-3).",
+    )
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
@@ -309,6 +314,17 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _adafactor_needs_whole_matrices(self) -> Recipe:
+        if self.train.optimizer == "adafactor" and (self.launch.zero or self.launch.fsdp):
+            engine = f"ZeRO-{self.launch.zero}" if self.launch.zero else "FSDP2"
+            raise ValueError(
+                f"train.optimizer=adafactor with {engine}: Adafactor factors each weight matrix's second "
+                f"moment by rows and columns, but {engine} hands the optimizer flat or row-sharded pieces, "
+                "so it would silently run a different optimizer; use --zero 0 (DDP), or train.optimizer=adamw"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_fp16_for_t5(self) -> Recipe:

@@ -144,7 +144,7 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW with two groups: decayed matrices, and undecayed biases and norms."""
+    """The recipe's optimizer with two groups: decayed matrices, and undecayed biases and norms."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -153,7 +153,19 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
         {"params": decay, "weight_decay": recipe.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, **adamw_options(recipe))
+    groups = [g for g in groups if g["params"]]
+    if recipe.train.optimizer == "adafactor":
+        return adafactor(groups, recipe.train.lr)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe))
+
+
+def adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """transformers' Adafactor with the recipe's learning rate and schedule (what Seq2SeqTrainer's
+    ``optim="adafactor"`` builds): no relative step or parameter scaling of its own, no first
+    moment, update clipping at RMS 1."""
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
 def adamw_options(recipe: Recipe) -> dict:
@@ -185,7 +197,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         parts.append(
             f"weight_decay {group['weight_decay']:g} on {len(group['params'])} tensors ({numel:,} values)"
         )
-    return f"optimizer: AdamW lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
+    name = type(optimizer).__name__
+    return f"optimizer: {name} lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
 
 
 def build_scheduler(optimizer, recipe: Recipe, total_steps: int):

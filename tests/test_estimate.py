@@ -203,3 +203,16 @@ def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
     )
     assert plain.stage > 0 and checkpointed.stage == 0, (plain.label, checkpointed.label)
     assert checkpointed.activations_gib < plain.activations_gib / 5
+
+
+def test_adafactor_drops_adams_moments_and_keeps_to_ddp():
+    """train.optimizer=adafactor: DDP's 20 bytes per parameter less Adam's 8 (the factored
+    moments are negligible), and no sharded rows: the recipe refuses ZeRO and FSDP with it."""
+    from launcher.estimate import ADAM_MOMENT_BYTES, estimate_model
+
+    adam = {(r.stage, r.offload, r.fsdp): r for r in estimate_model("google/flan-t5-base", RunShape())}
+    rows = estimate_model("google/flan-t5-base", RunShape(optimizer="adafactor"), fsdp=True)
+    assert [(r.stage, r.offload, r.fsdp) for r in rows] == [(0, "none", False)]
+    params = estimate.model_spec("google/flan-t5-base").params
+    saved = (adam[(0, "none", False)].model_states_gib - rows[0].model_states_gib) * GIB
+    assert saved == pytest.approx(ADAM_MOMENT_BYTES * params, rel=1e-9)

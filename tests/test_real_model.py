@@ -147,6 +147,7 @@ def reference_training(
     micro_batch_means: bool = False,
     decay_matrices: bool = True,
     label_smoothing: float = 0.0,
+    optimizer: str = "adamw",
 ) -> tuple[dict[str, torch.Tensor], list[float], int, int]:
     """Plain PyTorch: each optimizer step is ONE batch of the step's 8 examples, loss = mean over
     all their target tokens, AdamW with weight decay on matrices (not biases and norms).
@@ -158,6 +159,8 @@ def reference_training(
     Which examples form a step is the product's data order (LengthGroupedBatchSampler, what
     makes the configurations comparable); everything else is computed here. ``label_smoothing``
     uses the textbook formula written out: (1 - e) x NLL + e x the mean of -log p over the vocabulary.
+    ``optimizer="adafactor"``: transformers' Adafactor with an explicit learning rate, as
+    Seq2SeqTrainer's ``optim="adafactor"`` makes it, instead of AdamW.
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -172,9 +175,13 @@ def reference_training(
     steps = LengthGroupedBatchSampler(batching_keys(columns), 8, SEED, True).steps()[:STEPS]
     decay = [p for n, p in model.named_parameters() if decay_matrices and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=LR
-    )
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(groups, lr=LR, scale_parameter=False, relative_step=False, warmup_init=False)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=LR)
     losses = []
     for step in steps:
         parts = [step[:4], step[4:]] if micro_batch_means else [step]
@@ -293,6 +300,21 @@ def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, mode
         moved = (trained.double() - initial_b).norm() if "lora_B" in key else trained.double().norm()
         assert (adapters["true"][key].double() - trained.double()).norm() <= SAME * moved, key
     assert any("lora_B" in key and value.abs().sum() > 0 for key, value in adapters["true"].items())
+
+
+@pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])
+def test_adafactor_trains_as_transformers_adafactor_in_a_plain_loop(tmp_path, model_dir, name):
+    """train.optimizer=adafactor on 2 ranks and on 1 rank x accumulation 2: the weights a plain
+    loop with transformers' Adafactor reaches (same groups, lr, decay), far from AdamW's."""
+    adafactor = reference_training(model_dir, optimizer="adafactor")
+    output = fine_tune(
+        model_dir, tmp_path / "run", SHAPES[name], "fp32", "--set", "train.optimizer=adafactor"
+    )
+    assert "optimizer: Adafactor lr" in output
+    assert step_losses(tmp_path / "run") == pytest.approx(adafactor[1], rel=1e-5)
+    ours, initial = final_weights(tmp_path / "run"), initial_weights(model_dir)
+    assert update_error(ours, adafactor[0], initial) < SAME
+    assert update_error(reference_training(model_dir)[0], adafactor[0], initial) > DEFECT
 
 
 @pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])

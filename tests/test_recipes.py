@@ -354,3 +354,27 @@ def test_generation_settings_are_what_generate_receives():
         "repetition_penalty": 1.0,
         "do_sample": False,
     }
+
+
+@pytest.mark.parametrize(
+    ("flags", "engine"), [(("launch.zero=2",), "ZeRO-2"), (("launch.fsdp=true",), "FSDP2")]
+)
+def test_adafactor_is_refused_where_its_matrices_would_be_split(flags: tuple[str, ...], engine: str):
+    message = refusal("train.optimizer=adafactor", *flags)
+    assert "train.optimizer=adafactor" in message and engine in message and "--zero 0" in message
+
+
+def test_adafactor_is_transformers_with_the_recipes_groups():
+    from transformers.optimization import Adafactor
+
+    from launcher.model import build_model
+    from launcher.train import build_optimizer
+
+    recipe = recipe_with("model.name=tiny-t5", "train.optimizer=adafactor", "train.lr=1e-3")
+    optimizer = build_optimizer(build_model(recipe, 1000), recipe)
+    assert isinstance(optimizer, Adafactor)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    assert all(
+        g["lr"] == 1e-3 and not g["relative_step"] and not g["scale_parameter"]
+        for g in optimizer.param_groups
+    )
