@@ -302,31 +302,32 @@ def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, mode
     assert any("lora_B" in key and value.abs().sum() > 0 for key, value in adapters["true"].items())
 
 
-@pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])
-def test_adafactor_trains_as_transformers_adafactor_in_a_plain_loop(tmp_path, model_dir, name):
-    """train.optimizer=adafactor on 2 ranks and on 1 rank x accumulation 2: the weights a plain
-    loop with transformers' Adafactor reaches (same groups, lr, decay), far from AdamW's."""
-    adafactor = reference_training(model_dir, optimizer="adafactor")
-    output = fine_tune(
-        model_dir, tmp_path / "run", SHAPES[name], "fp32", "--set", "train.optimizer=adafactor"
-    )
-    assert "optimizer: Adafactor lr" in output
-    assert step_losses(tmp_path / "run") == pytest.approx(adafactor[1], rel=1e-5)
-    ours, initial = final_weights(tmp_path / "run"), initial_weights(model_dir)
-    assert update_error(ours, adafactor[0], initial) < SAME
-    assert update_error(reference_training(model_dir)[0], adafactor[0], initial) > DEFECT
+# Seq2SeqTrainer users' levers, each against a plain loop that implements it independently:
+# transformers' Adafactor in place of AdamW; label smoothing written out by hand.
+OBJECTIVES = {
+    "adafactor": (("train.optimizer=adafactor",), {"optimizer": "adafactor"}),
+    "label_smoothing": (("train.label_smoothing=0.1",), {"label_smoothing": 0.1}),
+}
 
 
 @pytest.mark.parametrize("name", ["ddp", "one-rank-accum2"])
-def test_label_smoothing_is_the_smoothed_token_mean_objective(tmp_path, model_dir, name):
-    """train.label_smoothing=0.1 on 2 ranks and on 1 rank x accumulation 2 trains as a plain loop
-    on the smoothed cross-entropy (written out by hand) does; the plain objective lands far away."""
-    smoothed = reference_training(model_dir, label_smoothing=0.1)
-    fine_tune(model_dir, tmp_path / "run", SHAPES[name], "fp32", "--set", "train.label_smoothing=0.1")
-    assert step_losses(tmp_path / "run") == pytest.approx(smoothed[1], rel=1e-5)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_optimizer_and_objective_settings_train_as_a_plain_loop_with_them(
+    tmp_path, model_dir, objective, name
+):
+    """train.optimizer=adafactor, train.label_smoothing=0.1: on 2 ranks and on 1 rank x
+    accumulation 2, the weights and per-step losses of a plain loop with the same setting (same
+    groups, lr, decay); the loop without the setting lands far away, so the setting is seen."""
+    overrides, reference_kwargs = OBJECTIVES[objective]
+    expected = reference_training(model_dir, **reference_kwargs)
+    sets = [part for item in overrides for part in ("--set", item)]
+    output = fine_tune(model_dir, tmp_path / "run", SHAPES[name], "fp32", *sets)
+    optimizer = "Adafactor" if objective == "adafactor" else "AdamW"
+    assert f"optimizer: {optimizer} lr" in output
+    assert step_losses(tmp_path / "run") == pytest.approx(expected[1], rel=1e-5)
     ours, initial = final_weights(tmp_path / "run"), initial_weights(model_dir)
-    assert update_error(ours, smoothed[0], initial) < SAME
-    assert update_error(reference_training(model_dir)[0], smoothed[0], initial) > DEFECT
+    assert update_error(ours, expected[0], initial) < SAME
+    assert update_error(reference_training(model_dir)[0], expected[0], initial) > DEFECT
 
 
 @pytest.mark.parametrize("defect", ["micro_batch_means", "no_weight_decay"])
