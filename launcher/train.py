@@ -35,10 +35,23 @@ from launcher.data import (
     shard_sorted_batches,
     tokenized_split,
 )
-from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
+from launcher.distributed import (
+    any_rank,
+    build_accelerator,
+    print_main,
+    sum_over_ranks,
+    uses_deepspeed,
+    uses_fsdp,
+)
 from launcher.errors import EXIT_INTERRUPTED
 from launcher.metrics import MetricsLogger
-from launcher.model import build_model, count_parameters, load_tokenizer
+from launcher.model import (
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    store_frozen_linear_weights,
+    use_tanh_gelu_kernel,
+)
 from launcher.recipe import Recipe, read_run_recipe
 
 # ---------------------------------------------------------------- signals
@@ -139,8 +152,11 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
     return len(true_shape(param)) >= 2 and "norm" not in name.lower()
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW with two groups: decayed matrices, and undecayed biases and norms."""
+def build_optimizer(
+    model: torch.nn.Module, recipe: Recipe, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW with two groups: decayed matrices, and undecayed biases and norms. ``device`` is
+    where the parameters will live once prepared (they are still on the CPU here)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -149,15 +165,25 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
         {"params": decay, "weight_decay": recipe.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, **adamw_options(recipe))
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=recipe.train.lr, **adamw_options(recipe, device)
+    )
 
 
-def adamw_options(recipe: Recipe) -> dict:
-    """ZeRO-Offload steps AdamW on the CPU: use torch's fused kernel there (one multi-threaded pass
-    per flat fp32 partition) rather than its per-tensor loop, which DeepSpeed warns "will yield poor
-    performance". Without offload, torch's default for the device."""
-    if recipe.launch.zero and recipe.launch.offload != "none" and cpu_fused_adamw_available():
-        return {"fused": True}
+def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:
+    """torch's fused AdamW kernel where the optimizer steps on a device that has one.
+
+    ZeRO-Offload steps AdamW on the CPU: the fused kernel there is one multi-threaded pass per
+    flat fp32 partition rather than the per-tensor loop DeepSpeed warns "will yield poor
+    performance". On CUDA, torch defaults to its multi-tensor ``foreach`` path (a dozen kernels
+    per parameter group and step); the fused one does the whole update in one kernel per tensor
+    group, with the same arithmetic up to fp32 rounding. CPU ranks without offload keep torch's
+    default (its loop is what the CPU tests compare against).
+    """
+    if recipe.launch.zero and recipe.launch.offload != "none":
+        return {"fused": True} if cpu_fused_adamw_available() else {}
+    if device is not None and device.type == "cuda":
+        return {"fused": True}  # CUDA has had a fused AdamW since torch 2.0
     return {}
 
 
@@ -212,13 +238,56 @@ def summed_cross_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     labels = batch["labels"]
     logits = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=padding_mask_4d(model, batch["attention_mask"]),
         decoder_input_ids=batch["decoder_input_ids"],
+        use_cache=False,  # the decoder's own config copy says True: no KV cache to build in training
     ).logits
     total = torch.nn.functional.cross_entropy(
         logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum"
     )
     return total, (labels != -100).sum()
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel family the model was loaded with (through DDP/DeepSpeed/PEFT wrappers)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def padding_mask_4d(model, mask: torch.Tensor) -> torch.Tensor:
+    """The source padding mask as a ready 4-D boolean mask (batch, 1, 1, source length).
+
+    transformers' masking utilities return a 4-D mask as it is, but turn a 2-D one into a 4-D one
+    after asking ``padding_mask.all()`` (can the mask be dropped?): a host sync for the encoder's
+    mask and another for the cross-attention's, every forward. A 4-D mask skips both and gives SDPA
+    the same values (it broadcasts over heads and queries; T5 merges it with its position bias
+    by ``torch.where``). Only for SDPA, which reads a boolean mask: other attention kernels take
+    the 2-D mask as before.
+    """
+    if attention_implementation(model) != "sdpa":
+        return mask
+    return mask[:, None, None, :].bool()
+
+
+def prepare_model_for_training(model, recipe: Recipe, accelerator) -> dict[str, int]:
+    """Fewer kernels per step, same numbers (issue 23): what the model's own config does not choose.
+
+    - the one-kernel tanh GELU for ``gelu_new`` (model.use_tanh_gelu_kernel);
+    - LoRA under bf16 autocast: frozen linear weights stored in bf16 (model.store_frozen_linear_weights),
+      except under DeepSpeed, which casts the whole module to bf16 itself, and FSDP2, which shards
+      each block's parameters as one flat group of one dtype.
+    Returns what was changed, for the log line.
+    """
+    changed = {"tanh_gelu": use_tanh_gelu_kernel(model), "bf16_frozen": 0}
+    if (
+        recipe.train.method == "lora"
+        and recipe.model.precision == "bf16"
+        and not uses_deepspeed(accelerator)
+        and not uses_fsdp(accelerator)
+        and not recipe.launch.fsdp
+    ):
+        changed["bf16_frozen"] = store_frozen_linear_weights(model, torch.bfloat16)
+    return changed
 
 
 @torch.no_grad()
@@ -351,8 +420,11 @@ def set_up(run_dir: Path) -> Run:
     print_main(
         accelerator, f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"
     )
+    changed = prepare_model_for_training(model, recipe, accelerator)
+    if changed["bf16_frozen"]:
+        print_main(accelerator, f"LoRA: {changed['bf16_frozen']} frozen linear tensors stored in bf16")
     data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, accelerator.device)
     print_main(accelerator, describe_optimizer(optimizer))
     batches_per_rank = math.ceil(len(data.sampler) / accelerator.num_processes)
     total_steps = total_optimizer_steps(recipe, batches_per_rank)
