@@ -173,17 +173,31 @@ def build_optimizer(
 def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:
     """torch's fused AdamW kernel where the optimizer steps on a device that has one.
 
-    ZeRO-Offload steps AdamW on the CPU: the fused kernel there is one multi-threaded pass per
-    flat fp32 partition rather than the per-tensor loop DeepSpeed warns "will yield poor
-    performance". On CUDA, torch defaults to its multi-tensor ``foreach`` path (a dozen kernels
-    per parameter group and step); the fused one does the whole update in one kernel per tensor
-    group, with the same arithmetic up to fp32 rounding. CPU ranks without offload keep torch's
-    default (its loop is what the CPU tests compare against).
+    torch's defaults step AdamW per tensor on the CPU (about ten ATen ops and a host read of the
+    step count per parameter tensor) and with its multi-tensor ``foreach`` path on CUDA (a dozen
+    kernel launches per group of tensors); the fused kernel does the whole update in one op per
+    group, with the same arithmetic up to fp32 rounding (tests/test_host_syncs.py compares it
+    with the per-tensor loop). Used:
+
+    - ZeRO-Offload, which steps AdamW on flat fp32 partitions on the CPU (DeepSpeed warns that
+      the per-tensor loop "will yield poor performance");
+    - CUDA ranks (torch has had a fused CUDA AdamW since 2.0);
+    - CPU ranks under DDP or one process (torch >= 2.4). CPU ranks under ZeRO without offload or
+      FSDP keep torch's default: the fused CPU kernel is not tested with their flat and DTensor
+      parameters here, and a CPU rank is a rehearsal, not where speed matters.
     """
     if recipe.launch.zero and recipe.launch.offload != "none":
         return {"fused": True} if cpu_fused_adamw_available() else {}
-    if device is not None and device.type == "cuda":
-        return {"fused": True}  # CUDA has had a fused AdamW since torch 2.0
+    if device is None:
+        return {}
+    if device.type == "cuda":
+        return {"fused": True}
+    if (
+        device.type == "cpu"
+        and not (recipe.launch.zero or recipe.launch.fsdp)
+        and cpu_fused_adamw_available()
+    ):
+        return {"fused": True}
     return {}
 
 

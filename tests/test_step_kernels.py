@@ -269,11 +269,37 @@ def test_frozen_bf16_only_for_lora_under_bf16_autocast_outside_deepspeed_and_fsd
 # ---------------------------------------------------------------- fused AdamW on CUDA
 
 
-def test_cuda_ranks_get_fused_adamw_cpu_ranks_torchs_default():
+def test_fused_adamw_on_cuda_ranks_and_on_ddp_cpu_ranks():
     model = build_tiny_t5(VOCAB)
-    # Built on CPU tensors (the model moves to the GPU in accelerator.prepare); torch checks the
-    # fused kernel's device at step time, and CPU has one too, so this builds anywhere.
-    on_cuda = train.build_optimizer(model, recipe("full"), torch.device("cuda"))
-    on_cpu = train.build_optimizer(model, recipe("full"), torch.device("cpu"))
-    assert on_cuda.defaults["fused"] is True
-    assert on_cpu.defaults["fused"] is None and on_cpu.defaults["foreach"] is None
+    # Built on CPU tensors (the model moves to its device in accelerator.prepare); CPU has a fused
+    # kernel too (torch >= 2.4), so the CUDA case builds anywhere.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for run_recipe, device, fused in (
+        (recipe("full"), cuda, True),
+        (recipe("full", zero=3), cuda, True),
+        (recipe("full"), cpu, True),
+        (recipe("lora"), cpu, True),
+        (recipe("full", zero=2), cpu, None),  # ZeRO without offload on CPU ranks: torch's default
+        (recipe("full"), None, None),  # no device known: torch's default
+    ):
+        optimizer = train.build_optimizer(model, run_recipe, device)
+        assert optimizer.defaults["fused"] is fused, (run_recipe.launch, device)
+
+
+def test_fused_adamw_cuts_the_optimizers_ops_to_one_per_group():
+    model = tiny()
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    counts = {}
+    for fused in (True, None):
+        options = {"fused": True} if fused else {}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **options)
+        optimizer.step()  # the first step creates the state
+        _, counter = counted(optimizer.step)
+        counts[fused] = counter
+    tensors = len(list(model.parameters()))
+    assert counts[True].count("aten._fused_adamw_") == 1
+    assert (
+        counts[None].count("aten._local_scalar_dense") == tensors
+    )  # the per-tensor loop reads each step count
+    assert len(counts[True].ops) < len(counts[None].ops) / 5
