@@ -288,8 +288,10 @@ def prepare_model_for_training(model, recipe: Recipe, accelerator) -> dict[str, 
 
     - the one-kernel tanh GELU for ``gelu_new`` (model.use_tanh_gelu_kernel);
     - LoRA under bf16 autocast: frozen linear weights stored in bf16 (model.store_frozen_linear_weights),
-      except under DeepSpeed, which casts the whole module to bf16 itself, and FSDP2, which shards
-      each block's parameters as one flat group of one dtype.
+      under DDP and in one process only. Not under ZeRO (its ``torch_autocast`` mode is given an
+      fp32 module, and ZeRO-3 partitions and gathers frozen parameters too: a module of mixed
+      dtypes is untested there) nor FSDP2 (it shards each block's parameters as one flat group,
+      which needs one dtype).
     Returns what was changed, for the log line.
     """
     changed = {"tanh_gelu": use_tanh_gelu_kernel(model), "bf16_frozen": 0}

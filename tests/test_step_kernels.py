@@ -246,7 +246,7 @@ def recipe(method: str, precision: str = "bf16", **launch):
         ("lora", "bf16", "NO", True),
         ("lora", "fp32", "NO", False),  # no autocast: nothing would be re-cast
         ("full", "bf16", "NO", False),  # trainable weights: autocast caches their casts
-        ("lora", "bf16", "DEEPSPEED", False),  # DeepSpeed casts the whole module to bf16 itself
+        ("lora", "bf16", "DEEPSPEED", False),  # ZeRO: an fp32 module for torch_autocast, partitioned
         ("lora", "bf16", "FSDP", False),  # FSDP2 shards a block's parameters as one dtype
     ],
 )
