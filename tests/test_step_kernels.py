@@ -125,6 +125,22 @@ def test_four_d_mask_gives_sdpa_the_same_values_bit_for_bit(batch):
     assert torch.equal(two_d, four_d)
 
 
+@pytest.mark.parametrize("family", ["bart", "mt5"])
+def test_four_d_mask_is_exact_for_other_families(batch, family):
+    """BART (and mBART, Pegasus: the same masking code) and mT5 read the 4-D mask the same way."""
+    from tiny_families import FAMILIES
+
+    model = FAMILIES[family][1](VOCAB).eval()
+    inputs = with_decoder_inputs(model, batch)
+    common = dict(
+        input_ids=inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"], use_cache=False
+    )
+    with torch.no_grad():
+        two_d = model(attention_mask=inputs["attention_mask"], **common).logits
+        four_d = model(attention_mask=train.padding_mask_4d(model, inputs["attention_mask"]), **common).logits
+    assert torch.equal(two_d, four_d)
+
+
 def test_other_attention_kernels_keep_the_two_d_mask(batch):
     model = tiny()
     model.config._attn_implementation = "eager"
