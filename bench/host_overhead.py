@@ -20,8 +20,11 @@ Host time: each round runs every contender for a few steps, in a rotating order;
 median over rounds of each round's mean. ATen ops: every op dispatched during one steady step
 (forward, backward, clip, optimizer), counted with a ``TorchDispatchMode``: deterministic.
 
-  python bench/host_overhead.py --json bench/results/host_overhead.json     # ~10 min
-  python bench/host_overhead.py --quick --json OUT.json                     # a few minutes
+  python bench/host_overhead.py --json bench/results/host_overhead.json     # more rounds
+  python bench/host_overhead.py --quick --json OUT.json                     # a few minutes + compile
+
+``torch.compile``'s warm-up of the 12+12-layer step dominates a run: ~3 minutes on a quiet 2-core
+machine, 16.5 under a load average of 10 (``--no-compile`` skips that variant).
 """
 
 from __future__ import annotations
