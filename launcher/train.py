@@ -182,21 +182,16 @@ def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:
     - ZeRO-Offload, which steps AdamW on flat fp32 partitions on the CPU (DeepSpeed warns that
       the per-tensor loop "will yield poor performance");
     - CUDA ranks (torch has had a fused CUDA AdamW since 2.0);
-    - CPU ranks under DDP or one process (torch >= 2.4). CPU ranks under ZeRO without offload or
-      FSDP keep torch's default: the fused CPU kernel is not tested with their flat and DTensor
-      parameters here, and a CPU rank is a rehearsal, not where speed matters.
+    - CPU ranks (torch >= 2.4) under every strategy alike: DDP's per-tensor parameters, ZeRO's
+      flat partitions, FSDP2's DTensor shards (DTensor has a sharding rule for the fused op). The
+      kernel is elementwise, so it updates a value the same way in any layout: strategies that
+      trained identically before still do (tests/test_real_model.py, tests/test_fsdp.py).
     """
     if recipe.launch.zero and recipe.launch.offload != "none":
         return {"fused": True} if cpu_fused_adamw_available() else {}
     if device is None:
         return {}
-    if device.type == "cuda":
-        return {"fused": True}
-    if (
-        device.type == "cpu"
-        and not (recipe.launch.zero or recipe.launch.fsdp)
-        and cpu_fused_adamw_available()
-    ):
+    if device.type == "cuda" or (device.type == "cpu" and cpu_fused_adamw_available()):
         return {"fused": True}
     return {}
 

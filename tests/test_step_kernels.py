@@ -285,7 +285,7 @@ def test_frozen_bf16_only_for_lora_under_bf16_autocast_outside_deepspeed_and_fsd
 # ---------------------------------------------------------------- fused AdamW on CUDA
 
 
-def test_fused_adamw_on_cuda_ranks_and_on_ddp_cpu_ranks():
+def test_fused_adamw_on_cuda_and_cpu_ranks_under_every_strategy():
     model = build_tiny_t5(VOCAB)
     # Built on CPU tensors (the model moves to its device in accelerator.prepare); CPU has a fused
     # kernel too (torch >= 2.4), so the CUDA case builds anywhere.
@@ -295,7 +295,8 @@ def test_fused_adamw_on_cuda_ranks_and_on_ddp_cpu_ranks():
         (recipe("full", zero=3), cuda, True),
         (recipe("full"), cpu, True),
         (recipe("lora"), cpu, True),
-        (recipe("full", zero=2), cpu, None),  # ZeRO without offload on CPU ranks: torch's default
+        (recipe("full", zero=2), cpu, True),  # every strategy alike: see train.adamw_options
+        (recipe("full", fsdp=True, gpus=2), cpu, True),
         (recipe("full"), None, None),  # no device known: torch's default
     ):
         optimizer = train.build_optimizer(model, run_recipe, device)
