@@ -534,6 +534,7 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
         build_collator,
         build_optimizer,
         pins_memory,
+        prepare_model_for_training,
         stop_requested,
         train_step,
     )
@@ -557,7 +558,8 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     loader = torch.utils.data.DataLoader(
         examples, batch_sampler=sampler, collate_fn=collator, pin_memory=pins_memory(accelerator)
     )
-    optimizer = build_optimizer(model, recipe)
+    prepare_model_for_training(model, recipe, accelerator)  # what train.set_up does (issue 23)
+    optimizer = build_optimizer(model, recipe, accelerator.device)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
     no_schedule = SimpleNamespace(step=lambda: None)  # a constant learning rate: the step is what is timed

@@ -179,6 +179,53 @@ def checkpointed_layers(model: torch.nn.Module) -> int:
     return sum(bool(getattr(module, "gradient_checkpointing", False)) for module in model.modules())
 
 
+def use_tanh_gelu_kernel(model: torch.nn.Module) -> int:
+    """Swap ``gelu_new`` (FLAN-T5's gated-GELU: 8 elementwise kernels per call) for the one-kernel
+    ``gelu(approximate="tanh")``: the same tanh formula, equal up to fp32 rounding (a few ulp).
+
+    Module instances are swapped, the config is left alone: ``feed_forward_proj: gated-gelu``
+    is what FLAN-T5 users and every other library expect in a saved ``config.json`` (transformers
+    derives ``dense_act_fn = "gelu_new"`` from it on every load anyway). Returns how many were
+    swapped.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
+def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """LoRA under autocast: keep the frozen weights of linear layers in the autocast dtype.
+
+    Autocast casts an fp32 weight to bf16 on every use and caches the cast only for weights
+    that require a gradient, so a frozen fp32 base is re-cast in every forward (and backward).
+    Rounding once gives the same bf16 values autocast computes each time, so the matmuls are
+    bit-identical. Only ``nn.Linear`` weights and biases whose every owner is a linear layer
+    change: embeddings and layer norms are not autocast ops (a bf16 weight there would change
+    their outputs' dtype), and a weight tied to an embedding stays fp32. Trainable (adapter)
+    weights stay fp32. Returns how many tensors were converted.
+    """
+    owners: dict[int, set[bool]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(isinstance(module, torch.nn.Linear))
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.requires_grad or param.dtype == dtype or owners[id(param)] != {True}:
+                continue
+            param.data = param.data.to(dtype)
+            converted += 1
+    return converted
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total); ZeRO-3 shards report their full size through ``ds_numel``."""
     trainable = total = 0

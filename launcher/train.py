@@ -39,11 +39,25 @@ from launcher.data import (
     tokenized_split,
     train_batch_sampler,
 )
-from launcher.distributed import any_rank, build_accelerator, print_main, sum_over_ranks, uses_deepspeed
+from launcher.distributed import (
+    any_rank,
+    build_accelerator,
+    print_main,
+    sum_over_ranks,
+    uses_deepspeed,
+    uses_fsdp,
+)
 from launcher.errors import EXIT_INTERRUPTED
 from launcher.finite import check_values, check_weights
 from launcher.metrics import MetricsLogger
-from launcher.model import build_model, checkpointed_layers, count_parameters, load_tokenizer
+from launcher.model import (
+    build_model,
+    checkpointed_layers,
+    count_parameters,
+    load_tokenizer,
+    store_frozen_linear_weights,
+    use_tanh_gelu_kernel,
+)
 from launcher.recipe import Recipe, read_run_recipe
 
 # ---------------------------------------------------------------- signals
@@ -143,8 +157,11 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
     return len(true_shape(param)) >= 2 and "norm" not in name.lower()
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """The recipe's optimizer with two groups: decayed matrices, and undecayed biases and norms."""
+def build_optimizer(
+    model: torch.nn.Module, recipe: Recipe, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer with two groups: decayed matrices, and undecayed biases and norms.
+    ``device`` is where the parameters will live once prepared (they are still on the CPU here)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -156,7 +173,7 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
     groups = [g for g in groups if g["params"]]
     if recipe.train.optimizer == "adafactor":
         return adafactor(groups, recipe.train.lr)
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe))
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe, device))
 
 
 def adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -168,11 +185,28 @@ def adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
     return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
-def adamw_options(recipe: Recipe) -> dict:
-    """ZeRO-Offload steps AdamW on the CPU: use torch's fused kernel there (one multi-threaded pass
-    per flat fp32 partition) rather than its per-tensor loop, which DeepSpeed warns "will yield poor
-    performance". Without offload, torch's default for the device."""
-    if recipe.launch.zero and recipe.launch.offload != "none" and cpu_fused_adamw_available():
+def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:
+    """torch's fused AdamW kernel where the optimizer steps on a device that has one.
+
+    torch's defaults step AdamW per tensor on the CPU (about ten ATen ops and a host read of the
+    step count per parameter tensor) and with its multi-tensor ``foreach`` path on CUDA (a dozen
+    kernel launches per group of tensors); the fused kernel does the whole update in one op per
+    group, with the same arithmetic up to fp32 rounding (tests/test_host_syncs.py compares it
+    with the per-tensor loop). Used:
+
+    - ZeRO-Offload, which steps AdamW on flat fp32 partitions on the CPU (DeepSpeed warns that
+      the per-tensor loop "will yield poor performance");
+    - CUDA ranks (torch has had a fused CUDA AdamW since 2.0);
+    - CPU ranks (torch >= 2.4) under every strategy alike: DDP's per-tensor parameters, ZeRO's
+      flat partitions, FSDP2's DTensor shards (DTensor has a sharding rule for the fused op). The
+      kernel is elementwise, so it updates a value the same way in any layout: strategies that
+      trained identically before still do (tests/test_real_model.py, tests/test_fsdp.py).
+    """
+    if recipe.launch.zero and recipe.launch.offload != "none":
+        return {"fused": True} if cpu_fused_adamw_available() else {}
+    if device is None:
+        return {}
+    if device.type == "cuda" or (device.type == "cpu" and cpu_fused_adamw_available()):
         return {"fused": True}
     return {}
 
@@ -246,8 +280,9 @@ def summed_cross_entropy(
     labels = batch["labels"]
     logits = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=padding_mask_4d(model, batch["attention_mask"]),
         decoder_input_ids=batch["decoder_input_ids"],
+        use_cache=False,  # the decoder's own config copy says True: no KV cache to build in training
     ).logits
     total = torch.nn.functional.cross_entropy(
         logits.float().view(-1, logits.size(-1)),
@@ -257,6 +292,50 @@ def summed_cross_entropy(
         label_smoothing=label_smoothing,
     )
     return total, (labels != -100).sum()
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel family the model was loaded with (through DDP/DeepSpeed/PEFT wrappers)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def padding_mask_4d(model, mask: torch.Tensor) -> torch.Tensor:
+    """The source padding mask as a ready 4-D boolean mask (batch, 1, 1, source length).
+
+    transformers' masking utilities return a 4-D mask as it is, but turn a 2-D one into a 4-D one
+    after asking ``padding_mask.all()`` (can the mask be dropped?): a host sync for the encoder's
+    mask and another for the cross-attention's, every forward. A 4-D mask skips both and gives SDPA
+    the same values (it broadcasts over heads and queries; T5 merges it with its position bias
+    by ``torch.where``). Only for SDPA, which reads a boolean mask: other attention kernels take
+    the 2-D mask as before.
+    """
+    if attention_implementation(model) != "sdpa":
+        return mask
+    return mask[:, None, None, :].bool()
+
+
+def prepare_model_for_training(model, recipe: Recipe, accelerator) -> dict[str, int]:
+    """Fewer kernels per step, same numbers (issue 23): what the model's own config does not choose.
+
+    - the one-kernel tanh GELU for ``gelu_new`` (model.use_tanh_gelu_kernel);
+    - LoRA under bf16 autocast: frozen linear weights stored in bf16 (model.store_frozen_linear_weights),
+      under DDP and in one process only. Not under ZeRO (its ``torch_autocast`` mode is given an
+      fp32 module, and ZeRO-3 partitions and gathers frozen parameters too: a module of mixed
+      dtypes is untested there) nor FSDP2 (it shards each block's parameters as one flat group,
+      which needs one dtype).
+    Returns what was changed, for the log line.
+    """
+    changed = {"tanh_gelu": use_tanh_gelu_kernel(model), "bf16_frozen": 0}
+    if (
+        recipe.train.method == "lora"
+        and recipe.model.precision == "bf16"
+        and not uses_deepspeed(accelerator)
+        and not uses_fsdp(accelerator)
+        and not recipe.launch.fsdp
+    ):
+        changed["bf16_frozen"] = store_frozen_linear_weights(model, torch.bfloat16)
+    return changed
 
 
 @torch.no_grad()
@@ -394,8 +473,11 @@ def set_up(run_dir: Path) -> Run:
         accelerator,
         f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%){checkpointing}",
     )
+    changed = prepare_model_for_training(model, recipe, accelerator)
+    if changed["bf16_frozen"]:
+        print_main(accelerator, f"LoRA: {changed['bf16_frozen']} frozen linear tensors stored in bf16")
     data = prepare_data(recipe, tokenizer, accelerator, run_dir, model)
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, accelerator.device)
     print_main(accelerator, describe_optimizer(optimizer))
     by_epoch = batches_per_rank_by_epoch(data.sampler, recipe.train.epochs, accelerator.num_processes)
     batches_per_rank = by_epoch[0]

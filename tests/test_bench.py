@@ -171,6 +171,36 @@ def test_launch_overhead_quick_compares_two_trees_and_leaves_no_worktree(tmp_pat
 
 
 @pytest.mark.slow
+def test_host_overhead_quick_writes_every_variant_and_the_product_issues_fewer_ops(tmp_path):
+    """A 2+2-layer model, one round, no compile (torch.compile alone would take minutes here): the
+    JSON has every variant, and the product's eager step issues at most 0.9x the plain loop's ATen
+    ops. Op counts are deterministic (the same ops dispatch for the same model, batch and code), so
+    that bound is fair at any size; host times on a shared 2-core machine are not, so they are only
+    checked to be measured (bench/results/host_overhead.md has the real run's ratios)."""
+    out = tmp_path / "host.json"
+    run_bench(
+        BENCH / "host_overhead.py",
+        "--quick",
+        "--layers", "2",
+        "--rounds", "1",
+        "--batches", "2",
+        "--batch", "2",
+        "--source", "16",
+        "--target", "4",
+        "--no-compile",
+        "--json", out,
+        timeout=600,
+    )  # fmt: skip
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"plain", "trainer", "product_eager", "product_compiled"}
+    for name in ("plain", "trainer", "product_eager"):
+        assert sane(variants[name]["ms_per_step"]), name
+        assert isinstance(variants[name]["ops_per_step"], int) and variants[name]["ops_per_step"] > 100, name
+    assert variants["product_compiled"]["ms_per_step"] is None  # --no-compile
+    assert variants["product_eager"]["ops_per_step"] <= 0.9 * variants["plain"]["ops_per_step"]
+
+
+@pytest.mark.slow
 def test_scripts_skip_cleanly_without_shared(tmp_path):
     env = cli_env(FTLAUNCH_SHARED_DIR=str(tmp_path / "nowhere"))
     for script in ("throughput.py", "padding.py", "scaling.py"):

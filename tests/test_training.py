@@ -305,7 +305,10 @@ def test_lora_changes_only_adapter_weights(trained):
         if "lora_" in key:
             continue
         plain = key.replace("base_model.model.", "").replace(".base_layer", "")
-        assert torch.equal(value, base[plain]), f"base weight {plain} changed"
+        # Frozen linear weights are held (and checkpointed) in bf16 under bf16 autocast: the
+        # values autocast computed with (train.prepare_model_for_training), unchanged.
+        assert value.dtype in (torch.float32, torch.bfloat16), plain
+        assert torch.equal(value, base[plain].to(value.dtype)), f"base weight {plain} changed"
         compared += 1
     assert compared >= len(base) - 2  # every base weight (tied copies may be saved once)
 
