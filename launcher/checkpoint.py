@@ -59,6 +59,10 @@ class TrainState:
     tokenizer: str = ""
     data: str = ""
     lora: str = ""
+    # train.best_metric: the best evaluated step so far, its value, evaluations since it improved.
+    best_step: int | None = None
+    best_value: float | None = None
+    evaluations_without_improvement: int = 0
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
@@ -124,7 +128,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
         else:
             tmp.rename(final)
         write_text_atomic(root / LATEST_FILE, final.name + "\n")
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, state.best_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -244,9 +248,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
+def prune_checkpoints(root: Path, keep: int, best_step: int | None = None) -> None:
+    """The newest ``keep`` checkpoints stay, and the best step's (train.best_metric) whatever its age."""
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"step_{best_step}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_intact_checkpoint(run_dir: Path, checksums: bool = True) -> tuple[Path | None, list[str]]:

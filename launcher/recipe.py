@@ -164,6 +164,17 @@ class TrainSection(Section):
         500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    best_metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "val_loss"] | None = Field(
+        None,
+        description="Keep the best evaluated step's model in final/ (ROUGE on validation: higher is "
+        "better, needs eval.rouge_every; val_loss: lower, needs train.eval_every); null: the last step.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without a better train.best_metric (null: never)."
+    )
+    early_stopping_delta: float = Field(
+        0.0, ge=0, description="How much better than the best so far counts as better (early stopping)."
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
@@ -247,6 +258,14 @@ class EvalSection(Section):
     use_stemmer: bool = Field(True, description="Porter stemmer in ROUGE.")
     split_sentences: bool = Field(False, description="One sentence per line before rougeLsum.")
     report_examples: int = Field(3, ge=0, description="Example predictions shown in the report.")
+    rouge_every: int | None = Field(
+        None,
+        gt=0,
+        description="ROUGE on the validation split every N optimizer steps of training (null: off).",
+    )
+    rouge_limit: int | None = Field(
+        None, gt=0, description="First N validation dialogues for the in-training ROUGE (null: all)."
+    )
 
     @model_validator(mode="after")
     def _generation_settings_agree(self) -> EvalSection:
@@ -314,6 +333,25 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _best_metric_is_measured(self) -> Recipe:
+        metric = self.train.best_metric
+        if metric == "val_loss" and not self.train.eval_every:
+            raise ValueError(
+                "train.best_metric=val_loss needs the validation loss during training: set train.eval_every"
+            )
+        if metric and metric != "val_loss" and not self.eval.rouge_every:
+            raise ValueError(
+                f"train.best_metric={metric} needs ROUGE during training: set eval.rouge_every "
+                "(e.g. the same as train.eval_every), or use train.best_metric=val_loss"
+            )
+        if self.train.early_stopping_patience and not metric:
+            raise ValueError(
+                "train.early_stopping_patience counts evaluations without a better train.best_metric: "
+                "set train.best_metric (e.g. rougeLsum or val_loss)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _adafactor_needs_whole_matrices(self) -> Recipe:

@@ -159,6 +159,28 @@ def reference_columns(scores: dict) -> str:
     )
 
 
+def best_model_notes(metrics: list[dict]) -> list[str]:
+    """What train.best_metric and early stopping did: the validation evaluations, which step
+    final/ holds, and why training stopped early (from metrics.jsonl's markers)."""
+    notes = []
+    evaluations = [row for row in metrics if any(key.startswith("val_rouge") for key in row)]
+    if evaluations:
+        shown = ", ".join(f"step {row['step']}: {100 * row['val_rougeLsum']:.2f}" for row in evaluations)
+        notes += [f"Validation ROUGE-Lsum during training (%): {shown}.", ""]
+    stops = [row["early_stop"] for row in metrics if "early_stop" in row]
+    if stops:
+        notes += [f"Stopped early: {stops[-1]}.", ""]
+    chosen = [row for row in metrics if "best_step" in row]
+    if chosen:
+        row = chosen[-1]
+        notes += [
+            f"Model: final/ and the fine-tuned scores are the best step {row['best_step']} of {row['step']} "
+            f"by {row['best_metric']} ({row['best_value']:.4f}; train.best_metric).",
+            "",
+        ]
+    return notes
+
+
 def generation_note(scores: dict) -> str:
     """``max_new_tokens 128, num_beams 1`` and any repetition/length control the run set."""
     return ", ".join(f"{key} {value}" for key, value in shown_generation_settings(scores).items())
@@ -223,6 +245,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                 + ".",
                 "",
             ]
+        sections += best_model_notes(metrics)
         plot_loss(metrics, out_dir / "loss.png")
         sections += ["![loss](loss.png)", ""]
     plot_rouge(evals, out_dir / "rouge.png")

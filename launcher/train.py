@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from launcher import best
 from launcher import checkpoint as ckpt
 from launcher.card import effective_batch
 from launcher.data import (
@@ -518,6 +519,9 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
         saved.epoch,
         saved.batches_in_epoch,
     )
+    # the best-so-far record of train.best_metric continues too
+    run.state.best_step, run.state.best_value = saved.best_step, saved.best_value
+    run.state.evaluations_without_improvement = saved.evaluations_without_improvement
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
     return True
 
@@ -617,9 +621,44 @@ def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLog
         logger.log(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         stats = WindowStats()
-    if train.eval_every and state.step % train.eval_every == 0 and state.step < run.total_steps:
-        logger.log({"step": state.step, "val_loss": checked_validation(run)})
     return stats
+
+
+def evaluate_at_step(run: Run, logger: MetricsLogger) -> dict[str, float]:
+    """This step's evaluations, logged: the validation loss every ``train.eval_every`` steps (at
+    the last step only when it is the best metric: finish() measures it anyway) and validation
+    ROUGE every ``eval.rouge_every`` steps; {} when none is due."""
+    state, recipe = run.state, run.recipe
+    metric = recipe.train.best_metric
+    scores: dict[str, float] = {}
+    last = state.step >= run.total_steps
+    if best.due(state.step, recipe.train.eval_every, run.total_steps, metric == "val_loss") and (
+        not last or metric == "val_loss"
+    ):
+        scores["val_loss"] = checked_validation(run)
+    if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in best.ROUGE_KEYS):
+        scores.update(
+            best.validation_rouge(run.accelerator, run.model, run.tokenizer, recipe, run.run_dir, state.step)
+        )
+    if scores:
+        logger.log({"step": state.step, **scores})
+    return scores
+
+
+def track_best(run: Run, scores: dict[str, float], logger: MetricsLogger) -> tuple[bool, bool]:
+    """(saved, stop): a better ``train.best_metric`` is checkpointed at once (pruning keeps it);
+    ``train.early_stopping_patience`` evaluations without one stop training."""
+    metric = run.recipe.train.best_metric
+    if not metric or best.metric_key(metric) not in scores:
+        return False, False
+    saved = best.record(run.state, run.recipe, scores[best.metric_key(metric)])
+    if saved:
+        save_checked(run)
+    reason = best.early_stop_reason(run.state, run.recipe)
+    if reason:
+        print_main(run.accelerator, reason)
+        logger.log({"step": run.state.step, "early_stop": reason})
+    return saved, reason is not None
 
 
 def run_validation(run: Run) -> float:
@@ -647,8 +686,9 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
     progress = make_progress(accelerator, run.total_steps, state.step)
     stats, grad_norm = WindowStats(), None
     last_saved = state.step if resumed else -1
+    stopped_early = False
     run.model.train()
-    while state.step < run.total_steps and state.epoch < recipe.train.epochs:
+    while not stopped_early and state.step < run.total_steps and state.epoch < recipe.train.epochs:
         run.data.sampler.epoch = state.epoch
         batches = epoch_batches(accelerator, run.loader, state.batches_in_epoch)
         for window in optimizer_windows(batches, recipe.train.grad_accum):
@@ -658,15 +698,17 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             state.step += 1
             stats.add(step)
             stats = log_and_validate(run, stats, grad_norm, logger, progress)
+            saved, stopped_early = track_best(run, evaluate_at_step(run, logger), logger)
+            last_saved = state.step if saved else last_saved
             interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
             periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
-            if periodic or interrupted:
+            if (periodic or interrupted) and last_saved != state.step:
                 save_checked(run)
                 last_saved = state.step
             if interrupted:
                 progress.close()
                 return False
-            if state.step >= run.total_steps:
+            if stopped_early or state.step >= run.total_steps:
                 break
         else:
             state.epoch += 1
@@ -728,6 +770,9 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
         stop.uninstall()
         if not completed:
             return stop_after_signal(run)
+        marker = best.restore_best(run)
+        if marker:
+            logger.log(marker)
         finish(run, logger)
     finally:
         logger.close()

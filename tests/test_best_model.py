@@ -1,0 +1,159 @@
+"""train.best_metric, in-training ROUGE and early stopping (launcher/best.py).
+
+One 2-rank run trains with a learning rate that ramps up to where validation ROUGE stops
+improving, evaluates ROUGE-Lsum on the validation split every 4 steps and stops after the first
+evaluation without a better one. Its checkpoints are the independent reference: final/ must hold
+exactly the weights of the best step's checkpoint, not those of the step where training stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl, run_cli, run_cli_in_process
+from safetensors.torch import load_file
+
+from launcher import best
+from launcher.checkpoint import TrainState
+from launcher.recipe import build_recipe
+
+EVERY, MAX_STEPS = 4, 32  # sample data: 8 steps per epoch of 8 examples, 4 epochs
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("best") / "run"
+    result = run_cli(
+        "full",
+        *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output", str(out)),
+        *("--set", "model.precision=fp32", "--set", "model.dropout=0.0"),
+        # lr ramps to 0.03: the summaries improve, then the validation ROUGE wanders
+        *("--set", "train.lr=0.03", "--set", "train.warmup_ratio=0.9", "--set", "train.scheduler=linear"),
+        *("--set", "train.epochs=4", "--set", "train.micro_batch_size=4", "--set", "train.log_every=4"),
+        *("--set", f"train.eval_every={EVERY}", "--set", f"eval.rouge_every={EVERY}"),
+        *("--set", "eval.rouge_limit=16", "--set", "eval.max_new_tokens=16"),
+        *("--set", "train.best_metric=rougeLsum", "--set", "train.early_stopping_patience=1"),
+        *("--set", "train.checkpoint_every=null", "--set", "train.keep_checkpoints=1"),
+        *("--set", "eval.compare_original=false", "--set", "eval.limit=8"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_rouge_is_logged_at_every_evaluation_and_training_stops_at_the_first_without_a_better_one(
+    early_stopped,
+):
+    run_dir, output = early_stopped
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    evaluations = [row for row in metrics if "val_rougeLsum" in row]
+    assert [row["step"] for row in evaluations] == list(range(EVERY, evaluations[-1]["step"] + 1, EVERY))
+    values = [row["val_rougeLsum"] for row in evaluations]
+    # patience 1: every evaluation but the last improved on all before it, the last did not
+    assert all(later > max(values[:i]) for i, later in enumerate(values[1:-1], start=1)), values
+    assert values[-1] <= max(values[:-1]), values
+    stopped = evaluations[-1]["step"]
+    assert stopped < MAX_STEPS, "the construction needs a run that stops before its last step"
+    assert max(row["step"] for row in metrics if "loss" in row) == stopped
+    assert f"early stopping at step {stopped}" in output
+    report = (run_dir / "report" / "report.md").read_text()
+    assert f"Stopped early: early stopping at step {stopped}" in report
+    assert (run_dir / "eval" / "finetuned" / "rouge.json").is_file()  # evaluated and reported as usual
+    for row in evaluations:  # each in-training evaluation kept its predictions
+        assert len(read_jsonl(run_dir / "eval" / f"step_{row['step']}" / "predictions.jsonl")) == 16
+
+
+@pytest.mark.slow
+def test_final_holds_the_best_steps_weights_not_the_last_ones(early_stopped):
+    run_dir, output = early_stopped
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    marker = next(row for row in metrics if "best_step" in row)
+    evaluations = {row["step"]: row["val_rougeLsum"] for row in metrics if "val_rougeLsum" in row}
+    best_step = max(evaluations, key=evaluations.get)
+    assert marker["best_step"] == best_step and marker["best_value"] == evaluations[best_step]
+    stopped = marker["step"]
+    assert best_step < stopped
+    # keep_checkpoints=1 keeps the newest, and the best step's whatever its age
+    checkpoints = run_dir / "checkpoints"
+    assert {p.name for p in checkpoints.glob("step_*")} == {f"step_{best_step}", f"step_{stopped}"}
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    best_weights = load_file(str(checkpoints / f"step_{best_step}" / "model.safetensors"))
+    last_weights = load_file(str(checkpoints / f"step_{stopped}" / "model.safetensors"))
+    for key, value in best_weights.items():
+        assert torch.equal(final[key], value), key
+    assert any(not torch.equal(final[key], last_weights[key]) for key in best_weights)
+    assert f"final/ holds the best step {best_step} of {stopped}" in output
+    assert f"best step {best_step} of {stopped}" in (run_dir / "report" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the rules, without ranks
+
+
+def recipe(**train) -> object:
+    return build_recipe({"model": {"name": "tiny-t5"}, "train": train, "eval": {"rouge_every": 4}}, "test")
+
+
+@pytest.mark.parametrize(
+    ("metric", "values", "improved"),
+    [
+        ("rougeLsum", [0.1, 0.2, 0.15, 0.3], [True, True, False, True]),
+        ("val_loss", [3.0, 2.5, 2.6, 2.4], [True, True, False, True]),
+    ],
+)
+def test_the_best_is_the_highest_rouge_or_the_lowest_loss(metric, values, improved):
+    settings = recipe(best_metric=metric, eval_every=4)
+    state = TrainState()
+    seen = []
+    for step, value in enumerate(values, start=1):
+        state.step = step
+        seen.append(best.record(state, settings, value))
+    assert seen == improved
+    assert state.best_step == 4 and state.best_value == values[3]
+
+
+def test_early_stopping_counts_evaluations_without_a_better_value_beyond_the_delta():
+    settings = recipe(best_metric="rougeLsum", early_stopping_patience=2, early_stopping_delta=0.05)
+    state = TrainState()
+    for step, value in enumerate([0.2, 0.22, 0.24], start=1):  # +0.02, +0.04: not better by > 0.05
+        state.step = step
+        best.record(state, settings, value)
+    assert state.best_step == 1 and state.evaluations_without_improvement == 2
+    assert "did not improve by more than 0.05 in 2 evaluation(s) since step 1" in best.early_stop_reason(
+        state, settings
+    )
+
+
+def test_a_checkpoints_state_carries_the_best_so_far_record(tmp_path):
+    """What --resume reads back (ftlaunch_state.json): the best step, its value and the count."""
+    from dataclasses import asdict
+
+    from launcher.checkpoint import read_state
+
+    state = TrainState(step=12, best_step=8, best_value=0.25, evaluations_without_improvement=1)
+    (tmp_path / "ftlaunch_state.json").write_text(json.dumps(asdict(state)))
+    saved = read_state(tmp_path)
+    assert (saved.best_step, saved.best_value, saved.evaluations_without_improvement) == (8, 0.25, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["train.best_metric=rougeLsum"], ["train.best_metric=rougeLsum", "eval.rouge_every"]),
+        (["train.best_metric=val_loss", "train.eval_every=null"], ["train.eval_every"]),
+        (["train.early_stopping_patience=2"], ["train.best_metric"]),
+        (["train.best_metric=bleu"], ["train.best_metric", "bleu"]),
+    ],
+)
+def test_a_best_metric_that_is_never_measured_is_refused(tmp_path, overrides, words):
+    args = [item for override in overrides for item in ("--set", override)]
+    result = run_cli_in_process(
+        "full", "--cpu", "--model", "tiny-t5", "--data", "sample", "--output", str(tmp_path / "r"), *args
+    )
+    assert result.returncode == 2 and not (tmp_path / "r").exists()
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    for word in words:
+        assert word in line, line
