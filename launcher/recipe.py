@@ -166,11 +166,11 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
     best_metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "val_loss"] | None = Field(
         None,
-        description="Keep the best evaluated step's model in final/ (ROUGE on validation: higher is "
-        "better, needs eval.rouge_every; val_loss: lower, needs train.eval_every); null: the last step.",
+        description="Keep the best evaluated step's model in final/: validation ROUGE (higher is better, "
+        "measured every rouge_every steps) or val_loss (lower, every eval_every); null: the last step.",
     )
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after N evaluations without a better train.best_metric (null: never)."
+        None, gt=0, description="Stop after N evaluations in a row that do not beat the best (null: never)."
     )
     early_stopping_delta: float = Field(
         0.0, ge=0, description="How much better than the best so far counts as better (early stopping)."
