@@ -139,6 +139,11 @@ class TrainSection(Section):
         500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (Accelerate's dynamo, inductor) and pad batches to length "
+        "buckets (source: multiples of 64, target: of 16); auto: on for GPU ranks, off for --cpu.",
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
@@ -246,6 +251,12 @@ class Recipe(Section):
                 "use bf16 or fp32 with --cpu"
             )
         return self
+
+    @property
+    def compiles(self) -> bool:
+        """train.compile resolved: ``auto`` compiles on GPU ranks only (inductor's CPU compile takes
+        minutes and gains little there)."""
+        return (not self.launch.cpu) if self.train.compile == "auto" else self.train.compile
 
     def effective_batch_size(self) -> int:
         return self.train.micro_batch_size * self.train.grad_accum * self.launch.world_size
