@@ -31,7 +31,11 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
         ("precision", recipe.model.precision),
         (
             "compile",
-            ("torch.compile (inductor), batches padded to length buckets" if recipe.compiles else "off (eager)")
+            (
+                "torch.compile (inductor), batches padded to length buckets"
+                if recipe.compiles
+                else "off (eager)"
+            )
             + (" (train.compile=auto)" if train.compile == "auto" else ""),
         ),
         *(

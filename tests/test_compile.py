@@ -30,7 +30,8 @@ def rendered(tmp_path, *args: str) -> tuple[dict, str]:
         (("--gpus", "2", "--cpu"), False),  # auto: CPU ranks do not
         (("--gpus", "2", "--cpu", "--set", "train.compile=true"), True),
         (("--gpus", "2", "--set", "train.compile=false"), False),
-        (("--gpus", "2", "--fsdp", "--cpu", "--set", "train.compile=true"), True),
+        (("--gpus", "2", "--zero", "3"), False),  # auto: ZeRO-3 and FSDP2 stay eager (refused below)
+        (("--gpus", "2", "--fsdp"), False),
     ],
 )
 def test_compile_renders_accelerate_dynamo_config(tmp_path, args, compiles):
@@ -86,3 +87,26 @@ def test_bucket_padding_leaves_the_loss_unchanged():
         loss_b, count_b = summed_cross_entropy(model, b)
     assert count_a == count_b == 33
     assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy,says", [(("--zero", "3"), "with --zero 3"), (("--fsdp",), "with --fsdp")])
+def test_compile_under_zero3_and_fsdp_is_refused_in_one_line(tmp_path, strategy, says):
+    result = run_cli_in_process(
+        "full",
+        "--cpu",
+        "--gpus",
+        "2",
+        *strategy,
+        "--model",
+        "tiny-t5",
+        "--data",
+        "sample",
+        "--set",
+        "train.compile=true",
+        "--dry-run",
+        "--output",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"train.compile=true {says}" in result.stderr and "--zero 2 or DDP" in result.stderr
+    assert not (tmp_path / "run").exists()

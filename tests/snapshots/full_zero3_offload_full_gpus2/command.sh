@@ -6,11 +6,4 @@ set -euo pipefail
 trap '' USR1
 # ZeRO-Offload: the optimizer steps on the CPU; 2 local rank(s) share this node's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))}"
-# train.compile under DeepSpeed: accelerate's DeepSpeed launcher does not pass accelerate.yaml's
-# dynamo_config on; the ranks' Accelerator reads the same settings from these variables.
-export ACCELERATE_DYNAMO_BACKEND=INDUCTOR
-export ACCELERATE_DYNAMO_MODE=default
-export ACCELERATE_DYNAMO_USE_FULLGRAPH=False
-export ACCELERATE_DYNAMO_USE_DYNAMIC=True
-export ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=False
 exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.train --run-dir <RUN>

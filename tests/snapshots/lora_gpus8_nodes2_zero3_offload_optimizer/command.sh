@@ -6,13 +6,6 @@ set -euo pipefail
 trap '' USR1
 # ZeRO-Offload: the optimizer steps on the CPU; 8 local rank(s) share this node's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 8 > 1 ? $(nproc) / 8 : 1 ))}"
-# train.compile under DeepSpeed: accelerate's DeepSpeed launcher does not pass accelerate.yaml's
-# dynamo_config on; the ranks' Accelerator reads the same settings from these variables.
-export ACCELERATE_DYNAMO_BACKEND=INDUCTOR
-export ACCELERATE_DYNAMO_MODE=default
-export ACCELERATE_DYNAMO_USE_FULLGRAPH=False
-export ACCELERATE_DYNAMO_USE_DYNAMIC=True
-export ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=False
 machine_rank="${FTLAUNCH_MACHINE_RANK:-${SLURM_NODEID:-}}"
 case "$machine_rank" in
     '') echo "error: no machine rank for this node: set FTLAUNCH_MACHINE_RANK=R (0..1) on each node, pass --machine-rank R to ftlaunch, or run under SLURM (srun sets SLURM_NODEID)" >&2; exit 2 ;;
