@@ -263,7 +263,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _compile_where_it_is_bounded(self) -> Recipe:
         """train.compile=true where it was shown to recompile without bound (2 CPU ranks, tiny-t5,
-        one epoch of 7 batch shapes; both trained correctly, but compiling gains little there)."""
+        one epoch of 7 batch shapes, measured with dynamic=True; both trained correctly, but the
+        hooks' graph breaks, not the batch shapes, drive the recompilations, so compiling gains
+        little there)."""
         if self.train.compile is not True:
             return self
         if self.launch.zero == 3:

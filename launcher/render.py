@@ -236,16 +236,16 @@ DYNAMO_ENV = {
     "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
     "ACCELERATE_DYNAMO_MODE": "default",
     "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
-    "ACCELERATE_DYNAMO_USE_DYNAMIC": "True",
     "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
 }
 
 
 def dynamo_yaml(recipe: Recipe) -> str:
     """accelerate.yaml's dynamo_config when train.compile is on: Accelerate wraps the prepared model
-    in torch.compile (inductor, default mode, graph breaks allowed, dynamic shapes: batch and
-    lengths symbolic from the first compile, so training and validation compile once each, where
-    torch's automatic dynamic would first compile a static graph and recompile at the second shape)."""
+    in torch.compile (inductor, default mode, graph breaks allowed, torch's automatic dynamic shapes:
+    the first shape compiles static, a second makes the lengths that changed symbolic). Not
+    ``dynamic: true`` from the start: with DDP's graph splitting (DDPOptimizer) it fails to compile
+    in torch 2.13 ("'float' object has no attribute 'meta'", 2 CPU ranks)."""
     if not recipe.compiles:
         return ""
     return (
@@ -253,7 +253,6 @@ def dynamo_yaml(recipe: Recipe) -> str:
         "  dynamo_backend: INDUCTOR\n"
         "  dynamo_mode: default\n"
         "  dynamo_use_fullgraph: false\n"
-        "  dynamo_use_dynamic: true\n"
         "  dynamo_use_regional_compilation: false\n"
     )
 
