@@ -430,6 +430,8 @@ def render_measure_run(
         f"train.micro_batch_size={batch}",
         "--set",
         "model.precision=bf16",
+        "--set",
+        "train.compile=false",  # the per-strategy comparison stays eager; the step variants compile
     ]
     command += (["--offload", offload] if offload != "none" else []) + (["--cpu"] if tiny else [])
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -677,7 +679,12 @@ class Driver:
         method, strategy = item.split(":")
         run_dir = self.work / "runs" / f"cli-{method}-{strategy}"
         model_dir = self.prepared["models"][arch]
-        self.launch(part, self.cli_args(method, strategy, run_dir, model_dir))
+        # train.compile=auto compiles the GPU runs under DDP and ZeRO-1/2: compile time is in the part.
+        self.launch(
+            part,
+            self.cli_args(method, strategy, run_dir, model_dir),
+            timeout_s=2 * self.settings.step_timeout_s,
+        )
         if part.status.startswith("skipped"):
             return
         part.results = [cli_result(run_dir, method, strategy, arch, self.prepared, self.env_info)]
