@@ -110,3 +110,21 @@ def test_compile_under_zero3_and_fsdp_is_refused_in_one_line(tmp_path, strategy,
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"train.compile=true {says}" in result.stderr and "--zero 2 or DDP" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_report_states_the_compile_counts(tmp_path):
+    """The final metrics line's compile counts reach report.md (runs without compile: no line)."""
+    import json
+
+    from launcher.report import write_run_report
+
+    (tmp_path / "eval" / "finetuned").mkdir(parents=True)
+    scores = {"rouge1": 0.35, "rouge2": 0.15, "rougeL": 0.3, "rougeLsum": 0.3, "n": 2}
+    (tmp_path / "eval" / "finetuned" / "rouge.json").write_text(json.dumps(scores))
+    rows = [
+        {"step": 1, "loss": 7.4},
+        {"step": 1, "val_loss": 7.2, "final": True, "compiled_graphs": 4, "batch_shapes": 7},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = (write_run_report(tmp_path) / "report.md").read_text()
+    assert "torch.compile: 4 graph(s) compiled on rank 0 for 7 batch shape(s)" in report
