@@ -96,9 +96,25 @@ class Settings:
         )
 
 
-# Most valuable first, so that the time budget, if it runs out, cuts the least: the CLI end to
-# end, the measurement, ZeRO-3 (full and LoRA: the paths that break on GPUs), offload, the rest.
-DEFAULT_PLAN = (
+# Step variants ("step" parts, gpu_step.py): VARIANT:MODE:BATCH, each alone in a fresh process.
+# The main question first: full FT bf16, one GPU, the product eager and compiled against
+# Seq2SeqTrainer eager (the baseline of every ratio) and compiled, alternating product / trainer;
+# then larger micro batches. A token-budget variant (train.micro_batch_tokens) is one more line
+# here once that key exists, e.g. ("step", "product:compiled:tokens=8192"): gpu_step.py's
+# fixed_batches is where the budget's sampler takes over from the fixed batch size.
+STEP_PLAN = (
+    ("step", "trainer:eager:16"),
+    ("step", "product:eager:16"),
+    ("step", "product:compiled:16"),
+    ("step", "trainer:compiled:16"),
+    ("step", "product:compiled:32"),
+    ("step", "product:compiled:64"),
+    ("step", "product:eager:64"),
+)
+# Most valuable first, so that the time budget, if it runs out, cuts the least: the step variants,
+# the CLI end to end, the measurement, ZeRO-3 (full and LoRA: the paths that break on GPUs),
+# offload, the rest.
+DEFAULT_PLAN = STEP_PLAN + (
     ("cli", "full:DDP"),
     ("measure", "DDP"),
     ("cli", "full:ZeRO-3"),
@@ -112,7 +128,14 @@ DEFAULT_PLAN = (
     ("cli", "lora:ZeRO-2"),
     ("cli", "lora:ZeRO-3+offload"),
 )
-TINY_PLAN = (("cli", "full:DDP"), ("measure", "DDP"), ("measure", "ZeRO-2"), ("cli", "lora:ZeRO-3+offload"))
+TINY_PLAN = (  # every kind of part once; product eager and trainer compiled differ only by a flag
+    ("step", "trainer:eager:4"),
+    ("step", "product:compiled:4"),
+    ("cli", "full:DDP"),
+    ("measure", "DDP"),
+    ("measure", "ZeRO-2"),
+    ("cli", "lora:ZeRO-3+offload"),
+)
 
 
 @dataclass
@@ -128,22 +151,38 @@ class Part:
     peak_gpu_mib: float | None = None
 
 
-def build_plan(cli: str | None, measure: str | None, tiny: bool) -> list[tuple[str, str]]:
-    """The default plan, or only the CLI runs and measurements asked for (comma lists), in the
-    order given, CLI runs first (a rerun of what a first run had to skip)."""
-    if cli is None and measure is None:
+def build_plan(
+    cli: str | None, measure: str | None, tiny: bool, steps: str | None = None
+) -> list[tuple[str, str]]:
+    """The default plan, or only the step variants, CLI runs and measurements asked for (comma
+    lists), in the order given, step variants first (a rerun of what a first run had to skip)."""
+    if cli is None and measure is None and steps is None:
         return list(TINY_PLAN if tiny else DEFAULT_PLAN)
     items = {
         kind: [item.strip() for item in (value or "").split(",") if item.strip()]
-        for kind, value in (("cli", cli), ("measure", measure))
+        for kind, value in (("step", steps), ("cli", cli), ("measure", measure))
     }
-    return [("cli", item) for item in items["cli"]] + [("measure", item) for item in items["measure"]]
+    return [(kind, item) for kind in ("step", "cli", "measure") for item in items[kind]]
+
+
+def step_spec_ok(item: str) -> bool:
+    parts = item.split(":")
+    return (
+        len(parts) == 3
+        and parts[0] in ("product", "trainer")
+        and parts[1] in ("eager", "compiled")
+        and parts[2].isdigit()
+    )
 
 
 def plan_problems(plan: list[tuple[str, str]]) -> list[str]:
     """Parts of a plan that name no method:strategy (cli) or strategy (measure)."""
     bad = []
     for kind, item in plan:
+        if kind == "step":
+            if not step_spec_ok(item):
+                bad.append(f"step {item}")
+            continue
         strategy = item.split(":")[-1]
         method_ok = kind == "measure" or (item.count(":") == 1 and item.split(":")[0] in ("full", "lora"))
         if strategy not in STRATEGIES or not method_ok or (kind == "measure" and ":" in item):
@@ -391,6 +430,8 @@ def render_measure_run(
         f"train.micro_batch_size={batch}",
         "--set",
         "model.precision=bf16",
+        "--set",
+        "train.compile=false",  # the per-strategy comparison stays eager; the step variants compile
     ]
     command += (["--offload", offload] if offload != "none" else []) + (["--cpu"] if tiny else [])
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -413,7 +454,7 @@ class Driver:
         self.deadline = self.started + args.budget_s
         self.run_marker = os.environ.get(RUN_ENV) or secrets.token_hex(6)
         self.parts: list[Part] = []
-        self.plan = build_plan(args.cli, args.measure, settings.tiny)
+        self.plan = build_plan(args.cli, args.measure, settings.tiny, args.steps)
         self.env_info: dict[str, Any] = {}
         self.prepared: dict[str, Any] = {}
 
@@ -503,6 +544,9 @@ class Driver:
         if kind == "cli":
             method, strategy = item.split(":")
             return f"cli {method} {strategy}"
+        if kind == "step":
+            variant, mode, batch = item.split(":")
+            return f"step {variant} {mode} b{batch} {arch}"
         return f"measure {item} {arch}"
 
     def time_left(self) -> float:
@@ -575,7 +619,9 @@ class Driver:
     def step(self, kind: str, item: str, arch: str) -> None:
         part = self.new_part(self.part_name(kind, item, arch), kind)
         try:
-            (self.step_cli if kind == "cli" else self.step_measure)(part, item, arch)
+            {"cli": self.step_cli, "measure": self.step_measure, "step": self.step_variant}[kind](
+                part, item, arch
+            )
         except Stop:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken part is a result; the others still run
@@ -633,11 +679,43 @@ class Driver:
         method, strategy = item.split(":")
         run_dir = self.work / "runs" / f"cli-{method}-{strategy}"
         model_dir = self.prepared["models"][arch]
-        self.launch(part, self.cli_args(method, strategy, run_dir, model_dir))
+        # train.compile=auto compiles the GPU runs under DDP and ZeRO-1/2: compile time is in the part.
+        self.launch(
+            part,
+            self.cli_args(method, strategy, run_dir, model_dir),
+            timeout_s=2 * self.settings.step_timeout_s,
+        )
         if part.status.startswith("skipped"):
             return
         part.results = [cli_result(run_dir, method, strategy, arch, self.prepared, self.env_info)]
         self.append_report(part, run_dir)
+
+    def step_variant(self, part: Part, item: str, arch: str) -> None:
+        """One step variant (gpu_step.py) in a fresh process: product or Seq2SeqTrainer, eager or
+        compiled, at a micro batch; the product's runs also trace 3 steady steps."""
+        variant, mode, batch = item.split(":")
+        run_dir = self.work / "runs" / f"step-{batch}-{arch}"
+        if not run_dir.is_dir():
+            render_measure_run("DDP", arch, run_dir, int(batch), self.settings.tiny, self.part_env())
+        command = self.worker(
+            "step",
+            "--variant",
+            variant,
+            "--run-dir",
+            str(run_dir),
+            "--arch",
+            arch,
+            "--tokenizer",
+            self.prepared["tokenizer"],
+            "--batch",
+            batch,
+            "--steps",
+            str(self.settings.steps),
+        )
+        command += ["--compile"] if mode == "compiled" else []
+        command += ["--profile"] if variant == "product" else []
+        command += ["--tiny"] if self.settings.tiny else []
+        self.launch(part, command, timeout_s=self.settings.step_timeout_s * (2 if mode == "compiled" else 1))
 
     def step_measure(self, part: Part, strategy: str, arch: str) -> None:
         run_dir = self.work / "runs" / f"measure-{strategy}-{arch}"
@@ -835,6 +913,81 @@ def generation_row(r: dict) -> list[str]:
     ]
 
 
+def step_tables(results: list[dict]) -> list[str]:
+    """The step variants against Seq2SeqTrainer eager at the same micro batch, and the profiles."""
+    steps = [r for r in results if r.get("kind") == "step"]
+    baseline = {
+        r["batch"]: r["tokens_per_s"] for r in steps if r["variant"] == "trainer" and not r["compiled"]
+    }
+    rows = []
+    for r in steps:
+        base = baseline.get(r["batch"])
+        rows.append(
+            [
+                r["name"],
+                str(r["batch"]),
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_s'] / base:.2f}" if base else "-",
+                f"{1000 * r['seconds'] / r['steps']:.1f}",
+                fmt(r.get("mfu"), ".1%"),
+                fmt(r.get("longest_batch_peak_gib"), ".2f"),
+                f"{r['warmup_pass_s']:.1f}",
+                str(r.get("compiled_graphs", "-")),
+            ]
+        )
+    lines = []
+    if rows:
+        lines += md_table(
+            "Step variants, each in a fresh process: the 2nd pass over fixed batches timed "
+            "(ratio: tokens/s vs Seq2SeqTrainer eager, same batch)",
+            [
+                "variant",
+                "#batch",
+                "#tokens/s",
+                "#vs trainer eager",
+                "#ms/step",
+                "#MFU",
+                "#peak GiB longest batch",
+                "#warm-up pass s",
+                "#graphs",
+            ],
+            rows,
+        )
+    profiles = [r for r in results if r.get("kind") == "profile"]
+    if profiles:
+        lines += md_table(
+            "Profile of 3 steady steps (torch.profiler)",
+            [
+                "variant",
+                "#batch",
+                "#wall ms/step",
+                "#GPU busy",
+                "#kernels/step",
+                "#syncs/step",
+                "#sync ms/step",
+                "#DtoH/step",
+                "attention kernels",
+                "top kernel",
+            ],
+            [
+                [
+                    r["name"],
+                    str(r["batch"]),
+                    f"{r['wall_ms_per_step']:.1f}",
+                    fmt(r.get("gpu_busy_fraction"), ".0%"),
+                    f"{r['kernels_per_step']:.0f}",
+                    f"{r['sync_calls_per_step']:.1f}",
+                    f"{r['sync_ms_per_step']:.1f}",
+                    f"{r['dtoh_copies_per_step']:.1f}",
+                    "; ".join(r["attention_kernels"])[:160] or "-",
+                    (r["top_kernels"][0]["name"][:60] if r["top_kernels"] else "-"),
+                ]
+                for r in profiles
+            ],
+        )
+    return lines
+
+
 def summary(payload: dict) -> str:
     """summary.md: what ran and every table (gpu.sh prints it at the end too)."""
     env, meta, parts = payload["env"], payload["meta"], payload["parts"]
@@ -857,6 +1010,7 @@ def summary(payload: dict) -> str:
         [[p["name"], p["status"], f"{p['seconds']:.0f}", fmt(p["peak_gpu_mib"], ".0f")] for p in parts],
     )
     results = [(p["kind"], r) for p in parts for r in p["results"]]
+    lines += step_tables([r for kind, r in results if kind == "step"])
     cli = [cli_row(r) for kind, r in results if kind == "cli"]
     if cli:
         lines += md_table(
@@ -936,6 +1090,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cli", default=None, help="only these CLI runs: full:DDP,lora:ZeRO-3,...")
     parser.add_argument("--measure", default=None, help="only these measurements: DDP,ZeRO-2,...")
     parser.add_argument(
+        "--steps", default=None, help="only these step variants: product:compiled:16,trainer:eager:16,..."
+    )
+    parser.add_argument(
         "--archs", default=None, help="comma list of base,large (measurement; CLI uses the first)"
     )
     parser.add_argument("--site", type=Path, default=None, help="where gpu.sh installed the carried wheels")
@@ -972,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.stall_s:
         settings.stall_s = args.stall_s
-    unknown = plan_problems(build_plan(args.cli, args.measure, args.tiny))
+    unknown = plan_problems(build_plan(args.cli, args.measure, args.tiny, args.steps))
     if unknown:
         print(
             f"gpu_bench: unknown parts {unknown}; use --cli full:DDP,lora:ZeRO-3,... and --measure "

@@ -707,7 +707,7 @@ def worker_measure(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("worker", choices=("preflight", "prepare", "measure"))
+    parser.add_argument("worker", choices=("preflight", "prepare", "measure", "step"))
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal sizes")
     parser.add_argument("--peak-tflops", type=float, default=None)
     # preflight
@@ -731,12 +731,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--data-dir", default=None)
+    # step (gpu_step.py): one variant in this fresh process
+    parser.add_argument("--variant", choices=("product", "trainer"), default="product")
+    parser.add_argument(
+        "--compile", action="store_true", help="product: train.compile; trainer: torch_compile"
+    )
+    parser.add_argument("--profile", action="store_true", help="product: trace 3 steady steps")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.archs = [arch.strip() for arch in args.archs.split(",") if arch.strip()]
+    if args.worker == "step":
+        from gpu_step import worker_step
+
+        worker_step(args)
+        return 0
     {"preflight": worker_preflight, "prepare": worker_prepare, "measure": worker_measure}[args.worker](args)
     return 0
 

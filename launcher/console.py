@@ -33,6 +33,15 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
         ),
         ("strategy", strategy),
         ("precision", recipe.model.precision),
+        (
+            "compile",
+            (
+                "torch.compile (inductor), batches padded to length buckets"
+                if recipe.compiles
+                else "off (eager)"
+            )
+            + (" (train.compile=auto)" if train.compile == "auto" else ""),
+        ),
         *(
             [
                 (

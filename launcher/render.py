@@ -226,7 +226,46 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
     for key, value in values.items():
         text = set_yaml_value(text, key, value)
     header = f"# Rendered by ftlaunch from accelerate_configs/{template_name} for this run.\n"
-    return header + text
+    return header + text + dynamo_yaml(recipe)
+
+
+# Accelerate's TorchDynamoPlugin, as the ranks read it from the environment. `accelerate launch`
+# turns accelerate.yaml's dynamo_config into these for DDP and FSDP ranks; its DeepSpeed launch path
+# (accelerate 1.16: utils/launch.py prepare_deepspeed_cmd_env) drops them, so command.sh exports them.
+DYNAMO_ENV = {
+    "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+    "ACCELERATE_DYNAMO_MODE": "default",
+    "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
+}
+
+
+def dynamo_yaml(recipe: Recipe) -> str:
+    """accelerate.yaml's dynamo_config when train.compile is on: Accelerate wraps the prepared model
+    in torch.compile (inductor, default mode, graph breaks allowed, torch's automatic dynamic shapes:
+    the first shape compiles static, a second makes the lengths that changed symbolic). Not
+    ``dynamic: true`` from the start: with DDP's graph splitting (DDPOptimizer) it fails to compile
+    in torch 2.13 ("'float' object has no attribute 'meta'", 2 CPU ranks)."""
+    if not recipe.compiles:
+        return ""
+    return (
+        "dynamo_config:          # train.compile: Accelerate applies torch.compile after wrapping the model\n"
+        "  dynamo_backend: INDUCTOR\n"
+        "  dynamo_mode: default\n"
+        "  dynamo_use_fullgraph: false\n"
+        "  dynamo_use_regional_compilation: false\n"
+    )
+
+
+def dynamo_env_lines(recipe: Recipe) -> list[str]:
+    """DeepSpeed ranks get train.compile through the environment (see DYNAMO_ENV)."""
+    if not (recipe.compiles and recipe.launch.zero):
+        return []
+    return [
+        "# train.compile under DeepSpeed: accelerate's DeepSpeed launcher does not pass accelerate.yaml's",
+        "# dynamo_config on; the ranks' Accelerator reads the same settings from these variables.",
+        *(f"export {key}={value}" for key, value in DYNAMO_ENV.items()),
+    ]
 
 
 def fsdp_values(recipe: Recipe) -> dict[str, Any]:
@@ -306,6 +345,7 @@ def render_command(recipe: Recipe, run_dir: Path, entry: RankEntry) -> str:
             'export CUDA_VISIBLE_DEVICES=""',
         ]
     lines += offload_thread_lines(recipe)
+    lines += dynamo_env_lines(recipe)
     lines += setup
     lines.append("exec " + " ".join(launch_args + entry.rank_args(run_dir)))
     return "\n".join(lines) + "\n"

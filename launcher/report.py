@@ -246,6 +246,12 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                 "",
             ]
         sections += best_model_notes(metrics)
+        if final and "compiled_graphs" in final[-1]:  # train.compile: recompilations, for the record
+            sections += [
+                f"torch.compile: {final[-1]['compiled_graphs']} graph(s) compiled on rank 0 for "
+                f"{final[-1]['batch_shapes']} batch shape(s) (training and validation).",
+                "",
+            ]
         plot_loss(metrics, out_dir / "loss.png")
         sections += ["![loss](loss.png)", ""]
     plot_rouge(evals, out_dir / "rouge.png")

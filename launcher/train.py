@@ -115,6 +115,17 @@ def build_collator(tokenizer, on_gpu: bool, model=None):
     )
 
 
+def recipe_collator(recipe: Recipe, tokenizer, on_gpu: bool, model=None):
+    """The run's collator: with train.compile, batches padded to length buckets (compiling.py)."""
+    if not recipe.compiles:
+        return build_collator(tokenizer, on_gpu, model)
+    from launcher.compiling import BucketCollator
+
+    data = recipe.data
+    base = build_collator(tokenizer, False, model)  # the buckets are multiples of 8 already
+    return BucketCollator(base, tokenizer.pad_token_id, data.max_source_length, data.max_target_length)
+
+
 def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
     data = recipe.data
     cache = run_dir / "cache"
@@ -131,7 +142,7 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
         data.group_by_length,
         micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
     )
-    collator = build_collator(tokenizer, accelerator.device.type == "cuda", model)
+    collator = recipe_collator(recipe, tokenizer, accelerator.device.type == "cuda", model)
     loader = torch.utils.data.DataLoader(
         train.with_format("python"),
         batch_sampler=sampler,
@@ -732,21 +743,45 @@ def stop_after_signal(run: Run) -> int:
 def finish(run: Run, logger: MetricsLogger) -> None:
     """Final validation loss, final/ save, then generation and the report."""
     val = checked_validation(run)
-    logger.log({"step": run.state.step, "val_loss": val, "final": True})
+    logger.log({"step": run.state.step, "val_loss": val, "final": True, **compile_summary(run)})
     print_main(run.accelerator, f"final validation loss {val:.4f}")
     from launcher.export import save_final
 
     check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
-    save_final(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir / "final")
+    # The compiled wrapper's state_dict prefixes every key with _orig_mod.: save the module inside.
+    model = uncompiled(run.model)
+    save_final(run.accelerator, model, run.tokenizer, run.recipe, run.run_dir / "final")
     clear_interrupted_marker(run.accelerator, run.run_dir)
     if run.recipe.eval.after_training:
         from launcher.evaluation import evaluate_after_training
 
-        evaluate_after_training(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
+        evaluate_after_training(run.accelerator, model, run.tokenizer, run.recipe, run.run_dir)
         from launcher.trackers import log_rouge
 
         log_rouge(run.accelerator, run.run_dir, run.state.step)
     run.accelerator.wait_for_everyone()
+
+
+def uncompiled(model):
+    """The module torch.compile wrapped (DDP's or the bare model), or ``model`` itself. DeepSpeed
+    compiles inside its engine and keeps no wrapper to remove."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def compile_summary(run: Run) -> dict:
+    """train.compile: graphs dynamo compiled on this rank (first compiles and recompilations, for
+    training and validation) and the distinct (source, target) batch lengths they served."""
+    if not run.recipe.compiles:
+        return {}
+    from launcher.compiling import compiled_graphs
+
+    shapes = len(getattr(run.data.collator, "shapes", ()))
+    summary = {"compiled_graphs": compiled_graphs(), "batch_shapes": shapes}
+    print_main(
+        run.accelerator,
+        f"torch.compile: {summary['compiled_graphs']} graph(s) compiled for {shapes} batch shape(s)",
+    )
+    return summary
 
 
 def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:

@@ -277,6 +277,8 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
     assert list(parts) == [
         "preflight",
         "prepare",
+        "step trainer eager b4 tiny",
+        "step product compiled b4 tiny",
         "cli full DDP",
         "measure DDP tiny",
         "cli lora ZeRO-3+offload",
@@ -303,11 +305,25 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
             assert sane(row["tokens_per_s"]) and sane(row["tflops"], 0.0, 1e4), row
             assert row.get("mfu") is None or sane(row["mfu"], 0.0, 1.0), row  # None: no known peak (CPU)
     assert measured[("generate",)]["dialogues"] == 8
+    steps = {
+        r["name"]: r
+        for name in parts
+        if name.startswith("step ")
+        for r in parts[name]["results"]
+        if r["kind"] == "step"
+    }
+    assert set(steps) == {"trainer eager", "product compiled"}, steps
+    for row in steps.values():  # each timed over the second pass of the same fixed batches
+        assert row["kind"] == "step" and row["steps"] == 2 and sane(row["tokens_per_s"]), row
+    assert steps["product compiled"]["compiled_graphs"] >= 1  # dynamo traced (eager backend on CPU)
+    profile = [r for r in parts["step product compiled b4 tiny"]["results"] if r["kind"] == "profile"]
+    assert len(profile) == 1 and profile[0]["steps"] == 3 and sane(profile[0]["wall_ms_per_step"]), profile
 
     summary = (out / "summary.md").read_text()
     assert "==================== summary" in result.stdout and summary.strip() in result.stdout
     assert "| measure ZeRO-2 tiny | killed: hung" in summary
     assert "| full | DDP | 3 |" in summary and "| lora | ZeRO-3+offload | 3 |" in summary
+    assert "| trainer eager | 4 |" in summary and "| product compiled | 4 |" in summary
     assert "# cli lora ZeRO-3+offload (ok)" in (out / "reports.md").read_text()
     assert "fault hook FTLAUNCH_BENCH_HANG=ZeRO-2" in (out / "logs.txt").read_text()
 
@@ -399,6 +415,7 @@ def test_gpu_measurement_renders_the_real_architectures_buckets(tmp_path, strate
         assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
         assert zero["stage3_param_persistence_threshold"] == 10 * hidden
     assert json.loads((run_dir / "deepspeed.json").read_text())["train_micro_batch_size_per_gpu"] == 16
+    assert "dynamo_config" not in (run_dir / "accelerate.yaml").read_text()  # the eager comparison
 
 
 def test_gpu_cli_runs_render_the_bench_model_directorys_width(tmp_path):
@@ -547,16 +564,28 @@ def test_gpu_default_plan_covers_both_methods_under_every_strategy():
         f"{method}:{strategy}" for method in ("full", "lora") for strategy in strategies
     )
     assert sorted(item for kind, item in plan if kind == "measure") == sorted(strategies)
-    assert plan[:2] == [("cli", "full:DDP"), ("measure", "DDP")]  # the end-to-end proof first
+    assert plan[:4] == [  # the main question first: product eager / compiled vs Seq2SeqTrainer
+        ("step", "trainer:eager:16"),
+        ("step", "product:eager:16"),
+        ("step", "product:compiled:16"),
+        ("step", "trainer:compiled:16"),
+    ]
+    rest = [part for part in plan if part[0] != "step"]
+    assert rest[:2] == [("cli", "full:DDP"), ("measure", "DDP")]  # then the end-to-end proof
+    assert gpu_bench.build_plan(None, None, tiny=False, steps="product:compiled:64") == [
+        ("step", "product:compiled:64")
+    ]
     assert gpu_bench.build_plan("lora:DDP,lora:ZeRO-2", None, tiny=False) == [
         ("cli", "lora:DDP"),
         ("cli", "lora:ZeRO-2"),
     ]
     assert gpu_bench.build_plan(None, "ZeRO-3", tiny=False) == [("measure", "ZeRO-3")]
-    assert gpu_bench.plan_problems([("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP")]) == [
+    bad = [("cli", "full:ZeRO-9"), ("cli", "DDP"), ("measure", "full:DDP"), ("step", "product:fast:16")]
+    assert gpu_bench.plan_problems(bad) == [
         "cli full:ZeRO-9",
         "cli DDP",
         "measure full:DDP",
+        "step product:fast:16",
     ]
 
 
@@ -571,5 +600,7 @@ def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path)
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     parts = json.loads((out / "results.json").read_text())["parts"]
     assert parts[0]["name"] == "preflight" and parts[0]["status"] == "ok"
-    assert len(parts) == 1 + 12 and all(p["status"].startswith("skipped: no GPU visible") for p in parts[1:])
+    assert len(parts) == 1 + 7 + 12 and all(
+        p["status"].startswith("skipped: no GPU visible") for p in parts[1:]
+    )
     assert "| cli lora ZeRO-3+offload | skipped: no GPU visible" in result.stdout
