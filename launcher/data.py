@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from launcher.compiling import SOURCE_MULTIPLE, TARGET_MULTIPLE, bucket_length
 from launcher.errors import UserError
 from launcher.jsonl import read_jsonl, read_jsonl_lines  # noqa: F401 - read_jsonl is this module's API too
 from launcher.paths import SAMPLE_DATA_DIR
@@ -400,14 +401,27 @@ class LengthGroupedBatchSampler:
 
 
 def train_batch_sampler(
-    tokenized, train: TrainSection, group_by_length: bool, micro_batches_per_step: int
+    tokenized,
+    train: TrainSection,
+    group_by_length: bool,
+    micro_batches_per_step: int,
+    buckets: tuple[int, int] | None = None,
 ) -> LengthGroupedBatchSampler | TokenBudgetBatchSampler:
     """The training split's batches: ``train.micro_batch_tokens`` when set (it takes precedence
-    over ``train.micro_batch_size``), else ``train.micro_batch_size`` examples per micro-batch."""
+    over ``train.micro_batch_size``), else ``train.micro_batch_size`` examples per micro-batch.
+
+    ``buckets`` (max source, max target length), when the model is compiled: the collator pads
+    to length buckets (compiling.py), so the budget counts an example by its bucket lengths, the
+    tensors it really becomes."""
     if train.micro_batch_tokens:
+        sources = [len(ids) for ids in tokenized["input_ids"]]
+        targets = [len(labels) for labels in tokenized["labels"]]
+        if buckets:
+            sources = [bucket_length(n, SOURCE_MULTIPLE, buckets[0]) for n in sources]
+            targets = [bucket_length(n, TARGET_MULTIPLE, buckets[1]) for n in targets]
         return TokenBudgetBatchSampler(
-            [len(ids) for ids in tokenized["input_ids"]],
-            [len(labels) for labels in tokenized["labels"]],
+            sources,
+            targets,
             train.micro_batch_tokens,
             train.seed,
             group_by_length,

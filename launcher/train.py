@@ -141,6 +141,7 @@ def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=No
         recipe.train,
         data.group_by_length,
         micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
+        buckets=(data.max_source_length, data.max_target_length) if recipe.compiles else None,
     )
     collator = recipe_collator(recipe, tokenizer, accelerator.device.type == "cuda", model)
     loader = torch.utils.data.DataLoader(

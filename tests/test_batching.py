@@ -182,3 +182,37 @@ def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
     with pytest.raises(UserError, match="micro_batch_tokens None -> 2000"):  # an older checkpoint
         check_compatible(TrainState(), TrainState(micro_batch_tokens=2000), tmp_path)
     check_compatible(TrainState(micro_batch_tokens=1000), TrainState(micro_batch_tokens=1000), tmp_path)
+
+
+def test_a_compiled_runs_budget_counts_the_length_buckets_it_pads_to():
+    """train.compile pads sources to multiples of 64 and targets to multiples of 16
+    (compiling.BucketCollator): the budget must hold the bucketed batches the model really sees,
+    which the unbucketed count would exceed."""
+    from launcher.compiling import BucketCollator
+    from launcher.data import load_data_split, tokenize_rows, train_batch_sampler
+    from launcher.model import load_tokenizer
+    from launcher.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {"model": {"name": "tiny-t5"}, "data": {"dataset": "sample"}, "train": {"micro_batch_tokens": 1000}}
+    )
+    tokenizer = load_tokenizer(recipe)
+    examples = tokenize_rows(load_data_split(recipe.data, "train"), tokenizer, recipe.data)
+    columns = {key: [item[key] for item in examples] for key in ("input_ids", "labels")}
+    limits = (recipe.data.max_source_length, recipe.data.max_target_length)
+    from transformers import DataCollatorForSeq2Seq
+
+    base = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    collate = BucketCollator(base, tokenizer.pad_token_id, limits[0], limits[1])
+
+    def costs(buckets) -> list[int]:
+        made = train_batch_sampler(columns, recipe.train, True, 2, buckets=buckets)
+        made.epoch = 0
+        out = []
+        for batch in made.batches():
+            collated = collate([examples[i] for i in batch])
+            out.append(collated["input_ids"].numel() + collated["labels"].numel())
+        return out
+
+    assert max(costs(limits)) <= 1000
+    assert max(costs(None)) > 1000  # counting unpadded lengths under-counts a compiled batch
