@@ -110,6 +110,8 @@ STEP_PLAN = (
     ("step", "product:compiled:32"),
     ("step", "product:compiled:64"),
     ("step", "product:eager:64"),
+    ("step", "product:compiled:t32768"),  # train.micro_batch_tokens=32768 (README, "Token budget")
+    ("step", "trainer:eager:t32768"),  # Seq2SeqTrainer on the very same budget batches
 )
 # Most valuable first, so that the time budget, if it runs out, cuts the least: the step variants,
 # the CLI end to end, the measurement, ZeRO-3 (full and LoRA: the paths that break on GPUs),
@@ -131,6 +133,7 @@ DEFAULT_PLAN = STEP_PLAN + (
 TINY_PLAN = (  # every kind of part once; product eager and trainer compiled differ only by a flag
     ("step", "trainer:eager:4"),
     ("step", "product:compiled:4"),
+    ("step", "product:eager:t1200"),  # a token budget (train.micro_batch_tokens) forms the batches
     ("cli", "full:DDP"),
     ("measure", "DDP"),
     ("measure", "ZeRO-2"),
@@ -171,7 +174,7 @@ def step_spec_ok(item: str) -> bool:
         len(parts) == 3
         and parts[0] in ("product", "trainer")
         and parts[1] in ("eager", "compiled")
-        and parts[2].isdigit()
+        and (parts[2].isdigit() or (parts[2][:1] == "t" and parts[2][1:].isdigit()))
     )
 
 
@@ -694,9 +697,11 @@ class Driver:
         """One step variant (gpu_step.py) in a fresh process: product or Seq2SeqTrainer, eager or
         compiled, at a micro batch; the product's runs also trace 3 steady steps."""
         variant, mode, batch = item.split(":")
+        tokens = int(batch[1:]) if batch.startswith("t") else None  # "t32768": a token budget
         run_dir = self.work / "runs" / f"step-{batch}-{arch}"
         if not run_dir.is_dir():
-            render_measure_run("DDP", arch, run_dir, int(batch), self.settings.tiny, self.part_env())
+            micro = 16 if tokens else int(batch)  # the rendered recipe's; the budget forms the batches
+            render_measure_run("DDP", arch, run_dir, micro, self.settings.tiny, self.part_env())
         command = self.worker(
             "step",
             "--variant",
@@ -708,10 +713,11 @@ class Driver:
             "--tokenizer",
             self.prepared["tokenizer"],
             "--batch",
-            batch,
+            "16" if tokens else batch,
             "--steps",
             str(self.settings.steps),
         )
+        command += ["--tokens", str(tokens)] if tokens else []
         command += ["--compile"] if mode == "compiled" else []
         command += ["--profile"] if variant == "product" else []
         command += ["--tiny"] if self.settings.tiny else []

@@ -28,10 +28,23 @@ PROFILED_STEPS = 3
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def fixed_batches(examples: list[dict], batch: int, count: int) -> list[list[int]]:
-    """The product's length-grouped batches of one epoch, the first ``count`` of them."""
-    from launcher.data import LengthGroupedBatchSampler
+def fixed_batches(
+    examples: list[dict], batch: int, count: int, tokens: int | None = None, bucketed: bool = False
+) -> list[list[int]]:
+    """The product's batches of one epoch, the first ``count`` of them: length-grouped batches of
+    ``batch`` examples, or with ``tokens`` micro-batches filled up to that token budget
+    (train.micro_batch_tokens; ``bucketed``: counted at the compiled run's length buckets)."""
+    from launcher.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
 
+    if tokens:
+        from launcher.compiling import SOURCE_MULTIPLE, TARGET_MULTIPLE, bucket_length
+
+        sources = [len(e["input_ids"]) for e in examples]
+        targets = [len(e["labels"]) for e in examples]
+        if bucketed:
+            sources = [bucket_length(n, SOURCE_MULTIPLE, 512) for n in sources]
+            targets = [bucket_length(n, TARGET_MULTIPLE, 128) for n in targets]
+        return TokenBudgetBatchSampler(sources, targets, tokens, 42).batches()[:count]
     keys = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
     return list(LengthGroupedBatchSampler(keys, batch, 42))[:count]
 
@@ -226,12 +239,14 @@ def worker_step(args: argparse.Namespace) -> None:
     """One variant: two passes over the fixed batches, the second timed; then memory and profile."""
     import torch
 
-    examples = synthetic_token_examples(args.steps * args.batch * 2, 32128 if args.arch != "tiny" else 1000)
-    batch_list = fixed_batches(examples, args.batch, args.steps)
+    per_batch = max(args.batch, (args.tokens or 0) // 64)  # a budget's short dialogues come in many
+    examples = synthetic_token_examples(args.steps * per_batch * 2, 32128 if args.arch != "tiny" else 1000)
+    batch_list = fixed_batches(examples, args.batch, args.steps, args.tokens, args.compile)
     on_gpu = torch.cuda.is_available()
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     name = f"{args.variant} {'compiled' if args.compile else 'eager'}"
     result = {"kind": "step", "variant": args.variant, "compiled": args.compile, "batch": args.batch}
+    result["micro_batch_tokens"] = args.tokens
     result["arch"] = args.arch
     if args.variant == "trainer":
         warm, timed = trainer_pass_seconds(args, examples, batch_list)

@@ -737,6 +737,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true", help="product: train.compile; trainer: torch_compile"
     )
     parser.add_argument("--profile", action="store_true", help="product: trace 3 steady steps")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="micro-batches filled up to this token budget (else --batch)"
+    )
     return parser.parse_args(argv)
 
 

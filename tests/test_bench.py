@@ -279,6 +279,7 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
         "prepare",
         "step trainer eager b4 tiny",
         "step product compiled b4 tiny",
+        "step product eager bt1200 tiny",
         "cli full DDP",
         "measure DDP tiny",
         "cli lora ZeRO-3+offload",
@@ -312,7 +313,8 @@ def test_gpu_script_rehearsal_keeps_results_when_a_strategy_hangs(tmp_path):
         for r in parts[name]["results"]
         if r["kind"] == "step"
     }
-    assert set(steps) == {"trainer eager", "product compiled"}, steps
+    assert set(steps) == {"trainer eager", "product compiled", "product eager"}, steps
+    assert steps["product eager"]["micro_batch_tokens"] == 1200  # batches from the token budget
     for row in steps.values():  # each timed over the second pass of the same fixed batches
         assert row["kind"] == "step" and row["steps"] == 2 and sane(row["tokens_per_s"]), row
     assert steps["product compiled"]["compiled_graphs"] >= 1  # dynamo traced (eager backend on CPU)
