@@ -557,6 +557,14 @@ def detect_gpu_mem_gib() -> float | None:
 # ---------------------------------------------------------------- tables
 
 
+# Shown when a smaller stage fits: ZeRO-3's memory saving costs speed that is not needed then.
+ZERO3_NOT_WORTH_IT = (
+    "ZeRO-3 is not worth it here: a smaller stage fits, and ZeRO-3 gathers every layer's weights in "
+    "each forward and backward (one H200, flan-t5-base: 0.30x DDP's tokens/s, 225 host syncs per step; "
+    "bench/results/gpu.md). Use it when nothing smaller fits."
+)
+
+
 def _gib(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
@@ -599,6 +607,8 @@ def render_table(
     )
     if best is None:
         lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")
+    elif best.stage < 3 and not best.fsdp:
+        lines.append(ZERO3_NOT_WORTH_IT)
     return "\n".join(lines)
 
 

@@ -216,3 +216,25 @@ def test_adafactor_drops_adams_moments_and_keeps_to_ddp():
     params = estimate.model_spec("google/flan-t5-base").params
     saved = (adam[(0, "none", False)].model_states_gib - rows[0].model_states_gib) * GIB
     assert saved == pytest.approx(ADAM_MOMENT_BYTES * params, rel=1e-9)
+
+
+def test_the_table_says_when_zero3_is_not_worth_it():
+    """A smaller stage fits: the table says ZeRO-3 would only cost speed; when only ZeRO-3 (or
+    nothing) fits, it does not."""
+    from launcher.estimate import ZERO3_NOT_WORTH_IT, estimate_model, render_table
+
+    rows = estimate_model("google/flan-t5-base", RunShape(gpus=2))
+    assert ZERO3_NOT_WORTH_IT in render_table(rows, 80.0)
+    from launcher.estimate import recommend
+
+    xxl = estimate_model("google/flan-t5-xxl", RunShape(gpus=8, micro_batch=1))
+    only_zero3 = [m for m in range(8, 200) if getattr(recommend_or_none(recommend, xxl, m), "stage", 0) == 3]
+    assert only_zero3, "some memory size needs ZeRO-3 for flan-t5-xxl on 8 GPUs"
+    assert ZERO3_NOT_WORTH_IT not in render_table(xxl, float(only_zero3[0]))
+
+
+def recommend_or_none(recommend, rows, gpu_mem):
+    try:
+        return recommend(rows, float(gpu_mem))
+    except UserError:
+        return None
