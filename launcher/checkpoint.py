@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launcher import diskspace
 from launcher.errors import RunFailure, UserError
+from launcher.ranklog import RESTART_ENV
 
 STATE_FILE = "ftlaunch_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +35,8 @@ CRASH_IN_SAVE_ENV = "FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP"
 # Fault injection for the failure-summary test: "RANK:STEP" makes that rank raise when it starts
 # saving that step (the other ranks are then waiting for it, as with any real error).
 RAISE_IN_SAVE_ENV = "FTLAUNCH_FAULT_RAISE_IN_SAVE"
+# Both faults strike the first start only: a restart (launch.max_restarts) runs clean, as after a
+# real crash, which does not recur at the same step.
 LATEST_FILE = "latest"
 
 
@@ -113,7 +116,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):
+    if accelerator.is_main_process and first_start() and os.environ.get(CRASH_IN_SAVE_ENV) == str(state.step):
         os._exit(17)
     if accelerator.is_main_process:
         with disk_full_explained(accelerator, run_dir, tmp, state.step):
@@ -133,8 +136,13 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
     return final
 
 
+def first_start() -> bool:
+    """Not a restart by the supervisor (launch.max_restarts)."""
+    return not os.environ.get(RESTART_ENV)
+
+
 def raise_if_injected(rank: int, step: int) -> None:
-    if os.environ.get(RAISE_IN_SAVE_ENV) == f"{rank}:{step}":
+    if first_start() and os.environ.get(RAISE_IN_SAVE_ENV) == f"{rank}:{step}":
         raise RuntimeError(
             f"injected fault: rank {rank} raises while saving step {step} ({RAISE_IN_SAVE_ENV})"
         )

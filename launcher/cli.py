@@ -136,6 +136,7 @@ FLAG_KEYS = {
     "report_to": "train.report_to",
     "main_address": "launch.main_address",
     "main_port": "launch.main_port",
+    "max_restarts": "launch.max_restarts",
 }
 
 
@@ -185,6 +186,7 @@ def train_command(method: str):
         ),
         main_address: str | None = typer.Option(None, "--main-address", help=key_help("main_address")),
         main_port: int | None = typer.Option(None, "--main-port", help=key_help("main_port")),
+        max_restarts: int | None = typer.Option(None, "--max-restarts", help=key_help("max_restarts")),
         machine_rank: int | None = typer.Option(
             None,
             "--machine-rank",
@@ -211,6 +213,7 @@ def train_command(method: str):
                 report_to=report_to,
                 main_address=main_address,
                 main_port=main_port,
+                max_restarts=max_restarts,
             ),
         )
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()

@@ -35,6 +35,10 @@ FAILURES_DIR = "failures"
 SUPERVISED_ENV = "FTLAUNCH_SUPERVISED"
 # Set by the supervisor: whether the console a person reads is a terminal (the ranks see a pipe).
 CONSOLE_TTY_ENV = "FTLAUNCH_CONSOLE_TTY"
+# Set by the supervisor when it restarts a crashed run (launch.max_restarts): the restart's number
+# and its cause. The ranks then continue from the newest intact checkpoint (--resume auto).
+RESTART_ENV = "FTLAUNCH_RESTART"
+RESTART_CAUSE_ENV = "FTLAUNCH_RESTART_CAUSE"
 
 
 def logs_dir(run_dir: Path) -> Path:

@@ -306,6 +306,12 @@ class LaunchSection(Section):
     cpu: bool = Field(False, description="Run the ranks as CPU processes (gloo).")
     main_address: str | None = Field(None, description="Multi-node: first node's address.")
     main_port: int | None = Field(None, gt=0, lt=65536, description="Multi-node: rendezvous port.")
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="Restart a crashed training run from its newest intact checkpoint up to N times "
+        "(one node; SLURM jobs requeue instead).",
+    )
     # No machine rank here: it differs per node, so it is not part of a run (see render.py).
 
     @model_validator(mode="after")
@@ -322,6 +328,12 @@ class LaunchSection(Section):
             )
         if self.offload != "none" and self.zero == 0 and not self.fsdp:
             raise ValueError("launch.offload needs sharding: use --zero 1, 2 or 3, or --fsdp, with --offload")
+        if self.max_restarts and self.nodes > 1:
+            raise ValueError(
+                f"launch.max_restarts={self.max_restarts} restarts one node's ranks; with --nodes "
+                f"{self.nodes} use the cluster's requeue (sbatch slurm/*.sh requeues preempted jobs) or run again "
+                "with --resume auto"
+            )
         if self.offload == "full" and self.zero != 3 and not self.fsdp:
             raise ValueError("launch.offload=full (parameters too) needs --zero 3; use --offload optimizer")
         return self

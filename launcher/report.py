@@ -159,6 +159,15 @@ def reference_columns(scores: dict) -> str:
     )
 
 
+def restart_notes(metrics: list[dict]) -> list[str]:
+    """The restarts of a crashed run (launch.max_restarts): from which step, and why."""
+    restarts = [row for row in metrics if "restart" in row]
+    if not restarts:
+        return []
+    shown = "; ".join(f"{row['restart']}: from step {row['step']} after {row['cause']}" for row in restarts)
+    return [f"Restarts (launch.max_restarts): {shown}.", ""]
+
+
 def best_model_notes(metrics: list[dict]) -> list[str]:
     """What train.best_metric and early stopping did: the validation evaluations, which step
     final/ holds, and why training stopped early (from metrics.jsonl's markers)."""
@@ -245,7 +254,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                 + ".",
                 "",
             ]
-        sections += best_model_notes(metrics)
+        sections += best_model_notes(metrics) + restart_notes(metrics)
         if final and "compiled_graphs" in final[-1]:  # train.compile: recompilations, for the record
             sections += [
                 f"torch.compile: {final[-1]['compiled_graphs']} graph(s) compiled on rank 0 for "

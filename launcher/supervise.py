@@ -27,7 +27,16 @@ from pathlib import Path
 
 from launcher import runlock
 from launcher.errors import DIVERGED, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
-from launcher.ranklog import CONSOLE_TTY_ENV, SUPERVISED_ENV, Failure, logs_dir, rank_log_path, read_failures
+from launcher.ranklog import (
+    CONSOLE_TTY_ENV,
+    RESTART_CAUSE_ENV,
+    RESTART_ENV,
+    SUPERVISED_ENV,
+    Failure,
+    logs_dir,
+    rank_log_path,
+    read_failures,
+)
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.render import MACHINE_RANK_ENV
 
@@ -267,6 +276,7 @@ class SignalForwarder:
 class Outcome:
     code: int
     lines: list[str]
+    restartable: bool = False  # a training rank crashed (not bad input, a stop, or a divergence)
 
 
 def torchrun_failure(stderr_tail: list[bytes]) -> tuple[int, int] | None:
@@ -386,6 +396,7 @@ def decide(
             f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
             f"  {job.advice(EXIT_CRASHED)}",
         ],
+        restartable=job.kind == "train",
     )
 
 
@@ -393,9 +404,37 @@ def decide(
 
 
 def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
-    """Run RUN/command.sh to its end and return ftlaunch's exit code (printing the summary)."""
+    """Run RUN/command.sh to its end and return ftlaunch's exit code (printing the summary).
+
+    A training run whose rank crashed is started again, up to ``launch.max_restarts`` times,
+    from its newest intact checkpoint (the ranks resume ``auto``); each restart is announced with
+    its cause, and the ranks log it in metrics.jsonl."""
     recipe = read_run_recipe(run_dir)
     node = node_rank(machine_rank)
+    env = child_env(recipe, sys.stdout.isatty(), machine_rank)
+    restarts = 0
+    while True:
+        outcome = run_once(run_dir, recipe, node, env)
+        if not outcome.restartable or restarts >= recipe.launch.max_restarts:
+            break
+        restarts += 1
+        cause = next(
+            (line.removeprefix("error: ") for line in outcome.lines if line.startswith("error: ")), ""
+        )
+        print(
+            f"ftlaunch: restart {restarts} of {recipe.launch.max_restarts} (launch.max_restarts): {cause}; "
+            "continuing from the newest intact checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        env.update({RESTART_ENV: str(restarts), RESTART_CAUSE_ENV: cause})
+    for line in outcome.lines:
+        print(line, file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def run_once(run_dir: Path, recipe: Recipe, node: int, env: dict[str, str]) -> Outcome:
+    """One start of RUN/command.sh, watched to its end: its outcome (the summary is not printed)."""
     launcher_log = launcher_log_path(run_dir, recipe, node)
     if node == 0:
         (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # a crash now must not look like a preemption
@@ -408,7 +447,7 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        env=child_env(recipe, sys.stdout.isatty(), machine_rank),
+        env=env,
         pass_fds=runlock.held_fds(run_dir),  # the run holds its directory as long as any of it lives
     )
     pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
@@ -423,9 +462,4 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     finally:
         forwarder.uninstall()
         log.close()
-    outcome = decide(
-        run_dir, recipe, node, rc, started, forwarder.received, list(pumps[1].tail), launcher_log
-    )
-    for line in outcome.lines:
-        print(line, file=sys.stderr, flush=True)
-    return outcome.code
+    return decide(run_dir, recipe, node, rc, started, forwarder.received, list(pumps[1].tail), launcher_log)

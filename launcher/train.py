@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from launcher.model import (
     store_frozen_linear_weights,
     use_tanh_gelu_kernel,
 )
+from launcher.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
 from launcher.recipe import Recipe, read_run_recipe
 
 # ---------------------------------------------------------------- signals
@@ -796,6 +798,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     resumed = restore(run, resume, force_resume)
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
     logger = MetricsLogger(run.accelerator, run_dir, run.recipe, run.state.step)
+    log_restart(run, logger)
     print_main(
         run.accelerator,
         f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
@@ -854,13 +857,27 @@ def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
         (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
 
 
+def restart_resume(resume: str | None) -> str | None:
+    """A restart by the supervisor (launch.max_restarts) continues from the newest intact
+    checkpoint, whatever --resume the first start had."""
+    return "auto" if os.environ.get(RESTART_ENV) else resume
+
+
+def log_restart(run: Run, logger: MetricsLogger) -> None:
+    """The restart's marker in metrics.jsonl (the report lists restarts): step, number, cause."""
+    number = os.environ.get(RESTART_ENV)
+    if number:
+        cause = os.environ.get(RESTART_CAUSE_ENV, "")
+        logger.log({"step": run.state.step, "restart": int(number), "cause": cause})
+
+
 def main(argv: list[str] | None = None) -> int:
     from launcher.ranklog import rank_main
 
     return rank_main(
         argv,
         __doc__.splitlines()[0],
-        lambda run_dir, args: train(run_dir, args.resume, args.force_resume),
+        lambda run_dir, args: train(run_dir, restart_resume(args.resume), args.force_resume),
         (("--resume",), dict(default=None, help="auto, or a checkpoint directory")),
         (("--force-resume",), dict(action="store_true")),
     )

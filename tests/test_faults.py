@@ -583,3 +583,31 @@ def test_clean_run_console_is_quiet(tmp_path):
     ranks = (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()
     assert "FutureWarning" in ranks, "the noise this run makes should be in the rank logs"
     assert "OMP_NUM_THREADS" in (logs / "launcher.log").read_text()
+
+
+# ---------------------------------------------------------------- restarts (launch.max_restarts)
+
+
+@pytest.mark.parametrize("restarts", [1, 0])
+def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, reference, restarts):
+    """--max-restarts 1: rank 1 crashes while saving step 8; ftlaunch starts the job again, which
+    continues from step_4 (the newest intact checkpoint) and ends like the uninterrupted run: exit
+    0, every step once, the same losses and final weights, the restart in metrics.jsonl.
+    --max-restarts 0 (the default): the same crash ends the job with exit 1, as before."""
+    reference_dir, expected = reference(0)
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, 0, *SHAPE, "--max-restarts", str(restarts))
+    code, output = run_job(run_dir, args, FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
+    assert_no_rank_left(run_dir)
+    if not restarts:
+        assert code == 1, output[-6000:]
+        assert "restart 1" not in output and "injected fault: rank 1" in output
+        return
+    assert code == 0, output[-6000:]
+    assert "ftlaunch: restart 1 of 1 (launch.max_restarts): rank 1" in output, output[-6000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in output
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    (restart,) = [row for row in metrics if "restart" in row]
+    assert restart["restart"] == 1 and restart["step"] == 4 and "injected fault" in restart["cause"]
+    assert_same_run(metrics, expected)
+    assert_same_final_weights(run_dir, reference_dir)
