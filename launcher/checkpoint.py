@@ -62,6 +62,9 @@ class TrainState:
     tokenizer: str = ""
     data: str = ""
     lora: str = ""
+    # ddp, zero1..3 or fsdp: how the weights and optimizer state are laid out in the checkpoint
+    # ("" in checkpoints of older versions)
+    strategy: str = ""
     # train.best_metric: the best evaluated step so far, its value, evaluations since it improved.
     best_step: int | None = None
     best_value: float | None = None
@@ -87,7 +90,37 @@ def expected_state(recipe, world_size: int) -> TrainState:
         tokenizer=fingerprint.tokenizer_fingerprint(recipe),
         data=fingerprint.data_fingerprint(recipe),
         lora=fingerprint.lora_fingerprint(recipe),
+        strategy=strategy_name(recipe),
     )
+
+
+def strategy_name(recipe) -> str:
+    launch = recipe.launch
+    return "fsdp" if launch.fsdp else f"zero{launch.zero}" if launch.zero else "ddp"
+
+
+def micro_batches_per_step(state: TrainState) -> int:
+    """What an optimizer step is made of, whatever the ranks: micro-batches over all ranks."""
+    return state.world_size * state.grad_accum
+
+
+def moves_world_size(saved: TrainState, current: TrainState) -> bool:
+    """A DDP checkpoint (whole weights and optimizer state on every rank) continues on another
+    number of ranks when the step keeps its micro-batches (the sampler then forms every step from
+    the same examples); sharded checkpoints (ZeRO, FSDP) and changed batches do not."""
+    return (
+        saved.world_size != current.world_size
+        and saved.strategy == current.strategy == "ddp"
+        and micro_batches_per_step(saved) == micro_batches_per_step(current)
+        and (saved.micro_batch_size, saved.micro_batch_tokens)
+        == (current.micro_batch_size, current.micro_batch_tokens)
+    )
+
+
+def resumed_position(saved: TrainState, current: TrainState) -> int:
+    """This rank's micro-batches into the epoch: the saved steps into the epoch, at this run's
+    accumulation (a checkpoint is written after a whole step)."""
+    return saved.batches_in_epoch // saved.grad_accum * current.grad_accum
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -354,15 +387,19 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
             "resume with the model, tokenizer, data and method it was trained with, start a new run "
             "(another --output), or pass --force-resume to continue anyway"
         )
+    if moves_world_size(saved, current):
+        return
     problems = [
         f"{name} {getattr(saved, name)} -> {getattr(current, name)}"
-        for name in SHAPE_FIELDS
-        if getattr(saved, name) != getattr(current, name)
+        for name in (*SHAPE_FIELDS, "strategy")
+        if getattr(saved, name) != getattr(current, name) and (name != "strategy" or saved.strategy)
     ]
     if problems:
         raise UserError(
             f"checkpoint {checkpoint} was written by a different run shape ({'; '.join(problems)}); resume with "
-            "the same --gpus/--nodes and batch settings, or pass --force-resume to accept a changed data order"
+            "the same --gpus/--nodes, strategy and batch settings (a DDP checkpoint also continues on other "
+            "--gpus/--nodes that keep its micro-batches per step), or pass --force-resume to accept a changed "
+            "data order"
         )
 
 

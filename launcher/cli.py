@@ -218,7 +218,8 @@ def train_command(method: str):
         )
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
-        notes = launch.prepare_launch(
+        recipe, kept = launch.keep_effective_batch(recipe, run_dir, resume, force_resume)
+        notes = kept + launch.prepare_launch(
             recipe,
             run_dir,
             resume=resume,

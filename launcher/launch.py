@@ -147,6 +147,36 @@ def check_gpus(recipe: Recipe) -> None:
     )
 
 
+def keep_effective_batch(
+    recipe: Recipe, run_dir: Path, resume: str | None, force: bool
+) -> tuple[Recipe, list[str]]:
+    """Resuming a DDP checkpoint on another number of ranks: the accumulation that keeps the
+    checkpoint's step (micro-batches per step over all ranks), said in one line; refused (one
+    line, before anything is written) when no whole accumulation keeps it."""
+    checkpoint = ckpt.resolve_resume(run_dir, resume, []) if resume and not force else None
+    if checkpoint is None:
+        return recipe, []
+    saved = ckpt.read_state(checkpoint)
+    world = recipe.launch.world_size
+    if saved.world_size == world or saved.strategy != "ddp" or ckpt.strategy_name(recipe) != "ddp":
+        return recipe, []  # same ranks, or a sharded checkpoint: check_compatible decides
+    per_step = ckpt.micro_batches_per_step(saved)
+    if per_step % world:
+        raise UserError(
+            f"checkpoint {checkpoint} was written by {saved.world_size} rank(s) x train.grad_accum "
+            f"{saved.grad_accum} ({per_step} micro-batches per optimizer step); {world} rank(s) cannot "
+            f"keep that with a whole accumulation: resume on a number of ranks that divides {per_step}, "
+            "or pass --force-resume to change the step"
+        )
+    accum = per_step // world
+    adjusted = recipe.model_copy(update={"train": recipe.train.model_copy(update={"grad_accum": accum})})
+    note = (
+        f"resuming a {saved.world_size}-rank checkpoint on {world} rank(s): train.grad_accum "
+        f"{recipe.train.grad_accum} -> {accum} keeps its {per_step} micro-batches per optimizer step"
+    )
+    return adjusted, [note] if accum != recipe.train.grad_accum else []
+
+
 def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> list[str]:
     """The checkpoint a resume will load must be intact and of this run; returns lines to show
     (damaged checkpoints ``auto`` skipped, or that it starts over)."""

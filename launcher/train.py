@@ -531,7 +531,7 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     run.state.step, run.state.epoch, run.state.batches_in_epoch = (
         saved.step,
         saved.epoch,
-        saved.batches_in_epoch,
+        ckpt.resumed_position(saved, run.state),  # the same steps on another number of ranks
     )
     # the best-so-far record of train.best_metric continues too
     run.state.best_step, run.state.best_value = saved.best_step, saved.best_value

@@ -611,3 +611,44 @@ def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, re
     assert restart["restart"] == 1 and restart["step"] == 4 and "injected fault" in restart["cause"]
     assert_same_run(metrics, expected)
     assert_same_final_weights(run_dir, reference_dir)
+
+
+# ---------------------------------------------------------------- resuming on other ranks
+
+
+def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
+    """A 2-rank DDP run that crashed after step_4 continues on 1 rank: the launcher doubles the
+    accumulation (the same 2 micro-batches, the same examples, form every step), says so, and the
+    run ends as the uninterrupted 2-rank run did. 3 ranks cannot keep 2 micro-batches per step:
+    refused with one line before anything is written."""
+    from conftest import run_cli_in_process
+
+    # Dropout off: 1 rank x accumulation 2 then computes what 2 ranks compute (with dropout, the
+    # second micro-batch's masks would come from rank 0's random stream instead of rank 1's).
+    no_dropout = ("--set", "model.dropout=0.0")
+    reference_dir = tmp_path / "reference"
+    code, output = run_job(reference_dir, train_args(reference_dir, 0, *SHAPE, *no_dropout))
+    assert code == 0, output[-6000:]
+    expected = read_jsonl(reference_dir / "metrics.jsonl")
+    run_dir = tmp_path / "run"
+    two_ranks = train_args(run_dir, 0, *SHAPE, *no_dropout)
+    code, output = run_job(run_dir, two_ranks, FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
+    assert code == 1, output[-6000:]
+    assert_no_rank_left(run_dir)
+
+    def on(gpus: int) -> list[str]:
+        args = list(two_ranks)
+        args[args.index("--gpus") + 1] = str(gpus)
+        return [*args, "--resume", "auto"]
+
+    before = tree(run_dir)
+    refused = run_cli_in_process(*on(3))
+    assert refused.returncode == 2 and "3 rank(s) cannot keep that" in refused.stderr, refused.stderr
+    assert tree(run_dir) == before
+
+    code, output = run_job(run_dir, on(1))
+    assert code == 0, output[-6000:]
+    assert "train.grad_accum 1 -> 2 keeps its 2 micro-batches per optimizer step" in output
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in output
+    assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+    assert_same_final_weights(run_dir, reference_dir)

@@ -304,15 +304,26 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert_same_final_weights(run_dir, tmp_path / "reference")
 
 
-def test_resume_refuses_another_world_size(trained):
-    run_dir, _ = two_ranks_one_epoch(trained)
-    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
-    result = run_cli(*train_args("full", run_dir, *ONE_EPOCH, gpus=1), "--resume", "auto")
-    assert result.returncode == 2
-    assert "world_size 2 -> 1" in result.stderr and "Traceback" not in result.stderr
-    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before, (
-        "the refusal touched the run"
+def test_resume_refuses_a_world_size_that_cannot_keep_the_step(trained):
+    """A DDP checkpoint continues on other ranks only where a whole accumulation keeps its
+    micro-batches per step (2 -> 3 ranks cannot: tests/test_faults.py resumes 2 -> 1); a sharded
+    ZeRO-2 checkpoint does not move to other ranks at all. Both refusals touch nothing."""
+    cases = (
+        (two_ranks_one_epoch(trained)[0], dict(gpus=3), "3 rank(s) cannot keep that"),
+        (
+            trained("zero2-one-epoch", "full", *ONE_EPOCH, gpus=2, zero=2)[0],
+            dict(gpus=1, zero=2),
+            "world_size 2 -> 1",
+        ),
     )
+    for run_dir, shape, words in cases:
+        before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+        result = run_cli(*train_args("full", run_dir, *ONE_EPOCH, **shape), "--resume", "auto")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before, (
+            "the refusal touched the run"
+        )
 
 
 def test_lora_changes_only_adapter_weights(trained):
