@@ -103,6 +103,19 @@ def run_cli_in_process(
     )
 
 
+def save_tiny_t5(path: Path) -> Path:
+    """tiny-t5 and its tokenizer written with save_pretrained: a model directory as users have one."""
+    from transformers import AutoTokenizer
+
+    from launcher.model import build_tiny_t5
+    from launcher.paths import TINY_TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    build_tiny_t5(len(tokenizer)).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """JSON Lines end at \\n only (str.splitlines would also cut at U+2028 and others inside the text)."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, save_tiny_t5
 
 from launcher.recipe import default_recipe_path, load_recipe
 from launcher.supervise import Job, decide
@@ -82,15 +82,7 @@ def test_a_failed_summarize_summary_advises_running_it_again(tmp_path):
 def mismatched_model(tmp_path_factory) -> Path:
     """A model folder whose files are intact but whose config.json belongs to another shape
     (d_ff doubled): the launcher's checks pass, the ranks fail loading the weights."""
-    from transformers import AutoTokenizer
-
-    from launcher.model import build_tiny_t5
-    from launcher.paths import TINY_TOKENIZER_DIR
-
-    path = tmp_path_factory.mktemp("mismatched") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    build_tiny_t5(len(tokenizer)).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    path = save_tiny_t5(tmp_path_factory.mktemp("mismatched") / "model")
     config = json.loads((path / "config.json").read_text())
     config["d_ff"] *= 2
     (path / "config.json").write_text(json.dumps(config))

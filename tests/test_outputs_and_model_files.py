@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_t5
 from test_bad_input import SAMPLE, no_launch, refused  # noqa: F401 - no_launch is a fixture
 
 from launcher import summarize as summarize_module
@@ -30,16 +31,7 @@ from launcher import summarize as summarize_module
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """tiny-t5 written by save_pretrained (config, generation config, safetensors, tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from launcher.model import build_tiny_t5
-    from launcher.paths import TINY_TOKENIZER_DIR
-
-    path = tmp_path_factory.mktemp("model") / "tiny-t5"
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    build_tiny_t5(len(tokenizer)).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_t5(tmp_path_factory.mktemp("model") / "tiny-t5")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli_env, read_jsonl, run_cli
+from conftest import cli_env, read_jsonl, run_cli, save_tiny_t5
 
 from launcher.errors import UserError
 
@@ -50,16 +50,7 @@ def train_run(method: str, model: str, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """tiny-t5 saved as a directory: a LoRA adapter's base as users have it."""
-    from transformers import AutoTokenizer
-
-    from launcher.model import build_tiny_t5
-    from launcher.paths import TINY_TOKENIZER_DIR
-
-    path = tmp_path_factory.mktemp("base") / "tiny-t5"
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    build_tiny_t5(len(tokenizer)).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_t5(tmp_path_factory.mktemp("base") / "tiny-t5")
 
 
 @pytest.fixture(scope="module")
