@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from launcher.export import read_inference_settings
 from launcher.jsonl import read_jsonl
+from launcher.model_settings import read_inference_settings
 from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.report import percent
 

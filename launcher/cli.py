@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from launcher.options import FLAG_KEYS, train_recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -66,45 +67,6 @@ def gib_amount(value: float | None) -> float | None:
     return value
 
 
-def parse_zero(value: str) -> int:
-    if value not in {"0", "1", "2", "3"}:
-        raise UserError(f"--zero {value} is not a ZeRO stage; use 0 (DDP), 1, 2, 3 or auto")
-    return int(value)
-
-
-def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[dict[str, object], str]:
-    """--zero auto: the smallest ZeRO stage (then least offload) whose estimate fits the GPUs.
-
-    Returns the launch keys to change and a note; the validated recipe is not changed in place
-    (the caller validates the changed recipe again)."""
-    from launcher.estimate import RunShape, budget_micro_batch, detect_gpu_mem_gib, zero_auto
-    from launcher.families import estimate_targets
-
-    memory = gpu_mem or detect_gpu_mem_gib()
-    assumed = "" if memory else " (no GPU visible: assumed 80 GiB, pass --gpu-mem)"
-    data, budget = recipe.data, recipe.train.micro_batch_tokens
-    shape = RunShape(
-        gpus=recipe.launch.gpus,
-        nodes=recipe.launch.nodes,
-        lora=recipe.train.method == "lora",
-        micro_batch=budget_micro_batch(budget, data.max_source_length, data.max_target_length)
-        if budget
-        else recipe.train.micro_batch_size,
-        source_len=recipe.data.max_source_length,
-        target_len=recipe.data.max_target_length,
-        lora_r=recipe.lora.r,
-        lora_targets=estimate_targets(recipe.lora.target_modules),
-        micro_batch_tokens=budget,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
-        optimizer=recipe.train.optimizer,
-    )
-    row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
-    changes: dict[str, object] = {"zero": row.stage}
-    if not keep_offload:
-        changes["offload"] = row.offload
-    return changes, note + assumed
-
-
 def without_option(args: list[str], option: str) -> list[str]:
     """``args`` less ``option VALUE`` / ``option=VALUE``: what differs per node stays out of command.sh."""
     kept, skip = [], False
@@ -121,23 +83,6 @@ def without_option(args: list[str], option: str) -> list[str]:
 def default_output(method: str, model: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{method}-{Path(model).name}-{stamp}"
-
-
-# The flags of `ftlaunch full|lora` that set a recipe key; their help is the key's schema description.
-FLAG_KEYS = {
-    "model": "model.name",
-    "data": "data.dataset",
-    "gpus": "launch.gpus",
-    "nodes": "launch.nodes",
-    "zero": "launch.zero",
-    "offload": "launch.offload",
-    "fsdp": "launch.fsdp",
-    "cpu": "launch.cpu",
-    "report_to": "train.report_to",
-    "main_address": "launch.main_address",
-    "main_port": "launch.main_port",
-    "max_restarts": "launch.max_restarts",
-}
 
 
 def key_help(flag: str, extra: str = "") -> str:
@@ -245,48 +190,6 @@ def train_command(method: str):
         "Full fine-tuning (every weight)." if method == "full" else "LoRA fine-tuning (adapters on q and v)."
     )
     return command
-
-
-def train_recipe(method: str, options: dict[str, Any]):
-    """The validated recipe `ftlaunch full|lora` runs with these options (the command's parameters by
-    name): the recipe file, its --set overrides, then the flags; and the --zero auto note (or None).
-    `ftlaunch sweep` builds each of its points here too."""
-    from launcher.recipe import build_recipe, default_recipe_path, load_recipe_data
-
-    path = options["recipe_path"] or default_recipe_path(method)
-    raw, overridden = load_recipe_data(path, options["overrides"])
-    train = raw.get("train")
-    recipe_method = train.get("method", "full") if isinstance(train, dict) else "full"
-    if recipe_method in ("full", "lora") and recipe_method != method:
-        raise UserError(
-            f"recipe {path} is a {recipe_method} recipe (train.method); "
-            f"use `ftlaunch {recipe_method}` or a {method} recipe"
-        )
-    zero, offload = options["zero"], options["offload"]
-    values = {flag: options[flag] for flag in FLAG_KEYS}
-    values.update(
-        zero=parse_zero(zero) if zero not in (None, "auto") else None,
-        offload=offload.value if offload else None,
-        fsdp=True if options["fsdp"] else None,
-        cpu=True if options["cpu"] else None,
-    )
-    flags = {FLAG_KEYS[flag]: value for flag, value in values.items()}
-    flagged = []
-    for key, value in flags.items():
-        if value is not None:
-            section, name = key.split(".")
-            if not isinstance(raw.setdefault(section, {}), dict):
-                break  # the recipe's own section is malformed: validation below names it
-            raw[section][name] = value
-            flagged.append([section, name])
-    recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
-    zero_note = None
-    if zero == "auto":
-        changes, zero_note = pick_zero_stage(recipe, options["gpu_mem"], keep_offload=offload is not None)
-        resolved = recipe.model_dump(mode="json")
-        resolved["launch"].update(changes)
-        recipe = build_recipe(resolved, "command line")
-    return recipe, zero_note
 
 
 app.command("full", help="Full fine-tuning: render configs and launch (or --dry-run).")(train_command("full"))
@@ -440,8 +343,24 @@ def sweep_command(
         max_parallel=max_parallel,
         sbatch_args=sbatch_args,
         dry_run=dry_run,
+        parse_flags=parse_train_flags,
     )
     raise typer.Exit(code)
+
+
+def parse_train_flags(method: str, args: list[str]) -> dict[str, Any]:
+    """The options `ftlaunch METHOD ARGS` would run with, parsed by that very command (a sweep's
+    shared flags); a usage error is one line naming the command."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands[method]
+    usage_errors = click_exceptions()[0]
+    try:
+        return dict(command.make_context(f"ftlaunch {method}", list(args)).params)
+    except usage_errors as exc:
+        raise UserError(
+            f"{exc.format_message()} (a sweep takes the flags of `ftlaunch {method} --help`)"
+        ) from None
 
 
 @app.command("supervise", hidden=True)
@@ -573,7 +492,7 @@ def report_command(
 ) -> None:
     """Compare several runs/models in one ROUGE table (one run: its full report; a sweep: every point)."""
     from launcher.report import compare_runs, write_run_report
-    from launcher.sweep import is_sweep
+    from launcher.sweep_manifest import is_sweep
 
     if len(run_dirs) == 1 and is_sweep(run_dirs[0]):
         from launcher.sweep_report import DEFAULT_METRIC, write_sweep_report

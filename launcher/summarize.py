@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.export import read_inference_settings
 from launcher.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
+from launcher.model_settings import read_inference_settings
 from launcher.modelfiles import check_model_files
 from launcher.paths import is_local_reference
 from launcher.recipe import (

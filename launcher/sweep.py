@@ -26,17 +26,26 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, UserError
+from launcher.options import FLAG_KEYS, train_recipe
 from launcher.paths import PACKAGE_DIR
 from launcher.sweep_grid import Values, grid_points, parse_grid, point_name, read_variants
+from launcher.sweep_manifest import (
+    MANIFEST,
+    Point,
+    Sweep,
+    is_sweep,
+    read_sweep,
+    status_path,
+    write_json,
+    write_status,
+)
 from launcher.writable import check_writable_dir
 
-MANIFEST = "sweep.json"
-STATUS_DIR = "status"
 SLURM_DIR = "slurm"
 LOCK_FILE = ".lock"
 # Flags of full/lora that make no sense for a sweep's points, and why.
@@ -52,106 +61,16 @@ REFUSED = {
 JOB_ENV_DROPPED = ("FTLAUNCH_OUTPUT", "FTLAUNCH_RECIPE", "FTLAUNCH_GPUS_PER_NODE")
 
 
-# ---------------------------------------------------------------- the manifest
-
-
-@dataclass
-class Point:
-    index: int  # stable: the SLURM array index, the status file
-    name: str  # the run directory under SWEEP/
-    values: Values
-
-    def sets(self) -> list[str]:
-        return [f"{key}={value}" for key, value in self.values.items()]
-
-
-@dataclass
-class Sweep:
-    dir: Path
-    method: str
-    args: list[str]  # the flags of `ftlaunch METHOD` every point shares
-    keys: list[str]  # every varied key, first seen first
-    points: list[Point] = field(default_factory=list)
-    jobs: list[dict[str, Any]] = field(default_factory=list)  # SLURM array submissions
-
-    def run_dir(self, point: Point) -> Path:
-        return self.dir / point.name
-
-    def to_json(self) -> str:
-        data = {
-            "ftlaunch_sweep": 1,
-            "method": self.method,
-            "args": self.args,
-            "keys": self.keys,
-            "points": [asdict(point) for point in self.points],
-            "jobs": self.jobs,
-        }
-        return json.dumps(data, indent=2) + "\n"
-
-
-def is_sweep(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
-
-
-def read_sweep(sweep_dir: Path) -> Sweep:
-    path = sweep_dir / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-        return Sweep(
-            dir=sweep_dir,
-            method=data["method"],
-            args=list(data["args"]),
-            keys=list(data["keys"]),
-            points=[Point(p["index"], p["name"], dict(p["values"])) for p in data["points"]],
-            jobs=list(data.get("jobs", [])),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(
-            f"{path} is not a sweep manifest ftlaunch can read ({exc}); pick a new --output"
-        ) from None
-
-
-def write_json(path: Path, text: str) -> None:
-    """One rename: a report reading it meanwhile sees the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def status_path(sweep_dir: Path, index: int) -> Path:
-    return sweep_dir / STATUS_DIR / f"{index}.json"
-
-
-def read_status(sweep_dir: Path, index: int) -> dict[str, Any] | None:
-    try:
-        return json.loads(status_path(sweep_dir, index).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_status(sweep_dir: Path, index: int, state: str, exit_code: int | None = None) -> None:
-    record = {"state": state, "exit_code": exit_code, "time": time.time(), "host": os.uname().nodename}
-    write_json(status_path(sweep_dir, index), json.dumps(record) + "\n")
-
-
 # ---------------------------------------------------------------- planning: points and their recipes
 
+# (method, arguments) -> the options `ftlaunch METHOD ARGUMENTS` would run with (cli.parse_train_flags)
+FlagParser = Callable[[str, list[str]], dict[str, Any]]
 
-def parse_train_options(method: str, args: list[str]) -> dict[str, Any]:
-    """The flags of `ftlaunch full|lora` among the sweep's arguments, parsed by that very command."""
-    import typer.main
 
-    from launcher import cli
-
-    command = typer.main.get_command(cli.app).commands[method]
-    usage_errors = cli.click_exceptions()[0]
-    try:
-        options = dict(command.make_context(f"ftlaunch {method}", list(args)).params)
-    except usage_errors as exc:
-        raise UserError(
-            f"{exc.format_message()} (a sweep takes the flags of `ftlaunch {method} --help`)"
-        ) from None
+def parse_train_options(method: str, args: list[str], parse_flags: FlagParser) -> dict[str, Any]:
+    """The flags of `ftlaunch full|lora` among the sweep's arguments, parsed by that very command
+    (``parse_flags``: the CLI hands its own parser in), less the ones a sweep refuses."""
+    options = parse_flags(method, list(args))
     for name, message in REFUSED.items():
         if options.get(name) not in (None, False):
             raise UserError(message)
@@ -160,8 +79,6 @@ def parse_train_options(method: str, args: list[str]) -> dict[str, Any]:
 
 def fixed_keys(options: dict[str, Any]) -> dict[str, str]:
     """Recipe keys a flag sets (flags win over --set, so over a grid value too) -> the flag."""
-    from launcher.cli import FLAG_KEYS
-
     fixed = {key: f"--{flag.replace('_', '-')}" for flag, key in FLAG_KEYS.items() if options.get(flag)}
     if options.get("zero") == "auto":
         fixed["launch.offload"] = "--zero auto"
@@ -215,8 +132,6 @@ def plan_sweep(method: str, args: list[str], values: list[Values], sweep_dir: Pa
 
 def point_recipe(method: str, options: dict[str, Any], point: Point, fixed: dict[str, str]):
     """The point's recipe, validated like `ftlaunch METHOD ... --set KEY=VALUE` would."""
-    from launcher.cli import train_recipe
-
     for key in point.values:
         if key in fixed:
             raise UserError(
@@ -279,13 +194,14 @@ def run_sweep(
     max_parallel: int | None,
     sbatch_args: list[str],
     dry_run: bool,
+    parse_flags: FlagParser,
 ) -> int:
     """Plan and check every point, then run them here one after another, or submit one job array."""
     from launcher import launch
 
     if (max_parallel is not None or sbatch_args) and not slurm:
         raise UserError("--max-parallel and --sbatch shape the SLURM job array: add --slurm")
-    options = parse_train_options(method, args)
+    options = parse_train_options(method, args, parse_flags)
     check_writable_dir(output.expanduser().resolve(), "--output")
     sweep = plan_sweep(method, list(args), new_point_values(grid, variants), output.expanduser().resolve())
     fixed = fixed_keys(options)

@@ -18,8 +18,8 @@ from launcher.errors import EXIT_INTERRUPTED, UserError
 from launcher.jsonl import read_jsonl_partial
 from launcher.metrics import METRICS_FILE
 from launcher.rouge import ROUGE_TYPES
-from launcher.sweep import Point, Sweep, read_status, read_sweep
 from launcher.sweep_grid import short_keys
+from launcher.sweep_manifest import Point, Sweep, read_status, read_sweep
 from launcher.writable import check_writable_dir
 
 DEFAULT_METRIC = "rougeLsum"
