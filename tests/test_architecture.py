@@ -81,3 +81,31 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     names = {"a", "b", "c"}
     graph = {name: imported_modules(tmp_path / f"{name}.py", names) for name in names}
     assert cycles(graph) == [["a", "b"]]
+
+
+# What runs in the `ftlaunch` process on the login/head node (and what it reads back): importing
+# any of these must not load the libraries the ranks need, so that a launch hands over to
+# `accelerate launch` in under a second and the CLI answers bad input at once.
+HOST_MODULES = (
+    "cli", "options", "recipe", "render", "launch", "supervise", "runlock", "writable", "modelfiles",
+    "console", "estimate", "diskspace", "families", "fingerprint", "checkpoint", "data", "paths", "errors",
+    "sweep", "sweep_grid", "sweep_manifest", "sweep_report", "report", "card", "scoring", "rouge",
+    "model_settings", "summarize", "jsonl", "metrics", "trackers", "ranklog", "progress", "compiling",
+)  # fmt: skip
+HEAVY = ("torch", "transformers", "deepspeed", "datasets")
+
+
+def test_the_host_side_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, sys\n"
+        f"for name in {HOST_MODULES!r}:\n"
+        "    importlib.import_module('launcher.' + name)\n"
+        f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", f"host modules import {result.stdout.strip()} at import time"
+    assert set(HOST_MODULES) <= set(import_graph())  # every name is a real module
