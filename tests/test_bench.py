@@ -594,6 +594,8 @@ def test_gpu_default_plan_covers_both_methods_under_every_strategy():
 @pytest.mark.slow
 def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path):
     """The GPU mode on a machine without one: preflight only, exit 3, the plan listed as skipped."""
+    import gpu_bench
+
     out = tmp_path / "out"
     env = cli_env(OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
@@ -602,7 +604,7 @@ def test_gpu_script_without_a_gpu_says_so_and_lists_every_part_skipped(tmp_path)
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     parts = json.loads((out / "results.json").read_text())["parts"]
     assert parts[0]["name"] == "preflight" and parts[0]["status"] == "ok"
-    assert len(parts) == 1 + 7 + 12 and all(
+    assert len(parts) == 1 + len(gpu_bench.STEP_PLAN) + 12 and all(
         p["status"].startswith("skipped: no GPU visible") for p in parts[1:]
     )
     assert "| cli lora ZeRO-3+offload | skipped: no GPU visible" in result.stdout
