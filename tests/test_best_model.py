@@ -157,3 +157,41 @@ def test_a_best_metric_that_is_never_measured_is_refused(tmp_path, overrides, wo
     assert "\n" not in line and "Traceback" not in line
     for word in words:
         assert word in line, line
+
+
+def test_the_report_says_which_step_final_holds_why_training_stopped_and_what_restarted():
+    from launcher.report import best_model_notes, restart_notes
+
+    metrics = [
+        {
+            "step": 4,
+            "val_loss": 3.0,
+            "val_rouge1": 0.1,
+            "val_rouge2": 0.0,
+            "val_rougeL": 0.1,
+            "val_rougeLsum": 0.125,
+        },
+        {"step": 6, "restart": 1, "cause": "rank 1 (node 0, host h) failed first: boom"},
+        {
+            "step": 8,
+            "val_loss": 2.9,
+            "val_rouge1": 0.1,
+            "val_rouge2": 0.0,
+            "val_rougeL": 0.1,
+            "val_rougeLsum": 0.1,
+        },
+        {
+            "step": 8,
+            "early_stop": "early stopping at step 8: val_rougeLsum did not improve in 1 evaluation(s)",
+        },
+        {"step": 8, "best_step": 4, "best_metric": "val_rougeLsum", "best_value": 0.125},
+    ]
+    text = "\n".join(best_model_notes(metrics) + restart_notes(metrics))
+    assert "Validation ROUGE-Lsum during training (%): step 4: 12.50, step 8: 10.00." in text
+    assert "Stopped early: early stopping at step 8" in text
+    assert "the best step 4 of 8 by val_rougeLsum (0.1250" in text
+    assert (
+        "Restarts (launch.max_restarts): 1: from step 6 after rank 1 (node 0, host h) failed first: boom."
+        in text
+    )
+    assert best_model_notes([{"step": 1, "loss": 2.0}]) == restart_notes([]) == []
