@@ -37,13 +37,12 @@ def fixed_batches(
     from launcher.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
 
     if tokens:
-        from launcher.compiling import SOURCE_MULTIPLE, TARGET_MULTIPLE, bucket_length
+        from launcher.compiling import bucketed_lengths
 
         sources = [len(e["input_ids"]) for e in examples]
         targets = [len(e["labels"]) for e in examples]
         if bucketed:
-            sources = [bucket_length(n, SOURCE_MULTIPLE, 512) for n in sources]
-            targets = [bucket_length(n, TARGET_MULTIPLE, 128) for n in targets]
+            sources, targets = bucketed_lengths(sources, targets, 512, 128)
         return TokenBudgetBatchSampler(sources, targets, tokens, 42).batches()[:count]
     keys = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
     return list(LengthGroupedBatchSampler(keys, batch, 42))[:count]

@@ -22,6 +22,16 @@ def bucket_length(length: int, multiple: int, cap: int) -> int:
     return max(length, min(math.ceil(length / multiple) * multiple, cap))
 
 
+def bucketed_lengths(
+    sources: list[int], targets: list[int], max_source: int, max_target: int
+) -> tuple[list[int], list[int]]:
+    """Each example's source and target lengths as a compiled run pads them (its bucket lengths)."""
+    return (
+        [bucket_length(n, SOURCE_MULTIPLE, max_source) for n in sources],
+        [bucket_length(n, TARGET_MULTIPLE, max_target) for n in targets],
+    )
+
+
 def bucket_count(max_source: int, max_target: int) -> int:
     """How many (source, target) shapes bucketing allows at most."""
     return math.ceil(max_source / SOURCE_MULTIPLE) * math.ceil(max_target / TARGET_MULTIPLE)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.compiling import SOURCE_MULTIPLE, TARGET_MULTIPLE, bucket_length
+from launcher.compiling import bucketed_lengths
 from launcher.errors import UserError
 from launcher.jsonl import read_jsonl, read_jsonl_lines  # noqa: F401 - read_jsonl is this module's API too
 from launcher.paths import SAMPLE_DATA_DIR
@@ -417,8 +417,7 @@ def train_batch_sampler(
         sources = [len(ids) for ids in tokenized["input_ids"]]
         targets = [len(labels) for labels in tokenized["labels"]]
         if buckets:
-            sources = [bucket_length(n, SOURCE_MULTIPLE, buckets[0]) for n in sources]
-            targets = [bucket_length(n, TARGET_MULTIPLE, buckets[1]) for n in targets]
+            sources, targets = bucketed_lengths(sources, targets, *buckets)
         return TokenBudgetBatchSampler(
             sources,
             targets,

@@ -276,7 +276,7 @@ class SignalForwarder:
 class Outcome:
     code: int
     lines: list[str]
-    restartable: bool = False  # a training rank crashed (not bad input, a stop, or a divergence)
+    restart_cause: str | None = None  # set when a training rank crashed (not bad input, a stop, a divergence)
 
 
 def torchrun_failure(stderr_tail: list[bytes]) -> tuple[int, int] | None:
@@ -389,14 +389,15 @@ def decide(
                 "change them first); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted",
             ],
         )
+    cause = f"rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}"
     return Outcome(
         EXIT_CRASHED,
         [
-            f"error: rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}",
+            f"error: {cause}",
             f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
             f"  {job.advice(EXIT_CRASHED)}",
         ],
-        restartable=job.kind == "train",
+        restart_cause=cause if job.kind == "train" else None,
     )
 
 
@@ -415,12 +416,10 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     restarts = 0
     while True:
         outcome = run_once(run_dir, recipe, node, env)
-        if not outcome.restartable or restarts >= recipe.launch.max_restarts:
+        if outcome.restart_cause is None or restarts >= recipe.launch.max_restarts:
             break
         restarts += 1
-        cause = next(
-            (line.removeprefix("error: ") for line in outcome.lines if line.startswith("error: ")), ""
-        )
+        cause = outcome.restart_cause
         print(
             f"ftlaunch: restart {restarts} of {recipe.launch.max_restarts} (launch.max_restarts): {cause}; "
             "continuing from the newest intact checkpoint",
