@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from launcher.history import history_lines, strategy_label
 from launcher.jsonl import read_jsonl
 from launcher.model_settings import read_inference_settings
 from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
@@ -66,22 +67,20 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     steps = max((row.get("step", 0) for row in metrics), default=0)
     wall = (run_dir / "final").stat().st_mtime - (run_dir / "recipe.yaml").stat().st_mtime
-    strategy = "DDP" if recipe.launch.zero == 0 else f"DeepSpeed ZeRO-{recipe.launch.zero}"
-    return [
+    facts = [
         ("method", "LoRA" if recipe.train.method == "lora" else "full fine-tuning"),
         ("base model", f"`{recipe.model.name}`"),
         ("dataset", f"`{recipe.data.dataset}`"),
         ("world size", f"{recipe.launch.world_size} ({recipe.launch.nodes} node(s) x {recipe.launch.gpus})"),
-        (
-            "strategy",
-            strategy + (f", offload {recipe.launch.offload}" if recipe.launch.offload != "none" else ""),
-        ),
+        ("strategy", strategy_label(recipe)),
         ("precision", recipe.model.precision),
         ("optimizer steps", str(steps)),
         ("effective batch", effective_batch(recipe)),
         ("learning rate", f"{recipe.train.lr:g} ({recipe.train.scheduler})"),
         ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
     ]
+    # a resumed or restarted run: each segment's world size and strategy (history.py)
+    return facts + [(f"segment {number}", line) for number, line in enumerate(history_lines(metrics), 1)]
 
 
 def rouge_rows(scores: dict) -> str:

@@ -168,6 +168,16 @@ def restart_notes(metrics: list[dict]) -> list[str]:
     return [f"Restarts (launch.max_restarts): {shown}.", ""]
 
 
+def history_notes(metrics: list[dict]) -> list[str]:
+    """Where each part of training ran, for a run that was resumed or restarted (history.py)."""
+    from launcher.history import history_lines
+
+    lines = history_lines(metrics)
+    if not lines:
+        return []
+    return ["Run history (world size and strategy per segment):", "", *(f"- {line}" for line in lines), ""]
+
+
 def best_model_notes(metrics: list[dict]) -> list[str]:
     """What train.best_metric and early stopping did: the validation evaluations, which step
     final/ holds, and why training stopped early (from metrics.jsonl's markers)."""
@@ -254,7 +264,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                 + ".",
                 "",
             ]
-        sections += best_model_notes(metrics) + restart_notes(metrics)
+        sections += best_model_notes(metrics) + restart_notes(metrics) + history_notes(metrics)
         if final and "compiled_graphs" in final[-1]:  # train.compile: recompilations, for the record
             sections += [
                 f"torch.compile: {final[-1]['compiled_graphs']} graph(s) compiled on rank 0 for "

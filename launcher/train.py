@@ -51,7 +51,7 @@ from launcher.distributed import (
 )
 from launcher.errors import EXIT_INTERRUPTED
 from launcher.finite import check_values, check_weights
-from launcher.metrics import MetricsLogger
+from launcher.metrics import MetricsLogger, read_metrics
 from launcher.model import (
     build_model,
     checkpointed_layers,
@@ -468,6 +468,7 @@ class Run:
     state: ckpt.TrainState
     total_steps: int
     batches_per_rank: int
+    resumed_from: str | None = None  # the checkpoint this segment of training continues
 
 
 def set_up(run_dir: Path) -> Run:
@@ -537,6 +538,7 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     run.state.best_step, run.state.best_value = saved.best_step, saved.best_value
     run.state.evaluations_without_improvement = saved.evaluations_without_improvement
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
+    run.resumed_from = checkpoint.name
     return True
 
 
@@ -799,6 +801,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
     logger = MetricsLogger(run.accelerator, run_dir, run.recipe, run.state.step)
     log_restart(run, logger)
+    log_segment(run, logger)
     print_main(
         run.accelerator,
         f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
@@ -869,6 +872,17 @@ def log_restart(run: Run, logger: MetricsLogger) -> None:
     if number:
         cause = os.environ.get(RESTART_CAUSE_ENV, "")
         logger.log({"step": run.state.step, "restart": int(number), "cause": cause})
+
+
+def log_segment(run: Run, logger: MetricsLogger) -> None:
+    """This start's marker in metrics.jsonl (history.py): the shape it trains in and where it began."""
+    if not run.accelerator.is_main_process:
+        return
+    from launcher.history import segment_row, segments
+
+    start = "restarted" if os.environ.get(RESTART_ENV) else "resumed" if run.resumed_from else "fresh"
+    number = len(segments(read_metrics(run.run_dir))) + 1
+    logger.log(segment_row(run.recipe, run.state.step, number, start, run.resumed_from))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl
 
+from launcher.card import training_facts
+from launcher.history import segments
+from launcher.recipe import read_run_recipe
+from launcher.report import history_notes
+
 pytestmark = pytest.mark.slow
 
 BASE = (
@@ -609,6 +614,10 @@ def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, re
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     (restart,) = [row for row in metrics if "restart" in row]
     assert restart["restart"] == 1 and restart["step"] == 4 and "injected fault" in restart["cause"]
+    assert [(row["segment"], row["start"], row["step"], row["checkpoint"]) for row in segments(metrics)] == [
+        (1, "fresh", 0, None),
+        (2, "restarted", 4, "step_4"),
+    ]
     assert_same_run(metrics, expected)
     assert_same_final_weights(run_dir, reference_dir)
 
@@ -650,5 +659,20 @@ def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
     assert code == 0, output[-6000:]
     assert "train.grad_accum 1 -> 2 keeps its 2 micro-batches per optimizer step" in output
     assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in output
-    assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert_same_run(metrics, expected)
     assert_same_final_weights(run_dir, reference_dir)
+    # the run's history: where each part trained, in metrics.jsonl, the report and the model card
+    shapes = [
+        (row["start"], row["world_size"], row["grad_accum"], row["strategy"]) for row in segments(metrics)
+    ]
+    assert shapes == [("fresh", 2, 1, "DDP"), ("resumed", 1, 2, "DDP")]
+    micro = segments(metrics)[0]["micro_batch_size"]  # the recipe's, in both segments
+    history = [
+        f"steps 0-4: DDP on 2 ranks (micro batch {micro} x accumulation 1), from scratch",
+        f"steps 4-{TOTAL_STEPS}: DDP on 1 rank (micro batch {micro} x accumulation 2), resumed from step_4",
+    ]
+    # (evaluation is off in these runs: the report's and the card's parts, from the run's files)
+    assert history_notes(metrics)[2:4] == [f"- {line}" for line in history]
+    facts = dict(training_facts(run_dir, read_run_recipe(run_dir)))
+    assert [facts["segment 1"], facts["segment 2"]] == history

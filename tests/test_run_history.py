@@ -1,0 +1,56 @@
+"""A run's history (launcher/history.py): one marker per training segment in metrics.jsonl, and the
+lines the report and the model card show for a resumed or restarted run. The end-to-end checks
+(a 2-rank DDP run resumed on 1 rank; a restarted run) are in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.history import history_lines, segment_row, segments, strategy_label
+from launcher.recipe import default_recipe_path, load_recipe
+from launcher.report import history_notes
+
+
+def recipe(*overrides: str):
+    return load_recipe(default_recipe_path("full"), list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "label"),
+    [
+        ((), "DDP"),
+        (("launch.zero=3", "launch.offload=optimizer"), "ZeRO-3 + optimizer offload"),
+        (("launch.fsdp=true",), "FSDP2"),
+        (("launch.zero=2",), "ZeRO-2"),
+    ],
+)
+def test_the_strategy_is_named_as_people_name_it(overrides, label):
+    assert strategy_label(recipe(*overrides)) == label
+
+
+def test_a_run_trained_in_one_go_has_no_history_lines():
+    metrics = [segment_row(recipe(), 0, 1, "fresh", None), {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert history_lines(metrics) == [] == history_notes(metrics)
+
+
+def test_each_segment_runs_from_its_start_to_the_next_one():
+    zero3 = recipe("launch.zero=3", "launch.gpus=2", "train.grad_accum=2")
+    ddp = recipe(
+        "launch.gpus=4", "launch.nodes=2", "train.micro_batch_tokens=4096", "train.micro_batch_size=1"
+    )
+    metrics = [
+        segment_row(zero3, 0, 1, "fresh", None),
+        *({"step": step, "loss": 1.0} for step in range(1, 7)),
+        segment_row(zero3, 4, 2, "restarted", "step_4"),
+        *({"step": step, "loss": 1.0} for step in range(5, 9)),
+        segment_row(ddp, 8, 3, "resumed", "step_8"),
+        *({"step": step, "loss": 1.0} for step in range(9, 13)),
+    ]
+    micro = zero3.train.micro_batch_size
+    assert [row["segment"] for row in segments(metrics)] == [1, 2, 3]
+    assert history_lines(metrics) == [
+        f"steps 0-4: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2), from scratch",
+        f"steps 4-8: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2), restarted from step_4",
+        "steps 8-12: DDP on 8 ranks on 2 nodes (token budget 4,096 x accumulation 1), resumed from step_8",
+    ]
+    assert history_notes(metrics)[0] == "Run history (world size and strategy per segment):"
