@@ -18,6 +18,7 @@ the run built them from the same model (the checkpoint's fingerprint says so).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,9 @@ def lookup(table: dict, names: list[str]):
     raise KeyError(f"the checkpoint has no parameter {names[0]} (nor its tied names {names[1:]})")
 
 
-def optimizer_order(model: torch.nn.Module) -> list[str]:
+def optimizer_order(model: torch.nn.Module, decays: Callable) -> list[str]:
     """Trainable parameter names in the order ``build_optimizer`` gave them to the optimizer
-    (decayed matrices, then biases and norms): a torch optimizer state's indices."""
-    from launcher.train import decays
-
+    (``decays``: its rule; decayed matrices, then biases and norms): a torch optimizer state's indices."""
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, p in named if decays(n, p)] + [n for n, p in named if not decays(n, p)]
 
@@ -90,11 +89,13 @@ def convert(checkpoint: Path, saved: ckpt.TrainState, workdir: Path) -> None:
         convert_zero(checkpoint / "pytorch_model", workdir / "universal")
 
 
-def read_checkpoint(checkpoint: Path, saved: ckpt.TrainState, model, workdir: Path) -> Portable:
-    """The checkpoint's trainable state, after ``convert``. ``model`` is the unwrapped model of
-    this run (a DDP optimizer state's parameter order)."""
+def read_checkpoint(
+    checkpoint: Path, saved: ckpt.TrainState, model, workdir: Path, decays: Callable
+) -> Portable:
+    """The checkpoint's trainable state, after ``convert``. ``model`` (the unwrapped model of this
+    run) and ``decays`` (build_optimizer's grouping rule) give a DDP optimizer state's order."""
     if saved.strategy == "ddp":
-        return read_ddp(checkpoint, optimizer_order(model))
+        return read_ddp(checkpoint, optimizer_order(model, decays))
     if saved.strategy == "fsdp":
         return read_fsdp(workdir)
     return read_zero(checkpoint, workdir)
@@ -344,7 +345,7 @@ def load_fsdp(model, optimizer, portable: Portable) -> None:
 # ---------------------------------------------------------------- the whole resume
 
 
-def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState) -> None:
+def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState, decays: Callable) -> None:
     """Every rank: read the checkpoint into the layout (the main rank converts, once, into a
     folder beside the checkpoints), load it, then Accelerate's scheduler and RNG files."""
     from accelerate.checkpointing import load_accelerator_state
@@ -357,7 +358,7 @@ def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState) -> None:
         workdir.mkdir(parents=True)
         convert(checkpoint, saved, workdir)
     accelerator.wait_for_everyone()
-    portable = read_checkpoint(checkpoint, saved, model, workdir)
+    portable = read_checkpoint(checkpoint, saved, model, workdir, decays)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(workdir, ignore_errors=True)

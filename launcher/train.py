@@ -530,7 +530,7 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
         from launcher.portable import restore_converted
 
-        restore_converted(run, checkpoint, saved)
+        restore_converted(run, checkpoint, saved, decays)  # decays: the optimizer's grouping
         print_main(run.accelerator, ckpt.describe_conversion(checkpoint, saved, run.state))
     else:
         run.accelerator.load_state(str(checkpoint))

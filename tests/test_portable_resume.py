@@ -55,7 +55,9 @@ STRATEGY_FLAGS = {"ddp": (), "zero2": ("--zero", "2"), "zero3": ("--zero", "3"),
 
 
 def args(run_dir: Path, strategy: str, gpus: int, method: str = "full") -> list[str]:
-    return [method, *BASE, "--gpus", str(gpus), *STRATEGY_FLAGS[strategy], "--output", str(run_dir)]
+    # LoRA's own dropout too: 1 rank x accumulation 2 would draw other masks than 2 ranks.
+    lora = ("--set", "lora.dropout=0.0") if method == "lora" else ()
+    return [method, *BASE, *lora, "--gpus", str(gpus), *STRATEGY_FLAGS[strategy], "--output", str(run_dir)]
 
 
 def losses(metrics: list[dict]) -> list[float]:
@@ -169,6 +171,7 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
     from launcher import portable
     from launcher.model import build_model, load_tokenizer
     from launcher.recipe import read_run_recipe
+    from launcher.train import decays
 
     def read(run_dir: Path, workdir: Path) -> portable.Portable:
         checkpoint = run_dir / "checkpoints" / "step_4"
@@ -177,7 +180,7 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
         model = build_model(recipe, len(load_tokenizer(recipe)))
         workdir.mkdir()
         portable.convert(checkpoint, saved, workdir)
-        return portable.read_checkpoint(checkpoint, saved, model, workdir), model
+        return portable.read_checkpoint(checkpoint, saved, model, workdir, decays), model
 
     source = runs(strategy, crash=True)
     ours, model = read(source, source.parent / "portable")
@@ -199,3 +202,48 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
             assert gap < SAME, (names[0], key, float(gap))
         checked += 1
     assert checked == len(list(model.parameters()))
+
+
+# (d) 2 -> 3 ranks needs a step of micro-batches that 3 ranks divide: 2 ranks x accumulation 3 = 6
+# micro-batches of 4 (24 examples); 48 examples make 2 whole steps per epoch (no short last step,
+# which 2 and 3 ranks would deal differently). Checkpoints every 3 steps; the crash while saving
+# step 6 leaves step_3, mid-epoch.
+SIX_PER_STEP = (
+    "--set",
+    "train.grad_accum=3",
+    "--set",
+    "data.train_limit=48",
+    "--set",
+    "train.epochs=5",
+    "--set",
+    "train.checkpoint_every=3",
+)
+
+
+def test_zero2_on_two_ranks_continues_on_three_with_the_accumulation_adjusted(tmp_path):
+    """(d) ZeRO-2 x 2 ranks x accumulation 3 -> ZeRO-2 x 3 ranks: accumulation 2 keeps the 6
+    micro-batches per step (said in one line); DeepSpeed cannot load its partitions on 3 ranks, so
+    the checkpoint is converted; the run ends as the uninterrupted 2-rank DDP run."""
+    reference = tmp_path / "reference"
+    result = run_cli(*args(reference, "ddp", 2), *SIX_PER_STEP)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    source = tmp_path / "source"
+    result = run_cli(
+        *args(source, "zero2", 2), *SIX_PER_STEP, env=cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="1:6")
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (source / "checkpoints" / "latest").read_text().strip() == "step_3"
+    result = run_cli(*args(source, "zero2", 3), *SIX_PER_STEP, "--resume", "auto")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "train.grad_accum 3 -> 2 keeps its 6 micro-batches per optimizer step" in output
+    assert "written under ZeRO-2 on 2 rank(s); continuing under ZeRO-2 on 3 rank(s)" in output
+    assert "resumed from" in output and "at step 3" in output
+    metrics = read_jsonl(source / "metrics.jsonl")
+    assert [row["step"] for row in metrics if "loss" in row] == list(range(1, 11))
+    assert losses(metrics) == pytest.approx(
+        losses(read_jsonl(reference / "metrics.jsonl")), rel=1e-4, abs=1e-5
+    )
+    ours = load_file(str(source / "final" / "model.safetensors"))
+    theirs = load_file(str(reference / "final" / "model.safetensors"))
+    assert update_error(ours, theirs, tiny_initial_weights()) < SAME
