@@ -123,13 +123,13 @@ STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP2", "zero1": "ZeRO-1", "zero2": "Z
 
 
 def needs_conversion(saved: TrainState, current: TrainState) -> bool:
-    """The libraries load their own checkpoints on the same ranks (DDP's whole files and FSDP2's
-    DCP folders also on other ranks); anything else goes through the per-parameter layout."""
+    """The libraries load their own checkpoints on the same ranks (DDP's whole files also on other
+    ranks); anything else goes through the per-parameter layout (launcher/portable.py)."""
     if not saved.strategy:
         return False
     if saved.strategy != current.strategy:
         return True
-    return saved.world_size != current.world_size and saved.strategy.startswith("zero")
+    return saved.world_size != current.world_size and saved.strategy != "ddp"
 
 
 def describe_conversion(checkpoint: Path, saved: TrainState, current: TrainState) -> str:

@@ -188,6 +188,13 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
     saved = ckpt.read_state(checkpoint)
     ckpt.check_compatible(saved, current, checkpoint, force)
     if ckpt.needs_conversion(saved, current):
+        if recipe.train.optimizer != "adamw":
+            raise UserError(
+                f"checkpoint {checkpoint} was written under {saved.strategy} on {saved.world_size} rank(s): "
+                f"moving it to {current.strategy} on {current.world_size} rank(s) converts AdamW's state only, "
+                f"not train.optimizer={recipe.train.optimizer}'s; resume with the strategy and ranks it was "
+                "written with"
+            )
         notes.append(ckpt.describe_conversion(checkpoint, saved, current))
     return notes
 
