@@ -26,7 +26,7 @@ import torch
 
 from launcher import checkpoint as ckpt
 
-WRAPPER_PARTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 FSDP_FOLDERS = ("pytorch_model_fsdp_0", "optimizer_0")  # Accelerate's names for model 0, optimizer 0
 
 
@@ -40,10 +40,9 @@ class Portable:
 
 
 def clean_name(name: str) -> str:
-    """A parameter's name in the model itself, without the wrappers' prefixes."""
-    for part in WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
+    """A parameter's name in the model itself, without the wrappers' parts (DDP's and DeepSpeed's
+    ``module``, torch.compile's ``_orig_mod``, FSDP's and activation checkpointing's wrappers)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
 
 
 # ---------------------------------------------------------------- the live model's names
