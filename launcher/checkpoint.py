@@ -105,15 +105,42 @@ def micro_batches_per_step(state: TrainState) -> int:
 
 
 def moves_world_size(saved: TrainState, current: TrainState) -> bool:
-    """A DDP checkpoint (whole weights and optimizer state on every rank) continues on another
-    number of ranks when the step keeps its micro-batches (the sampler then forms every step from
-    the same examples); sharded checkpoints (ZeRO, FSDP) and changed batches do not."""
+    """A checkpoint continues on another number of ranks or under another strategy (DDP, ZeRO-1/2/3,
+    FSDP2) when the step keeps its micro-batches (the sampler then forms every step from the same
+    examples): the libraries' own loaders, or the per-parameter conversion (launcher/portable.py),
+    carry its state over. Changed batches, and checkpoints of versions that did not record their
+    strategy, do not."""
     return (
-        saved.world_size != current.world_size
-        and saved.strategy == current.strategy == "ddp"
+        bool(saved.strategy)
+        and (saved.world_size != current.world_size or saved.strategy != current.strategy)
         and micro_batches_per_step(saved) == micro_batches_per_step(current)
         and (saved.micro_batch_size, saved.micro_batch_tokens)
         == (current.micro_batch_size, current.micro_batch_tokens)
+    )
+
+
+STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP2", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+
+
+def needs_conversion(saved: TrainState, current: TrainState) -> bool:
+    """The libraries load their own checkpoints on the same ranks (DDP's whole files also on other
+    ranks); anything else goes through the per-parameter layout (launcher/portable.py)."""
+    if not saved.strategy:
+        return False
+    if saved.strategy != current.strategy:
+        return True
+    return saved.world_size != current.world_size and saved.strategy != "ddp"
+
+
+def describe_conversion(checkpoint: Path, saved: TrainState, current: TrainState) -> str:
+    """The one line a converted resume prints."""
+
+    def where(state: TrainState) -> str:
+        return f"{STRATEGY_LABELS.get(state.strategy, state.strategy)} on {state.world_size} rank(s)"
+
+    return (
+        f"checkpoint {checkpoint.name} was written under {where(saved)}; continuing under "
+        f"{where(current)} (converted per parameter)"
     )
 
 
@@ -397,9 +424,8 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
     if problems:
         raise UserError(
             f"checkpoint {checkpoint} was written by a different run shape ({'; '.join(problems)}); resume with "
-            "the same --gpus/--nodes, strategy and batch settings (a DDP checkpoint also continues on other "
-            "--gpus/--nodes that keep its micro-batches per step), or pass --force-resume to accept a changed "
-            "data order"
+            "the same batch settings (other --gpus/--nodes and another strategy are fine when the micro-batches "
+            "per step are kept), or pass --force-resume to accept a changed data order"
         )
 
 

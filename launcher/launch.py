@@ -150,16 +150,16 @@ def check_gpus(recipe: Recipe) -> None:
 def keep_effective_batch(
     recipe: Recipe, run_dir: Path, resume: str | None, force: bool
 ) -> tuple[Recipe, list[str]]:
-    """Resuming a DDP checkpoint on another number of ranks: the accumulation that keeps the
-    checkpoint's step (micro-batches per step over all ranks), said in one line; refused (one
+    """Resuming a checkpoint on another number of ranks (any strategy): the accumulation that keeps
+    the checkpoint's step (micro-batches per step over all ranks), said in one line; refused (one
     line, before anything is written) when no whole accumulation keeps it."""
     checkpoint = ckpt.resolve_resume(run_dir, resume, []) if resume and not force else None
     if checkpoint is None:
         return recipe, []
     saved = ckpt.read_state(checkpoint)
     world = recipe.launch.world_size
-    if saved.world_size == world or saved.strategy != "ddp" or ckpt.strategy_name(recipe) != "ddp":
-        return recipe, []  # same ranks, or a sharded checkpoint: check_compatible decides
+    if saved.world_size == world or not saved.strategy:
+        return recipe, []  # same ranks, or a checkpoint too old to say its layout: check_compatible decides
     per_step = ckpt.micro_batches_per_step(saved)
     if per_step % world:
         raise UserError(
@@ -185,7 +185,17 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
     if checkpoint is None:
         return notes
     current = ckpt.expected_state(recipe, recipe.launch.world_size)
-    ckpt.check_compatible(ckpt.read_state(checkpoint), current, checkpoint, force)
+    saved = ckpt.read_state(checkpoint)
+    ckpt.check_compatible(saved, current, checkpoint, force)
+    if ckpt.needs_conversion(saved, current):
+        if recipe.train.optimizer != "adamw":
+            raise UserError(
+                f"checkpoint {checkpoint} was written under {saved.strategy} on {saved.world_size} rank(s): "
+                f"moving it to {current.strategy} on {current.world_size} rank(s) converts AdamW's state only, "
+                f"not train.optimizer={recipe.train.optimizer}'s; resume with the strategy and ranks it was "
+                "written with"
+            )
+        notes.append(ckpt.describe_conversion(checkpoint, saved, current))
     return notes
 
 

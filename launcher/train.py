@@ -528,7 +528,13 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
         return False
     saved = ckpt.read_state(checkpoint)
     ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
-    run.accelerator.load_state(str(checkpoint))
+    if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
+        from launcher.portable import restore_converted
+
+        restore_converted(run, checkpoint, saved, decays)  # decays: the optimizer's grouping
+        print_main(run.accelerator, ckpt.describe_conversion(checkpoint, saved, run.state))
+    else:
+        run.accelerator.load_state(str(checkpoint))
     run.state.step, run.state.epoch, run.state.batches_in_epoch = (
         saved.step,
         saved.epoch,

@@ -305,15 +305,16 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_a_world_size_that_cannot_keep_the_step(trained):
-    """A DDP checkpoint continues on other ranks only where a whole accumulation keeps its
-    micro-batches per step (2 -> 3 ranks cannot: tests/test_faults.py resumes 2 -> 1); a sharded
-    ZeRO-2 checkpoint does not move to other ranks at all. Both refusals touch nothing."""
+    """A checkpoint continues on other ranks only where a whole accumulation keeps its
+    micro-batches per step (2 -> 3 ranks cannot: tests/test_faults.py resumes DDP 2 -> 1,
+    tests/test_portable_resume.py ZeRO and FSDP2 on other ranks and strategies), a DDP or a sharded
+    ZeRO-2 checkpoint alike. Both refusals touch nothing."""
     cases = (
         (two_ranks_one_epoch(trained)[0], dict(gpus=3), "3 rank(s) cannot keep that"),
         (
             trained("zero2-one-epoch", "full", *ONE_EPOCH, gpus=2, zero=2)[0],
-            dict(gpus=1, zero=2),
-            "world_size 2 -> 1",
+            dict(gpus=3, zero=2),
+            "3 rank(s) cannot keep that",
         ),
     )
     for run_dir, shape, words in cases:
