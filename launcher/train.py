@@ -254,19 +254,6 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def gradient_sync(accelerator, model, sync: bool):
-    """Reduce gradients (and let the optimizer step) only after the window's last micro-batch.
-
-    What ``accelerator.accumulate`` does, but for a window the loop has already fetched:
-    accumulate decides by counting batches and by the loader's end, which it sees one batch
-    early when the loop reads a whole window ahead.
-    """
-    accelerator.gradient_state._set_sync_gradients(sync)
-    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-        yield
-
-
 def train_step(run: Run, window: list[dict]) -> StepResult:
     """One optimizer step over the micro-batches of one accumulation window, top to bottom.
 
@@ -276,6 +263,11 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
     backpropagates sum(CE) x (world size x accumulation) / (tokens of the whole step): DDP and
     DeepSpeed average gradients over ranks and Accelerate/DeepSpeed divide by the accumulation
     steps, which this factor undoes. Nothing here reads a device value on the host.
+
+    The window is already fetched (optimizer_windows), so the loop says itself which backward ends
+    it, with Accelerate's public ``sync_gradients`` and ``no_sync``, instead of
+    ``accelerator.accumulate``, which decides by counting batches and by the loader's end (seen
+    one batch early when the loop reads a whole window ahead).
     """
     accelerator, model, train = run.accelerator, run.model, run.recipe.train
     # 1. The loss denominator: target tokens of the whole step, over all ranks (one small all-reduce).
@@ -287,25 +279,33 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
 
     # 2. Forward and backward of each micro-batch; gradients add up locally until the last one.
     loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
     for index, batch in enumerate(window):
         last = index == len(window) - 1
-        with gradient_sync(accelerator, model, sync=last):
+        # Does this backward end the window? Under DeepSpeed, accelerator.backward passes it to
+        # engine.set_gradient_accumulation_boundary and, after the last backward, runs
+        # engine.step(): reduction (ZeRO-1: all-reduce, ZeRO-2/3: reduce-scatter), clipping, the
+        # update and zeroing. Elsewhere only the optimizer's step and zero_grad below read it
+        # (Accelerate skips them while it is False); it is True again when they run.
+        accelerator.sync_gradients = last
+        # Before the last micro-batch the gradients stay local: DDP and ZeRO-1 skip their
+        # all-reduce, FSDP2 its reduce-scatter (ZeRO-2/3 reduce in every backward: a null context).
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
             ce_sum, _ = summed_cross_entropy(model, batch, train.label_smoothing)
-            # On the last micro-batch the gradients synchronize here: DDP all-reduces them during
-            # backward; DeepSpeed reduces (ZeRO-2/3: reduce-scatters) them at its step boundary.
             accelerator.backward(ce_sum * scale)
-            if last and train.max_grad_norm and not uses_deepspeed(accelerator):
-                # 3. Clip the synchronized gradients (DeepSpeed clips inside its own step).
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-            # 4. Update: a no-op before the last micro-batch (Accelerate skips the optimizer while
-            #    gradients are not synchronized; DeepSpeed steps at its accumulation boundary).
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
         loss_sum = loss_sum + ce_sum.detach()
-    run.scheduler.step()
-    if grad_norm is None:
+
+    # 3. Clip the synchronized gradients; DeepSpeed clipped inside engine.step() and reports its norm.
+    if train.max_grad_norm and not uses_deepspeed(accelerator):
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    else:
         grad_norm = deepspeed_grad_norm(accelerator, model)
+
+    # 4. The update, once per window. Under DeepSpeed Accelerate's optimizer step and zero_grad
+    #    are no-ops (engine.step() did both in the last backward); the schedule is ours everywhere
+    #    (a LambdaLR that Accelerate keeps out of the engine, stepped here and only here).
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
 
     # 5. What the metrics line needs, still on the device: source + target tokens, examples.
     tokens = local_tokens + sum(batch["attention_mask"].sum() for batch in window)
