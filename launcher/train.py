@@ -282,15 +282,18 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
     for index, batch in enumerate(window):
         last = index == len(window) - 1
         # Does this backward end the window? Under DeepSpeed, accelerator.backward passes it to
-        # engine.set_gradient_accumulation_boundary and, after the last backward, runs
-        # engine.step(): reduction (ZeRO-1: all-reduce, ZeRO-2/3: reduce-scatter), clipping, the
-        # update and zeroing. Elsewhere only the optimizer's step and zero_grad below read it
-        # (Accelerate skips them while it is False); it is True again when they run.
+        # engine.set_gradient_accumulation_boundary (ZeRO-1 reduces in the boundary's backward)
+        # and, after the last backward, runs engine.step(): clipping, the update, zeroing.
+        # Elsewhere only the optimizer's step and zero_grad below read it (Accelerate skips them
+        # while it is False); it is True again when they run.
         accelerator.sync_gradients = last
         # Before the last micro-batch the gradients stay local: DDP and ZeRO-1 skip their
-        # all-reduce, FSDP2 its reduce-scatter (ZeRO-2/3 reduce in every backward: a null context).
+        # all-reduce, FSDP2 its reduce-scatter (ZeRO-2/3 reduce into their partitions in every
+        # backward: Accelerate's no_sync is a null context there).
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             ce_sum, _ = summed_cross_entropy(model, batch, train.label_smoothing)
+            # Divides by the accumulation steps (Accelerate, or the engine under DeepSpeed),
+            # which ``scale`` undoes; DDP all-reduces here on the window's last micro-batch.
             accelerator.backward(ce_sum * scale)
         loss_sum = loss_sum + ce_sum.detach()
 
