@@ -90,9 +90,11 @@ def product_runner(args: argparse.Namespace, examples: list[dict]):
     from transformers import AutoTokenizer
 
     from launcher.distributed import build_accelerator
+    from launcher.loaders import recipe_collator
+    from launcher.optimization import build_optimizer
     from launcher.recipe import read_run_recipe
     from launcher.render import DYNAMO_ENV
-    from launcher.train import build_optimizer, recipe_collator, train_step
+    from launcher.train import train_step
 
     recipe = read_run_recipe(args.run_dir)
     recipe.train.compile = args.compile

@@ -263,11 +263,11 @@ def worker_preflight(args: argparse.Namespace) -> None:
         info["cuda"] = False
         info["problems"].append(f"torch: {type(exc).__name__}: {exc}")
     try:
-        from launcher.train import cpu_fused_adamw_available
+        from launcher.optimization import cpu_fused_adamw_available
 
         info["cpu_fused_adamw"] = cpu_fused_adamw_available()  # what ZeRO-Offload runs will use
     except Exception as exc:  # noqa: BLE001
-        info["problems"].append(f"launcher.train: {type(exc).__name__}: {str(exc)[:200]}")
+        info["problems"].append(f"launcher.optimization: {type(exc).__name__}: {str(exc)[:200]}")
     info["peak_flops"], info["peak_label"] = peak_bf16(
         info.get("device", "") if info.get("cuda") else "", args.peak_tflops
     )
@@ -527,17 +527,12 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     from transformers import AutoTokenizer
 
     from launcher.data import LengthGroupedBatchSampler
+    from launcher.loaders import build_collator, pins_memory
     from launcher.model import apply_lora, count_parameters
-    from launcher.train import (
-        StopRequest,
-        WindowStats,
-        build_collator,
-        build_optimizer,
-        pins_memory,
-        prepare_model_for_training,
-        stop_requested,
-        train_step,
-    )
+    from launcher.optimization import build_optimizer
+    from launcher.step_stats import WindowStats
+    from launcher.stopping import StopRequest, stop_requested
+    from launcher.train import prepare_model_for_training, train_step
 
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:

@@ -132,16 +132,17 @@ def product_recipe(model_dir: Path, lr: float):
 
 def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Contender:
     """The product's model preparation and step, as ``train.set_up`` and ``train_loop`` do them."""
-    from launcher import train
+    from launcher import optimization, train
     from launcher.distributed import build_accelerator
     from launcher.model import build_model
+    from launcher.step_stats import WindowStats
 
     recipe = product_recipe(model_dir, lr)
     accelerator = build_accelerator(recipe)
     model = build_model(recipe, VOCAB)
     train.prepare_model_for_training(model, recipe, accelerator)
-    optimizer = train.build_optimizer(model, recipe, accelerator.device)
-    scheduler = train.build_scheduler(optimizer, recipe, total_steps)
+    optimizer = optimization.build_optimizer(model, recipe, accelerator.device)
+    scheduler = optimization.build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if compiled:
         model = torch.compile(model)
@@ -150,7 +151,7 @@ def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Con
         recipe, None, accelerator, model, None, optimizer, scheduler, None, None, None, total_steps, 0
     )
     decoder_start = accelerator.unwrap_model(model)
-    stats = train.WindowStats()
+    stats = WindowStats()
 
     def step(batch: dict) -> None:
         nonlocal stats

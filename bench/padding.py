@@ -4,7 +4,7 @@ real DialogSum train split, beside the alternatives.
 Computed tokens of a batch = batch rows x padded source length + batch rows x padded target
 length (what the encoder and decoder actually process); real tokens = the non-pad ones. The
 batches come from the product's own code: ``LengthGroupedBatchSampler`` over
-``example_lengths`` and the collator the loop builds (``launcher.train.build_collator``), on CPU
+``example_lengths`` and the collator the loop builds (``launcher.loaders.build_collator``), on CPU
 (no rounding) and on GPU (``pad_to_multiple_of=8``). Alternatives: random batches padded to
 the longest (Trainer's default with DataCollatorForSeq2Seq), HF's ``LengthGroupedSampler``
 (Trainer's group_by_length: megabatches sorted by source length only), the seed's
@@ -72,8 +72,8 @@ def main() -> None:
         load_split,
         tokenize_rows,
     )
+    from launcher.loaders import build_collator
     from launcher.recipe import DataSection
-    from launcher.train import build_collator
 
     tokenizer = AutoTokenizer.from_pretrained(str(bl.UNIGRAM_TOKENIZER))
     rows = load_split(str(bl.DIALOGSUM), "train", args.limit)

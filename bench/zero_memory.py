@@ -138,8 +138,8 @@ def worker(run_dir: Path) -> None:
 
     from launcher.distributed import build_accelerator, uses_deepspeed
     from launcher.model import build_model, count_parameters
+    from launcher.optimization import build_optimizer
     from launcher.recipe import read_run_recipe
-    from launcher.train import build_optimizer
 
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe)

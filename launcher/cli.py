@@ -12,14 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
-from launcher.options import FLAG_KEYS, train_recipe
+from launcher.options import FLAG_KEYS, EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -28,12 +27,6 @@ app = typer.Typer(
     help="Fine-tune FLAN-T5 for dialogue summarization on one GPU, many GPUs or many nodes, "
     "and end every run with a ROUGE report.",
 )
-
-
-class Offload(str, Enum):
-    none = "none"
-    optimizer = "optimizer"
-    full = "full"
 
 
 def user_errors(command: Callable) -> Callable:
@@ -143,7 +136,7 @@ def train_command(method: str):
 
         recipe, zero_note = train_recipe(
             method,
-            dict(
+            TrainOptions(
                 recipe_path=recipe_path,
                 overrides=overrides,
                 model=model,
@@ -217,21 +210,22 @@ def eval_command(
     """Generate with one model on one split across ranks, and score it with ROUGE."""
     from launcher import launch, runlock
     from launcher.modelfiles import check_model_files
-    from launcher.recipe import build_recipe, default_recipe_path, load_recipe
     from launcher.render import RankEntry
     from launcher.writable import check_writable_dir
 
-    recipe = load_recipe(default_recipe_path("full"), overrides)
-    raw = recipe.model_dump(mode="json")
-    raw["model"].update(name=model, adapter=str(adapter.resolve()) if adapter else None)
-    raw["data"]["dataset"] = data
-    raw["eval"].update(split=split, limit=limit if limit is not None else raw["eval"]["limit"])
-    if zero not in {"0", "3"}:
-        raise UserError(
-            f"--zero {zero}: evaluation either replicates the model (0) or shards it (3); use 0 or 3"
+    recipe = eval_recipe(
+        EvalOptions(
+            model=model,
+            adapter=adapter,
+            data=data,
+            split=split,
+            limit=limit,
+            gpus=gpus,
+            zero=zero,
+            cpu=cpu,
+            overrides=overrides,
         )
-    raw["launch"].update(gpus=gpus, zero=int(zero), cpu=cpu)
-    recipe = build_recipe(raw, "command line")
+    )
     if adapter and not (adapter / "adapter_config.json").is_file():
         raise UserError(
             f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run"

@@ -151,7 +151,7 @@ def build_accelerator(
 
 
 def dataloader_config(cpu: bool) -> DataLoaderConfiguration:
-    """GPU ranks copy each (pinned, see train.pins_memory) batch with ``non_blocking=True``:
+    """GPU ranks copy each (pinned, see loaders.pins_memory) batch with ``non_blocking=True``:
     Accelerate's default is a synchronous copy, a host wait for the GPU every micro-batch."""
     return DataLoaderConfiguration(non_blocking=not cpu)
 

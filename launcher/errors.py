@@ -12,7 +12,19 @@ class UserError(Exception):
     """Bad input (recipe, flags, data, model reference, run directory).
 
     The CLI prints ``error: <message>`` on one line and exits with code 2; ``--debug`` shows the traceback.
+    An error about one recipe key also carries, as fields, the ``key`` (dotted: ``train.lr``), the
+    ``source`` its value came from (``--set``, ``command line``, ``recipe PATH``) and the ``reason``
+    (the message less its source), so a caller that words it again (a sweep names its point)
+    never takes the message text apart.
     """
+
+    def __init__(
+        self, message: str, *, key: str | None = None, source: str | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.source = source
+        self.reason = message if reason is None else reason
 
 
 class RunFailure(Exception):

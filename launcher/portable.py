@@ -18,7 +18,6 @@ the run built them from the same model (the checkpoint's fingerprint says so).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +65,11 @@ def lookup(table: dict, names: list[str]):
     raise KeyError(f"the checkpoint has no parameter {names[0]} (nor its tied names {names[1:]})")
 
 
-def optimizer_order(model: torch.nn.Module, decays: Callable) -> list[str]:
+def optimizer_order(model: torch.nn.Module) -> list[str]:
     """Trainable parameter names in the order ``build_optimizer`` gave them to the optimizer
-    (``decays``: its rule; decayed matrices, then biases and norms): a torch optimizer state's indices."""
+    (``optimization.decays``: decayed matrices, then biases and norms): a torch optimizer state's indices."""
+    from launcher.optimization import decays
+
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, p in named if decays(n, p)] + [n for n, p in named if not decays(n, p)]
 
@@ -88,13 +89,11 @@ def convert(checkpoint: Path, saved: ckpt.TrainState, workdir: Path) -> None:
         convert_zero(checkpoint / "pytorch_model", workdir / "universal")
 
 
-def read_checkpoint(
-    checkpoint: Path, saved: ckpt.TrainState, model, workdir: Path, decays: Callable
-) -> Portable:
+def read_checkpoint(checkpoint: Path, saved: ckpt.TrainState, model, workdir: Path) -> Portable:
     """The checkpoint's trainable state, after ``convert``. ``model`` (the unwrapped model of this
-    run) and ``decays`` (build_optimizer's grouping rule) give a DDP optimizer state's order."""
+    run) and build_optimizer's grouping rule give a DDP optimizer state's order."""
     if saved.strategy == "ddp":
-        return read_ddp(checkpoint, optimizer_order(model, decays))
+        return read_ddp(checkpoint, optimizer_order(model))
     if saved.strategy == "fsdp":
         return read_fsdp(workdir)
     return read_zero(checkpoint, workdir)
@@ -344,7 +343,7 @@ def load_fsdp(model, optimizer, portable: Portable) -> None:
 # ---------------------------------------------------------------- the whole resume
 
 
-def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState, decays: Callable) -> None:
+def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState) -> None:
     """Every rank: read the checkpoint into the layout (the main rank converts, once, into a
     folder beside the checkpoints), load it, then Accelerate's scheduler and RNG files."""
     from accelerate.checkpointing import load_accelerator_state
@@ -357,7 +356,7 @@ def restore_converted(run, checkpoint: Path, saved: ckpt.TrainState, decays: Cal
         workdir.mkdir(parents=True)
         convert(checkpoint, saved, workdir)
     accelerator.wait_for_everyone()
-    portable = read_checkpoint(checkpoint, saved, model, workdir, decays)
+    portable = read_checkpoint(checkpoint, saved, model, workdir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(workdir, ignore_errors=True)

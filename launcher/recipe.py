@@ -553,7 +553,10 @@ def build_recipe(
     except ValidationError as exc:
         loc = [str(part) for part in exc.errors()[0]["loc"]]
         blamed = "command line" if loc in flagged else "--set" if loc in overridden else source
-        raise UserError(f"{blamed}: {describe_validation_error(exc)}") from None
+        reason = describe_validation_error(exc)
+        raise UserError(
+            f"{blamed}: {reason}", key=".".join(loc) or None, source=blamed, reason=reason
+        ) from None
 
 
 def load_recipe_data(path: Path, overrides: list[str] = ()) -> tuple[dict[str, Any], list[list[str]]]:

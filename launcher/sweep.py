@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, UserError
-from launcher.options import FLAG_KEYS, train_recipe
+from launcher.options import FLAG_KEYS, TrainOptions, train_recipe
 from launcher.paths import PACKAGE_DIR
 from launcher.sweep_grid import Values, grid_points, parse_grid, point_name, read_variants
 from launcher.sweep_manifest import (
@@ -138,14 +138,15 @@ def point_recipe(method: str, options: dict[str, Any], point: Point, fixed: dict
                 f"sweep point {point.name}: {key} is varied but {fixed[key]} fixes it; drop one of them"
             )
     try:
-        recipe, _ = train_recipe(method, {**options, "overrides": [*options["overrides"], *point.sets()]})
+        recipe, _ = train_recipe(method, TrainOptions.from_params(options).with_overrides(point.sets()))
     except UserError as exc:
-        text = str(exc)
-        for blamed in ("--set: ", "command line: "):
-            rest = text.removeprefix(blamed)
-            if rest != text and any(rest.startswith(key) for key in point.values):
-                text = rest
-        raise UserError(f"sweep point {point.name}: {text}") from None
+        # A bad value of a key the point varies is the point's: its name replaces the --set blame
+        # (the point's values reach the recipe as --set overrides).
+        own = exc.source in ("--set", "command line") and exc.key in point.values
+        text = exc.reason if own else str(exc)
+        raise UserError(
+            f"sweep point {point.name}: {text}", key=exc.key, source=f"sweep point {point.name}", reason=text
+        ) from None
     return recipe
 
 

@@ -19,12 +19,8 @@ Raises: UserError (exit 2) for a checkpoint of another run shape.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import os
-import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,17 +28,8 @@ import torch
 from launcher import best
 from launcher import checkpoint as ckpt
 from launcher.card import effective_batch
-from launcher.data import (
-    LengthGroupedBatchSampler,
-    TokenBudgetBatchSampler,
-    example_lengths,
-    load_data_split,
-    shard_sorted_batches,
-    tokenized_split,
-    train_batch_sampler,
-)
+from launcher.data import example_lengths, shard_sorted_batches
 from launcher.distributed import (
-    any_rank,
     build_accelerator,
     print_main,
     sum_over_ranks,
@@ -51,6 +38,7 @@ from launcher.distributed import (
 )
 from launcher.errors import EXIT_INTERRUPTED
 from launcher.finite import check_values, check_weights
+from launcher.loaders import TrainingData, batches_per_rank_by_epoch, epoch_batches, prepare_data
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.model import (
     build_model,
@@ -60,224 +48,11 @@ from launcher.model import (
     store_frozen_linear_weights,
     use_tanh_gelu_kernel,
 )
+from launcher.optimization import build_optimizer, build_scheduler, describe_optimizer, total_optimizer_steps
 from launcher.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
 from launcher.recipe import Recipe, read_run_recipe
-
-# ---------------------------------------------------------------- signals
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGUSR1/SIGINT; the loop checkpoints at the next optimizer step and exits.
-
-    A second Ctrl-C (SIGINT) interrupts at once, for a user who does not want to wait.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def uninstall(self) -> None:
-        """After training nothing polls the flag: a signal must act at once again."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
-# ---------------------------------------------------------------- setup
-
-
-@dataclass
-class TrainingData:
-    loader: torch.utils.data.DataLoader
-    sampler: LengthGroupedBatchSampler | TokenBudgetBatchSampler
-    validation: object  # tokenized datasets.Dataset
-    collator: object
-
-
-def build_collator(tokenizer, on_gpu: bool, model=None):
-    from transformers import DataCollatorForSeq2Seq
-
-    # Labels are padded with -100 so padding never enters the loss. With the model, batches also
-    # carry decoder_input_ids (labels shifted right), so the loop computes the loss itself.
-    return DataCollatorForSeq2Seq(
-        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8 if on_gpu else None
-    )
-
-
-def recipe_collator(recipe: Recipe, tokenizer, on_gpu: bool, model=None):
-    """The run's collator: with train.compile, batches padded to length buckets (compiling.py)."""
-    if not recipe.compiles:
-        return build_collator(tokenizer, on_gpu, model)
-    from launcher.compiling import BucketCollator
-
-    data = recipe.data
-    base = build_collator(tokenizer, False, model)  # the buckets are multiples of 8 already
-    return BucketCollator(base, tokenizer.pad_token_id, data.max_source_length, data.max_target_length)
-
-
-def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
-    data = recipe.data
-    cache = run_dir / "cache"
-    with accelerator.main_process_first():
-        train_rows = load_data_split(data, data.train_split, data.train_limit)
-        val_rows = load_data_split(data, data.validation_split, data.validation_limit)
-        train = tokenized_split(train_rows, tokenizer, data, cache, f"{data.dataset}:{data.train_split}")
-        validation = tokenized_split(
-            val_rows, tokenizer, data, cache, f"{data.dataset}:{data.validation_split}"
-        )
-    sampler = train_batch_sampler(
-        train,
-        recipe.train,
-        data.group_by_length,
-        micro_batches_per_step=recipe.train.grad_accum * accelerator.num_processes,
-        buckets=(data.max_source_length, data.max_target_length) if recipe.compiles else None,
-    )
-    collator = recipe_collator(recipe, tokenizer, accelerator.device.type == "cuda", model)
-    loader = torch.utils.data.DataLoader(
-        train.with_format("python"),
-        batch_sampler=sampler,
-        collate_fn=collator,
-        pin_memory=pins_memory(accelerator),
-    )
-    return TrainingData(loader, sampler, validation, collator)
-
-
-def pins_memory(accelerator) -> bool:
-    """Page-locked batches on CUDA ranks: only a pinned host tensor is copied with
-    ``non_blocking=True`` (build_accelerator) without the host waiting for the copy."""
-    return accelerator.device.type == "cuda"
-
-
-def true_shape(param: torch.nn.Parameter) -> torch.Size:
-    """A parameter's real shape, also under ZeRO-3, whose ``zero.Init`` leaves an empty 1-D
-    placeholder in ``param`` and the shape in ``ds_shape``."""
-    return getattr(param, "ds_shape", param.shape)
-
-
-def decays(name: str, param: torch.nn.Parameter) -> bool:
-    """Weight decay on matrices only: not on biases and layer norms (as in HF's Trainer)."""
-    return len(true_shape(param)) >= 2 and "norm" not in name.lower()
-
-
-def build_optimizer(
-    model: torch.nn.Module, recipe: Recipe, device: torch.device | None = None
-) -> torch.optim.Optimizer:
-    """The recipe's optimizer with two groups: decayed matrices, and undecayed biases and norms.
-    ``device`` is where the parameters will live once prepared (they are still on the CPU here)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if recipe.train.optimizer == "adafactor":
-        return adafactor(groups, recipe.train.lr)
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe, device))
-
-
-def adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """transformers' Adafactor with the recipe's learning rate and schedule (what Seq2SeqTrainer's
-    ``optim="adafactor"`` builds): no relative step or parameter scaling of its own, no first
-    moment, update clipping at RMS 1."""
-    from transformers.optimization import Adafactor
-
-    return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-
-
-def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:
-    """torch's fused AdamW kernel where the optimizer steps on a device that has one.
-
-    torch's defaults step AdamW per tensor on the CPU (about ten ATen ops and a host read of the
-    step count per parameter tensor) and with its multi-tensor ``foreach`` path on CUDA (a dozen
-    kernel launches per group of tensors); the fused kernel does the whole update in one op per
-    group, with the same arithmetic up to fp32 rounding (tests/test_host_syncs.py compares it
-    with the per-tensor loop). Used:
-
-    - ZeRO-Offload, which steps AdamW on flat fp32 partitions on the CPU (DeepSpeed warns that
-      the per-tensor loop "will yield poor performance");
-    - CUDA ranks (torch has had a fused CUDA AdamW since 2.0);
-    - CPU ranks (torch >= 2.4) under every strategy alike: DDP's per-tensor parameters, ZeRO's
-      flat partitions, FSDP2's DTensor shards (DTensor has a sharding rule for the fused op). The
-      kernel is elementwise, so it updates a value the same way in any layout: strategies that
-      trained identically before still do (tests/test_real_model.py, tests/test_fsdp.py).
-    """
-    if recipe.launch.zero and recipe.launch.offload != "none":
-        return {"fused": True} if cpu_fused_adamw_available() else {}
-    if device is None:
-        return {}
-    if device.type == "cuda" or (device.type == "cpu" and cpu_fused_adamw_available()):
-        return {"fused": True}
-    return {}
-
-
-@functools.cache
-def cpu_fused_adamw_available() -> bool:
-    """torch >= 2.4 has a fused AdamW for CPU tensors; older builds raise on its first step."""
-    param = torch.nn.Parameter(torch.zeros(2))
-    param.grad = torch.ones(2)
-    try:
-        torch.optim.AdamW([param], lr=1e-3, fused=True).step()
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
-
-
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """One line per run: which tensors decay (a wrong grouping is otherwise invisible)."""
-    parts = []
-    for group in optimizer.param_groups:
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in group["params"])
-        parts.append(
-            f"weight_decay {group['weight_decay']:g} on {len(group['params'])} tensors ({numel:,} values)"
-        )
-    name = type(optimizer).__name__
-    return f"optimizer: {name} lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
-
-
-def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        recipe.train.scheduler
-    ]
-    warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def batches_per_rank_by_epoch(sampler, epochs: int, world: int) -> list[int]:
-    """Micro-batches each rank runs in each epoch. Fixed-size batches give the same count every
-    epoch; a token budget packs each epoch's shuffle into a slightly different number."""
-    if not isinstance(sampler, TokenBudgetBatchSampler):
-        return [math.ceil(len(sampler) / world)] * epochs
-    counts = []
-    for epoch in range(epochs):
-        sampler.epoch = epoch
-        counts.append(math.ceil(len(sampler) / world))
-    sampler.epoch = 0
-    return counts
-
-
-def total_optimizer_steps(recipe: Recipe, batches_per_rank: list[int]) -> int:
-    """Optimizer steps of the whole run: every epoch's, until train.max_steps."""
-    total = sum(math.ceil(count / recipe.train.grad_accum) for count in batches_per_rank)
-    return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
-
+from launcher.step_stats import StepResult, WindowStats, metrics_row
+from launcher.stopping import StopRequest, stop_requested, stopped_message
 
 # ---------------------------------------------------------------- validation
 
@@ -382,51 +157,6 @@ def validation_loss(model, validation, collator, accelerator, batch_size: int) -
 # ---------------------------------------------------------------- the loop
 
 
-@dataclass
-class WindowStats:
-    """What happened since the last metrics line (this rank only).
-
-    Sums stay on the device and are read once per metrics line: reading them every step
-    (``.item()``) would make the host wait for the GPU and stop it queueing the next step.
-    """
-
-    loss_sum: torch.Tensor | float = 0.0  # summed token cross-entropy
-    target_tokens: torch.Tensor | int = 0
-    tokens: torch.Tensor | int = 0  # source + target tokens (throughput)
-    samples: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, step: StepResult) -> None:
-        self.loss_sum = self.loss_sum + step.loss_sum
-        self.target_tokens = self.target_tokens + step.target_tokens
-        self.tokens = self.tokens + step.tokens
-        self.samples += step.samples
-
-
-def metrics_row(
-    accelerator, stats: WindowStats, step: int, epoch_progress: float, lr: float, grad_norm
-) -> tuple[dict, float]:
-    """The metrics line of a window, and the gradient norm summed over ranks (the same all-reduce):
-    a sum any rank made inf or NaN is inf or NaN on every rank, so all ranks stop together."""
-    norm = float(grad_norm) if grad_norm is not None else 0.0
-    loss_sum, target_tokens, samples, tokens, norms = sum_over_ranks(
-        accelerator, [stats.loss_sum, stats.target_tokens, stats.samples, stats.tokens, norm]
-    )
-    elapsed = max(time.perf_counter() - stats.started, 1e-9)
-    row = {
-        "step": step,
-        "epoch": round(epoch_progress, 4),
-        "loss": loss_sum / max(target_tokens, 1),  # token-weighted, like val_loss
-        "lr": lr,
-        "samples_per_s": samples / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "elapsed_s": round(elapsed, 3),  # since the previous line: their sum is the training time
-    }
-    if grad_norm is not None:
-        row["grad_norm"] = norm
-    return row, norms
-
-
 def deepspeed_grad_norm(accelerator, model):
     """DeepSpeed's norm of the step it just took, as it comes (a device tensor, or None).
 
@@ -434,22 +164,6 @@ def deepspeed_grad_norm(accelerator, model):
     step; metrics_row converts it on logged steps only.
     """
     return model.get_global_grad_norm() if uses_deepspeed(accelerator) else None
-
-
-# Optimizer steps between two stop-flag all-reduces (and the first possible stop after a signal).
-STOP_CHECK_EVERY = 10
-
-
-def stop_requested(accelerator, stop: StopRequest, step: int, last_step: int) -> bool:
-    """Did any rank get a stop signal? Asked every STOP_CHECK_EVERY optimizer steps and at the last.
-
-    The all-reduce and its ``.item()`` make the host wait until the GPU has drained its queue;
-    asked every step, the host could never run ahead. Every rank asks at the same steps (it is
-    a collective); a signal waits at most STOP_CHECK_EVERY steps (SLURM signals 300 s early).
-    """
-    if step % STOP_CHECK_EVERY and step < last_step:
-        return False
-    return any_rank(accelerator, stop.requested)
 
 
 @dataclass
@@ -531,7 +245,7 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
         from launcher.portable import restore_converted
 
-        restore_converted(run, checkpoint, saved, decays)  # decays: the optimizer's grouping
+        restore_converted(run, checkpoint, saved)
         print_main(run.accelerator, ckpt.describe_conversion(checkpoint, saved, run.state))
     else:
         run.accelerator.load_state(str(checkpoint))
@@ -548,30 +262,6 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     return True
 
 
-@dataclass
-class StepResult:
-    """One optimizer step, seen from this rank (tensors stay on the device until logged)."""
-
-    loss_sum: torch.Tensor  # summed token cross-entropy of this rank's micro-batches
-    target_tokens: torch.Tensor  # this rank's target tokens
-    tokens: torch.Tensor  # this rank's source + target tokens (throughput)
-    samples: int
-    grad_norm: object = None  # a device tensor, or None where the step computed none
-
-
-@contextlib.contextmanager
-def gradient_sync(accelerator, model, sync: bool):
-    """Reduce gradients (and let the optimizer step) only after the window's last micro-batch.
-
-    What ``accelerator.accumulate`` does, but for a window the loop has already fetched:
-    accumulate decides by counting batches and by the loader's end, which it sees one batch
-    early when the loop reads a whole window ahead.
-    """
-    accelerator.gradient_state._set_sync_gradients(sync)
-    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-        yield
-
-
 def train_step(run: Run, window: list[dict]) -> StepResult:
     """One optimizer step over the micro-batches of one accumulation window, top to bottom.
 
@@ -581,6 +271,11 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
     backpropagates sum(CE) x (world size x accumulation) / (tokens of the whole step): DDP and
     DeepSpeed average gradients over ranks and Accelerate/DeepSpeed divide by the accumulation
     steps, which this factor undoes. Nothing here reads a device value on the host.
+
+    The window is already fetched (optimizer_windows), so the loop says itself which backward ends
+    it, with Accelerate's public ``sync_gradients`` and ``no_sync``, instead of
+    ``accelerator.accumulate``, which decides by counting batches and by the loader's end (seen
+    one batch early when the loop reads a whole window ahead).
     """
     accelerator, model, train = run.accelerator, run.model, run.recipe.train
     # 1. The loss denominator: target tokens of the whole step, over all ranks (one small all-reduce).
@@ -592,25 +287,36 @@ def train_step(run: Run, window: list[dict]) -> StepResult:
 
     # 2. Forward and backward of each micro-batch; gradients add up locally until the last one.
     loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
     for index, batch in enumerate(window):
         last = index == len(window) - 1
-        with gradient_sync(accelerator, model, sync=last):
+        # Does this backward end the window? Under DeepSpeed, accelerator.backward passes it to
+        # engine.set_gradient_accumulation_boundary (ZeRO-1 reduces in the boundary's backward)
+        # and, after the last backward, runs engine.step(): clipping, the update, zeroing.
+        # Elsewhere only the optimizer's step and zero_grad below read it (Accelerate skips them
+        # while it is False); it is True again when they run.
+        accelerator.sync_gradients = last
+        # Before the last micro-batch the gradients stay local: DDP and ZeRO-1 skip their
+        # all-reduce, FSDP2 its reduce-scatter (ZeRO-2/3 reduce into their partitions in every
+        # backward: Accelerate's no_sync is a null context there).
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
             ce_sum, _ = summed_cross_entropy(model, batch, train.label_smoothing)
-            # On the last micro-batch the gradients synchronize here: DDP all-reduces them during
-            # backward; DeepSpeed reduces (ZeRO-2/3: reduce-scatters) them at its step boundary.
+            # Divides by the accumulation steps (Accelerate, or the engine under DeepSpeed),
+            # which ``scale`` undoes; DDP all-reduces here on the window's last micro-batch.
             accelerator.backward(ce_sum * scale)
-            if last and train.max_grad_norm and not uses_deepspeed(accelerator):
-                # 3. Clip the synchronized gradients (DeepSpeed clips inside its own step).
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-            # 4. Update: a no-op before the last micro-batch (Accelerate skips the optimizer while
-            #    gradients are not synchronized; DeepSpeed steps at its accumulation boundary).
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
         loss_sum = loss_sum + ce_sum.detach()
-    run.scheduler.step()
-    if grad_norm is None:
+
+    # 3. Clip the synchronized gradients; DeepSpeed clipped inside engine.step() and reports its norm.
+    if train.max_grad_norm and not uses_deepspeed(accelerator):
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    else:
         grad_norm = deepspeed_grad_norm(accelerator, model)
+
+    # 4. The update, once per window. Under DeepSpeed Accelerate's optimizer step and zero_grad
+    #    are no-ops (engine.step() did both in the last backward); the schedule is ours everywhere
+    #    (a LambdaLR that Accelerate keeps out of the engine, stepped here and only here).
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
 
     # 5. What the metrics line needs, still on the device: source + target tokens, examples.
     tokens = local_tokens + sum(batch["attention_mask"].sum() for batch in window)
@@ -742,10 +448,7 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
 
 
 def stop_after_signal(run: Run) -> int:
-    print_main(
-        run.accelerator,
-        f"stop requested by signal: checkpoint step_{run.state.step} written; resume with --resume auto",
-    )
+    print_main(run.accelerator, stopped_message(run.state.step))
     write_interrupted_marker(run.accelerator, run.run_dir, run.state.step)
     run.accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
     return EXIT_INTERRUPTED
@@ -825,26 +528,6 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     finally:
         logger.close()
     return 0
-
-
-def epoch_batches(accelerator, loader, skip: int):
-    """Iterate one epoch; a resumed epoch skips the batches already trained on.
-
-    Starting a DataLoader iteration draws a base seed from torch's global RNG. An uninterrupted
-    run drew it at the start of the epoch, before the checkpoint's RNG snapshot; the resumed
-    run must not draw it again, or every later dropout mask shifts.
-    """
-    if not skip:
-        yield from loader
-        return
-    rng = torch.get_rng_state()
-    iterator = iter(accelerator.skip_first_batches(loader, skip))
-    first = next(iterator, None)  # the iteration (and its seed draw) starts here
-    torch.set_rng_state(rng)
-    if first is None:
-        return
-    yield first
-    yield from iterator
 
 
 def make_progress(accelerator, total: int, initial: int):

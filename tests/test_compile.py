@@ -10,8 +10,9 @@ import yaml
 from conftest import run_cli_in_process
 
 from launcher.compiling import BucketCollator, bucket_count, bucket_length
+from launcher.loaders import build_collator
 from launcher.model import build_tiny_t5
-from launcher.train import build_collator, summed_cross_entropy
+from launcher.train import summed_cross_entropy
 
 
 def rendered(tmp_path, *args: str) -> tuple[dict, str]:

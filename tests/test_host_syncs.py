@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli_in_process
 
-from launcher import distributed, train
+from launcher import distributed, loaders, optimization, stopping, train
 from launcher.recipe import build_recipe, default_recipe_path, load_recipe
 
 
@@ -50,17 +50,17 @@ class CountingAccelerator:
 
 def test_stop_flag_is_all_reduced_every_n_steps_and_at_the_last():
     accelerator = CountingAccelerator()
-    stop = train.StopRequest()
+    stop = stopping.StopRequest()
     asked = []
     for step in range(1, 26):
         before = accelerator.reductions
-        assert train.stop_requested(accelerator, stop, step, 25) is False
+        assert stopping.stop_requested(accelerator, stop, step, 25) is False
         if accelerator.reductions > before:
             asked.append(step)
     assert asked == [10, 20, 25]  # STOP_CHECK_EVERY = 10, 25 steps in all
     stop.signal = 15
-    assert train.stop_requested(accelerator, stop, 30, 100) is True
-    assert train.stop_requested(accelerator, stop, 31, 100) is False  # between checks: not even asked
+    assert stopping.stop_requested(accelerator, stop, 30, 100) is True
+    assert stopping.stop_requested(accelerator, stop, 31, 100) is False  # between checks: not even asked
 
 
 @pytest.fixture
@@ -111,11 +111,11 @@ def test_train_loop_asks_for_the_stop_flag_every_n_steps(tiny_run, monkeypatch):
 
     steps_asked = []
     monkeypatch.setattr(
-        train, "any_rank", lambda accelerator, flag: steps_asked.append(tiny_run.state.step) or flag
+        stopping, "any_rank", lambda accelerator, flag: steps_asked.append(tiny_run.state.step) or flag
     )
     logger = MetricsLogger(tiny_run.accelerator, tiny_run.run_dir, tiny_run.recipe, 0)
     try:
-        assert train.train_loop(tiny_run, logger, train.StopRequest(), resumed=False)
+        assert train.train_loop(tiny_run, logger, stopping.StopRequest(), resumed=False)
     finally:
         logger.close()
     assert tiny_run.total_steps == 12  # max_steps (64 examples / micro batch 8 = 8 steps per epoch)
@@ -165,7 +165,7 @@ def test_training_loader_pins_memory_only_on_cuda_ranks(tmp_path):
         accelerator = SimpleNamespace(
             device=torch.device(device), main_process_first=nullcontext, num_processes=1
         )
-        data = train.prepare_data(recipe, tokenizer, accelerator, tmp_path / device)
+        data = loaders.prepare_data(recipe, tokenizer, accelerator, tmp_path / device)
         assert data.loader.pin_memory is pinned, device
 
 
@@ -197,7 +197,7 @@ def test_offload_optimizer_is_torchs_fused_cpu_adamw():
         ({"zero": 3}, None),
         ({"zero": 0}, None),
     ):
-        optimizer = train.build_optimizer(model, recipe_for(**launch))
+        optimizer = optimization.build_optimizer(model, recipe_for(**launch))
         assert optimizer.defaults["fused"] is fused, launch
 
 

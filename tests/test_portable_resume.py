@@ -171,7 +171,6 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
     from launcher import portable
     from launcher.model import build_model, load_tokenizer
     from launcher.recipe import read_run_recipe
-    from launcher.train import decays
 
     def read(run_dir: Path, workdir: Path) -> portable.Portable:
         checkpoint = run_dir / "checkpoints" / "step_4"
@@ -180,7 +179,7 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
         model = build_model(recipe, len(load_tokenizer(recipe)))
         workdir.mkdir()
         portable.convert(checkpoint, saved, workdir)
-        return portable.read_checkpoint(checkpoint, saved, model, workdir, decays), model
+        return portable.read_checkpoint(checkpoint, saved, model, workdir), model
 
     source = runs(strategy, crash=True)
     ours, model = read(source, source.parent / "portable")

@@ -368,7 +368,7 @@ def test_adafactor_is_transformers_with_the_recipes_groups():
     from transformers.optimization import Adafactor
 
     from launcher.model import build_model
-    from launcher.train import build_optimizer
+    from launcher.optimization import build_optimizer
 
     recipe = recipe_with("model.name=tiny-t5", "train.optimizer=adafactor", "train.lr=1e-3")
     optimizer = build_optimizer(build_model(recipe, 1000), recipe)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launcher import train
+from launcher import optimization, train
 from launcher.model import (
     apply_lora,
     build_tiny_t5,
@@ -320,11 +320,11 @@ def test_fused_adamw_on_cuda_and_cpu_ranks_under_every_strategy():
         (recipe("full", zero=3), cuda, True),
         (recipe("full"), cpu, True),
         (recipe("lora"), cpu, True),
-        (recipe("full", zero=2), cpu, True),  # every strategy alike: see train.adamw_options
+        (recipe("full", zero=2), cpu, True),  # every strategy alike: see optimization.adamw_options
         (recipe("full", fsdp=True, gpus=2), cpu, True),
         (recipe("full"), None, None),  # no device known: torch's default
     ):
-        optimizer = train.build_optimizer(model, run_recipe, device)
+        optimizer = optimization.build_optimizer(model, run_recipe, device)
         assert optimizer.defaults["fused"] is fused, (run_recipe.launch, device)
 
 

@@ -1,0 +1,96 @@
+"""Recipe resolution outside the CLI (launcher/options.py): typed options -> a validated recipe,
+for `ftlaunch full|lora`, `ftlaunch eval` and each sweep point alike; an error about a recipe key
+carries the key and where its value came from as fields (launcher.errors.UserError), so a sweep
+names its point without taking the message text apart. In process, nothing launched.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.errors import UserError
+from launcher.options import EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
+from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.sweep import point_recipe
+from launcher.sweep_manifest import Point
+
+TINY = ("model.name=tiny-t5", "data.dataset=sample")
+
+
+def test_a_recipe_error_carries_its_key_source_and_reason_as_fields():
+    raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
+    raw["train"]["lr"] = "abc"
+    for overridden, flagged, source in (
+        ([["train", "lr"]], [], "--set"),
+        ([], [["train", "lr"]], "command line"),
+        ([], [], "recipe r.yaml"),
+    ):
+        with pytest.raises(UserError) as caught:
+            build_recipe(raw, "recipe r.yaml", overridden, flagged)
+        error = caught.value
+        assert (error.key, error.source) == ("train.lr", source)
+        assert error.reason.startswith("train.lr='abc': input should be a valid number")
+        assert str(error) == f"{source}: {error.reason}"  # the line the CLI prints is unchanged
+
+
+def test_a_plain_user_error_has_no_key_and_its_message_as_reason():
+    error = UserError("--output x is a file")
+    assert (error.key, error.source, error.reason) == (None, None, "--output x is a file")
+
+
+def test_typed_train_options_make_the_commands_recipe():
+    options = TrainOptions(overrides=[*TINY, "train.lr=3e-4"], gpus=2, cpu=True, offload=Offload.none)
+    recipe, note = train_recipe("lora", options)
+    assert (recipe.model.name, recipe.train.lr, recipe.launch.gpus, recipe.launch.cpu) == (
+        "tiny-t5",
+        3e-4,
+        2,
+        True,
+    )
+    assert recipe.train.method == "lora" and note is None
+    # A flag wins over --set, and a bad flag value is blamed on the command line, as a field too.
+    with pytest.raises(UserError) as caught:
+        train_recipe("lora", TrainOptions(overrides=[*TINY, "launch.gpus=2"], gpus=0))
+    assert (caught.value.key, caught.value.source) == ("launch.gpus", "command line")
+
+
+def test_train_options_are_picked_from_a_commands_parameters():
+    params = {"recipe_path": None, "overrides": list(TINY), "gpus": 2, "output": "x", "resume": "auto"}
+    options = TrainOptions.from_params(params)
+    assert (options.gpus, options.overrides, options.zero) == (2, list(TINY), None)
+    assert options.with_overrides(["lora.r=4"]).overrides == [*TINY, "lora.r=4"]
+    assert options.overrides == list(TINY)  # the options themselves are not changed
+
+
+def test_eval_options_make_the_eval_recipe():
+    options = EvalOptions(
+        model="tiny-t5", adapter=None, data="sample", split="validation", limit=5, gpus=2, zero="3", cpu=True,
+        overrides=["eval.num_beams=2"],
+    )  # fmt: skip
+    recipe = eval_recipe(options)
+    assert (recipe.eval.split, recipe.eval.limit, recipe.eval.num_beams) == ("validation", 5, 2)
+    assert (recipe.launch.gpus, recipe.launch.zero, recipe.launch.cpu) == (2, 3, True)
+    with pytest.raises(UserError, match="--zero 2: evaluation either replicates"):
+        eval_recipe(EvalOptions(**{**options.__dict__, "zero": "2"}))
+
+
+@pytest.mark.parametrize(
+    ("values", "line"),
+    [
+        # The point's own bad value: its name replaces the --set blame, whatever the message's form.
+        ({"train.lr": "abc"}, "sweep point p: train.lr='abc': input should be a valid number"),
+        ({"train.lrr": "1"}, "sweep point p: unknown key train.lrr; did you mean train.lr?"),
+        # A bad value the point does not vary keeps its own source.
+        (
+            {"lora.r": "4"},
+            "sweep point p: --set: train.warmup_ratio=2.0: input should be less than 1",
+        ),
+    ],
+)
+def test_a_sweep_point_error_is_blamed_on_the_point_by_its_fields(values, line):
+    options = TrainOptions(overrides=[*TINY, "train.warmup_ratio=2.0"] if "lora.r" in values else list(TINY))
+    with pytest.raises(UserError) as caught:
+        point_recipe("lora", options.__dict__, Point(0, "p", values), fixed={})
+    assert str(caught.value).startswith(line), str(caught.value)
+    assert caught.value.source == "sweep point p"
+    assert str(caught.value) == f"sweep point p: {caught.value.reason}"

@@ -1,0 +1,143 @@
+"""One optimizer step per accumulation window (train.train_step), through Accelerate's public API.
+
+In one process, without launching ranks: a window of three micro-batches calls the prepared
+optimizer's ``step`` and ``zero_grad`` and the schedule's ``step`` once each (they used to be
+called on every micro-batch and skipped by Accelerate), never Accelerate's private
+``GradientState._set_sync_gradients``, and the window's gradient is the one a plain loop computes
+for the token-weighted loss. The multi-rank equivalences (2 ranks == 1 rank with accumulation,
+per strategy) are in test_training.py, test_real_model.py and test_fsdp.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from launcher import train
+from launcher.distributed import build_accelerator
+from launcher.loaders import build_collator
+from launcher.model import build_model, load_tokenizer, set_dropout
+from launcher.optimization import build_optimizer, build_scheduler
+from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+
+WINDOW = 3  # micro-batches of one optimizer step
+
+
+def tiny_recipe():
+    raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
+    raw["model"].update(name="tiny-t5", precision="fp32")
+    raw["data"]["dataset"] = "sample"
+    raw["launch"].update(cpu=True, gpus=1)
+    raw["train"].update(grad_accum=WINDOW, max_grad_norm=1.0, lr=1e-3)
+    return build_recipe(raw, "test")
+
+
+def micro_batches(tokenizer, model) -> list[dict]:
+    """Three micro-batches of different lengths (so their token counts differ)."""
+    generator = torch.Generator().manual_seed(0)
+    collator = build_collator(tokenizer, False, model)
+    batches = []
+    for size, source, target in ((2, 9, 4), (3, 14, 7), (1, 5, 3)):
+        examples = [
+            {
+                "input_ids": torch.randint(3, len(tokenizer), (source - i,), generator=generator).tolist(),
+                "labels": torch.randint(3, len(tokenizer), (target + i,), generator=generator).tolist(),
+            }
+            for i in range(size)
+        ]
+        batches.append(collator(examples))
+    return batches
+
+
+def counting(target, name: str, calls: Counter) -> None:
+    """Count the calls of ``target.name`` (an instance attribute shadows the method)."""
+    method = getattr(target, name)
+
+    def counted(*args, **kwargs):
+        calls[f"{type(target).__name__}.{name}"] += 1
+        return method(*args, **kwargs)
+
+    setattr(target, name, counted)
+
+
+@pytest.fixture
+def prepared():
+    recipe = tiny_recipe()
+    accelerator = build_accelerator(recipe)
+    tokenizer = load_tokenizer(recipe)
+    model = build_model(recipe, len(tokenizer))
+    set_dropout(model, 0.0)  # the reference below runs the same forward passes again
+    optimizer = build_optimizer(model, recipe, accelerator.device)
+    scheduler = build_scheduler(optimizer, recipe, total_steps=10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    try:
+        yield SimpleNamespace(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            recipe=recipe,
+            batches=micro_batches(tokenizer, model),
+        )
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_a_window_steps_the_optimizer_zero_grad_and_schedule_once(prepared, monkeypatch):
+    def private(self, sync):
+        raise AssertionError("train_step used Accelerate's private GradientState._set_sync_gradients")
+
+    monkeypatch.setattr(GradientState, "_set_sync_gradients", private)
+    calls = Counter()
+    for target, name in (
+        (prepared.optimizer, "step"),
+        (prepared.optimizer, "zero_grad"),
+        (prepared.scheduler, "step"),
+    ):
+        counting(target, name, calls)
+    before = [p.detach().clone() for p in prepared.model.parameters()]
+
+    result = train.train_step(prepared, prepared.batches)
+
+    assert calls == {
+        "AcceleratedOptimizer.step": 1,
+        "AcceleratedOptimizer.zero_grad": 1,
+        "AcceleratedScheduler.step": 1,
+    }
+    # The update really happened, once: AdamW's step count is 1 and every weight moved.
+    inner = prepared.optimizer.optimizer
+    assert {int(inner.state[p]["step"]) for p in prepared.model.parameters()} == {1}
+    assert all(not torch.equal(p, b) for p, b in zip(prepared.model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in prepared.model.parameters())  # zeroed after the update
+    assert prepared.accelerator.sync_gradients  # left True for whatever runs after the window
+    assert int(result.target_tokens) == sum(int((b["labels"] != -100).sum()) for b in prepared.batches)
+
+
+def test_the_windows_gradient_is_the_token_weighted_loss_of_a_plain_loop(prepared):
+    """The norm train_step clips is the norm of grad(sum of the window's token CEs / its tokens).
+
+    Both sides compute the same fp32 gradients; the product backpropagates each micro-batch with
+    the factor (accumulation / tokens) that Accelerate then divides by the accumulation, and adds
+    the three micro-batches' gradients up in the parameters' .grad, where the reference
+    backpropagates one summed loss. Each gradient element therefore differs by a few fp32
+    roundings (2^-24 relative each), and so does their norm: 1e-5 relative is ~100 ulps of room,
+    far below what a wrong weighting moves it (the mean of micro-batch means instead of the token
+    mean makes it 25% larger with these micro-batches of 9, 24 and 3 target tokens).
+    """
+    model = prepared.model
+    reference = sum(train.summed_cross_entropy(model, batch)[0] for batch in prepared.batches)
+    tokens = sum((batch["labels"] != -100).sum() for batch in prepared.batches)
+    (reference / tokens).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    for p in model.parameters():
+        p.grad = None
+
+    result = train.train_step(prepared, prepared.batches)
+
+    assert float(result.grad_norm) == pytest.approx(float(expected), rel=1e-5)
+    assert float(result.loss_sum) == pytest.approx(float(reference.detach()), rel=1e-6)
