@@ -118,6 +118,22 @@ def run_cli_harness(*args: str, env: dict[str, str] | None = None) -> subprocess
     return run_cli_in_process(*args, env=env, run_ranks=rankharness.run_ranks)
 
 
+# The tiny runs most modules train: fp32, a loss row per step, micro batch 4, no ROUGE evaluation.
+TINY_FAST = (
+    *("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4"),
+    *("--set", "eval.after_training=false"),
+)
+# One epoch of the sample data (64 dialogues: 8 steps on 2 ranks), deterministic (no dropout).
+TINY_ONE_EPOCH = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
+
+
+def tiny_args(method: str, *extra: str, gpus: int = 2, zero: int = 0) -> tuple[str, ...]:
+    """`ftlaunch METHOD ...` of a tiny CPU run on the sample data (no --output): equal argument
+    lists are one entry of ``trained_run``'s catalogue, so modules build theirs with this."""
+    shape = ("--cpu", "--gpus", str(gpus), "--zero", str(zero), "--model", "tiny-t5", "--data", "sample")
+    return (method, *shape, *TINY_FAST, *extra)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """The session's catalogue of trained tiny runs: ``trained_run(*ftlaunch_args, real=False)``

@@ -211,7 +211,7 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 6
     with tempfile.TemporaryDirectory(prefix="ftlaunch-harness-") as scratch:
         outputs = [str(Path(scratch) / f"rank{i}.out") for i in range(len(processes))]
         ranks = [
-            ctx.Process(target=rank_main, args=(worker_env, python_args, output), daemon=True)
+            ctx.Process(target=rank_main, args=(worker_env, python_args, output))
             for (worker_env, python_args), output in zip(processes, outputs)
         ]
         for rank in ranks:

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_jsonl
+from conftest import TINY_ONE_EPOCH, read_jsonl, tiny_args
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ZERO2 = (
-    "full",
-    *("--cpu", "--gpus", "2", "--zero", "2", "--model", "tiny-t5", "--data", "sample"),
-    *("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4"),
-    *("--set", "eval.after_training=false", "--set", "train.epochs=1", "--set", "train.lr=2e-3"),
-    *("--set", "model.dropout=0.0"),
-)
+ZERO2 = tiny_args("full", *TINY_ONE_EPOCH, zero=2)  # test_training's ZeRO-2 run
 TIMING = ("samples_per_s", "tokens_per_s", "elapsed_s")  # wall-clock: differs between any two runs
 
 
