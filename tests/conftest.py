@@ -53,12 +53,17 @@ def run_cli(
 
 
 def run_cli_in_process(
-    *args: str, timeout: float | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    run_ranks=None,
 ) -> subprocess.CompletedProcess:
     """`ftlaunch ARGS...` through ``launcher.cli.main`` in this process; the same result object as
     ``run_cli``. Nothing is launched: where ``env`` names FTLAUNCH_TEST_LAUNCH_MARKER (the fake
     `accelerate` of the refusal tests) the launch step appends the run directory to that file and
-    returns 99 as the fake does; anywhere else a launch fails the test (use ``run_cli``)."""
+    returns 99 as the fake does; anywhere else a launch fails the test (use ``run_cli``), unless
+    ``run_ranks`` replaces the launch step (``run_cli_harness``)."""
     from launcher import cli, launch
 
     env = env or cli_env()
@@ -79,7 +84,7 @@ def run_cli_in_process(
     try:
         os.chdir(cwd or REPO)
         with (
-            mock.patch.object(launch, "run_command", no_launch),
+            mock.patch.object(launch, "run_command", run_ranks or no_launch),
             contextlib.redirect_stdout(stdout),
             contextlib.redirect_stderr(stderr),
         ):
@@ -101,6 +106,53 @@ def run_cli_in_process(
     return subprocess.CompletedProcess(
         ["ftlaunch", *map(str, args)], code, stdout.getvalue(), stderr.getvalue()
     )
+
+
+def run_cli_harness(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ftlaunch full|lora ARGS...` with its ranks forked from the session's preloaded forkserver
+    (tests/rankharness.py) instead of `accelerate launch`: the same checks, run directory, rank
+    environment and training, without ~10-20 s of imports per rank. For the tests of what
+    training computes; launch, signal, supervision and SLURM behaviour use ``run_cli``."""
+    import rankharness
+
+    return run_cli_in_process(*args, env=env, run_ranks=rankharness.run_ranks)
+
+
+# The tiny runs most modules train: fp32, a loss row per step, micro batch 4, no ROUGE evaluation.
+TINY_FAST = (
+    *("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.micro_batch_size=4"),
+    *("--set", "eval.after_training=false"),
+)
+# One epoch of the sample data (64 dialogues: 8 steps on 2 ranks), deterministic (no dropout).
+TINY_ONE_EPOCH = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
+
+
+def tiny_args(method: str, *extra: str, gpus: int = 2, zero: int = 0) -> tuple[str, ...]:
+    """`ftlaunch METHOD ...` of a tiny CPU run on the sample data (no --output): equal argument
+    lists are one entry of ``trained_run``'s catalogue, so modules build theirs with this."""
+    shape = ("--cpu", "--gpus", str(gpus), "--zero", str(zero), "--model", "tiny-t5", "--data", "sample")
+    return (method, *shape, *TINY_FAST, *extra)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The session's catalogue of trained tiny runs: ``trained_run(*ftlaunch_args, real=False)``
+    trains ``ftlaunch ARGS --output DIR`` once per distinct argument list (through the harness,
+    or a real launch with ``real=True``) and returns the same DIR to every test that asks for it.
+    Tests must not modify a shared run: copy it (``shutil.copytree``) to resume, overwrite or
+    evaluate into it."""
+    runs: dict[tuple, Path] = {}
+
+    def get(*args: str, real: bool = False) -> Path:
+        key = (tuple(map(str, args)), real)
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp("shared-run") / "run"
+            result = (run_cli if real else run_cli_harness)(*args, "--output", str(run_dir))
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+            runs[key] = run_dir
+        return runs[key]
+
+    return get
 
 
 def save_tiny_t5(path: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli, run_cli_in_process
+from conftest import read_jsonl, run_cli_harness, run_cli_in_process
 from safetensors.torch import load_file
 
 from launcher import best
@@ -26,7 +26,8 @@ EVERY, MAX_STEPS = 4, 32  # sample data: 8 steps per epoch of 8 examples, 4 epoc
 @pytest.fixture(scope="module")
 def early_stopped(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("best") / "run"
-    result = run_cli(
+    # ranks from the rank harness (tests/rankharness.py): the subject is what the run logs and keeps
+    result = run_cli_harness(
         "full",
         *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output", str(out)),
         *("--set", "model.precision=fp32", "--set", "model.dropout=0.0"),

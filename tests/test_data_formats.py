@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_cli_harness
 from rouge_score import rouge_scorer
 from tiny_families import SAMPLE, save_tiny
 
@@ -190,7 +190,7 @@ def test_mt5_lora_on_csv_and_parquet_files_trains_and_scores_best_of_n(tmp_path)
     model_dir = save_tiny("mt5", tmp_path / "mt5")
     data = own_data(tmp_path / "data", {"train": ".csv", "validation": ".csv", "test": ".parquet"})
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_harness(  # ranks from the rank harness (tests/rankharness.py)
         "lora",
         "--cpu",
         "--gpus",

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_cli, run_cli_in_process
+from conftest import read_jsonl, run_cli, run_cli_harness, run_cli_in_process
 from rouge_score import rouge_scorer
 
 SAMPLE_TEST_SIZE = 13  # does not divide by 2 ranks (nor by the batch sizes used below)
@@ -18,7 +18,9 @@ FP32 = ("--set", "model.precision=fp32")
 
 
 def evaluate(out: Path, *extra: str, gpus: int = 1) -> list[dict]:
-    result = run_cli(
+    """`ftlaunch eval` with its ranks from the rank harness (tests/rankharness.py): these tests
+    check what the ranks generate, gather and score, not how they are launched."""
+    result = run_cli_harness(
         "eval",
         "--model",
         "tiny-t5",
@@ -47,7 +49,7 @@ def one_process(tmp_path_factory) -> list[dict]:
     )
 
 
-@pytest.mark.slow  # launches `ftlaunch eval` (accelerate + a rank): processes, half a minute
+@pytest.mark.slow  # `ftlaunch eval` on a rank (forked by the rank harness: seconds, once it is up)
 def test_one_process_predictions_cover_the_split_in_order(one_process):
     sample = read_jsonl(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "test.jsonl")
     assert [row["id"] for row in one_process] == [row["id"] for row in sample]
@@ -148,7 +150,7 @@ def test_score_rejects_unknown_ids(tmp_path):
 @pytest.mark.slow
 def test_lora_run_ends_with_report_and_compare(tmp_path):
     run_dir = tmp_path / "lora"
-    result = run_cli(
+    result = run_cli_harness(
         "lora",
         "--cpu",
         "--gpus",

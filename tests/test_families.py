@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_cli_harness
 from tiny_families import SAMPLE, save_tiny_families
 
 from launcher.errors import UserError
@@ -197,7 +197,9 @@ def tiny_family_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def family_run(model_dir: Path, method: str, zero: int, out: Path, *extra: str) -> None:
-    result = run_cli(
+    """A 2-rank fine-tune of a tiny family model (its ranks from the rank harness,
+    tests/rankharness.py: what the run computes and reports)."""
+    result = run_cli_harness(
         method,
         "--cpu",
         "--gpus",

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl
+from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl, run_cli_harness
 
 from launcher.card import training_facts
 from launcher.history import segments
@@ -193,6 +193,13 @@ def run_job(run_dir: Path, args: list[str], **env: str) -> tuple[int, str]:
         return code, job.output()
 
 
+def harness_job(args: list[str], **env: str) -> tuple[int, str]:
+    """`ftlaunch ARGS` with its ranks from the rank harness (tests/rankharness.py): for a run whose
+    numbers a test checks after the fault (a resume, a reference), not for the fault itself."""
+    result = run_cli_harness(*args, env=cli_env(**env))
+    return result.returncode, result.stdout + result.stderr
+
+
 def assert_no_rank_left(run_dir: Path, within: float = 10) -> None:
     deadline = time.monotonic() + within
     while job_pids(run_dir) and time.monotonic() < deadline:
@@ -251,13 +258,14 @@ def tree(directory: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run of SHAPE per ZeRO stage, made once: zero -> (run dir, metrics)."""
+    """An uninterrupted run of SHAPE per ZeRO stage, made once (through the rank harness: what
+    training computes): zero -> (run dir, metrics)."""
     runs: dict[int, tuple[Path, list[dict]]] = {}
 
     def get(zero: int) -> tuple[Path, list[dict]]:
         if zero not in runs:
             run_dir = tmp_path_factory.mktemp(f"reference-zero{zero}") / "run"
-            code, output = run_job(run_dir, train_args(run_dir, zero, *SHAPE))
+            code, output = harness_job(train_args(run_dir, zero, *SHAPE))
             assert code == 0, output[-6000:]
             metrics = read_jsonl(run_dir / "metrics.jsonl")
             assert loss_steps(metrics) == list(range(1, TOTAL_STEPS + 1))
@@ -292,7 +300,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, ze
     assert_complete_checkpoint(run_dir, 4)
     assert not (run_dir / "INTERRUPTED").exists()
 
-    code, output = run_job(run_dir, [*args, "--resume", "auto"])
+    code, output = harness_job([*args, "--resume", "auto"])
     assert code == 0, output[-6000:]
     assert f"resumed from {checkpoints / 'step_4'} at step 4" in output
     assert not list(checkpoints.glob(".tmp-*")), sorted(p.name for p in checkpoints.iterdir())
@@ -312,7 +320,7 @@ def test_crash_during_the_first_save_restarts_from_scratch(tmp_path, reference):
     assert (checkpoints / ".tmp-step_4").is_dir() and not (checkpoints / "latest").exists()
     assert not list(checkpoints.glob("step_*"))
 
-    code, output = run_job(run_dir, [*args, "--resume", "auto"])  # nothing to resume: starts again
+    code, output = harness_job([*args, "--resume", "auto"])  # nothing to resume: starts again
     assert code == 0, output[-6000:]
     assert "resumed from" not in output
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -370,7 +378,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert_complete_checkpoint(run_dir, step)
     assert loss_steps(read_jsonl(run_dir / "metrics.jsonl")) == list(range(1, step + 1))
 
-    code, output = run_job(run_dir, [*args, "--resume", "auto"])
+    code, output = harness_job([*args, "--resume", "auto"])
     assert code == 0, output[-6000:]
     assert f"at step {step}" in output and "resumed from" in output
     assert not (run_dir / "INTERRUPTED").exists()
@@ -434,7 +442,7 @@ def test_resume_with_another_accumulation_needs_force(tmp_path, reference):
         assert "world_size" not in errors[0] and "micro_batch_size" not in errors[0], errors[0]
         assert tree(run_dir) == before, f"a refused --resume {resume} changed the run directory"
 
-    code, output = run_job(run_dir, [*args, "--resume", str(checkpoint), "--force-resume"])
+    code, output = harness_job([*args, "--resume", str(checkpoint), "--force-resume"])
     assert code == 0, output[-6000:]
     assert f"resumed from {checkpoint} at step 28" in output
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -498,7 +506,7 @@ def test_no_intact_checkpoint_starts_over(tmp_path, reference):
     truncate(checkpoints / "step_32" / "model.safetensors")
     (checkpoints / "step_28" / "manifest.json").unlink()  # as a save cut short before its last file
 
-    code, output = run_job(run_dir, [*train_args(run_dir, 0, *SHAPE), "--resume", "auto"])
+    code, output = harness_job([*train_args(run_dir, 0, *SHAPE), "--resume", "auto"])
     assert code == 0, output[-6000:]
     assert len([line for line in output.splitlines() if "damaged" in line]) == 2, output[-6000:]
     assert f"no intact checkpoint in {checkpoints}: starting from step 0" in output
@@ -636,7 +644,7 @@ def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
     # second micro-batch's masks would come from rank 0's random stream instead of rank 1's).
     no_dropout = ("--set", "model.dropout=0.0")
     reference_dir = tmp_path / "reference"
-    code, output = run_job(reference_dir, train_args(reference_dir, 0, *SHAPE, *no_dropout))
+    code, output = harness_job(train_args(reference_dir, 0, *SHAPE, *no_dropout))
     assert code == 0, output[-6000:]
     expected = read_jsonl(reference_dir / "metrics.jsonl")
     run_dir = tmp_path / "run"
@@ -655,7 +663,7 @@ def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
     assert refused.returncode == 2 and "3 rank(s) cannot keep that" in refused.stderr, refused.stderr
     assert tree(run_dir) == before
 
-    code, output = run_job(run_dir, on(1))
+    code, output = harness_job(on(1))
     assert code == 0, output[-6000:]
     assert "train.grad_accum 1 -> 2 keeps its 2 micro-batches per optimizer step" in output
     assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in output

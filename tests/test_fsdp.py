@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_final_weights, read_jsonl, run_cli
+from conftest import assert_same_final_weights, read_jsonl, run_cli_harness
 from safetensors.torch import load_file
 from test_training import (
     SAMPLE,
@@ -99,7 +99,7 @@ def test_fsdp_lora_resume_equals_uninterrupted_run_and_reloads_in_peft(tmp_path)
     saved_step = int((run_dir / "INTERRUPTED").read_text().strip().split("_")[1])
     assert 3 <= saved_step < 32, "the run finished before the signal: make it longer"
 
-    resumed = run_cli(*args, "--resume", "auto")
+    resumed = run_cli_harness(*args, "--resume", "auto")  # the stop above was a real launch's
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     metrics = read_jsonl(run_dir / "metrics.jsonl")

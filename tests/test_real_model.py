@@ -7,6 +7,9 @@ downloaded checkpoint. The fp32 runs are compared with an independent reference:
 loop in this file that trains the same examples per optimizer step as one padded batch, with
 the token-mean cross-entropy and AdamW (decay on matrices only). A missing weight decay (ZeRO-3
 hides shapes) or a per-micro-batch mean loss moves the weights far outside the tolerance.
+
+Every run here is about what training computes: its ranks come from the rank harness
+(tests/rankharness.py, checked against a real launch in tests/test_rank_harness.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_cli_harness
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -80,7 +83,7 @@ def fine_tune(
     model_dir: Path, out: Path, shape: tuple[int, int, int, int], precision: str, *settings: str
 ) -> str:
     ranks, zero, accum, micro = shape
-    result = run_cli(
+    result = run_cli_harness(
         "full",
         "--cpu",
         "--gpus",
@@ -284,7 +287,7 @@ def test_lora_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, mode
     adapters = {}
     for checkpointing in ("false", "true"):
         out = tmp_path / checkpointing
-        result = run_cli(
+        result = run_cli_harness(
             "lora",
             *("--cpu", "--gpus", "2", "--model", str(model_dir), "--data", "sample", "--output", str(out)),
             *TRAINING,
@@ -387,7 +390,7 @@ def test_lora_on_a_saved_checkpoint_under_zero3(tmp_path, model_dir):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_harness(
         "lora",
         "--cpu",
         "--gpus",

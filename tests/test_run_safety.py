@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli, run_cli_in_process
+from conftest import REPO, cli_env, run_cli, run_cli_harness, run_cli_in_process
 
 from launcher import runlock
 from launcher.data import dealt_generation_batches
@@ -180,6 +180,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Still running (a zombie holds no file any more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def metrics_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     rows = (
@@ -204,7 +212,7 @@ LONG_RUN = (
 )
 
 
-@pytest.mark.slow  # two 2-rank launches (the second resumes) and a refused one
+@pytest.mark.slow  # a 2-rank launch, a refused one, and a resume (rank harness)
 def test_second_run_on_a_running_directory_is_refused_and_a_killed_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "launcher.cli", *LONG_RUN, "--output", str(run_dir)]
@@ -219,19 +227,24 @@ def test_second_run_on_a_running_directory_is_refused_and_a_killed_run_resumes(t
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "a checkpoint")
         assert first.poll() is None, "the first run ended before it could be killed: lengthen it"
         # A crash of the whole run (launcher, rank launcher, ranks): SIGKILL, nothing cleans up.
-        for pid in [first.pid, *descendants(first.pid)]:
+        victims = [first.pid, *descendants(first.pid)]
+        for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         first.wait()
+        # SIGKILL is delivered asynchronously: until the ranks are gone they still hold the run
+        # directory (the lock refuses a resume, rightly); the in-process resume below is quick.
+        wait_for(lambda: not any(map(running, victims[1:])), 60, "the killed ranks to end")
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
     steps = metrics_steps(run_dir)
     assert steps == list(range(1, len(steps) + 1)), f"steps logged twice or out of order: {steps}"
-    resumed = run_cli(*LONG_RUN, "--resume", "auto", "--output", str(run_dir), timeout=600)
+    # the resume's ranks from the rank harness (tests/rankharness.py): what it continues is the subject
+    resumed = run_cli_harness(*LONG_RUN, "--resume", "auto", "--output", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert metrics_steps(run_dir) == list(range(1, 61))  # each step once, across the crash

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, read_jsonl, run_cli, run_cli_in_process
+from conftest import cli_env, read_jsonl, run_cli, run_cli_harness, run_cli_in_process
 from test_cli_errors import assert_refused, tree
 
 TINY = ["--model", "tiny-t5", "--data", "sample", "--cpu"]
@@ -290,8 +290,10 @@ def test_local_sweep_runs_every_point_reports_and_extends(tmp_path):
     # Extend with one new value (same flags, fault gone): finished points are kept untouched, the
     # failed one resumes from its step_2 checkpoint, the new one runs.
     kept = {name: (out / name / "metrics.jsonl").stat().st_mtime_ns for name in done}
-    second = run_cli("sweep", "lora", *SMALL, "--grid", "train.max_steps=1", "--grid", "train.checkpoint_every=2",
-                     "--output", str(out))  # fmt: skip
+    # Its points' ranks come from the rank harness (tests/rankharness.py): what they resume and
+    # compute is checked here; the first sweep's real launches showed the launch and the failure.
+    second = run_cli_harness("sweep", "lora", *SMALL, "--grid", "train.max_steps=1", "--grid",
+                             "train.checkpoint_every=2", "--output", str(out))  # fmt: skip
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-6000:]
     assert "5 point(s), 3 finished (kept), 2 to run" in output

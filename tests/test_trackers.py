@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, read_jsonl, run_cli, run_cli_in_process
+from conftest import cli_env, read_jsonl, run_cli_harness, run_cli_in_process
 
 
 def tiny_args(out: Path, *extra: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     assert stopped.returncode != 0 and (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
     first_ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
 
-    resumed = run_cli(*args, "--resume", "auto", env=env)
+    resumed = run_cli_harness(*args, "--resume", "auto", env=env)  # the stop above was a real launch's
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     logged = {row["step"]: row["loss"] for row in metrics if "loss" in row}

@@ -19,12 +19,15 @@ import pytest
 import torch
 from conftest import (
     DIALOGSUM,
+    TINY_ONE_EPOCH,
     UNIGRAM_TOKENIZER,
     assert_same_final_weights,
     cli_env,
     needs_dialogsum,
     read_jsonl,
     run_cli,
+    run_cli_harness,
+    tiny_args,
 )
 from safetensors.torch import load_file
 
@@ -34,56 +37,29 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
-FAST = (
-    "--set",
-    "model.precision=fp32",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.micro_batch_size=4",
-    "--set",
-    "eval.after_training=false",
-)
 
 
 def train_args(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[str]:
-    return [
-        method,
-        "--cpu",
-        "--gpus",
-        str(gpus),
-        "--zero",
-        str(zero),
-        "--model",
-        "tiny-t5",
-        "--data",
-        "sample",
-        "--output",
-        str(out),
-        *FAST,
-        *extra,
-    ]
+    return [*tiny_args(method, *extra, gpus=gpus, zero=zero), "--output", str(out)]
 
 
 def train(method: str, out: Path, *extra: str, gpus: int = 2, zero: int = 0) -> list[dict]:
-    result = run_cli(*train_args(method, out, *extra, gpus=gpus, zero=zero))
+    """A run through the rank harness (tests/rankharness.py): what training computes."""
+    result = run_cli_harness(*train_args(method, out, *extra, gpus=gpus, zero=zero))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return read_jsonl(out / "metrics.jsonl")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture
+def trained(trained_run):
     """trained(name, method, *extra, gpus=2, zero=0) -> (run dir, metrics): each distinct run is
-    trained once per module and read by every test that checks something of it (runs are never
-    modified by the tests that share them)."""
-    runs: dict[tuple, tuple[Path, list[dict]]] = {}
+    trained once per test session (conftest.trained_run, through the rank harness) and read by
+    every test that checks something of it (runs are never modified by the tests that share
+    them). ``name`` only says which run a test means."""
 
     def get(name: str, method: str, *extra: str, gpus: int = 2, zero: int = 0) -> tuple[Path, list[dict]]:
-        key = (name, method, extra, gpus, zero)
-        if key not in runs:
-            run_dir = tmp_path_factory.mktemp(name) / "run"
-            runs[key] = (run_dir, train(method, run_dir, *extra, gpus=gpus, zero=zero))
-        return runs[key]
+        run_dir = trained_run(*tiny_args(method, *extra, gpus=gpus, zero=zero))
+        return run_dir, read_jsonl(run_dir / "metrics.jsonl")
 
     return get
 
@@ -169,7 +145,7 @@ def test_trains_saves_and_reloads(trained, method, zero):
     assert final_val_loss(metrics) == pytest.approx(expected, rel=1e-4)
 
 
-ONE_EPOCH = ("--set", "train.epochs=1", "--set", "train.lr=2e-3", "--set", "model.dropout=0.0")
+ONE_EPOCH = TINY_ONE_EPOCH
 COMPILE = ("--set", "train.compile=true")
 
 
@@ -293,7 +269,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert state["micro_batch_tokens"] == 1000
     assert saved_step % (total // 6) and state["batches_in_epoch"] > 0, "resume from mid-epoch"
 
-    resumed = run_cli(*args, "--resume", "auto")
+    resumed = run_cli_harness(*args, "--resume", "auto")  # the stop above was a real launch's
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "INTERRUPTED").exists()
@@ -384,7 +360,7 @@ def test_real_dialogsum_validation_loss_drops(tmp_path):
     from launcher.model import build_tiny_t5
 
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_harness(
         "full",
         "--cpu",
         "--gpus",

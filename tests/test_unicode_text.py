@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_cli_in_process
+from conftest import run_cli_harness, run_cli_in_process
 
 from launcher.jsonl import (
     append_jsonl,
@@ -126,7 +126,8 @@ def unicode_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("unicode")
     data = unicode_dataset(base / "data")
     run_dir = base / "run"
-    result = run_cli("full", *RUN_ARGS, "--data", str(data), "--output", str(run_dir))
+    # ranks from the rank harness (tests/rankharness.py): what they read and write is the subject
+    result = run_cli_harness("full", *RUN_ARGS, "--data", str(data), "--output", str(run_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return run_dir, data
 
@@ -162,7 +163,7 @@ def test_training_run_reports_on_text_with_line_separators(unicode_run):
 def test_summarize_on_two_ranks_reads_and_writes_line_separators(unicode_run, tmp_path):
     run_dir, data = unicode_run
     out = tmp_path / "summaries.jsonl"
-    result = run_cli(
+    result = run_cli_harness(
         "summarize",
         str(run_dir),
         "--input",
