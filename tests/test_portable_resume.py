@@ -1,5 +1,7 @@
 """Resuming elsewhere: a checkpoint written under one strategy and world size continues under
-another (launcher/portable.py), through the real CLI on CPU ranks.
+another (launcher/portable.py), through the real CLI on CPU ranks forked by the rank harness
+(tests/rankharness.py: training semantics, so no `accelerate launch`; the crash is the injected
+fault inside a rank, whose exit code 1 the harness passes on as the real launch does).
 
 Every run is the same fp32 fine-tune with dropout off (so 1 rank x accumulation 2 computes what 2
 ranks compute), 2 epochs of 8 steps on 2 ranks x micro batch 4. A source run crashes while saving
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, read_jsonl, run_cli
+from conftest import cli_env, read_jsonl, run_cli_harness
 from safetensors.torch import load_file
 from test_fsdp import SAME, tiny_initial_weights, update_error
 
@@ -77,7 +79,7 @@ def runs(tmp_path_factory):
                 tmp_path_factory.mktemp(f"{method}-{strategy}-{gpus}-{'crash' if crash else 'ok'}") / "run"
             )
             env = cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8") if crash else cli_env()
-            result = run_cli(*args(run_dir, strategy, gpus, method), env=env)
+            result = run_cli_harness(*args(run_dir, strategy, gpus, method), env=env)
             output = result.stdout[-3000:] + result.stderr[-6000:]
             assert result.returncode == (1 if crash else 0), output
             if crash:
@@ -91,7 +93,7 @@ def runs(tmp_path_factory):
 def resume_elsewhere(source: Path, target: Path, strategy: str, gpus: int, method: str = "full"):
     """A copy of the crashed source run, continued with --resume auto under ``strategy`` on ``gpus``."""
     shutil.copytree(source, target)
-    result = run_cli(*args(target, strategy, gpus, method), "--resume", "auto")
+    result = run_cli_harness(*args(target, strategy, gpus, method), "--resume", "auto")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout + result.stderr
 
@@ -227,15 +229,15 @@ def test_zero2_on_two_ranks_continues_on_three_with_the_accumulation_adjusted(tm
     micro-batches per step (said in one line); DeepSpeed cannot load its partitions on 3 ranks, so
     the checkpoint is converted; the run ends as the uninterrupted 2-rank DDP run."""
     reference = tmp_path / "reference"
-    result = run_cli(*args(reference, "ddp", 2), *SIX_PER_STEP)
+    result = run_cli_harness(*args(reference, "ddp", 2), *SIX_PER_STEP)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     source = tmp_path / "source"
-    result = run_cli(
+    result = run_cli_harness(
         *args(source, "zero2", 2), *SIX_PER_STEP, env=cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="1:6")
     )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-6000:]
     assert (source / "checkpoints" / "latest").read_text().strip() == "step_3"
-    result = run_cli(*args(source, "zero2", 3), *SIX_PER_STEP, "--resume", "auto")
+    result = run_cli_harness(*args(source, "zero2", 3), *SIX_PER_STEP, "--resume", "auto")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "train.grad_accum 3 -> 2 keeps its 6 micro-batches per optimizer step" in output
