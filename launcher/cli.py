@@ -418,7 +418,7 @@ def estimate_command(
         help="Activations with train.gradient_checkpointing (the table shows the other case too).",
     ),
     optimizer: str = typer.Option(
-        "adamw", "--optimizer", help="adamw or adafactor (train.optimizer; adafactor: DDP only)."
+        "adamw", "--optimizer", help="adamw or adafactor (train.optimizer; adafactor: not with FSDP2)."
     ),
     debug: bool = DebugOption,
 ) -> None:

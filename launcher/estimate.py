@@ -348,7 +348,7 @@ class RunShape:
     lora_r: int = 32
     lora_targets: Sequence[str] = ("q", "v")
     gradient_checkpointing: bool = False  # activations recomputed per layer (train.gradient_checkpointing)
-    optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP only)
+    optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP and ZeRO, not FSDP2)
     micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
     def trainable_params(self, spec: ModelSpec) -> int:
@@ -371,9 +371,12 @@ def budget_micro_batch(tokens: int, source_len: int, target_len: int) -> int:
     return max(1, -(-tokens // (source_len + target_len)))
 
 
-# Adam's two fp32 moments per trainable parameter. Adafactor keeps no first moment and a row and a
-# column of second moments per matrix (for flan-t5-base under 0.2% of Adam's bytes: counted as 0).
+# Adam's two fp32 moments per trainable parameter. Adafactor keeps no first moment and, under DDP,
+# a row and a column of second moments per matrix (for flan-t5-base under 0.2% of Adam's bytes:
+# counted as 0). Under ZeRO it steps flat 1-D partitions, which it cannot factor: one fp32 second
+# moment per parameter, partitioned like Adam's moments (launcher/train.py ``adafactor``).
 ADAM_MOMENT_BYTES = 8
+ADAFACTOR_FLAT_BYTES = 4
 
 
 def activation_bytes(spec: ModelSpec, shape: RunShape, checkpointing: bool | None = None) -> int:
@@ -481,6 +484,21 @@ def recommend_fsdp(
     )
 
 
+def adafactor_state_bytes(
+    stage: int, offload: str, gpu: int, cpu: int, trainable: int, shape: RunShape
+) -> tuple[int, int]:
+    """(gpu, cpu) bytes with Adafactor in place of Adam's moments (counted in ``gpu``, or in
+    ``cpu`` per node under optimizer offload): DDP keeps ~0 bytes of factored moments, ZeRO one
+    unfactored fp32 moment per parameter, partitioned over the ranks."""
+    world = shape.gpus * shape.nodes
+    if stage == 0:
+        return gpu - ADAM_MOMENT_BYTES * trainable, cpu
+    saved = (ADAM_MOMENT_BYTES - ADAFACTOR_FLAT_BYTES) * trainable // world
+    if offload == "none":
+        return gpu - saved, cpu
+    return gpu, cpu - saved * shape.gpus
+
+
 def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
     """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``."""
     if shape.gpus < 1 or shape.nodes < 1:
@@ -495,13 +513,14 @@ def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[
     activations = activation_bytes(spec, shape) / GIB
     other = activation_bytes(spec, shape, not shape.gradient_checkpointing) / GIB
     world = shape.gpus * shape.nodes
-    if shape.optimizer == "adafactor":  # DDP only: ZeRO and FSDP would split its factored matrices
-        gpu, cpu = model_state_bytes(0, "none", **states)
-        gpu -= ADAM_MOMENT_BYTES * states["trainable"]
-        return [EstimateRow(0, "none", gpu / GIB, activations, cpu / GIB, world, False, other)]
+    adafactor = shape.optimizer == "adafactor"
+    if adafactor:  # DDP: factored moments (~0 bytes); ZeRO: flat v partitions (no FSDP2 rows)
+        fsdp = False
     rows = []
     for stage, offload in ROW_ORDER:
         gpu, cpu = model_state_bytes(stage, offload, **states)
+        if adafactor:
+            gpu, cpu = adafactor_state_bytes(stage, offload, gpu, cpu, states["trainable"], shape)
         rows.append(EstimateRow(stage, offload, gpu / GIB, activations, cpu / GIB, world, False, other))
     for offload in ("none", "full") if fsdp else ():
         gpu, cpu = fsdp_state_bytes(offload, **states)

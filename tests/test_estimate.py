@@ -205,17 +205,32 @@ def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
     assert checkpointed.activations_gib < plain.activations_gib / 5
 
 
-def test_adafactor_drops_adams_moments_and_keeps_to_ddp():
+def test_adafactor_drops_adams_moments_under_ddp_and_keeps_one_flat_moment_under_zero():
     """train.optimizer=adafactor: DDP's 20 bytes per parameter less Adam's 8 (the factored
-    moments are negligible), and no sharded rows: the recipe refuses ZeRO and FSDP with it."""
-    from launcher.estimate import ADAM_MOMENT_BYTES, estimate_model
+    moments are negligible); under ZeRO (flat partitions, unfactored) one fp32 moment instead of
+    Adam's two, partitioned over the ranks, on the GPU or in CPU RAM with optimizer offload; no
+    FSDP2 rows (the recipe refuses FSDP2 with it)."""
+    from launcher.estimate import ADAFACTOR_FLAT_BYTES, ADAM_MOMENT_BYTES, estimate_model
 
-    adam = {(r.stage, r.offload, r.fsdp): r for r in estimate_model("google/flan-t5-base", RunShape())}
-    rows = estimate_model("google/flan-t5-base", RunShape(optimizer="adafactor"), fsdp=True)
-    assert [(r.stage, r.offload, r.fsdp) for r in rows] == [(0, "none", False)]
+    key = lambda r: (r.stage, r.offload, r.fsdp)  # noqa: E731
+    adam = {key(r): r for r in estimate_model("google/flan-t5-base", RunShape(gpus=2), fsdp=True)}
+    rows = {
+        key(r): r
+        for r in estimate_model("google/flan-t5-base", RunShape(gpus=2, optimizer="adafactor"), fsdp=True)
+    }
+    assert set(rows) == {k for k in adam if not k[2]}
     params = estimate.model_spec("google/flan-t5-base").params
-    saved = (adam[(0, "none", False)].model_states_gib - rows[0].model_states_gib) * GIB
+    saved = (adam[(0, "none", False)].model_states_gib - rows[(0, "none", False)].model_states_gib) * GIB
     assert saved == pytest.approx(ADAM_MOMENT_BYTES * params, rel=1e-9)
+    per_rank = (ADAM_MOMENT_BYTES - ADAFACTOR_FLAT_BYTES) * params / 2
+    for stage in (1, 2, 3):
+        saved = (
+            adam[(stage, "none", False)].model_states_gib - rows[(stage, "none", False)].model_states_gib
+        ) * GIB
+        assert saved == pytest.approx(per_rank, rel=1e-6), stage
+        offloaded = adam[(stage, "optimizer", False)], rows[(stage, "optimizer", False)]
+        assert offloaded[0].model_states_gib == offloaded[1].model_states_gib
+        assert (offloaded[0].cpu_gib - offloaded[1].cpu_gib) * GIB == pytest.approx(2 * per_rank, rel=1e-6)
 
 
 def test_the_table_says_when_zero3_is_not_worth_it():
