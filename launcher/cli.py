@@ -422,7 +422,7 @@ def estimate_command(
     ),
     debug: bool = DebugOption,
 ) -> None:
-    """Per-GPU memory for each ZeRO stage and offload (DeepSpeed's estimator + activations)."""
+    """Per-GPU memory for each ZeRO stage and offload (ftlaunch's fp32 model states + activations)."""
     from launcher import estimate
 
     if gpus < 1 or nodes < 1 or micro_batch < 1:
