@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,31 @@ def tensor_peaks(prof, marker: str) -> tuple[int, int, int]:
         else:
             after = max(after, live)
     return before, after, live
+
+
+def tensor_phase_peaks(prof, prefix: str) -> dict[str, list[int]]:
+    """For each ``record_function`` span named prefix + phase: [live tensor bytes when it began,
+    the most during it], from the same allocation events as ``tensor_peaks`` (where the peak falls)."""
+    events = list(prof.profiler.kineto_results.events())
+    spans = sorted(
+        (e.start_ns(), e.end_ns(), e.name()[len(prefix) :]) for e in events if e.name().startswith(prefix)
+    )
+    memory = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
+    peaks: dict[str, list[int]] = {}
+    live, index = 0, 0
+    for start, end, name in spans:
+        while index < len(memory) and memory[index][0] < start:
+            live += memory[index][1]
+            index += 1
+        most = begin = live
+        while index < len(memory) and memory[index][0] <= end:
+            live += memory[index][1]
+            most = max(most, live)
+            index += 1
+        peaks[name] = [begin, most]
+    return peaks
 
 
 def largest_live(limit: int = 12) -> list[str]:
@@ -140,12 +166,16 @@ def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
             "decoder_input_ids": decoder_ids,
             "labels": labels,
         }
-        ce_sum, tokens = summed_cross_entropy(model, batch)
+        step = len(losses)
+        with record_function(f"ftlaunch_phase_forward{step}"):
+            ce_sum, tokens = summed_cross_entropy(model, batch)
         forward = status_kib("VmHWM") * 1024 - baseline
-        accelerator.backward(ce_sum / tokens)
+        with record_function(f"ftlaunch_phase_backward{step}"):
+            accelerator.backward(ce_sum / tokens)
         backward = status_kib("VmHWM") * 1024 - baseline
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(f"ftlaunch_phase_step{step}"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         stepped = status_kib("VmHWM") * 1024 - baseline
         phases.append(
             {"forward": forward, "backward": backward, "step": stepped, "rss_after": settle() - baseline}
@@ -155,6 +185,10 @@ def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
     marker.__exit__(None, None, None)
     prof.__exit__(None, None, None)
     tensors_load, tensors_train, tensors_end = tensor_peaks(prof, "ftlaunch_bench_train")
+    phase_peaks = tensor_phase_peaks(prof, "ftlaunch_phase_")
+    if os.environ.get("CHECKPOINTING_MEMORY_OPS"):  # which ops allocate (diagnosis; slow to build)
+        table = prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=30)
+        (run_dir / f"ops-rank{accelerator.process_index}.txt").write_text(table)
     payload = {
         "rank": accelerator.process_index,
         "world": accelerator.num_processes,
@@ -169,6 +203,7 @@ def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
         "tensors_train_peak": tensors_train,
         "tensors_end": tensors_end,
         "largest_live": largest_live(),
+        "phase_peaks": phase_peaks,
         "checkpointed_stacks": checkpointed_layers(accelerator.unwrap_model(model)),
     }
     (run_dir / f"peak-rank{accelerator.process_index}.json").write_text(json.dumps(payload))
@@ -284,6 +319,7 @@ def measure(args, checkpointing: bool) -> dict:
         "params": ranks[0]["params"],
         "largest_live": ranks[0]["largest_live"],
         "checkpointed_stacks": ranks[0]["checkpointed_stacks"],
+        "phase_peaks": [r.get("phase_peaks", {}) for r in ranks],
         "estimate_total": row.total_gib * GIB,
         "estimate_states": row.model_states_gib * GIB,
         "estimate_activations": row.activations_gib * GIB,
