@@ -107,6 +107,18 @@ def tensor_phase_peaks(prof, prefix: str) -> dict[str, list[int]]:
     return peaks
 
 
+def held_after_backward(model) -> dict[str, int]:
+    """Elements still held when backward returns: full-size ``param.grad`` and ZeRO-3 gathered
+    weights (``ds_status`` AVAILABLE, persistent small ones included)."""
+    grads = gathered = 0
+    for param in model.parameters():
+        if param.grad is not None:
+            grads += param.grad.numel()
+        if getattr(param, "ds_status", None) is not None and param.ds_status.name == "AVAILABLE":
+            gathered += param.ds_numel
+    return {"grad_elements": grads, "gathered_elements": gathered}
+
+
 def largest_live(limit: int = 12) -> list[str]:
     """The largest tensor storages Python can reach now (dtype, shape, MiB): where the bytes are."""
     import gc
@@ -173,12 +185,14 @@ def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
         with record_function(f"ftlaunch_phase_backward{step}"):
             accelerator.backward(ce_sum / tokens)
         backward = status_kib("VmHWM") * 1024 - baseline
+        held = held_after_backward(model)
         with record_function(f"ftlaunch_phase_step{step}"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stepped = status_kib("VmHWM") * 1024 - baseline
         phases.append(
             {"forward": forward, "backward": backward, "step": stepped, "rss_after": settle() - baseline}
+            | held
         )
         losses.append(float(ce_sum / tokens))
     train_peak = status_kib("VmHWM") * 1024
