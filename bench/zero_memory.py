@@ -365,8 +365,8 @@ def main() -> None:
         )
     notes = [
         f"model: random-init T5 (FLAN-T5 family) {json.dumps({k: config[k] for k in ('d_model', 'd_ff', 'num_layers')})}, "
-        f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 (DDP: fp32 weights + bf16 autocast; DeepSpeed: "
-        "bf16 weights + fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
+        f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 autocast over fp32 weights "
+        "and gradients for every strategy (DeepSpeed as rendered: bf16 off, torch_autocast on; plus its fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
         f"configs rendered by `ftlaunch full --dry-run --cpu --gpus 2 --zero N`; {time.time() - started:.0f} s wall "
         "(sizes are exact: no timing noise)",
     ]
