@@ -336,7 +336,7 @@ def main() -> None:
                 "optimizer",
                 "model states per rank (measured, max over ranks)",
                 "between steps",
-                "DeepSpeed estimator",
+                "ftlaunch estimate (with transients)",
                 "ZeRO paper",
             ],
             rows,
@@ -365,15 +365,15 @@ def main() -> None:
         )
     notes = [
         f"model: random-init T5 (FLAN-T5 family) {json.dumps({k: config[k] for k in ('d_model', 'd_ff', 'num_layers')})}, "
-        f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 (DDP: fp32 weights + bf16 autocast; DeepSpeed: "
-        "bf16 weights + fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
+        f"vocab 8100, Ψ = {ddp_psi or psi:,} parameters (fewer where a row says lm_head tied); precision bf16 autocast over fp32 weights "
+        "and gradients for every strategy (DeepSpeed as rendered: bf16 off, torch_autocast on; plus its fp32 master partitions), AdamW, micro batch 2, 2 CPU ranks (gloo)",
         f"configs rendered by `ftlaunch full --dry-run --cpu --gpus 2 --zero N`; {time.time() - started:.0f} s wall "
         "(sizes are exact: no timing noise)",
     ]
     text = "\n".join(
         [
             bl.header(
-                "ZeRO memory per rank: measured tensors vs DeepSpeed's estimator vs the ZeRO paper",
+                "ZeRO memory per rank: measured tensors vs ftlaunch estimate vs the ZeRO paper",
                 bl.command_line(),
                 notes,
             ),
@@ -385,8 +385,9 @@ def main() -> None:
             "",
             "- DDP holds fp32 weights (4Ψ), fp32 gradients (4Ψ) and Adam's two fp32 moments (8Ψ) on every rank = 16Ψ,",
             "  the paper's figure (its 2Ψ + 2Ψ + 12Ψ in fp16 terms); DDP's reducer buckets (+4Ψ) are not reachable here.",
-            "- DeepSpeed's estimator counts fp32 gradient partitions (4Ψ/N) that exist only inside the step, so it sits",
-            "  above the measurement; the paper does not count them.",
+            "- ftlaunch estimate (launcher/estimate.py) counts the fp32 layouts measured here plus the largest transient",
+            "  (ZeRO-3's gathered weights + one layer's gradient, or the step's gradient copy 4Ψ/N; DDP's buckets), so it",
+            "  sits above this walk, which is taken before the update; the paper counts neither.",
             "- 'between steps' is the same walk after optimizer.step() + zero_grad(): gradients released.",
             "- ZeRO-3 bucket sizes: rendering sizes `reduce_bucket_size`, `stage3_prefetch_bucket_size` and",
             "  `stage3_param_persistence_threshold` from the model's d_model (Hugging Face's `auto` rule: d^2, 0.9 d^2, 10 d;",

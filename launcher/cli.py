@@ -412,11 +412,11 @@ def estimate_command(
         help="Activations with train.gradient_checkpointing (the table shows the other case too).",
     ),
     optimizer: str = typer.Option(
-        "adamw", "--optimizer", help="adamw or adafactor (train.optimizer; adafactor: DDP only)."
+        "adamw", "--optimizer", help="adamw or adafactor (train.optimizer; adafactor: not with FSDP2)."
     ),
     debug: bool = DebugOption,
 ) -> None:
-    """Per-GPU memory for each ZeRO stage and offload (DeepSpeed's estimator + activations)."""
+    """Per-GPU memory for each ZeRO stage and offload (ftlaunch's fp32 model states + activations)."""
     from launcher import estimate
 
     if gpus < 1 or nodes < 1 or micro_batch < 1:

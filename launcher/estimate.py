@@ -1,22 +1,35 @@
 """Memory estimates per GPU for every ZeRO stage and offload: which strategy fits a model.
 
-Pure functions, no CLI. Model states (parameters, gradients, optimizer state) per GPU come from
-DeepSpeed's own estimator functions, which are the reference:
+Pure functions, no CLI. Model states per GPU follow the layouts ftlaunch's rendered configs
+produce, not DeepSpeed's estimator: the estimator assumes 16-bit weights and gradients, while
+ftlaunch renders DeepSpeed with bf16 off and ``torch_autocast`` on (``deepspeed.json``), i.e.
+DDP's numerics: fp32 weights, fp32 gradients, fp32 master copy. Ψ = parameters, T = trainable
+ones (Ψ under full fine-tuning, LoRA's adapters otherwise), N = GPUs per node x nodes, L = the
+largest layer's parameters, bytes per GPU:
 
-- stage 0 (DDP, nothing partitioned): ``estimate_zero2_model_states_mem_needs`` with one GPU,
-  i.e. 2Ψ + 18Ψ = 20Ψ bytes (ftlaunch's DDP holds fp32 weights 4Ψ + fp32 gradients 4Ψ + Adam 8Ψ,
-  plus DDP's gradient buckets 4Ψ: the same 20Ψ);
-- stage 1: DeepSpeed has no stage-1 estimator; stage 1 keeps the full 16-bit gradients on every
-  rank, so it is ``estimate_zero2_model_states_mem_needs`` + 2Ψ(1 - 1/N);
-- stage 2: ``estimate_zero2_model_states_mem_needs`` (cpu_offload for --offload optimizer);
-- stage 3: ``estimate_zero3_model_states_mem_needs`` (cpu_offload, cpu_offload_params for
-  --offload optimizer / full), with the largest layer's parameters (the gather buffer).
+- DDP: fp32 weights 4Ψ + fp32 gradients 4T + AdamW's two fp32 moments 8T + DDP's reducer
+  buckets 4T (C++-owned) = 4Ψ + 16T (bench/zero_memory.py measures 16Ψ without the buckets);
+- ZeRO-1 and ZeRO-2: the whole fp32 module on every rank 4Ψ + gradient partitions 4T/N
+  (``averaged_gradients``: both stages reduce into partitions during backward in DeepSpeed 0.19)
+  + fp32 master partitions 4T/N (``single_partition_of_fp32_groups``, a clone even of fp32
+  weights) + AdamW 8T/N = 4Ψ + 16T/N; plus the larger transient of one layer's full fp32
+  gradient before its copy into the reduce bucket (4L) and the step's flat copy of the
+  gradient partition (4T/N, ``flatten_dense_tensors_aligned`` in ``stage_1_and_2.step``);
+- ZeRO-3: fp32 parameter partitions 4Ψ/N (``ds_tensor``) + gradient partitions 4T/N
+  (``grad_partitions_flat_buffer``) + fp32 master 4T/N + AdamW 8T/N = 4Ψ/N + 16T/N (20Ψ/N
+  measured exactly, bench/results/checkpointing_memory.md); plus the larger of the backward's
+  transient, the gathered fp32 weights 4·min(Ψ, ``stage3_max_live_parameters``) (with
+  ``stage3_max_reuse_distance`` 1e9, as rendered, every gathered weight stays until backward
+  has used it: ``PartitionedParameterCoordinator.__params_to_release``) + one layer's full fp32
+  gradient 4L before its reduce-scatter, and the step's flat copy of the gradient partition
+  4T/N (``stage3._prepare_fp32_grad_for_sub_group``);
+- optimizer offload moves the gradient partitions, master copy and moments to CPU RAM (the
+  transient layer gradient stays), full offload also the parameter partitions. CPU RAM per node
+  comes from DeepSpeed's estimator, which is still right there: offloaded states are fp32 under
+  any precision (16 bytes per parameter with its 1.5x buffer factor).
 
-(The ``*_all_cold`` functions only print a table; they call these two, which return numbers.)
-N = GPUs per node x nodes; Ψ = parameters. LoRA: the estimator is applied to the trainable
-parameters T, and the frozen base weights F = Ψ - T are added: 4F under DDP (ftlaunch keeps fp32
-weights), 2F under ZeRO-1/2 (DeepSpeed casts the module to bf16), 2F/N under ZeRO-3, 0 on the
-GPU with ZeRO-3 parameter offload.
+Adafactor replaces AdamW's 8T by one fp32 moment per parameter under ZeRO (4T/N) and ~0 under
+DDP (``adafactor_state_bytes``).
 
 Activations (bf16 autocast, no activation checkpointing), bytes per micro-batch of b examples,
 source length s, target length t, d_model h, d_ff f, heads a, vocab V, L_e / L_d layers; after
@@ -45,6 +58,7 @@ context, allocator fragmentation and temporary buffers.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -306,7 +320,7 @@ def lora_trainable_params(spec: ModelSpec, r: int = 32, targets: Sequence[str] =
 class EstimateRow:
     stage: int  # 0 = DDP, 1-3 = ZeRO stage
     offload: str  # none | optimizer | full
-    model_states_gib: float  # per GPU: parameters + gradients + optimizer state (DeepSpeed's estimator)
+    model_states_gib: float  # per GPU: parameters + gradients + optimizer state + ZeRO's transients
     activations_gib: float  # per GPU, one micro-batch (0 when the architecture is unknown)
     cpu_gib: float  # CPU RAM per node (DeepSpeed's estimator; offloaded states, buffers)
     world_size: int = 1
@@ -348,7 +362,7 @@ class RunShape:
     lora_r: int = 32
     lora_targets: Sequence[str] = ("q", "v")
     gradient_checkpointing: bool = False  # activations recomputed per layer (train.gradient_checkpointing)
-    optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP only)
+    optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP and ZeRO, not FSDP2)
     micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
     def trainable_params(self, spec: ModelSpec) -> int:
@@ -371,9 +385,12 @@ def budget_micro_batch(tokens: int, source_len: int, target_len: int) -> int:
     return max(1, -(-tokens // (source_len + target_len)))
 
 
-# Adam's two fp32 moments per trainable parameter. Adafactor keeps no first moment and a row and a
-# column of second moments per matrix (for flan-t5-base under 0.2% of Adam's bytes: counted as 0).
+# Adam's two fp32 moments per trainable parameter. Adafactor keeps no first moment and, under DDP,
+# a row and a column of second moments per matrix (for flan-t5-base under 0.2% of Adam's bytes:
+# counted as 0). Under ZeRO it steps flat 1-D partitions, which it cannot factor: one fp32 second
+# moment per parameter, partitioned like Adam's moments (launcher/train.py ``adafactor``).
 ADAM_MOMENT_BYTES = 8
+ADAFACTOR_FLAT_BYTES = 4
 
 
 def activation_bytes(spec: ModelSpec, shape: RunShape, checkpointing: bool | None = None) -> int:
@@ -420,6 +437,20 @@ def _zero3(params: int, largest_layer: int, gpus: int, nodes: int, offload: str)
     return cpu, gpu
 
 
+@functools.cache
+def zero3_max_live_parameters(offload: str = "none") -> int:
+    """``stage3_max_live_parameters`` as rendered (the ZeRO-3 templates in accelerate_configs/)."""
+    from launcher.paths import project_dir
+
+    name = "zero_stage3_offload.json" if offload == "full" else "zero_stage3.json"
+    config = json.loads((project_dir("accelerate_configs") / "deepspeed" / name).read_text())
+    return int(config["zero_optimization"]["stage3_max_live_parameters"])
+
+
+FP32 = 4  # bytes: ftlaunch keeps weights, gradients, master copy and moments in fp32 everywhere
+ADAMW_STATE_BYTES = 8 + 4 + 4  # ZeRO, per trainable parameter: two moments, master copy, gradient partition
+
+
 def model_state_bytes(
     stage: int,
     offload: str,
@@ -430,23 +461,34 @@ def model_state_bytes(
     trainable: int | None = None,
     largest_layer: int | None = None,
 ) -> tuple[int, int]:
-    """(gpu bytes per GPU, cpu bytes per node) of parameters + gradients + optimizer state."""
+    """(gpu bytes per GPU, cpu bytes per node) of parameters + gradients + optimizer state, with
+    the largest transient of backward / step (the module docstring's formulas)."""
     world = gpus * nodes
     trainable = params if trainable is None else trainable
     frozen = params - trainable
     largest = largest_layer if largest_layer is not None else params // 10
+    layer_gradient = FP32 * largest  # a gathered / whole layer's fp32 gradient before its reduction
+    step_copy = FP32 * trainable // world  # the step's flat copy of the gradient partition
     if stage == 0:
-        cpu, gpu = _zero2(trainable, 1, 1, False)  # nothing partitioned
-        return gpu + 4 * frozen, cpu * gpus
+        cpu, _ = _zero2(trainable, 1, 1, False)
+        # weights 4Ψ + gradients 4T + DDP's reducer buckets 4T + AdamW 8T (no master copy)
+        return FP32 * params + (FP32 + FP32 + ADAM_MOMENT_BYTES) * trainable, cpu * gpus
     if stage in (1, 2):
-        cpu, gpu = _zero2(trainable, gpus, nodes, offload != "none")
-        if stage == 1:
-            gpu += int(2 * trainable * (1 - 1 / world))  # stage 1 keeps whole 16-bit gradients
-        return gpu + 2 * frozen, cpu
-    cpu, gpu = _zero3(trainable, largest, gpus, nodes, offload)
+        cpu, _ = _zero2(trainable, gpus, nodes, offload != "none")
+        weights = FP32 * params  # the fp32 module, whole, on every rank
+        if offload != "none":
+            return weights + layer_gradient, cpu
+        partitions = ADAMW_STATE_BYTES * trainable // world
+        return weights + partitions + max(layer_gradient, step_copy), cpu
+    cpu, _ = _zero3(trainable, largest, gpus, nodes, offload)
+    gathered = FP32 * min(params, zero3_max_live_parameters(offload))  # kept forward -> backward
     if offload == "full":
-        return gpu, cpu + 2 * frozen // nodes
-    return gpu + 2 * frozen // world, cpu
+        return gathered + layer_gradient, cpu + FP32 * frozen // nodes
+    weights = FP32 * params // world
+    if offload == "optimizer":
+        return weights + gathered + layer_gradient, cpu
+    partitions = ADAMW_STATE_BYTES * trainable // world
+    return weights + partitions + max(gathered + layer_gradient, step_copy), cpu
 
 
 def fsdp_state_bytes(
@@ -481,6 +523,21 @@ def recommend_fsdp(
     )
 
 
+def adafactor_state_bytes(
+    stage: int, offload: str, gpu: int, cpu: int, trainable: int, shape: RunShape
+) -> tuple[int, int]:
+    """(gpu, cpu) bytes with Adafactor in place of Adam's moments (counted in ``gpu``, or in
+    ``cpu`` per node under optimizer offload): DDP keeps ~0 bytes of factored moments, ZeRO one
+    unfactored fp32 moment per parameter, partitioned over the ranks."""
+    world = shape.gpus * shape.nodes
+    if stage == 0:
+        return gpu - ADAM_MOMENT_BYTES * trainable, cpu
+    saved = (ADAM_MOMENT_BYTES - ADAFACTOR_FLAT_BYTES) * trainable // world
+    if offload == "none":
+        return gpu - saved, cpu
+    return gpu, cpu - saved * shape.gpus
+
+
 def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
     """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``."""
     if shape.gpus < 1 or shape.nodes < 1:
@@ -495,13 +552,14 @@ def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[
     activations = activation_bytes(spec, shape) / GIB
     other = activation_bytes(spec, shape, not shape.gradient_checkpointing) / GIB
     world = shape.gpus * shape.nodes
-    if shape.optimizer == "adafactor":  # DDP only: ZeRO and FSDP would split its factored matrices
-        gpu, cpu = model_state_bytes(0, "none", **states)
-        gpu -= ADAM_MOMENT_BYTES * states["trainable"]
-        return [EstimateRow(0, "none", gpu / GIB, activations, cpu / GIB, world, False, other)]
+    adafactor = shape.optimizer == "adafactor"
+    if adafactor:  # DDP: factored moments (~0 bytes); ZeRO: flat v partitions (no FSDP2 rows)
+        fsdp = False
     rows = []
     for stage, offload in ROW_ORDER:
         gpu, cpu = model_state_bytes(stage, offload, **states)
+        if adafactor:
+            gpu, cpu = adafactor_state_bytes(stage, offload, gpu, cpu, states["trainable"], shape)
         rows.append(EstimateRow(stage, offload, gpu / GIB, activations, cpu / GIB, world, False, other))
     for offload in ("none", "full") if fsdp else ():
         gpu, cpu = fsdp_state_bytes(offload, **states)
@@ -565,6 +623,15 @@ ZERO3_NOT_WORTH_IT = (
 )
 
 
+# What the "model states" column counts (the module docstring has the formulas and sources).
+MODEL_STATES_FOOTNOTE = (
+    "Model states = ftlaunch's fp32 layouts (weights, gradients, master copy, optimizer moments; "
+    "DDP 4Ψ + 16T, ZeRO-1/2 4Ψ + 16T/N, ZeRO-3 4Ψ/N + 16T/N, FSDP2 fp32 shards) plus the largest "
+    "transient: ZeRO-3's gathered fp32 weights 4·min(Ψ, stage3_max_live_parameters) + one layer's "
+    "gradient, or the step's gradient copy (Ψ parameters, T trainable, N ranks; see launcher/estimate.py)."
+)
+
+
 def _gib(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
@@ -602,9 +669,10 @@ def render_table(
     lines.append("")
     lines.append(
         f"World size {world}; 'fits' = total <= {usable:.1f} GiB ({1 - headroom:.0%} of {gpu_mem_gib:g} GiB). "
-        "Model states from DeepSpeed's estimator (FSDP2: fp32 shards + two gathered units); activations: bf16, "
-        f"{'with' if checkpointing else 'no'} gradient checkpointing (see launcher/estimate.py)."
+        f"Activations: bf16 autocast, {'with' if checkpointing else 'no'} gradient checkpointing "
+        "(see launcher/estimate.py)."
     )
+    lines.append(MODEL_STATES_FOOTNOTE)
     if best is None:
         lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")
     elif best.stage < 3 and not best.fsdp:

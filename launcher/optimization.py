@@ -40,17 +40,27 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     if recipe.train.optimizer == "adafactor":
-        return adafactor(groups, recipe.train.lr)
+        return adafactor(groups, recipe.train.lr, flat_partitions=bool(recipe.launch.zero))
     return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe, device))
 
 
-def adafactor(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+def adafactor(groups: list[dict], lr: float, flat_partitions: bool = False) -> torch.optim.Optimizer:
     """transformers' Adafactor with the recipe's learning rate and schedule (what Seq2SeqTrainer's
     ``optim="adafactor"`` builds): no relative step or parameter scaling of its own, no first
-    moment, update clipping at RMS 1."""
+    moment, update clipping at RMS 1.
+
+    ``flat_partitions`` (ZeRO-1/2/3): DeepSpeed steps the client optimizer on each rank's flat 1-D
+    fp32 partition of every group, so Adafactor cannot factor (it factors >= 2-D tensors only) and
+    its update clipping would take the RMS over whatever slice of the model a rank holds, which
+    changes with the world size and the stage. There the clipping is off (threshold inf): each
+    element gets lr x g / sqrt(v) with Adafactor's decay schedule for v, the same on any number
+    of ranks and stages (tests/test_adafactor_zero.py checks it against a plain loop)."""
     from transformers.optimization import Adafactor
 
-    return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    clip = float("inf") if flat_partitions else 1.0
+    return Adafactor(
+        groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, clip_threshold=clip
+    )
 
 
 def adamw_options(recipe: Recipe, device: torch.device | None = None) -> dict:

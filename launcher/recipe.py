@@ -135,8 +135,11 @@ class TrainSection(Section):
     weight_decay: float = Field(0.01, ge=0, description="Weight decay on matrices (not biases and norms).")
     optimizer: Literal["adamw", "adafactor"] = Field(
         "adamw",
-        description="adamw (torch), or adafactor (transformers', as FLAN-T5 was trained; factored second "
-        "moments, no first moment: little optimizer memory; DDP only; try train.lr=1e-3).",
+        description="adamw (torch), or adafactor (transformers', as FLAN-T5 was trained; no first moment; "
+        "try train.lr=1e-3). DDP: factored second moments, update clipped at RMS 1 per tensor (almost no "
+        "optimizer memory). ZeRO-1/2/3: DeepSpeed steps it on flat fp32 partitions, so unfactored "
+        "(4 bytes/param, partitioned) and without update clipping (an RMS over a partition would depend "
+        "on the world size). Not with FSDP2.",
     )
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
@@ -371,13 +374,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _adafactor_needs_whole_matrices(self) -> Recipe:
-        if self.train.optimizer == "adafactor" and (self.launch.zero or self.launch.fsdp):
-            engine = f"ZeRO-{self.launch.zero}" if self.launch.zero else "FSDP2"
+    def _adafactor_not_on_fsdp(self) -> Recipe:
+        if self.train.optimizer == "adafactor" and self.launch.fsdp:
             raise ValueError(
-                f"train.optimizer=adafactor with {engine}: Adafactor factors each weight matrix's second "
-                f"moment by rows and columns, but {engine} hands the optimizer flat or row-sharded pieces, "
-                "so it would silently run a different optimizer; use --zero 0 (DDP), or train.optimizer=adamw"
+                "train.optimizer=adafactor with --fsdp (FSDP2): FSDP2 hands the optimizer row shards "
+                "of each weight matrix (DTensors), on which Adafactor would factor a different matrix "
+                "per world size; drop --fsdp (DDP, or --zero 1/2/3: Adafactor unfactored on ZeRO's "
+                "flat partitions), or use train.optimizer=adamw"
             )
         return self
 

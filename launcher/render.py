@@ -125,6 +125,8 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     }
     config.update({key: value for key, value in resolved.items() if key in config})
     set_deepspeed_precision(config, recipe)
+    if train.optimizer == "adafactor":  # a client optimizer outside DeepSpeed's tested list
+        config["zero_allow_untested_optimizer"] = True
     fill_bucket_sizes(config["zero_optimization"], model_hidden_size(recipe.model.name))
     if recipe.launch.offload == "optimizer":
         config["zero_optimization"]["offload_optimizer"] = {

@@ -1,6 +1,7 @@
-"""launcher/estimate.py: model states per GPU agree with DeepSpeed's own estimator (called here
-directly as the independent reference), LoRA lowers the estimate, and the recommendation moves
-from DDP to sharding/offload as models outgrow the GPU."""
+"""launcher/estimate.py: model states per GPU follow ftlaunch's fp32 layouts (written out here
+from bench/zero_memory.py's measured bytes; DeepSpeed's estimator, called directly, for CPU RAM and
+DDP), LoRA lowers the estimate, and the recommendation moves from DDP to sharding/offload as models
+outgrow the GPU."""
 
 from __future__ import annotations
 
@@ -21,21 +22,6 @@ def deepspeed_zero2(params: int, gpus: int, nodes: int, offload: bool) -> int:
 
     return estimate_zero2_model_states_mem_needs(
         params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
-    )[1]
-
-
-def deepspeed_zero3(
-    params: int, largest: int, gpus: int, nodes: int, offload: bool, offload_params: bool
-) -> int:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    return estimate_zero3_model_states_mem_needs(
-        params,
-        largest,
-        num_gpus_per_node=gpus,
-        num_nodes=nodes,
-        cpu_offload=offload,
-        cpu_offload_params=offload_params,
     )[1]
 
 
@@ -65,35 +51,102 @@ def test_known_parameter_counts_match_the_architectures():
     assert estimate.parameter_count("google/flan-t5-xxl") == 11_135_332_352
 
 
+# stage3_max_live_parameters in accelerate_configs/deepspeed/zero_stage3.json and
+# zero_stage3_offload.json (ZeRO-3 keeps up to this many gathered weights from forward to backward).
+MAX_LIVE = 1_000_000_000
+
+
+def fp32_layout_bytes(stage: int, offload: str, psi: int, trainable: int, largest: int, n: int) -> float:
+    """Bytes per GPU of ftlaunch's layouts (bf16 off, torch_autocast on: fp32 everywhere), written
+    from the byte counts measured by bench/zero_memory.py (DDP 16Ψ + reducer buckets, ZeRO-1/2
+    12.02Ψ, ZeRO-3 10.02Ψ at 2 ranks) and DeepSpeed's code, not from launcher/estimate.py."""
+    t = trainable
+    if stage == 0:  # weights, gradients, reducer buckets, two Adam moments
+        return 4 * psi + 4 * t + 4 * t + 8 * t
+    layer_gradient = 4 * largest
+    if stage in (1, 2):  # the whole fp32 module on each rank; gradient + master + moments partitioned
+        if offload == "optimizer":
+            return 4 * psi + layer_gradient
+        return 4 * psi + (4 + 4 + 8) * t / n + max(layer_gradient, 4 * t / n)
+    backward = 4 * min(psi, MAX_LIVE) + layer_gradient  # gathered fp32 weights kept to backward
+    if offload == "full":
+        return backward
+    if offload == "optimizer":
+        return 4 * psi / n + backward
+    return 4 * psi / n + (4 + 4 + 8) * t / n + max(backward, 4 * t / n)
+
+
 @pytest.mark.parametrize("model", ["flan-t5-base", "flan-t5-xl"])
 @pytest.mark.parametrize("gpus,nodes", [(1, 1), (4, 1), (8, 2)])
-def test_model_states_agree_with_deepspeeds_estimator(model, gpus, nodes):
+@pytest.mark.parametrize("lora", [False, True])
+def test_model_states_follow_ftlaunchs_fp32_layouts(model, gpus, nodes, lora):
+    """Not DeepSpeed's estimator on the GPU (it assumes 16-bit weights and gradients; ftlaunch
+    renders bf16 off), but its CPU RAM figures (offloaded states are fp32 under any precision)
+    and, for DDP, its 20Ψ (the same bytes)."""
     spec = estimate.model_spec(model)
     psi, largest = spec.params, spec.largest_layer
     assert largest == estimate.FLAN_T5_VOCAB * spec.d_model  # the embedding is T5's largest layer
-    rows = rows_by_key(estimate.estimate_model(model, RunShape(gpus=gpus, nodes=nodes)))
-    reference = {
-        (0, "none"): deepspeed_zero2(psi, 1, 1, False),
-        (2, "none"): deepspeed_zero2(psi, gpus, nodes, False),
-        (2, "optimizer"): deepspeed_zero2(psi, gpus, nodes, True),
-        (3, "none"): deepspeed_zero3(psi, largest, gpus, nodes, False, False),
-        (3, "optimizer"): deepspeed_zero3(psi, largest, gpus, nodes, True, False),
-        (3, "full"): deepspeed_zero3(psi, largest, gpus, nodes, True, True),
-    }
-    for key, expected in reference.items():
-        assert rows[key].model_states_gib * GIB == pytest.approx(expected, rel=0.03), key
-    # ZeRO-1 keeps whole 16-bit gradients: between ZeRO-2 and DDP.
-    assert (
-        rows[(2, "none")].model_states_gib
-        <= rows[(1, "none")].model_states_gib
-        <= rows[(0, "none")].model_states_gib
-    )
+    shape = RunShape(gpus=gpus, nodes=nodes, lora=lora)
+    trainable = shape.trainable_params(spec)
+    rows = rows_by_key(estimate.estimate_model(model, shape))
+    n = gpus * nodes
+    for key, row in rows.items():
+        expected = fp32_layout_bytes(*key, psi, trainable, largest, n)
+        assert row.model_states_gib * GIB == pytest.approx(expected, rel=1e-6), key
+    if not lora:
+        assert rows[(0, "none")].model_states_gib * GIB == pytest.approx(deepspeed_zero2(psi, 1, 1, False))
+        cpu = {
+            (2, "optimizer"): deepspeed_zero2_cpu(psi, gpus, nodes, True),
+            (3, "optimizer"): deepspeed_zero3_cpu(psi, largest, gpus, nodes, True, False),
+            (3, "full"): deepspeed_zero3_cpu(psi, largest, gpus, nodes, True, True),
+        }
+        for key, expected in cpu.items():
+            assert rows[key].cpu_gib * GIB == pytest.approx(expected, rel=1e-6), key
 
 
-def test_paper_ratios_at_two_ranks():
-    """ZeRO paper: DDP 16Ψ vs ZeRO-3 16Ψ/N; DeepSpeed's estimator (with fp32 gradients) 20Ψ vs 18Ψ/N + buffer."""
+def test_flan_t5_base_zero3_on_two_ranks_by_hand():
+    """Ψ = 247,577,856, largest layer 32128 x 768 = 24,674,304: ZeRO-3 holds 2Ψ of weight
+    partitions + 8Ψ of gradient, master and moment partitions, and in backward 4Ψ of gathered
+    weights (Ψ < 1e9) + 4 x 24,674,304 of the embedding's gradient = 3,564,787,200 bytes."""
+    rows = rows_by_key(estimate.estimate_model("flan-t5-base", RunShape(gpus=2)))
+    assert rows[(3, "none")].model_states_gib * GIB == pytest.approx(3_564_787_200, abs=1)
+
+
+def deepspeed_zero2_cpu(params: int, gpus: int, nodes: int, offload: bool) -> int:
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs(
+        params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
+    )[0]
+
+
+def deepspeed_zero3_cpu(
+    params: int, largest: int, gpus: int, nodes: int, offload: bool, offload_params: bool
+) -> int:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    return estimate_zero3_model_states_mem_needs(
+        params,
+        largest,
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+        cpu_offload=offload,
+        cpu_offload_params=offload_params,
+        zero_init=True,
+    )[0]
+
+
+def test_zero3_over_ddp_at_two_ranks():
+    """ZeRO paper: 16Ψ/N of partitioned states, half of DDP's at two ranks; as rendered ZeRO-3
+    adds the larger of backward's gathered fp32 weights (capped at stage3_max_live_parameters =
+    1e9) + one layer's gradient and the step's gradient copy 4Ψ/2: for flan-t5-xl (Ψ = 2.85e9)
+    the step's 2Ψ = 5.7e9 bytes beats 4e9 + 4L = 4.26e9, so (10Ψ + 2Ψ) / 20Ψ = 0.6."""
+    spec = estimate.model_spec("flan-t5-xl")
+    psi, largest = spec.params, spec.largest_layer
     rows = rows_by_key(estimate.estimate_model("flan-t5-xl", RunShape(gpus=2)))
-    assert rows[(3, "none")].model_states_gib / rows[(0, "none")].model_states_gib < 0.55
+    ratio = rows[(3, "none")].model_states_gib / rows[(0, "none")].model_states_gib
+    assert 4 * MAX_LIVE + 4 * largest < 2 * psi
+    assert ratio == pytest.approx(0.6, rel=1e-9)
 
 
 def test_lora_lowers_the_estimate():
@@ -101,7 +154,7 @@ def test_lora_lowers_the_estimate():
     lora = rows_by_key(estimate.estimate_model("flan-t5-xl", RunShape(lora=True)))
     for key in full:
         assert lora[key].model_states_gib <= full[key].model_states_gib, key
-        if key[1] == "none":  # with optimizer offload both hold 16-bit weights only: equal
+        if key[1] == "none":  # with optimizer offload both hold the fp32 weights only: equal
             assert lora[key].model_states_gib < full[key].model_states_gib, key
     spec = estimate.model_spec("flan-t5-xl")
     assert 0 < estimate.lora_trainable_params(spec) < spec.params * 0.01
@@ -205,17 +258,32 @@ def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
     assert checkpointed.activations_gib < plain.activations_gib / 5
 
 
-def test_adafactor_drops_adams_moments_and_keeps_to_ddp():
+def test_adafactor_drops_adams_moments_under_ddp_and_keeps_one_flat_moment_under_zero():
     """train.optimizer=adafactor: DDP's 20 bytes per parameter less Adam's 8 (the factored
-    moments are negligible), and no sharded rows: the recipe refuses ZeRO and FSDP with it."""
-    from launcher.estimate import ADAM_MOMENT_BYTES, estimate_model
+    moments are negligible); under ZeRO (flat partitions, unfactored) one fp32 moment instead of
+    Adam's two, partitioned over the ranks, on the GPU or in CPU RAM with optimizer offload; no
+    FSDP2 rows (the recipe refuses FSDP2 with it)."""
+    from launcher.estimate import ADAFACTOR_FLAT_BYTES, ADAM_MOMENT_BYTES, estimate_model
 
-    adam = {(r.stage, r.offload, r.fsdp): r for r in estimate_model("google/flan-t5-base", RunShape())}
-    rows = estimate_model("google/flan-t5-base", RunShape(optimizer="adafactor"), fsdp=True)
-    assert [(r.stage, r.offload, r.fsdp) for r in rows] == [(0, "none", False)]
+    key = lambda r: (r.stage, r.offload, r.fsdp)  # noqa: E731
+    adam = {key(r): r for r in estimate_model("google/flan-t5-base", RunShape(gpus=2), fsdp=True)}
+    rows = {
+        key(r): r
+        for r in estimate_model("google/flan-t5-base", RunShape(gpus=2, optimizer="adafactor"), fsdp=True)
+    }
+    assert set(rows) == {k for k in adam if not k[2]}
     params = estimate.model_spec("google/flan-t5-base").params
-    saved = (adam[(0, "none", False)].model_states_gib - rows[0].model_states_gib) * GIB
+    saved = (adam[(0, "none", False)].model_states_gib - rows[(0, "none", False)].model_states_gib) * GIB
     assert saved == pytest.approx(ADAM_MOMENT_BYTES * params, rel=1e-9)
+    per_rank = (ADAM_MOMENT_BYTES - ADAFACTOR_FLAT_BYTES) * params / 2
+    for stage in (1, 2, 3):
+        saved = (
+            adam[(stage, "none", False)].model_states_gib - rows[(stage, "none", False)].model_states_gib
+        ) * GIB
+        assert saved == pytest.approx(per_rank, rel=1e-6), stage
+        offloaded = adam[(stage, "optimizer", False)], rows[(stage, "optimizer", False)]
+        assert offloaded[0].model_states_gib == offloaded[1].model_states_gib
+        assert (offloaded[0].cpu_gib - offloaded[1].cpu_gib) * GIB == pytest.approx(2 * per_rank, rel=1e-6)
 
 
 def test_the_table_says_when_zero3_is_not_worth_it():
