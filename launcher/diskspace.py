@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.recipe import EMBEDDED_MODEL, Recipe, local_model_config
+from launcher.rundir import RunDir
 
 MIB = 2**20
 GIB = 2**30
@@ -149,7 +150,7 @@ def check_free_space(recipe: Recipe, run_dir: Path) -> None:
     checkpoint = checkpoint_bytes(recipe, params)
     keep = recipe.train.keep_checkpoints
     needed = checkpoint * (keep + 1) + final_bytes(recipe, params) + MARGIN_BYTES
-    needed -= existing_bytes(run_dir / "checkpoints") + existing_bytes(run_dir / "final")
+    needed -= existing_bytes(RunDir(run_dir).checkpoints) + existing_bytes(RunDir(run_dir).final)
     free = shutil.disk_usage(nearest_existing(run_dir)).free
     if needed > free:
         raise UserError(

@@ -19,10 +19,11 @@ from launcher.modelfiles import check_model_files
 from launcher.paths import is_local_reference
 from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
 from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
+from launcher.rundir import LOCK_FILE, RENDERED_FILES, RunDir
 from launcher.trackers import check_trackers_installed
 from launcher.writable import check_writable_dir
 
-RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
+RUN_FILES = RENDERED_FILES
 
 
 # ---------------------------------------------------------------- checks before launch
@@ -193,7 +194,7 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "recipe.yaml").is_file()
+    return RunDir(run_dir).has_recipe()
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
@@ -209,13 +210,13 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
     if overwrite:
         return
     if not holds_run(run_dir):
-        if run_dir.is_dir() and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir()):
+        if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
             raise UserError(
                 f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
                 "or pass --overwrite"
             )
         return
-    same = (run_dir / "recipe.yaml").read_text() == dump_recipe(recipe)
+    same = RunDir(run_dir).recipe_yaml.read_text() == dump_recipe(recipe)
     if not same and not resume:
         raise UserError(
             f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
@@ -238,7 +239,7 @@ def clear_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
-        if entry.name in RUN_FILES or entry.name == runlock.LOCK_FILE:  # the lock this process holds
+        if entry.name in RUN_FILES or entry.name == LOCK_FILE:  # the lock this process holds
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -62,6 +62,7 @@ from launcher.model import (
 )
 from launcher.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
 from launcher.recipe import Recipe, read_run_recipe
+from launcher.rundir import RunDir, checkpoint_name
 
 # ---------------------------------------------------------------- signals
 
@@ -130,7 +131,7 @@ def recipe_collator(recipe: Recipe, tokenizer, on_gpu: bool, model=None):
 
 def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
     data = recipe.data
-    cache = run_dir / "cache"
+    cache = RunDir(run_dir).cache
     with accelerator.main_process_first():
         train_rows = load_data_split(data, data.train_split, data.train_limit)
         val_rows = load_data_split(data, data.validation_split, data.validation_limit)
@@ -736,7 +737,7 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
 def stop_after_signal(run: Run) -> int:
     print_main(
         run.accelerator,
-        f"stop requested by signal: checkpoint step_{run.state.step} written; resume with --resume auto",
+        f"stop requested by signal: checkpoint {checkpoint_name(run.state.step)} written; resume with --resume auto",
     )
     write_interrupted_marker(run.accelerator, run.run_dir, run.state.step)
     run.accelerator.wait_for_everyone()  # no rank exits (and gets its peers killed) before the marker
@@ -753,7 +754,7 @@ def finish(run: Run, logger: MetricsLogger) -> None:
     check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
     # The compiled wrapper's state_dict prefixes every key with _orig_mod.: save the module inside.
     model = uncompiled(run.model)
-    save_final(run.accelerator, model, run.tokenizer, run.recipe, run.run_dir / "final")
+    save_final(run.accelerator, model, run.tokenizer, run.recipe, RunDir(run.run_dir).final)
     clear_interrupted_marker(run.accelerator, run.run_dir)
     if run.recipe.eval.after_training:
         from launcher.evaluation import evaluate_after_training
@@ -844,17 +845,14 @@ def make_progress(accelerator, total: int, initial: int):
     return console_progress(accelerator.is_main_process, total, initial)
 
 
-INTERRUPTED_MARKER = "INTERRUPTED"
-
-
 def write_interrupted_marker(accelerator, run_dir: Path, step: int) -> None:
     if accelerator.is_main_process:
-        ckpt.write_text_atomic(run_dir / INTERRUPTED_MARKER, f"step_{step}\n")
+        RunDir(run_dir).write_interrupted(step)
 
 
 def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process:
-        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
+        RunDir(run_dir).clear_interrupted()
 
 
 def restart_resume(resume: str | None) -> str | None:
