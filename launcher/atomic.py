@@ -10,11 +10,9 @@ whole. Nothing else in the package calls ``os.replace`` or renames (tests/test_a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
@@ -34,11 +32,6 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
-    """``data`` as JSON (with a final newline), written with ``write_text_atomic``."""
-    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
 def replace_dir(complete: Path, target: Path) -> None:

@@ -15,9 +15,10 @@ from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
+from launcher.model_facts import model_facts
 from launcher.modelfiles import check_model_files
 from launcher.paths import is_local_reference
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
 from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
 from launcher.rundir import LOCK_FILE, RENDERED_FILES, RunDir
 from launcher.trackers import check_trackers_installed
@@ -78,7 +79,7 @@ def check_model_reference(recipe: Recipe) -> None:
 def model_module_names(config_dir: Path | None) -> ModuleNames:
     """The module names LoRA targets can name: T5's from a list (tiny-t5, a local T5: no
     transformers import), any other family's from a meta-device skeleton (no weights loaded)."""
-    if config_dir is None or local_model_type(str(config_dir)) == "t5":
+    if config_dir is None or model_facts(str(config_dir)).family == "t5":
         return T5_MODULE_NAMES
     return module_names(skeleton(config_dir))
 

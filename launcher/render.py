@@ -19,8 +19,9 @@ import yaml
 
 from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
+from launcher.model_facts import model_facts
 from launcher.paths import project_dir
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_config
+from launcher.recipe import Recipe, dump_recipe
 from launcher.rundir import RunDir
 
 DEFAULT_PORT = 29500
@@ -159,16 +160,7 @@ def set_deepspeed_precision(config: dict[str, Any], recipe: Recipe) -> None:
 
 def model_hidden_size(name: str) -> int | None:
     """d_model of the model, when it can be known without downloading anything."""
-    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
-    from launcher.families import TINY_T5_CONFIG
-
-    if name == EMBEDDED_MODEL:
-        return TINY_T5_CONFIG["d_model"]
-    if canonical_name(name) in FLAN_T5_CONFIGS:
-        return FLAN_T5_CONFIGS[canonical_name(name)]["d_model"]
-    config = local_model_config(name)
-    size = config.get("d_model") or config.get("hidden_size")
-    return int(size) if size else None
+    return model_facts(name).d_model
 
 
 def fill_bucket_sizes(zero: dict[str, Any], hidden: int | None) -> None:
@@ -285,12 +277,12 @@ def model_block_classes(name: str) -> str | None:
     as Accelerate reads them for FSDP auto-wrap. A local model directory is inspected on the meta
     device (``families.block_class_names``); the embedded model and FLAN-T5 names are T5; None for
     another hub id (Accelerate then reads ``_no_split_modules`` itself at prepare time)."""
-    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
     from launcher.families import block_class_names, skeleton
 
-    if name == EMBEDDED_MODEL or canonical_name(name) in FLAN_T5_CONFIGS:
+    facts = model_facts(name)
+    if facts.known_t5:
         return "T5Block"
-    if not local_model_config(name):
+    if facts.source != "local":
         return None
     return ",".join(block_class_names(skeleton(Path(name).expanduser()))) or None
 

@@ -91,7 +91,7 @@ HOST_MODULES = (
     "console", "estimate", "diskspace", "families", "fingerprint", "checkpoint", "data", "paths", "errors",
     "sweep", "sweep_grid", "sweep_manifest", "sweep_report", "report", "card", "scoring", "rouge",
     "model_settings", "summarize", "jsonl", "metrics", "trackers", "ranklog", "progress", "compiling",
-    "rundir", "atomic",
+    "rundir", "atomic", "model_facts",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "deepspeed", "datasets")
 
