@@ -148,7 +148,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
             write_manifest(tmp)  # last: a checkpoint without a matching manifest is not complete
         replace_dir(tmp, final)  # the same step saved again (a resumed run) is replaced whole
         write_text_atomic(run.latest, final.name + "\n")
-        prune_checkpoints(run_dir, keep, state.best_step)
+        prune_checkpoints(run.checkpoints, keep, state.best_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -267,15 +267,16 @@ def remove_incomplete(run_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a folder counts once its state file is in it)."""
-    found = [p for p in RunDir(run_dir).checkpoint_dirs() if (p / STATE_FILE).is_file()]
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints in ``root`` (a run's checkpoints/), oldest first (a folder counts once
+    its state file is in it)."""
+    found = [p for p in RunDir.checkpoint_dirs_in(root) if (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
-def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None = None) -> None:
+def prune_checkpoints(root: Path, keep: int, best_step: int | None = None) -> None:
     """The newest ``keep`` checkpoints stay, and the best step's (train.best_metric) whatever its age."""
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    for old in complete_checkpoints(root)[:-keep]:
         if best_step is None or old.name != checkpoint_name(best_step):
             shutil.rmtree(old, ignore_errors=True)
 
@@ -283,7 +284,7 @@ def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None = None) ->
 def find_intact_checkpoint(run_dir: Path, checksums: bool = True) -> tuple[Path | None, list[str]]:
     """The newest checkpoint whose files match its manifest, and a line for each damaged newer one."""
     skipped = []
-    for checkpoint in reversed(complete_checkpoints(run_dir)):
+    for checkpoint in reversed(complete_checkpoints(checkpoints_dir(run_dir))):
         problem = checkpoint_problem(checkpoint, checksums)
         if problem is None:
             return checkpoint, skipped
@@ -298,7 +299,7 @@ def find_latest_checkpoint(run_dir: Path, checksums: bool = True) -> Path | None
 
 def has_checkpoints(run_dir: Path) -> bool:
     """Any checkpoint folder at all, intact or not (a run directory that holds training progress)."""
-    return bool(complete_checkpoints(run_dir))
+    return bool(complete_checkpoints(checkpoints_dir(run_dir)))
 
 
 def resolve_resume(run_dir: Path, resume: str | None, notes: list[str] | None = None) -> Path | None:

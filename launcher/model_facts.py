@@ -142,7 +142,8 @@ def t5_largest_layer(dims: dict[str, Any], vocab: int) -> int:
     return max(vocab * d, d * dims["d_ff"], d * inner)
 
 
-def fingerprint(values: dict[str, Any]) -> str:
+def config_fingerprint(values: dict[str, Any]) -> str:
+    """What identifies the configuration facts were read from (not the weights: fingerprint.py)."""
     return "sha256:" + hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -161,7 +162,7 @@ def t5_facts(
         num_heads=dims["num_heads"],
         d_kv=dims.get("d_kv"),
         vocab_size=vocab,
-        fingerprint=fingerprint(values),
+        fingerprint=config_fingerprint(values),
         config=values,
         counted=(t5_parameters(dims, vocab, gated, own_head), t5_largest_layer(dims, vocab)),
     )
@@ -210,7 +211,7 @@ def local_facts(name: str, directory: Path) -> ModelFacts:
         name=name,
         source="local",
         family=family,
-        fingerprint=fingerprint(config),
+        fingerprint=config_fingerprint(config),
         config=config,
         directory=directory,
         **dimensions(config),

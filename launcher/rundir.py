@@ -177,7 +177,12 @@ class RunDir:
 
     def checkpoint_dirs(self) -> list[Path]:
         """Every ``step_N`` folder (complete or not), in no particular order."""
-        return [path for path in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+        return self.checkpoint_dirs_in(self.checkpoints)
+
+    @staticmethod
+    def checkpoint_dirs_in(root: Path) -> list[Path]:
+        """The ``step_N`` folders of a checkpoints/ folder."""
+        return [path for path in root.glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
 
     @property
     def latest(self) -> Path:
