@@ -18,6 +18,7 @@ from pathlib import Path
 from launcher import checkpoint as ckpt
 from launcher.distributed import print_main
 from launcher.recipe import Recipe
+from launcher.rundir import RunDir
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -81,7 +82,7 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     )
     during = recipe.model_copy(update={"eval": settings})
     label = f"{recipe.model.name} (step {step})"
-    out_dir = run_dir / "eval" / f"step_{step}"
+    out_dir = RunDir(run_dir).eval_step(step).path
     scores = evaluate_model(
         accelerator, model, tokenizer, during, out_dir, label, shards_weights(accelerator)
     )
@@ -103,7 +104,7 @@ def restore_best(run) -> dict | None:
         "best_value": state.best_value,
     }
     if state.best_step != state.step:
-        best = ckpt.checkpoints_dir(run.run_dir) / f"step_{state.best_step}"
+        best = RunDir(run.run_dir).checkpoint(state.best_step)
         run.accelerator.load_state(str(best))
         run.model.train()
     print_main(

@@ -17,6 +17,7 @@ from launcher.jsonl import read_jsonl
 from launcher.model_settings import read_inference_settings
 from launcher.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.report import percent
+from launcher.rundir import FINETUNED, ORIGINAL, RunDir
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -29,7 +30,7 @@ def hub_reference(name: str) -> str | None:
 
 
 def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
-    finetuned = scores.get("finetuned", {})
+    finetuned = scores.get(FINETUNED, {})
     metadata: dict[str, Any] = {
         "library_name": library,
         "pipeline_tag": "summarization",
@@ -64,9 +65,10 @@ def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
 
 
 def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    metrics = read_jsonl(run.metrics)
     steps = max((row.get("step", 0) for row in metrics), default=0)
-    wall = (run_dir / "final").stat().st_mtime - (run_dir / "recipe.yaml").stat().st_mtime
+    wall = run.final.stat().st_mtime - run.recipe_yaml.stat().st_mtime
     facts = [
         ("method", "LoRA" if recipe.train.method == "lora" else "full fine-tuning"),
         ("base model", f"`{recipe.model.name}`"),
@@ -85,7 +87,7 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
 
 def rouge_rows(scores: dict) -> str:
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name in ("original", "finetuned"):
+    for name in (ORIGINAL, FINETUNED):
         if name in scores:
             lines.append(f"| {name} | " + " | ".join(percent(scores[name][m]) for m in METRICS) + " |")
     return "\n".join(lines)
@@ -121,11 +123,12 @@ def usage_snippet(settings: dict, library: str) -> str:
 
 
 def render_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> str:
+    run = RunDir(run_dir)
     recipe = read_run_recipe(run_dir)
-    model_dir = model_dir or run_dir / "final"
-    rouge = run_dir / "report" / "rouge.json"
+    model_dir = model_dir or run.final
+    rouge = run.report.rouge
     scores = json.loads(rouge.read_text()) if rouge.is_file() else {}
-    settings = read_inference_settings(model_dir) or read_inference_settings(run_dir / "final")
+    settings = read_inference_settings(model_dir) or read_inference_settings(run.final)
     library = library or ("peft" if (model_dir / "adapter_config.json").is_file() else "transformers")
     front = yaml.safe_dump(card_metadata(recipe, scores, library), sort_keys=False, allow_unicode=True)
     facts = "\n".join(f"| {key} | {value} |" for key, value in training_facts(run_dir, recipe))
@@ -133,16 +136,16 @@ def render_card(run_dir: Path, model_dir: Path | None = None, library: str | Non
     return (
         f"---\n{front}---\n\n"
         f"# {Path(recipe.model.name).name} fine-tuned for dialogue summarization ({recipe.train.method})\n\n"
-        f"Trained with `ftlaunch {recipe.train.method}`; the full recipe is the run's `recipe.yaml`.\n\n"
+        f"Trained with `ftlaunch {recipe.train.method}`; the full recipe is the run's `{RunDir(run_dir).recipe_yaml.name}`.\n\n"
         f"## Training\n\n| | |\n|---|---|\n{facts}\n\n"
         f"## ROUGE on `{recipe.data.dataset}` [{split}] (F-measure, %)\n\n{rouge_rows(scores)}\n\n"
-        f"{scores.get('finetuned', {}).get('description', '')}\n\n"
+        f"{scores.get(FINETUNED, {}).get('description', '')}\n\n"
         f"## Usage\n\n{usage_snippet(settings, library)}"
     )
 
 
 def write_model_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> Path:
-    path = (model_dir or run_dir / "final") / "README.md"
+    path = (model_dir or RunDir(run_dir).final) / "README.md"
     path.write_text(render_card(run_dir, model_dir, library))
     return path
 

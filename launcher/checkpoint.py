@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from launcher import diskspace
+from launcher.atomic import replace_dir, write_text_atomic
 from launcher.errors import RunFailure, UserError
 from launcher.ranklog import RESTART_ENV
+from launcher.rundir import LATEST_FILE, RunDir, checkpoint_name, checkpoint_step
 
 STATE_FILE = "ftlaunch_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -37,7 +39,6 @@ CRASH_IN_SAVE_ENV = "FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP"
 RAISE_IN_SAVE_ENV = "FTLAUNCH_FAULT_RAISE_IN_SAVE"
 # Both faults strike the first start only: a restart (launch.max_restarts) runs clean, as after a
 # real crash, which does not recur at the same step.
-LATEST_FILE = "latest"
 
 
 class DiskFull(RunFailure):
@@ -151,23 +152,13 @@ def resumed_position(saved: TrainState, current: TrainState) -> int:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    return RunDir(run_dir).checkpoints
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
     """All ranks call this. The previous checkpoint stays valid until the new one is complete."""
-    root = checkpoints_dir(run_dir)
-    final = root / f"step_{state.step}"
-    tmp = root / f".tmp-step_{state.step}"
+    run = RunDir(run_dir)
+    final, tmp = run.checkpoint(state.step), run.checkpoint_tmp(state.step)
     raise_if_injected(accelerator.process_index, state.step)
     with disk_full_explained(accelerator, run_dir, tmp, state.step):
         if accelerator.is_main_process:
@@ -182,16 +173,9 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
         with disk_full_explained(accelerator, run_dir, tmp, state.step):
             write_text_atomic(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
             write_manifest(tmp)  # last: a checkpoint without a matching manifest is not complete
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            old = root / f".old-step_{state.step}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        write_text_atomic(root / LATEST_FILE, final.name + "\n")
-        prune_checkpoints(root, keep, state.best_step)
+        replace_dir(tmp, final)  # the same step saved again (a resumed run) is replaced whole
+        write_text_atomic(run.latest, final.name + "\n")
+        prune_checkpoints(run.checkpoints, keep, state.best_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -241,7 +225,7 @@ def disk_full_message(run_dir: Path, step: int) -> str:
         else "there is no earlier checkpoint"
     )
     return (
-        f"disk full: checkpoint step_{step} could not be written to {root} (it needs {size}; "
+        f"disk full: checkpoint {checkpoint_name(step)} could not be written to {root} (it needs {size}; "
         f"{diskspace.human(diskspace.free_bytes(root))} free); {kept}; free space (or lower "
         "train.keep_checkpoints), then continue with --resume auto"
     )
@@ -306,20 +290,21 @@ def checkpoint_problem(checkpoint: Path, checksums: bool = True) -> str | None:
 
 def remove_incomplete(run_dir: Path) -> None:
     """Drop what a crash left mid-save (``.tmp-step_N``); complete checkpoints are untouched."""
-    for leftover in checkpoints_dir(run_dir).glob(".tmp-step_*"):
+    for leftover in RunDir(run_dir).checkpoint_tmps():
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a folder counts once its state file is in it)."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    """Finished checkpoints in ``root`` (a run's checkpoints/), oldest first (a folder counts once
+    its state file is in it)."""
+    found = [p for p in RunDir.checkpoint_dirs_in(root) if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
 def prune_checkpoints(root: Path, keep: int, best_step: int | None = None) -> None:
     """The newest ``keep`` checkpoints stay, and the best step's (train.best_metric) whatever its age."""
     for old in complete_checkpoints(root)[:-keep]:
-        if old.name != f"step_{best_step}":
+        if best_step is None or old.name != checkpoint_name(best_step):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ import typer
 
 from launcher.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from launcher.options import FLAG_KEYS, EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
+from launcher.rundir import LOCK_FILE, ResultDir, RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -242,9 +243,9 @@ def eval_command(
     runlock.check_free(run_dir)  # an evaluation is a run: one per directory at a time
     if (
         run_dir.exists()
-        and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir())
-        and not (run_dir / "rouge.json").exists()
-        and not (run_dir / "recipe.yaml").exists()
+        and any(entry.name != LOCK_FILE for entry in run_dir.iterdir())
+        and not RunDir(run_dir).results.rouge.exists()
+        and not RunDir(run_dir).recipe_yaml.exists()
     ):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
     check_writable_dir(run_dir, "--output")
@@ -371,14 +372,15 @@ def supervise_command(
     from launcher.recipe import read_run_recipe
 
     run_dir = run_dir.expanduser().resolve()
-    if not (run_dir / "command.sh").is_file():
+    command_sh = RunDir(run_dir).command_sh
+    if not command_sh.is_file():
         raise UserError(
-            f"{run_dir} has no command.sh; render it first with `ftlaunch full|lora ... --dry-run`"
+            f"{run_dir} has no {command_sh.name}; render it first with `ftlaunch full|lora ... --dry-run`"
         )
     from launcher.writable import check_writable_dir
 
     check_writable_dir(run_dir, "run directory")  # logs, metrics, checkpoints are written there
-    if "-m launcher.train " in (run_dir / "command.sh").read_text():  # a training run (not `ftlaunch eval`)
+    if "-m launcher.train " in command_sh.read_text():  # a training run (not `ftlaunch eval`)
         check_free_space(read_run_recipe(run_dir), run_dir)
     raise typer.Exit(launch.run_command(run_dir))
 
@@ -495,9 +497,9 @@ def report_command(
         return
     if metric is not None:
         raise UserError("--metric sorts a sweep's report: pass one sweep directory (with sweep.json)")
-    if len(run_dirs) == 1 and (run_dirs[0] / "eval").is_dir():
+    if len(run_dirs) == 1 and RunDir(run_dirs[0]).eval.is_dir():
         out = write_run_report(run_dirs[0], output)
-        typer.echo((out / "report.md").read_text())
+        typer.echo(ResultDir(out).report_md.read_text())
         return
     typer.echo(compare_runs(run_dirs, output))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.recipe import Recipe
+from launcher.rundir import RunDir
 
 
 def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...] = ()) -> str:
@@ -54,7 +55,7 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
             else []
         ),
         ("run dir", str(run_dir)),
-        ("command", str(run_dir / "command.sh")),
+        ("command", str(RunDir(run_dir).command_sh)),
         *notes,
     ]
     width = max(len(name) for name, _ in rows)
@@ -63,5 +64,5 @@ def run_summary(recipe: Recipe, run_dir: Path, notes: tuple[tuple[str, str], ...
 
 def command_line(run_dir: Path) -> str:
     """The launch line of the run's command.sh, as the user would type it (``$ accelerate launch ...``)."""
-    last = (run_dir / "command.sh").read_text().strip().split("\n")[-1]  # a path may hold U+2028
+    last = RunDir(run_dir).command_sh.read_text().strip().split("\n")[-1]  # a path may hold U+2028
     return "$ " + last.removeprefix("exec ")

@@ -244,16 +244,6 @@ def load_hub_split(dataset: str, split: str) -> Table:
     return Table([(index, dict(row)) for index, row in enumerate(loaded)], list(loaded.column_names))
 
 
-def data_fingerprint(dataset: str, split: str) -> str:
-    """Changes when the data changes: file size and mtime for local files, the id for the hub."""
-    directory = dataset_dir(dataset)
-    if directory is None:
-        return f"hub:{dataset}:{split}"
-    path = split_file(directory, split)
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 # ---------------------------------------------------------------- prompt and tokens
 
 

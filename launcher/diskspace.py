@@ -1,8 +1,8 @@
 """Disk space: what a run will write, checked against the free space before launch, and the words
 for a disk that fills up anyway during a save.
 
-The estimate counts the bytes that dominate (no model is loaded; parameters come from the known
-FLAN-T5 sizes, tiny-t5's config, or a local directory's weight files):
+The estimate counts the bytes that dominate (no model is loaded; parameters come from model_facts:
+the known FLAN-T5 sizes, tiny-t5's config, or a local directory's config.json):
 
 * a checkpoint: without DeepSpeed the model in fp32 (4 B/parameter) plus AdamW's two moments for
   the trainable parameters (8 B); under DeepSpeed ZeRO the module in bf16 (2 B, fp32 4 B) plus fp32
@@ -15,18 +15,18 @@ FLAN-T5 sizes, tiny-t5's config, or a local directory's weight files):
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.recipe import EMBEDDED_MODEL, Recipe, local_model_config
+from launcher.model_facts import model_facts
+from launcher.recipe import Recipe
+from launcher.rundir import RunDir
 
 MIB = 2**20
 GIB = 2**30
 MARGIN_BYTES = 32 * MIB  # logs, tokenized-data cache, predictions, report
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -35,63 +35,31 @@ class Parameters:
     trainable: int
 
 
-def t5_parameters(dims: dict, vocab: int) -> int:
-    """Parameters of a gated T5 (FLAN-T5 layout, own lm_head) from its config values."""
-    d, f, heads = dims["d_model"], dims["d_ff"], dims["num_heads"]
-    layers = dims["num_layers"]
-    decoder_layers = dims.get("num_decoder_layers") or layers
-    inner = heads * (dims.get("d_kv") or d // heads)
-    bias = dims.get("relative_attention_num_buckets", 32) * heads
-    attention, feed_forward = 4 * d * inner, 3 * d * f
-    encoder = layers * (attention + feed_forward + 2 * d) + bias + d
-    decoder = decoder_layers * (2 * attention + feed_forward + 3 * d) + bias + d
-    return 2 * vocab * d + encoder + decoder
-
-
 def total_parameters(name: str) -> int | None:
-    """Parameters of the model without loading it (None: a hub id we know nothing about)."""
-    from launcher.estimate import KNOWN_MODELS, canonical_name
-
-    if name == EMBEDDED_MODEL:
-        from launcher.families import TINY_T5_CONFIG
-        from launcher.paths import TINY_TOKENIZER_DIR
-
-        vocab = len(json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
-        return t5_parameters(TINY_T5_CONFIG, vocab)
-    if canonical_name(name) in KNOWN_MODELS:
-        return KNOWN_MODELS[canonical_name(name)]
-    directory = Path(name).expanduser()
-    if not directory.is_dir():
-        return None
-    weights = sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
-    config = local_model_config(name)
-    width = DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
-    return weights // width if weights else None
+    """Parameters of the model without loading it (model_facts; None: a hub id we know nothing about)."""
+    try:
+        return model_facts(name).params
+    except UserError:
+        return None  # a config.json transformers cannot read: the ranks will say so
 
 
 def lora_parameters(recipe: Recipe, total: int) -> int:
-    """LoRA's trainable parameters: r x (in + out) per targeted matrix (T5 shapes when known)."""
+    """LoRA's trainable parameters: r x (in + out) per targeted matrix (the model's shapes when known)."""
     from launcher.estimate import ModelSpec, lora_trainable_params
     from launcher.families import estimate_targets
 
-    dims = local_model_config(recipe.model.name)
-    if recipe.model.name == EMBEDDED_MODEL:
-        from launcher.families import TINY_T5_CONFIG as dims
-    else:
-        from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
-
-        dims = FLAN_T5_CONFIGS.get(canonical_name(recipe.model.name), dims)
+    facts = model_facts(recipe.model.name)
     try:
         spec = ModelSpec(
             name=recipe.model.name,
             params=total,
             largest_layer=0,
-            d_model=dims.get("d_model"),
-            d_ff=dims.get("d_ff"),
-            num_layers=dims.get("num_layers"),
-            num_decoder_layers=dims.get("num_decoder_layers"),
-            num_heads=dims.get("num_heads"),
-            d_kv=dims.get("d_kv"),
+            d_model=facts.d_model,
+            d_ff=facts.d_ff,
+            num_layers=facts.num_layers,
+            num_decoder_layers=facts.num_decoder_layers,
+            num_heads=facts.num_heads,
+            d_kv=facts.d_kv,
         )
         return lora_trainable_params(spec, recipe.lora.r, estimate_targets(recipe.lora.target_modules))
     except UserError:
@@ -149,7 +117,7 @@ def check_free_space(recipe: Recipe, run_dir: Path) -> None:
     checkpoint = checkpoint_bytes(recipe, params)
     keep = recipe.train.keep_checkpoints
     needed = checkpoint * (keep + 1) + final_bytes(recipe, params) + MARGIN_BYTES
-    needed -= existing_bytes(run_dir / "checkpoints") + existing_bytes(run_dir / "final")
+    needed -= existing_bytes(RunDir(run_dir).checkpoints) + existing_bytes(RunDir(run_dir).final)
     free = shutil.disk_usage(nearest_existing(run_dir)).free
     if needed > free:
         raise UserError(

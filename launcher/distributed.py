@@ -25,6 +25,7 @@ from accelerate.utils import (
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe
+from launcher.rundir import RunDir
 
 # How long a rank waits in one collective before the job fails. A dead peer ends the job at once
 # anyway (torchrun sees it exit); this bounds a hung peer, and the barriers in which every other
@@ -115,7 +116,9 @@ def build_accelerator(
         kwargs_handlers=handlers if distributed else [],
         # The loop steps the scheduler once per optimizer step itself (see train.py).
         step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers"))
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(RunDir(run_dir).trackers)
+        )
         if run_dir is not None
         else None,
         log_with=log_with or None,

@@ -61,44 +61,19 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from launcher.errors import UserError
+from launcher.model_facts import FLAN_T5_CONFIGS, model_facts
+from launcher.model_facts import FLAN_T5_VOCAB as FLAN_T5_VOCAB  # the CLI, tests and bench read them here
+from launcher.model_facts import canonical_name as canonical_name
 
 GIB = 2**30
 HEADROOM = 0.15  # fraction of GPU memory kept free
 ALL_MODELS = "flan-t5-all"
-FLAN_T5_VOCAB = 32128
-
-# google/flan-t5-*: config.json values (gated-GELU, untied lm_head). Parameter counts include
-# the lm_head (FLAN-T5 checkpoints carry their own; transformers 5 ties it when building from a
-# config, so a config-built model has vocab x d_model fewer parameters).
-FLAN_T5_CONFIGS: dict[str, dict[str, int]] = {
-    "google/flan-t5-small": dict(
-        d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6
-    ),
-    "google/flan-t5-base": dict(
-        d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12
-    ),
-    "google/flan-t5-large": dict(
-        d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16
-    ),
-    "google/flan-t5-xl": dict(
-        d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32
-    ),
-    "google/flan-t5-xxl": dict(
-        d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64
-    ),
-}
-KNOWN_MODELS: dict[str, int] = {
-    "google/flan-t5-small": 76_961_152,
-    "google/flan-t5-base": 247_577_856,
-    "google/flan-t5-large": 783_150_080,
-    "google/flan-t5-xl": 2_849_757_184,
-    "google/flan-t5-xxl": 11_135_332_352,
-}
+# The known FLAN-T5 sizes and their parameters (model_facts.py: the one place they are written).
+KNOWN_MODELS: dict[str, int] = {name: model_facts(name).params for name in FLAN_T5_CONFIGS}
 
 OFFLOADS = ("none", "optimizer", "full")
 # Rows in table order; ``recommend`` prefers no offload at the smallest stage that fits, then
@@ -146,15 +121,6 @@ class ModelSpec:
     vocab_size: int | None = None
 
 
-def canonical_name(model: str) -> str:
-    """``flan-t5-base`` -> ``google/flan-t5-base``; anything else unchanged."""
-    if model in KNOWN_MODELS:
-        return model
-    if f"google/{model}" in KNOWN_MODELS:
-        return f"google/{model}"
-    return model
-
-
 def expand_models(model: str) -> list[str]:
     """``flan-t5-all`` (or ``all``) -> every known FLAN-T5 size; anything else -> [model]."""
     if model in (ALL_MODELS, "all", "google/flan-t5-all"):
@@ -162,119 +128,35 @@ def expand_models(model: str) -> list[str]:
     return [model]
 
 
-def _spec_from_t5_dims(name: str, params: int, dims: dict[str, Any], vocab: int) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        params=params,
-        largest_layer=max(vocab * dims["d_model"], dims["d_model"] * dims["d_ff"]),
-        d_model=dims["d_model"],
-        d_ff=dims["d_ff"],
-        num_layers=dims["num_layers"],
-        num_decoder_layers=dims.get("num_decoder_layers") or dims["num_layers"],
-        num_heads=dims["num_heads"],
-        d_kv=dims.get("d_kv"),
-        vocab_size=vocab,
-    )
-
-
-def _checkpoint_keys(directory: Path) -> set[str] | None:
-    """Tensor names of a saved model (safetensors headers only), or None when no weights are there."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text()).get("weight_map", {}))
-    single = directory / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as handle:
-            return set(handle.keys())
-    return None
-
-
-def _largest_layer(model) -> int:
-    """As DeepSpeed's live estimator: the most parameters owned directly by one module."""
-    return max(
-        (sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()), default=0
-    )
-
-
-def _count_unique(model) -> int:
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
-
-
-def _spec_from_directory(directory: Path, name: str) -> ModelSpec:
-    import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    from launcher.modelfiles import check_model_files
-
-    check_model_files(directory, "--model")  # the index and safetensors headers are read below
-    try:
-        config = AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    with torch.device("meta"):
-        skeleton = AutoModelForSeq2SeqLM.from_config(config)
-    params = _count_unique(skeleton)
-    head = getattr(skeleton, "lm_head", None)
-    shared = getattr(skeleton, "shared", None)
-    if head is not None and shared is not None and head.weight is shared.weight:
-        # transformers 5 ties T5's lm_head when building from a config; a FLAN-T5-style checkpoint
-        # (or a config saying tie_word_embeddings: false) has its own lm_head matrix.
-        keys = _checkpoint_keys(directory)
-        raw = json.loads((directory / "config.json").read_text())
-        untied = ("lm_head.weight" in keys) if keys is not None else raw.get("tie_word_embeddings") is False
-        if untied:
-            params += head.weight.numel()
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), None)  # noqa: E731
-    return ModelSpec(
-        name=name,
-        params=params,
-        largest_layer=_largest_layer(skeleton),
-        d_model=get("d_model", "hidden_size"),
-        d_ff=get("d_ff", "intermediate_size", "ffn_dim", "encoder_ffn_dim"),
-        num_layers=get("num_layers", "encoder_layers", "num_hidden_layers"),
-        num_decoder_layers=get("num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers"),
-        num_heads=get("num_heads", "num_attention_heads", "encoder_attention_heads"),
-        d_kv=get("d_kv"),
-        vocab_size=get("vocab_size"),
-    )
-
-
 def model_spec(model: str) -> ModelSpec:
-    """A known FLAN-T5 name, ``tiny-t5`` (built), or a local directory (config -> meta-device model)."""
-    from launcher.recipe import EMBEDDED_MODEL
-
-    name = canonical_name(model)
-    if name in KNOWN_MODELS:
-        return _spec_from_t5_dims(name, KNOWN_MODELS[name], FLAN_T5_CONFIGS[name], FLAN_T5_VOCAB)
-    if model == EMBEDDED_MODEL:
-        from launcher.model import TINY_T5_CONFIG, build_tiny_t5
-        from launcher.paths import TINY_TOKENIZER_DIR
-
-        vocab = len(json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"])
-        built = build_tiny_t5(vocab)
-        spec = _spec_from_t5_dims(model, _count_unique(built), TINY_T5_CONFIG, vocab)
-        return replace(spec, largest_layer=_largest_layer(built))
+    """A known FLAN-T5 name, ``tiny-t5``, or a local directory (model_facts: its config, no weights)."""
     path = Path(model).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"model {model} has no config.json; pass a directory written by save_pretrained, "
+            f"tiny-t5, or one of {', '.join(KNOWN_MODELS)}"
+        )
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model {model} has no config.json; pass a directory written by save_pretrained, "
-                f"tiny-t5, or one of {', '.join(KNOWN_MODELS)}"
-            )
-        return _spec_from_directory(path, model)
-    raise UserError(
-        f"unknown model {model!r} for an estimate (no download): use one of "
-        f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json"
+        from launcher.modelfiles import check_model_files
+
+        check_model_files(path, "--model")  # the index and safetensors headers are read
+    facts = model_facts(model)
+    if facts.params is None:
+        raise UserError(
+            f"unknown model {model!r} for an estimate (no download): use one of "
+            f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json"
+        )
+    return ModelSpec(
+        name=facts.name,
+        params=facts.params,
+        largest_layer=facts.largest_layer or 0,
+        d_model=facts.d_model,
+        d_ff=facts.d_ff,
+        num_layers=facts.num_layers,
+        num_decoder_layers=facts.num_decoder_layers,
+        num_heads=facts.num_heads,
+        d_kv=facts.d_kv,
+        vocab_size=facts.vocab_size,
     )
 
 

@@ -31,10 +31,8 @@ from launcher.jsonl import write_jsonl
 from launcher.model import load_for_inference, load_tokenizer
 from launcher.progress import make_progress
 from launcher.recipe import GENERATION_KEYS, Recipe, read_run_recipe
+from launcher.rundir import ResultDir, RunDir
 from launcher.scoring import score_predictions
-
-PREDICTIONS_FILE = "predictions.jsonl"
-ROUGE_FILE = "rouge.json"
 
 
 @torch.no_grad()
@@ -91,14 +89,15 @@ def write_eval_outputs(
     out_dir: Path, rows: list[dict], predictions: list[str], scores: dict, info: dict
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    result = ResultDir(out_dir)
     write_jsonl(
-        out_dir / PREDICTIONS_FILE,
+        result.predictions,
         (
             {"id": row["id"], "prediction": p, "references": row["references"]}
             for row, p in zip(rows, predictions)
         ),
     )
-    (out_dir / ROUGE_FILE).write_text(json.dumps({**scores, **info}, indent=2) + "\n")
+    result.rouge.write_text(json.dumps({**scores, **info}, indent=2) + "\n")
 
 
 def eval_rows(recipe: Recipe) -> list[dict]:
@@ -140,7 +139,7 @@ def evaluate_model(
 
 
 def original_eval_dir(run_dir: Path) -> Path:
-    return run_dir / "eval" / "original"
+    return RunDir(run_dir).eval_original.path
 
 
 def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path) -> None:
@@ -153,7 +152,7 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
     """
     if not (recipe.eval.after_training and recipe.eval.compare_original):
         return
-    if (original_eval_dir(run_dir) / ROUGE_FILE).is_file():
+    if RunDir(run_dir).eval_original.has_rouge():
         return
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
@@ -174,7 +173,7 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
     """The fine-tuned model (as trained, sharded or not), then the report with the original's
     scores written before training (``evaluate_original``)."""
     label = f"{recipe.model.name} ({recipe.train.method} fine-tuned)"
-    out_dir = run_dir / "eval" / "finetuned"
+    out_dir = RunDir(run_dir).eval_finetuned.path
     evaluate_model(accelerator, model, tokenizer, recipe, out_dir, label, shards_weights(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from launcher.atomic import replace_dir
 from launcher.distributed import print_main, without_zero3_init
 from launcher.model_settings import write_inference_settings
 from launcher.recipe import Recipe
+from launcher.rundir import MERGED_DIR, RunDir
 
 
 def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None):
@@ -53,8 +55,7 @@ def save_final(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path) -> 
         unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         write_inference_settings(tmp, recipe)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
         print_main(
             accelerator, f"saved {'adapter' if recipe.train.method == 'lora' else 'model'} to {out_dir}"
         )
@@ -71,10 +72,11 @@ def save_merged(accelerator, recipe: Recipe, tokenizer, adapter_dir: Path) -> No
     with without_zero3_init():
         model = load_for_inference(recipe.model.name, str(adapter_dir), len(tokenizer), recipe)
     merged = model.merge_and_unload()
-    merged.save_pretrained(str(adapter_dir / "merged"), safe_serialization=True)
-    tokenizer.save_pretrained(str(adapter_dir / "merged"))
-    write_inference_settings(adapter_dir / "merged", recipe, method="full")
-    print_main(accelerator, f"saved merged model to {adapter_dir / 'merged'}")
+    out_dir = adapter_dir / MERGED_DIR
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    write_inference_settings(out_dir, recipe, method="full")
+    print_main(accelerator, f"saved merged model to {out_dir}")
 
 
 # ---------------------------------------------------------------- ftlaunch export
@@ -92,10 +94,12 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     from launcher.recipe import read_run_recipe
     from launcher.writable import check_writable_dir
 
-    run_dir = run_dir.expanduser().resolve()
-    final = run_dir / "final"
-    if not (run_dir / "recipe.yaml").is_file() or not final.is_dir():
-        raise UserError(f"{run_dir} is not a finished run (no recipe.yaml and final/); pass a run directory")
+    run = RunDir(run_dir.expanduser().resolve())
+    run_dir, final = run.path, run.final
+    if not run.has_recipe() or not final.is_dir():
+        raise UserError(
+            f"{run_dir} is not a finished run (no {run.recipe_yaml.name} and {final.name}/); pass a run directory"
+        )
     check_model_files(final, "run")
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")

@@ -15,14 +15,16 @@ from launcher.data import dataset_dir, load_data_split
 from launcher.diskspace import check_free_space
 from launcher.errors import UserError
 from launcher.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
+from launcher.model_facts import model_facts
 from launcher.modelfiles import check_model_files
 from launcher.paths import is_local_reference
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_type
+from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
 from launcher.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
+from launcher.rundir import LOCK_FILE, RENDERED_FILES, RunDir
 from launcher.trackers import check_trackers_installed
 from launcher.writable import check_writable_dir
 
-RUN_FILES = ("recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh")
+RUN_FILES = RENDERED_FILES
 
 
 # ---------------------------------------------------------------- checks before launch
@@ -77,7 +79,7 @@ def check_model_reference(recipe: Recipe) -> None:
 def model_module_names(config_dir: Path | None) -> ModuleNames:
     """The module names LoRA targets can name: T5's from a list (tiny-t5, a local T5: no
     transformers import), any other family's from a meta-device skeleton (no weights loaded)."""
-    if config_dir is None or local_model_type(str(config_dir)) == "t5":
+    if config_dir is None or model_facts(str(config_dir)).family == "t5":
         return T5_MODULE_NAMES
     return module_names(skeleton(config_dir))
 
@@ -203,7 +205,7 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "recipe.yaml").is_file()
+    return RunDir(run_dir).has_recipe()
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
@@ -219,13 +221,13 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
     if overwrite:
         return
     if not holds_run(run_dir):
-        if run_dir.is_dir() and any(entry.name != runlock.LOCK_FILE for entry in run_dir.iterdir()):
+        if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
             raise UserError(
                 f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
                 "or pass --overwrite"
             )
         return
-    same = (run_dir / "recipe.yaml").read_text() == dump_recipe(recipe)
+    same = RunDir(run_dir).recipe_yaml.read_text() == dump_recipe(recipe)
     if not same and not resume:
         raise UserError(
             f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
@@ -248,7 +250,7 @@ def clear_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
-        if entry.name in RUN_FILES or entry.name == runlock.LOCK_FILE:  # the lock this process holds
+        if entry.name in RUN_FILES or entry.name == LOCK_FILE:  # the lock this process holds
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

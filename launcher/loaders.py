@@ -19,6 +19,7 @@ from launcher.data import (
     train_batch_sampler,
 )
 from launcher.recipe import Recipe
+from launcher.rundir import RunDir
 
 
 @dataclass
@@ -52,7 +53,7 @@ def recipe_collator(recipe: Recipe, tokenizer, on_gpu: bool, model=None):
 
 def prepare_data(recipe: Recipe, tokenizer, accelerator, run_dir: Path, model=None) -> TrainingData:
     data = recipe.data
-    cache = run_dir / "cache"
+    cache = RunDir(run_dir).cache
     with accelerator.main_process_first():
         train_rows = load_data_split(data, data.train_split, data.train_limit)
         val_rows = load_data_split(data, data.validation_split, data.validation_limit)

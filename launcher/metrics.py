@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from launcher.jsonl import read_jsonl
+from launcher.rundir import RunDir
 from launcher.trackers import scalars, start_trackers
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     return read_jsonl(path)
@@ -39,7 +38,7 @@ class MetricsLogger:
 
     def __init__(self, accelerator, run_dir: Path, recipe, resume_step: int = 0) -> None:
         self.accelerator = accelerator
-        self.path = run_dir / METRICS_FILE
+        self.path = RunDir(run_dir).metrics
         self.enabled = accelerator.is_main_process
         if self.enabled and self.path.exists():
             kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from launcher.atomic import write_text_atomic
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE, RunFailure, UserError
+from launcher.rundir import RunDir
 
-LOGS_DIR = "logs"
-FAILURES_DIR = "failures"
 # Set by the supervisor for its child: it prints the failure summary, so the ranks need not.
 SUPERVISED_ENV = "FTLAUNCH_SUPERVISED"
 # Set by the supervisor: whether the console a person reads is a terminal (the ranks see a pipe).
@@ -42,7 +42,7 @@ RESTART_CAUSE_ENV = "FTLAUNCH_RESTART_CAUSE"
 
 
 def logs_dir(run_dir: Path) -> Path:
-    return run_dir / LOGS_DIR
+    return RunDir(run_dir).logs
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def where() -> Where:
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
-    return logs_dir(run_dir) / f"rank{rank}.log"
+    return RunDir(run_dir).rank_log(rank)
 
 
 # ---------------------------------------------------------------- the console
@@ -148,7 +148,7 @@ def start(run_dir: Path) -> Path:
 
 
 def failure_path(run_dir: Path, rank: int) -> Path:
-    return logs_dir(run_dir) / FAILURES_DIR / f"rank{rank}.json"
+    return RunDir(run_dir).failure_record(rank)
 
 
 @dataclass
@@ -181,9 +181,7 @@ def record_failure(run_dir: Path, exit_code: int, error: str) -> Failure:
     path = failure_path(run_dir, me.rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(failure)))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(asdict(failure)))
     except OSError as exc:
         print(f"could not write the failure record {path}: {exc}", file=sys.stderr, flush=True)
     return failure
@@ -192,7 +190,7 @@ def record_failure(run_dir: Path, exit_code: int, error: str) -> Failure:
 def read_failures(run_dir: Path, since: float = 0.0) -> list[Failure]:
     """Failure records written since a time, first failure first."""
     found = []
-    for path in (logs_dir(run_dir) / FAILURES_DIR).glob("rank*.json"):
+    for path in RunDir(run_dir).failures.glob("rank*.json"):
         try:
             failure = Failure(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):

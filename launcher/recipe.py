@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher.errors import UserError
 from launcher.families import is_t5_family
 from launcher.paths import project_dir
+from launcher.rundir import RunDir
 
 DEFAULT_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 EMBEDDED_MODEL = "tiny-t5"
@@ -668,4 +669,5 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
-    return build_recipe(read_yaml_mapping(run_dir / "recipe.yaml"), f"recipe {run_dir / 'recipe.yaml'}")
+    path = RunDir(run_dir).recipe_yaml
+    return build_recipe(read_yaml_mapping(path), f"recipe {path}")

@@ -9,7 +9,6 @@ read, diffed or launched by hand without ftlaunch.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -18,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
+from launcher.model_facts import model_facts
 from launcher.paths import project_dir
-from launcher.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, local_model_config
+from launcher.recipe import Recipe, dump_recipe
+from launcher.rundir import RunDir
 
 DEFAULT_PORT = 29500
 # Multi-node values a job script cannot know before it runs: evaluated by bash on each node.
@@ -68,24 +70,22 @@ class RenderedRun:
         """Write (atomically, and only what changed): on a shared filesystem every node of a
         multi-node run renders the same files while the others may already be reading them."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_if_changed(run_dir / "recipe.yaml", self.recipe_yaml)
-        write_if_changed(run_dir / "accelerate.yaml", self.accelerate_yaml)
-        ds_path = run_dir / "deepspeed.json"
+        run = RunDir(run_dir)
+        write_if_changed(run.recipe_yaml, self.recipe_yaml)
+        write_if_changed(run.accelerate_yaml, self.accelerate_yaml)
+        ds_path = run.deepspeed_json
         if self.deepspeed_json is not None:
             write_if_changed(ds_path, self.deepspeed_json)
         elif ds_path.exists():
             ds_path.unlink()  # a re-render without ZeRO must not leave a stale config behind
-        write_if_changed(run_dir / "command.sh", self.command_sh, mode=0o755)
+        write_if_changed(run.command_sh, self.command_sh, mode=0o755)
 
 
 def write_if_changed(path: Path, text: str, mode: int = 0o644) -> None:
     """Replace ``path`` by ``text`` in one rename (readers see the old or the new file, never half)."""
     if path.is_file() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)
+    write_text_atomic(path, text, mode=mode)
 
 
 # ---------------------------------------------------------------- template choice
@@ -162,16 +162,7 @@ def set_deepspeed_precision(config: dict[str, Any], recipe: Recipe) -> None:
 
 def model_hidden_size(name: str) -> int | None:
     """d_model of the model, when it can be known without downloading anything."""
-    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
-    from launcher.families import TINY_T5_CONFIG
-
-    if name == EMBEDDED_MODEL:
-        return TINY_T5_CONFIG["d_model"]
-    if canonical_name(name) in FLAN_T5_CONFIGS:
-        return FLAN_T5_CONFIGS[canonical_name(name)]["d_model"]
-    config = local_model_config(name)
-    size = config.get("d_model") or config.get("hidden_size")
-    return int(size) if size else None
+    return model_facts(name).d_model
 
 
 def fill_bucket_sizes(zero: dict[str, Any], hidden: int | None) -> None:
@@ -220,7 +211,7 @@ def render_accelerate_config(recipe: Recipe, run_dir: Path) -> str:
         # (torchrun) starts them and the loop builds a gloo process group on CPU.
         values["use_cpu"] = launch.cpu and launch.world_size == 1
     else:
-        values["deepspeed_config_file"] = str((run_dir / "deepspeed.json").resolve())
+        values["deepspeed_config_file"] = str(RunDir(run_dir).deepspeed_json.resolve())
     if template_name != "single_gpu.yaml":
         values.update(num_machines=launch.nodes, machine_rank=0)  # command.sh passes each node's own
         values["main_process_port"] = launch.main_port or DEFAULT_PORT
@@ -288,12 +279,12 @@ def model_block_classes(name: str) -> str | None:
     as Accelerate reads them for FSDP auto-wrap. A local model directory is inspected on the meta
     device (``families.block_class_names``); the embedded model and FLAN-T5 names are T5; None for
     another hub id (Accelerate then reads ``_no_split_modules`` itself at prepare time)."""
-    from launcher.estimate import FLAN_T5_CONFIGS, canonical_name
     from launcher.families import block_class_names, skeleton
 
-    if name == EMBEDDED_MODEL or canonical_name(name) in FLAN_T5_CONFIGS:
+    facts = model_facts(name)
+    if facts.known_t5:
         return "T5Block"
-    if not local_model_config(name):
+    if facts.source != "local":
         return None
     return ",".join(block_class_names(skeleton(Path(name).expanduser()))) or None
 
@@ -321,7 +312,7 @@ def machine_rank_setup(nodes: int) -> str:
 def render_command(recipe: Recipe, run_dir: Path, entry: RankEntry) -> str:
     """The exact launch line; multi-node ranks take their machine rank from the node they run on."""
     run_dir = run_dir.resolve()
-    launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(run_dir / "accelerate.yaml"))]
+    launch_args = ["accelerate", "launch", "--config_file", shlex.quote(str(RunDir(run_dir).accelerate_yaml))]
     launch = recipe.launch
     setup: list[str] = []
     if launch.nodes > 1:

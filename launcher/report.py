@@ -17,23 +17,25 @@ from launcher.jsonl import read_jsonl
 from launcher.metrics import read_metrics
 from launcher.recipe import shown_generation_settings
 from launcher.rouge import ROUGE_TYPES
+from launcher.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir
 from launcher.writable import check_writable_dir
 
-MODEL_ORDER = ("original", "finetuned")
+MODEL_ORDER = (ORIGINAL, FINETUNED)
 
 
 def read_eval_dir(path: Path) -> dict[str, Any]:
     """rouge.json + predictions of one evaluation folder."""
-    rouge_file = path / "rouge.json"
+    result = ResultDir(path)
+    rouge_file = result.rouge
     if not rouge_file.is_file():
         raise UserError(
-            f"{path} has no rouge.json; pass a run directory or an `ftlaunch eval` output directory"
+            f"{path} has no {rouge_file.name}; pass a run directory or an `ftlaunch eval` output directory"
         )
     try:
         scores = json.loads(rouge_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{rouge_file} is not valid JSON ({exc.msg})") from None
-    predictions_file = path / "predictions.jsonl"
+    predictions_file = result.predictions
     predictions = []
     if predictions_file.is_file():
         predictions = read_jsonl(predictions_file)
@@ -42,12 +44,13 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
 
 def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The evaluations of a run (original/finetuned), or of a bare eval folder."""
-    if (run_dir / "rouge.json").is_file():
+    run = RunDir(run_dir)
+    if run.results.has_rouge():
         return {run_dir.name: read_eval_dir(run_dir)}
     found = {
-        name: read_eval_dir(run_dir / "eval" / name)
+        name: read_eval_dir(run.eval_result(name).path)
         for name in MODEL_ORDER
-        if (run_dir / "eval" / name / "rouge.json").is_file()
+        if run.eval_result(name).has_rouge()
     }
     if not found:
         raise UserError(
@@ -225,8 +228,9 @@ def rank_independence(scores: dict) -> list[str]:
 def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
     evals = run_evaluations(run_dir)
-    out_dir = out_dir or run_dir / "report"
-    check_writable_dir(out_dir, "--output" if out_dir != run_dir / "report" else "report folder")
+    own = RunDir(run_dir).report.path
+    out_dir = out_dir or own
+    check_writable_dir(out_dir, "--output" if out_dir != own else "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
@@ -234,9 +238,9 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     for row, dialogue in zip(rows, dialogues):
         row["dialogue"] = dialogue
     ordered = [(name, data["scores"]) for name, data in evals.items()]
-    baseline = evals["original"]["scores"] if "original" in evals else None
+    baseline = evals[ORIGINAL]["scores"] if ORIGINAL in evals else None
     if baseline is not None:
-        ordered.sort(key=lambda item: item[0] != "original")
+        ordered.sort(key=lambda item: item[0] != ORIGINAL)
     metrics = read_metrics(run_dir)
     sections = [
         f"# ftlaunch report: {run_dir.name}",
@@ -281,12 +285,12 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         "",
         qualitative_examples(evals, rows, int(first["scores"].get("report_examples", 3))),
     ]
-    (out_dir / "report.md").write_text("\n".join(sections).rstrip() + "\n")
-    (out_dir / "rouge.json").write_text(
+    ResultDir(out_dir).report_md.write_text("\n".join(sections).rstrip() + "\n")
+    ResultDir(out_dir).rouge.write_text(
         json.dumps({name: data["scores"] for name, data in evals.items()}, indent=2) + "\n"
     )
     for name, data in evals.items():
-        source = data["path"] / "predictions.jsonl"
+        source = ResultDir(data["path"]).predictions
         if source.is_file():
             shutil.copyfile(source, out_dir / f"predictions_{name}.jsonl")
     return out_dir
@@ -323,8 +327,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     text = "# ftlaunch comparison\n\n" + table + "\n\n" + note + "\n"
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.md").write_text(text)
-        (out_dir / "rouge.json").write_text(
+        ResultDir(out_dir).report_md.write_text(text)
+        ResultDir(out_dir).rouge.write_text(
             json.dumps({label: scores for label, scores in rows}, indent=2) + "\n"
         )
     return text

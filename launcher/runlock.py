@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.rundir import LOCK_FILE, RunDir
 
-LOCK_FILE = ".ftlaunch.lock"
 JOB_ENV = "SLURM_JOB_ID"
 
 _held: dict[Path, int] = {}  # run directory -> open descriptor of its lock, in this process
@@ -57,7 +57,7 @@ def process_alive(pid: int) -> bool:
 
 
 def lock_path(run_dir: Path) -> Path:
-    return run_dir / LOCK_FILE
+    return RunDir(run_dir).lock
 
 
 def this_process() -> Holder:

@@ -19,6 +19,7 @@ from launcher.errors import UserError
 from launcher.jsonl import read_jsonl
 from launcher.recipe import EvalSection, describe_validation_error
 from launcher.rouge import score_rouge
+from launcher.rundir import ResultDir
 from launcher.writable import check_writable_dir
 
 
@@ -98,5 +99,5 @@ def rescore(
     text = json.dumps(scores, indent=2)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "rouge.json").write_text(text + "\n")
+        ResultDir(output).rouge.write_text(text + "\n")
     return text

@@ -58,4 +58,6 @@ def stop_requested(accelerator, stop: StopRequest, step: int, last_step: int) ->
 
 def stopped_message(step: int) -> str:
     """What the console says when a signal stopped training (the checkpoint is already written)."""
-    return f"stop requested by signal: checkpoint step_{step} written; resume with --resume auto"
+    from launcher.rundir import checkpoint_name
+
+    return f"stop requested by signal: checkpoint {checkpoint_name(step)} written; resume with --resume auto"

@@ -34,6 +34,7 @@ from launcher.recipe import (
     parse_override,
     read_yaml_mapping,
 )
+from launcher.rundir import RunDir
 from launcher.writable import check_writable_file
 
 INPUTS_FILE = "inputs.jsonl"
@@ -52,12 +53,15 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
         raise UserError(
             f"{source} is not a directory; pass a run directory, its final/ folder or a model folder"
         )
-    if (source / "recipe.yaml").is_file() and (source / "final").is_dir():
-        check_model_files(source / "final", "run")
-        return source / "final", source
-    if (source / "recipe.yaml").is_file():
-        raise UserError(f"run {source} has no final/ model yet; summarize after the run has finished")
-    run_dir = source.parent if (source.parent / "recipe.yaml").is_file() else None
+    run = RunDir(source)
+    if run.has_recipe() and run.final.is_dir():
+        check_model_files(run.final, "run")
+        return run.final, source
+    if run.has_recipe():
+        raise UserError(
+            f"run {source} has no {run.final.name}/ model yet; summarize after the run has finished"
+        )
+    run_dir = source.parent if RunDir(source.parent).has_recipe() else None
     if not any((source / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise UserError(
             f"{source} holds no model (no config.json or adapter_config.json); pass a run directory, "
@@ -85,7 +89,7 @@ def base_model_of(adapter: Path, settings: dict | None, run_recipe: dict | None)
 def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -> Recipe:
     """The recipe the run evaluated with, pointed at the saved model, with ``--set`` applied."""
     folder, run_dir = model_folder(source)
-    run_recipe = read_yaml_mapping(run_dir / "recipe.yaml") if run_dir else None
+    run_recipe = read_yaml_mapping(RunDir(run_dir).recipe_yaml) if run_dir else None
     raw = run_recipe or read_yaml_mapping(default_recipe_path("full"))
     settings = read_inference_settings(folder)
     if settings:

@@ -39,8 +39,8 @@ from launcher.ranklog import (
 )
 from launcher.recipe import Recipe, read_run_recipe
 from launcher.render import MACHINE_RANK_ENV
+from launcher.rundir import RunDir
 
-INTERRUPTED_MARKER = "INTERRUPTED"  # written by the ranks after a stop-signal checkpoint (train.py)
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
 TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -58,8 +58,7 @@ def node_rank(machine_rank: int | None) -> int:
 
 
 def launcher_log_path(run_dir: Path, recipe: Recipe, node: int) -> Path:
-    name = "launcher.log" if recipe.launch.nodes == 1 else f"launcher-node{node}.log"
-    return logs_dir(run_dir) / name
+    return RunDir(run_dir).launcher_log(node, recipe.launch.nodes)
 
 
 def child_env(recipe: Recipe, console_is_tty: bool, machine_rank: int | None) -> dict[str, str]:
@@ -146,21 +145,21 @@ class Job:
     @classmethod
     def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
         try:
-            command = (run_dir / "command.sh").read_text()
+            command = RunDir(run_dir).command_sh.read_text()
         except OSError:
             command = ""
         kind = "train"
         for module, name in (("launcher.evaluation", "eval"), ("launcher.summarize", "summarize")):
             if f"-m {module} " in command:
                 kind = name
-        final = run_dir / "final"
+        final = RunDir(run_dir).final
         lora = recipe.train.method == "lora"
         model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
         where = f"{' --cpu' if recipe.launch.cpu else ''} --gpus {recipe.launch.gpus}"
         limit = f" --limit {recipe.eval.limit}" if recipe.eval.limit is not None else ""
         evaluate = (
             f"ftlaunch eval {model} --data {recipe.data.dataset} --split {recipe.eval.split}{limit}{where} "
-            f"--output {run_dir / 'eval' / 'finetuned'}"
+            f"--output {RunDir(run_dir).eval_finetuned.path}"
         )
         return cls(run_dir, kind, started, evaluate)
 
@@ -168,7 +167,7 @@ class Job:
         """Training has saved final/ in this launch: what runs now is the final evaluation
         (train.finish saves final/ with one rename, just before generating)."""
         try:
-            return self.kind == "train" and (self.run_dir / "final").stat().st_mtime >= self.started
+            return self.kind == "train" and RunDir(self.run_dir).final.stat().st_mtime >= self.started
         except OSError:
             return False
 
@@ -182,7 +181,7 @@ class Job:
         if self.kind == "train":
             return (
                 f"ftlaunch: got {name} during the final evaluation: the ranks stop now; the trained "
-                f"model is saved in {self.run_dir / 'final'}"
+                f"model is saved in {RunDir(self.run_dir).final}"
             )
         return f"ftlaunch: got {name}: the ranks stop now (ftlaunch {self.kind} keeps no partial results)"
 
@@ -196,7 +195,7 @@ class Job:
         elif self.training_finished():
             action = "crashed" if code == EXIT_CRASHED else "interrupted"
             meaning = (
-                f"{action} in the final evaluation; training is done and saved in {self.run_dir / 'final'}: "
+                f"{action} in the final evaluation; training is done and saved in {RunDir(self.run_dir).final}: "
                 f"evaluate it with `{self.evaluate}`, then `ftlaunch report {self.run_dir}`"
             )
         else:
@@ -324,13 +323,7 @@ def first_failure(
 
 
 def interrupted_step(run_dir: Path, since: float) -> str | None:
-    marker = run_dir / INTERRUPTED_MARKER
-    try:
-        if marker.stat().st_mtime >= since:
-            return marker.read_text().strip()
-    except OSError:
-        return None
-    return None
+    return RunDir(run_dir).interrupted_checkpoint(since)
 
 
 def decide(
@@ -436,12 +429,12 @@ def run_once(run_dir: Path, recipe: Recipe, node: int, env: dict[str, str]) -> O
     """One start of RUN/command.sh, watched to its end: its outcome (the summary is not printed)."""
     launcher_log = launcher_log_path(run_dir, recipe, node)
     if node == 0:
-        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # a crash now must not look like a preemption
+        RunDir(run_dir).clear_interrupted()  # a crash now must not look like a preemption
     log = LogFile(launcher_log)
     started = time.time()
     sys.stdout.flush()
     child = subprocess.Popen(
-        ["bash", str(run_dir / "command.sh")],
+        ["bash", str(RunDir(run_dir).command_sh)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

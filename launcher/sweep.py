@@ -33,6 +33,7 @@ from typing import Any
 from launcher.errors import EXIT_CRASHED, EXIT_INTERRUPTED, UserError
 from launcher.options import FLAG_KEYS, TrainOptions, train_recipe
 from launcher.paths import PACKAGE_DIR
+from launcher.rundir import RunDir, SweepDir
 from launcher.sweep_grid import Values, grid_points, parse_grid, point_name, read_variants
 from launcher.sweep_manifest import (
     MANIFEST,
@@ -41,13 +42,11 @@ from launcher.sweep_manifest import (
     is_sweep,
     read_sweep,
     status_path,
-    write_json,
+    write_manifest,
     write_status,
 )
 from launcher.writable import check_writable_dir
 
-SLURM_DIR = "slurm"
-LOCK_FILE = ".lock"
 # Flags of full/lora that make no sense for a sweep's points, and why.
 REFUSED = {
     "resume": "--resume: a sweep always continues its points (finished ones are kept, the others "
@@ -151,9 +150,8 @@ def point_recipe(method: str, options: dict[str, Any], point: Point, fixed: dict
 
 
 def is_done(run_dir: Path, recipe) -> bool:
-    """A finished point: its final model and, when the recipe evaluates, its fine-tuned ROUGE."""
-    evaluated = not recipe.eval.after_training or (run_dir / "eval" / "finetuned" / "rouge.json").is_file()
-    return (run_dir / "final").is_dir() and evaluated and not (run_dir / "INTERRUPTED").exists()
+    """A finished point (RunDir.is_finished: the one rule the sweep report uses too)."""
+    return RunDir(run_dir).is_finished(recipe)
 
 
 def set_args(point: Point) -> list[str]:
@@ -244,7 +242,7 @@ def print_plan(sweep: Sweep, done: list[bool]) -> None:
 def sweep_lock(sweep: Sweep):
     """One `ftlaunch sweep` at a time in a sweep directory (a second would run the same points)."""
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    with (sweep.dir / LOCK_FILE).open("w") as handle:
+    with SweepDir(sweep.dir).lock.open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -262,7 +260,7 @@ def run_here(sweep: Sweep, options: dict[str, Any], recipes: list, done: list[bo
 
     print_plan(sweep, done)
     with sweep_lock(sweep):
-        write_json(sweep.dir / MANIFEST, sweep.to_json())
+        write_manifest(sweep)
         codes: dict[str, int] = {}
         todo = [
             (point, recipe) for point, recipe, finished in zip(sweep.points, recipes, done) if not finished
@@ -386,7 +384,7 @@ def submit_array(
     if not todo:
         print("nothing to submit: every point is finished")
         return 0
-    logs = sweep.dir / SLURM_DIR / "logs"
+    logs = SweepDir(sweep.dir).slurm_logs
     logs.mkdir(parents=True, exist_ok=True)
     gpus = max(recipes[point.index].launch.gpus for point in todo)
     cpu = all(recipes[point.index].launch.cpu for point in todo)
@@ -394,9 +392,7 @@ def submit_array(
         recipe = recipes[point.index]
         prepare_point(sweep, point, recipe, options, dry_run=True)
         args = task_args(sweep, options, point, recipe)
-        (sweep.dir / SLURM_DIR / f"{point.index}.args").write_bytes(
-            b"".join(a.encode() + b"\0" for a in args)
-        )
+        SweepDir(sweep.dir).slurm_args(point.index).write_bytes(b"".join(a.encode() + b"\0" for a in args))
     spec = array_spec([point.index for point in todo], max_parallel)
     command = [
         "sbatch",
@@ -413,7 +409,7 @@ def submit_array(
         FTLAUNCH_METHOD=sweep.method, FTLAUNCH_SWEEP=str(sweep.dir), FTLAUNCH_REPO=str(script.parent.parent)
     )
     print("$ " + " ".join(command))
-    write_json(sweep.dir / MANIFEST, sweep.to_json())
+    write_manifest(sweep)
     if dry_run:
         print("dry run: every point rendered, nothing submitted")
         return 0
@@ -425,7 +421,7 @@ def submit_array(
         raise UserError(f"sbatch refused the job array (exit {result.returncode}): {last}")
     job_id = result.stdout.strip().split(";")[0]
     sweep.jobs.append({"id": job_id, "array": spec, "time": time.time()})
-    write_json(sweep.dir / MANIFEST, sweep.to_json())
+    write_manifest(sweep)
     print(
         f"submitted array job {job_id}: {len(todo)} task(s){f', at most {max_parallel} at once' if max_parallel else ''}; "
         f"logs in {logs}/; follow with: squeue -j {job_id}; ftlaunch report {sweep.dir}"

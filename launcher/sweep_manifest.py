@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
+from launcher.rundir import SWEEP_MANIFEST, SweepDir
 from launcher.sweep_grid import Values
 
-MANIFEST = "sweep.json"
-STATUS_DIR = "status"
+MANIFEST = SWEEP_MANIFEST
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Sweep:
     jobs: list[dict[str, Any]] = field(default_factory=list)  # SLURM array submissions
 
     def run_dir(self, point: Point) -> Path:
-        return self.dir / point.name
+        return SweepDir(self.dir).point(point.name).path
 
     def to_json(self) -> str:
         data = {
@@ -56,11 +57,11 @@ class Sweep:
 
 
 def is_sweep(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+    return SweepDir(path).is_sweep()
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:
-    path = sweep_dir / MANIFEST
+    path = SweepDir(sweep_dir).manifest
     try:
         data = json.loads(path.read_text())
         return Sweep(
@@ -77,16 +78,14 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         ) from None
 
 
-def write_json(path: Path, text: str) -> None:
-    """One rename: a report reading it meanwhile sees the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_manifest(sweep: Sweep) -> None:
+    """In one rename: a report reading it meanwhile sees the old or the new manifest."""
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(SweepDir(sweep.dir).manifest, sweep.to_json())
 
 
 def status_path(sweep_dir: Path, index: int) -> Path:
-    return sweep_dir / STATUS_DIR / f"{index}.json"
+    return SweepDir(sweep_dir).status(index)
 
 
 def read_status(sweep_dir: Path, index: int) -> dict[str, Any] | None:
@@ -98,4 +97,6 @@ def read_status(sweep_dir: Path, index: int) -> dict[str, Any] | None:
 
 def write_status(sweep_dir: Path, index: int, state: str, exit_code: int | None = None) -> None:
     record = {"state": state, "exit_code": exit_code, "time": time.time(), "host": os.uname().nodename}
-    write_json(status_path(sweep_dir, index), json.dumps(record) + "\n")
+    path = status_path(sweep_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record) + "\n")

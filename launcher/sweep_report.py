@@ -16,8 +16,9 @@ from typing import Any
 
 from launcher.errors import EXIT_INTERRUPTED, UserError
 from launcher.jsonl import read_jsonl_partial
-from launcher.metrics import METRICS_FILE
+from launcher.recipe import Recipe, read_run_recipe
 from launcher.rouge import ROUGE_TYPES
+from launcher.rundir import ResultDir, RunDir, SweepDir
 from launcher.sweep_grid import short_keys
 from launcher.sweep_manifest import Point, Sweep, read_status, read_sweep
 from launcher.writable import check_writable_dir
@@ -65,12 +66,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
     """Why a point failed, in one line: the supervisor's first failed rank, else the job log's error."""
-    from launcher.ranklog import logs_dir, read_failures
-    from launcher.recipe import read_run_recipe
+    from launcher.ranklog import read_failures
     from launcher.supervise import first_failure, torchrun_failure
 
     tail: list[bytes] = []
-    for log in sorted(logs_dir(run_dir).glob("launcher*.log")):
+    for log in RunDir(run_dir).launcher_logs():
         tail += log.read_bytes().splitlines()[-200:]
     try:
         recipe = read_run_recipe(run_dir)
@@ -98,27 +98,36 @@ def point_state(run_dir: Path, status: dict[str, Any] | None, done: bool) -> tup
         if code == EXIT_INTERRUPTED:
             return "interrupted", "run the sweep again to resume it"
         if code == 0:  # a SLURM task that requeued itself after a stop signal
-            marker = (
-                (run_dir / "INTERRUPTED").read_text().strip() if (run_dir / "INTERRUPTED").exists() else ""
-            )
+            marker = RunDir(run_dir).interrupted_checkpoint() or ""
             return "requeued", f"resumes from {marker}" if marker else "waits in the queue"
         return "failed", failure_line(run_dir, status)
-    if (run_dir / "INTERRUPTED").exists():
+    if RunDir(run_dir).is_interrupted():
         return "interrupted", "run the sweep again to resume it"
     return "pending", ""
 
 
+def own_recipe(run: RunDir) -> Recipe | None:
+    """The point's resolved recipe (None before it is rendered or when it cannot be read)."""
+    if not run.has_recipe():
+        return None
+    try:
+        return read_run_recipe(run.path)
+    except UserError:
+        return None
+
+
 def read_point(sweep: Sweep, point: Point) -> Row:
     run_dir = sweep.run_dir(point)
-    finetuned = read_json(run_dir / "eval" / "finetuned" / "rouge.json")
-    done = (run_dir / "final").is_dir() and finetuned is not None and not (run_dir / "INTERRUPTED").exists()
+    run = RunDir(run_dir)
+    finetuned = read_json(run.eval_finetuned.rouge)
+    done = run.is_finished(own_recipe(run))  # the sweep's own rule for a point it keeps
     status, detail = point_state(run_dir, read_status(sweep.dir, point.index), done)
-    rows = read_rows(run_dir / METRICS_FILE)
+    rows = read_rows(run.metrics)
     train = [row for row in rows if "loss" in row]
     final = [row for row in rows if row.get("final")]
     row = Row(point, status, detail)
     row.scores = finetuned if done else None
-    row.original = read_json(run_dir / "eval" / "original" / "rouge.json")
+    row.original = read_json(run.eval_original.rouge)
     row.val_loss = final[-1].get("val_loss") if final else None
     row.losses = [(r["step"], r["loss"]) for r in train]
     row.step = train[-1]["step"] if train else None
@@ -279,8 +288,9 @@ def write_sweep_report(sweep_dir: Path, out_dir: Path | None = None, metric: str
     check_metric(metric)
     sweep = read_sweep(sweep_dir)
     rows = sorted_rows([read_point(sweep, point) for point in sweep.points], metric)
-    out_dir = out_dir or sweep_dir / "report"
-    check_writable_dir(out_dir, "--output" if out_dir != sweep_dir / "report" else "report folder")
+    own = SweepDir(sweep_dir).report.path
+    out_dir = out_dir or own
+    check_writable_dir(out_dir, "--output" if out_dir != own else "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_metric(sweep, rows, metric, out_dir / f"{metric}.png")
     plot_losses(rows, out_dir / "loss.png")
@@ -301,7 +311,7 @@ def write_sweep_report(sweep_dir: Path, out_dir: Path | None = None, metric: str
             "![loss](loss.png)",
         ]
     )
-    (out_dir / "report.md").write_text(text + "\n")
+    ResultDir(out_dir).report_md.write_text(text + "\n")
     results = [
         {
             "name": row.point.name,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.rundir import RunDir
 
-TRACKERS_DIR = "trackers"
 IDS_FILE = "ids.json"
 PROJECT_NAME = (
     "ftlaunch"  # TensorBoard subfolder, MLflow experiment (MLFLOW_EXPERIMENT_NAME wins), W&B project
@@ -50,7 +50,7 @@ def check_trackers_installed(names: list[str]) -> None:
 
 
 def trackers_dir(run_dir: Path) -> Path:
-    return run_dir / TRACKERS_DIR
+    return RunDir(run_dir).trackers
 
 
 def flat_config(recipe_dict: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 def log_rouge(accelerator, run_dir: Path, step: int) -> None:
     """The report's ROUGE (fine-tuned, and the original model's) as the tracker run's final metrics."""
     try:
-        table = json.loads((run_dir / "report" / "rouge.json").read_text())
+        table = json.loads(RunDir(run_dir).report.rouge.read_text())
     except (OSError, ValueError):
         return
     values = {

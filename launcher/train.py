@@ -51,6 +51,7 @@ from launcher.model import (
 from launcher.optimization import build_optimizer, build_scheduler, describe_optimizer, total_optimizer_steps
 from launcher.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
 from launcher.recipe import Recipe, read_run_recipe
+from launcher.rundir import RunDir
 from launcher.step_stats import StepResult, WindowStats, metrics_row
 from launcher.stopping import StopRequest, stop_requested, stopped_message
 
@@ -464,7 +465,7 @@ def finish(run: Run, logger: MetricsLogger) -> None:
     check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
     # The compiled wrapper's state_dict prefixes every key with _orig_mod.: save the module inside.
     model = uncompiled(run.model)
-    save_final(run.accelerator, model, run.tokenizer, run.recipe, run.run_dir / "final")
+    save_final(run.accelerator, model, run.tokenizer, run.recipe, RunDir(run.run_dir).final)
     clear_interrupted_marker(run.accelerator, run.run_dir)
     if run.recipe.eval.after_training:
         from launcher.evaluation import evaluate_after_training
@@ -536,17 +537,14 @@ def make_progress(accelerator, total: int, initial: int):
     return console_progress(accelerator.is_main_process, total, initial)
 
 
-INTERRUPTED_MARKER = "INTERRUPTED"
-
-
 def write_interrupted_marker(accelerator, run_dir: Path, step: int) -> None:
     if accelerator.is_main_process:
-        ckpt.write_text_atomic(run_dir / INTERRUPTED_MARKER, f"step_{step}\n")
+        RunDir(run_dir).write_interrupted(step)
 
 
 def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process:
-        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
+        RunDir(run_dir).clear_interrupted()
 
 
 def restart_resume(resume: str | None) -> str | None:

@@ -91,6 +91,7 @@ HOST_MODULES = (
     "console", "estimate", "diskspace", "families", "fingerprint", "checkpoint", "data", "paths", "errors",
     "sweep", "sweep_grid", "sweep_manifest", "sweep_report", "report", "card", "scoring", "rouge",
     "model_settings", "summarize", "jsonl", "metrics", "trackers", "ranklog", "progress", "compiling",
+    "rundir", "atomic", "model_facts",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "deepspeed", "datasets")
 
@@ -109,3 +110,128 @@ def test_the_host_side_imports_no_heavy_library():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]", f"host modules import {result.stdout.strip()} at import time"
     assert set(HOST_MODULES) <= set(import_graph())  # every name is a real module
+
+
+# ---------------------------------------------------------------- the run directory contract
+
+# launcher/rundir.py is the run directory's layout in code: no other module spells a name of it.
+# Names that mean nothing else are refused wherever they appear as a string (docstrings and the
+# text of messages, which mention them for people, are not looked at); names that are also
+# ordinary words or keys ("final" is a metrics key, "eval" a recipe section) only as a path
+# component (``path / "final"``) or in a path-shaped string (``"eval/finetuned"``).
+RUN_DIR_FILES = {
+    "recipe.yaml", "accelerate.yaml", "deepspeed.json", "command.sh", ".ftlaunch.lock", "logs",
+    "metrics.jsonl", "trackers", "checkpoints", "INTERRUPTED", "predictions.jsonl", "rouge.json",
+    "report.md", "sweep.json",
+}  # fmt: skip
+RUN_DIR_WORDS = {
+    "final",
+    "eval",
+    "original",
+    "finetuned",
+    "report",
+    "latest",
+    "cache",
+    "status",
+    "failures",
+    "merged",
+}
+CHECKPOINT_PREFIXES = ("step_", ".tmp-step_", ".old-step_")
+LAYOUT_MODULES = {"rundir"}
+
+
+def docstring_nodes(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+def path_shaped(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) > 1 and all(part and " " not in part for part in parts)
+
+
+def run_dir_names(path: Path) -> list[str]:
+    """``file:line: 'name'`` for each run-directory name spelled in ``path``'s code."""
+    tree = ast.parse(path.read_text())
+    skipped = docstring_nodes(tree)
+    found = []
+
+    def hit(node: ast.AST, text: str) -> None:
+        found.append(f"{path.name}:{node.lineno}: {text!r}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped:
+            text = node.value
+            if (
+                text in RUN_DIR_FILES
+                or path_shaped(text)
+                and set(text.split("/")) & (RUN_DIR_FILES | RUN_DIR_WORDS)
+            ):
+                hit(node, text)
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            right = node.right
+            if isinstance(right, ast.Constant) and right.value in RUN_DIR_WORDS:
+                hit(node, right.value)
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and first.value in CHECKPOINT_PREFIXES:
+                hit(node, first.value + "...")
+    return sorted(found, key=lambda line: int(line.split(":")[1]))
+
+
+def test_only_rundir_spells_the_run_directory_layout():
+    found = [
+        line
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.stem not in LAYOUT_MODULES
+        for line in run_dir_names(path)
+    ]
+    assert not found, "run-directory names outside launcher/rundir.py (use RunDir):\n" + "\n".join(found)
+    assert run_dir_names(PACKAGE / "rundir.py")  # the checker sees the names where they are defined
+
+
+def test_the_layout_checker_finds_names_but_not_messages(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        '"""A docstring about recipe.yaml and final/ is fine."""\n'
+        'a = run_dir / "final"\n'
+        'b = "metrics.jsonl"\n'
+        'c = root / f"step_{step}"\n'
+        'd = "eval/finetuned"\n'
+        'e = row.get("final")\n'
+        'f = f"{run_dir} has no command.sh; render it first"\n'
+        'g = f"step_{step}"\n'
+    )
+    assert run_dir_names(source) == [
+        "m.py:2: 'final'", "m.py:3: 'metrics.jsonl'", "m.py:4: 'step_...'", "m.py:5: 'eval/finetuned'",
+        "m.py:8: 'step_...'",
+    ]  # fmt: skip
+
+
+# One way to replace a file or folder so that readers never see half of it: launcher/atomic.py.
+RENAMES = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
+
+
+def renames(path: Path) -> list[str]:
+    """``file:line`` for each rename in ``path`` (os.replace/rename, shutil.move, Path.rename)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            name = (owner.id if isinstance(owner, ast.Name) else None, node.func.attr)
+            if name in RENAMES or node.func.attr == "rename":
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)}")
+    return found
+
+
+def test_one_atomic_write_helper():
+    found = [line for path in sorted(PACKAGE.glob("*.py")) if path.stem != "atomic" for line in renames(path)]
+    assert not found, "renames outside launcher/atomic.py (use write_text_atomic/replace_dir):\n" + "\n".join(
+        found
+    )
+    assert renames(PACKAGE / "atomic.py")  # the checker sees the one place that renames
