@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import jsonl as launcher_jsonl
-from launcher.model import TINY_T5_CONFIG
+from launcher.core import jsonl as launcher_jsonl
+from launcher.rank.model import TINY_T5_CONFIG
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -79,7 +79,7 @@ def bench_env(threads: int, **extra: str) -> dict[str, str]:
 
 def ftlaunch_cmd(*args: str) -> list[str]:
     """The real CLI, as the console script ``ftlaunch`` runs it."""
-    return [sys.executable, "-m", "launcher.cli", *args]
+    return [sys.executable, "-m", "launcher.host.cli", *args]
 
 
 def accelerate_cmd(*args: str) -> list[str]:

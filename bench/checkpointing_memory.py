@@ -1,7 +1,7 @@
 """Peak memory per rank of a flan-t5-large-shaped model under ZeRO-3 with gradient checkpointing,
 measured on 2 CPU ranks, beside what ``ftlaunch estimate`` says for that shape.
 
-The model: flan-t5-large's config (launcher.estimate.FLAN_T5_CONFIGS: d_model 1024, d_ff 2816,
+The model: flan-t5-large's config (launcher.host.estimate.FLAN_T5_CONFIGS: d_model 1024, d_ff 2816,
 16 heads, vocab 32128, its own lm_head) with random weights, saved with ``save_pretrained`` and
 passed as ``--model DIR``; ``--layers N`` keeps flan-t5-large's width with N layers per stack
 (24 = the real depth; fewer when memory or time is short: the result says which).
@@ -141,10 +141,10 @@ def largest_live(limit: int = 12) -> list[str]:
 def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
     import torch
 
-    from launcher.distributed import build_accelerator
-    from launcher.model import build_model, checkpointed_layers, count_parameters
-    from launcher.recipe import read_run_recipe
-    from launcher.train import build_optimizer, summed_cross_entropy
+    from launcher.core.recipe import read_run_recipe
+    from launcher.rank.distributed import build_accelerator
+    from launcher.rank.model import build_model, checkpointed_layers, count_parameters
+    from launcher.rank.train import build_optimizer, summed_cross_entropy
 
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe)
@@ -229,7 +229,7 @@ def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
 
 
 def large_config(layers: int) -> dict:
-    from launcher.estimate import FLAN_T5_CONFIGS, FLAN_T5_VOCAB
+    from launcher.host.estimate import FLAN_T5_CONFIGS, FLAN_T5_VOCAB
 
     config = dict(FLAN_T5_CONFIGS[LARGE], num_layers=layers, num_decoder_layers=layers)
     return dict(
@@ -253,7 +253,7 @@ def save_model(out_dir: Path, layers: int) -> Path:
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from launcher.paths import TINY_TOKENIZER_DIR
+    from launcher.core.paths import TINY_TOKENIZER_DIR
 
     torch.manual_seed(0)
     config = T5Config(**large_config(layers))
@@ -272,7 +272,7 @@ def save_model(out_dir: Path, layers: int) -> Path:
 
 def estimated(model_dir: Path, micro: int, source_len: int, target_len: int, checkpointing: bool):
     """The ZeRO-3 (no offload) row of ``ftlaunch estimate`` for this shape."""
-    from launcher.estimate import RunShape, estimate_model
+    from launcher.host.estimate import RunShape, estimate_model
 
     shape = RunShape(
         gpus=2,
@@ -421,7 +421,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=bl.RESULTS_DIR / "checkpointing_memory.md")
     args = parser.parse_args()
     if args.worker:
-        from launcher.ranklog import exit_rank
+        from launcher.core.ranklog import exit_rank
 
         worker(args.run_dir.resolve(), args.steps, args.source_len, args.target_len)
         exit_rank(0)
@@ -429,7 +429,7 @@ def main() -> None:
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     args.model = save_model(args.work / f"flan-t5-large-{args.layers}layers", args.layers)
-    from launcher.estimate import model_spec
+    from launcher.host.estimate import model_spec
 
     params = model_spec(str(args.model)).params
     results = {True: measure(args, True)}

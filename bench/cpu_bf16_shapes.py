@@ -28,8 +28,9 @@ def worker(args) -> None:
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from launcher.data import LengthGroupedBatchSampler, load_split, tokenize_rows
-    from launcher.recipe import DataSection
+    from launcher.core.dialogues import load_split
+    from launcher.core.recipe import DataSection
+    from launcher.rank.data import LengthGroupedBatchSampler, tokenize_rows
 
     precision, multiple = CONFIGS[args.config]
     tokenizer = AutoTokenizer.from_pretrained(str(bl.UNIGRAM_TOKENIZER))

@@ -6,7 +6,7 @@ reports.md: five files, flat). The parts, most valuable first:
 
   preflight   imports, versions, conflicts, the GPU and its peak (gpu_worker.py)
   prepare     a FLAN-T5-base-shaped model directory and synthetic DialogSum-like data (gpu_worker.py)
-  cli         the real CLI: ``python -m launcher.cli {full,lora} --gpus 1 --zero N [--offload
+  cli         the real CLI: ``python -m launcher.host.cli {full,lora} --gpus 1 --zero N [--offload
               optimizer] --model DIR --data DIR`` (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + optimizer offload),
               a few dozen optimizer steps, then distributed generation, ROUGE and the report;
               tokens/s from the run's own metrics.jsonl (windows after the first), MFU from it with
@@ -415,7 +415,7 @@ def render_measure_run(
     command = [
         sys.executable,
         "-m",
-        "launcher.cli",
+        "launcher.host.cli",
         "full",
         "--dry-run",
         "--gpus",
@@ -637,7 +637,7 @@ class Driver:
         args = [
             sys.executable,
             "-m",
-            "launcher.cli",
+            "launcher.host.cli",
             method,
             "--gpus",
             "1",

@@ -34,10 +34,10 @@ def fixed_batches(
     """The product's batches of one epoch, the first ``count`` of them: length-grouped batches of
     ``batch`` examples, or with ``tokens`` micro-batches filled up to that token budget
     (train.micro_batch_tokens; ``bucketed``: counted at the compiled run's length buckets)."""
-    from launcher.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
+    from launcher.rank.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
 
     if tokens:
-        from launcher.compiling import bucketed_lengths
+        from launcher.rank.compiling import bucketed_lengths
 
         sources = [len(e["input_ids"]) for e in examples]
         targets = [len(e["labels"]) for e in examples]
@@ -89,12 +89,12 @@ def product_runner(args: argparse.Namespace, examples: list[dict]):
 
     from transformers import AutoTokenizer
 
-    from launcher.distributed import build_accelerator
-    from launcher.loaders import recipe_collator
-    from launcher.optimization import build_optimizer
-    from launcher.recipe import read_run_recipe
-    from launcher.render import DYNAMO_ENV
-    from launcher.train import train_step
+    from launcher.core.recipe import read_run_recipe
+    from launcher.host.render import DYNAMO_ENV
+    from launcher.rank.distributed import build_accelerator
+    from launcher.rank.loaders import recipe_collator
+    from launcher.rank.optimization import build_optimizer
+    from launcher.rank.train import train_step
 
     recipe = read_run_recipe(args.run_dir)
     recipe.train.compile = args.compile
@@ -264,7 +264,7 @@ def worker_step(args: argparse.Namespace) -> None:
         sync()
         timed = time.perf_counter() - start - warm
         if args.compile:
-            from launcher.compiling import compiled_graphs
+            from launcher.rank.compiling import compiled_graphs
 
             result["compiled_graphs"] = compiled_graphs()
         if on_gpu:

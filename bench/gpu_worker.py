@@ -3,7 +3,7 @@
   preflight  imports, versions, conflicts between the carried wheels and the image, the GPU, its
              bf16 dense peak (PEAK_BF16_TFLOPS), a measured 8192^3 bf16 matmul rate
   prepare    a FLAN-T5-base-shaped model directory (flan-t5-base's config values from
-             launcher.estimate, random init, its own lm_head, vocabulary 32,128; save_pretrained,
+             launcher.host.estimate, random init, its own lm_head, vocabulary 32,128; save_pretrained,
              no download) with the package's tiny tokenizer, synthetic dialogues with DialogSum-like
              token lengths, and the training set's FLOPs per token (for the CLI rows' MFU)
   measure    started by ``accelerate launch`` with the configs ``ftlaunch full --dry-run`` rendered
@@ -263,11 +263,11 @@ def worker_preflight(args: argparse.Namespace) -> None:
         info["cuda"] = False
         info["problems"].append(f"torch: {type(exc).__name__}: {exc}")
     try:
-        from launcher.optimization import cpu_fused_adamw_available
+        from launcher.rank.optimization import cpu_fused_adamw_available
 
         info["cpu_fused_adamw"] = cpu_fused_adamw_available()  # what ZeRO-Offload runs will use
     except Exception as exc:  # noqa: BLE001
-        info["problems"].append(f"launcher.optimization: {type(exc).__name__}: {str(exc)[:200]}")
+        info["problems"].append(f"launcher.rank.optimization: {type(exc).__name__}: {str(exc)[:200]}")
     info["peak_flops"], info["peak_label"] = peak_bf16(
         info.get("device", "") if info.get("cuda") else "", args.peak_tflops
     )
@@ -300,9 +300,9 @@ def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
 
 
 def arch_config(arch: str) -> dict:
-    """flan-t5-*'s config values (launcher.estimate) or tiny-t5's, as a T5Config's keywords."""
-    from launcher.estimate import FLAN_T5_CONFIGS
-    from launcher.model import TINY_T5_CONFIG
+    """flan-t5-*'s config values (launcher.host.estimate) or tiny-t5's, as a T5Config's keywords."""
+    from launcher.host.estimate import FLAN_T5_CONFIGS
+    from launcher.rank.model import TINY_T5_CONFIG
 
     if arch == "tiny":
         return dict(TINY_T5_CONFIG, vocab_size=1000)
@@ -314,7 +314,7 @@ def build_arch(arch: str, device):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from launcher.distributed import without_zero3_init
+    from launcher.rank.distributed import without_zero3_init
 
     config = T5Config(**arch_config(arch))
     with without_zero3_init(), torch.device(device):
@@ -339,8 +339,8 @@ def synthetic_rows(n: int, tokenizer, seed: int, prefix: str) -> list[dict]:
     token lengths under ``tokenizer`` (each dialogue unique: the loader merges repeated ones)."""
     import numpy as np
 
-    from launcher.data import read_jsonl
-    from launcher.paths import SAMPLE_DATA_DIR
+    from launcher.core.dialogues import read_jsonl
+    from launcher.core.paths import SAMPLE_DATA_DIR
 
     sample = read_jsonl(SAMPLE_DATA_DIR / "train.jsonl")
     turns = [turn for row in sample for turn in row["dialogue"].split("\n") if turn.strip()]
@@ -378,7 +378,7 @@ def prepare_data(args: argparse.Namespace, tokenizer, data_dir: Path) -> dict:
     sizes = {"train": args.train_rows, "validation": 16, "test": args.test_rows}
     for seed, (split, n) in enumerate(sizes.items()):
         if args.data:
-            from launcher.data import load_split
+            from launcher.core.dialogues import load_split
 
             rows = [
                 {"id": r["id"], "dialogue": r["dialogue"], "summary": r["summary"]}
@@ -392,8 +392,9 @@ def prepare_data(args: argparse.Namespace, tokenizer, data_dir: Path) -> dict:
 
 def train_token_lengths(data_dir: Path, tokenizer) -> tuple[list[int], list[int]]:
     """Non-pad source and target lengths of the training split as the product tokenizes it."""
-    from launcher.data import load_split, tokenize_rows
-    from launcher.recipe import DataSection
+    from launcher.core.dialogues import load_split
+    from launcher.core.recipe import DataSection
+    from launcher.rank.data import tokenize_rows
 
     examples = tokenize_rows(load_split(str(data_dir), "train"), tokenizer, DataSection())
     return [len(e["input_ids"]) for e in examples], [len(e["labels"]) for e in examples]
@@ -404,9 +405,9 @@ def worker_prepare(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.model import apply_lora
-    from launcher.paths import TINY_TOKENIZER_DIR
-    from launcher.recipe import LoraSection
+    from launcher.core.paths import TINY_TOKENIZER_DIR
+    from launcher.core.recipe import LoraSection
+    from launcher.rank.model import apply_lora
 
     work = Path(args.work)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(TINY_TOKENIZER_DIR))
@@ -526,13 +527,13 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.data import LengthGroupedBatchSampler
-    from launcher.loaders import build_collator, pins_memory
-    from launcher.model import apply_lora, count_parameters
-    from launcher.optimization import build_optimizer
-    from launcher.step_stats import WindowStats
-    from launcher.stopping import StopRequest, stop_requested
-    from launcher.train import prepare_model_for_training, train_step
+    from launcher.rank.data import LengthGroupedBatchSampler
+    from launcher.rank.loaders import build_collator, pins_memory
+    from launcher.rank.model import apply_lora, count_parameters
+    from launcher.rank.optimization import build_optimizer
+    from launcher.rank.step_stats import WindowStats
+    from launcher.rank.stopping import StopRequest, stop_requested
+    from launcher.rank.train import prepare_model_for_training, train_step
 
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
@@ -620,12 +621,12 @@ def measure_training(accelerator, recipe, arch: str, method: str, args: argparse
 
 
 def measure_generation(accelerator, recipe, arch: str, args: argparse.Namespace) -> dict:
-    """launcher.evaluation.generate_predictions on the test split's dialogues, after a warm-up batch."""
+    """launcher.rank.evaluation.generate_predictions on the test split's dialogues, after a warm-up batch."""
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.data import load_split
-    from launcher.evaluation import generate_predictions
+    from launcher.core.dialogues import load_split
+    from launcher.rank.evaluation import generate_predictions
 
     on_gpu = accelerator.device.type == "cuda"
     recipe.eval.max_new_tokens = args.max_new_tokens
@@ -661,8 +662,8 @@ def measure_generation(accelerator, recipe, arch: str, args: argparse.Namespace)
 def worker_measure(args: argparse.Namespace) -> None:
     """One strategy: full and LoRA (and generation under DDP); each part's failure is a result."""
     maybe_hang(args.strategy)
-    from launcher.distributed import build_accelerator
-    from launcher.recipe import read_run_recipe
+    from launcher.core.recipe import read_run_recipe
+    from launcher.rank.distributed import build_accelerator
 
     recipe = read_run_recipe(args.run_dir)
     accelerator = build_accelerator(recipe)

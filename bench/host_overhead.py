@@ -121,7 +121,7 @@ def plain(model_dir: Path, lr: float) -> Contender:
 
 
 def product_recipe(model_dir: Path, lr: float):
-    from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
 
     raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
     raw["model"].update(name=str(model_dir), precision="bf16")
@@ -132,10 +132,10 @@ def product_recipe(model_dir: Path, lr: float):
 
 def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Contender:
     """The product's model preparation and step, as ``train.set_up`` and ``train_loop`` do them."""
-    from launcher import optimization, train
-    from launcher.distributed import build_accelerator
-    from launcher.model import build_model
-    from launcher.step_stats import WindowStats
+    from launcher.rank import optimization, train
+    from launcher.rank.distributed import build_accelerator
+    from launcher.rank.model import build_model
+    from launcher.rank.step_stats import WindowStats
 
     recipe = product_recipe(model_dir, lr)
     accelerator = build_accelerator(recipe)

@@ -4,7 +4,7 @@ real DialogSum train split, beside the alternatives.
 Computed tokens of a batch = batch rows x padded source length + batch rows x padded target
 length (what the encoder and decoder actually process); real tokens = the non-pad ones. The
 batches come from the product's own code: ``LengthGroupedBatchSampler`` over
-``example_lengths`` and the collator the loop builds (``launcher.loaders.build_collator``), on CPU
+``example_lengths`` and the collator the loop builds (``launcher.rank.loaders.build_collator``), on CPU
 (no rounding) and on GPU (``pad_to_multiple_of=8``). Alternatives: random batches padded to
 the longest (Trainer's default with DataCollatorForSeq2Seq), HF's ``LengthGroupedSampler``
 (Trainer's group_by_length: megabatches sorted by source length only), the seed's
@@ -65,15 +65,10 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from launcher.data import (
-        LengthGroupedBatchSampler,
-        batching_keys,
-        example_lengths,
-        load_split,
-        tokenize_rows,
-    )
-    from launcher.loaders import build_collator
-    from launcher.recipe import DataSection
+    from launcher.core.dialogues import load_split
+    from launcher.core.recipe import DataSection
+    from launcher.rank.data import LengthGroupedBatchSampler, batching_keys, example_lengths, tokenize_rows
+    from launcher.rank.loaders import build_collator
 
     tokenizer = AutoTokenizer.from_pretrained(str(bl.UNIGRAM_TOKENIZER))
     rows = load_split(str(bl.DIALOGSUM), "train", args.limit)
@@ -149,7 +144,7 @@ def main() -> None:
             f"Goal: ftlaunch >= 0.90 -> **{ft_total:.3f}, {goal}**.",
             "",
             "ftlaunch sorts each megabatch (50 batches) by source length, then target length",
-            "(`launcher.data.batching_keys`). Source tokens are",
+            "(`launcher.rank.data.batching_keys`). Source tokens are",
             f"{src_lens.sum() / (src_lens.sum() + tgt_lens.sum()):.0%} of all tokens; the earlier key, the sum of both lengths",
             "(the what-if row), put long-source/short-target and short-source/long-target examples together and",
             "cost encoder padding (0.95 vs 0.98) for a small decoder gain. On GPU the",

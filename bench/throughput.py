@@ -52,8 +52,9 @@ def load_examples(n: int) -> tuple[list[dict], object]:
     """The first n train examples, tokenized with the product's own function (identical inputs)."""
     from transformers import AutoTokenizer
 
-    from launcher.data import load_split, tokenize_rows
-    from launcher.recipe import DataSection
+    from launcher.core.dialogues import load_split
+    from launcher.core.recipe import DataSection
+    from launcher.rank.data import tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(str(bl.UNIGRAM_TOKENIZER))
     rows = load_split(str(bl.DIALOGSUM), "train", n)
@@ -285,7 +286,7 @@ class RankCpuWatch:
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.needle = f"launcher.train --run-dir {run_dir}"
+        self.needle = f"launcher.rank.train --run-dir {run_dir}"
         self.metrics = run_dir / "metrics.jsonl"
         self.pid: int | None = None
         self.cpu_at_line: dict[int, float] = {}

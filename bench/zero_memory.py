@@ -104,7 +104,7 @@ def walk(obj, path: str, ledger: Ledger, depth: int = 0, seen: set | None = None
 
 
 def measure(model, optimizer, accelerator) -> dict:
-    from launcher.distributed import uses_deepspeed
+    from launcher.rank.distributed import uses_deepspeed
 
     ledger = Ledger()
     module = accelerator.unwrap_model(model)
@@ -136,10 +136,10 @@ def measure(model, optimizer, accelerator) -> dict:
 def worker(run_dir: Path) -> None:
     import torch
 
-    from launcher.distributed import build_accelerator, uses_deepspeed
-    from launcher.model import build_model, count_parameters
-    from launcher.optimization import build_optimizer
-    from launcher.recipe import read_run_recipe
+    from launcher.core.recipe import read_run_recipe
+    from launcher.rank.distributed import build_accelerator, uses_deepspeed
+    from launcher.rank.model import build_model, count_parameters
+    from launcher.rank.optimization import build_optimizer
 
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe)
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=bl.RESULTS_DIR / "zero_memory.md")
     args = parser.parse_args()
     if args.worker:
-        from launcher.ranklog import exit_rank
+        from launcher.core.ranklog import exit_rank
 
         worker(args.run_dir.resolve())
         exit_rank(0)  # as the product's ranks: no interpreter teardown (~3 s per rank and stage)
@@ -290,7 +290,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     config = QUICK_CONFIG if args.quick else bl.BENCH_T5_CONFIG
     args.model = bl.save_bench_model(args.work / ("model-quick" if args.quick else "model"), 8100, config)
-    from launcher.estimate import model_state_bytes
+    from launcher.host.estimate import model_state_bytes
 
     args.d_model, args.auto_buckets = config["d_model"], {}
     results = {(stage, "as rendered"): run_stage(stage, args) for stage in args.stages}
@@ -385,16 +385,16 @@ def main() -> None:
             "",
             "- DDP holds fp32 weights (4Ψ), fp32 gradients (4Ψ) and Adam's two fp32 moments (8Ψ) on every rank = 16Ψ,",
             "  the paper's figure (its 2Ψ + 2Ψ + 12Ψ in fp16 terms); DDP's reducer buckets (+4Ψ) are not reachable here.",
-            "- ftlaunch estimate (launcher/estimate.py) counts the fp32 layouts measured here plus the largest transient",
+            "- ftlaunch estimate (launcher/host/estimate.py) counts the fp32 layouts measured here plus the largest transient",
             "  (ZeRO-3's gathered weights + one layer's gradient, or the step's gradient copy 4Ψ/N; DDP's buckets), so it",
             "  sits above this walk, which is taken before the update; the paper counts neither.",
             "- 'between steps' is the same walk after optimizer.step() + zero_grad(): gradients released.",
             "- ZeRO-3 bucket sizes: rendering sizes `reduce_bucket_size`, `stage3_prefetch_bucket_size` and",
             "  `stage3_param_persistence_threshold` from the model's d_model (Hugging Face's `auto` rule: d^2, 0.9 d^2, 10 d;",
-            "  `launcher/render.py` `fill_bucket_sizes`). Before that fix the templates' fixed 5e7-element bucket kept 95 MiB",
+            "  `launcher/host/render.py` `fill_bucket_sizes`). Before that fix the templates' fixed 5e7-element bucket kept 95 MiB",
             "  per rank whatever the model, and ZeRO-3 measured 2.05x DDP's bytes on this model (goal missed); the",
             "  'buckets sized to the model' row is the same what-if, and now agrees with the rendered config.",
-            "- All rows hold the same Ψ: loaded under ZeRO-3 the model keeps its own lm_head (fixed in `launcher/model.py`;",
+            "- All rows hold the same Ψ: loaded under ZeRO-3 the model keeps its own lm_head (fixed in `launcher/rank/model.py`;",
             "  before, ZeRO-3 tied it to the embedding and dropped vocab x d_model parameters).",
             "- ZeRO-1 and ZeRO-2 measure the same: in DeepSpeed 0.19 both reduce gradients into rank-partitioned",
             "  buffers (`averaged_gradients`) during backward; the paper's ZeRO-1 keeps whole 16-bit gradients (10Ψ).",

@@ -34,7 +34,7 @@ ftlaunch_common() {
         if [ -f "$dir/common.sh" ]; then echo "$dir/common.sh"; return; fi
     done
     python="$(sed -n '1s/^#! *//p' "$(command -v ftlaunch 2>/dev/null)" 2>/dev/null)"
-    dir="$(${python:-python3} -c 'from launcher.paths import PACKAGE_DIR; print(PACKAGE_DIR.parent)' 2>/dev/null)"
+    dir="$(${python:-python3} -c 'from launcher.core.paths import PACKAGE_DIR; print(PACKAGE_DIR.parent)' 2>/dev/null)"
     echo "${dir:-?}/slurm/common.sh"
 }
 FTLAUNCH_COMMON="$(ftlaunch_common)"

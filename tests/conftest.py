@@ -1,6 +1,6 @@
 """Shared test helpers: run the real `ftlaunch` CLI, offline, on CPU.
 
-``run_cli`` starts ``python -m launcher.cli`` as a subprocess (seconds: it imports torch each time);
+``run_cli`` starts ``python -m launcher.host.cli`` as a subprocess (seconds: it imports torch each time);
 ``run_cli_in_process`` calls the same ``main()`` with the same argv, environment and working
 directory inside the test process (milliseconds). Refusals and renders use the in-process one; the
 few end-to-end tests and everything that launches ranks use the subprocess.
@@ -46,7 +46,7 @@ def run_cli(
     *args: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """Run `ftlaunch ARGS...` as a user would; returns the completed process (text output)."""
-    command = [sys.executable, "-m", "launcher.cli", *map(str, args)]
+    command = [sys.executable, "-m", "launcher.host.cli", *map(str, args)]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd or REPO
     )
@@ -59,12 +59,12 @@ def run_cli_in_process(
     cwd: Path | None = None,
     run_ranks=None,
 ) -> subprocess.CompletedProcess:
-    """`ftlaunch ARGS...` through ``launcher.cli.main`` in this process; the same result object as
+    """`ftlaunch ARGS...` through ``launcher.host.cli.main`` in this process; the same result object as
     ``run_cli``. Nothing is launched: where ``env`` names FTLAUNCH_TEST_LAUNCH_MARKER (the fake
     `accelerate` of the refusal tests) the launch step appends the run directory to that file and
     returns 99 as the fake does; anywhere else a launch fails the test (use ``run_cli``), unless
     ``run_ranks`` replaces the launch step (``run_cli_harness``)."""
-    from launcher import cli, launch
+    from launcher.host import cli, launch
 
     env = env or cli_env()
     marker = env.get("FTLAUNCH_TEST_LAUNCH_MARKER")
@@ -159,8 +159,8 @@ def save_tiny_t5(path: Path) -> Path:
     """tiny-t5 and its tokenizer written with save_pretrained: a model directory as users have one."""
     from transformers import AutoTokenizer
 
-    from launcher.model import build_tiny_t5
-    from launcher.paths import TINY_TOKENIZER_DIR
+    from launcher.core.paths import TINY_TOKENIZER_DIR
+    from launcher.rank.model import build_tiny_t5
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     build_tiny_t5(len(tokenizer)).save_pretrained(str(path))

@@ -15,7 +15,7 @@ would see under the real launch, computed by the real code, not copied by hand:
    ``config_from_args`` gives the worker command, and each rank gets the variables torchrun's
    local agent sets (torch/distributed/elastic/agent/server/local_elastic_agent.py);
 4. each rank runs its entry's ``main`` and ends through ``ranklog.exit_rank`` as
-   ``python -m launcher.train`` does.
+   ``python -m launcher.rank.train`` does.
 
 Launch, signal, supervision, restart and SLURM behaviour keep real `ftlaunch` subprocesses
 (``conftest.run_cli``); tests/test_rank_harness.py checks that a harness run and a real launch of
@@ -50,13 +50,13 @@ PRELOAD = [
     "peft",
     "deepspeed",
     "datasets",
-    "launcher.train",
-    "launcher.evaluation",
-    "launcher.summarize",
-    "launcher.model",
-    "launcher.data",
-    "launcher.checkpoint",
-    "launcher.distributed",
+    "launcher.rank.train",
+    "launcher.rank.evaluation",
+    "launcher.host.summarize",
+    "launcher.rank.model",
+    "launcher.rank.data",
+    "launcher.core.checkpoint",
+    "launcher.rank.distributed",
 ]
 
 # What the forkserver's environment must already hold when it imports the libraries (DeepSpeed
@@ -190,7 +190,7 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
     assert args[0] == "-m", python_args
     module = importlib.import_module(args[1])
     sys.argv = [module.__file__, *args[2:]]
-    from launcher.ranklog import exit_rank
+    from launcher.core.ranklog import exit_rank
 
     exit_rank(module.main(args[2:]))
 
@@ -199,8 +199,8 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 6
     """``launch.run_command`` for the harness: start the run's ranks as forks, wait for all of
     them; 0 where every rank ended with 0, else the first failing rank's exit code. The ranks'
     console output goes to stdout and logs/launcher.log as under the supervisor."""
-    from launcher import supervise
-    from launcher.recipe import read_run_recipe
+    from launcher.core.recipe import read_run_recipe
+    from launcher.host import supervise
 
     recipe = read_run_recipe(run_dir)
     assert recipe.launch.nodes == 1 and not machine_rank, "the harness runs one node; multi-node tests launch"

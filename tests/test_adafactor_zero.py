@@ -2,7 +2,7 @@
 
 DeepSpeed hands the optimizer each rank's flat 1-D fp32 partition of every parameter group, so
 Adafactor there is unfactored, and ftlaunch turns its per-tensor update clipping off (an RMS over
-a partition would depend on the world size and stage; launcher/train.py ``adafactor``). The
+a partition would depend on the world size and stage; launcher/rank/train.py ``adafactor``). The
 independent reference is a plain single-process loop (test_real_model.py's) in which every
 parameter is a flat 1-D leaf tensor, viewed into the model's shapes with
 ``torch.func.functional_call``: transformers' Adafactor, with the same arguments, then sees 1-D
@@ -53,7 +53,7 @@ def flat_adafactor_reference(directory: Path) -> tuple[dict[str, torch.Tensor], 
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.optimization import Adafactor
 
-    from launcher.data import LengthGroupedBatchSampler, batching_keys
+    from launcher.rank.data import LengthGroupedBatchSampler, batching_keys
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), dtype=torch.float32, dropout_rate=0.0)

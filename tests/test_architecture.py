@@ -11,25 +11,49 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "launcher"
+PARTS = ("core", "host", "rank", "results")
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the package by its name under ``launcher`` (``rank.train``)."""
+    return {
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts): path
+        for path in PACKAGE.rglob("*.py")
+        if path.stem != "__init__" and "assets" not in path.parts
+    }
+
+
+def imports_in(path: Path, modules: set[str], module_level_only: bool = False) -> set[str]:
+    """The launcher modules ``path`` imports (anywhere in its body, or only at module level)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    if module_level_only:  # imports under a module-level ``if``/``try`` count as module level too
+        nodes = [
+            n
+            for top in tree.body
+            if not isinstance(top, (ast.FunctionDef, ast.ClassDef))
+            for n in ast.walk(top)
+        ]
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("launcher"):
+            base = node.module.removeprefix("launcher").removeprefix(".")
+            for alias in node.names:  # ``from launcher.rank import train`` names a module
+                found.add(f"{base}.{alias.name}" if base else alias.name)
+            found.add(base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("launcher.") for a in node.names if a.name.startswith("launcher.")}
+    own = ".".join(path.relative_to(PACKAGE).with_suffix("").parts) if PACKAGE in path.parents else path.stem
+    return (found & modules) - {own}
 
 
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
-    """The launcher modules ``path`` imports anywhere in its body (module level or in functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "launcher":
-                found |= {alias.name for alias in node.names if alias.name in modules}
-            elif node.module.startswith("launcher."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("launcher.")}
-    return (found & modules) - {path.stem}
+    return imports_in(path, modules)
 
 
-def import_graph() -> dict[str, set[str]]:
-    paths = {path.stem: path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
-    return {name: imported_modules(path, set(paths)) for name, path in paths.items()}
+def import_graph(module_level_only: bool = False) -> dict[str, set[str]]:
+    paths = package_modules()
+    return {name: imports_in(path, set(paths), module_level_only) for name, path in paths.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -66,7 +90,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 30 and "best" in graph["train"]  # the graph was really read
+    assert len(graph) > 30 and "rank.best" in graph["rank.train"]  # the graph was really read
     found = cycles(graph)
     assert not found, "import cycles (module -> the modules of its cycle it imports): " + "; ".join(
         ", ".join(f"{name} -> {sorted(graph[name] & set(component))}" for name in component)
@@ -83,16 +107,63 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     assert cycles(graph) == [["a", "b"]]
 
 
+# Which part may import which (docs/ARCHITECTURE.md, "The parts and their rules"). core is the
+# contract both processes share; results reads a run; the ranks use both; the host launches ranks and
+# reads results, and reaches rank code only inside a function (an in-process command such as
+# `ftlaunch export`), never at module import.
+MAY_IMPORT = {
+    "core": {"core"},
+    "results": {"core", "results"},
+    "rank": {"core", "results", "rank"},
+    "host": {"core", "results", "host"},
+}
+HOST_MAY_IMPORT_LAZILY = {"rank"}
+
+
+def part(module: str) -> str:
+    return module.split(".")[0]
+
+
+def layering_violations() -> list[str]:
+    everywhere, module_level = import_graph(), import_graph(module_level_only=True)
+    found = []
+    for module, imported in sorted(everywhere.items()):
+        for other in sorted(imported):
+            allowed = MAY_IMPORT[part(module)]
+            if part(module) == "host" and other not in module_level[module]:
+                allowed = allowed | HOST_MAY_IMPORT_LAZILY
+            if part(other) not in allowed:
+                found.append(f"{module} -> {other}")
+    return found
+
+
+def test_every_module_lives_in_one_of_the_four_parts():
+    assert {part(name) for name in package_modules()} == set(PARTS), sorted(package_modules())
+    assert all("." in name for name in package_modules()), "a module outside core/host/rank/results"
+
+
+def test_each_part_imports_only_the_parts_below_it():
+    assert not layering_violations(), "imports across the parts' rules: " + "; ".join(layering_violations())
+
+
+def test_the_layering_rule_sees_a_module_level_import_of_rank_code_from_the_host(monkeypatch, tmp_path):
+    fake = tmp_path / "launcher"
+    for name, body in {
+        "host/a.py": "from launcher.rank.b import x\n",
+        "rank/b.py": "",
+        "host/c.py": "",
+    }.items():
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).write_text(body)
+    (fake / "host/c.py").write_text("def f():\n    from launcher.rank import b\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert layering_violations() == ["host.a -> rank.b"]
+
+
 # What runs in the `ftlaunch` process on the login/head node (and what it reads back): importing
 # any of these must not load the libraries the ranks need, so that a launch hands over to
 # `accelerate launch` in under a second and the CLI answers bad input at once.
-HOST_MODULES = (
-    "cli", "options", "recipe", "render", "launch", "supervise", "runlock", "writable", "modelfiles",
-    "console", "estimate", "diskspace", "families", "fingerprint", "checkpoint", "data", "paths", "errors",
-    "sweep", "sweep_grid", "sweep_manifest", "sweep_report", "report", "card", "scoring", "rouge",
-    "model_settings", "summarize", "jsonl", "metrics", "trackers", "ranklog", "progress", "compiling",
-    "rundir", "atomic", "model_facts",
-)  # fmt: skip
+LIGHT_PARTS = ("core", "host", "results")
 HEAVY = ("torch", "transformers", "deepspeed", "datasets")
 
 
@@ -100,21 +171,24 @@ def test_the_host_side_imports_no_heavy_library():
     import subprocess
     import sys
 
+    light = sorted(name for name in package_modules() if part(name) in LIGHT_PARTS)
+    assert len(light) > 25
     code = (
         "import importlib, sys\n"
-        f"for name in {HOST_MODULES!r}:\n"
+        f"for name in {light!r}:\n"
         "    importlib.import_module('launcher.' + name)\n"
         f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]", f"host modules import {result.stdout.strip()} at import time"
-    assert set(HOST_MODULES) <= set(import_graph())  # every name is a real module
+    assert result.stdout.strip() == "[]", (
+        f"host, core or results modules import {result.stdout.strip()} at import time"
+    )
 
 
 # ---------------------------------------------------------------- the run directory contract
 
-# launcher/rundir.py is the run directory's layout in code: no other module spells a name of it.
+# launcher/core/rundir.py is the run directory's layout in code: no other module spells a name of it.
 # Names that mean nothing else are refused wherever they appear as a string (docstrings and the
 # text of messages, which mention them for people, are not looked at); names that are also
 # ordinary words or keys ("final" is a metrics key, "eval" a recipe section) only as a path
@@ -187,12 +261,12 @@ def run_dir_names(path: Path) -> list[str]:
 def test_only_rundir_spells_the_run_directory_layout():
     found = [
         line
-        for path in sorted(PACKAGE.glob("*.py"))
+        for path in sorted(package_modules().values())
         if path.stem not in LAYOUT_MODULES
         for line in run_dir_names(path)
     ]
-    assert not found, "run-directory names outside launcher/rundir.py (use RunDir):\n" + "\n".join(found)
-    assert run_dir_names(PACKAGE / "rundir.py")  # the checker sees the names where they are defined
+    assert not found, "run-directory names outside launcher/core/rundir.py (use RunDir):\n" + "\n".join(found)
+    assert run_dir_names(PACKAGE / "core" / "rundir.py")  # the checker sees the names where they are defined
 
 
 def test_the_layout_checker_finds_names_but_not_messages(tmp_path):
@@ -213,7 +287,7 @@ def test_the_layout_checker_finds_names_but_not_messages(tmp_path):
     ]  # fmt: skip
 
 
-# One way to replace a file or folder so that readers never see half of it: launcher/atomic.py.
+# One way to replace a file or folder so that readers never see half of it: launcher/core/atomic.py.
 RENAMES = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
 
 
@@ -230,8 +304,10 @@ def renames(path: Path) -> list[str]:
 
 
 def test_one_atomic_write_helper():
-    found = [line for path in sorted(PACKAGE.glob("*.py")) if path.stem != "atomic" for line in renames(path)]
-    assert not found, "renames outside launcher/atomic.py (use write_text_atomic/replace_dir):\n" + "\n".join(
-        found
+    found = [
+        line for path in sorted(package_modules().values()) if path.stem != "atomic" for line in renames(path)
+    ]
+    assert not found, (
+        "renames outside launcher/core/atomic.py (use write_text_atomic/replace_dir):\n" + "\n".join(found)
     )
-    assert renames(PACKAGE / "atomic.py")  # the checker sees the one place that renames
+    assert renames(PACKAGE / "core" / "atomic.py")  # the checker sees the one place that renames

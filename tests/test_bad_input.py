@@ -652,7 +652,7 @@ def test_report_on_a_dir_without_evaluations(tmp_path, no_launch, to_output):
 @pytest.mark.parametrize("form", ["bom", "crlf", "bom-crlf"])
 def test_jsonl_with_a_byte_order_mark_or_crlf_loads(tmp_path, no_launch, form):
     """What Windows editors and spreadsheet exports write: a UTF-8 BOM, CRLF line ends."""
-    from launcher.data import load_split
+    from launcher.core.dialogues import load_split
 
     data = data_dir(tmp_path)
     for path in data.glob("*.jsonl"):
@@ -678,8 +678,8 @@ def write_checkpoint(output: Path, step: int) -> Path:
     of this recipe, files (placeholder bytes), and the manifest written last; ``latest`` names it."""
     from dataclasses import asdict
 
-    from launcher.checkpoint import STATE_FILE, expected_state, write_manifest
-    from launcher.recipe import read_run_recipe
+    from launcher.core.checkpoint import STATE_FILE, expected_state, write_manifest
+    from launcher.core.recipe import read_run_recipe
 
     recipe = read_run_recipe(output)
     state = expected_state(recipe, recipe.launch.world_size)

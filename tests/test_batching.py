@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
-from launcher.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
+from launcher.rank.data import LengthGroupedBatchSampler, TokenBudgetBatchSampler
 
 SEED = 7
 
@@ -74,12 +74,13 @@ def test_budget_counts_what_the_collator_really_pads():
     rounding to multiples of 8; decoder_input_ids are as long as the labels)."""
     from transformers import DataCollatorForSeq2Seq
 
-    from launcher.model import load_tokenizer
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import load_tokenizer
 
     recipe = Recipe.model_validate({"model": {"name": "tiny-t5"}, "data": {"dataset": "sample"}})
     tokenizer = load_tokenizer(recipe)
-    from launcher.data import load_data_split, tokenize_rows
+    from launcher.core.dialogues import load_data_split
+    from launcher.rank.data import tokenize_rows
 
     examples = tokenize_rows(load_data_split(recipe.data, "train"), tokenizer, recipe.data)
     source = [len(item["input_ids"]) for item in examples]
@@ -174,8 +175,8 @@ def test_fixed_size_batches_unchanged():
 
 def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
     """Another budget packs other micro-batches: the data position would point elsewhere."""
-    from launcher.checkpoint import TrainState, check_compatible
-    from launcher.errors import UserError
+    from launcher.core.checkpoint import TrainState, check_compatible
+    from launcher.core.errors import UserError
 
     with pytest.raises(UserError, match="micro_batch_tokens 1000 -> 2000"):
         check_compatible(TrainState(micro_batch_tokens=1000), TrainState(micro_batch_tokens=2000), tmp_path)
@@ -188,10 +189,11 @@ def test_a_compiled_runs_budget_counts_the_length_buckets_it_pads_to():
     """train.compile pads sources to multiples of 64 and targets to multiples of 16
     (compiling.BucketCollator): the budget must hold the bucketed batches the model really sees,
     which the unbucketed count would exceed."""
-    from launcher.compiling import BucketCollator
-    from launcher.data import load_data_split, tokenize_rows, train_batch_sampler
-    from launcher.model import load_tokenizer
-    from launcher.recipe import Recipe
+    from launcher.core.dialogues import load_data_split
+    from launcher.core.recipe import Recipe
+    from launcher.rank.compiling import BucketCollator
+    from launcher.rank.data import tokenize_rows, train_batch_sampler
+    from launcher.rank.model import load_tokenizer
 
     recipe = Recipe.model_validate(
         {"model": {"name": "tiny-t5"}, "data": {"dataset": "sample"}, "train": {"micro_batch_tokens": 1000}}

@@ -1,4 +1,4 @@
-"""train.best_metric, in-training ROUGE and early stopping (launcher/best.py).
+"""train.best_metric, in-training ROUGE and early stopping (launcher/rank/best.py).
 
 One 2-rank run trains with a learning rate that ramps up to where validation ROUGE stops
 improving, evaluates ROUGE-Lsum on the validation split every 4 steps and stops after the first
@@ -16,9 +16,9 @@ import torch
 from conftest import read_jsonl, run_cli_harness, run_cli_in_process
 from safetensors.torch import load_file
 
-from launcher import best
-from launcher.checkpoint import TrainState
-from launcher.recipe import build_recipe
+from launcher.core.checkpoint import TrainState
+from launcher.core.recipe import build_recipe
+from launcher.rank import best
 
 EVERY, MAX_STEPS = 4, 32  # sample data: 8 steps per epoch of 8 examples, 4 epochs
 
@@ -131,7 +131,7 @@ def test_a_checkpoints_state_carries_the_best_so_far_record(tmp_path):
     """What --resume reads back (ftlaunch_state.json): the best step, its value and the count."""
     from dataclasses import asdict
 
-    from launcher.checkpoint import read_state
+    from launcher.core.checkpoint import read_state
 
     state = TrainState(step=12, best_step=8, best_value=0.25, evaluations_without_improvement=1)
     (tmp_path / "ftlaunch_state.json").write_text(json.dumps(asdict(state)))
@@ -161,7 +161,7 @@ def test_a_best_metric_that_is_never_measured_is_refused(tmp_path, overrides, wo
 
 
 def test_the_report_says_which_step_final_holds_why_training_stopped_and_what_restarted():
-    from launcher.report import best_model_notes, restart_notes
+    from launcher.results.report import best_model_notes, restart_notes
 
     metrics = [
         {

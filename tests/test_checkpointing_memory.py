@@ -9,7 +9,7 @@ Issue 26 asks for that peak to be within 20 % of the estimate's ZeRO-3 row. It i
 the last test says so (strict xfail: it fails loudly once the estimate accounts for the rest, so
 the marker comes off). The estimate now counts ftlaunch's fp32 ZeRO-3 as rendered: 20Ψ/N of
 partitions (measured exactly below), backward's gathered fp32 weights 4·min(Ψ, 1e9) and one
-layer's gradient (launcher/estimate.py). On the 4-layer shape (bench/results/checkpointing_memory.md)
+layer's gradient (launcher/host/estimate.py). On the 4-layer shape (bench/results/checkpointing_memory.md)
 that is 2.63 GiB against 3.86 GiB measured (1.47x): within the first step, about 1.0-1.3 x 10^9
 bytes of backward's transient memory (5.5-7 bytes per parameter) are still unaccounted for, and
 the profiler's live-tensor counter drifts (it sees no events inside DeepSpeed's optimizer step).

@@ -9,10 +9,10 @@ import torch
 import yaml
 from conftest import run_cli_in_process
 
-from launcher.compiling import BucketCollator, bucket_count, bucket_length
-from launcher.loaders import build_collator
-from launcher.model import build_tiny_t5
-from launcher.train import summed_cross_entropy
+from launcher.rank.compiling import BucketCollator, bucket_count, bucket_length
+from launcher.rank.loaders import build_collator
+from launcher.rank.model import build_tiny_t5
+from launcher.rank.train import summed_cross_entropy
 
 
 def rendered(tmp_path, *args: str) -> tuple[dict, str]:
@@ -64,7 +64,7 @@ def test_bucket_padding_leaves_the_loss_unchanged():
     a few float32 ulps of a sum of ~100 terms of size ~7, so rel=1e-6)."""
     from transformers import AutoTokenizer
 
-    from launcher.paths import TINY_TOKENIZER_DIR
+    from launcher.core.paths import TINY_TOKENIZER_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     model = build_tiny_t5(len(tokenizer)).eval()
@@ -117,7 +117,7 @@ def test_report_states_the_compile_counts(tmp_path):
     """The final metrics line's compile counts reach report.md (runs without compile: no line)."""
     import json
 
-    from launcher.report import write_run_report
+    from launcher.results.report import write_run_report
 
     (tmp_path / "eval" / "finetuned").mkdir(parents=True)
     scores = {"rouge1": 0.35, "rouge2": 0.15, "rougeL": 0.3, "rougeLsum": 0.3, "n": 2}

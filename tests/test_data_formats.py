@@ -18,10 +18,10 @@ from conftest import read_jsonl, run_cli_harness
 from rouge_score import rouge_scorer
 from tiny_families import SAMPLE, save_tiny
 
-from launcher.data import load_split
-from launcher.errors import UserError
-from launcher.recipe import build_recipe
-from launcher.rouge import ROUGE_TYPES, score_rouge
+from launcher.core.dialogues import load_split
+from launcher.core.errors import UserError
+from launcher.core.recipe import build_recipe
+from launcher.results.rouge import ROUGE_TYPES, score_rouge
 
 TARGETS = ["notes", "notes_2", "notes_3"]
 

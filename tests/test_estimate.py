@@ -1,4 +1,4 @@
-"""launcher/estimate.py: model states per GPU follow ftlaunch's fp32 layouts (written out here
+"""launcher/host/estimate.py: model states per GPU follow ftlaunch's fp32 layouts (written out here
 from bench/zero_memory.py's measured bytes; DeepSpeed's estimator, called directly, for CPU RAM and
 DDP), LoRA lowers the estimate, and the recommendation moves from DDP to sharding/offload as models
 outgrow the GPU."""
@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from launcher import estimate
-from launcher.errors import UserError
-from launcher.estimate import RunShape
+from launcher.core.errors import UserError
+from launcher.host import estimate
+from launcher.host.estimate import RunShape
 
 GIB = 2**30
 
@@ -59,7 +59,7 @@ MAX_LIVE = 1_000_000_000
 def fp32_layout_bytes(stage: int, offload: str, psi: int, trainable: int, largest: int, n: int) -> float:
     """Bytes per GPU of ftlaunch's layouts (bf16 off, torch_autocast on: fp32 everywhere), written
     from the byte counts measured by bench/zero_memory.py (DDP 16Ψ + reducer buckets, ZeRO-1/2
-    12.02Ψ, ZeRO-3 10.02Ψ at 2 ranks) and DeepSpeed's code, not from launcher/estimate.py."""
+    12.02Ψ, ZeRO-3 10.02Ψ at 2 ranks) and DeepSpeed's code, not from launcher/host/estimate.py."""
     t = trainable
     if stage == 0:  # weights, gradients, reducer buckets, two Adam moments
         return 4 * psi + 4 * t + 4 * t + 8 * t
@@ -161,8 +161,8 @@ def test_lora_lowers_the_estimate():
 
 
 def test_lora_count_matches_peft():
-    from launcher.model import apply_lora, build_tiny_t5
-    from launcher.recipe import LoraSection
+    from launcher.core.recipe import LoraSection
+    from launcher.rank.model import apply_lora, build_tiny_t5
 
     model = apply_lora(build_tiny_t5(1000), LoraSection())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -196,7 +196,7 @@ def test_unknown_model_is_a_user_error(tmp_path):
 
 def test_local_directory_counts_like_the_built_model(tmp_path):
     """A saved tiny-t5 (own lm_head) read back from its directory: config -> meta model (+ lm_head)."""
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     model = build_tiny_t5(1000)
     model.save_pretrained(str(tmp_path / "m"))
@@ -222,9 +222,9 @@ def test_tables_render():
 
 
 def test_gradient_checkpointing_keeps_one_input_per_layer_and_one_layer_in_full():
-    """The checkpointed formula of launcher/estimate.py's docstring, by hand for a small shape,
+    """The checkpointed formula of launcher/host/estimate.py's docstring, by hand for a small shape,
     and the table shows the run's case and the other one."""
-    from launcher.estimate import ModelSpec, RunShape, activation_bytes, estimate_rows, render_table
+    from launcher.host.estimate import ModelSpec, RunShape, activation_bytes, estimate_rows, render_table
 
     spec = ModelSpec(
         "x", 1000, 100, d_model=8, d_ff=16, num_heads=2, num_layers=3, num_decoder_layers=2, vocab_size=50
@@ -248,7 +248,7 @@ def test_gradient_checkpointing_keeps_one_input_per_layer_and_one_layer_in_full(
 def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
     """flan-t5-large, micro batch 8 on 2 x 24 GiB: its 12 GiB of activations push the run to a
     sharded stage; with checkpointing (about 1 GiB) plain DDP fits."""
-    from launcher.estimate import RunShape, zero_auto
+    from launcher.host.estimate import RunShape, zero_auto
 
     plain, _ = zero_auto("google/flan-t5-large", 24.0, RunShape(gpus=2, micro_batch=8))
     checkpointed, _ = zero_auto(
@@ -263,7 +263,7 @@ def test_adafactor_drops_adams_moments_under_ddp_and_keeps_one_flat_moment_under
     moments are negligible); under ZeRO (flat partitions, unfactored) one fp32 moment instead of
     Adam's two, partitioned over the ranks, on the GPU or in CPU RAM with optimizer offload; no
     FSDP2 rows (the recipe refuses FSDP2 with it)."""
-    from launcher.estimate import ADAFACTOR_FLAT_BYTES, ADAM_MOMENT_BYTES, estimate_model
+    from launcher.host.estimate import ADAFACTOR_FLAT_BYTES, ADAM_MOMENT_BYTES, estimate_model
 
     key = lambda r: (r.stage, r.offload, r.fsdp)  # noqa: E731
     adam = {key(r): r for r in estimate_model("google/flan-t5-base", RunShape(gpus=2), fsdp=True)}
@@ -289,11 +289,11 @@ def test_adafactor_drops_adams_moments_under_ddp_and_keeps_one_flat_moment_under
 def test_the_table_says_when_zero3_is_not_worth_it():
     """A smaller stage fits: the table says ZeRO-3 would only cost speed; when only ZeRO-3 (or
     nothing) fits, it does not."""
-    from launcher.estimate import ZERO3_NOT_WORTH_IT, estimate_model, render_table
+    from launcher.host.estimate import ZERO3_NOT_WORTH_IT, estimate_model, render_table
 
     rows = estimate_model("google/flan-t5-base", RunShape(gpus=2))
     assert ZERO3_NOT_WORTH_IT in render_table(rows, 80.0)
-    from launcher.estimate import recommend
+    from launcher.host.estimate import recommend
 
     xxl = estimate_model("google/flan-t5-xxl", RunShape(gpus=8, micro_batch=1))
     only_zero3 = [m for m in range(8, 200) if getattr(recommend_or_none(recommend, xxl, m), "stage", 0) == 3]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, save_tiny_t5
 
-from launcher.recipe import default_recipe_path, load_recipe
-from launcher.supervise import Job, decide
+from launcher.core.recipe import default_recipe_path, load_recipe
+from launcher.host.supervise import Job, decide
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
 
@@ -35,7 +35,7 @@ def fake_job_dir(tmp_path: Path, module: str) -> Path:
 def test_advice_and_notice_depend_on_the_command_and_phase(tmp_path):
     recipe = load_recipe(default_recipe_path("lora"), [])
     started = time.time()
-    for module, kind in (("launcher.evaluation", "eval"), ("launcher.summarize", "summarize")):
+    for module, kind in (("launcher.rank.evaluation", "eval"), ("launcher.host.summarize", "summarize")):
         job = Job.of(fake_job_dir(tmp_path, module), started, recipe)
         assert job.kind == kind
         for code in (1, 3):
@@ -44,7 +44,7 @@ def test_advice_and_notice_depend_on_the_command_and_phase(tmp_path):
             ) and f"run the same `ftlaunch {kind}` again" in job.advice(code)
         assert "checkpoint" not in job.signal_notice("SIGTERM")
 
-    run_dir = fake_job_dir(tmp_path, "launcher.train")
+    run_dir = fake_job_dir(tmp_path, "launcher.rank.train")
     training = Job.of(run_dir, started, recipe)
     assert "next optimizer step" in training.signal_notice("SIGTERM")
     assert "--resume auto" in training.advice(1) and "--resume auto" in training.advice(3)
@@ -59,9 +59,9 @@ def test_advice_and_notice_depend_on_the_command_and_phase(tmp_path):
 
 def test_a_failed_summarize_summary_advises_running_it_again(tmp_path):
     """decide() with a rank's failure record, as the supervisor reads it after a summarize."""
-    from launcher.ranklog import Failure, failure_path
+    from launcher.core.ranklog import Failure, failure_path
 
-    run_dir = fake_job_dir(tmp_path, "launcher.summarize")
+    run_dir = fake_job_dir(tmp_path, "launcher.host.summarize")
     recipe = load_recipe(default_recipe_path("full"), ["launch.cpu=true"])
     started = time.time()
     record = Failure(

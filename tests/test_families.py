@@ -16,8 +16,8 @@ import torch
 from conftest import read_jsonl, run_cli_harness
 from tiny_families import SAMPLE, save_tiny_families
 
-from launcher.errors import UserError
-from launcher.families import (
+from launcher.core.errors import UserError
+from launcher.core.families import (
     T5_MODULE_NAMES,
     block_class_names,
     check_decoder_start,
@@ -68,8 +68,8 @@ def test_lora_targets_and_layer_classes_are_read_from_the_model(model_type):
     from peft import get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
 
-    from launcher.model import lora_config
-    from launcher.recipe import LoraSection
+    from launcher.core.recipe import LoraSection
+    from launcher.rank.model import lora_config
 
     targets, layers = FAMILIES[model_type]
     model = tiny_model(model_type)
@@ -91,7 +91,7 @@ def test_static_t5_module_names_match_real_t5_skeletons():
     """The launcher checks T5 LoRA targets against a name list to avoid importing transformers."""
     from transformers import AutoModelForSeq2SeqLM, T5Config
 
-    from launcher.model import TINY_T5_CONFIG
+    from launcher.rank.model import TINY_T5_CONFIG
 
     for config in (T5Config(vocab_size=1000, **TINY_T5_CONFIG), T5Config(vocab_size=1000, num_layers=2)):
         with torch.device("meta"):
@@ -103,9 +103,9 @@ def test_static_t5_module_names_match_real_t5_skeletons():
 def test_one_rule_and_one_message_for_lora_targets_on_the_host_and_the_ranks(tmp_path):
     """launch.check_lora_targets (before a launch) and model.apply_lora (on the ranks) refuse the
     same wrong target with the same message, naming the model's own attention projections."""
-    from launcher.launch import check_lora_targets
-    from launcher.model import apply_lora
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
+    from launcher.host.launch import check_lora_targets
+    from launcher.rank.model import apply_lora
 
     model = tiny_model("bart")
     model.save_pretrained(tmp_path)
@@ -159,7 +159,7 @@ def test_t5_family_is_recognised_by_model_type_then_by_name(model_type, name, t5
 
 
 def test_fp16_is_refused_for_a_local_mt5_and_allowed_for_bart(tmp_path):
-    from launcher.recipe import build_recipe
+    from launcher.core.recipe import build_recipe
 
     for model_type in ("mt5", "bart"):
         tiny_config(model_type).save_pretrained(tmp_path / model_type)
@@ -178,8 +178,8 @@ def test_decoder_start_comes_from_the_model_and_its_absence_is_refused():
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
-    from launcher.model import build_model
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import build_model
 
     tiny_model("bart").save_pretrained(tmp_path)
     recipe = Recipe.model_validate({"model": {"name": str(tmp_path)}})

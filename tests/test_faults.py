@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl, run_cli_harness
 
-from launcher.card import training_facts
-from launcher.history import segments
-from launcher.recipe import read_run_recipe
-from launcher.report import history_notes
+from launcher.core.history import segments
+from launcher.core.recipe import read_run_recipe
+from launcher.results.card import training_facts
+from launcher.results.report import history_notes
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def train_args(run_dir: Path, zero: int, *extra: str) -> list[str]:
 def job_pids(run_dir: Path) -> list[int]:
     """The launcher (accelerate/torchrun) and rank processes of one run directory."""
     out = subprocess.run(
-        ["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True
+        ["pgrep", "-f", f"launcher.rank.train --run-dir {run_dir}"], capture_output=True, text=True
     )
     return [int(pid) for pid in out.stdout.split()]
 
@@ -99,7 +99,7 @@ class Job:
         self.log = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
         self.handle = self.log.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", *args],
+            [sys.executable, "-m", "launcher.host.cli", *args],
             env=cli_env(**env),
             cwd=REPO,
             stdout=self.handle,
@@ -236,7 +236,7 @@ def latest_name(run_dir: Path) -> str:
 
 
 def assert_complete_checkpoint(run_dir: Path, step: int) -> None:
-    from launcher.checkpoint import STATE_FILE, find_latest_checkpoint
+    from launcher.core.checkpoint import STATE_FILE, find_latest_checkpoint
 
     checkpoint = run_dir / "checkpoints" / f"step_{step}"
     assert latest_name(run_dir) == f"step_{step}"
@@ -542,7 +542,7 @@ def test_rank_that_raises_ends_with_a_summary(tmp_path):
 
 def test_disk_full_during_a_save(tmp_path, small_disk):
     """Another writer fills the disk after step_4: the save of step_8 fails; one line says so."""
-    from launcher.checkpoint import checkpoint_problem
+    from launcher.core.checkpoint import checkpoint_problem
 
     disk = small_disk("64M")
     run_dir = disk / "run"

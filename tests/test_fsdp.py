@@ -39,7 +39,7 @@ def update_error(ours: dict, theirs: dict, initial: dict) -> float:
 
 
 def tiny_initial_weights() -> dict[str, torch.Tensor]:
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     return {k: v.detach().clone() for k, v in build_tiny_t5(len(tiny_tokenizer())).state_dict().items()}
 

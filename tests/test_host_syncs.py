@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli_in_process
 
-from launcher import distributed, loaders, optimization, stopping, train
-from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.rank import distributed, loaders, optimization, stopping, train
 
 
 def recipe_for(method: str = "full", **launch) -> object:
@@ -107,7 +107,7 @@ def tiny_run(tmp_path):
 
 
 def test_train_loop_asks_for_the_stop_flag_every_n_steps(tiny_run, monkeypatch):
-    from launcher.metrics import MetricsLogger
+    from launcher.core.metrics import MetricsLogger
 
     steps_asked = []
     monkeypatch.setattr(
@@ -157,7 +157,7 @@ def test_deepspeed_grad_norm_stays_on_the_device_until_a_logged_step():
 def test_training_loader_pins_memory_only_on_cuda_ranks(tmp_path):
     from contextlib import nullcontext
 
-    from launcher.model import load_tokenizer
+    from launcher.rank.model import load_tokenizer
 
     recipe = recipe_for()
     tokenizer = load_tokenizer(recipe)
@@ -187,7 +187,7 @@ def test_gpu_ranks_copy_batches_non_blocking(monkeypatch, zero):
 
 
 def test_offload_optimizer_is_torchs_fused_cpu_adamw():
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     model = build_tiny_t5(1000)
     for launch, fused in (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from launcher.model import build_tiny_t5, set_dropout
+from launcher.rank.model import build_tiny_t5, set_dropout
 
 
 def test_tiny_t5_is_the_same_everywhere_and_leaves_the_global_rng_alone():
@@ -42,8 +42,8 @@ def test_zero_dropout_makes_training_mode_deterministic():
 
 
 def test_loading_a_checkpoint_with_its_own_lm_head_keeps_embeddings_tied(tmp_path):
-    from launcher.model import load_base_model
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import load_base_model
 
     original = build_tiny_t5(1000).eval()
     original.save_pretrained(tmp_path)
@@ -66,8 +66,8 @@ def test_the_recipes_generation_controls_change_what_generate_does():
     greedy, repeats tokens and stops early without them and obeys both with them."""
     from transformers import AutoTokenizer
 
-    from launcher.paths import TINY_TOKENIZER_DIR
-    from launcher.recipe import build_recipe
+    from launcher.core.paths import TINY_TOKENIZER_DIR
+    from launcher.core.recipe import build_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     model = build_tiny_t5(len(tokenizer)).eval()
@@ -97,9 +97,9 @@ def test_gradient_checkpointing_recomputes_each_block_in_backward():
     second time during backward (the recomputation), and give the same gradients."""
     from transformers import AutoTokenizer
 
-    from launcher.model import build_model, checkpointed_layers
-    from launcher.paths import TINY_TOKENIZER_DIR
-    from launcher.recipe import build_recipe
+    from launcher.core.paths import TINY_TOKENIZER_DIR
+    from launcher.core.recipe import build_recipe
+    from launcher.rank.model import build_model, checkpointed_layers
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     batch = tokenizer(["#Person1#: Hi there."], return_tensors="pt")

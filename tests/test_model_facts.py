@@ -1,4 +1,4 @@
-"""One source of model facts (launcher/model_facts.py) and one parameter-counting rule.
+"""One source of model facts (launcher/core/model_facts.py) and one parameter-counting rule.
 
 The rule is written out as arithmetic for the T5 layout (``t5_parameters``): it must count what
 the models really hold, ``sum(p.numel())`` over their distinct parameters, for the embedded
@@ -21,8 +21,9 @@ import torch
 from tiny_families import save_tiny
 from transformers import T5Config, T5ForConditionalGeneration
 
-from launcher import diskspace, estimate, render
-from launcher.model_facts import FLAN_T5_CONFIGS, FLAN_T5_VOCAB, model_facts, t5_parameters, tiny_vocab
+from launcher.core import diskspace
+from launcher.core.model_facts import FLAN_T5_CONFIGS, FLAN_T5_VOCAB, model_facts, t5_parameters, tiny_vocab
+from launcher.host import estimate, render
 
 
 def distinct_parameters(model) -> int:
@@ -43,7 +44,7 @@ def stored_parameters(directory) -> int:
 
 
 def test_the_t5_arithmetic_counts_the_parameters_the_models_hold(tmp_path):
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     assert model_facts("tiny-t5").params == distinct_parameters(build_tiny_t5(tiny_vocab()))
 
@@ -99,7 +100,7 @@ def test_a_local_directory_of_another_family_is_described_without_torch(tmp_path
     directory = save_tiny("bart", tmp_path / "bart")
     code = (
         "import sys\n"
-        "from launcher.model_facts import model_facts\n"
+        "from launcher.core.model_facts import model_facts\n"
         f"facts = model_facts({str(directory)!r})\n"
         "print(facts.family, facts.d_model, facts.num_layers, 'torch' in sys.modules)\n"
     )

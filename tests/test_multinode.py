@@ -90,7 +90,7 @@ def test_two_ftlaunch_processes_form_one_two_node_run(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "launcher.cli",
+        "launcher.host.cli",
         "full",
         *SMALL,
         "--main-port",

@@ -1,6 +1,6 @@
-"""Recipe resolution outside the CLI (launcher/options.py): typed options -> a validated recipe,
+"""Recipe resolution outside the CLI (launcher/host/options.py): typed options -> a validated recipe,
 for `ftlaunch full|lora`, `ftlaunch eval` and each sweep point alike; an error about a recipe key
-carries the key and where its value came from as fields (launcher.errors.UserError), so a sweep
+carries the key and where its value came from as fields (launcher.core.errors.UserError), so a sweep
 names its point without taking the message text apart. In process, nothing launched.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.errors import UserError
-from launcher.options import EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
-from launcher.recipe import build_recipe, default_recipe_path, load_recipe
-from launcher.sweep import point_recipe
-from launcher.sweep_manifest import Point
+from launcher.core.errors import UserError
+from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.host.options import EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
+from launcher.host.sweep import point_recipe
+from launcher.host.sweep_manifest import Point
 
 TINY = ("model.name=tiny-t5", "data.dataset=sample")
 

@@ -23,9 +23,9 @@ import pytest
 from conftest import save_tiny_t5
 from test_bad_input import SAMPLE, no_launch, refused  # noqa: F401 - no_launch is a fixture
 
-from launcher import summarize as summarize_module
-
-# ---------------------------------------------------------------- fixtures
+from launcher.host import (
+    summarize as summarize_module,  # ---------------------------------------------------------------- fixtures
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_the_write_check_leaves_nothing_behind(tmp_path, monkeypatch):
     a probe that fails midway (here: the file cannot be created) removes them too."""
     import tempfile
 
-    from launcher.writable import write_problem
+    from launcher.core.writable import write_problem
 
     target = tmp_path / "a" / "b" / "c"
     assert write_problem(target) is None
@@ -296,7 +296,7 @@ def test_intact_model_files_pass(model_dir, tmp_path):
     """The checks accept what save_pretrained and torch.save write (no false alarms)."""
     import torch
 
-    from launcher.modelfiles import check_model_files, file_problem
+    from launcher.core.modelfiles import check_model_files, file_problem
 
     check_model_files(model_dir, "--model")
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")

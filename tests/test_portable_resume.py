@@ -1,5 +1,5 @@
 """Resuming elsewhere: a checkpoint written under one strategy and world size continues under
-another (launcher/portable.py), through the real CLI on CPU ranks forked by the rank harness
+another (launcher/rank/portable.py), through the real CLI on CPU ranks forked by the rank harness
 (tests/rankharness.py: training semantics, so no `accelerate launch`; the crash is the injected
 fault inside a rank, whose exit code 1 the harness passes on as the real launch does).
 
@@ -169,10 +169,10 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
     are also DeepSpeed's own zero_to_fp32 reconstruction, exactly."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from launcher import checkpoint as ckpt
-    from launcher import portable
-    from launcher.model import build_model, load_tokenizer
-    from launcher.recipe import read_run_recipe
+    from launcher.core import checkpoint as ckpt
+    from launcher.core.recipe import read_run_recipe
+    from launcher.rank import portable
+    from launcher.rank.model import build_model, load_tokenizer
 
     def read(run_dir: Path, workdir: Path) -> portable.Portable:
         checkpoint = run_dir / "checkpoints" / "step_4"

@@ -13,14 +13,14 @@ from conftest import cli_env, run_cli, run_cli_in_process
 
 
 def gpu_recipe():
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
 
     return Recipe.model_validate({"model": {"name": "tiny-t5"}, "launch": {"cpu": False}})
 
 
 def test_a_gpu_run_without_usable_cuda_is_an_error_naming_what_was_found(monkeypatch):
-    from launcher.distributed import runs_on_cpu
-    from launcher.errors import UserError
+    from launcher.core.errors import UserError
+    from launcher.rank.distributed import runs_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "12.4")
@@ -39,8 +39,8 @@ def test_a_gpu_run_without_usable_cuda_is_an_error_naming_what_was_found(monkeyp
 
 
 def test_a_cpu_only_torch_is_named_as_such(monkeypatch):
-    from launcher.distributed import cuda_problem, runs_on_cpu
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
+    from launcher.rank.distributed import cuda_problem, runs_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)

@@ -67,8 +67,8 @@ def model_dir(tmp_path_factory) -> Path:
     """A FLAN-T5-layout checkpoint on disk, as a user's downloaded model would be."""
     from transformers import AutoTokenizer
 
-    from launcher.model import build_tiny_t5
-    from launcher.paths import TINY_TOKENIZER_DIR
+    from launcher.core.paths import TINY_TOKENIZER_DIR
+    from launcher.rank.model import build_tiny_t5
 
     directory = tmp_path_factory.mktemp("flan-t5-layout")
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
@@ -167,7 +167,7 @@ def reference_training(
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from launcher.data import LengthGroupedBatchSampler, batching_keys
+    from launcher.rank.data import LengthGroupedBatchSampler, batching_keys
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSeq2SeqLM.from_pretrained(

@@ -1,6 +1,6 @@
 """Recipes: the seed YAML files and `--set` overrides (parsing, typing, one-line errors).
 
-Everything here runs in-process on `launcher.recipe` (no subprocess, no torch): milliseconds.
+Everything here runs in-process on `launcher.core.recipe` (no subprocess, no torch): milliseconds.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from launcher.errors import UserError
-from launcher.recipe import Recipe, default_recipe_path, dump_recipe, load_recipe
+from launcher.core.errors import UserError
+from launcher.core.recipe import Recipe, default_recipe_path, dump_recipe, load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 SEED_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -120,7 +120,7 @@ def test_recipes_hold_the_seed_values_of_the_architecture_note(method: str):
         section, name = key.split(".")
         got = recipe[section][name]
         if key == "lora.target_modules":  # null: the attention query and value projections (T5: q, v)
-            from launcher.families import T5_MODULE_NAMES, resolve_lora_targets
+            from launcher.core.families import T5_MODULE_NAMES, resolve_lora_targets
 
             got = resolve_lora_targets(T5_MODULE_NAMES, got, "t5")
         assert got == (float(value) if isinstance(got, float) else value), (
@@ -270,23 +270,23 @@ def test_valid_offload_combinations(zero: int, offload: str):
 
 
 def test_every_recipe_key_has_a_description():
-    from launcher.recipe import recipe_keys
+    from launcher.core.recipe import recipe_keys
 
     keys = recipe_keys()
     assert len(keys) == sum(len(field.annotation.model_fields) for field in Recipe.model_fields.values())
     missing = [info.key for info in keys if len(info.description) < 8]
-    assert not missing, f"recipe keys without a description in launcher/recipe.py: {missing}"
+    assert not missing, f"recipe keys without a description in launcher/core/recipe.py: {missing}"
 
 
 def test_readme_key_table_is_the_schemas():
-    from launcher.recipe import keys_markdown
+    from launcher.core.recipe import keys_markdown
 
     text = (REPO / "README.md").read_text()
     begin, end = "<!-- recipe-keys:begin -->\n", "<!-- recipe-keys:end -->"
     assert begin in text and end in text, "README.md lost its recipe-keys markers"
     table = text.split(begin, 1)[1].split(end, 1)[0]
     assert table == keys_markdown(), (
-        "README.md's recipe key table differs from the schema (launcher/recipe.py): regenerate it with "
+        "README.md's recipe key table differs from the schema (launcher/core/recipe.py): regenerate it with "
         "`ftlaunch recipe keys --markdown` and paste it between the recipe-keys markers"
     )
 
@@ -294,7 +294,7 @@ def test_readme_key_table_is_the_schemas():
 def test_recipe_keys_command_lists_every_key_with_its_default():
     from conftest import run_cli_in_process
 
-    from launcher.recipe import recipe_keys
+    from launcher.core.recipe import recipe_keys
 
     result = run_cli_in_process("recipe", "keys")
     assert result.returncode == 0, result.stderr
@@ -363,7 +363,7 @@ def test_adafactor_is_refused_under_fsdp2_only():
     assert (
         "train.optimizer=adafactor" in message and "--fsdp" in message and "train.optimizer=adamw" in message
     )
-    from launcher.render import render_deepspeed_config
+    from launcher.host.render import render_deepspeed_config
 
     for stage in (1, 2, 3):
         recipe = recipe_with("train.optimizer=adafactor", f"launch.zero={stage}")
@@ -378,8 +378,8 @@ def test_adafactor_is_refused_under_fsdp2_only():
 def test_adafactor_is_transformers_with_the_recipes_groups():
     from transformers.optimization import Adafactor
 
-    from launcher.model import build_model
-    from launcher.optimization import build_optimizer
+    from launcher.rank.model import build_model
+    from launcher.rank.optimization import build_optimizer
 
     recipe = recipe_with("model.name=tiny-t5", "train.optimizer=adafactor", "train.lr=1e-3")
     optimizer = build_optimizer(build_model(recipe, 1000), recipe)

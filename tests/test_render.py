@@ -3,7 +3,7 @@ own parsers, pinned by snapshots, and the command.sh traced through bash with a 
 
 Every render runs the CLI's ``main()`` in-process (``run_cli_in_process``: the same argv,
 environment and working directory as a subprocess, milliseconds each); one launch runs the real
-`python -m launcher.cli` subprocess end to end.
+`python -m launcher.host.cli` subprocess end to end.
 Refresh the snapshots after an intended change with:
 
     FTLAUNCH_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_render.py -k snapshot
@@ -145,7 +145,7 @@ def test_a_cpu_full_launch_does_not_import_torch_in_the_launcher(tmp_path):
     (here a fake one); torch (2-3 s to import) is the ranks' job, so every `ftlaunch full --cpu`
     hands over within a second."""
     code = (
-        "import sys; from launcher import cli; sys.argv = ['ftlaunch', *sys.argv[1:]]\n"
+        "import sys; from launcher.host import cli; sys.argv = ['ftlaunch', *sys.argv[1:]]\n"
         "try:\n    cli.main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "print('torch imported' if 'torch' in sys.modules else 'no torch')"
     )
@@ -187,7 +187,7 @@ def test_only_a_launch_runs_accelerate(tmp_path, dry_run):
         "--config_file",
         str(run_dir / "accelerate.yaml"),
         "-m",
-        "launcher.train",
+        "launcher.rank.train",
         "--run-dir",
         str(run_dir),
     ]
@@ -309,7 +309,7 @@ def test_command_sh_passes_accelerate_launch_validation(render, tmp_path, flags,
     assert args.config_file == str(run_dir / "accelerate.yaml")
     assert (args.module, args.training_script, args.training_script_args) == (
         True,
-        "launcher.train",
+        "launcher.rank.train",
         ["--run-dir", str(run_dir)],
     )
     assert (args.num_processes, args.num_machines) == (
@@ -630,8 +630,8 @@ def test_fsdp_accelerate_yaml_is_accelerates_fsdp2_config(tmp_path):
     """In-process render of --fsdp, read back by Accelerate's own config loader."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from launcher.recipe import Recipe
-    from launcher.render import render_accelerate_config
+    from launcher.core.recipe import Recipe
+    from launcher.host.render import render_accelerate_config
 
     recipe = Recipe.model_validate(
         {"model": {"name": "tiny-t5"}, "launch": {"gpus": 2, "nodes": 2, "fsdp": True, "offload": "full"}}

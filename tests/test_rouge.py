@@ -1,4 +1,4 @@
-"""Tests for launcher.rouge.
+"""Tests for launcher.results.rouge.
 
 Expected values are computed here with ``rouge_score`` itself (the library that HF
 ``evaluate``'s rouge metric wraps), never by calling ``score_rouge`` a second time.
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest tests/...` without a conftest/pythonpath setting
     sys.path.insert(0, str(ROOT))
 
-from launcher.rouge import ROUGE_TYPES, SCORING_MODES, score_rouge  # noqa: E402
+from launcher.results.rouge import ROUGE_TYPES, SCORING_MODES, score_rouge  # noqa: E402
 
 TYPES = list(ROUGE_TYPES)
 
@@ -223,9 +223,9 @@ def test_only_scoring_imports_rouge_score_and_nltk():
     """rouge_score imports nltk (~1 s): every rank imports the training loop and the evaluation,
     but only the main rank scores, and the report readers only need the metric names."""
     code = (
-        "import sys, launcher.train, launcher.evaluation, launcher.report, launcher.sweep_report\n"
+        "import sys, launcher.rank.train, launcher.rank.evaluation, launcher.results.report, launcher.host.sweep_report\n"
         "before = 'nltk' in sys.modules\n"
-        "from launcher.rouge import score_rouge\n"
+        "from launcher.results.rouge import score_rouge\n"
         "score_rouge(['a cat'], [['a cat']])\n"
         "print(before, 'nltk' in sys.modules)\n"
     )

@@ -1,4 +1,4 @@
-"""A run's history (launcher/history.py): one marker per training segment in metrics.jsonl, and the
+"""A run's history (launcher/core/history.py): one marker per training segment in metrics.jsonl, and the
 lines the report and the model card show for a resumed or restarted run. The end-to-end checks
 (a 2-rank DDP run resumed on 1 rank; a restarted run) are in tests/test_faults.py."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.history import history_lines, segment_row, segments, strategy_label
-from launcher.recipe import default_recipe_path, load_recipe
-from launcher.report import history_notes
+from launcher.core.history import history_lines, segment_row, segments, strategy_label
+from launcher.core.recipe import default_recipe_path, load_recipe
+from launcher.results.report import history_notes
 
 
 def recipe(*overrides: str):

@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli, run_cli_harness, run_cli_in_process
 
-from launcher import runlock
-from launcher.data import dealt_generation_batches
-from launcher.errors import Diverged
-from launcher.finite import check_weights, weights_finite
+from launcher.core.errors import Diverged
+from launcher.host import runlock
+from launcher.rank.data import dealt_generation_batches
+from launcher.rank.finite import check_weights, weights_finite
 
 DRY = ("full", "--cpu", "--model", "tiny-t5", "--data", "sample", "--dry-run")
 NO_TRACEBACK = "Traceback"
@@ -101,7 +101,7 @@ def test_gpu_mem_must_be_a_positive_finite_amount(tmp_path, command, value):
 HOLD = """
 import sys, time
 from pathlib import Path
-from launcher import runlock
+from launcher.host import runlock
 runlock.hold(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(600)
@@ -172,7 +172,7 @@ def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys
 
 
 def descendants(pid: int) -> list[int]:
-    from launcher.supervise import child_processes
+    from launcher.host.supervise import child_processes
 
     found = []
     for child in child_processes(pid):
@@ -215,7 +215,7 @@ LONG_RUN = (
 @pytest.mark.slow  # a 2-rank launch, a refused one, and a resume (rank harness)
 def test_second_run_on_a_running_directory_is_refused_and_a_killed_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "launcher.cli", *LONG_RUN, "--output", str(run_dir)]
+    command = [sys.executable, "-m", "launcher.host.cli", *LONG_RUN, "--output", str(run_dir)]
     first = subprocess.Popen(
         command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -317,7 +317,7 @@ def test_weights_check_finds_a_nan_in_any_trainable_weight_and_ignores_frozen_on
 
 
 def test_metrics_logger_writes_no_nan(tmp_path):
-    from launcher.metrics import MetricsLogger
+    from launcher.core.metrics import MetricsLogger
 
     accelerator = SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
     logger = MetricsLogger.__new__(MetricsLogger)
@@ -344,7 +344,7 @@ def test_each_dialogue_is_generated_with_the_same_companions_on_1_2_and_3_ranks(
 
 
 def test_report_says_predictions_do_not_depend_on_the_number_of_ranks(tmp_path):
-    from launcher.report import write_run_report
+    from launcher.results.report import write_run_report
 
     finetuned = tmp_path / "run" / "eval" / "finetuned"
     finetuned.mkdir(parents=True)

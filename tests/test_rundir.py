@@ -1,4 +1,4 @@
-"""One rule for "this run is finished" (launcher/rundir.py ``RunDir.is_finished``), shared by the
+"""One rule for "this run is finished" (launcher/core/rundir.py ``RunDir.is_finished``), shared by the
 sweep (which keeps a finished point instead of running it again) and the sweep report (which shows
 it as done), and the interrupted marker read and written through RunDir.
 
@@ -17,9 +17,9 @@ import yaml
 from conftest import run_cli_in_process
 from test_sweep import fake_run
 
-from launcher.recipe import read_run_recipe
-from launcher.rundir import RunDir
-from launcher.sweep import is_done
+from launcher.core.recipe import read_run_recipe
+from launcher.core.rundir import RunDir
+from launcher.host.sweep import is_done
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -22,7 +22,7 @@ except ImportError:
     from slurm_fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
     from test_slurm_jobs import EXACT, TINY, Job, assert_report
 
-from launcher.history import segments
+from launcher.core.history import segments
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

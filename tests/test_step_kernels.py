@@ -24,15 +24,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launcher import optimization, train
-from launcher.model import (
+from launcher.core.recipe import LoraSection, build_recipe, default_recipe_path, load_recipe
+from launcher.rank import optimization, train
+from launcher.rank.model import (
     apply_lora,
     build_tiny_t5,
     set_dropout,
     store_frozen_linear_weights,
     use_tanh_gelu_kernel,
 )
-from launcher.recipe import LoraSection, build_recipe, default_recipe_path, load_recipe
 
 VOCAB = 100
 

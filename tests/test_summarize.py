@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import cli_env, read_jsonl, run_cli, run_cli_harness, save_tiny_t5
 
-from launcher.errors import UserError
+from launcher.core.errors import UserError
 
 SAMPLE_TEST = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "test.jsonl"
 TRAIN = (
@@ -73,7 +73,7 @@ def evaluated(run_dir: Path) -> list[dict]:
 
 def summarize_cli(source: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "summarize", str(source), "--cpu", *args],
+        [sys.executable, "-m", "launcher.host.cli", "summarize", str(source), "--cpu", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -150,7 +150,7 @@ def test_summaries_are_byte_identical_on_1_2_and_3_ranks(full_run, tmp_path):
 
 
 def test_lora_summarize_in_process_gives_the_runs_own_predictions(lora_run, tmp_path):
-    from launcher.summarize import summarize
+    from launcher.host.summarize import summarize
 
     out = tmp_path / "summaries.jsonl"
     summarize(lora_run, str(SAMPLE_TEST), out, 1, True, [], ["ftlaunch", "summarize"])
@@ -242,7 +242,7 @@ def test_export_merge_equals_adapter_on_base(lora_run, base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from launcher.export import export_run
+    from launcher.rank.export import export_run
 
     out = export_run(lora_run, tmp_path / "merged", merge=True, dtype="fp32")
     assert {"config.json", "model.safetensors", "tokenizer.json", "ftlaunch.json", "README.md"} <= {
@@ -266,7 +266,7 @@ def test_export_casts_a_full_model_to_bf16(full_run, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from launcher.export import export_run
+    from launcher.rank.export import export_run
 
     out = export_run(full_run, tmp_path / "bf16", merge=False, dtype="bf16")
     tensors = load_file(str(out / "model.safetensors"))
@@ -279,7 +279,7 @@ def test_export_casts_a_full_model_to_bf16(full_run, tmp_path):
 
 
 def test_refusals_name_the_problem(tmp_path, full_run):
-    from launcher.summarize import read_inputs, summarize_recipe
+    from launcher.host.summarize import read_inputs, summarize_recipe
 
     with pytest.raises(UserError, match="is not a directory"):
         summarize_recipe(tmp_path / "missing", [], 1, True)

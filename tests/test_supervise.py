@@ -16,7 +16,7 @@ def test_progress_in_a_log_file_is_plain_periodic_lines(tmp_path):
     """What a SLURM log gets: one line per period and one at the end, no carriage returns."""
     script = (
         "import time\n"
-        "from launcher.progress import make_progress\n"
+        "from launcher.rank.progress import make_progress\n"
         "bar = make_progress(True, 6, 0)\n"
         "bar.every_s = 0.2\n"
         "for step in range(6):\n"
@@ -46,7 +46,7 @@ def test_progress_in_a_log_file_is_plain_periodic_lines(tmp_path):
 
 def test_generation_progress_counts_batches(capsys):
     """Generation (eval, summarize) reports batches the same way training reports steps."""
-    from launcher.progress import PlainProgress
+    from launcher.rank.progress import PlainProgress
 
     bar = PlainProgress(3, label="generating", unit="batch", every_s=3600)
     for _ in range(3):
@@ -59,7 +59,7 @@ def test_generation_progress_counts_batches(capsys):
 
 
 def test_progress_on_a_terminal_is_a_redrawn_bar():
-    from launcher.progress import PlainProgress, make_progress
+    from launcher.rank.progress import PlainProgress, make_progress
 
     os.environ["FTLAUNCH_CONSOLE_TTY"] = "1"
     try:
@@ -72,7 +72,7 @@ def test_progress_on_a_terminal_is_a_redrawn_bar():
 
 def test_collective_timeout_allows_long_rank0_work(monkeypatch):
     """Rank 0 alone writes final/, merges and prunes while the others wait in a barrier."""
-    from launcher.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout
+    from launcher.rank.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout
 
     monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
     assert collective_timeout() >= timedelta(minutes=60)
@@ -84,9 +84,9 @@ def test_collective_timeout_allows_long_rank0_work(monkeypatch):
 
 def test_first_failure_prefers_a_rank_killed_without_a_record(tmp_path):
     """A rank killed by a signal leaves no record; its peers' later errors only follow from it."""
-    from launcher.ranklog import Failure
-    from launcher.recipe import Recipe
-    from launcher.supervise import first_failure, torchrun_failure
+    from launcher.core.ranklog import Failure
+    from launcher.core.recipe import Recipe
+    from launcher.host.supervise import first_failure, torchrun_failure
 
     recipe = Recipe.model_validate({"launch": {"gpus": 2, "cpu": True}})
     peer = Failure(
@@ -126,7 +126,7 @@ def test_a_rank_exits_with_its_code_after_the_exit_handlers_and_buffered_output(
     libraries' exit handlers run (trackers, logging) and buffered stdout reaches the pipe."""
     code = (
         "import atexit, sys\n"
-        "from launcher.ranklog import exit_rank\n"
+        "from launcher.core.ranklog import exit_rank\n"
         "atexit.register(lambda: print('exit handler ran'))\n"
         "sys.stdout.write('buffered line\\n')\n"
         "exit_rank(3)\n"

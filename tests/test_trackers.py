@@ -27,7 +27,7 @@ def tiny_args(out: Path, *extra: str) -> list[str]:
 
 IMPORTS_AS_A_RANK = """
 import sys
-from launcher.distributed import keep_deepspeed_from_importing_mlflow
+from launcher.rank.distributed import keep_deepspeed_from_importing_mlflow
 keep_deepspeed_from_importing_mlflow(sys.argv[1:])
 import deepspeed  # what Accelerate does in every rank (unwrap_model), DDP too
 from accelerate.utils import is_mlflow_available
@@ -74,7 +74,7 @@ def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(tmp_path, m
 
 
 def test_report_to_none_and_lists_resolve(tmp_path):
-    from launcher.recipe import Recipe
+    from launcher.core.recipe import Recipe
 
     assert Recipe().train.report_to == ["tensorboard"]
     assert Recipe.model_validate({"train": {"report_to": "none"}}).train.report_to == []

@@ -31,7 +31,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from launcher.compiling import bucket_count
+from launcher.rank.compiling import bucket_count
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def reference_val_loss(
 def reload_final(run_dir: Path, method: str):
     from transformers import AutoModelForSeq2SeqLM
 
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     if method == "full":
         return AutoModelForSeq2SeqLM.from_pretrained(str(run_dir / "final"))
@@ -178,7 +178,7 @@ BUDGET = ("--set", "train.micro_batch_tokens=1000")
 
 def test_token_budget_two_ranks_equal_one_rank_with_accumulation(trained):
     """The same budget on 2 ranks and on 1 rank x accumulation 2: the same micro-batches form every
-    step (launcher/data.py), and the token-weighted objective makes micro-batches of different
+    step (launcher/rank/data.py), and the token-weighted objective makes micro-batches of different
     sizes count by their tokens, so the runs agree step for step and in their final weights to
     float32 round-off (the gradient all-reduce adds two partial sums where 1 rank accumulates
     them: a few ulps per step, far inside rel 1e-5)."""
@@ -217,7 +217,7 @@ def test_compiled_run_matches_eager_run(trained, zero, eager_run):
 
 def rank_pids(run_dir: Path) -> list[int]:
     out = subprocess.run(
-        ["pgrep", "-f", f"launcher.train --run-dir {run_dir}"], capture_output=True, text=True
+        ["pgrep", "-f", f"launcher.rank.train --run-dir {run_dir}"], capture_output=True, text=True
     )
     return [int(pid) for pid in out.stdout.split()]
 
@@ -227,7 +227,7 @@ def interrupt_after(
 ) -> subprocess.CompletedProcess:
     """Start a run, send SIGUSR1 to its ranks once `step` is logged, return the finished process."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "launcher.host.cli", *args],
         env=env or cli_env(),
         text=True,
         stdout=subprocess.PIPE,
@@ -304,7 +304,7 @@ def test_resume_refuses_a_world_size_that_cannot_keep_the_step(trained):
 
 
 def test_lora_changes_only_adapter_weights(trained):
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     run_dir, _ = trained_two_epochs(trained, "lora", 0)
     last = (run_dir / "checkpoints" / "latest").read_text().strip()  # the final step's checkpoint
@@ -330,7 +330,7 @@ def test_full_finetune_keeps_untied_lm_head_through_save_and_reload(trained):
     """FLAN-T5 has its own lm_head; transformers 5 ties T5's by default (docs/ARCHITECTURE.md, "Pitfalls")."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     run_dir, _ = one_rank_one_epoch(trained)
     expected_model = build_tiny_t5(1000)
@@ -357,7 +357,7 @@ def test_real_dialogsum_validation_loss_drops(tmp_path):
     """A small T5 (tiny-t5 layout, 8k DialogSum tokenizer) for a fixed short budget on real data."""
     from transformers import AutoTokenizer
 
-    from launcher.model import build_tiny_t5
+    from launcher.rank.model import build_tiny_t5
 
     run_dir = tmp_path / "run"
     result = run_cli_harness(

@@ -3,7 +3,7 @@ at ``\\n`` only.
 
 ``str.splitlines()`` also splits at U+2028, U+2029, U+0085, \\x1c-\\x1e, \\x0b and \\x0c, which
 ``json.dumps(..., ensure_ascii=False)`` leaves raw in a string, so a reader using it cuts such a
-record in two. The unit tests check launcher/jsonl.py against ``json`` itself; the slow test runs
+record in two. The unit tests check launcher/core/jsonl.py against ``json`` itself; the slow test runs
 the whole round trip on 2 CPU ranks: data holding every such character in ids, dialogues and
 summaries -> training -> predictions.jsonl -> ROUGE -> report, then ``ftlaunch summarize`` of the
 same dialogues on 2 ranks, whose summaries must be the run's own predictions.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli_harness, run_cli_in_process
 
-from launcher.jsonl import (
+from launcher.core.jsonl import (
     append_jsonl,
     dumps_line,
     parse_jsonl_text,
@@ -58,7 +58,7 @@ def test_crlf_blank_lines_and_a_half_written_last_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"a": "x\xe2\x80\xa8y"}\r\n\r\n{"a": 2}\n{"a": ')
     assert read_jsonl_partial(path) == [{"a": "x\u2028y"}, {"a": 2}]
-    from launcher.errors import UserError
+    from launcher.core.errors import UserError
 
     with pytest.raises(UserError, match=r"line 4 is not JSON"):
         read_jsonl(path)
@@ -67,7 +67,7 @@ def test_crlf_blank_lines_and_a_half_written_last_line(tmp_path):
 def test_summarize_reads_separators_from_standard_input(monkeypatch):
     import io
 
-    from launcher.summarize import read_inputs
+    from launcher.host.summarize import read_inputs
 
     text = "".join(dumps_line({"id": f"d{c}", "dialogue": f"A: hi{c}B: hello"}) for c in SEPARATORS)
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
@@ -76,7 +76,7 @@ def test_summarize_reads_separators_from_standard_input(monkeypatch):
 
 
 def test_report_examples_stay_on_one_markdown_line():
-    from launcher.report import qualitative_examples
+    from launcher.results.report import qualitative_examples
 
     evals = {"finetuned": {"predictions": [{"prediction": "p\u2028q\nr"}]}}
     rows = [{"id": "x", "dialogue": "a\u2029b", "references": ["s\u0085t"]}]

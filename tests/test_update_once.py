@@ -17,12 +17,12 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from launcher import train
-from launcher.distributed import build_accelerator
-from launcher.loaders import build_collator
-from launcher.model import build_model, load_tokenizer, set_dropout
-from launcher.optimization import build_optimizer, build_scheduler
-from launcher.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.rank import train
+from launcher.rank.distributed import build_accelerator
+from launcher.rank.loaders import build_collator
+from launcher.rank.model import build_model, load_tokenizer, set_dropout
+from launcher.rank.optimization import build_optimizer, build_scheduler
 
 WINDOW = 3  # micro-batches of one optimizer step
 

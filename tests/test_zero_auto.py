@@ -6,7 +6,7 @@ import json
 
 from conftest import run_cli_in_process
 
-from launcher.estimate import RunShape, estimate_model, recommend
+from launcher.host.estimate import RunShape, estimate_model, recommend
 
 
 def test_zero_auto_picks_the_recommended_stage_and_says_so(tmp_path):

@@ -4,4 +4,4 @@
 set -euo pipefail
 # Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.
 trap '' USR1
-exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.train --run-dir <RUN>
+exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.rank.train --run-dir <RUN>

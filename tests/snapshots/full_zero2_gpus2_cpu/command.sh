@@ -6,4 +6,4 @@ set -euo pipefail
 trap '' USR1
 # --cpu: ranks are CPU processes (gloo); hide GPUs, real or announced by SLURM.
 export CUDA_VISIBLE_DEVICES=""
-exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.train --run-dir <RUN>
+exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.rank.train --run-dir <RUN>

@@ -6,4 +6,4 @@ set -euo pipefail
 trap '' USR1
 # ZeRO-Offload: the optimizer steps on the CPU; 2 local rank(s) share this node's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))}"
-exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.train --run-dir <RUN>
+exec accelerate launch --config_file <RUN>/accelerate.yaml -m launcher.rank.train --run-dir <RUN>

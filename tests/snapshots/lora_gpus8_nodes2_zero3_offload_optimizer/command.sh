@@ -13,4 +13,4 @@ case "$machine_rank" in
 esac
 [ "$machine_rank" -lt 2 ] || { echo "error: machine rank $machine_rank is out of range for 2 nodes (0..1)" >&2; exit 2; }
 main_address="${FTLAUNCH_MAIN_ADDRESS:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:?multi-node runs need --main-address or a SLURM allocation}" | head -n 1)}"
-exec accelerate launch --config_file <RUN>/accelerate.yaml --machine_rank "$machine_rank" --main_process_ip "$main_address" --main_process_port "${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}" -m launcher.train --run-dir <RUN>
+exec accelerate launch --config_file <RUN>/accelerate.yaml --machine_rank "$machine_rank" --main_process_ip "$main_address" --main_process_port "${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}" -m launcher.rank.train --run-dir <RUN>

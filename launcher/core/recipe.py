@@ -1,0 +1,673 @@
+"""Recipes: the typed schema, YAML loading, ``--set`` overrides and one-line validation errors.
+
+A recipe is everything a run needs to know (model, data, training, LoRA, evaluation, launch
+shape). ``recipes/*.yaml`` hold the seed defaults; the launcher writes the fully resolved
+recipe into every run directory, and each rank reads it back from there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.core.errors import UserError
+from launcher.core.families import is_t5_family
+from launcher.core.paths import project_dir
+from launcher.core.rundir import RunDir
+
+DEFAULT_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+EMBEDDED_MODEL = "tiny-t5"
+EMBEDDED_DATA = "sample"
+
+
+class Section(BaseModel):
+    """Base for recipe sections: unknown keys are errors, assignments are validated, and every
+    float is finite (``inf``, ``.inf``, ``nan`` would train to a NaN model without a word)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        "google/flan-t5-base", description="Hub id, local directory, or tiny-t5 (embedded, no download)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or directory (null: the model's own).")
+    adapter: str | None = Field(
+        None, description="A PEFT adapter directory on top of model.name (ftlaunch eval)."
+    )
+    precision: Literal["bf16", "fp32", "fp16"] = Field(
+        "bf16", description="Autocast dtype over fp32 master weights (fp16 is refused for T5)."
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Override the model's dropout (null: keep it)."
+    )
+
+    @property
+    def mixed_precision(self) -> str:
+        """Accelerate's name for the autocast dtype (fp32: no autocast)."""
+        return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
+
+
+class DataSection(Section):
+    dataset: str = Field(
+        "knkarthick/dialogsum",
+        description="Hub id, directory of {split}.jsonl/.csv/.parquet files, or sample (embedded).",
+    )
+    source_field: str = Field(
+        "dialogue", min_length=1, description="Column holding the text to summarize (fills {dialogue})."
+    )
+    target_field: str | list[str] = Field(
+        "summary",
+        description="Column of the reference summary, or a list of columns for several references "
+        "(the first is the training target; all are scored, best-of-n).",
+    )
+    prompt: str = Field(DEFAULT_PROMPT, description="Model input; {dialogue} is replaced by the dialogue.")
+    max_source_length: int = Field(512, gt=0, description="Input tokens kept (prompt + dialogue).")
+    max_target_length: int = Field(128, gt=0, description="Summary tokens kept as labels.")
+    train_split: str = Field("train", description="Split to train on.")
+    validation_split: str = Field("validation", description="Split for the validation loss.")
+    train_limit: int | None = Field(None, gt=0, description="First N training examples only.")
+    validation_limit: int | None = Field(None, gt=0, description="First N validation examples only.")
+    group_by_length: bool = Field(
+        True, description="Batches of similar length: little compute spent on padding."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_has_dialogue(self) -> DataSection:
+        if "{dialogue}" not in self.prompt:
+            raise ValueError("data.prompt must contain the placeholder {dialogue}")
+        return self
+
+    @field_validator("target_field", mode="before")
+    @classmethod
+    def _target_is_columns(cls, value: Any) -> Any:
+        columns = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(columns, list)
+            or not columns
+            or any(not isinstance(c, str) or not c.strip() for c in columns)
+        ):
+            raise ValueError(
+                f"data.target_field={value!r} must be a column name or a non-empty list of them, "
+                "e.g. summary or [summary1, summary2]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fields_are_columns(self) -> DataSection:
+        targets = self.target_fields
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"data.target_field={self.target_field!r} names a column twice")
+        if self.source_field in targets:
+            raise ValueError(
+                f"data.source_field and data.target_field both name {self.source_field!r}; "
+                "the text to summarize and its summary must be different columns"
+            )
+        return self
+
+    @property
+    def target_fields(self) -> list[str]:
+        """The reference columns, the training target first."""
+        return [self.target_field] if isinstance(self.target_field, str) else list(self.target_field)
+
+
+class TrainSection(Section):
+    method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
+    epochs: int = Field(1, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after N optimizer steps (before train.epochs if reached)."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Examples per rank per forward pass.")
+    micro_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget per rank per forward pass: micro-batches of similar-length examples "
+        "filled up to N padded tokens (examples x longest source + examples x longest target); "
+        "replaces train.micro_batch_size when set (null: fixed micro_batch_size).",
+    )
+    grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay on matrices (not biases and norms).")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw",
+        description="adamw (torch), or adafactor (transformers', as FLAN-T5 was trained; no first moment; "
+        "try train.lr=1e-3). DDP: factored second moments, update clipped at RMS 1 per tensor (almost no "
+        "optimizer memory). ZeRO-1/2/3: DeepSpeed steps it on flat fp32 partitions, so unfactored "
+        "(4 bytes/param, partitioned) and without update clipping (an RMS over a partition would depend "
+        "on the world size). Not with FSDP2.",
+    )
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in backward instead of keeping them: "
+        "much less activation memory for ~30% more compute.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each target's probability spread over the vocabulary in the training loss "
+        "(0.1 is common; val_loss stays plain cross-entropy).",
+    )
+    seed: int = Field(42, description="Seed for weights, dropout and data order.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
+    eval_every: int | None = Field(
+        200, gt=0, description="Validation loss every N optimizer steps (always at the end; null: only then)."
+    )
+    checkpoint_every: int | None = Field(
+        500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    best_metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "val_loss"] | None = Field(
+        None,
+        description="Keep the best evaluated step's model in final/: validation ROUGE (higher is better, "
+        "measured every rouge_every steps) or val_loss (lower, every eval_every); null: the last step.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations in a row that do not beat the best (null: never)."
+    )
+    early_stopping_delta: float = Field(
+        0.0, ge=0, description="How much better than the best so far counts as better (early stopping)."
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (Accelerate's dynamo, inductor) and pad batches to length "
+        "buckets (source: multiples of 64, target: of 16); auto: on for GPU ranks, off for --cpu, ZeRO-3, FSDP2.",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
+        "comma-separated, or none.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_from_text(cls, value: Any) -> Any:
+        """``tensorboard,mlflow`` (a flag or --set) or a YAML list; ``none`` (or empty): no tracker."""
+        names = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if value is None or names in ([], ["none"], [""]):
+            return []
+        if isinstance(names, list) and len(set(names)) != len(names):
+            raise ValueError(f"train.report_to={value!r} names a tracker twice")
+        return names
+
+
+class LoraSection(Section):
+    r: int = Field(32, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling (alpha / r).")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Module names that get adapters; null: the model's attention query and value "
+        "projections (T5, mT5: q, v; BART, mBART, Pegasus: q_proj, v_proj).",
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    save_merged: bool = Field(False, description="Also write final/merged: base + adapter as one model.")
+
+
+# The eval.* keys that are generate() arguments (recorded with the model in final/).
+GENERATION_KEYS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+)
+
+
+def shown_generation_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The generation settings worth showing from a saved record (rouge.json, ftlaunch.json): the
+    lengths and beams always, the other controls where the run changed them from the default."""
+    defaults = EvalSection.model_fields
+    return {
+        key: settings[key]
+        for key in GENERATION_KEYS
+        if key in settings
+        and (key in ("max_new_tokens", "num_beams") or settings[key] != defaults[key].default)
+    }
+
+
+class EvalSection(Section):
+    after_training: bool = Field(True, description="Generate + ROUGE report at the end of full/lora.")
+    compare_original: bool = Field(True, description="Also score the model before fine-tuning.")
+    split: str = Field("test", description="Split to generate on and score.")
+    limit: int | None = Field(None, gt=0, description="First N examples of the split only.")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        description="Dialogues per generate call (batches formed over the whole split, dealt to ranks).",
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Longest generated summary, in tokens.")
+    num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy).")
+    min_new_tokens: int = Field(0, ge=0, description="Shortest generated summary, in tokens (0: no minimum).")
+    length_penalty: float = Field(
+        1.0, description="Beam search only (num_beams > 1): >1 favours longer summaries, <1 shorter."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="No n-gram of this many tokens appears twice in a summary (0: off)."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Divides the score of tokens already generated (1.0: off; 1.2 is common)."
+    )
+    scoring: Literal["best_of_n", "per_reference"] = Field(
+        "best_of_n", description="Several references: best per metric, or the seed's per-row mean."
+    )
+    use_stemmer: bool = Field(True, description="Porter stemmer in ROUGE.")
+    split_sentences: bool = Field(False, description="One sentence per line before rougeLsum.")
+    report_examples: int = Field(3, ge=0, description="Example predictions shown in the report.")
+    rouge_every: int | None = Field(
+        None,
+        gt=0,
+        description="ROUGE on the validation split every N optimizer steps of training (null: off).",
+    )
+    rouge_limit: int | None = Field(
+        None, gt=0, description="First N validation dialogues for the in-training ROUGE (null: all)."
+    )
+
+    @model_validator(mode="after")
+    def _generation_settings_agree(self) -> EvalSection:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"eval.min_new_tokens={self.min_new_tokens} is above eval.max_new_tokens={self.max_new_tokens}; "
+                "lower it or raise eval.max_new_tokens"
+            )
+        if self.length_penalty != 1.0 and self.num_beams == 1:
+            raise ValueError(
+                f"eval.length_penalty={self.length_penalty} only acts in beam search; "
+                "set eval.num_beams above 1 (e.g. 4) or leave eval.length_penalty at 1.0"
+            )
+        return self
+
+    def generation(self) -> dict[str, Any]:
+        """The ``generate()`` settings of every generation (evaluation, summarize, final/'s
+        generation_config.json): deterministic decoding with the recipe's length and repetition
+        controls."""
+        return {key: getattr(self, key) for key in GENERATION_KEYS} | {"do_sample": False}
+
+
+class LaunchSection(Section):
+    gpus: int = Field(1, gt=0, description="Processes (GPUs) per node.")
+    nodes: int = Field(1, gt=0, description="Machines.")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="0: DDP; 1, 2, 3: DeepSpeed ZeRO stage.")
+    fsdp: bool = Field(
+        False, description="Shard with PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with zero 1-3."
+    )
+    offload: Literal["none", "optimizer", "full"] = Field(
+        "none", description="CPU offload: ZeRO optimizer or full; FSDP full only."
+    )
+    cpu: bool = Field(False, description="Run the ranks as CPU processes (gloo).")
+    main_address: str | None = Field(None, description="Multi-node: first node's address.")
+    main_port: int | None = Field(None, gt=0, lt=65536, description="Multi-node: rendezvous port.")
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="Restart a crashed training run from its newest intact checkpoint up to N times "
+        "(one node; SLURM jobs requeue instead).",
+    )
+    # No machine rank here: it differs per node, so it is not part of a run (see render.py).
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> LaunchSection:
+        if self.fsdp and self.zero:
+            raise ValueError(
+                f"launch.fsdp (--fsdp) and launch.zero={self.zero} (--zero {self.zero}) are two sharding "
+                "engines (PyTorch FSDP2, DeepSpeed ZeRO): pick one (--zero 0 with --fsdp)"
+            )
+        if self.fsdp and self.offload == "optimizer":
+            raise ValueError(
+                "launch.offload=optimizer is DeepSpeed's; FSDP2 offloads parameters, gradients and the "
+                "optimizer step together: use --offload full with --fsdp"
+            )
+        if self.offload != "none" and self.zero == 0 and not self.fsdp:
+            raise ValueError("launch.offload needs sharding: use --zero 1, 2 or 3, or --fsdp, with --offload")
+        if self.max_restarts and self.nodes > 1:
+            raise ValueError(
+                f"launch.max_restarts={self.max_restarts} restarts one node's ranks; with --nodes "
+                f"{self.nodes} use the cluster's requeue (sbatch slurm/*.sh requeues preempted jobs) or run again "
+                "with --resume auto"
+            )
+        if self.offload == "full" and self.zero != 3 and not self.fsdp:
+            raise ValueError("launch.offload=full (parameters too) needs --zero 3; use --offload optimizer")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _best_metric_is_measured(self) -> Recipe:
+        metric = self.train.best_metric
+        if metric == "val_loss" and not self.train.eval_every:
+            raise ValueError(
+                "train.best_metric=val_loss needs the validation loss during training: set train.eval_every"
+            )
+        if metric and metric != "val_loss" and not self.eval.rouge_every:
+            raise ValueError(
+                f"train.best_metric={metric} needs ROUGE during training: set eval.rouge_every "
+                "(e.g. the same as train.eval_every), or use train.best_metric=val_loss"
+            )
+        if self.train.early_stopping_patience and not metric:
+            raise ValueError(
+                "train.early_stopping_patience counts evaluations without a better train.best_metric: "
+                "set train.best_metric (e.g. rougeLsum or val_loss)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adafactor_not_on_fsdp(self) -> Recipe:
+        if self.train.optimizer == "adafactor" and self.launch.fsdp:
+            raise ValueError(
+                "train.optimizer=adafactor with --fsdp (FSDP2): FSDP2 hands the optimizer row shards "
+                "of each weight matrix (DTensors), on which Adafactor would factor a different matrix "
+                "per world size; drop --fsdp (DDP, or --zero 1/2/3: Adafactor unfactored on ZeRO's "
+                "flat partitions), or use train.optimizer=adamw"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_fp16_for_t5(self) -> Recipe:
+        if self.model.precision == "fp16" and is_t5_name(self.model.name):
+            raise ValueError(
+                "model.precision=fp16 overflows T5-family models (T5, FLAN-T5, T5 v1.1, mT5, umT5: inf/NaN "
+                "activations); use bf16, or fp32 on GPUs without bf16"
+            )
+        if self.model.precision == "fp16" and self.launch.cpu:
+            raise ValueError(
+                "model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
+                "use bf16 or fp32 with --cpu"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _token_budget_fits_an_example(self) -> Recipe:
+        budget = self.train.micro_batch_tokens
+        longest = self.data.max_source_length + self.data.max_target_length
+        if budget is not None and budget < longest:
+            raise ValueError(
+                f"train.micro_batch_tokens={budget} is smaller than the longest example: "
+                f"data.max_source_length {self.data.max_source_length} + data.max_target_length "
+                f"{self.data.max_target_length} = {longest} tokens; set it to at least {longest}"
+            )
+        return self
+
+    @property
+    def compiles(self) -> bool:
+        """train.compile resolved: ``auto`` compiles on GPU ranks (inductor's CPU compile takes
+        minutes and gains little there), except under ZeRO-3 and FSDP2 (refused when forced)."""
+        if self.train.compile == "auto":
+            return not self.launch.cpu and self.launch.zero != 3 and not self.launch.fsdp
+        return self.train.compile
+
+    @model_validator(mode="after")
+    def _compile_where_it_is_bounded(self) -> Recipe:
+        """train.compile=true where it was shown to recompile without bound (2 CPU ranks, tiny-t5,
+        one epoch of 7 batch shapes, measured with dynamic=True; both trained correctly, but the
+        hooks' graph breaks, not the batch shapes, drive the recompilations, so compiling gains
+        little there)."""
+        if self.train.compile is not True:
+            return self
+        if self.launch.zero == 3:
+            raise ValueError(
+                "train.compile=true with --zero 3: DeepSpeed's ZeRO-3 parameter hooks break the compiled "
+                "graph at every submodule (22 graphs for 7 batch shapes, dynamo's recompile limit hit in "
+                "its _pre_backward_module_hook); compile with --zero 2 or DDP, or keep train.compile=auto "
+                "(eager) with --zero 3"
+            )
+        if self.launch.fsdp:
+            raise ValueError(
+                "train.compile=true with --fsdp: FSDP2's per-block hooks break the compiled graph at every "
+                "T5Block (11 graphs for 7 batch shapes, dynamo's recompile limit hit in a transformers "
+                "wrapper); compile with --zero 2 or DDP, or keep train.compile=auto (eager) with --fsdp"
+            )
+        return self
+
+    def effective_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * self.launch.world_size
+
+
+def local_model_config(name: str) -> dict[str, Any]:
+    """A local model directory's config.json as a dict ({} for a hub id, tiny-t5 or no file)."""
+    try:
+        config = json.loads((Path(name).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def local_model_type(name: str) -> str | None:
+    return local_model_config(name).get("model_type")
+
+
+def is_t5_name(name: str) -> bool:
+    """T5-family models overflow in fp16 (families.is_t5_family), also tiny-t5."""
+    return name == EMBEDDED_MODEL or is_t5_family(local_model_type(name), name)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def default_recipe_path(method: str) -> Path:
+    return project_dir("recipes") / f"{method}.yaml"
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
+    if not path.is_file():
+        raise UserError(
+            f"recipe {path} does not exist; pass --recipe with a path to a YAML file (see recipes/)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def section_at(path: list[str]) -> type[BaseModel] | None:
+    """The schema class reached by walking ``path`` from Recipe (None where a part is no section)."""
+    model: type[BaseModel] = Recipe
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def is_text_field(path: list[str]) -> bool:
+    """True when the schema types this key as text, so ``--set`` keeps the value verbatim."""
+    section = section_at(path[:-1])
+    field = section.model_fields.get(path[-1]) if section else None
+    return field is not None and field.annotation in (str, str | None)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``train.lr=3e-4`` into a key path and a value typed by YAML (text keys stay text)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=3e-4")
+    path = key.strip().split(".")
+    if is_text_field(path):
+        return path, raw if raw != "null" else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.strip() != raw.strip():
+        value = raw
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set a dotted key in a nested dict; the schema later checks the key exists."""
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        parent = section_at(path[:depth])
+        is_value_key = (
+            parent is not None and part in parent.model_fields and section_at(path[: depth + 1]) is None
+        )
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict) or is_value_key:  # in the file, or a schema default
+            raise UserError(f"--set {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_recipe(
+    data: dict[str, Any], source: str, overridden: list[list[str]] = (), flagged: list[list[str]] = ()
+) -> Recipe:
+    """Validate raw data into a Recipe, turning pydantic's report into one line.
+
+    The line names ``--set`` when the bad key came from an override, "command line" when it
+    came from a flag (``flagged``), else ``source``.
+    """
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        loc = [str(part) for part in exc.errors()[0]["loc"]]
+        blamed = "command line" if loc in flagged else "--set" if loc in overridden else source
+        reason = describe_validation_error(exc)
+        raise UserError(
+            f"{blamed}: {reason}", key=".".join(loc) or None, source=blamed, reason=reason
+        ) from None
+
+
+def load_recipe_data(path: Path, overrides: list[str] = ()) -> tuple[dict[str, Any], list[list[str]]]:
+    """The recipe file with ``--set`` overrides applied, not yet validated (flags may still
+    change it: ``--model bart --set model.precision=fp16`` is valid only once both apply)."""
+    data = read_yaml_mapping(path)
+    overridden = []
+    for item in overrides:
+        key_path, value = parse_override(item)
+        apply_override(data, key_path, value)
+        overridden.append(key_path)
+    return data, overridden
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    data, overridden = load_recipe_data(path, overrides)
+    return build_recipe(data, f"recipe {path}", overridden)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line for the first problem: the key, the bad value, what is allowed."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "recipe"
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{did_you_mean(loc)}"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{key}={value!r} is not allowed; use one of {allowed}"
+    if kind == "value_error":
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"{key}={value!r}: {error['msg'].lower()}"
+
+
+def did_you_mean(loc: list[str]) -> str:
+    """Suggest the closest valid key at the same level of the schema."""
+    section = section_at(loc[:-1])
+    if section is None:
+        return ""
+    choices = list(section.model_fields)
+    close = difflib.get_close_matches(loc[-1], choices, n=1)
+    if close:
+        return f"; did you mean {'.'.join(loc[:-1] + [close[0]])}?"
+    return f"; valid keys here: {', '.join(choices)}"
+
+
+# ---------------------------------------------------------------- the schema describes itself
+
+
+class KeyInfo(NamedTuple):
+    key: str  # dotted: train.lr
+    type: str  # as written in the schema: int | None, Literal['linear', ...]
+    default: str  # YAML text of the default
+    description: str
+
+
+def type_name(annotation: Any) -> str:
+    """The annotation as a reader writes it (``int | None``, ``'a' | 'b'``), not ``typing.Optional[int]``."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(arg) if isinstance(arg, str) else str(arg) for arg in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " | ".join(type_name(arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if get_origin(annotation) is list:
+        return f"list[{type_name(get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def recipe_keys() -> list[KeyInfo]:
+    """Every recipe key in schema order with its type, default and description: the one source of
+    ``ftlaunch recipe keys``, README's key table and the flag help of ``ftlaunch full|lora``."""
+    keys = []
+    for section_name, section in Recipe.model_fields.items():
+        for name, field in section.annotation.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            text = json.dumps(default)  # JSON is YAML: what a recipe file would say
+            keys.append(
+                KeyInfo(f"{section_name}.{name}", type_name(field.annotation), text, field.description or "")
+            )
+    return keys
+
+
+def key_description(key: str) -> str:
+    """The schema's description of a dotted key (``launch.gpus``)."""
+    section, name = key.split(".")
+    return Recipe.model_fields[section].annotation.model_fields[name].description or ""
+
+
+def keys_markdown() -> str:
+    """README's key table (`ftlaunch recipe keys --markdown`)."""
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for info in recipe_keys():
+        cells = (f"`{info.key}`", f"`{info.type}`", f"`{info.default}`", info.description)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, sections in schema order."""
+    header = "# Fully resolved recipe of this run (written by ftlaunch; each rank reads it).\n"
+    body = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    return header + body
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    path = RunDir(run_dir).recipe_yaml
+    return build_recipe(read_yaml_mapping(path), f"recipe {path}")

@@ -1,0 +1,146 @@
+"""Experiment trackers (TensorBoard, MLflow, Weights & Biases, trackio) through Accelerate's tracker API.
+
+The loop logs through ``accelerator.log`` only; which trackers receive it is the recipe's
+``train.report_to``. Everything a tracker writes locally goes under ``RUN/trackers/``. A resumed
+run continues the same tracker run: the ids of the first start are kept in
+``RUN/trackers/ids.json`` (MLflow's run id, W&B's run id) and TensorBoard purges the steps logged
+after the checkpoint, as ``metrics.jsonl`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from launcher.core.errors import UserError
+from launcher.core.rundir import RunDir
+
+IDS_FILE = "ids.json"
+PROJECT_NAME = (
+    "ftlaunch"  # TensorBoard subfolder, MLflow experiment (MLFLOW_EXPERIMENT_NAME wins), W&B project
+)
+
+# tracker -> (module that must import, how to install it: tensorboard is a dependency, the others extras)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install 'ftlaunch[mlflow]'"),
+    "wandb": ("wandb", "pip install 'ftlaunch[wandb]'"),
+    "trackio": ("trackio", "pip install 'ftlaunch[trackio]'"),
+}
+
+
+def missing_tracker_packages(names: list[str]) -> list[str]:
+    """The trackers asked for whose package is not importable here."""
+    return [name for name in names if importlib.util.find_spec(TRACKER_PACKAGES[name][0]) is None]
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """Refuse, before any rank starts, a tracker whose package is missing (one line, the extra named)."""
+    missing = missing_tracker_packages(names)
+    if missing:
+        name = missing[0]
+        raise UserError(
+            f"train.report_to: {name} is asked for but not installed: {TRACKER_PACKAGES[name][1]} "
+            f"(or --report-to {','.join(n for n in names if n != name) or 'none'})"
+        )
+
+
+def trackers_dir(run_dir: Path) -> Path:
+    return RunDir(run_dir).trackers
+
+
+def flat_config(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """The resolved recipe as ``section.key: scalar`` (what every tracker accepts as a parameter)."""
+    flat: dict[str, Any] = {}
+    for section, values in recipe_dict.items():
+        for key, value in values.items():
+            if isinstance(value, bool | int | float | str):
+                flat[f"{section}.{key}"] = value
+            else:  # None, lists: text, so TensorBoard's hparams and MLflow's params take them
+                flat[f"{section}.{key}"] = json.dumps(value)
+    return flat
+
+
+def read_ids(run_dir: Path) -> dict[str, str]:
+    try:
+        ids = json.loads((trackers_dir(run_dir) / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def init_kwargs(names: list[str], run_dir: Path, ids: dict[str, str], resume_step: int) -> dict[str, dict]:
+    """Per-tracker start arguments: the same run again when resuming, local files under RUN/trackers."""
+    kwargs: dict[str, dict] = {}
+    if "tensorboard" in names:
+        # events from step resume_step + 1 on are dropped: the resumed run logs them again
+        kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+    if "mlflow" in names:
+        kwargs["mlflow"] = {"run_name": run_dir.name, "run_id": ids.get("mlflow") if resume_step else None}
+    if "wandb" in names:
+        run_id = ids.get("wandb") if resume_step and ids.get("wandb") else uuid.uuid4().hex[:12]
+        kwargs["wandb"] = {
+            "id": run_id,
+            "resume": "allow",
+            "name": run_dir.name,
+            "dir": str(trackers_dir(run_dir)),
+        }
+    if "trackio" in names:
+        kwargs["trackio"] = {"name": run_dir.name, "resume": "allow" if resume_step else "never"}
+    return kwargs
+
+
+def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int) -> None:
+    """Start the recipe's trackers on the main process, log the resolved recipe as the run's config,
+    and remember the tracker run ids for a later resume."""
+    names = list(recipe.train.report_to)
+    if not names:
+        return
+    folder = trackers_dir(run_dir)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        # MLflow: a tracking server the user points at, else a SQLite store inside the run.
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+    ids = read_ids(run_dir)
+    accelerator.init_trackers(
+        PROJECT_NAME,
+        config=flat_config(recipe.model_dump(mode="json")),
+        init_kwargs=init_kwargs(names, run_dir, ids, resume_step),
+    )
+    if accelerator.is_main_process:
+        kept = {}
+        if "mlflow" in names:
+            kept["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
+        if "wandb" in names:
+            kept["wandb"] = accelerator.get_tracker("wandb", unwrap=True).id
+        (folder / IDS_FILE).write_text(json.dumps(kept, indent=1) + "\n")
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row (not its step, not flags such as ``final``)."""
+    return {
+        key: value
+        for key, value in row.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def log_rouge(accelerator, run_dir: Path, step: int) -> None:
+    """The report's ROUGE (fine-tuned, and the original model's) as the tracker run's final metrics."""
+    try:
+        table = json.loads(RunDir(run_dir).report.rouge.read_text())
+    except (OSError, ValueError):
+        return
+    values = {
+        f"rouge/{model}/{metric}": float(score)
+        for model, scores in table.items()
+        if isinstance(scores, dict)
+        for metric, score in scores.items()
+        if metric.startswith("rouge") and isinstance(score, int | float)
+    }
+    if values:
+        accelerator.log(values, step=step)

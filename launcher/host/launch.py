@@ -1,0 +1,355 @@
+"""Everything between "the recipe is valid" and "the ranks are running", on the launching host:
+checks that must fail before a launch (data, model, GPUs, run directory, resume shape), the
+run directory's files, and the supervised run of ``command.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from launcher.core import checkpoint as ckpt
+from launcher.core.dialogues import dataset_dir, load_data_split
+from launcher.core.diskspace import check_free_space
+from launcher.core.errors import UserError
+from launcher.core.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
+from launcher.core.model_facts import model_facts
+from launcher.core.modelfiles import check_model_files
+from launcher.core.paths import is_local_reference
+from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
+from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir
+from launcher.core.trackers import check_trackers_installed
+from launcher.core.writable import check_writable_dir
+from launcher.host import runlock
+from launcher.host.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
+
+RUN_FILES = RENDERED_FILES
+
+
+# ---------------------------------------------------------------- checks before launch
+
+
+def check_data(recipe: Recipe) -> None:
+    """Read every split the run will use (local files only: the hub is read by the ranks)."""
+    if dataset_dir(recipe.data.dataset) is None:
+        return
+    load_data_split(recipe.data, recipe.data.train_split)
+    load_data_split(recipe.data, recipe.data.validation_split)
+    if recipe.eval.after_training:
+        load_data_split(recipe.data, recipe.eval.split)
+
+
+def check_eval_data(recipe: Recipe) -> None:
+    if dataset_dir(recipe.data.dataset) is not None:
+        load_data_split(recipe.data, recipe.eval.split, recipe.eval.limit)
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The directory behind a local model reference (None for tiny-t5 or a hub id)."""
+    if name == EMBEDDED_MODEL or not is_local_reference(name):
+        return None
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"--model {name}: no config.json there; pass a directory written by save_pretrained "
+            "(e.g. a run's final/ folder), a hub id, or tiny-t5"
+        )
+    check_model_files(path, "--model")
+    return path
+
+
+def check_model_reference(recipe: Recipe) -> None:
+    """A local path must be a model directory; LoRA targets must name modules of the model."""
+    name = recipe.model.name
+    if name != EMBEDDED_MODEL and not is_local_reference(name):
+        return  # hub ids are resolved by the ranks (offline: from the local cache)
+    model_dir = local_model_dir(name)
+    tokenizer = recipe.model.tokenizer
+    if tokenizer and tokenizer != EMBEDDED_MODEL and is_local_reference(tokenizer):
+        if not Path(tokenizer).expanduser().is_dir():
+            raise UserError(
+                f"model.tokenizer {tokenizer}: no such directory; pass a tokenizer folder or a hub id"
+            )
+        check_model_files(Path(tokenizer).expanduser(), "model.tokenizer")
+    if recipe.train.method == "lora":
+        check_lora_targets(recipe, model_dir)
+
+
+def model_module_names(config_dir: Path | None) -> ModuleNames:
+    """The module names LoRA targets can name: T5's from a list (tiny-t5, a local T5: no
+    transformers import), any other family's from a meta-device skeleton (no weights loaded)."""
+    if config_dir is None or model_facts(str(config_dir)).family == "t5":
+        return T5_MODULE_NAMES
+    return module_names(skeleton(config_dir))
+
+
+def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
+    """The ranks' rule (families.resolve_lora_targets), applied before the launch."""
+    resolve_lora_targets(model_module_names(config_dir), recipe.lora.target_modules, recipe.model.name)
+
+
+def hub_reference_problem(name: str, repo_type: str) -> str | None:
+    """Why a hub id cannot be loaded by the ranks (None when it is cached or reachable)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    marker = "config.json" if repo_type == "model" else "README.md"
+    if isinstance(try_to_load_from_cache(name, marker, repo_type=repo_type), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1 and it is not in the local cache"
+    try:
+        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+        info(name, timeout=10)
+    except RepositoryNotFoundError:
+        return "no such repository on the hub (or it is private: log in with `hf auth login`)"
+    except Exception as exc:  # noqa: BLE001 - any network failure means the ranks would fail too
+        return f"the hub cannot be reached ({type(exc).__name__}) and it is not in the local cache"
+    return None
+
+
+def check_hub_references(recipe: Recipe) -> None:
+    """Hub ids must be loadable before a launch costs an allocation (skipped for --dry-run)."""
+    if dataset_dir(recipe.data.dataset) is None:
+        problem = hub_reference_problem(recipe.data.dataset, "dataset")
+        if problem:
+            raise UserError(
+                f"dataset {recipe.data.dataset!r}: {problem}; download it where there is network and "
+                "pass --data DIR with train/validation/test.jsonl"
+            )
+    for what, name in (("model", recipe.model.name), ("tokenizer", recipe.model.tokenizer)):
+        if name and name != EMBEDDED_MODEL and not is_local_reference(name):
+            problem = hub_reference_problem(name, "model")
+            if problem:
+                raise UserError(
+                    f"{what} {name!r}: {problem}; download it where there is network "
+                    f"(hf download {name} --local-dir DIR) and pass --model DIR"
+                )
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpus(recipe: Recipe) -> None:
+    available = visible_gpus()
+    if recipe.launch.gpus <= available:
+        return
+    seen = (
+        f"only {available} are visible here; use --gpus {available}, "
+        if available
+        else "none is visible here; use "
+    )
+    raise UserError(
+        f"--gpus {recipe.launch.gpus} asks for {recipe.launch.gpus} GPUs per node but {seen}"
+        "--cpu to run the ranks as CPU processes, or --dry-run to only render the configs"
+    )
+
+
+def keep_effective_batch(
+    recipe: Recipe, run_dir: Path, resume: str | None, force: bool
+) -> tuple[Recipe, list[str]]:
+    """Resuming a checkpoint on another number of ranks (any strategy): the accumulation that keeps
+    the checkpoint's step (micro-batches per step over all ranks), said in one line; refused (one
+    line, before anything is written) when no whole accumulation keeps it."""
+    checkpoint = ckpt.resolve_resume(run_dir, resume, []) if resume and not force else None
+    if checkpoint is None:
+        return recipe, []
+    saved = ckpt.read_state(checkpoint)
+    world = recipe.launch.world_size
+    if saved.world_size == world or not saved.strategy:
+        return recipe, []  # same ranks, or a checkpoint too old to say its layout: check_compatible decides
+    per_step = ckpt.micro_batches_per_step(saved)
+    if per_step % world:
+        raise UserError(
+            f"checkpoint {checkpoint} was written by {saved.world_size} rank(s) x train.grad_accum "
+            f"{saved.grad_accum} ({per_step} micro-batches per optimizer step); {world} rank(s) cannot "
+            f"keep that with a whole accumulation: resume on a number of ranks that divides {per_step}, "
+            "or pass --force-resume to change the step"
+        )
+    accum = per_step // world
+    adjusted = recipe.model_copy(update={"train": recipe.train.model_copy(update={"grad_accum": accum})})
+    note = (
+        f"resuming a {saved.world_size}-rank checkpoint on {world} rank(s): train.grad_accum "
+        f"{recipe.train.grad_accum} -> {accum} keeps its {per_step} micro-batches per optimizer step"
+    )
+    return adjusted, [note] if accum != recipe.train.grad_accum else []
+
+
+def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> list[str]:
+    """The checkpoint a resume will load must be intact and of this run; returns lines to show
+    (damaged checkpoints ``auto`` skipped, or that it starts over)."""
+    notes: list[str] = []
+    checkpoint = ckpt.resolve_resume(run_dir, resume, notes)
+    if checkpoint is None:
+        return notes
+    current = ckpt.expected_state(recipe, recipe.launch.world_size)
+    saved = ckpt.read_state(checkpoint)
+    ckpt.check_compatible(saved, current, checkpoint, force)
+    if ckpt.needs_conversion(saved, current):
+        if recipe.train.optimizer != "adamw":
+            raise UserError(
+                f"checkpoint {checkpoint} was written under {saved.strategy} on {saved.world_size} rank(s): "
+                f"moving it to {current.strategy} on {current.world_size} rank(s) converts AdamW's state only, "
+                f"not train.optimizer={recipe.train.optimizer}'s; resume with the strategy and ranks it was "
+                "written with"
+            )
+        notes.append(ckpt.describe_conversion(checkpoint, saved, current))
+    return notes
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def holds_run(run_dir: Path) -> bool:
+    return RunDir(run_dir).has_recipe()
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory (checks only: nothing is deleted here).
+
+    The machine rank is not part of a run: every node of a multi-node run passes these checks
+    against the same directory with the same recipe.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file; pass a directory")
+    if overwrite and resume:
+        raise UserError("--overwrite starts the run again and --resume continues it; pass only one of them")
+    if overwrite:
+        return
+    if not holds_run(run_dir):
+        if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
+            raise UserError(
+                f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
+                "or pass --overwrite"
+            )
+        return
+    same = RunDir(run_dir).recipe_yaml.read_text() == dump_recipe(recipe)
+    if not same and not resume:
+        raise UserError(
+            f"--output {run_dir} already holds a different run; pass --resume auto to continue it, "
+            "--overwrite to replace it, or pick a new directory"
+        )
+    if same and not resume and ckpt.has_checkpoints(run_dir):
+        raise UserError(
+            f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
+            "continue it or --overwrite to start again"
+        )
+
+
+def write_run_files(recipe: Recipe, run_dir: Path, entry: RankEntry) -> None:
+    render_run(recipe, run_dir, entry).write(run_dir)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove the old run's outputs but keep its run files, which are then replaced
+    in one rename each, so another node reading them never finds them missing."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name in RUN_FILES or entry.name == LOCK_FILE:  # the lock this process holds
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def run_command(run_dir: Path, machine_rank: int | None = None) -> int:
+    """Run command.sh as a supervised child (this node's machine rank in its environment): per-rank
+    logs, signals forwarded to the ranks, a summary on failure; returns ftlaunch's exit code."""
+    from launcher.host.supervise import node_rank, supervise
+
+    if node_rank(machine_rank) == 0:
+        runlock.hold(run_dir)  # a no-op where prepare_launch took it; `ftlaunch supervise` takes it here
+    return supervise(run_dir, machine_rank)
+
+
+def resolve_machine_rank(recipe: Recipe, flag: int | None, env: dict[str, str], dry_run: bool) -> int | None:
+    """This node's machine rank: --machine-rank, else FTLAUNCH_MACHINE_RANK, else SLURM_NODEID.
+
+    A multi-node launch without any of them is refused: assuming 0 on every node makes two
+    "main" nodes whose rendezvous waits forever.
+    """
+    nodes = recipe.launch.nodes
+    if flag is not None:
+        source, raw = "--machine-rank", str(flag)
+    elif env.get(MACHINE_RANK_ENV, "") != "":
+        source, raw = MACHINE_RANK_ENV, env[MACHINE_RANK_ENV]
+    elif env.get("SLURM_NODEID", "") != "":
+        source, raw = "SLURM_NODEID", env["SLURM_NODEID"]
+    else:
+        if nodes > 1 and not dry_run:
+            raise UserError(
+                f"--nodes {nodes}: this node's machine rank is unknown; pass --machine-rank R "
+                f"(0 on the node at --main-address, 1..{nodes - 1} on the others), set "
+                f"{MACHINE_RANK_ENV}=R, or run under SLURM"
+            )
+        return None
+    if not raw.isdigit() or int(raw) >= nodes:
+        raise UserError(f"{source}={raw} is not a machine rank of a {nodes}-node run; use 0..{nodes - 1}")
+    return int(raw)
+
+
+def prepare_launch(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    force_resume: bool,
+    dry_run: bool,
+    argv: list[str],
+    machine_rank: int | None = None,
+) -> list[str]:
+    """Every check first, then (only then) touch the run directory and write its files.
+
+    On a multi-node run every node may call this on the same (shared) directory: only machine
+    rank 0 clears it for --overwrite; the others write the same files (atomically).
+    Only node 0 holds the run directory's lock (runlock.py): the others join its run. A dry run
+    takes no lock but is refused on a held directory, as it would rewrite the run's files.
+    Returns lines for the user (checkpoints a resume skipped).
+    """
+    if not machine_rank:
+        runlock.check_free(run_dir)  # first: the line names the holder, whatever else is wrong
+    notes = check_launch(
+        recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume, dry_run=dry_run
+    )
+    if not dry_run and not machine_rank:
+        runlock.hold(run_dir)  # until ftlaunch exits: checked above, taken before anything is written
+    if overwrite and not machine_rank:
+        clear_run_dir(run_dir)
+    write_run_files(recipe, run_dir, RankEntry(argv, resume=resume, force_resume=force_resume))
+    return notes
+
+
+def check_launch(
+    recipe: Recipe, run_dir: Path, *, resume: str | None, overwrite: bool, force_resume: bool, dry_run: bool
+) -> list[str]:
+    """Every check of ``prepare_launch``, writing nothing (a sweep checks all its points first)."""
+    validate_before_launch(recipe)
+    if not dry_run:
+        require_multinode_address(recipe, dict(os.environ))
+        if not recipe.launch.cpu:
+            check_gpus(recipe)
+        check_hub_references(recipe)
+        check_trackers_installed(recipe.train.report_to)
+    check_run_dir(run_dir, recipe, resume, overwrite)
+    check_writable_dir(run_dir, "--output")
+    notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
+    if not dry_run:
+        check_free_space(recipe, run_dir)  # an --overwrite frees what it replaces: the same count holds
+    return notes
+
+
+def validate_before_launch(recipe: Recipe) -> None:
+    if recipe.model.adapter:
+        raise UserError(
+            f"model.adapter: {recipe.model.adapter!r} is read by `ftlaunch eval` only; a fine-tune starts from "
+            "model.name (merge an adapter first with `ftlaunch export RUN --merge` to train on top of it)"
+        )
+    check_data(recipe)
+    check_model_reference(recipe)

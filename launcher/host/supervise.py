@@ -1,0 +1,457 @@
+"""``ftlaunch``'s part of a running job: ``command.sh`` as a child it watches, not a process it becomes.
+
+* the launcher's own output (``accelerate launch``/torchrun: banners, its tracebacks) goes to
+  ``RUN/logs/launcher.log`` (``launcher-node<N>.log`` on several nodes); what the ranks write to
+  their console (ranklog.console_print) passes through to the user's screen, byte for byte;
+* Ctrl-C, SIGTERM and SIGUSR1 are passed on to the rank processes themselves, which checkpoint at
+  the next optimizer step and exit 3 (torchrun, told instead, would kill them after 30 s); in the
+  final evaluation, and in ``ftlaunch eval``/``summarize``, they stop at once (nothing to checkpoint);
+* when the job fails, a summary a person can act on replaces the launcher's traceback: which rank
+  (and node) failed first, the last line of its error, its log, and the exit code:
+  0 done, 1 crashed, 2 bad input, 3 interrupted; the advice fits the command and phase (Job): only
+  a training run resumes with ``--resume auto``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.core.errors import DIVERGED, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
+from launcher.core.ranklog import (
+    CONSOLE_TTY_ENV,
+    RESTART_CAUSE_ENV,
+    RESTART_ENV,
+    SUPERVISED_ENV,
+    Failure,
+    logs_dir,
+    rank_log_path,
+    read_failures,
+)
+from launcher.core.recipe import Recipe, read_run_recipe
+from launcher.core.rundir import RunDir
+from launcher.host import runlock
+from launcher.host.render import MACHINE_RANK_ENV
+
+# torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
+TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+# ---------------------------------------------------------------- where this launcher runs
+
+
+def node_rank(machine_rank: int | None) -> int:
+    """This node's rank, as command.sh will take it (given, else FTLAUNCH_MACHINE_RANK or SLURM_NODEID)."""
+    if machine_rank is not None:
+        return machine_rank
+    raw = os.environ.get(MACHINE_RANK_ENV) or os.environ.get("SLURM_NODEID") or "0"
+    return int(raw) if raw.isdigit() else 0
+
+
+def launcher_log_path(run_dir: Path, recipe: Recipe, node: int) -> Path:
+    return RunDir(run_dir).launcher_log(node, recipe.launch.nodes)
+
+
+def child_env(recipe: Recipe, console_is_tty: bool, machine_rank: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env[SUPERVISED_ENV] = "1"
+    if machine_rank is not None:
+        env[MACHINE_RANK_ENV] = str(machine_rank)  # command.sh takes this node's rank from it
+    env[CONSOLE_TTY_ENV] = "1" if console_is_tty else "0"
+    if recipe.launch.cpu:
+        # DeepSpeed would warn "Setting accelerator to CPU" in every process after failing to find one.
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+# ---------------------------------------------------------------- output
+
+
+class LogFile:
+    """The launcher log, written from two reader threads; a full disk must not stop the job."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.open("ab")
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            try:
+                self.handle.write(data)
+                self.handle.flush()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.handle.close()
+        except OSError:
+            pass
+
+
+def write_console(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class Pump(threading.Thread):
+    """Copy one output pipe of the child into the log (and the console); keep its last lines."""
+
+    def __init__(self, pipe, log: LogFile, to_console: bool, keep: int = 200) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.log, self.to_console = pipe, log, to_console
+        self.tail: collections.deque[bytes] = collections.deque(maxlen=keep)
+        self.partial = b""
+
+    def run(self) -> None:
+        fd = self.pipe.fileno()
+        while chunk := os.read(fd, 65536):
+            self.log.write(chunk)
+            if self.to_console:
+                write_console(chunk)
+            lines = (self.partial + chunk).split(b"\n")
+            self.partial = lines.pop()
+            self.tail.extend(lines)
+        if self.partial:
+            self.tail.append(self.partial)
+
+
+# ---------------------------------------------------------------- what the job is doing
+
+
+@dataclass(frozen=True)
+class Job:
+    """What command.sh runs (``train``, ``eval`` or ``summarize``) and where: the failure summary's
+    advice and the signal notice depend on it (only training checkpoints and resumes)."""
+
+    run_dir: Path
+    kind: str
+    started: float
+    evaluate: str = ""  # the `ftlaunch eval` command that evaluates this run's final/ as the run would
+
+    @classmethod
+    def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
+        try:
+            command = RunDir(run_dir).command_sh.read_text()
+        except OSError:
+            command = ""
+        kind = "train"
+        for module, name in (("launcher.rank.evaluation", "eval"), ("launcher.host.summarize", "summarize")):
+            if f"-m {module} " in command:
+                kind = name
+        final = RunDir(run_dir).final
+        lora = recipe.train.method == "lora"
+        model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
+        where = f"{' --cpu' if recipe.launch.cpu else ''} --gpus {recipe.launch.gpus}"
+        limit = f" --limit {recipe.eval.limit}" if recipe.eval.limit is not None else ""
+        evaluate = (
+            f"ftlaunch eval {model} --data {recipe.data.dataset} --split {recipe.eval.split}{limit}{where} "
+            f"--output {RunDir(run_dir).eval_finetuned.path}"
+        )
+        return cls(run_dir, kind, started, evaluate)
+
+    def training_finished(self) -> bool:
+        """Training has saved final/ in this launch: what runs now is the final evaluation
+        (train.finish saves final/ with one rename, just before generating)."""
+        try:
+            return self.kind == "train" and RunDir(self.run_dir).final.stat().st_mtime >= self.started
+        except OSError:
+            return False
+
+    def signal_notice(self, name: str) -> str:
+        """What the ranks do on a forwarded stop signal, now."""
+        if self.kind == "train" and not self.training_finished():
+            return (
+                f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
+                "stop (Ctrl-C again to stop at once)"
+            )
+        if self.kind == "train":
+            return (
+                f"ftlaunch: got {name} during the final evaluation: the ranks stop now; the trained "
+                f"model is saved in {RunDir(self.run_dir).final}"
+            )
+        return f"ftlaunch: got {name}: the ranks stop now (ftlaunch {self.kind} keeps no partial results)"
+
+    def advice(self, code: int) -> str:
+        """The exit-code line: what to do next, for this command and phase."""
+        if self.kind != "train":
+            meaning = {
+                EXIT_CRASHED: f"crashed: fix the cause, then run the same `ftlaunch {self.kind}` again",
+                EXIT_INTERRUPTED: f"interrupted: run the same `ftlaunch {self.kind}` again",
+            }[code]
+        elif self.training_finished():
+            action = "crashed" if code == EXIT_CRASHED else "interrupted"
+            meaning = (
+                f"{action} in the final evaluation; training is done and saved in {RunDir(self.run_dir).final}: "
+                f"evaluate it with `{self.evaluate}`, then `ftlaunch report {self.run_dir}`"
+            )
+        else:
+            meaning = {
+                EXIT_CRASHED: "crashed: fix the cause, then continue with --resume auto",
+                EXIT_INTERRUPTED: "interrupted: continue with --resume auto",
+            }[code]
+        return f"exit code {code} ({meaning}); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted"
+
+
+# ---------------------------------------------------------------- signals
+
+
+def child_processes(pid: int) -> list[int]:
+    """Direct children of a process (the ranks, for the launcher process), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+class SignalForwarder:
+    """Pass Ctrl-C/SIGTERM/SIGUSR1 to the rank processes; a second Ctrl-C stops them at once."""
+
+    def __init__(self, child: subprocess.Popen, job: Job) -> None:
+        self.child = child
+        self.job = job
+        self.received: list[int] = []
+        self.ranks: set[int] = set()
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in FORWARDED}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received.append(signum)
+        if self.child.poll() is None:
+            self.ranks.update(child_processes(self.child.pid))
+        name = signal.Signals(signum).name
+        if not self.ranks:
+            write_console(f"ftlaunch: got {name} before the ranks started: stopping the launch\n".encode())
+            self._kill_group(signal.SIGTERM)
+            return
+        if signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1:
+            write_console(b"ftlaunch: second Ctrl-C: stopping the ranks at once\n")
+        else:
+            write_console((self.job.signal_notice(name) + "\n").encode())
+        for pid in self.ranks:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------- the outcome
+
+
+@dataclass
+class Outcome:
+    code: int
+    lines: list[str]
+    restart_cause: str | None = None  # set when a training rank crashed (not bad input, a stop, a divergence)
+
+
+def torchrun_failure(stderr_tail: list[bytes]) -> tuple[int, int] | None:
+    """(local rank, exit code) of the first failed worker torchrun reported on this node."""
+    for line in stderr_tail:
+        match = TORCHRUN_FAILURE.search(line)
+        if match:
+            return int(match.group(2)), int(match.group(1))
+    return None
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code} without a Python error (see its log)"
+
+
+def first_failure(
+    run_dir: Path, recipe: Recipe, node: int, failures: list[Failure], torchrun: tuple[int, int] | None
+) -> Failure | None:
+    """The rank that failed first: the earliest record, unless torchrun saw a rank die without one
+    (a signal leaves no record, and its peers' errors only follow from it)."""
+    if torchrun is not None:
+        local_rank, code = torchrun
+        rank = node * recipe.launch.gpus + local_rank
+        recorded = [failure for failure in failures if failure.rank == rank]
+        if not recorded and (code < 0 or not failures):
+            return Failure(
+                rank=rank,
+                local_rank=local_rank,
+                node=node,
+                host=os.uname().nodename,
+                pid=0,
+                time=0.0,
+                exit_code=code,
+                error=describe_exit(code),
+                log=str(rank_log_path(run_dir, rank)),
+            )
+    return failures[0] if failures else None
+
+
+def interrupted_step(run_dir: Path, since: float) -> str | None:
+    return RunDir(run_dir).interrupted_checkpoint(since)
+
+
+def decide(
+    run_dir: Path,
+    recipe: Recipe,
+    node: int,
+    rc: int,
+    started: float,
+    signals: list[int],
+    stderr_tail: list[bytes],
+    launcher_log: Path,
+) -> Outcome:
+    """Turn the child's exit status, the ranks' records and the INTERRUPTED marker into an exit code."""
+    if rc == 0:
+        return Outcome(0, [])
+    job = Job.of(run_dir, started, recipe)
+    step = interrupted_step(run_dir, started)
+    if step:
+        return Outcome(
+            EXIT_INTERRUPTED, [f"interrupted: checkpoint {step} written; {job.advice(EXIT_INTERRUPTED)}"]
+        )
+    failures = read_failures(run_dir, since=started - 1.0)
+    first = first_failure(run_dir, recipe, node, failures, torchrun_failure(stderr_tail))
+    if first is not None and first.exit_code == EXIT_USAGE:
+        return Outcome(EXIT_USAGE, [f"error: {first.error}"])
+    if signals and (job.kind != "train" or job.training_finished()):
+        return Outcome(EXIT_INTERRUPTED, [job.advice(EXIT_INTERRUPTED)])
+    if signals:
+        return Outcome(
+            EXIT_INTERRUPTED,
+            [
+                f"interrupted before a new checkpoint was written; "
+                f"{job.advice(EXIT_INTERRUPTED)} (from the newest checkpoint, if any)"
+            ],
+        )
+    if first is None:
+        last = next(
+            (line.decode(errors="replace").strip() for line in reversed(stderr_tail) if line.strip()),
+            "no output",
+        )
+        return Outcome(
+            EXIT_CRASHED,
+            [
+                f"error: the launcher failed (exit {rc}) before any rank reported an error: {last}",
+                f"  log: {launcher_log}",
+                f"  {job.advice(EXIT_CRASHED)}",
+            ],
+        )
+    if first.error.startswith(DIVERGED):  # every rank stopped at the same step: no rank "failed first"
+        return Outcome(
+            EXIT_CRASHED,
+            [
+                f"error: {first.error}",
+                f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
+                f"  exit code {EXIT_CRASHED} (diverged: resuming with the same settings diverges again; "
+                "change them first); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted",
+            ],
+        )
+    cause = f"rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}"
+    return Outcome(
+        EXIT_CRASHED,
+        [
+            f"error: {cause}",
+            f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(run_dir)}/)",
+            f"  {job.advice(EXIT_CRASHED)}",
+        ],
+        restart_cause=cause if job.kind == "train" else None,
+    )
+
+
+# ---------------------------------------------------------------- the job
+
+
+def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
+    """Run RUN/command.sh to its end and return ftlaunch's exit code (printing the summary).
+
+    A training run whose rank crashed is started again, up to ``launch.max_restarts`` times,
+    from its newest intact checkpoint (the ranks resume ``auto``); each restart is announced with
+    its cause, and the ranks log it in metrics.jsonl."""
+    recipe = read_run_recipe(run_dir)
+    node = node_rank(machine_rank)
+    env = child_env(recipe, sys.stdout.isatty(), machine_rank)
+    restarts = 0
+    while True:
+        outcome = run_once(run_dir, recipe, node, env)
+        if outcome.restart_cause is None or restarts >= recipe.launch.max_restarts:
+            break
+        restarts += 1
+        cause = outcome.restart_cause
+        print(
+            f"ftlaunch: restart {restarts} of {recipe.launch.max_restarts} (launch.max_restarts): {cause}; "
+            "continuing from the newest intact checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        env.update({RESTART_ENV: str(restarts), RESTART_CAUSE_ENV: cause})
+    for line in outcome.lines:
+        print(line, file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def run_once(run_dir: Path, recipe: Recipe, node: int, env: dict[str, str]) -> Outcome:
+    """One start of RUN/command.sh, watched to its end: its outcome (the summary is not printed)."""
+    launcher_log = launcher_log_path(run_dir, recipe, node)
+    if node == 0:
+        RunDir(run_dir).clear_interrupted()  # a crash now must not look like a preemption
+    log = LogFile(launcher_log)
+    started = time.time()
+    sys.stdout.flush()
+    child = subprocess.Popen(
+        ["bash", str(RunDir(run_dir).command_sh)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+        pass_fds=runlock.held_fds(run_dir),  # the run holds its directory as long as any of it lives
+    )
+    pumps = [Pump(child.stdout, log, to_console=True), Pump(child.stderr, log, to_console=False)]
+    for pump in pumps:
+        pump.start()
+    forwarder = SignalForwarder(child, Job.of(run_dir, started, recipe))
+    forwarder.install()
+    try:
+        rc = child.wait()
+        for pump in pumps:  # until every rank has closed the pipes too (a rank may outlive the launcher)
+            pump.join()
+    finally:
+        forwarder.uninstall()
+        log.close()
+    return decide(run_dir, recipe, node, rc, started, forwarder.received, list(pumps[1].tail), launcher_log)

@@ -1,0 +1,115 @@
+"""Evaluations during training, the best step and early stopping (``train.best_metric``).
+
+Every ``train.eval_every`` steps the loop measures the validation loss, every
+``eval.rouge_every`` steps ROUGE on the validation split (generated on all ranks with the
+evaluation's own distributed generation). When the recipe names a best metric, each evaluation
+of it is compared with the best so far: a better one is saved as a checkpoint that pruning
+keeps; ``train.early_stopping_patience`` evaluations without one end training early. At the end
+the best checkpoint's weights are loaded back (``accelerator.load_state``, any strategy), so
+``final/``, the final evaluation and the report are the best step's model.
+
+The record (best step, value, evaluations since) lives in ``TrainState``: a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.core import checkpoint as ckpt
+from launcher.core.recipe import Recipe
+from launcher.core.rundir import RunDir
+from launcher.rank.distributed import print_main
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def metric_key(best_metric: str) -> str:
+    """The metrics.jsonl key a best metric is logged under (validation ROUGE: ``val_rougeLsum``)."""
+    return best_metric if best_metric == "val_loss" else f"val_{best_metric}"
+
+
+def due(step: int, every: int | None, last_step: int, best_metric_here: bool) -> bool:
+    """Every ``every`` steps; also at the last step when the best metric is measured this way,
+    so the final weights compete with the earlier ones."""
+    if not every:
+        return False
+    return step % every == 0 or (best_metric_here and step == last_step)
+
+
+def improves(value: float, best: float | None, best_metric: str, delta: float) -> bool:
+    """ROUGE: higher is better; val_loss: lower. ``delta``: the margin that counts as better."""
+    if best is None:
+        return True
+    return value < best - delta if best_metric == "val_loss" else value > best + delta
+
+
+def record(state: ckpt.TrainState, recipe: Recipe, value: float) -> bool:
+    """Update the best-so-far record with this evaluation; True when it is the new best."""
+    train = recipe.train
+    if improves(value, state.best_value, train.best_metric, train.early_stopping_delta):
+        state.best_step, state.best_value = state.step, value
+        state.evaluations_without_improvement = 0
+        return True
+    state.evaluations_without_improvement += 1
+    return False
+
+
+def early_stop_reason(state: ckpt.TrainState, recipe: Recipe) -> str | None:
+    """Why training stops now (patience used up), or None."""
+    train = recipe.train
+    patience = train.early_stopping_patience
+    if not patience or state.evaluations_without_improvement < patience:
+        return None
+    margin = f" by more than {train.early_stopping_delta:g}" if train.early_stopping_delta else ""
+    return (
+        f"early stopping at step {state.step}: {metric_key(train.best_metric)} did not improve{margin} "
+        f"in {patience} evaluation(s) since step {state.best_step} ({state.best_value:.4f})"
+    )
+
+
+def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Path, step: int) -> dict:
+    """ROUGE of the model as it is now on the validation split (its first ``eval.rouge_limit``
+    dialogues), generated on every rank in lockstep like the final evaluation; the scores (fractions)
+    on every rank, so every rank takes the same best/early-stop decision. Predictions are kept in
+    ``eval/step_N/``."""
+    from accelerate.utils import broadcast_object_list
+
+    from launcher.rank.distributed import shards_weights
+    from launcher.rank.evaluation import evaluate_model
+
+    settings = recipe.eval.model_copy(
+        update={"split": recipe.data.validation_split, "limit": recipe.eval.rouge_limit}
+    )
+    during = recipe.model_copy(update={"eval": settings})
+    label = f"{recipe.model.name} (step {step})"
+    out_dir = RunDir(run_dir).eval_step(step).path
+    scores = evaluate_model(
+        accelerator, model, tokenizer, during, out_dir, label, shards_weights(accelerator)
+    )
+    model.train()  # generation put it in eval mode
+    shared = broadcast_object_list([scores]) if accelerator.num_processes > 1 else [scores]
+    return {f"val_{key}": shared[0][key] for key in ROUGE_KEYS}
+
+
+def restore_best(run) -> dict | None:
+    """Load the best step's checkpoint into the model (all ranks) when it is not the last step;
+    returns the metrics.jsonl marker that says which step final/ holds."""
+    state, train = run.state, run.recipe.train
+    if not train.best_metric or state.best_step is None:
+        return None
+    marker = {
+        "step": state.step,
+        "best_step": state.best_step,
+        "best_metric": metric_key(train.best_metric),
+        "best_value": state.best_value,
+    }
+    if state.best_step != state.step:
+        best = RunDir(run.run_dir).checkpoint(state.best_step)
+        run.accelerator.load_state(str(best))
+        run.model.train()
+    print_main(
+        run.accelerator,
+        f"final/ holds the best step {state.best_step} of {state.step} "
+        f"({metric_key(train.best_metric)} {state.best_value:.4f})",
+    )
+    return marker

@@ -1,0 +1,159 @@
+"""The model card ``final/README.md`` in the Hugging Face format, so ``final/`` uploads as it is.
+
+Written after the report, from the files the run left (recipe.yaml, report/rouge.json,
+metrics.jsonl, final/ftlaunch.json): its ROUGE values are report/rouge.json's, never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.core.history import history_lines, strategy_label
+from launcher.core.jsonl import read_jsonl
+from launcher.core.model_settings import read_inference_settings
+from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
+from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
+from launcher.results.report import percent
+
+METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def hub_reference(name: str) -> str | None:
+    """A name the Hub can resolve (local folders and embedded assets are not)."""
+    if name in (EMBEDDED_MODEL, EMBEDDED_DATA) or name.startswith((".", "/", "~")) or Path(name).exists():
+        return None
+    return name
+
+
+def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
+    finetuned = scores.get(FINETUNED, {})
+    metadata: dict[str, Any] = {
+        "library_name": library,
+        "pipeline_tag": "summarization",
+        "tags": ["summarization", "dialogue-summarization", "ftlaunch", recipe.train.method],
+    }
+    base = hub_reference(recipe.model.name)
+    dataset = hub_reference(recipe.data.dataset)
+    if base:
+        metadata["base_model"] = base
+    if dataset:
+        metadata["datasets"] = [dataset]
+    if finetuned:
+        metadata["model-index"] = [
+            {
+                "name": f"{Path(recipe.model.name).name}-{recipe.train.method}-dialogsum",
+                "results": [
+                    {
+                        "task": {"type": "summarization", "name": "Summarization"},
+                        "dataset": {
+                            "type": recipe.data.dataset,
+                            "name": recipe.data.dataset,
+                            "split": recipe.eval.split,
+                        },
+                        "metrics": [
+                            {"type": metric, "value": finetuned[metric], "name": metric} for metric in METRICS
+                        ],
+                    }
+                ],
+            }
+        ]
+    return metadata
+
+
+def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
+    run = RunDir(run_dir)
+    metrics = read_jsonl(run.metrics)
+    steps = max((row.get("step", 0) for row in metrics), default=0)
+    wall = run.final.stat().st_mtime - run.recipe_yaml.stat().st_mtime
+    facts = [
+        ("method", "LoRA" if recipe.train.method == "lora" else "full fine-tuning"),
+        ("base model", f"`{recipe.model.name}`"),
+        ("dataset", f"`{recipe.data.dataset}`"),
+        ("world size", f"{recipe.launch.world_size} ({recipe.launch.nodes} node(s) x {recipe.launch.gpus})"),
+        ("strategy", strategy_label(recipe)),
+        ("precision", recipe.model.precision),
+        ("optimizer steps", str(steps)),
+        ("effective batch", effective_batch(recipe)),
+        ("learning rate", f"{recipe.train.lr:g} ({recipe.train.scheduler})"),
+        ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
+    ]
+    # a resumed or restarted run: each segment's world size and strategy (history.py)
+    return facts + [(f"segment {number}", line) for number, line in enumerate(history_lines(metrics), 1)]
+
+
+def rouge_rows(scores: dict) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name in (ORIGINAL, FINETUNED):
+        if name in scores:
+            lines.append(f"| {name} | " + " | ".join(percent(scores[name][m]) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def generate_arguments(settings: dict) -> str:
+    """The run's generation settings as ``generate()`` keyword arguments."""
+    return ", ".join(f"{key}={value!r}" for key, value in shown_generation_settings(settings).items())
+
+
+def usage_snippet(settings: dict, library: str) -> str:
+    prompt = json.dumps(settings["prompt"])
+    if library == "peft":
+        load = (
+            "from peft import AutoPeftModelForSeq2SeqLM\nfrom transformers import AutoTokenizer\n\n"
+            'model = AutoPeftModelForSeq2SeqLM.from_pretrained("PATH_OR_REPO")  # loads the base model too\n'
+        )
+    else:
+        load = (
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"
+            'model = AutoModelForSeq2SeqLM.from_pretrained("PATH_OR_REPO")\n'
+        )
+    return (
+        "```python\n" + load + 'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")\n'
+        f"prompt = {prompt}  # the training prompt\n"
+        'inputs = tokenizer(prompt.replace("{dialogue}", dialogue), truncation=True, '
+        f'max_length={settings["max_source_length"]}, return_tensors="pt")\n'
+        f"output = model.generate(**inputs, {generate_arguments(settings)})\n"
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```\n\n"
+        "Or with ftlaunch (same prompt, truncation and generation as the run's evaluation):\n\n"
+        "```bash\nftlaunch summarize PATH --input dialogues.jsonl --output summaries.jsonl\n```\n"
+    )
+
+
+def render_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> str:
+    run = RunDir(run_dir)
+    recipe = read_run_recipe(run_dir)
+    model_dir = model_dir or run.final
+    rouge = run.report.rouge
+    scores = json.loads(rouge.read_text()) if rouge.is_file() else {}
+    settings = read_inference_settings(model_dir) or read_inference_settings(run.final)
+    library = library or ("peft" if (model_dir / "adapter_config.json").is_file() else "transformers")
+    front = yaml.safe_dump(card_metadata(recipe, scores, library), sort_keys=False, allow_unicode=True)
+    facts = "\n".join(f"| {key} | {value} |" for key, value in training_facts(run_dir, recipe))
+    split = recipe.eval.split
+    return (
+        f"---\n{front}---\n\n"
+        f"# {Path(recipe.model.name).name} fine-tuned for dialogue summarization ({recipe.train.method})\n\n"
+        f"Trained with `ftlaunch {recipe.train.method}`; the full recipe is the run's `{RunDir(run_dir).recipe_yaml.name}`.\n\n"
+        f"## Training\n\n| | |\n|---|---|\n{facts}\n\n"
+        f"## ROUGE on `{recipe.data.dataset}` [{split}] (F-measure, %)\n\n{rouge_rows(scores)}\n\n"
+        f"{scores.get(FINETUNED, {}).get('description', '')}\n\n"
+        f"## Usage\n\n{usage_snippet(settings, library)}"
+    )
+
+
+def write_model_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> Path:
+    path = (model_dir or RunDir(run_dir).final) / "README.md"
+    path.write_text(render_card(run_dir, model_dir, library))
+    return path
+
+
+def effective_batch(recipe) -> str:
+    """Examples per optimizer step, or with a token budget the padded tokens a step holds at most."""
+    train = recipe.train
+    if not train.micro_batch_tokens:
+        return str(recipe.effective_batch_size())
+    tokens = train.micro_batch_tokens * train.grad_accum * recipe.launch.world_size
+    return f"up to {tokens:,} padded tokens (token budget {train.micro_batch_tokens:,} per micro-batch)"

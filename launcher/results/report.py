@@ -1,0 +1,334 @@
+"""Reports people read: a run's original-vs-fine-tuned ROUGE table with examples and plots, and
+a side-by-side table of several runs (``ftlaunch report``).
+
+A run's evaluations live in ``RUN/eval/{original,finetuned}/`` (each as ``ftlaunch eval``
+writes it: predictions.jsonl + rouge.json); the report goes to ``RUN/report/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from launcher.core.errors import UserError
+from launcher.core.jsonl import read_jsonl
+from launcher.core.metrics import read_metrics
+from launcher.core.recipe import shown_generation_settings
+from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir
+from launcher.core.writable import check_writable_dir
+from launcher.results.rouge import ROUGE_TYPES
+
+MODEL_ORDER = (ORIGINAL, FINETUNED)
+
+
+def read_eval_dir(path: Path) -> dict[str, Any]:
+    """rouge.json + predictions of one evaluation folder."""
+    result = ResultDir(path)
+    rouge_file = result.rouge
+    if not rouge_file.is_file():
+        raise UserError(
+            f"{path} has no {rouge_file.name}; pass a run directory or an `ftlaunch eval` output directory"
+        )
+    try:
+        scores = json.loads(rouge_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{rouge_file} is not valid JSON ({exc.msg})") from None
+    predictions_file = result.predictions
+    predictions = []
+    if predictions_file.is_file():
+        predictions = read_jsonl(predictions_file)
+    return {"scores": scores, "predictions": predictions, "path": path}
+
+
+def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The evaluations of a run (original/finetuned), or of a bare eval folder."""
+    run = RunDir(run_dir)
+    if run.results.has_rouge():
+        return {run_dir.name: read_eval_dir(run_dir)}
+    found = {
+        name: read_eval_dir(run.eval_result(name).path)
+        for name in MODEL_ORDER
+        if run.eval_result(name).has_rouge()
+    }
+    if not found:
+        raise UserError(
+            f"{run_dir} has no evaluations (eval/*/rouge.json); run `ftlaunch eval` or a training run first"
+        )
+    return found
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def rouge_table(rows: list[tuple[str, dict]], baseline: dict | None = None) -> str:
+    """Markdown table in percent; with a baseline, absolute gains in percentage points."""
+    header = "| model | " + " | ".join(ROUGE_TYPES) + " | n |"
+    lines = [header, "|" + " --- |" * (len(ROUGE_TYPES) + 2)]
+    for label, scores in rows:
+        cells = [percent(scores[key]) for key in ROUGE_TYPES]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {scores.get('n', '')} |")
+    if baseline is not None and len(rows) > 1:
+        for label, scores in rows[1:]:
+            gains = [f"{100 * (scores[key] - baseline[key]):+.2f} pp" for key in ROUGE_TYPES]
+            lines.append(f"| {label} vs {rows[0][0]} | " + " | ".join(gains) + " | |")
+    return "\n".join(lines)
+
+
+def one_line(text: str) -> str:
+    """Text on one Markdown line: newlines and Unicode line/paragraph separators become spaces."""
+    return " ".join(text.split())
+
+
+def excerpt(text: str, limit: int = 400) -> str:
+    text = one_line(text)
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def qualitative_examples(evals: dict[str, dict], rows: list[dict], count: int) -> str:
+    """A few examples: dialogue excerpt, human summary, each model's summary."""
+    blocks = []
+    for index in range(min(count, len(rows))):
+        row = rows[index]
+        lines = [
+            f"### Example {index + 1}: {row['id']}",
+            "",
+            f"**Dialogue** (excerpt): {excerpt(row['dialogue'])}",
+            "",
+            f"**Human summary:** {one_line(row['references'][0])}",
+            "",
+        ]
+        for name, data in evals.items():
+            if index < len(data["predictions"]):
+                lines.append(f"**{name}:** {one_line(data['predictions'][index]['prediction']) or '(empty)'}")
+                lines.append("")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def plot_rouge(evals: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(evals), 1)
+    for offset, (name, data) in enumerate(evals.items()):
+        values = [100 * data["scores"][key] for key in ROUGE_TYPES]
+        xs = [i + offset * width for i in range(len(ROUGE_TYPES))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(ROUGE_TYPES))], ROUGE_TYPES)
+    ax.set_ylabel("F-measure (%)")
+    ax.set_title("ROUGE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(row["step"], row["loss"]) for row in metrics if "loss" in row]
+    val = [(row["step"], row["val_loss"]) for row in metrics if "val_loss" in row]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title("Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reference_columns(scores: dict) -> str:
+    """Where several references came from, when the recipe mapped several columns."""
+    columns = scores.get("target_field")
+    return (
+        f" · references: columns {', '.join(columns)}"
+        if isinstance(columns, list) and len(columns) > 1
+        else ""
+    )
+
+
+def restart_notes(metrics: list[dict]) -> list[str]:
+    """The restarts of a crashed run (launch.max_restarts): from which step, and why."""
+    restarts = [row for row in metrics if "restart" in row]
+    if not restarts:
+        return []
+    shown = "; ".join(f"{row['restart']}: from step {row['step']} after {row['cause']}" for row in restarts)
+    return [f"Restarts (launch.max_restarts): {shown}.", ""]
+
+
+def history_notes(metrics: list[dict]) -> list[str]:
+    """Where each part of training ran, for a run that was resumed or restarted (history.py)."""
+    from launcher.core.history import history_lines
+
+    lines = history_lines(metrics)
+    if not lines:
+        return []
+    return ["Run history (world size and strategy per segment):", "", *(f"- {line}" for line in lines), ""]
+
+
+def best_model_notes(metrics: list[dict]) -> list[str]:
+    """What train.best_metric and early stopping did: the validation evaluations, which step
+    final/ holds, and why training stopped early (from metrics.jsonl's markers)."""
+    notes = []
+    evaluations = [row for row in metrics if any(key.startswith("val_rouge") for key in row)]
+    if evaluations:
+        shown = ", ".join(f"step {row['step']}: {100 * row['val_rougeLsum']:.2f}" for row in evaluations)
+        notes += [f"Validation ROUGE-Lsum during training (%): {shown}.", ""]
+    stops = [row["early_stop"] for row in metrics if "early_stop" in row]
+    if stops:
+        notes += [f"Stopped early: {stops[-1]}.", ""]
+    chosen = [row for row in metrics if "best_step" in row]
+    if chosen:
+        row = chosen[-1]
+        notes += [
+            f"Model: final/ and the fine-tuned scores are the best step {row['best_step']} of {row['step']} "
+            f"by {row['best_metric']} ({row['best_value']:.4f}; train.best_metric).",
+            "",
+        ]
+    return notes
+
+
+def generation_note(scores: dict) -> str:
+    """``max_new_tokens 128, num_beams 1`` and any repetition/length control the run set."""
+    return ", ".join(f"{key} {value}" for key, value in shown_generation_settings(scores).items())
+
+
+def scoring_note(scores: dict) -> str:
+    return scores.get("description") or f"scoring: {scores.get('scoring')}"
+
+
+def rank_independence(scores: dict) -> list[str]:
+    """The line that says the predictions hold on any number of ranks (evaluation.py forms the
+    batches once for the whole split); absent for evaluations recorded before it did."""
+    size = scores.get("batch_size")
+    if not size:
+        return []
+    return [
+        f"Predictions do not depend on the number of ranks: generation batches of {size} dialogues "
+        "are formed once over the whole split (by length) and dealt whole to the ranks.",
+        "",
+    ]
+
+
+def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
+    evals = run_evaluations(run_dir)
+    own = RunDir(run_dir).report.path
+    out_dir = out_dir or own
+    check_writable_dir(out_dir, "--output" if out_dir != own else "report folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(evals.values()))
+    rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
+    dialogues = load_dialogues(first["scores"], len(rows))
+    for row, dialogue in zip(rows, dialogues):
+        row["dialogue"] = dialogue
+    ordered = [(name, data["scores"]) for name, data in evals.items()]
+    baseline = evals[ORIGINAL]["scores"] if ORIGINAL in evals else None
+    if baseline is not None:
+        ordered.sort(key=lambda item: item[0] != ORIGINAL)
+    metrics = read_metrics(run_dir)
+    sections = [
+        f"# ftlaunch report: {run_dir.name}",
+        "",
+        f"Data: {first['scores'].get('dataset')} "
+        f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
+        f" · generation: {generation_note(first['scores'])}",
+        "",
+        *rank_independence(first["scores"]),
+        "## ROUGE (F-measure, %)",
+        "",
+        rouge_table(ordered, baseline),
+        "",
+        f"Scoring: {scoring_note(first['scores'])}",
+        "",
+    ]
+    if metrics:
+        final = [row for row in metrics if row.get("final")]
+        train_rows = [row for row in metrics if "loss" in row]
+        if train_rows:
+            sections += [
+                f"Training: {train_rows[-1]['step']} optimizer steps, first logged loss "
+                f"{train_rows[0]['loss']:.4f}, last {train_rows[-1]['loss']:.4f}"
+                + (f", final validation loss {final[-1]['val_loss']:.4f}" if final else "")
+                + ".",
+                "",
+            ]
+        sections += best_model_notes(metrics) + restart_notes(metrics) + history_notes(metrics)
+        if final and "compiled_graphs" in final[-1]:  # train.compile: recompilations, for the record
+            sections += [
+                f"torch.compile: {final[-1]['compiled_graphs']} graph(s) compiled on rank 0 for "
+                f"{final[-1]['batch_shapes']} batch shape(s) (training and validation).",
+                "",
+            ]
+        plot_loss(metrics, out_dir / "loss.png")
+        sections += ["![loss](loss.png)", ""]
+    plot_rouge(evals, out_dir / "rouge.png")
+    sections += [
+        "![rouge](rouge.png)",
+        "",
+        "## Examples",
+        "",
+        qualitative_examples(evals, rows, int(first["scores"].get("report_examples", 3))),
+    ]
+    ResultDir(out_dir).report_md.write_text("\n".join(sections).rstrip() + "\n")
+    ResultDir(out_dir).rouge.write_text(
+        json.dumps({name: data["scores"] for name, data in evals.items()}, indent=2) + "\n"
+    )
+    for name, data in evals.items():
+        source = ResultDir(data["path"]).predictions
+        if source.is_file():
+            shutil.copyfile(source, out_dir / f"predictions_{name}.jsonl")
+    return out_dir
+
+
+def load_dialogues(scores: dict, count: int) -> list[str]:
+    """Dialogue texts for the examples section (the predictions file keeps only ids)."""
+    try:
+        from launcher.core.dialogues import load_split
+
+        fields = {key: scores[key] for key in ("source_field", "target_field") if scores.get(key)}
+        rows = load_split(scores["dataset"], scores["split"], count, **fields)
+        return [row["dialogue"] for row in rows]
+    except (UserError, KeyError, OSError, ValueError):
+        return [""] * count
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
+    """One table over several runs/models; written to OUT/report.md when --output is given."""
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--output")
+    rows: list[tuple[str, dict]] = []
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} is not a directory; pass run directories or eval output directories")
+        for name, data in run_evaluations(run_dir).items():
+            label = f"{run_dir.name}/{name}" if name != run_dir.name else run_dir.name
+            rows.append((label, data["scores"]))
+    modes = {scores.get("scoring") for _, scores in rows}
+    table = rouge_table(rows)
+    note = "Scoring: " + ", ".join(sorted(str(m) for m in modes))
+    if len(modes) > 1:
+        note += " (mixed scoring modes: numbers are not directly comparable)"
+    text = "# ftlaunch comparison\n\n" + table + "\n\n" + note + "\n"
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ResultDir(out_dir).report_md.write_text(text)
+        ResultDir(out_dir).rouge.write_text(
+            json.dumps({label: scores for label, scores in rows}, indent=2) + "\n"
+        )
+    return text

@@ -1,0 +1,103 @@
+"""Scoring predictions with ROUGE under the recipe's eval settings: at the end of a run, in
+``ftlaunch eval`` (evaluation.py) and in ``ftlaunch score`` (rescoring a predictions file).
+
+rouge.py is the metric itself (evaluate's definitions over rouge_score); this module is the one
+place that turns the settings (``eval.scoring``, ``eval.use_stemmer``, ``eval.split_sentences``)
+into a call of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from launcher.core.dialogues import load_split
+from launcher.core.errors import UserError
+from launcher.core.jsonl import read_jsonl
+from launcher.core.recipe import EvalSection, describe_validation_error
+from launcher.core.rundir import ResultDir
+from launcher.core.writable import check_writable_dir
+from launcher.results.rouge import score_rouge
+
+
+def score_predictions(
+    predictions: list[str], references: list[list[str]], settings: EvalSection
+) -> dict[str, Any]:
+    """ROUGE of ``predictions`` against their references, as the eval settings say."""
+    return score_rouge(
+        predictions,
+        references,
+        mode=settings.scoring,
+        use_stemmer=settings.use_stemmer,
+        split_sentences=settings.split_sentences,
+    )
+
+
+def read_predictions(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"predictions file {path} does not exist")
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"{path} holds no predictions")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("prediction"), str):
+            raise UserError(
+                f"{path} line {number} has no 'prediction' string; each line needs id and prediction"
+            )
+    return rows
+
+
+def references_from_data(rows: list[dict], dataset: str, split: str, path: Path) -> list[list[str]]:
+    """Match predictions to a dataset's references by id (all of them must be found)."""
+    by_id = {row["id"]: row["references"] for row in load_split(dataset, split)}
+    missing = [row.get("id") for row in rows if row.get("id") not in by_id]
+    if missing:
+        raise UserError(
+            f"{path}: {len(missing)} prediction ids are not in {dataset}[{split}] "
+            f"(first: {missing[0]!r}); score against the split the predictions were made for"
+        )
+    return [by_id[row["id"]] for row in rows]
+
+
+def references_from_file(rows: list[dict], path: Path) -> list[list[str]]:
+    references = []
+    for number, row in enumerate(rows, start=1):
+        refs = row.get("references")
+        if isinstance(refs, str):
+            refs = [refs]
+        if not refs or not all(isinstance(r, str) for r in refs):
+            raise UserError(
+                f"{path} line {number} has no 'references' list; pass --data to take references "
+                "from a dataset"
+            )
+        references.append(refs)
+    return references
+
+
+def rescore(
+    path: Path,
+    data: str | None,
+    split: str,
+    scoring: str,
+    stemmer: bool,
+    split_sentences: bool,
+    output: Path | None,
+) -> str:
+    try:  # the flags are the recipe's eval keys: the schema checks them
+        settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
+    except ValidationError as exc:
+        raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
+    if output is not None:
+        check_writable_dir(output, "--output")
+    rows = read_predictions(path)
+    references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
+    scores = score_predictions([row["prediction"] for row in rows], references, settings)
+    scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
+    text = json.dumps(scores, indent=2)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        ResultDir(output).rouge.write_text(text + "\n")
+    return text
