@@ -200,11 +200,12 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 6
     them; 0 where every rank ended with 0, else the first failing rank's exit code. The ranks'
     console output goes to stdout and logs/launcher.log as under the supervisor."""
     from launcher.core.recipe import read_run_recipe
+    from launcher.core.rundir import RunDir
     from launcher.host import supervise
 
     recipe = read_run_recipe(run_dir)
     assert recipe.launch.nodes == 1 and not machine_rank, "the harness runs one node; multi-node tests launch"
-    (run_dir / supervise.INTERRUPTED_MARKER).unlink(missing_ok=True)
+    RunDir(run_dir).clear_interrupted()  # as the supervisor does before it starts the ranks
     env, accelerate_argv = command_sh_launch(run_dir, supervise.child_env(recipe, False, machine_rank))
     processes = rank_processes(accelerate_argv, env)
     ctx = context()
