@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -115,7 +116,18 @@ def run_cli_harness(*args: str, env: dict[str, str] | None = None) -> subprocess
     training computes; launch, signal, supervision and SLURM behaviour use ``run_cli``."""
     import rankharness
 
-    return run_cli_in_process(*args, env=env, run_ranks=rankharness.run_ranks)
+    result = run_cli_in_process(*args, env=env, run_ranks=rankharness.run_ranks)
+    if result.returncode == rankharness.HUNG and "--output" in args and "--resume" not in args:
+        # A forked rank that never exits (seen once in ~150 harness runs of a full suite, after its
+        # work was done; not seen under `accelerate launch`): say so in the test's output and run
+        # the same command once more from an empty output, so that the assertions judge a run
+        # that ended. A second hang fails the test.
+        print(
+            f"rank harness: a rank hung (exit {rankharness.HUNG}); running the command again", file=sys.stderr
+        )
+        shutil.rmtree(Path(args[list(args).index("--output") + 1]), ignore_errors=True)
+        result = run_cli_in_process(*args, env=env, run_ranks=rankharness.run_ranks)
+    return result
 
 
 # The tiny runs most modules train: fp32, a loss row per step, micro batch 4, no ROUGE evaluation.

@@ -195,7 +195,10 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
     exit_rank(module.main(args[2:]))
 
 
-def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 600) -> int:
+HUNG = 124  # wait_all's code for ranks that outlived the timeout (as `timeout` reports it)
+
+
+def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 300) -> int:
     """``launch.run_command`` for the harness: start the run's ranks as forks, wait for all of
     them; 0 where every rank ended with 0, else the first failing rank's exit code. The ranks'
     console output goes to stdout and logs/launcher.log as under the supervisor."""
@@ -245,7 +248,7 @@ def wait_all(ranks: list, timeout: float) -> int:
             for rank in ranks:
                 if rank.is_alive():
                     rank.kill()
-            first_failure = first_failure or 124
+            first_failure = first_failure or HUNG
         time.sleep(0.05)
     for rank in ranks:
         rank.join()
