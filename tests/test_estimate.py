@@ -224,10 +224,19 @@ def test_tables_render():
 def test_gradient_checkpointing_keeps_one_input_per_layer_and_one_layer_in_full():
     """The checkpointed formula of launcher/host/estimate.py's docstring, by hand for a small shape,
     and the table shows the run's case and the other one."""
-    from launcher.host.estimate import ModelSpec, RunShape, activation_bytes, estimate_rows, render_table
+    from launcher.core.model_facts import ModelFacts
+    from launcher.host.estimate import RunShape, activation_bytes, estimate_rows, render_table
 
-    spec = ModelSpec(
-        "x", 1000, 100, d_model=8, d_ff=16, num_heads=2, num_layers=3, num_decoder_layers=2, vocab_size=50
+    spec = ModelFacts(
+        "x",
+        "known",
+        d_model=8,
+        d_ff=16,
+        num_heads=2,
+        num_layers=3,
+        num_decoder_layers=2,
+        vocab_size=50,
+        counted=(1000, 100),  # parameters, largest layer
     )
     b, s, t, h, f, a, v = 2, 10, 4, 8, 16, 2, 50
     encoder = b * s * (22 * h + 11 * f + 5 * a * s)

@@ -277,9 +277,9 @@ def cached_facts(reference: str, _stamp: tuple) -> ModelFacts:
     return ModelFacts(name=reference, source="hub")
 
 
-def lora_trainable_params(spec: ModelFacts | Any, r: int = 32, targets: Sequence[str] = ("q", "v")) -> int:
-    """LoRA parameters PEFT adds to a T5: r x (in + out) per targeted projection (``spec``: a
-    ModelFacts, or anything with its dimensions, such as the estimate's ModelSpec).
+def lora_trainable_params(spec: ModelFacts, r: int = 32, targets: Sequence[str] = ("q", "v")) -> int:
+    """LoRA parameters PEFT adds to a T5: r x (in + out) per targeted projection (the dimensions of
+    ``spec``).
 
     Attention blocks: one per encoder layer, two per decoder layer (self, cross). q/k/v map
     d_model -> heads x d_kv, o maps back; wi_0/wi_1/wo are the feed-forward matrices.

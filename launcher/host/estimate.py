@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.core.errors import UserError
-from launcher.core.model_facts import FLAN_T5_CONFIGS, model_facts
+from launcher.core.model_facts import FLAN_T5_CONFIGS, ModelFacts, model_facts
 from launcher.core.model_facts import (
     FLAN_T5_VOCAB as FLAN_T5_VOCAB,  # the CLI, tests and bench read them here
 )
@@ -108,22 +108,6 @@ PREFERENCE = (
 # ---------------------------------------------------------------- models
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the estimate needs to know about a model (None: unknown, activations not estimated)."""
-
-    name: str
-    params: int
-    largest_layer: int  # parameters of the largest single module (ZeRO-3 gathers it whole)
-    d_model: int | None = None
-    d_ff: int | None = None
-    num_layers: int | None = None
-    num_decoder_layers: int | None = None
-    num_heads: int | None = None
-    d_kv: int | None = None
-    vocab_size: int | None = None
-
-
 def expand_models(model: str) -> list[str]:
     """``flan-t5-all`` (or ``all``) -> every known FLAN-T5 size; anything else -> [model]."""
     if model in (ALL_MODELS, "all", "google/flan-t5-all"):
@@ -131,8 +115,9 @@ def expand_models(model: str) -> list[str]:
     return [model]
 
 
-def model_spec(model: str) -> ModelSpec:
-    """A known FLAN-T5 name, ``tiny-t5``, or a local directory (model_facts: its config, no weights)."""
+def model_spec(model: str) -> ModelFacts:
+    """The facts of a known FLAN-T5 name, ``tiny-t5``, or a local directory (its config, no weights),
+    refused where the parameters cannot be counted."""
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(
@@ -149,18 +134,7 @@ def model_spec(model: str) -> ModelSpec:
             f"unknown model {model!r} for an estimate (no download): use one of "
             f"{', '.join(KNOWN_MODELS)}, {ALL_MODELS}, tiny-t5, or a local directory with config.json"
         )
-    return ModelSpec(
-        name=facts.name,
-        params=facts.params,
-        largest_layer=facts.largest_layer or 0,
-        d_model=facts.d_model,
-        d_ff=facts.d_ff,
-        num_layers=facts.num_layers,
-        num_decoder_layers=facts.num_decoder_layers,
-        num_heads=facts.num_heads,
-        d_kv=facts.d_kv,
-        vocab_size=facts.vocab_size,
-    )
+    return facts
 
 
 def parameter_count(model: str) -> int:
@@ -220,7 +194,7 @@ class RunShape:
     optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP and ZeRO, not FSDP2)
     micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
-    def trainable_params(self, spec: ModelSpec) -> int:
+    def trainable_params(self, spec: ModelFacts) -> int:
         return lora_trainable_params(spec, self.lora_r, self.lora_targets) if self.lora else spec.params
 
     def describe(self) -> str:
@@ -248,7 +222,7 @@ ADAM_MOMENT_BYTES = 8
 ADAFACTOR_FLAT_BYTES = 4
 
 
-def activation_bytes(spec: ModelSpec, shape: RunShape, checkpointing: bool | None = None) -> int:
+def activation_bytes(spec: ModelFacts, shape: RunShape, checkpointing: bool | None = None) -> int:
     """The activation formulas of the module docstring (bytes per GPU, one micro-batch), with or
     without gradient checkpointing (default: the shape's); 0 when the architecture is unknown."""
     if not (spec.d_model and spec.num_layers):
@@ -393,7 +367,7 @@ def adafactor_state_bytes(
     return gpu, cpu - saved * shape.gpus
 
 
-def estimate_rows(spec: ModelSpec, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
+def estimate_rows(spec: ModelFacts, shape: RunShape, fsdp: bool = False) -> list[EstimateRow]:
     """Per-GPU memory for every stage x offload (ROW_ORDER), then FSDP2's rows when ``fsdp``."""
     if shape.gpus < 1 or shape.nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1")
