@@ -237,6 +237,9 @@ def test_second_run_on_a_running_directory_is_refused_and_a_killed_run_resumes(t
         # SIGKILL is delivered asynchronously: until the ranks are gone they still hold the run
         # directory (the lock refuses a resume, rightly); the in-process resume below is quick.
         wait_for(lambda: not any(map(running, victims[1:])), 60, "the killed ranks to end")
+        # A killed process's leader shows as a zombie while its other threads still exit and keep
+        # its descriptors (the lock among them): the kernel's release of the lock is what counts.
+        wait_for(lambda: runlock.current_holder(run_dir) is None, 60, "the killed run's lock to be released")
     finally:
         if first.poll() is None:
             first.kill()
