@@ -106,7 +106,7 @@ def product_runner(args: argparse.Namespace, examples: list[dict]):
     on_gpu = accelerator.device.type == "cuda"
     model = build_arch(args.arch, accelerator.device)
     collator = recipe_collator(recipe, AutoTokenizer.from_pretrained(args.tokenizer), on_gpu, model)
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, accelerator.device)  # as train.py builds it (fused AdamW)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     run = SimpleNamespace(

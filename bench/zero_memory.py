@@ -145,7 +145,7 @@ def worker(run_dir: Path) -> None:
     accelerator = build_accelerator(recipe)
     model = build_model(recipe, vocab_size=0)
     params = count_parameters(model)[1]
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, accelerator.device)  # as train.py builds it (fused AdamW)
     model, optimizer = accelerator.prepare(model, optimizer)
     deepspeed = uses_deepspeed(accelerator)
     generator = torch.Generator().manual_seed(accelerator.process_index)
