@@ -3,11 +3,13 @@
 Each job runs with ``--cpu --gpus 1``: one CPU rank on each emulated node, world size 2, the
 job scripts' GPU-cluster headers unchanged (--gres=gpu:8, --cpus-per-task=16).
 
-- lora: both nodes take part, the run ends with an adapter and a ROUGE report;
+- lora: both nodes take part, the run ends with an adapter and a ROUGE report; the job is
+  submitted from a directory outside the repository and is also the preempted job below (one
+  job, 4 launches, for the three tests: see ``lora_job``);
 - full --zero 3: DeepSpeed ZeRO-3 across the nodes, a full model and a report;
 - full --fsdp: PyTorch FSDP2 across the nodes, sharded checkpoints, a full model and a report;
 - preemption: USR1 to the batch shell (as ``--signal=B:USR1@N`` does) -> the ranks checkpoint
-  -> the job requeues itself -> resumes -> ends with the same losses as the uninterrupted job;
+  -> the job requeues itself -> resumes -> ends with the same losses as the uninterrupted run;
 - a crash (with a stale INTERRUPTED marker in the run dir) fails the job and is not requeued.
 
 Skipped unless root (the cluster fixture starts munged/slurmctld/slurmd).
@@ -103,6 +105,11 @@ class Job:
             *args,
         ]
         self.id: str | None = None
+        # A preempted job (lora_job): was it running mid-training when the test sent USR1, after
+        # how many steps, and the state it ended in.
+        self.mid_training = False
+        self.signalled_at: int | None = None
+        self.final_state: str | None = None
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("slurm-*.out")))
@@ -190,13 +197,58 @@ def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
 
 
 @pytest.fixture(scope="module")
+def uninterrupted_lora(trained_run):
+    """The reference of the preemption test: the same LoRA run, uninterrupted, on 2 ranks.
+
+    What it is compared on (losses of an fp32 run at world size 2) is what training computes, not
+    SLURM: the run's two ranks come from the rank harness (no `accelerate launch`), the same
+    training code and world size as the job's one rank on each of two nodes."""
+    return trained_run("lora", "--model", "tiny-t5", "--data", "sample", "--cpu", "--gpus", "2", *EXACT)
+
+
+@pytest.fixture(scope="module")
 def lora_job(slurm_cluster, tmp_path_factory):
-    """One uninterrupted two-node LoRA job (also the reference of the preemption test)."""
-    job = Job(slurm_cluster, tmp_path_factory.mktemp("lora"), "lora.sh", [*TINY, *EXACT])
+    """ONE two-node LoRA job shared by three tests (4 launches instead of 8): it is submitted from a
+    project directory outside the repository (`sbatch /path/to/ftlaunch/slurm/lora.sh`, default run
+    directory), preempted mid-training (USR1 to the batch shell), requeued, resumed, and it ends.
+
+    A preempted-and-resumed job still is a two-node LoRA job that ends with an adapter and a report,
+    and still is a job submitted from outside the repository: the assertions of each test hold
+    for it unchanged, and the preemption is the one of a two-node job (both nodes' ranks checkpoint
+    together), which no other SLURM test preempts. The fixture asserts nothing about the preemption
+    itself (test_preempted_job_checkpoints_requeues_and_resumes does), so a job that could not be
+    signalled mid-training still lets the other two tests judge it."""
+    tmp_path = tmp_path_factory.mktemp("lora")
+    project = tmp_path / "project"
+    project.mkdir()
+    job = Job(slurm_cluster, tmp_path, "lora.sh", [*TINY, *EXACT], cwd=project)
+    del job.env["FTLAUNCH_OUTPUT"]
     t0 = time.monotonic()
-    state = job.submit_and_wait()
-    print(f"lora job {job.id}: {time.monotonic() - t0:.0f}s")
-    assert state == "COMPLETED", job.diagnostics()
+    job.submit()
+    job.run_dir = project / "runs" / f"lora-slurm-{job.id}"  # the job scripts' default run dir
+    metrics = job.run_dir / "metrics.jsonl"
+
+    def steps_logged() -> int:
+        try:
+            return sum(1 for row in read_jsonl(metrics) if "loss" in row)
+        except (OSError, ValueError):
+            return 0
+
+    try:
+        wait_for(
+            lambda: steps_logged() >= 5 or job.state() not in ("PENDING", "RUNNING", None), JOB_TIMEOUT_S
+        )
+        job.mid_training = job.state() == "RUNNING" and steps_logged() < 16
+        if job.mid_training:
+            # What `#SBATCH --signal=B:USR1@300` does before the time limit: signal the batch shell only.
+            slurm_cluster.run("scancel", "--signal=USR1", "--batch", job.id, timeout=30)
+            job.signalled_at = steps_logged()
+        job.final_state = slurm_cluster.wait_job_state(
+            job.id, FINAL_STATES, JOB_TIMEOUT_S + PREEMPT_TIMEOUT_S
+        )
+    finally:
+        job.cancel()
+    print(f"lora job {job.id}: {time.monotonic() - t0:.0f}s (signal after {job.signalled_at} steps)")
     return job
 
 
@@ -211,7 +263,7 @@ def test_lora_job_runs_on_both_nodes(lora_job):
     assert_report(job.run_dir)
     step, _ = final_losses(job.run_dir)
     assert step["step"] == 16, step
-    assert "SLURM_RESTART_COUNT=0" in job.log()
+    assert "SLURM_RESTART_COUNT=0" in job.log()  # its first run (the requeued one says 1)
 
 
 def test_full_zero3_job_runs_on_both_nodes(slurm_cluster, tmp_path):
@@ -245,36 +297,16 @@ def test_full_fsdp_job_runs_on_both_nodes(slurm_cluster, tmp_path):
     assert_report(job.run_dir)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, lora_job):
-    job = Job(slurm_cluster, tmp_path, "lora.sh", [*TINY, *EXACT])
-    t0 = time.monotonic()
-    job.submit()
-    metrics = job.run_dir / "metrics.jsonl"
-    try:
-
-        def steps_logged() -> int:
-            try:
-                return sum(1 for row in read_jsonl(metrics) if "loss" in row)
-            except (OSError, ValueError):
-                return 0
-
-        assert wait_for(
-            lambda: steps_logged() >= 5 or job.state() not in ("PENDING", "RUNNING", None), JOB_TIMEOUT_S
-        ), f"no training steps logged\n{job.diagnostics()}"
-        assert job.state() == "RUNNING" and steps_logged() < 16, (
-            f"job not running mid-training\n{job.diagnostics()}"
-        )
-        # What `#SBATCH --signal=B:USR1@300` does before the time limit: signal the batch shell only.
-        slurm_cluster.run("scancel", "--signal=USR1", "--batch", job.id, timeout=30)
-        signalled_at = steps_logged()
-
-        state = slurm_cluster.wait_job_state(job.id, FINAL_STATES, PREEMPT_TIMEOUT_S)
-        assert state in FINAL_STATES, (
-            f"job did not requeue and finish (JobState={state})\n{job.diagnostics()}"
-        )
-    finally:
-        job.cancel()
-    print(f"preempted lora job {job.id}: {time.monotonic() - t0:.0f}s (signal after {signalled_at} steps)")
+def test_preempted_job_checkpoints_requeues_and_resumes(lora_job, uninterrupted_lora):
+    """The shared two-node LoRA job (lora_job) got USR1 mid-training: it checkpointed, requeued
+    itself, resumed and ended with the same losses as the uninterrupted run."""
+    job = lora_job
+    assert job.mid_training, (
+        f"job not running mid-training (no 5 training steps logged, or it ended first)\n{job.diagnostics()}"
+    )
+    assert job.final_state in FINAL_STATES, (
+        f"job did not requeue and finish (JobState={job.final_state})\n{job.diagnostics()}"
+    )
     log = job.log()
     assert job.state() == "COMPLETED", job.diagnostics()
     assert job.cluster.job_field(job.id, "Restarts") == "1", job.diagnostics()
@@ -288,9 +320,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert (job.run_dir / "final" / "adapter_model.safetensors").stat().st_size > 0
     assert_report(job.run_dir)
 
-    # Same losses as the uninterrupted job (same command, same world size, fp32).
+    # Same losses as the uninterrupted run (same command, same world size, fp32).
     step, final = final_losses(job.run_dir)
-    ref_step, ref_final = final_losses(lora_job.run_dir)
+    ref_step, ref_final = final_losses(uninterrupted_lora)
     assert step["step"] == ref_step["step"] == 16
     assert math.isclose(step["loss"], ref_step["loss"], rel_tol=1e-5), (step, ref_step)
     assert math.isclose(final["val_loss"], ref_final["val_loss"], rel_tol=1e-5), (final, ref_final)
@@ -319,22 +351,14 @@ def test_crash_is_not_requeued(slurm_cluster, tmp_path):
     assert "fake accelerate: crashing" in log and "not requeued" in log, job.diagnostics()
 
 
-def test_job_submitted_from_outside_the_repository(slurm_cluster, tmp_path):
+def test_job_submitted_from_outside_the_repository(lora_job):
     """`sbatch /path/to/ftlaunch/slurm/lora.sh` from a project directory: the job finds slurm/common.sh
-    without FTLAUNCH_REPO, and its default run directory is under the submit directory."""
-    project = tmp_path / "project"
-    project.mkdir()
-    job = Job(
-        slurm_cluster,
-        tmp_path,
-        "lora.sh",
-        [*TINY, "--set", "train.max_steps=2", "--set", "eval.limit=2"],
-        cwd=project,
-    )
-    del job.env["FTLAUNCH_OUTPUT"]
-    assert "FTLAUNCH_REPO" not in job.env
-    state = job.submit_and_wait()
-    assert state == "COMPLETED", job.diagnostics()
+    without FTLAUNCH_REPO, and its default run directory is under the submit directory (the shared
+    lora_job is that job; its requeued run kept the same job id, so the same run directory)."""
+    job = lora_job
+    project = job.cwd  # the submit directory
+    assert "FTLAUNCH_OUTPUT" not in job.env and "FTLAUNCH_REPO" not in job.env
+    assert job.state() == "COMPLETED", job.diagnostics()
     run_dirs = list((project / "runs").glob("lora-slurm-*"))
     assert [p.name for p in run_dirs] == [f"lora-slurm-{job.id}"], job.diagnostics()
     run_dir = run_dirs[0]
@@ -343,7 +367,9 @@ def test_job_submitted_from_outside_the_repository(slurm_cluster, tmp_path):
     log = job.log()
     assert f"cwd {project}" in log, job.diagnostics()
     assert "Traceback" not in log, job.diagnostics()
-    assert re.search(r"^training: step 2/2 \(100%\)", log, re.M), job.diagnostics()  # plain lines, no redraws
+    assert re.search(r"^training: step 16/16 \(100%\)", log, re.M), (
+        job.diagnostics()
+    )  # plain lines, no redraws
     assert "\r" not in log, job.diagnostics()
     logs = run_dir / "logs"
     assert {p.name for p in logs.glob("*.log")} >= {
