@@ -264,7 +264,7 @@ def run_stage(stage: int, args, variant: str = "as rendered") -> list[dict]:
     return sorted(results, key=lambda r: r["rank"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help="(internal) run as one rank")
     parser.add_argument("--run-dir", type=Path)
@@ -279,7 +279,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=bl.RESULTS_DIR / "zero_memory.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         from launcher.core.ranklog import exit_rank
 
