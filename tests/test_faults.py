@@ -38,6 +38,7 @@ import pytest
 from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl, run_cli_harness
 
 from launcher.core.history import segments
+from launcher.core.ranklog import read_failures
 from launcher.core.recipe import read_run_recipe
 from launcher.results.card import training_facts
 from launcher.results.report import history_notes
@@ -307,8 +308,12 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, ze
     run_dir = tmp_path / "run"
     args = train_args(run_dir, zero, *SHAPE)
     checkpoints = run_dir / "checkpoints"
+    started = time.time()
     code, output = harness_job(args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="8")
     assert code != 0, output[-6000:]
+    # The ranks' side of a dead peer: rank 1, left waiting for the main rank, ends by itself with
+    # an error it records (the harness would kill it, leaving no record, only after 30 s).
+    assert [failure.rank for failure in read_failures(run_dir, since=started)] == [1], output[-6000:]
 
     # The half-written step_8 stays a temporary folder that nothing takes for a checkpoint.
     assert (checkpoints / ".tmp-step_8").is_dir() and not (checkpoints / "step_8").exists()
