@@ -198,10 +198,14 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
 HUNG = 124  # wait_all's code for ranks that outlived the timeout (as `timeout` reports it)
 
 
-def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 300) -> int:
+def run_ranks(
+    run_dir: Path, machine_rank: int | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> int:
     """``launch.run_command`` for the harness: start the run's ranks as forks, wait for all of
     them; 0 where every rank ended with 0, else the first failing rank's exit code. The ranks'
-    console output goes to stdout and logs/launcher.log as under the supervisor."""
+    console output goes to stdout and logs/launcher.log as under the supervisor. ``env``: the
+    environment command.sh runs in, the supervisor's (``supervise.child_env``) unless given (a
+    test of command.sh started without ftlaunch, as an srun step starts it)."""
     from launcher.core.recipe import read_run_recipe
     from launcher.core.rundir import RunDir
     from launcher.host import supervise
@@ -209,7 +213,9 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 3
     recipe = read_run_recipe(run_dir)
     assert recipe.launch.nodes == 1 and not machine_rank, "the harness runs one node; multi-node tests launch"
     RunDir(run_dir).clear_interrupted()  # as the supervisor does before it starts the ranks
-    env, accelerate_argv = command_sh_launch(run_dir, supervise.child_env(recipe, False, machine_rank))
+    if env is None:
+        env = supervise.child_env(recipe, False, machine_rank)
+    env, accelerate_argv = command_sh_launch(run_dir, env)
     processes = rank_processes(accelerate_argv, env)
     ctx = context()
     with tempfile.TemporaryDirectory(prefix="ftlaunch-harness-") as scratch:

@@ -106,7 +106,11 @@ def test_a_failed_two_rank_summarize_names_a_log_that_exists(mismatched_model, t
 
 @pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path):
-    from test_faults import EXIT_BOUND, JOB_TIMEOUT
+    """SIGTERM to ftlaunch alone (kill PID). This real launch is also the suite's check that
+    ftlaunch handles a SIGTERM of its own and passes it on (supervise.SignalForwarder, the same
+    handler as Ctrl-C's in test_faults.test_ctrl_c_on_the_launcher_checkpoints): no traceback,
+    the job ends within seconds, no rank left."""
+    from test_faults import EXIT_BOUND, JOB_TIMEOUT, assert_no_rank_left
     from test_faults import Job as BackgroundJob
 
     run_dir = tmp_path / "run"
@@ -121,9 +125,14 @@ def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path):
     with BackgroundJob(run_dir, args) as job:
         job.wait_until(lambda: (run_dir / "final" / "model.safetensors").is_file(), JOB_TIMEOUT, "final/")
         os.kill(job.process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
         code = job.wait(timeout=EXIT_BOUND + 30)
+        ended = time.monotonic() - signalled
         output = job.output()
     assert code == 3, output[-6000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"
+    assert_no_rank_left(run_dir)
     assert not (run_dir / "eval" / "finetuned" / "rouge.json").exists(), (
         "the evaluation ended before the signal"
     )

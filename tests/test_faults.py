@@ -13,6 +13,12 @@
 
 Every wait is bounded; on a timeout the job's processes (launcher and ranks, which torchrun starts
 in sessions of their own) are killed and the test fails with the captured output.
+
+Real launches (``Job``, ``run_job``) are kept for what the supervisor and torchrun do: a dead
+rank ends the job, signals, failure summaries, restarts, the console. What a fault leaves on disk
+and what a resume continues from are the ranks' own work: those runs take their ranks from the
+rank harness (``harness_job``), and where a test checks what the supervisor would print for them,
+``supervisor_summary`` applies the supervisor's own ``decide`` to the ranks' failure records.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +38,7 @@ import pytest
 from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl, run_cli_harness
 
 from launcher.core.history import segments
+from launcher.core.ranklog import read_failures
 from launcher.core.recipe import read_run_recipe
 from launcher.results.card import training_facts
 from launcher.results.report import history_notes
@@ -200,6 +208,16 @@ def harness_job(args: list[str], **env: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
+def supervisor_summary(run_dir: Path, code: int, started: float) -> list[str]:
+    """The lines the supervisor prints after a run whose ranks ended with ``code``: its ``decide``
+    on the ranks' failure records (the rank harness replaces the supervisor, not the ranks'
+    records; torchrun's report only matters for a rank killed by a signal, which leaves none)."""
+    from launcher.host.supervise import decide, launcher_log_path
+
+    recipe = read_run_recipe(run_dir)
+    return decide(run_dir, recipe, 0, code, started, [], [], launcher_log_path(run_dir, recipe, 0)).lines
+
+
 def assert_no_rank_left(run_dir: Path, within: float = 10) -> None:
     deadline = time.monotonic() + within
     while job_pids(run_dir) and time.monotonic() < deadline:
@@ -280,19 +298,22 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, zero):
+    """What a crash mid-save leaves on disk and what the resume continues from are the ranks'
+    work (checkpoint.py writes, then renames): the crashed run and the resume take their ranks
+    from the rank harness. That a dead rank ends a real job within seconds with no rank left is
+    the supervisor's and torchrun's part, the same whichever rank dies and why:
+    test_killed_rank_ends_the_job_within_seconds (SIGKILL) and
+    test_rank_that_raises_ends_with_a_summary check it on real launches."""
     reference_dir, expected = reference(zero)
     run_dir = tmp_path / "run"
     args = train_args(run_dir, zero, *SHAPE)
     checkpoints = run_dir / "checkpoints"
-    with Job(run_dir, args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="8") as job:
-        job.wait_until(lambda: (checkpoints / ".tmp-step_8").is_dir(), JOB_TIMEOUT, "the save of step 8")
-        saving = time.monotonic()
-        code = job.wait()
-        ended = time.monotonic() - saving
-        output = job.output()
+    started = time.time()
+    code, output = harness_job(args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="8")
     assert code != 0, output[-6000:]
-    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to end after the main rank died mid-save"
-    assert_no_rank_left(run_dir)
+    # The ranks' side of a dead peer: rank 1, left waiting for the main rank, ends by itself with
+    # an error it records (the harness would kill it, leaving no record, only after 30 s).
+    assert [failure.rank for failure in read_failures(run_dir, since=started)] == [1], output[-6000:]
 
     # The half-written step_8 stays a temporary folder that nothing takes for a checkpoint.
     assert (checkpoints / ".tmp-step_8").is_dir() and not (checkpoints / "step_8").exists()
@@ -310,12 +331,13 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, reference, ze
 
 
 def test_crash_during_the_first_save_restarts_from_scratch(tmp_path, reference):
+    """The rank harness for both runs, as in test_crash_during_save_keeps_the_previous_checkpoint:
+    the subject is what the ranks leave and start from, not how the job ends."""
     _, expected = reference(0)
     run_dir = tmp_path / "run"
     args = train_args(run_dir, 0, *SHAPE)
-    code, output = run_job(run_dir, args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="4")
+    code, output = harness_job(args, FTLAUNCH_FAULT_CRASH_IN_SAVE_AT_STEP="4")
     assert code != 0, output[-6000:]
-    assert_no_rank_left(run_dir)
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / ".tmp-step_4").is_dir() and not (checkpoints / "latest").exists()
     assert not list(checkpoints.glob("step_*"))
@@ -332,10 +354,15 @@ def test_crash_during_the_first_save_restarts_from_scratch(tmp_path, reference):
 # ---------------------------------------------------------------- a rank dies
 
 
-@pytest.mark.parametrize("zero", [0, 3], ids=["ddp", "zero3"])
-def test_killed_rank_ends_the_job_within_seconds(tmp_path, zero):
+def test_killed_rank_ends_the_job_within_seconds(tmp_path):
+    """One real launch, under ZeRO-3. What ends the job is torchrun's agent, which stops every
+    worker once one has died, and the supervisor, which waits for them: neither looks at the
+    strategy, and DDP and ZeRO-3 ranks talk through the same gloo process group. ZeRO-3 is the
+    launch with more to stop (DeepSpeed's engine, its parameter gathers in every forward), so it
+    is the one kept; a DDP job whose main rank dies mid-save is
+    test_crash_during_save_keeps_the_previous_checkpoint[ddp]'s (its ranks' side)."""
     run_dir = tmp_path / "run"
-    with Job(run_dir, train_args(run_dir, zero, *LONG)) as job:
+    with Job(run_dir, train_args(run_dir, 3, *LONG)) as job:
         job.wait_for_step(1)
         killed = job.signal_rank(1, signal.SIGKILL)
         code = job.wait(timeout=EXIT_BOUND + 30)
@@ -370,7 +397,13 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert re.search(r"exitcode\s*:\s*3\b", launcher_log), (
         "the ranks should exit with code 3:\n" + launcher_log[-4000:]
     )
-    assert "Traceback" not in output, output[-6000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
+    assert re.search(
+        r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
+        r"--resume auto\)",
+        output,
+        re.M,
+    ), output[-3000:]
     assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
     step = int((run_dir / "INTERRUPTED").read_text().strip().removeprefix("step_"))
     assert 1 <= step < TOTAL_STEPS, "the run finished before the signal: make it longer"
@@ -386,17 +419,22 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert_same_final_weights(run_dir, reference_dir)
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, how):
-    """SIGINT to the launcher's process group, as a terminal's Ctrl-C sends it, or SIGTERM to ftlaunch
-    alone (kill PID): the ranks checkpoint, ftlaunch itself exits 3 without a traceback."""
+def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
+    """SIGINT to the launcher's process group, as a terminal's Ctrl-C sends it: the ranks
+    checkpoint, ftlaunch itself exits 3 without a traceback.
+
+    SIGTERM to ftlaunch alone (kill PID) takes the same path with another signal number: the same
+    handler (supervise.SignalForwarder) passes it on to the ranks, which stop as on a SIGTERM of
+    their own, and the same ``decide`` says so. Its parts are checked on real launches elsewhere:
+    ftlaunch's SIGTERM handled and passed on, no traceback, the job ended within seconds with no
+    rank left (test_failure_messages' SIGTERM during the final evaluation); ranks that get SIGTERM
+    during training checkpoint, exit 3, the same ``interrupted: checkpoint ... written`` line
+    (test_sigterm_on_one_rank_checkpoints_and_resumes)."""
+    how = "ctrl-c"
     run_dir = tmp_path / "run"
     with Job(run_dir, train_args(run_dir, 0, *LONG)) as job:
         job.wait_for_step(1)
-        if how == "ctrl-c":
-            os.killpg(job.process.pid, signal.SIGINT)
-        else:
-            os.kill(job.process.pid, signal.SIGTERM)
+        os.killpg(job.process.pid, signal.SIGINT)
         signalled = time.monotonic()
         code = job.wait(timeout=EXIT_BOUND + 30)
         ended = time.monotonic() - signalled
@@ -479,6 +517,11 @@ def truncate(path: Path) -> None:
 
 
 def test_damaged_newest_checkpoint_is_skipped(tmp_path, reference):
+    """Which checkpoint a resume takes, and the line that says why, are the ranks' (checkpoint.py):
+    the resume takes its ranks from the rank harness. Its console is then the ranks' console
+    lines; what torchrun and the launcher print (their banners, ChildFailedError) is kept off a
+    real launch's console in test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint and
+    test_rank_that_raises_ends_with_a_summary."""
     source, expected = reference(0)
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
@@ -486,7 +529,7 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, reference):
     assert latest_name(run_dir) == "step_32" and (checkpoints / "step_28").is_dir()
     truncate(checkpoints / "step_32" / "optimizer.bin")
 
-    code, output = run_job(run_dir, [*train_args(run_dir, 0, *SHAPE), "--resume", "auto"])
+    code, output = harness_job([*train_args(run_dir, 0, *SHAPE), "--resume", "auto"])
     assert code == 0, output[-6000:]
     skipped = [line for line in output.splitlines() if "step_32" in line and "damaged" in line]
     assert len(skipped) == 1 and "optimizer.bin" in skipped[0], output[-6000:]
@@ -518,9 +561,12 @@ def test_no_intact_checkpoint_starts_over(tmp_path, reference):
 
 
 def test_rank_that_raises_ends_with_a_summary(tmp_path):
+    """Also launch.max_restarts 0 (the default): the crash is not restarted (the restart itself:
+    test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint)."""
     run_dir = tmp_path / "run"
     code, output = run_job(run_dir, train_args(run_dir, 0, *SHAPE), FTLAUNCH_FAULT_RAISE_IN_SAVE="1:4")
     assert code == 1, output[-6000:]
+    assert "restart 1" not in output and "injected fault: rank 1" in output
     assert_quiet_console(output)
     summary = output[output.index("error: rank ") :].splitlines()
     assert summary[0] == (
@@ -541,81 +587,79 @@ def test_rank_that_raises_ends_with_a_summary(tmp_path):
 
 
 def test_disk_full_during_a_save(tmp_path, small_disk):
-    """Another writer fills the disk after step_4: the save of step_8 fails; one line says so."""
+    """Another writer fills the disk after step_4: the save of step_8 fails; one line says so.
+
+    The failure and its message are the main rank's (checkpoint.disk_full_explained): the ranks
+    come from the rank harness, and the line a person reads is the supervisor's summary of the
+    ranks' failure records (``supervisor_summary``), which a real launch prints after the ranks'
+    console lines (test_rank_that_raises_ends_with_a_summary)."""
     from launcher.core.checkpoint import checkpoint_problem
 
     disk = small_disk("64M")
     run_dir = disk / "run"
-    with Job(run_dir, train_args(run_dir, 0, *SHAPE)) as job:
-        job.wait_until(
-            lambda: (run_dir / "checkpoints" / "latest").is_file(), JOB_TIMEOUT, "the first checkpoint"
-        )
-        assert latest_name(run_dir) == "step_4"
-        ballast = disk / "ballast"
-        with ballast.open("wb") as handle:  # leave 1 MiB: less than one checkpoint (~3.9 MiB)
+    first_latest: list[str] = []
+    done = threading.Event()
+
+    def fill_after_the_first_checkpoint() -> None:
+        while not (run_dir / "checkpoints" / "latest").is_file():
+            if done.wait(0.02):
+                return
+        first_latest.append(latest_name(run_dir))
+        with (disk / "ballast").open("wb") as handle:  # leave 1 MiB: less than one checkpoint (~3.9 MiB)
             handle.write(b"\0" * (shutil.disk_usage(disk).free - 2**20))
-        code = job.wait()
-        output = job.output()
+
+    filler = threading.Thread(target=fill_after_the_first_checkpoint, daemon=True)
+    filler.start()
+    started = time.time()
+    try:
+        code, output = harness_job(train_args(run_dir, 0, *SHAPE))
+    finally:
+        done.set()
+        filler.join(timeout=30)
+    assert first_latest == ["step_4"], (first_latest, output[-6000:])
     assert code == 1, output[-6000:]
     assert_quiet_console(output)
-    lines = [line for line in output.splitlines() if "disk full" in line]
-    assert len(lines) == 1, output[-6000:]
+    summary = supervisor_summary(run_dir, code, started)
+    lines = [line for line in [*output.splitlines(), *summary] if "disk full" in line]
+    assert len(lines) == 1, (summary, output[-6000:])
     assert f"checkpoint step_8 could not be written to {run_dir / 'checkpoints'}" in lines[0], lines[0]
     assert re.search(r"it needs about \d+\.\d MiB; \d+\.\d MiB free", lines[0]), lines[0]
     assert "step_4 is intact and latest still names it" in lines[0] and "--resume auto" in lines[0], lines[0]
     assert latest_name(run_dir) == "step_4"
     assert checkpoint_problem(run_dir / "checkpoints" / "step_4") is None
     assert not (run_dir / "checkpoints" / "step_8").exists()
-    assert_no_rank_left(run_dir)
-
-
-# ---------------------------------------------------------------- what a clean run shows
-
-
-def test_clean_run_console_is_quiet(tmp_path):
-    """ZeRO-2 on two ranks, without OMP_NUM_THREADS (torchrun's banner): the console holds the run
-    summary, progress as plain lines and the results; the noise is in the per-rank logs."""
-    from conftest import run_cli
-
-    run_dir = tmp_path / "run"
-    env = cli_env()
-    env.pop("OMP_NUM_THREADS")
-    result = run_cli(
-        *train_args(run_dir, 2, "--set", "train.max_steps=3", "--set", "eval.after_training=false"),
-        env=env,
-        timeout=JOB_TIMEOUT,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    assert_quiet_console(output)
-    assert re.search(r"^training: step 3/3 \(100%\), loss \d+\.\d+, \d+\.\d+ s/step$", result.stdout, re.M), (
-        output
-    )
-    assert "saved model to" in result.stdout
-    logs = run_dir / "logs"
-    ranks = (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()
-    assert "FutureWarning" in ranks, "the noise this run makes should be in the rank logs"
-    assert "OMP_NUM_THREADS" in (logs / "launcher.log").read_text()
 
 
 # ---------------------------------------------------------------- restarts (launch.max_restarts)
 
 
-@pytest.mark.parametrize("restarts", [1, 0])
-def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, reference, restarts):
+def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, reference):
     """--max-restarts 1: rank 1 crashes while saving step 8; ftlaunch starts the job again, which
     continues from step_4 (the newest intact checkpoint) and ends like the uninterrupted run: exit
     0, every step once, the same losses and final weights, the restart in metrics.jsonl.
-    --max-restarts 0 (the default): the same crash ends the job with exit 1, as before."""
-    reference_dir, expected = reference(0)
+    (--max-restarts 0, the default: the same crash ends the job with exit 1, in
+    test_rank_that_raises_ends_with_a_summary.)
+
+    The same real launch is the suite's check of what a run's console shows (it was a clean
+    3-step run of its own): ZeRO-2 on two ranks, without OMP_NUM_THREADS (torchrun's banner),
+    the console holds the run summary, progress as plain lines and the results, the noise is in
+    the per-rank logs and the launcher's. A restart adds torchrun's failure report and a rank's
+    traceback, which must stay off the console too."""
+    reference_dir, expected = reference(2)
     run_dir = tmp_path / "run"
-    args = train_args(run_dir, 0, *SHAPE, "--max-restarts", str(restarts))
-    code, output = run_job(run_dir, args, FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
+    env = cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
+    env.pop("OMP_NUM_THREADS")
+    args = train_args(run_dir, 2, *SHAPE, "--max-restarts", "1")
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.host.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=2 * JOB_TIMEOUT,
+    )
+    code, output = result.returncode, result.stdout + result.stderr
     assert_no_rank_left(run_dir)
-    if not restarts:
-        assert code == 1, output[-6000:]
-        assert "restart 1" not in output and "injected fault: rank 1" in output
-        return
     assert code == 0, output[-6000:]
     assert "ftlaunch: restart 1 of 1 (launch.max_restarts): rank 1" in output, output[-6000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in output
@@ -628,6 +672,16 @@ def test_a_crashed_rank_restarts_the_run_from_its_newest_checkpoint(tmp_path, re
     ]
     assert_same_run(metrics, expected)
     assert_same_final_weights(run_dir, reference_dir)
+
+    # the console
+    assert_quiet_console(output)
+    progress = rf"^training: step {TOTAL_STEPS}/{TOTAL_STEPS} \(100%\), loss \d+\.\d+, \d+\.\d+ s/step$"
+    assert re.search(progress, result.stdout, re.M), output
+    assert "saved model to" in result.stdout
+    logs = run_dir / "logs"
+    ranks = (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()
+    assert "FutureWarning" in ranks, "the noise this run makes should be in the rank logs"
+    assert "OMP_NUM_THREADS" in (logs / "launcher.log").read_text()
 
 
 # ---------------------------------------------------------------- resuming on other ranks
@@ -649,9 +703,10 @@ def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
     expected = read_jsonl(reference_dir / "metrics.jsonl")
     run_dir = tmp_path / "run"
     two_ranks = train_args(run_dir, 0, *SHAPE, *no_dropout)
-    code, output = run_job(run_dir, two_ranks, FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
+    # The crash and the resume both from the rank harness: what the 1-rank resume continues from
+    # is the subject (a rank that raises ends a real job: test_rank_that_raises_ends_with_a_summary).
+    code, output = harness_job(two_ranks, FTLAUNCH_FAULT_RAISE_IN_SAVE="1:8")
     assert code == 1, output[-6000:]
-    assert_no_rank_left(run_dir)
 
     def on(gpus: int) -> list[str]:
         args = list(two_ranks)

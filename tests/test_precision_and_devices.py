@@ -4,12 +4,11 @@ CPU ranks without being asked (--cpu)."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 import yaml
-from conftest import cli_env, run_cli, run_cli_in_process
+from conftest import cli_env, run_cli_in_process
 
 
 def gpu_recipe():
@@ -50,21 +49,26 @@ def test_a_cpu_only_torch_is_named_as_such(monkeypatch):
 
 @pytest.mark.slow
 def test_ranks_of_a_gpu_job_on_a_node_without_gpus_stop_with_the_reason(tmp_path):
-    """An srun step without GPUs: the rendered (GPU) command runs on a CPU-only node."""
+    """An srun step without GPUs: the rendered (GPU) command runs on a CPU-only node.
+
+    The check and its message are the rank's (distributed.runs_on_cpu): the rank comes from the
+    rank harness, which runs command.sh in the srun step's environment (no supervisor) up to its
+    ``accelerate launch``, and Accelerate's own launch code, then forks the rank it would start."""
+    import contextlib
+    import io
+
+    import rankharness
+
     run_dir = tmp_path / "run"
-    rendered = run_cli(
+    rendered = run_cli_in_process(
         "full", "--model", "tiny-t5", "--data", "sample", "--output", str(run_dir), "--dry-run"
     )
     assert rendered.returncode == 0, rendered.stderr
-    result = subprocess.run(
-        ["bash", str(run_dir / "command.sh")],
-        env=cli_env(CUDA_VISIBLE_DEVICES="0"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        code = rankharness.run_ranks(run_dir, env=cli_env(CUDA_VISIBLE_DEVICES="0"), timeout=120)
+    output = console.getvalue()
+    assert code != 0
     assert "no usable GPU" in output and "pass --cpu" in output
     assert "training:" not in output and not (run_dir / "metrics.jsonl").exists()
 

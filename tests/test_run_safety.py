@@ -263,10 +263,18 @@ def strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
-@pytest.mark.slow  # one 2-rank launch
+@pytest.mark.slow  # one 2-rank run (rank harness)
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path):
+    """Where the ranks stop, what they write and the error they record are the ranks' (finite.py):
+    they come from the rank harness (tests/rankharness.py). The lines a person reads are the
+    supervisor's summary of those records, which ``supervisor_summary`` builds with the
+    supervisor's own ``decide`` (a real launch prints them after the ranks' console lines, as in
+    test_faults.test_rank_that_raises_ends_with_a_summary)."""
+    from test_faults import supervisor_summary
+
     run_dir = tmp_path / "run"
-    result = run_cli(
+    started = time.time()
+    ranks = run_cli_harness(
         "full",
         *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample"),
         # A finite but absurd peak lr: AdamW moves every weight by ~1e30 in step 1 (finite), then
@@ -276,6 +284,13 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_pa
         *("--set", "eval.after_training=false"),
         "--output",
         str(run_dir),
+    )
+    summary = supervisor_summary(run_dir, ranks.returncode, started)
+    # the console of a real launch: the ranks' lines, then the supervisor's (on stderr)
+    result = SimpleNamespace(
+        returncode=ranks.returncode,
+        stdout=ranks.stdout,
+        stderr=ranks.stderr + "".join(f"{line}\n" for line in summary),
     )
     console = result.stdout + result.stderr
     assert result.returncode == 1, console[-4000:]
