@@ -24,15 +24,18 @@ the same recipe write the same metrics and the same final weights.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -192,7 +195,30 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
     sys.argv = [module.__file__, *args[2:]]
     from launcher.core.ranklog import exit_rank
 
-    exit_rank(module.main(args[2:]))
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # wait_all asks a hung rank where it is
+    code = module.main(args[2:])
+    exit_watchdog(code)
+    exit_rank(code)
+
+
+STACKS_SIGNAL = signal.SIGUSR2  # not used by ftlaunch (SIGUSR1 is SLURM's preemption notice)
+EXIT_GRACE_ENV = "FTLAUNCH_HARNESS_EXIT_GRACE_S"  # seconds; 60 unless a test sets it
+
+
+def exit_watchdog(code: int) -> None:
+    """A rank whose work is done but whose exit hangs (seen about once in ~150 harness runs, never
+    under `accelerate launch`: an exit handler inherited from the forkserver or a library thread)
+    prints every thread's stack and ends as HUNG after a grace period, instead of holding the test
+    for wait_all's whole timeout; the stacks say where it hung."""
+    grace = float(os.environ.get(EXIT_GRACE_ENV, "60"))
+
+    def expire() -> None:
+        time.sleep(grace)
+        print(f"rank harness: exit with code {code} still not done after {grace:g} s:", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(HUNG)
+
+    threading.Thread(target=expire, daemon=True, name="rank-harness-exit-watchdog").start()
 
 
 HUNG = 124  # wait_all's code for ranks that outlived the timeout (as `timeout` reports it)
@@ -251,9 +277,12 @@ def wait_all(ranks: list, timeout: float) -> int:
         if not any(rank.is_alive() for rank in ranks):
             break
         if time.time() > deadline:
-            for rank in ranks:
-                if rank.is_alive():
-                    rank.kill()
+            alive = [rank for rank in ranks if rank.is_alive()]
+            for rank in alive:  # their stacks into their output first (rank_main's handler)
+                os.kill(rank.pid, STACKS_SIGNAL)
+            time.sleep(1.0)
+            for rank in alive:
+                rank.kill()
             first_failure = first_failure or HUNG
         time.sleep(0.05)
     for rank in ranks:

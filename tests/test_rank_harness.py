@@ -44,3 +44,26 @@ def test_harness_run_equals_a_real_launch(trained_run):
             str(real), "RUN"
         ), name
     assert "saved model to" in (forked / "logs" / "launcher.log").read_text()
+
+
+def test_a_rank_whose_exit_hangs_ends_as_hung_with_its_stacks(tmp_path):
+    """A forked rank that finished its work but hangs in its exit handlers (seen rarely under the
+    harness) ends as HUNG after the grace period, with every thread's stack in its output, instead
+    of holding the test for wait_all's 300 s; run_cli_harness then runs the command once more."""
+    import time
+
+    import rankharness
+
+    output = tmp_path / "rank0.out"
+    env = {"PATH": "/usr/bin:/bin", rankharness.EXIT_GRACE_ENV: "2"}
+    rank = rankharness.context().Process(
+        target=rankharness.rank_main, args=(env, ["-m", "harness_exit_hang"], str(output))
+    )
+    started = time.monotonic()
+    rank.start()
+    code = rankharness.wait_all([rank], timeout=120)
+    assert code == rankharness.HUNG, output.read_text()
+    assert time.monotonic() - started < 60  # the grace period, not wait_all's timeout
+    text = output.read_text()
+    assert "exit with code 0 still not done after 2 s" in text and "Thread" in text, text
+    assert "harness_exit_hang" in text or "atexit" in text or "wait" in text, text  # where it hung
