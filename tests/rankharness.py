@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -187,12 +188,23 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     args = [a for a in python_args if a != "-u"]
-    assert args[0] == "-m", python_args
+    if args[0] != "-m":
+        run_script(args)
+        return
     module = importlib.import_module(args[1])
     sys.argv = [module.__file__, *args[2:]]
     from launcher.core.ranklog import exit_rank
 
     exit_rank(module.main(args[2:]))
+
+
+def run_script(args: list[str]) -> None:
+    """``python SCRIPT ARGS`` (a bench script's worker, started by `accelerate launch SCRIPT`): run
+    as ``__main__`` with its folder first on sys.path, as the interpreter does; it ends the rank."""
+    script = os.path.abspath(args[0])
+    sys.argv = [script, *args[1:]]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
 
 
 HUNG = 124  # wait_all's code for ranks that outlived the timeout (as `timeout` reports it)
@@ -210,6 +222,20 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 3
     assert recipe.launch.nodes == 1 and not machine_rank, "the harness runs one node; multi-node tests launch"
     RunDir(run_dir).clear_interrupted()  # as the supervisor does before it starts the ranks
     env, accelerate_argv = command_sh_launch(run_dir, supervise.child_env(recipe, False, machine_rank))
+    code, text = accelerate_launch_ranks(accelerate_argv, env, timeout)
+    sys.stdout.write(text)
+    launcher_log = supervise.launcher_log_path(run_dir, recipe, 0)
+    launcher_log.parent.mkdir(parents=True, exist_ok=True)
+    with launcher_log.open("a") as log:
+        log.write(text)
+    return code
+
+
+def accelerate_launch_ranks(
+    accelerate_argv: list[str], env: dict[str, str], timeout: float = 300
+) -> tuple[int, str]:
+    """`accelerate launch ARGV` under ``env`` (one node) with its ranks forked: (0 where every rank
+    ended with 0, else the first failing rank's exit code; the ranks' console output)."""
     processes = rank_processes(accelerate_argv, env)
     ctx = context()
     with tempfile.TemporaryDirectory(prefix="ftlaunch-harness-") as scratch:
@@ -224,12 +250,7 @@ def run_ranks(run_dir: Path, machine_rank: int | None = None, timeout: float = 3
         text = "".join(
             Path(output).read_text(errors="replace") for output in outputs if Path(output).exists()
         )
-    sys.stdout.write(text)
-    launcher_log = supervise.launcher_log_path(run_dir, recipe, 0)
-    launcher_log.parent.mkdir(parents=True, exist_ok=True)
-    with launcher_log.open("a") as log:
-        log.write(text)
-    return code
+    return code, text
 
 
 def wait_all(ranks: list, timeout: float) -> int:
