@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -189,13 +190,15 @@ def rank_main(env: dict[str, str], python_args: list[str], output: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # wait_all asks a hung rank where it is
     args = [a for a in python_args if a != "-u"]
-    assert args[0] == "-m", python_args
+    if args[0] != "-m":
+        run_script(args)
+        return
     module = importlib.import_module(args[1])
     sys.argv = [module.__file__, *args[2:]]
     from launcher.core.ranklog import exit_rank
 
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # wait_all asks a hung rank where it is
     code = module.main(args[2:])
     exit_watchdog(code)
     exit_rank(code)
@@ -221,6 +224,15 @@ def exit_watchdog(code: int) -> None:
     threading.Thread(target=expire, daemon=True, name="rank-harness-exit-watchdog").start()
 
 
+def run_script(args: list[str]) -> None:
+    """``python SCRIPT ARGS`` (a bench script's worker, started by `accelerate launch SCRIPT`): run
+    as ``__main__`` with its folder first on sys.path, as the interpreter does; it ends the rank."""
+    script = os.path.abspath(args[0])
+    sys.argv = [script, *args[1:]]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
+
+
 HUNG = 124  # wait_all's code for ranks that outlived the timeout (as `timeout` reports it)
 
 
@@ -242,6 +254,20 @@ def run_ranks(
     if env is None:
         env = supervise.child_env(recipe, False, machine_rank)
     env, accelerate_argv = command_sh_launch(run_dir, env)
+    code, text = accelerate_launch_ranks(accelerate_argv, env, timeout)
+    sys.stdout.write(text)
+    launcher_log = supervise.launcher_log_path(run_dir, recipe, 0)
+    launcher_log.parent.mkdir(parents=True, exist_ok=True)
+    with launcher_log.open("a") as log:
+        log.write(text)
+    return code
+
+
+def accelerate_launch_ranks(
+    accelerate_argv: list[str], env: dict[str, str], timeout: float = 300
+) -> tuple[int, str]:
+    """`accelerate launch ARGV` under ``env`` (one node) with its ranks forked: (0 where every rank
+    ended with 0, else the first failing rank's exit code; the ranks' console output)."""
     processes = rank_processes(accelerate_argv, env)
     ctx = context()
     with tempfile.TemporaryDirectory(prefix="ftlaunch-harness-") as scratch:
@@ -256,12 +282,7 @@ def run_ranks(
         text = "".join(
             Path(output).read_text(errors="replace") for output in outputs if Path(output).exists()
         )
-    sys.stdout.write(text)
-    launcher_log = supervise.launcher_log_path(run_dir, recipe, 0)
-    launcher_log.parent.mkdir(parents=True, exist_ok=True)
-    with launcher_log.open("a") as log:
-        log.write(text)
-    return code
+    return code, text
 
 
 def wait_all(ranks: list, timeout: float) -> int:

@@ -1,6 +1,7 @@
 """A flan-t5-large-shaped model under ZeRO-3 with gradient checkpointing on 2 CPU ranks: it trains,
 and its measured peak memory per rank against ``ftlaunch estimate`` (bench/checkpointing_memory.py,
-reduced for CI to flan-t5-large's width with 2 layers per stack, 2 steps, one launch).
+reduced for CI to flan-t5-large's width with 2 layers per stack, 2 steps, one run whose ranks
+come from the rank harness: see ``measured``).
 
 What is measured: the most bytes held by live CPU tensors at once during the steps (the torch
 profiler's allocation events: the CPU analog of CUDA's max_memory_allocated), max over ranks.
@@ -17,30 +18,69 @@ the profiler's live-tensor counter drifts (it sees no events inside DeepSpeed's 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-from pathlib import Path
+import sys
+import time
+from unittest import mock
 
 import pytest
-from conftest import cli_env
-from test_bench import run_bench
+import rankharness
+from test_bench import BENCH as BENCH_DIR  # bench/, which test_bench puts on sys.path
 
 pytestmark = pytest.mark.slow
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "checkpointing_memory.py"
+BENCH = BENCH_DIR / "checkpointing_memory.py"
 GIB = 2**30
+
+
+def with_forked_ranks(run_measured):
+    """benchlib.run_measured, but an `accelerate launch` command's ranks are forked by the rank
+    harness (tests/rankharness.py) instead of started by a real launch; other commands run."""
+
+    def run(command, env, timeout=900, **kwargs):
+        if list(command[1:3]) != ["-m", "accelerate.commands.launch"]:
+            return run_measured(command, env, timeout, **kwargs)
+        import benchlib
+
+        start = time.perf_counter()
+        code, text = rankharness.accelerate_launch_ranks(list(command[3:]), env, timeout)
+        return benchlib.RunRecord(list(command), code, time.perf_counter() - start, 0.0, 0.0, text, "")
+
+    return run
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    """One 2-rank ZeRO-3 launch of the bench's worker with checkpointing (~1-2 min)."""
+    """One 2-rank ZeRO-3 run of the bench's worker with checkpointing (~1-2 min). The bench's own
+    driver (``main``: the model, ftlaunch's render, the worker's `accelerate launch` command, the
+    max over ranks) runs in this process; only the ranks come from the rank harness (forked from its
+    preloaded forkserver, with the environment and arguments the launch would give them): the
+    subject is what a rank holds while it trains, not the launch.
+
+    The figures these tests read stay what they are under a real launch: the live-tensor peak is
+    the torch profiler's allocation events, counted inside the rank from the profiler's start, and
+    ``largest_live`` the sizes of the tensors alive after the steps; the libraries the forkserver
+    preloaded hold no such tensors of this size, and a launched rank imports the same libraries
+    before it measures. (The bench's RSS figures, not asserted here, subtract a baseline the rank
+    reads after its imports, which the forkserver's pages are part of.)"""
     work = tmp_path_factory.mktemp("checkpointing-memory")
-    result = run_bench(
-        BENCH,
+    argv = [
+        str(BENCH),
         *("--layers", "2", "--steps", "2", "--micro-batch", "2", "--source-len", "128", "--target-len", "32"),
-        *("--quick", "--json", "--work", work),
-        env=cli_env(OMP_NUM_THREADS="1"),
-    )
-    line = [row for row in result.stdout.splitlines() if row.startswith("BENCH_RESULT ")][-1]
+        *("--quick", "--json", "--work", str(work), "--timeout", "900"),
+    ]
+    import checkpointing_memory as bench
+
+    stdout = io.StringIO()
+    with (
+        mock.patch.object(bench.bl, "run_measured", with_forked_ranks(bench.bl.run_measured)),
+        mock.patch.object(sys, "argv", argv),
+        contextlib.redirect_stdout(stdout),
+    ):
+        bench.main()
+    line = [row for row in stdout.getvalue().splitlines() if row.startswith("BENCH_RESULT ")][-1]
     payload = json.loads(line.removeprefix("BENCH_RESULT "))
     return payload["True"] | {"estimate_params": payload["params"]}
 

@@ -80,6 +80,9 @@ def test_fsdp_full_matches_ddp_reloads_and_reports(tmp_path):
 
 
 def test_fsdp_lora_resume_equals_uninterrupted_run_and_reloads_in_peft(tmp_path):
+    """All three runs (the reference, the interrupted one and its resume) have their ranks from the
+    rank harness: the subject is what FSDP2 checkpoints and resumes; the interruption is SIGUSR1
+    to the ranks, which stop by themselves (test_training.interrupt_after)."""
     common = (
         "--set",
         "train.epochs=4",
@@ -99,7 +102,7 @@ def test_fsdp_lora_resume_equals_uninterrupted_run_and_reloads_in_peft(tmp_path)
     saved_step = int((run_dir / "INTERRUPTED").read_text().strip().split("_")[1])
     assert 3 <= saved_step < 32, "the run finished before the signal: make it longer"
 
-    resumed = run_cli_harness(*args, "--resume", "auto")  # the stop above was a real launch's
+    resumed = run_cli_harness(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     metrics = read_jsonl(run_dir / "metrics.jsonl")

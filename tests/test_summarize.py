@@ -115,7 +115,14 @@ def test_summarize_gives_the_runs_own_predictions(request, tmp_path, method, gpu
     run_dir = request.getfixturevalue(f"{method}_run")
     source = run_dir if method == "full" else run_dir / "final"  # a run dir, or its final/ folder
     out = tmp_path / "summaries.jsonl"
-    result = summarize_cli(source, "--gpus", str(gpus), "--input", str(SAMPLE_TEST), "--output", str(out))
+    args = ("--gpus", str(gpus), "--input", str(SAMPLE_TEST), "--output", str(out))
+    if gpus == 1:  # generates in the `ftlaunch summarize` process itself
+        result = summarize_cli(source, *args)
+    else:
+        # 2 ranks from the rank harness (tests/rankharness.py): the subject is what the ranks
+        # generate and how the CLI hands it out; a real 2-rank summarize launch:
+        # tests/test_failure_messages.py (a failing one, whose log the message names).
+        result = run_cli_harness("summarize", str(source), "--cpu", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     expected = evaluated(run_dir)
     got = read_jsonl(out)
@@ -138,7 +145,7 @@ def test_summaries_are_byte_identical_on_1_2_and_3_ranks(full_run, tmp_path):
     for gpus in (1, 2, 3):
         out = tmp_path / f"summaries-{gpus}.jsonl"
         args = ("--gpus", str(gpus), "--input", str(dialogues), "--output", str(out))
-        # 2 and 3 ranks through the rank harness (what they generate; real launches: the test above)
+        # 2 and 3 ranks through the rank harness (what they generate, as in the test above)
         if gpus == 1:
             result = summarize_cli(full_run, *args, "--set", "eval.batch_size=5")
         else:

@@ -5,21 +5,24 @@ whole sweep with one line); the points of --grid / --variants, their directory n
 manifest; a --slurm dry run renders every point and the array's task arguments (read back by bash
 as slurm/sweep.sh reads them); the report of a hand-made sweep (sorting, best run, statuses).
 
-Slow (one test, real training on one CPU rank per point): a 2 x 2 sweep run here, one point failing
-on an injected fault without stopping the others, its report; then the sweep extended with a new
-value: finished points are kept untouched, the failed one resumes from its own checkpoint and ends
-with the same losses as the point that differs only in how often it checkpoints.
+Slow (one test, training on one CPU rank per point: the failing point launched for real, the others'
+ranks from the rank harness): a 2 x 2 sweep run here, one point failing on an injected fault without
+stopping the others, its report; then the sweep extended with a new value: finished points are kept
+untouched, the failed one resumes from its own checkpoint and ends with the same losses as the point
+that differs only in how often it checkpoints.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, read_jsonl, run_cli, run_cli_harness, run_cli_in_process
+from conftest import cli_env, read_jsonl, run_cli_harness, run_cli_in_process
 from test_cli_errors import assert_refused, tree
 
 TINY = ["--model", "tiny-t5", "--data", "sample", "--cpu"]
@@ -254,20 +257,52 @@ def finished_points(sweep: Path) -> dict[str, dict]:
     return found
 
 
+def launch_one_point_really(real_point: str):
+    """``launch.run_command`` for an in-process `ftlaunch sweep`: the point named ``real_point``
+    through the real launch (the supervisor, command.sh, `accelerate launch`), every other point's
+    ranks from the rank harness (tests/rankharness.py)."""
+    import rankharness
+
+    from launcher.host import launch
+
+    real_run_command = launch.run_command  # taken before run_cli_in_process replaces it
+
+    def run_command(run_dir: Path, machine_rank: int | None = None) -> int:
+        if run_dir.name != real_point:
+            return rankharness.run_ranks(run_dir, machine_rank)
+        console = sys.stdout  # the captured output: text only, and the supervisor writes bytes
+        sys.stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+        try:
+            return real_run_command(run_dir, machine_rank)
+        finally:
+            sys.stdout.flush()
+            text = sys.stdout.buffer.getvalue().decode("utf-8", errors="replace")
+            sys.stdout = console
+            console.write(text)
+
+    return run_command
+
+
 @pytest.mark.slow
 def test_local_sweep_runs_every_point_reports_and_extends(tmp_path):
+    """The subject is the sweep itself (its plan, every point run whatever another does, the report,
+    the extension): three points' ranks come from the rank harness (what they train is not the
+    subject), and the point that fails is launched for real, so that a real launch's failure is
+    what the sweep survives and the report names."""
     out = tmp_path / "sweep"
     grid = ["--grid", "train.max_steps=2,5", "--grid", "train.checkpoint_every=2,3"]
     # The injected fault hits the only point that saves a checkpoint at step 4: it fails after step_2.
-    first = run_cli(
-        "sweep", "lora", *SMALL, *grid, "--output", str(out), env=cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="0:4")
+    failed = "max_steps=5_checkpoint_every=2"
+    first = run_cli_in_process(
+        *("sweep", "lora", *SMALL, *grid, "--output", str(out)),
+        env=cli_env(FTLAUNCH_FAULT_RAISE_IN_SAVE="0:4"),
+        run_ranks=launch_one_point_really(failed),
     )
     output = first.stdout + first.stderr
     assert first.returncode == 1, output[-6000:]
     names = ["max_steps=2_checkpoint_every=2", "max_steps=2_checkpoint_every=3",
              "max_steps=5_checkpoint_every=2", "max_steps=5_checkpoint_every=3"]  # fmt: skip
     assert sorted(path.name for path in out.iterdir() if (path / "recipe.yaml").is_file()) == sorted(names)
-    failed = "max_steps=5_checkpoint_every=2"
     done = finished_points(out)
     assert sorted(done) == sorted(set(names) - {failed}), output[-6000:]  # the failure stopped no other point
     assert "1 point(s) failed: max_steps=5_checkpoint_every=2" in first.stderr
@@ -291,7 +326,7 @@ def test_local_sweep_runs_every_point_reports_and_extends(tmp_path):
     # failed one resumes from its step_2 checkpoint, the new one runs.
     kept = {name: (out / name / "metrics.jsonl").stat().st_mtime_ns for name in done}
     # Its points' ranks come from the rank harness (tests/rankharness.py): what they resume and
-    # compute is checked here; the first sweep's real launches showed the launch and the failure.
+    # compute is checked here; the first sweep's real launch showed the launch and the failure.
     second = run_cli_harness("sweep", "lora", *SMALL, "--grid", "train.max_steps=1", "--grid",
                              "train.checkpoint_every=2", "--output", str(out))  # fmt: skip
     output = second.stdout + second.stderr

@@ -100,6 +100,9 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tmp_path):
+    """The interrupted run and its resume have their ranks from the rank harness: the trackers live
+    in the ranks (Accelerate's trackers on the main process), and the interruption is SIGUSR1 to
+    the ranks, which stop by themselves (test_training.interrupt_after); no launch is the subject."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from mlflow.tracking import MlflowClient
@@ -116,7 +119,7 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     assert stopped.returncode != 0 and (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
     first_ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
 
-    resumed = run_cli_harness(*args, "--resume", "auto", env=env)  # the stop above was a real launch's
+    resumed = run_cli_harness(*args, "--resume", "auto", env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     logged = {row["step"]: row["loss"] for row in metrics if "loss" in row}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from conftest import (
     TINY_ONE_EPOCH,
     UNIGRAM_TOKENIZER,
     assert_same_final_weights,
-    cli_env,
     needs_dialogsum,
     read_jsonl,
     run_cli,
@@ -31,6 +31,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from launcher.core.ranklog import rank_log_path
 from launcher.rank.compiling import bucket_count
 
 pytestmark = pytest.mark.slow
@@ -215,41 +216,58 @@ def test_compiled_run_matches_eager_run(trained, zero, eager_run):
     assert 1 <= final["compiled_graphs"] <= final["batch_shapes"] <= bucket_count(512, 128)
 
 
+# The pid in each rank log's first line (launcher.core.ranklog.start).
+RANK_HEADER = re.compile(r"^===== ftlaunch rank (\d+) \(.*?pid (\d+)\) started", re.M)
+
+
 def rank_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"launcher.rank.train --run-dir {run_dir}"], capture_output=True, text=True
-    )
-    return [int(pid) for pid in out.stdout.split()]
+    """The running ranks' pids, from their logs' newest header line: ranks forked by the rank
+    harness have no command line of their own to be found by."""
+    pids: dict[int, int] = {}
+    for log in rank_log_path(run_dir, 0).parent.glob("rank*.log"):
+        for rank, pid in RANK_HEADER.findall(log.read_text(errors="replace")):
+            pids[int(rank)] = int(pid)
+    return list(pids.values())
 
 
 def interrupt_after(
     run_dir: Path, args: list[str], step: int, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Start a run, send SIGUSR1 to its ranks once `step` is logged, return the finished process."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launcher.host.cli", *args],
-        env=env or cli_env(),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    """Run `ftlaunch ARGS` with its ranks in the rank harness (tests/rankharness.py), send SIGUSR1
+    to the ranks once `step` is logged; the finished run's result (its output in stdout).
+
+    The signal goes to the ranks themselves, not to the supervisor: stopping is what the ranks do
+    (launcher.rank.stopping: checkpoint, INTERRUPTED, exit 3), which forked ranks do as launched
+    ones do. Forwarding a signal from the supervisor to the ranks is tests/test_faults.py's."""
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(losses(read_jsonl(metrics))) >= step:
-            for pid in rank_pids(run_dir):
-                os.kill(pid, signal.SIGUSR1)
-            break
-        time.sleep(0.02)
-    output, _ = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(args, process.returncode, output, "")
+    finished = threading.Event()
+
+    def watch() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not finished.is_set():
+            if metrics.is_file() and len(losses(read_jsonl(metrics))) >= step:
+                for pid in rank_pids(run_dir):
+                    os.kill(pid, signal.SIGUSR1)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_cli_harness(*args, env=env)
+    finally:
+        finished.set()
+        watcher.join()
+    return subprocess.CompletedProcess(args, result.returncode, result.stdout + result.stderr, "")
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     """SIGUSR1 (SLURM's preemption signal) to every rank under ZeRO-2, with token-budget
     micro-batches (whose packing differs from epoch to epoch); the resumed run is the
     uninterrupted one. DDP's resume (fixed-size micro-batches) after a stop request and after a
-    crash: test_faults."""
+    crash: test_faults. Both runs, the interrupted one and its resume, have their ranks from the
+    rank harness: the subject is what the ranks checkpoint and resume (the signal goes to the
+    ranks, which stop by themselves: see interrupt_after), not the launch."""
     zero = 2
     common = (
         *("--set", "train.epochs=6", "--set", "train.lr=2e-3", "--set", "train.checkpoint_every=1000"),
@@ -269,7 +287,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert state["micro_batch_tokens"] == 1000
     assert saved_step % (total // 6) and state["batches_in_epoch"] > 0, "resume from mid-epoch"
 
-    resumed = run_cli_harness(*args, "--resume", "auto")  # the stop above was a real launch's
+    resumed = run_cli_harness(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert not (run_dir / "INTERRUPTED").exists()
