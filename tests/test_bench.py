@@ -122,10 +122,9 @@ def harness_run_measured(real_run_measured):
     """``benchlib.run_measured`` whose `accelerate launch` commands start their ranks in the rank
     harness (tests/rankharness.py): Accelerate's own launch_command computes every rank's
     environment and command from the same arguments and config file, the ranks fork from the
-    session's preloaded forkserver and run the same bench script's ``main``. Other commands (the
-    renders) run as real subprocesses. Wall time only: forked ranks are not this process's
+    session's preloaded forkserver and run the same bench script as ``__main__``. Other commands
+    (the renders) run as real subprocesses. Wall time only: forked ranks are not this process's
     children, so their CPU time is not counted (0), nor the foreign load."""
-    import tempfile
     import time
 
     import benchlib as bl
@@ -138,23 +137,7 @@ def harness_run_measured(real_run_measured):
         argv = list(command[list(command).index(launch) + 1 :])
         for attempt in range(2):
             started = time.perf_counter()
-            processes = rankharness.rank_processes(argv, env)
-            with tempfile.TemporaryDirectory(prefix="ftlaunch-bench-harness-") as scratch:
-                outputs = [str(Path(scratch) / f"rank{i}.out") for i in range(len(processes))]
-                ranks = []
-                for (worker_env, python_args), output in zip(processes, outputs):
-                    script, *script_args = [a for a in python_args if a != "-u"]
-                    assert Path(script).parent == BENCH, python_args  # bench/ is on the ranks' sys.path
-                    module_args = ["-m", Path(script).stem, *script_args]
-                    ranks.append(
-                        rankharness.context().Process(
-                            target=rankharness.rank_main, args=(worker_env, module_args, output)
-                        )
-                    )
-                for rank in ranks:
-                    rank.start()
-                code = rankharness.wait_all(ranks, min(timeout, 300))
-                text = "".join(Path(o).read_text(errors="replace") for o in outputs if Path(o).exists())
+            code, text = rankharness.accelerate_launch_ranks(argv, env, min(timeout, 300))
             if code != rankharness.HUNG or attempt:
                 break
             # as conftest.run_cli_harness: a forked rank that never exits (rare, harness only) is

@@ -6,14 +6,14 @@ come from the rank harness: see ``measured``).
 What is measured: the most bytes held by live CPU tensors at once during the steps (the torch
 profiler's allocation events: the CPU analog of CUDA's max_memory_allocated), max over ranks.
 
-Issue 26 asks for that peak to be within 20 % of the estimate's ZeRO-3 row. It is not yet, and
-the last test says so (strict xfail: it fails loudly once the estimate accounts for the rest, so
-the marker comes off). The estimate now counts ftlaunch's fp32 ZeRO-3 as rendered: 20Ψ/N of
-partitions (measured exactly below), backward's gathered fp32 weights 4·min(Ψ, 1e9) and one
-layer's gradient (launcher/host/estimate.py). On the 4-layer shape (bench/results/checkpointing_memory.md)
-that is 2.63 GiB against 3.86 GiB measured (1.47x): within the first step, about 1.0-1.3 x 10^9
-bytes of backward's transient memory (5.5-7 bytes per parameter) are still unaccounted for, and
-the profiler's live-tensor counter drifts (it sees no events inside DeepSpeed's optimizer step).
+Issue 26 asks for that peak to be within 20 % of the estimate's ZeRO-3 row (launcher/host/estimate.py:
+fp32 partitions 20Ψ/N, backward's gathered fp32 weights 4·min(Ψ, 1e9) and one layer's gradient,
+the step's flat gradient copy, activations). The bench counts what the product runs (the fused
+AdamW ``train.py`` builds with the rank's device) and replays the profiler's allocation events
+by address, as it misses some frees (bench/checkpointing_memory.py ``Allocations``). On the
+4-layer shape (bench/results/checkpointing_memory.md) the peak is 1.03x the estimate with
+checkpointing and 1.06x without; the estimate and the measurement are independent (a formula
+from the model's facts; allocation events inside the ranks).
 """
 
 from __future__ import annotations
@@ -22,33 +22,16 @@ import contextlib
 import io
 import json
 import sys
-import time
 from unittest import mock
 
 import pytest
-import rankharness
 from test_bench import BENCH as BENCH_DIR  # bench/, which test_bench puts on sys.path
+from test_bench import harness_run_measured
 
 pytestmark = pytest.mark.slow
 
 BENCH = BENCH_DIR / "checkpointing_memory.py"
 GIB = 2**30
-
-
-def with_forked_ranks(run_measured):
-    """benchlib.run_measured, but an `accelerate launch` command's ranks are forked by the rank
-    harness (tests/rankharness.py) instead of started by a real launch; other commands run."""
-
-    def run(command, env, timeout=900, **kwargs):
-        if list(command[1:3]) != ["-m", "accelerate.commands.launch"]:
-            return run_measured(command, env, timeout, **kwargs)
-        import benchlib
-
-        start = time.perf_counter()
-        code, text = rankharness.accelerate_launch_ranks(list(command[3:]), env, timeout)
-        return benchlib.RunRecord(list(command), code, time.perf_counter() - start, 0.0, 0.0, text, "")
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +58,7 @@ def measured(tmp_path_factory) -> dict:
 
     stdout = io.StringIO()
     with (
-        mock.patch.object(bench.bl, "run_measured", with_forked_ranks(bench.bl.run_measured)),
+        mock.patch.object(bench.bl, "run_measured", harness_run_measured(bench.bl.run_measured)),
         mock.patch.object(sys, "argv", argv),
         contextlib.redirect_stdout(stdout),
     ):
@@ -102,10 +85,8 @@ def test_large_shape_trains_two_steps_with_checkpointing_under_zero3(measured):
     assert measured["tensors_train_peak"] > 20 * params / 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ftlaunch estimate's ZeRO-3 row (fp32 partitions + gathered weights + one layer's "
-    "gradient) still misses ~5.5-7 bytes/parameter of backward's transients: see the module docstring",
-)
 def test_peak_per_rank_is_within_20_percent_of_the_estimate(measured):
+    """Issue 26's bound: the estimate's term that can be off here is the one it has no exact
+    model for (autocast's bf16 weight copies, counted as one layer's fp32 gradient), a few % of
+    the peak at this shape; 20 % is the issue's own tolerance."""
     assert measured["tensors_train_peak"] == pytest.approx(measured["estimate_total"], rel=0.20)
