@@ -397,13 +397,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert re.search(r"exitcode\s*:\s*3\b", launcher_log), (
         "the ranks should exit with code 3:\n" + launcher_log[-4000:]
     )
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
-    assert re.search(
-        r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
-        r"--resume auto\)",
-        output,
-        re.M,
-    ), output[-3000:]
+    assert_interrupted_cleanly(output)
     assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
     step = int((run_dir / "INTERRUPTED").read_text().strip().removeprefix("step_"))
     assert 1 <= step < TOTAL_STEPS, "the run finished before the signal: make it longer"
@@ -417,6 +411,18 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, reference):
     assert not (run_dir / "INTERRUPTED").exists()
     assert_same_run(read_jsonl(run_dir / "metrics.jsonl"), expected)
     assert_same_final_weights(run_dir, reference_dir)
+
+
+def assert_interrupted_cleanly(output: str) -> None:
+    """ftlaunch's console after a stop by signal: no traceback, and the line that says what was
+    saved and how to continue."""
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
+    assert re.search(
+        r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
+        r"--resume auto\)",
+        output,
+        re.M,
+    ), output[-3000:]
 
 
 def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
@@ -440,13 +446,7 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
         ended = time.monotonic() - signalled
         output = job.output()
     assert code == 3, output[-6000:]
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
-    assert re.search(
-        r"^interrupted: checkpoint step_\d+ written; exit code 3 \(interrupted: continue with "
-        r"--resume auto\)",
-        output,
-        re.M,
-    ), output[-3000:]
+    assert_interrupted_cleanly(output)
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after {how}"
     assert_no_rank_left(run_dir)
     assert (run_dir / "INTERRUPTED").is_file(), output[-6000:]
