@@ -60,14 +60,21 @@ def start(command: list[str], **env: str) -> subprocess.Popen:
 
 
 def finish_both(processes: list[subprocess.Popen]) -> list[str]:
+    """Both nodes' console output once both ended; a node still running after 600 s fails the
+    test with what every node printed (a node that ended early is why the other one waits)."""
     outputs = []
-    for process in processes:
+    for node, process in enumerate(processes):
         try:
             output, _ = process.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
-            raise
+            said = [
+                f"node {n} (exit {p.returncode}):\n{o[-3000:]}"
+                for n, (p, o) in enumerate(zip(processes, outputs))
+            ]
+            late = process.communicate()[0] or ""
+            pytest.fail(f"node {node} still ran after 600 s:\n{late[-3000:]}\n" + "\n".join(said))
         outputs.append(output)
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-4000:]

@@ -186,6 +186,30 @@ def test_the_write_check_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_write_check_of_two_nodes_at_once_does_not_refuse(tmp_path, monkeypatch):
+    """Two nodes check the same --output at once: the other node created the folder for its own
+    check and removes it just as this node probes it (what made node 0 of a two-node run refuse
+    while node 1 launched and waited for it). The check runs again and passes, leaving nothing."""
+    import tempfile
+
+    from launcher.core.writable import write_problem
+
+    target = tmp_path / "run"
+    target.mkdir()  # the other node's check created it
+    real = tempfile.NamedTemporaryFile
+    calls = []
+
+    def other_node_cleans_up_first(*args, **kwargs):
+        calls.append(kwargs["dir"])
+        if len(calls) == 1:
+            target.rmdir()  # the other node's check ends, removing the folder it created
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", other_node_cleans_up_first)
+    assert write_problem(target) is None
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- class 3: damaged model files
 
 

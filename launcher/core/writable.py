@@ -11,6 +11,7 @@ while a read-only filesystem, a full quota or a parent that is a file stop root 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -26,8 +27,26 @@ def nearest_existing(path: Path) -> Path:
 
 
 def write_problem(directory: Path) -> str | None:
-    """Why files cannot be created in ``directory`` (None when they can); leaves no trace."""
+    """Why files cannot be created in ``directory`` (None when they can); leaves no trace.
+
+    The nodes of a multi-node run check the same ``--output`` at the same moment: a directory one
+    of them created for its check and then removed can vanish between another's mkdir and its
+    probe. That is not a reason to refuse: the check runs again (a few times at most)."""
     directory = Path(os.path.abspath(directory.expanduser()))
+    for _attempt in range(RACE_RETRIES):
+        problem = probe_once(directory)
+        if problem != VANISHED:
+            return problem
+    return os.strerror(errno.ENOENT)
+
+
+RACE_RETRIES = 5
+VANISHED = "vanished"  # probe_once: the directory was removed under the check by another process
+
+
+def probe_once(directory: Path) -> str | None:
+    """One check of ``write_problem``: create the missing folders, write and remove a probe file,
+    remove the folders it created; VANISHED when a folder it found was removed meanwhile."""
     existing = nearest_existing(directory)
     if not existing.is_dir():
         return f"{existing} is a file, not a directory"
@@ -45,6 +64,8 @@ def write_problem(directory: Path) -> str | None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".ftlaunch-write-probe-") as probe:
             probe.write(b"probe")
             probe.flush()
+    except FileNotFoundError:
+        return VANISHED  # a folder that existed a moment ago is gone: another check removed it
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     finally:
