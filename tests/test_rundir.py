@@ -10,12 +10,11 @@ sweep itself counts them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 from conftest import run_cli_in_process
-from test_sweep import fake_run
+from test_sweep import fake_run, write_lora_r_manifest
 
 from launcher.core.recipe import read_run_recipe
 from launcher.core.rundir import RunDir
@@ -33,12 +32,7 @@ def write_recipe(run_dir: Path, after_training: bool) -> None:
 def test_a_sweep_without_evaluation_reports_its_trained_points_done(tmp_path):
     sweep = tmp_path / "sweep"
     names = ["r=4", "r=8", "r=16"]
-    manifest = {
-        "ftlaunch_sweep": 1, "method": "lora", "args": [], "keys": ["lora.r"], "jobs": [],
-        "points": [{"index": i, "name": name, "values": {"lora.r": name[2:]}} for i, name in enumerate(names)],
-    }  # fmt: skip
-    sweep.mkdir()
-    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    write_lora_r_manifest(sweep, names)
     # r=4 and r=8 trained to the end without evaluating: final/ and metrics, no eval/ folder.
     for name in ("r=4", "r=8"):
         fake_run(sweep / name, None, losses=(3.0, 2.5))

@@ -185,15 +185,20 @@ def fake_run(run_dir: Path, rougelsum: float | None, original: float = 0.10, los
     )  # half a line
 
 
-def test_report_of_a_sweep_sorts_names_the_best_and_shows_failures(tmp_path):
-    sweep = tmp_path / "sweep"
-    names = ["r=4", "r=8", "r=16", "r=32"]
+def write_lora_r_manifest(sweep: Path, names: list[str]) -> None:
+    """A sweep directory's manifest over lora.r, one point per name ("r=4", ...), no runs yet."""
     manifest = {
         "ftlaunch_sweep": 1, "method": "lora", "args": [], "keys": ["lora.r"], "jobs": [],
         "points": [{"index": i, "name": name, "values": {"lora.r": name[2:]}} for i, name in enumerate(names)],
     }  # fmt: skip
     sweep.mkdir()
     (sweep / "sweep.json").write_text(json.dumps(manifest))
+
+
+def test_report_of_a_sweep_sorts_names_the_best_and_shows_failures(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = ["r=4", "r=8", "r=16", "r=32"]
+    write_lora_r_manifest(sweep, names)
     fake_run(sweep / "r=4", 0.30)
     fake_run(sweep / "r=8", 0.35)
     fake_run(sweep / "r=16", None)  # failed: a rank's failure record, the status of its attempt
