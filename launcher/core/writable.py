@@ -34,19 +34,19 @@ def write_problem(directory: Path) -> str | None:
     probe. That is not a reason to refuse: the check runs again (a few times at most)."""
     directory = Path(os.path.abspath(directory.expanduser()))
     for _attempt in range(RACE_RETRIES):
-        problem = probe_once(directory)
-        if problem != VANISHED:
-            return problem
+        try:
+            return probe_once(directory)
+        except FileNotFoundError:
+            continue  # a folder found a moment ago is gone: another check removed it
     return os.strerror(errno.ENOENT)
 
 
 RACE_RETRIES = 5
-VANISHED = "vanished"  # probe_once: the directory was removed under the check by another process
 
 
 def probe_once(directory: Path) -> str | None:
     """One check of ``write_problem``: create the missing folders, write and remove a probe file,
-    remove the folders it created; VANISHED when a folder it found was removed meanwhile."""
+    remove the folders it created. FileNotFoundError: a folder it found was removed meanwhile."""
     existing = nearest_existing(directory)
     if not existing.is_dir():
         return f"{existing} is a file, not a directory"
@@ -65,7 +65,7 @@ def probe_once(directory: Path) -> str | None:
             probe.write(b"probe")
             probe.flush()
     except FileNotFoundError:
-        return VANISHED  # a folder that existed a moment ago is gone: another check removed it
+        raise  # write_problem checks again
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     finally:
