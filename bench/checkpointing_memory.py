@@ -29,6 +29,8 @@ freed memory (``malloc_trim``) before each reading. The estimate's figure is the
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import os
 import time
@@ -74,11 +76,10 @@ class Allocations:
     threads it does not trace, e.g. inside DeepSpeed's communication), and a plain running sum of
     +size/-size then only grows (by ~0.9 x 10^9 bytes over two steps of the 4-layer shape). An
     address the allocator hands out again was free, so an allocation at a still-live address
-    first drops the old one (counted in ``unseen_frees``)."""
+    first drops the old one (``unseen_frees``: the bytes dropped so)."""
 
     events: list[tuple[int, int, int, object]]  # (time ns, address, +bytes or -bytes, the event)
     spans: dict[str, tuple[int, int]]
-    unseen_frees: int = 0  # bytes dropped because their address was handed out again (last replay)
 
     @classmethod
     def of(cls, prof) -> Allocations:
@@ -97,27 +98,33 @@ class Allocations:
         return cls(sorted(events, key=lambda e: e[0]), spans)
 
     def replay(self):
-        """(time, live bytes, live allocations by address) after each event; the dict is shared."""
+        """(time, live bytes, live allocations by address, bytes dropped as unseen frees so far)
+        after each event; the dict is shared."""
         live: dict[int, tuple[int, int, object]] = {}
-        total = 0
-        self.unseen_frees = 0
+        total = unseen = 0
         for at, ptr, size, event in self.events:
             if ptr in live:
                 old = live.pop(ptr)[0]
                 total -= old
                 if size > 0:
-                    self.unseen_frees += old
+                    unseen += old
             if size > 0:
                 live[ptr] = (size, at, event)
                 total += size
-            yield at, total, live
+            yield at, total, live, unseen
+
+    @functools.cached_property
+    def unseen_frees(self) -> int:
+        """Bytes the replay dropped because their address was handed out again."""
+        last = collections.deque(self.replay(), maxlen=1)
+        return last[0][3] if last else 0
 
     def peaks(self, marker: str) -> tuple[int, int, int]:
         """(peak before ``marker`` began, peak from then on, live at the end): the CPU analog of
         CUDA's max_memory_allocated, counted from the profiler's start."""
         start = self.spans[marker][0]
         before = after = total = 0
-        for at, total, _live in self.replay():
+        for at, total, _live, _unseen in self.replay():
             if at < start:
                 before = max(before, total)
             else:
@@ -132,7 +139,7 @@ class Allocations:
             if name.startswith(prefix)
         )
         peaks: dict[str, list[int]] = {}
-        for at, total, _live in self.replay():
+        for at, total, _live, _unseen in self.replay():
             for begin, end, name in spans:
                 if at < begin:
                     peaks[name] = [total, total]
@@ -149,7 +156,7 @@ class Allocations:
 
         begin, end = self.spans[span]
         best, snapshot = -1, {}
-        for at, total, live in self.replay():
+        for at, total, live, _unseen in self.replay():
             if begin <= at <= end and total > best:
                 best, snapshot = total, dict(live)
         groups: Counter[str] = Counter()
