@@ -97,7 +97,8 @@ def fake_run(tmp_path: Path, model_dir: Path) -> Path:
     shutil.copyfile(Path(__file__).resolve().parents[1] / "recipes" / "full.yaml", run / "recipe.yaml")
     evaluated = run / "eval" / "finetuned"
     evaluated.mkdir(parents=True)
-    (evaluated / "rouge.json").write_text(json.dumps({"rouge1": 0.1, "scoring": "best_of_n"}))
+    scores = {"rouge1": 0.1, "rouge2": 0.05, "rougeL": 0.1, "rougeLsum": 0.1, "scoring": "best_of_n"}
+    (evaluated / "rouge.json").write_text(json.dumps(scores))
     (evaluated / "predictions.jsonl").write_text(
         json.dumps({"id": "a", "prediction": "x", "references": ["x"]}) + "\n"
     )

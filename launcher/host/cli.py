@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from launcher.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
-from launcher.core.rundir import LOCK_FILE, ResultDir, RunDir
+from launcher.core.rundir import ResultDir, RunDir
 from launcher.host.options import FLAG_KEYS, EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
 
 app = typer.Typer(
@@ -212,7 +212,7 @@ def eval_command(
     from launcher.core.modelfiles import check_model_files
     from launcher.core.writable import check_writable_dir
     from launcher.host import launch, runlock
-    from launcher.host.render import RankEntry
+    from launcher.host.render import EVAL_MODULE, RankEntry
 
     recipe = eval_recipe(
         EvalOptions(
@@ -241,15 +241,9 @@ def eval_command(
         launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
     runlock.check_free(run_dir)  # an evaluation is a run: one per directory at a time
-    if (
-        run_dir.exists()
-        and any(entry.name != LOCK_FILE for entry in run_dir.iterdir())
-        and not RunDir(run_dir).results.rouge.exists()
-        and not RunDir(run_dir).recipe_yaml.exists()
-    ):
-        raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
+    launch.check_eval_output(run_dir)
     check_writable_dir(run_dir, "--output")
-    entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module="launcher.rank.evaluation")
+    entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module=EVAL_MODULE)
     if not dry_run:
         runlock.hold(run_dir)  # before its files are written
     launch.write_run_files(recipe, run_dir, entry)

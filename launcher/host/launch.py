@@ -22,7 +22,15 @@ from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir
 from launcher.core.trackers import check_trackers_installed
 from launcher.core.writable import check_writable_dir
 from launcher.host import runlock
-from launcher.host.render import MACHINE_RANK_ENV, RankEntry, render_run, require_multinode_address
+from launcher.host.render import (
+    EVAL_MODULE,
+    MACHINE_RANK_ENV,
+    TRAIN_MODULE,
+    RankEntry,
+    render_run,
+    rendered_module,
+    require_multinode_address,
+)
 
 RUN_FILES = RENDERED_FILES
 
@@ -220,6 +228,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
         raise UserError("--overwrite starts the run again and --resume continues it; pass only one of them")
     if overwrite:
         return
+    check_training_output(run_dir)
     if not holds_run(run_dir):
         if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
             raise UserError(
@@ -237,6 +246,32 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
         raise UserError(
             f"--output {run_dir} already holds this run with checkpoints; pass --resume auto to "
             "continue it or --overwrite to start again"
+        )
+
+
+def check_eval_output(run_dir: Path) -> None:
+    """`ftlaunch eval --output`: a new or empty folder, or an earlier evaluation's (replaced). Never a
+    training run: its recipe.yaml and command.sh are what --resume and SLURM requeues start from."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file; pass a directory for the evaluation")
+    module = rendered_module(run_dir)
+    if module == EVAL_MODULE:
+        return
+    if module == TRAIN_MODULE:
+        raise UserError(
+            f"--output {run_dir} holds a training run; an evaluation there would replace the recipe.yaml "
+            f"and command.sh it resumes from: pick a new directory, e.g. --output {run_dir.name}-eval"
+        )
+    if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
+        raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
+
+
+def check_training_output(run_dir: Path) -> None:
+    """`ftlaunch full|lora --output` on an `ftlaunch eval` folder: no run there to resume or replace."""
+    if rendered_module(run_dir) == EVAL_MODULE:
+        raise UserError(
+            f"--output {run_dir} holds an `ftlaunch eval` output, not a training run; pick a new "
+            "directory (or pass --overwrite to replace the evaluation)"
         )
 
 

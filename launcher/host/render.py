@@ -37,15 +37,27 @@ MAIN_ADDRESS_FROM_ENV = (
 MAIN_PORT_FROM_ENV = '"${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}"'
 
 
+EVAL_MODULE = "launcher.rank.evaluation"
+TRAIN_MODULE = "launcher.rank.train"
+
+
+def rendered_module(run_dir: Path) -> str | None:
+    """Which rank module a rendered run directory starts (``-m MODULE`` in its command.sh): tells a
+    training run from an ``ftlaunch eval`` output, which share recipe.yaml and command.sh."""
+    command = RunDir(run_dir).command_sh
+    if not command.is_file():
+        return None
+    match = re.search(r" -m (\S+) --run-dir ", command.read_text(errors="replace"))
+    return match.group(1) if match else None
+
+
 @dataclass(frozen=True)
 class RankEntry:
     """What command.sh starts on every rank: a module and its run options, and the ftlaunch
     command line it was rendered from (kept in command.sh as a comment)."""
 
     argv: list[str]
-    module: str = (
-        "launcher.rank.train"  # launcher.rank.evaluation for `ftlaunch eval`, launcher.host.summarize ...
-    )
+    module: str = TRAIN_MODULE  # EVAL_MODULE for `ftlaunch eval`, launcher.host.summarize ...
     resume: str | None = None
     force_resume: bool = False
 

@@ -18,9 +18,9 @@ from launcher.core.errors import EXIT_INTERRUPTED, UserError
 from launcher.core.jsonl import read_jsonl_partial
 from launcher.core.recipe import Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir, SweepDir
-from launcher.core.writable import check_writable_dir
 from launcher.host.sweep_grid import short_keys
 from launcher.host.sweep_manifest import Point, Sweep, read_status, read_sweep
+from launcher.results.report import check_report_output
 from launcher.results.rouge import ROUGE_TYPES
 
 DEFAULT_METRIC = "rougeLsum"
@@ -290,7 +290,7 @@ def write_sweep_report(sweep_dir: Path, out_dir: Path | None = None, metric: str
     rows = sorted_rows([read_point(sweep, point) for point in sweep.points], metric)
     own = SweepDir(sweep_dir).report.path
     out_dir = out_dir or own
-    check_writable_dir(out_dir, "--output" if out_dir != own else "report folder")
+    check_report_output(out_dir, own)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_metric(sweep, rows, metric, out_dir / f"{metric}.png")
     plot_losses(rows, out_dir / "loss.png")

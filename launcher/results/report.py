@@ -16,11 +16,46 @@ from launcher.core.errors import UserError
 from launcher.core.jsonl import read_jsonl
 from launcher.core.metrics import read_metrics
 from launcher.core.recipe import shown_generation_settings
-from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir
+from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir, SweepDir
 from launcher.core.writable import check_writable_dir
 from launcher.results.rouge import ROUGE_TYPES
 
 MODEL_ORDER = (ORIGINAL, FINETUNED)
+
+
+def read_eval_scores(rouge_file: Path) -> dict[str, Any]:
+    """One evaluation's rouge.json, checked: the tables print its four ROUGE values as numbers.
+
+    A report folder's rouge.json (one entry per model) is the likely mix-up: it is named as such.
+    """
+    try:
+        scores = json.loads(rouge_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(
+            f"{rouge_file} is not valid JSON ({reason}); rewrite it with `ftlaunch score PREDICTIONS --output DIR`"
+        ) from None
+    if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
+        folder = rouge_file.parent
+        run = folder.resolve().parent
+        source = f" (here: {folder.parent})" if RunDir(run).has_recipe() or SweepDir(run).is_sweep() else ""
+        raise UserError(
+            f"{folder} is a report folder (its rouge.json holds several models); pass the run "
+            f"directories or `ftlaunch eval` output directories it was made from{source}"
+        )
+    if not isinstance(scores, dict):
+        raise UserError(
+            f"{rouge_file} is not an evaluation's ROUGE record (a JSON object); pass a run directory "
+            "or an `ftlaunch eval` output directory"
+        )
+    for key in ROUGE_TYPES:
+        value = scores.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(
+                f"{rouge_file}: {key} is {value!r}, not a number; rewrite the file with "
+                "`ftlaunch score PREDICTIONS --output DIR`"
+            )
+    return scores
 
 
 def read_eval_dir(path: Path) -> dict[str, Any]:
@@ -31,10 +66,7 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path} has no {rouge_file.name}; pass a run directory or an `ftlaunch eval` output directory"
         )
-    try:
-        scores = json.loads(rouge_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{rouge_file} is not valid JSON ({exc.msg})") from None
+    scores = read_eval_scores(rouge_file)
     predictions_file = result.predictions
     predictions = []
     if predictions_file.is_file():
@@ -225,12 +257,37 @@ def rank_independence(scores: dict) -> list[str]:
     ]
 
 
+def check_report_output(out_dir: Path, own: Path | None = None) -> None:
+    """Where a report may go: its own folder (``RUN/report/``), a new or empty folder, or an earlier
+    report's folder (its files replaced). Not a folder that holds something else (a run, a model,
+    an evaluation), where report.md and rouge.json would land among its files, and not another
+    run's or sweep's own report/, which its model card and trackers read."""
+    if own is not None and out_dir.resolve() == own.resolve():
+        check_writable_dir(out_dir, "report folder")
+        return
+    check_writable_dir(out_dir, "--output")
+    if not out_dir.is_dir():
+        return
+    parent = out_dir.resolve().parent
+    if out_dir.resolve() == RunDir(parent).report.path and (
+        RunDir(parent).has_recipe() or SweepDir(parent).is_sweep()
+    ):
+        raise UserError(
+            f"--output {out_dir} is the report folder of {parent}, which its model card reads; "
+            "pick a new directory for this report"
+        )
+    if any(out_dir.iterdir()) and not ResultDir(out_dir).report_md.is_file():
+        raise UserError(
+            f"--output {out_dir} is not empty and holds no report; pick a new directory for the report"
+        )
+
+
 def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """RUN/report/: report.md, rouge.json, per-model predictions, rouge.png, loss.png."""
-    evals = run_evaluations(run_dir)
     own = RunDir(run_dir).report.path
     out_dir = out_dir or own
-    check_writable_dir(out_dir, "--output" if out_dir != own else "report folder")
+    check_report_output(out_dir, own)
+    evals = run_evaluations(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
@@ -311,7 +368,7 @@ def load_dialogues(scores: dict, count: int) -> list[str]:
 def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     """One table over several runs/models; written to OUT/report.md when --output is given."""
     if out_dir is not None:
-        check_writable_dir(out_dir, "--output")
+        check_report_output(out_dir)
     rows: list[tuple[str, dict]] = []
     for run_dir in run_dirs:
         if not run_dir.is_dir():
