@@ -166,6 +166,28 @@ def test_the_order_depends_on_seed_and_epoch_only():
     assert first.batches() != later.batches()
 
 
+@pytest.mark.parametrize("world, accumulation", [(1, 1), (2, 1), (1, 2)])
+def test_the_logged_epoch_counts_each_epoch_s_own_micro_batches(world, accumulation):
+    """A budget packs each epoch's shuffle into a different number of micro-batches, so the
+    logged epoch (train.epoch_progress) divides by the running epoch's count, not the first's:
+    it rises every optimizer step and is a whole number exactly at each epoch's last step."""
+    from launcher.rank.loaders import batches_per_rank_by_epoch
+    from launcher.rank.train import epoch_progress
+
+    made, _, _ = sampler(640, world * accumulation)
+    by_epoch = batches_per_rank_by_epoch(made, 4, world)
+    assert len(set(by_epoch)) > 1, f"every epoch packed alike ({by_epoch}): pick another budget"
+    logged = []
+    for epoch, count in enumerate(by_epoch):
+        done = 0
+        while done < count:  # the loop's windows: accumulation micro-batches, the last may be short
+            done = min(done + accumulation, count)
+            logged.append(epoch_progress(epoch, done, by_epoch))
+        assert logged[-1] == epoch + 1
+    assert all(a < b for a, b in zip(logged, logged[1:]))
+    assert [value for value in logged if value == int(value)] == [1, 2, 3, 4]
+
+
 def test_fixed_size_batches_unchanged():
     """Without a budget the sampler is still the fixed-size one, with Accelerate's batch size."""
     fixed = LengthGroupedBatchSampler(list(range(40)), 4, SEED, micro_batches_per_step=2)

@@ -275,6 +275,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     )
     reference = train("full", tmp_path / "reference", *common, zero=zero)
     total = len(losses(reference))
+    # The logged epoch rises every step and is whole exactly at each epoch's last step (epochs the
+    # budget packs into different numbers of micro-batches: test_batching's logged-epoch test).
+    epochs = [row["epoch"] for row in reference if "loss" in row]
+    assert epochs == sorted(set(epochs)), epochs
+    assert [epoch for epoch in epochs if epoch == int(epoch)] == [1, 2, 3, 4, 5, 6], epochs
 
     run_dir = tmp_path / "interrupted"
     args = train_args("full", run_dir, *common, zero=zero)

@@ -187,8 +187,13 @@ class Run:
     data: TrainingData
     state: ckpt.TrainState
     total_steps: int
-    batches_per_rank: int
+    batches_by_epoch: list[int]  # micro-batches per rank: a token budget packs each epoch differently
     resumed_from: str | None = None  # the checkpoint this segment of training continues
+
+    def describe_batches(self) -> str:
+        """``8`` (fixed-size micro-batches) or ``7-9`` (a token budget's epochs differ)."""
+        low, high = min(self.batches_by_epoch), max(self.batches_by_epoch)
+        return f"{low}" if low == high else f"{low}-{high}"
 
 
 def set_up(run_dir: Path) -> Run:
@@ -216,7 +221,6 @@ def set_up(run_dir: Path) -> Run:
     optimizer = build_optimizer(model, recipe, accelerator.device)
     print_main(accelerator, describe_optimizer(optimizer))
     by_epoch = batches_per_rank_by_epoch(data.sampler, recipe.train.epochs, accelerator.num_processes)
-    batches_per_rank = by_epoch[0]
     total_steps = total_optimizer_steps(recipe, by_epoch)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
@@ -233,7 +237,7 @@ def set_up(run_dir: Path) -> Run:
         data,
         state,
         total_steps,
-        batches_per_rank,
+        by_epoch,
     )
 
 
@@ -342,14 +346,21 @@ def optimizer_windows(batches, size: int):
         yield window
 
 
+def epoch_progress(epoch: int, batches_done: int, batches_by_epoch: list[int]) -> float:
+    """Epochs trained, as the metrics log them: whole epochs plus the part of this one, counted
+    in this epoch's own micro-batches (a token budget packs each epoch into a different number)."""
+    in_epoch = batches_by_epoch[min(epoch, len(batches_by_epoch) - 1)]
+    return epoch + batches_done / max(in_epoch, 1)
+
+
 def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
     """Metrics line every ``log_every`` steps and periodic validation; returns the next window."""
     state, train = run.state, run.recipe.train
     progress.update(1)
     if state.step % train.log_every == 0 or state.step == run.total_steps:
-        epoch_progress = state.epoch + state.batches_in_epoch / max(run.batches_per_rank, 1)
+        progress_in_epochs = epoch_progress(state.epoch, state.batches_in_epoch, run.batches_by_epoch)
         lr = run.scheduler.get_last_lr()[0]
-        row, norms = metrics_row(run.accelerator, stats, state.step, epoch_progress, lr, grad_norm)
+        row, norms = metrics_row(run.accelerator, stats, state.step, progress_in_epochs, lr, grad_norm)
         # Before the line is written: JSON has no NaN, and a diverged run stops here.
         check_values(run.run_dir, state.step, train.lr, {"loss": row["loss"], "gradient norm": norms})
         logger.log(row)
@@ -519,7 +530,7 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     log_segment(run, logger)
     print_main(
         run.accelerator,
-        f"training: {run.total_steps} optimizer steps, {run.batches_per_rank} micro-batches "
+        f"training: {run.total_steps} optimizer steps, {run.describe_batches()} micro-batches "
         f"per rank per epoch, effective batch {effective_batch(run.recipe)}",
     )
     try:
