@@ -229,3 +229,102 @@ def test_report_of_a_run_with_a_malformed_evaluation(tmp_path, no_launch):
         watch=(run,),
         fragments=(str(rouge), "rougeL is [0.2], not a number", "ftlaunch score"),
     )
+
+
+def test_report_after_rescoring_in_place_without_data(tmp_path):
+    """`ftlaunch score RUN/eval/original/predictions.jsonl --output RUN/eval/original` (references
+    from the file: rouge.json then names no dataset) and the run's report still builds, without
+    dialogue excerpts."""
+    run = finished_run(tmp_path / "run")
+    original = run / "eval" / "original"
+    rescored = run_cli_in_process(
+        "score", str(original / "predictions.jsonl"), "--no-stemmer", "--output", str(original)
+    )
+    assert rescored.returncode == 0, rescored.stdout + rescored.stderr
+    assert json.loads((original / "rouge.json").read_text())["dataset"] is None
+    report = run_cli_in_process("report", str(run))
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "**Dialogue** (excerpt): \n" in (run / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ('{"step": 4, "loss": null}', "line 2: loss is None, not a number"),
+        ('{"step": 4, "loss": "high"}', "line 2: loss is 'high', not a number"),
+        ('{"loss": 1.0}', "line 2: step is None, not a whole number"),
+        ('{"step": "4", "loss": 1.0}', "line 2: step is '4', not a whole number"),
+        ('{"step": 4, "restart": 1}', "line 2: a row with restart has no cause"),
+        ('{"step": 4, "best_step": 2, "best_value": 0.3}', "line 2: a row with best_step has no best_metric"),
+        ('{"step": 4, "val_rouge1": 0.1}', "line 2: a row with val_rouge1 has no val_rougeLsum"),
+        ('{"step": 4, "final": true}', "line 2: a row with final has no val_loss"),
+    ],
+)
+def test_report_names_a_metrics_line_it_cannot_read(tmp_path, no_launch, line, fragment):
+    run = finished_run(tmp_path / "run")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"step": 2, "loss": 7.5}\n' + line + "\n")
+    refused(no_launch, "report", str(run), output=None, watch=(run,), fragments=(str(metrics), fragment))
+
+
+def test_report_prints_a_null_validation_value_as_not_available(tmp_path):
+    """metrics.json_safe logs a non-finite validation value as null: the report says n/a."""
+    run = finished_run(tmp_path / "run")
+    rows = [
+        {"step": 2, "loss": 7.5},
+        {
+            "step": 2,
+            "val_loss": None,
+            "val_rouge1": None,
+            "val_rouge2": None,
+            "val_rougeL": None,
+            "val_rougeLsum": None,
+        },
+        {"step": 2, "best_step": 2, "best_metric": "val_rougeLsum", "best_value": None},
+        {"step": 2, "val_loss": None, "final": True},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_cli_in_process("report", str(run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (run / "report" / "report.md").read_text()
+    assert (
+        "final validation loss n/a" in text and "step 2: n/a" in text and "(n/a; train.best_metric)" in text
+    )
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        ({"id": "d1", "prediction": "hi"}, "has no 'references' list of strings"),
+        ({"id": "d1", "prediction": "hi", "references": []}, "has no 'references' list of strings"),
+        (
+            {"id": "d1", "prediction": "hi", "references": "Tom phones Ann."},
+            "has no 'references' list of strings",
+        ),
+        ({"prediction": "hi", "references": ["x"]}, "has no 'id'"),
+        ({"id": "d1", "prediction": 5, "references": ["x"]}, "has no 'prediction' string"),
+        ({"id": "d1", "references": ["x"]}, "has no 'prediction' string"),
+    ],
+    ids=[
+        "no-references",
+        "empty-references",
+        "string-references",
+        "no-id",
+        "number-prediction",
+        "no-prediction",
+    ],
+)
+def test_report_names_a_predictions_line_it_cannot_read(tmp_path, no_launch, row, fragment):
+    """Checked before anything is written: the report folder keeps its plots and text."""
+    run = finished_run(tmp_path / "run")
+    assert run_cli_in_process("report", str(run)).returncode == 0
+    predictions = run / "eval" / "finetuned" / "predictions.jsonl"
+    predictions.write_text(json.dumps(row) + "\n")
+    refused(
+        no_launch,
+        "report",
+        str(run),
+        output=None,
+        watch=(run,),
+        fragments=(f"{predictions} line 1 {fragment}", "ftlaunch eval"),
+    )

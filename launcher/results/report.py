@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.core.errors import UserError
-from launcher.core.jsonl import read_jsonl
-from launcher.core.metrics import read_metrics
+from launcher.core.jsonl import read_jsonl, read_jsonl_lines
 from launcher.core.recipe import shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir, SweepDir
 from launcher.core.writable import check_writable_dir
@@ -71,7 +70,78 @@ def read_eval_dir(path: Path) -> dict[str, Any]:
     predictions = []
     if predictions_file.is_file():
         predictions = read_jsonl(predictions_file)
+        check_predictions(predictions_file, predictions)
     return {"scores": scores, "predictions": predictions, "path": path}
+
+
+def check_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Each line as ``ftlaunch eval`` writes it: the examples section shows its id, its first
+    reference and the prediction."""
+    for number, row in enumerate(rows, start=1):
+        references = row.get("references")
+        if "id" not in row:
+            problem = "has no 'id'"
+        elif not isinstance(row.get("prediction"), str):
+            problem = "has no 'prediction' string"
+        elif not (
+            isinstance(references, list) and references and all(isinstance(r, str) for r in references)
+        ):
+            problem = "has no 'references' list of strings"
+        else:
+            continue
+        raise UserError(
+            f"{path} line {number} {problem}; each line needs id, prediction and references (rerun "
+            "`ftlaunch eval`, or `ftlaunch score PREDICTIONS --data D --output DIR` for a file of your own)"
+        )
+
+
+# What the report reads from metrics.jsonl beside ``step``: numbers it prints (validation values
+# may be null: metrics.json_safe writes a non-finite one so), and the keys a marker row always
+# comes with (launcher/rank/train.py and best.py write them together).
+METRIC_NUMBERS = ("loss", "val_loss", "best_value", *(f"val_{key}" for key in ROUGE_TYPES))
+METRIC_NULLABLE = frozenset(METRIC_NUMBERS) - {"loss"}  # a diverged run stops before logging its loss
+METRIC_COMPANIONS = {
+    "restart": ("cause",),
+    "best_step": ("best_metric", "best_value"),
+    "final": ("val_loss",),
+    "compiled_graphs": ("batch_shapes",),
+    **{f"val_{key}": ("val_rougeLsum",) for key in ROUGE_TYPES},
+}
+
+
+def metrics_row_problem(row: dict[str, Any]) -> str | None:
+    """What keeps the report from reading one metrics.jsonl row, or None."""
+    for key in ("step", "best_step"):
+        value = row.get(key)
+        if (key in row or key == "step") and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{key} is {value!r}, not a whole number"
+    for key in METRIC_NUMBERS:
+        value = row.get(key)
+        if value is None and key in METRIC_NULLABLE:
+            continue
+        if key in row and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{key} is {value!r}, not a number"
+    for marker, companions in METRIC_COMPANIONS.items():
+        missing = [key for key in companions if marker in row and key not in row]
+        if missing:
+            return f"a row with {marker} has no {missing[0]}"
+    return None
+
+
+def read_report_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, each row checked for what the report prints (nothing: no training section)."""
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        return []
+    rows = read_jsonl_lines(path)
+    for number, row in rows:
+        problem = metrics_row_problem(row)
+        if problem:
+            raise UserError(
+                f"{path} line {number}: {problem}; the report reads the file as training writes it "
+                "(fix or delete that line)"
+            )
+    return [row for _, row in rows]
 
 
 def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -89,6 +159,11 @@ def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
             f"{run_dir} has no evaluations (eval/*/rouge.json); run `ftlaunch eval` or a training run first"
         )
     return found
+
+
+def shown_number(value: float | None, scale: float, spec: str) -> str:
+    """A logged validation value as the report prints it (``n/a`` where it was not finite)."""
+    return "n/a" if value is None else format(scale * value, spec)
 
 
 def percent(value: float) -> str:
@@ -169,7 +244,7 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train = [(row["step"], row["loss"]) for row in metrics if "loss" in row]
-    val = [(row["step"], row["val_loss"]) for row in metrics if "val_loss" in row]
+    val = [(row["step"], row["val_loss"]) for row in metrics if row.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="training loss")
@@ -219,7 +294,9 @@ def best_model_notes(metrics: list[dict]) -> list[str]:
     notes = []
     evaluations = [row for row in metrics if any(key.startswith("val_rouge") for key in row)]
     if evaluations:
-        shown = ", ".join(f"step {row['step']}: {100 * row['val_rougeLsum']:.2f}" for row in evaluations)
+        shown = ", ".join(
+            f"step {row['step']}: {shown_number(row['val_rougeLsum'], 100, '.2f')}" for row in evaluations
+        )
         notes += [f"Validation ROUGE-Lsum during training (%): {shown}.", ""]
     stops = [row["early_stop"] for row in metrics if "early_stop" in row]
     if stops:
@@ -229,7 +306,7 @@ def best_model_notes(metrics: list[dict]) -> list[str]:
         row = chosen[-1]
         notes += [
             f"Model: final/ and the fine-tuned scores are the best step {row['best_step']} of {row['step']} "
-            f"by {row['best_metric']} ({row['best_value']:.4f}; train.best_metric).",
+            f"by {row['best_metric']} ({shown_number(row['best_value'], 1, '.4f')}; train.best_metric).",
             "",
         ]
     return notes
@@ -288,6 +365,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or own
     check_report_output(out_dir, own)
     evals = run_evaluations(run_dir)
+    metrics = read_report_metrics(run_dir)  # everything read and checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
@@ -298,7 +376,6 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     baseline = evals[ORIGINAL]["scores"] if ORIGINAL in evals else None
     if baseline is not None:
         ordered.sort(key=lambda item: item[0] != ORIGINAL)
-    metrics = read_metrics(run_dir)
     sections = [
         f"# ftlaunch report: {run_dir.name}",
         "",
@@ -321,7 +398,11 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
             sections += [
                 f"Training: {train_rows[-1]['step']} optimizer steps, first logged loss "
                 f"{train_rows[0]['loss']:.4f}, last {train_rows[-1]['loss']:.4f}"
-                + (f", final validation loss {final[-1]['val_loss']:.4f}" if final else "")
+                + (
+                    f", final validation loss {shown_number(final[-1]['val_loss'], 1, '.4f')}"
+                    if final
+                    else ""
+                )
                 + ".",
                 "",
             ]
@@ -355,6 +436,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 
 def load_dialogues(scores: dict, count: int) -> list[str]:
     """Dialogue texts for the examples section (the predictions file keeps only ids)."""
+    if not (isinstance(scores.get("dataset"), str) and isinstance(scores.get("split"), str)):
+        return [""] * count  # rescored without --data: rouge.json names no dataset to read them from
     try:
         from launcher.core.dialogues import load_split
 
