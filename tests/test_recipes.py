@@ -220,6 +220,36 @@ def test_set_wrong_type_names_key_and_value(override: str, key: str, bad: str):
 
 
 @pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("data.prompt=hi", "data.prompt must contain the placeholder {dialogue}"),  # a section's rule
+        ("model.precision=fp16", "model.precision=fp16 overflows T5"),  # rules of the whole recipe
+        ("train.micro_batch_tokens=10", "train.micro_batch_tokens=10 is smaller than the longest example"),
+        ("train.best_metric=rouge1", "train.best_metric=rouge1 needs ROUGE during training"),
+        ("bogus.x=1", "unknown key bogus"),
+        ("train.compile=maybe", "train.compile='maybe': input should be a valid boolean"),
+    ],
+)
+def test_a_rule_broken_by_a_set_blames_the_set(override: str, reason: str):
+    """Not the recipe file: the --set broke the rule (and a union key is named, not its branch)."""
+    message = refusal(override, method="lora")
+    assert message.startswith("--set: ") and reason in message, message
+    assert "recipes/" not in message and "compile.bool" not in message, message
+
+
+def test_a_rule_the_recipe_file_breaks_still_blames_the_file(tmp_path):
+    recipe = tmp_path / "fp16.yaml"
+    recipe.write_text("model:\n  precision: fp16\n")
+    with pytest.raises(UserError, match=rf"^recipe {re.escape(str(recipe))}: model.precision=fp16 overflows"):
+        load_recipe(recipe, ["train.lr=1e-4"])
+
+
+@pytest.mark.parametrize("override", [".lr=1", "train..lr=1", "train.=1"])
+def test_set_key_with_an_empty_part_is_refused(override: str):
+    assert "has an empty part" in refusal(override)
+
+
+@pytest.mark.parametrize(
     ("override", "allowed"),
     [
         ("launch.zero=5", ["0", "1", "2", "3"]),

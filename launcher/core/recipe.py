@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
@@ -518,6 +520,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise UserError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.lr=3e-4")
     path = key.strip().split(".")
+    if not all(path):
+        raise UserError(f"--set {item!r}: {key.strip()!r} has an empty part; keys look like train.lr")
     if is_text_field(path):
         return path, raw if raw != "null" else None
     try:
@@ -555,12 +559,33 @@ def build_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        loc = [str(part) for part in exc.errors()[0]["loc"]]
-        blamed = "command line" if loc in flagged else "--set" if loc in overridden else source
+        loc = schema_key(exc.errors()[0]["loc"])
         reason = describe_validation_error(exc)
+        blamed = (
+            "command line" if loc in flagged else "--set" if caused_by(loc, reason, overridden) else source
+        )
         raise UserError(
             f"{blamed}: {reason}", key=".".join(loc) or None, source=blamed, reason=reason
         ) from None
+
+
+def schema_key(loc: tuple) -> list[str]:
+    """A pydantic error location as a recipe key: up to the first leaf key, so that a union's
+    branch tags (``train.compile`` is bool | 'auto': ``train.compile.bool``) are not shown."""
+    parts = [str(part) for part in loc]
+    for depth in range(len(parts)):
+        if section_at(parts[: depth + 1]) is None:
+            return parts[: depth + 1]
+    return parts
+
+
+def caused_by(loc: list[str], reason: str, overridden: Sequence[list[str]]) -> bool:
+    """Whether an error at ``loc`` comes from a ``--set``: the key itself, a section rule
+    (``data.prompt`` needs {dialogue}: reported at ``data``) or an unknown section a --set wrote
+    into; a rule of the whole recipe (loc ``[]``) when its message names a key the --set gave."""
+    if not loc:
+        return any(re.search(rf"\b{re.escape('.'.join(path))}\b", reason) for path in overridden)
+    return any(path[: len(loc)] == loc for path in overridden)
 
 
 def load_recipe_data(path: Path, overrides: list[str] = ()) -> tuple[dict[str, Any], list[list[str]]]:
@@ -582,11 +607,15 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line for the first problem: the key, the bad value, what is allowed."""
-    error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"]]
+    errors = exc.errors()
+    error = errors[0]
+    loc = schema_key(error["loc"])
     key = ".".join(loc) or "recipe"
     kind = error["type"]
     value = error.get("input")
+    branches = [e["msg"].lower() for e in errors if schema_key(e["loc"]) == loc and e["input"] == value]
+    if len(branches) > 1 and len(error["loc"]) > len(loc):  # a union key: what each branch accepts
+        return f"{key}={value!r}: " + "; or ".join(branches)
     if kind == "extra_forbidden":
         return f"unknown key {key}{did_you_mean(loc)}"
     if kind == "literal_error":
