@@ -81,6 +81,14 @@ BAD_INPUTS = {
         ["full", "--dry-run", "--recipe", "{recipes}/nope.yaml"],
         ("nope.yaml", "does not exist"),
     ),
+    "recipe-a-directory": (
+        ["full", "--dry-run", "--recipe", "{recipes}"],
+        ("recipes is a directory", "a YAML file"),
+    ),
+    "variants-a-directory": (
+        ["sweep", "full", "--dry-run", "--cpu", "--variants", "{recipes}"],
+        ("--variants", "recipes is a directory", "a YAML file"),
+    ),
     "set-wrong-type": (["full", "--dry-run", "--set", "train.lr=abc"], ("train.lr", "abc")),
     "set-without-equals": (["full", "--dry-run", "--set", "nonsense"], ("nonsense", "KEY=VALUE")),
     "set-unknown-key": (["full", "--dry-run", "--set", "train.lrr=1e-4"], ("did you mean train.lr?",)),

@@ -476,9 +476,8 @@ def default_recipe_path(method: str) -> Path:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
     if not path.is_file():
-        raise UserError(
-            f"recipe {path} does not exist; pass --recipe with a path to a YAML file (see recipes/)"
-        )
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"recipe {path} {state}; pass --recipe with a path to a YAML file (see recipes/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

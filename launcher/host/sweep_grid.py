@@ -105,7 +105,8 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_variants(path: Path) -> list[Values]:
     """A YAML list of variants (or ``variants:`` holding one), each a mapping of recipe keys."""
     if not path.is_file():
-        raise UserError(f"--variants {path} does not exist; pass a YAML file with a list of variants")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"--variants {path} {state}; pass a YAML file with a list of variants")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
