@@ -61,21 +61,69 @@ def is_sweep(path: Path) -> bool:
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:
+    """The manifest, every field checked: the sweep command, its report and its SLURM tasks
+    build folder names, command lines and table columns from it."""
     path = SweepDir(sweep_dir).manifest
     try:
-        data = json.loads(path.read_text())
-        return Sweep(
-            dir=sweep_dir,
-            method=data["method"],
-            args=list(data["args"]),
-            keys=list(data["keys"]),
-            points=[Point(p["index"], p["name"], dict(p["values"])) for p in data["points"]],
-            jobs=list(data.get("jobs", [])),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    else:
+        problem = manifest_problem(data)
+    if problem:
         raise UserError(
-            f"{path} is not a sweep manifest ftlaunch can read ({exc}); pick a new --output"
-        ) from None
+            f"{path} is not a sweep manifest ftlaunch can read ({problem}); restore the file "
+            "`ftlaunch sweep` wrote, or sweep into a new --output"
+        )
+    return Sweep(
+        dir=sweep_dir,
+        method=data["method"],
+        args=list(data["args"]),
+        keys=list(data["keys"]),
+        points=[Point(p["index"], p["name"], dict(p["values"])) for p in data["points"]],
+        jobs=list(data.get("jobs", [])),
+    )
+
+
+def is_text_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def manifest_problem(data: Any) -> str | None:
+    """What is wrong with a manifest's fields (the first thing found), or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("method") not in ("full", "lora"):
+        return f"method is {data.get('method')!r}, not full or lora"
+    if not is_text_list(data.get("args")):
+        return "args is not a list of strings"
+    keys = data.get("keys")
+    if not is_text_list(keys) or not keys or len(set(keys)) != len(keys):
+        return "keys is not a list of distinct recipe keys"
+    points = data.get("points")
+    if not isinstance(points, list) or not points:
+        return "points is not a list of points"
+    for number, point in enumerate(points):
+        problem = point_problem(point, keys)
+        if problem:
+            return f"point {number} {problem}"
+    if not isinstance(data.get("jobs", []), list):
+        return "jobs is not a list"
+    return None
+
+
+def point_problem(point: Any, keys: list[str]) -> str | None:
+    if not isinstance(point, dict):
+        return "is not a JSON object"
+    if isinstance(point.get("index"), bool) or not isinstance(point.get("index"), int):
+        return f"has index {point.get('index')!r}, not a number"
+    name = point.get("name")
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
+        return f"has name {name!r}, not a folder name"
+    values = point.get("values")
+    if not isinstance(values, dict) or set(values) != set(keys) or not is_text_list(list(values.values())):
+        return f"has values {values!r}, not one text value for each of {keys}"
+    return None
 
 
 def write_manifest(sweep: Sweep) -> None:
@@ -89,10 +137,12 @@ def status_path(sweep_dir: Path, index: int) -> Path:
 
 
 def read_status(sweep_dir: Path, index: int) -> dict[str, Any] | None:
+    """A point's status record, or None where there is none or it cannot be read."""
     try:
-        return json.loads(status_path(sweep_dir, index).read_text())
+        record = json.loads(status_path(sweep_dir, index).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def write_status(sweep_dir: Path, index: int, state: str, exit_code: int | None = None) -> None:

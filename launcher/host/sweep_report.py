@@ -20,7 +20,7 @@ from launcher.core.recipe import Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir, SweepDir
 from launcher.host.sweep_grid import short_keys
 from launcher.host.sweep_manifest import Point, Sweep, read_status, read_sweep
-from launcher.results.report import check_report_output
+from launcher.results.report import check_report_output, metrics_row_problem, read_eval_scores
 from launcher.results.rouge import ROUGE_TYPES
 
 DEFAULT_METRIC = "rougeLsum"
@@ -51,17 +51,22 @@ class Row:
 # ---------------------------------------------------------------- reading one point
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as far as it is written (a line being appended right now is skipped)."""
-    return read_jsonl_partial(path)
+    """metrics.jsonl as far as it is written (a line being appended right now is skipped), and as
+    far as the run report could read it: a damaged line is left out of this live table."""
+    return [
+        row
+        for row in read_jsonl_partial(path)
+        if metrics_row_problem(row) is None and isinstance(row.get("elapsed_s", 0), int | float)
+    ]
+
+
+def read_scores(path: Path) -> dict[str, Any] | None:
+    """A point's rouge.json when it holds its four ROUGE numbers (else the row shows none)."""
+    try:
+        return read_eval_scores(path) if path.is_file() else None
+    except UserError:
+        return None
 
 
 def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
@@ -79,7 +84,7 @@ def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
         first = None
     if first is not None:
         return f"rank {first.rank} (node {first.node}): {first.error}"
-    log = Path(status["log"]) if status and status.get("log") else None
+    log = Path(status["log"]) if status and isinstance(status.get("log"), str) and status["log"] else None
     if log is not None and log.is_file():
         errors = [line for line in log.read_text(errors="replace").splitlines() if "error:" in line]
         if errors:
@@ -119,7 +124,7 @@ def own_recipe(run: RunDir) -> Recipe | None:
 def read_point(sweep: Sweep, point: Point) -> Row:
     run_dir = sweep.run_dir(point)
     run = RunDir(run_dir)
-    finetuned = read_json(run.eval_finetuned.rouge)
+    finetuned = read_scores(run.eval_finetuned.rouge)
     done = run.is_finished(own_recipe(run))  # the sweep's own rule for a point it keeps
     status, detail = point_state(run_dir, read_status(sweep.dir, point.index), done)
     rows = read_rows(run.metrics)
@@ -127,7 +132,7 @@ def read_point(sweep: Sweep, point: Point) -> Row:
     final = [row for row in rows if row.get("final")]
     row = Row(point, status, detail)
     row.scores = finetuned if done else None
-    row.original = read_json(run.eval_original.rouge)
+    row.original = read_scores(run.eval_original.rouge)
     row.val_loss = final[-1].get("val_loss") if final else None
     row.losses = [(r["step"], r["loss"]) for r in train]
     row.step = train[-1]["step"] if train else None
