@@ -148,8 +148,7 @@ def test_a_dry_run_re_renders_only_configs_and_eval_outputs(tmp_path, no_launch)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "lr: 3.0e-05" in (out / "recipe.yaml").read_text()
         assert "-m launcher.rank.train " in (out / "command.sh").read_text()
-    (run / "mine.txt").write_text("not ftlaunch's\n")
-    (run / "command.sh").unlink()  # recipe.yaml alone (a user's own recipe file) is not a run
+    other = project_folder(tmp_path / "proj")
     refused(
         no_launch,
         "full",
@@ -157,8 +156,8 @@ def test_a_dry_run_re_renders_only_configs_and_eval_outputs(tmp_path, no_launch)
         "--dry-run",
         "--overwrite",
         "--output",
-        str(run),
-        output=run,
+        str(other),
+        output=other,
         fragments=(NO_RUN,),
     )
 

@@ -213,10 +213,8 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """A folder ftlaunch rendered a run into: recipe.yaml beside command.sh (every render writes
-    both; a user's own recipe.yaml in a project folder does not make it a run)."""
-    run = RunDir(run_dir)
-    return run.has_recipe() and run.command_sh.is_file()
+    """A folder ftlaunch rendered a run into (its recipe.yaml; an eval output has one too)."""
+    return RunDir(run_dir).has_recipe()
 
 
 def has_entries(run_dir: Path) -> bool:
