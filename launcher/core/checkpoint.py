@@ -262,7 +262,38 @@ def read_manifest(checkpoint: Path) -> dict | None:
 
 def manifest_bytes(checkpoint: Path) -> int | None:
     manifest = read_manifest(checkpoint)
-    return int(manifest.get("total_bytes", 0)) if manifest else None
+    total = manifest.get("total_bytes") if manifest else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+# The JSON types each TrainState field may hold (a damaged or hand-edited state file is refused
+# like a damaged checkpoint, not loaded into arithmetic that fails later with a traceback).
+STATE_TYPES = {
+    "int": (int,),
+    "int | None": (int, type(None)),
+    "float | None": (int, float, type(None)),
+    "str": (str,),
+}
+STATE_AT_LEAST_ONE = ("world_size", "grad_accum", "micro_batch_size")  # divisors and batch sizes
+
+
+def state_problem(checkpoint: Path) -> str | None:
+    """Why ftlaunch_state.json cannot be read back into a TrainState (None when it can)."""
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is not readable JSON"
+    if not isinstance(saved, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    for field in fields(TrainState):
+        if field.name not in saved:
+            continue  # older versions wrote fewer fields: the default holds
+        value = saved[field.name]
+        if isinstance(value, bool) or not isinstance(value, STATE_TYPES.get(field.type, (object,))):
+            return f"{STATE_FILE} has {field.name}={json.dumps(value)}"
+        if field.name in STATE_AT_LEAST_ONE and value < 1:
+            return f"{STATE_FILE} has {field.name}={value}"
+    return None
 
 
 def checkpoint_problem(checkpoint: Path, checksums: bool = True) -> str | None:
@@ -275,6 +306,8 @@ def checkpoint_problem(checkpoint: Path, checksums: bool = True) -> str | None:
     if manifest is None:
         return f"no readable {MANIFEST_FILE}: the save did not finish"
     for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict):
+            return f"the {MANIFEST_FILE} entry of {name} is {json.dumps(entry)}, not an object"
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
@@ -285,7 +318,7 @@ def checkpoint_problem(checkpoint: Path, checksums: bool = True) -> str | None:
         for name, entry in manifest["files"].items():
             if "sha256" in entry and file_sha256(checkpoint / name) != entry["sha256"]:
                 return f"{name} does not match its SHA-256 in the manifest"
-    return None
+    return state_problem(checkpoint)
 
 
 def remove_incomplete(run_dir: Path) -> None:
@@ -378,6 +411,13 @@ def resolve_resume_on_main(accelerator, run_dir: Path, resume: str | None) -> Pa
 
 
 def read_state(checkpoint: Path) -> TrainState:
+    """A checkpoint's TrainState (resolve_resume has already refused or skipped a damaged one)."""
+    problem = state_problem(checkpoint)
+    if problem:
+        raise UserError(
+            f"checkpoint {checkpoint} is damaged ({problem}); pass another checkpoint from "
+            f"{checkpoint.parent}, or --resume auto for the newest intact one"
+        )
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     known = {field.name for field in fields(TrainState)}
     return TrainState(**{key: value for key, value in saved.items() if key in known})

@@ -67,8 +67,16 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step}"
 
 
+def is_checkpoint_name(name: str, prefix: str = CHECKPOINT_PREFIX) -> bool:
+    """``step_<digits>`` (``.tmp-step_<digits>`` with that prefix): a user's backup copy
+    (``step_4.bak``) or a ``step_x`` folder is not a checkpoint, so resumes, listings,
+    keep_checkpoints pruning and the mid-save cleanup leave it alone."""
+    step = name.removeprefix(prefix)
+    return name != step and step.isascii() and step.isdigit()
+
+
 def checkpoint_step(name: str) -> int:
-    """The step of a checkpoint folder's name (``step_12`` -> 12)."""
+    """The step of a checkpoint folder's name (``step_12`` -> 12; see is_checkpoint_name)."""
     return int(name.removeprefix(CHECKPOINT_PREFIX))
 
 
@@ -172,8 +180,9 @@ class RunDir:
         return self.checkpoints / f"{TMP_CHECKPOINT_PREFIX}{step}"
 
     def checkpoint_tmps(self) -> list[Path]:
-        """What a crash left mid-save."""
-        return sorted(self.checkpoints.glob(f"{TMP_CHECKPOINT_PREFIX}*"))
+        """What a crash left mid-save (``.tmp-step_N``; other names are not ftlaunch's to remove)."""
+        found = self.checkpoints.glob(f"{TMP_CHECKPOINT_PREFIX}*")
+        return sorted(path for path in found if is_checkpoint_name(path.name, TMP_CHECKPOINT_PREFIX))
 
     def checkpoint_dirs(self) -> list[Path]:
         """Every ``step_N`` folder (complete or not), in no particular order."""
@@ -181,8 +190,12 @@ class RunDir:
 
     @staticmethod
     def checkpoint_dirs_in(root: Path) -> list[Path]:
-        """The ``step_N`` folders of a checkpoints/ folder."""
-        return [path for path in root.glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+        """The ``step_N`` folders of a checkpoints/ folder (other names are not checkpoints)."""
+        return [
+            path
+            for path in root.glob(f"{CHECKPOINT_PREFIX}*")
+            if is_checkpoint_name(path.name) and path.is_dir()
+        ]
 
     @property
     def latest(self) -> Path:

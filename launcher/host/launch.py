@@ -18,7 +18,7 @@ from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
-from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir
+from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed
 from launcher.core.writable import check_writable_dir
 from launcher.host import runlock
@@ -213,10 +213,56 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
 
 
 def holds_run(run_dir: Path) -> bool:
+    """A folder ftlaunch rendered a run into (its recipe.yaml; an eval output has one too)."""
     return RunDir(run_dir).has_recipe()
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool) -> None:
+def has_entries(run_dir: Path) -> bool:
+    """Anything in the folder but the lock (which a refused or finished ftlaunch may leave)."""
+    return run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir())
+
+
+def not_a_run(run_dir: Path) -> UserError:
+    """A non-empty folder that is not a run: nothing may be written into it, nothing replaced."""
+    if SweepDir(run_dir).is_sweep():
+        return UserError(
+            f"--output {run_dir} is a sweep's folder (it holds {SweepDir(run_dir).manifest.name}), not a "
+            "run; --overwrite only replaces a run: pick a new directory"
+        )
+    return UserError(
+        f"--output {run_dir} is not empty and holds no ftlaunch run; --overwrite only replaces a run: "
+        "pick a new directory"
+    )
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """What --overwrite would delete: everything but the rendered files and the lock."""
+    kept = {*RUN_FILES, LOCK_FILE}
+    if not run_dir.is_dir():
+        return []
+    return sorted(entry.name for entry in run_dir.iterdir() if entry.name not in kept)
+
+
+def check_replaceable(run_dir: Path, dry_run: bool) -> None:
+    """--overwrite replaces a training run or an ``ftlaunch eval`` output, nothing else (not a
+    project folder, a run's final/, a sweep, the data); a dry run deletes nothing, so it may only
+    re-render a folder that holds no more than the configs of an earlier render."""
+    if not has_entries(run_dir):
+        return
+    if not holds_run(run_dir) and rendered_module(run_dir) not in (TRAIN_MODULE, EVAL_MODULE):
+        raise not_a_run(run_dir)
+    outputs = run_outputs(run_dir)
+    if dry_run and outputs:
+        shown = ", ".join(outputs[:4]) + (", ..." if len(outputs) > 4 else "")
+        raise UserError(
+            f"--dry-run --overwrite would delete the run in {run_dir} ({shown}) before writing the "
+            "configs; dry-run into a new directory, or drop --dry-run to replace the run"
+        )
+
+
+def check_run_dir(
+    run_dir: Path, recipe: Recipe, resume: str | None, overwrite: bool, dry_run: bool = False
+) -> None:
     """Refuse to mix two runs in one directory (checks only: nothing is deleted here).
 
     The machine rank is not part of a run: every node of a multi-node run passes these checks
@@ -227,14 +273,12 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: str | None, overwrite: 
     if overwrite and resume:
         raise UserError("--overwrite starts the run again and --resume continues it; pass only one of them")
     if overwrite:
+        check_replaceable(run_dir, dry_run)
         return
     check_training_output(run_dir)
     if not holds_run(run_dir):
-        if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
-            raise UserError(
-                f"--output {run_dir} is not empty and holds no ftlaunch run; pick a new directory "
-                "or pass --overwrite"
-            )
+        if has_entries(run_dir):
+            raise not_a_run(run_dir)
         return
     same = RunDir(run_dir).recipe_yaml.read_text() == dump_recipe(recipe)
     if not same and not resume:
@@ -355,7 +399,7 @@ def prepare_launch(
     )
     if not dry_run and not machine_rank:
         runlock.hold(run_dir)  # until ftlaunch exits: checked above, taken before anything is written
-    if overwrite and not machine_rank:
+    if overwrite and not dry_run and not machine_rank:  # a dry run deletes nothing (check_replaceable)
         clear_run_dir(run_dir)
     write_run_files(recipe, run_dir, RankEntry(argv, resume=resume, force_resume=force_resume))
     return notes
@@ -372,7 +416,7 @@ def check_launch(
             check_gpus(recipe)
         check_hub_references(recipe)
         check_trackers_installed(recipe.train.report_to)
-    check_run_dir(run_dir, recipe, resume, overwrite)
+    check_run_dir(run_dir, recipe, resume, overwrite, dry_run)
     check_writable_dir(run_dir, "--output")
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
     if not dry_run:
