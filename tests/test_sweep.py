@@ -239,6 +239,79 @@ def test_report_of_a_sweep_sorts_names_the_best_and_shows_failures(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            lambda m: m["points"][0]["values"].update({"lora.r": 4}),
+            "point 0 has values {'lora.r': 4}, not one text",
+        ),
+        (lambda m: m.update(keys=[]), "keys is not a list of distinct recipe keys"),
+        (
+            lambda m: m.update(keys=["lora.r", "train.lr"]),
+            "point 0 has values {'lora.r': '4'}, not one text value",
+        ),
+        (lambda m: m["points"][1].update(name=5), "point 1 has name 5, not a folder name"),
+        (
+            lambda m: m["points"][1].update(name="../elsewhere"),
+            "point 1 has name '../elsewhere', not a folder",
+        ),
+        (lambda m: m.update(args=[1, 2]), "args is not a list of strings"),
+        (lambda m: m.update(method="qlora"), "method is 'qlora', not full or lora"),
+        (lambda m: m["points"].append("r=64"), "point 2 is not a JSON object"),
+    ],
+    ids=[
+        "number-value",
+        "no-keys",
+        "missing-value",
+        "number-name",
+        "name-outside",
+        "number-args",
+        "method",
+        "point",
+    ],
+)
+def test_a_hand_edited_manifest_is_named_field_by_field(tmp_path, edit, problem):
+    """The sweep and its report build folder names, command lines and columns from sweep.json."""
+    sweep = tmp_path / "sweep"
+    write_lora_r_manifest(sweep, ["r=4", "r=8"])
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    edit(manifest)
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    for args in (
+        ("report", str(sweep)),
+        ("sweep", "lora", "--grid", "lora.r=4,8", *TINY, "--output", str(sweep)),
+    ):
+        line = assert_refused(run_cli_in_process(*args), problem)
+        assert f"{sweep / 'sweep.json'} is not a sweep manifest" in line and "new --output" in line, line
+
+
+def test_a_point_s_damaged_files_leave_its_cells_empty(tmp_path):
+    """The live table reads what it can: a damaged rouge.json, metrics line or status record of one
+    point shows as missing values, and the other points are reported as usual."""
+    sweep = tmp_path / "sweep"
+    write_lora_r_manifest(sweep, ["r=4", "r=8", "r=16"])
+    fake_run(sweep / "r=4", 0.30)
+    fake_run(sweep / "r=8", 0.35)
+    rouge = sweep / "r=8" / "eval" / "finetuned" / "rouge.json"
+    rouge.write_text(json.dumps({**json.loads(rouge.read_text()), "rouge1": "0.4"}))
+    with (sweep / "r=8" / "metrics.jsonl").open("a") as metrics:
+        metrics.write(
+            '{"loss": 1.0}\n{"step": 3, "val_loss": "x", "final": true}\n{"step": 2, "loss": 1.0, "elapsed_s": "x"}\n'
+        )
+    fake_run(sweep / "r=16", None)
+    (sweep / "status").mkdir()
+    (sweep / "status" / "2.json").write_text(json.dumps({"state": "ended", "exit_code": 1, "log": 5}))
+    result = run_cli_in_process("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert table[0].startswith(
+        "| 1 | r=4 | 4 | 35.00 | 15.00 | 30.00 | 30.00 | +20.00 pp | 1.7000 | 20s | 2 | done"
+    ), table
+    assert table[1].startswith("|  | r=8 | 8 | - | - | - | - | - | 1.6500 | 20s | 2 | done"), table
+    assert table[2].endswith("| failed: exit code 1 |"), table
+
+
 # ---------------------------------------------------------------- a real sweep on this machine
 
 # One CPU rank per point; 5 steps at most; fp32, so a resumed point matches an uninterrupted one.
