@@ -361,6 +361,22 @@ def test_resume_from_a_half_written_checkpoint(tmp_path, no_launch):
     )
 
 
+@pytest.mark.parametrize("where", ["missing-step", "the-run-itself"])
+def test_resume_path_that_names_no_checkpoint_says_what_to_pass(tmp_path, no_launch, where):
+    output = tmp_path / "run"
+    checkpoints = existing_run_with_checkpoint(no_launch, output)
+    path, fragment = {
+        "missing-step": (checkpoints / "step_99", "no such checkpoint folder; pass --resume auto"),
+        "the-run-itself": (output, "that is a run directory, not one of its checkpoints; pass --resume auto"),
+    }[where]
+    refused(
+        no_launch,
+        *train_args("sample", output, "--resume", str(path)),
+        output=output,
+        fragments=(f"--resume {path}: {fragment}",),
+    )
+
+
 def test_same_run_with_checkpoints_needs_resume_or_overwrite(tmp_path, no_launch):
     output = tmp_path / "run"
     existing_run_with_checkpoint(no_launch, output)

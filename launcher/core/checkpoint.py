@@ -362,6 +362,21 @@ def has_checkpoints(run_dir: Path) -> bool:
     return bool(complete_checkpoints(checkpoints_dir(run_dir)))
 
 
+def not_a_checkpoint(path: Path) -> str:
+    """Why ``--resume PATH`` names no checkpoint, and what to pass instead."""
+    if not path.exists():
+        return (
+            "no such checkpoint folder; pass --resume auto (the newest intact one) "
+            "or an existing RUN/checkpoints/step_N"
+        )
+    if RunDir(path).has_recipe():
+        return (
+            "that is a run directory, not one of its checkpoints; pass --resume auto "
+            "(with --output that run) or one of its checkpoints/step_N"
+        )
+    return f"not a complete ftlaunch checkpoint (no {STATE_FILE} in it)"
+
+
 def resolve_resume(run_dir: Path, resume: str | None, notes: list[str] | None = None) -> Path | None:
     """``auto``: the newest intact checkpoint of this run, if any; a path: that checkpoint, if intact.
 
@@ -378,7 +393,7 @@ def resolve_resume(run_dir: Path, resume: str | None, notes: list[str] | None = 
         return found
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"--resume {resume}: not a complete ftlaunch checkpoint (no {STATE_FILE} in it)")
+        raise UserError(f"--resume {resume}: {not_a_checkpoint(path)}")
     problem = checkpoint_problem(path)
     if problem:
         raise UserError(
