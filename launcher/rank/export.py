@@ -7,7 +7,10 @@ Under ZeRO-3 every rank holds a shard, so the state dict is gathered on all rank
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,13 +89,16 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     """A standalone folder from a run's final/: the model (a LoRA adapter merged into its base
-    with PEFT's ``merge_and_unload`` when asked), weights in ``dtype``, tokenizer, settings, card."""
+    with PEFT's ``merge_and_unload`` when asked), weights in ``dtype``, tokenizer, settings, card.
+
+    Everything the export reads is read and checked first (the model card included), then the
+    folder is built beside ``output`` and renamed into place: ``output`` is absent or complete.
+    """
     from launcher.core.errors import UserError
+    from launcher.core.model_settings import inference_settings
     from launcher.core.modelfiles import check_model_files
     from launcher.core.recipe import read_run_recipe
-    from launcher.core.writable import check_writable_dir
-    from launcher.rank.model import load_for_inference, load_tokenizer
-    from launcher.results.card import write_model_card
+    from launcher.results.card import CARD_FILE, render_card
 
     run = RunDir(run_dir.expanduser().resolve())
     run_dir, final = run.path, run.final
@@ -104,16 +110,28 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")
     output = output.expanduser().resolve()
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"--output {output} is not empty; pick a new directory for the export")
-    check_writable_dir(output, "--output")
+    check_export_output(output)
     recipe = read_run_recipe(run_dir)
     lora = recipe.train.method == "lora"
     if lora and not merge:
         if dtype != "fp32":
             raise UserError("--dtype bf16 applies to a model; add --merge to export a LoRA run as one model")
-        shutil.copytree(final, output, dirs_exist_ok=True)
+        with staged_dir(output) as staging:
+            shutil.copytree(final, staging, dirs_exist_ok=True)
         return output
+    card = render_card(run_dir, library="transformers", settings=inference_settings(recipe, method="full"))
+    with staged_dir(output) as staging:
+        save_exported_model(recipe, final, staging, EXPORT_DTYPES[dtype])
+        (staging / CARD_FILE).write_text(card)
+    return output
+
+
+def save_exported_model(recipe: Recipe, final: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """One ordinary model directory (LoRA merged into its base) in ``dtype``, with its tokenizer
+    and the run's inference settings."""
+    from launcher.rank.model import load_for_inference, load_tokenizer
+
+    lora = recipe.train.method == "lora"
     tokenizer_recipe = recipe.model_copy(
         update={"model": recipe.model.model_copy(update={"tokenizer": str(final)})}
     )
@@ -122,10 +140,67 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     model = load_for_inference(name, adapter, len(tokenizer), recipe)
     if lora:
         model = model.merge_and_unload()
-    model = model.to(EXPORT_DTYPES[dtype])
-    model.config.dtype = EXPORT_DTYPES[dtype]
-    model.save_pretrained(str(output), safe_serialization=True)
-    tokenizer.save_pretrained(str(output))
-    write_inference_settings(output, recipe, method="full")
-    write_model_card(run_dir, output, library="transformers")
-    return output
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    write_inference_settings(out_dir, recipe, method="full")
+
+
+def check_export_output(output: Path) -> None:
+    """``--output`` must be a new (or empty) directory that can be written, and so must the folder
+    holding it: the export is built beside it and renamed into place."""
+    from launcher.core.errors import UserError
+    from launcher.core.writable import check_writable_dir
+
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; pass a new directory for the export")
+    if output.is_dir():
+        try:
+            occupied = any(output.iterdir())
+        except OSError as exc:
+            raise UserError(
+                f"--output {output} cannot be read ({exc.strerror}); pick a new directory for the export"
+            ) from None
+        if occupied:
+            raise UserError(f"--output {output} is not empty; pick a new directory for the export")
+    check_writable_dir(output, "--output")
+    if output.is_dir():  # the check above created nothing: the staging folder needs the parent
+        check_writable_dir(output.parent, f"--output {output.name}'s parent folder")
+
+
+def staging_name(output: Path) -> Path:
+    """The hidden sibling the export is built in (this process's own, so two exports never share one)."""
+    return output.with_name(f".{output.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def staged_dir(output: Path) -> Iterator[Path]:
+    """A fresh folder beside ``output``, put in its place when the block ends; on any failure it
+    is removed (with the parents made for it), so ``output`` is never left half-written."""
+    from launcher.core.errors import UserError
+
+    made = [folder for folder in reversed(output.parents) if not folder.exists()]
+    staging = staging_name(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        yield staging
+        if output.is_dir():
+            try:
+                output.rmdir()  # the empty --output: refuses (and keeps) anything written there meanwhile
+            except OSError as exc:
+                raise UserError(
+                    f"--output {output} was written to during the export ({exc.strerror}); "
+                    "pick a new directory for the export"
+                ) from None
+        replace_dir(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # another process wrote into it meanwhile: not ours to remove
+        raise

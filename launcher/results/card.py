@@ -2,6 +2,8 @@
 
 Written after the report, from the files the run left (recipe.yaml, report/rouge.json,
 metrics.jsonl, final/ftlaunch.json): its ROUGE values are report/rouge.json's, never recomputed.
+Those files are checked as they are read (one line naming the file, the key and the fix), and the
+card is rendered whole before it is written: ``ftlaunch export`` renders it before writing weights.
 """
 
 from __future__ import annotations
@@ -12,14 +14,98 @@ from typing import Any
 
 import yaml
 
+from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
-from launcher.core.jsonl import read_jsonl
+from launcher.core.jsonl import read_jsonl_lines
 from launcher.core.model_settings import read_inference_settings
 from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
 from launcher.results.report import percent
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+CARD_FILE = "README.md"
+# the keys of a segment row (history.segment_row) that the card's history lines format
+SEGMENT_WHOLE_NUMBERS = ("step", "world_size", "nodes", "grad_accum")
+SEGMENT_TEXTS = ("strategy", "start")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_report_scores(run: RunDir) -> dict[str, Any]:
+    """report/rouge.json (``{model: one evaluation's scores}``), checked where the card reads it;
+    ``{}`` when the run has no report (the card then has no ROUGE rows)."""
+    rouge = run.report.rouge
+    if not rouge.is_file():
+        return {}
+    fix = f"run ftlaunch report {run.path} to rewrite it"
+    try:
+        scores = json.loads(rouge.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{rouge} is not valid JSON ({reason}); {fix}") from None
+    except OSError as exc:
+        raise UserError(f"{rouge} cannot be read ({exc.strerror}); {fix}") from None
+    if not isinstance(scores, dict):
+        raise UserError(f"{rouge} is not a JSON object of evaluations ({ORIGINAL}, {FINETUNED}); {fix}")
+    for name in (ORIGINAL, FINETUNED):
+        if name in scores:
+            check_model_scores(rouge, name, scores[name], fix)
+    return scores
+
+
+def check_model_scores(rouge: Path, name: str, entry: Any, fix: str) -> None:
+    """One model's entry of report/rouge.json: the card prints its four ROUGE values as numbers."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{rouge}: {name} is {entry!r}, not an evaluation's scores (a JSON object); {fix}")
+    for metric in METRICS:
+        if metric not in entry:
+            raise UserError(f"{rouge}: {name}.{metric} is missing; {fix}")
+        if not is_number(entry[metric]):
+            raise UserError(f"{rouge}: {name}.{metric} is {entry[metric]!r}, not a number; {fix}")
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows, checked where the card reads them (steps, history segments);
+    no rows when the run has no metrics.jsonl."""
+    if not run.metrics.is_file():
+        return []
+    rows = read_jsonl_lines(run.metrics)
+    for number, row in rows:
+        check_metrics_row(run.metrics, number, row)
+    return [row for _, row in rows]
+
+
+def check_metrics_row(path: Path, number: int, row: dict[str, Any]) -> None:
+    """A step is a whole number; a segment row has the fields its history line shows."""
+    where = f"{path} line {number}"
+    fix = "correct or delete that line (training appends one per logged step)"
+    if "step" in row and not is_whole_number(row["step"]):
+        raise UserError(f"{where}: step is {row['step']!r}, not a whole number; {fix}")
+    if "segment" not in row:
+        return
+    for key in SEGMENT_WHOLE_NUMBERS:
+        if not is_whole_number(row.get(key)):
+            raise UserError(f"{where}: segment row's {key} is {shown(row, key)}, not a whole number; {fix}")
+    for key in SEGMENT_TEXTS:
+        if not isinstance(row.get(key), str):
+            raise UserError(f"{where}: segment row's {key} is {shown(row, key)}, not text; {fix}")
+    tokens = row.get("micro_batch_tokens")
+    if tokens is not None and not is_whole_number(tokens):
+        raise UserError(f"{where}: micro_batch_tokens is {tokens!r}, not a whole number or null; {fix}")
+    if not tokens and not is_whole_number(row.get("micro_batch_size")):
+        raise UserError(
+            f"{where}: segment row's micro_batch_size is {shown(row, 'micro_batch_size')}, not a whole number; {fix}"
+        )
+
+
+def shown(row: dict[str, Any], key: str) -> str:
+    return repr(row[key]) if key in row else "missing"
 
 
 def hub_reference(name: str) -> str | None:
@@ -66,8 +152,9 @@ def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
 
 def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
     run = RunDir(run_dir)
-    metrics = read_jsonl(run.metrics)
-    steps = max((row.get("step", 0) for row in metrics), default=0)
+    metrics = read_metrics(run)
+    last_step = max((row["step"] for row in metrics if "step" in row), default=None)
+    steps = str(last_step) if last_step is not None else f"not recorded (no steps in {run.metrics.name})"
     wall = run.final.stat().st_mtime - run.recipe_yaml.stat().st_mtime
     facts = [
         ("method", "LoRA" if recipe.train.method == "lora" else "full fine-tuning"),
@@ -76,7 +163,7 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
         ("world size", f"{recipe.launch.world_size} ({recipe.launch.nodes} node(s) x {recipe.launch.gpus})"),
         ("strategy", strategy_label(recipe)),
         ("precision", recipe.model.precision),
-        ("optimizer steps", str(steps)),
+        ("optimizer steps", steps),
         ("effective batch", effective_batch(recipe)),
         ("learning rate", f"{recipe.train.lr:g} ({recipe.train.scheduler})"),
         ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
@@ -122,13 +209,20 @@ def usage_snippet(settings: dict, library: str) -> str:
     )
 
 
-def render_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> str:
+def render_card(
+    run_dir: Path,
+    model_dir: Path | None = None,
+    library: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """The whole card, from the run's files (each checked as it is read). ``settings``: the
+    inference settings the model folder will hold (export renders the card before writing it);
+    by default its ``ftlaunch.json``."""
     run = RunDir(run_dir)
     recipe = read_run_recipe(run_dir)
     model_dir = model_dir or run.final
-    rouge = run.report.rouge
-    scores = json.loads(rouge.read_text()) if rouge.is_file() else {}
-    settings = read_inference_settings(model_dir) or read_inference_settings(run.final)
+    scores = read_report_scores(run)
+    settings = settings or read_inference_settings(model_dir) or read_inference_settings(run.final)
     library = library or ("peft" if (model_dir / "adapter_config.json").is_file() else "transformers")
     front = yaml.safe_dump(card_metadata(recipe, scores, library), sort_keys=False, allow_unicode=True)
     facts = "\n".join(f"| {key} | {value} |" for key, value in training_facts(run_dir, recipe))
@@ -145,7 +239,7 @@ def render_card(run_dir: Path, model_dir: Path | None = None, library: str | Non
 
 
 def write_model_card(run_dir: Path, model_dir: Path | None = None, library: str | None = None) -> Path:
-    path = (model_dir or RunDir(run_dir).final) / "README.md"
+    path = (model_dir or RunDir(run_dir).final) / CARD_FILE
     path.write_text(render_card(run_dir, model_dir, library))
     return path
 
