@@ -94,3 +94,12 @@ def check_writable_file(path: Path, what: str) -> None:
     problem = write_problem(path.expanduser().parent)
     if problem:
         raise UserError(f"{what} {path}: cannot write there ({problem}); pick a file you can write to")
+
+
+def same_file(first: Path, second: Path) -> bool:
+    """Do two paths name one file (through symlinks, hard links, ``..``)? False when either is
+    missing: a file that does not exist yet is nobody's input."""
+    try:
+        return os.path.samefile(first.expanduser(), second.expanduser())
+    except OSError:
+        return False

@@ -22,7 +22,7 @@ from typing import Any
 
 from launcher.core.errors import UserError
 from launcher.core.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
-from launcher.core.model_settings import read_inference_settings
+from launcher.core.model_settings import SETTINGS_FILE, read_inference_settings
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.recipe import (
@@ -35,12 +35,15 @@ from launcher.core.recipe import (
     read_yaml_mapping,
 )
 from launcher.core.rundir import RunDir
-from launcher.core.writable import check_writable_file
+from launcher.core.writable import check_writable_file, same_file
 
 INPUTS_FILE = "inputs.jsonl"
 SUMMARIES_FILE = "summaries.jsonl"
 STDIN_ID = "stdin"  # the id of one plain-text dialogue read from standard input
 EVAL_KEYS = ("eval.", "data.prompt", "data.max_source_length", "model.precision")
+ADAPTER_CONFIG = "adapter_config.json"
+# ftlaunch.json's keys that summarize reads, with their types (the others go through the schema)
+REQUIRED_SETTINGS = {"prompt": str, "max_source_length": int, "precision": str}
 
 
 # ---------------------------------------------------------------- the model and its settings
@@ -62,7 +65,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
             f"run {source} has no {run.final.name}/ model yet; summarize after the run has finished"
         )
     run_dir = source.parent if RunDir(source.parent).has_recipe() else None
-    if not any((source / name).is_file() for name in ("config.json", "adapter_config.json")):
+    if not any((source / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
         raise UserError(
             f"{source} holds no model (no config.json or adapter_config.json); pass a run directory, "
             "its final/ folder or a folder written by save_pretrained"
@@ -75,7 +78,7 @@ def base_model_of(adapter: Path, settings: dict | None, run_recipe: dict | None)
     """An adapter's base model: ftlaunch.json, then the adapter's own config, then the run's recipe."""
     candidates = [
         (settings or {}).get("base_model"),
-        json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"),
+        adapter_base_model(adapter),
         ((run_recipe or {}).get("model") or {}).get("name"),
     ]
     for name in candidates:
@@ -86,12 +89,61 @@ def base_model_of(adapter: Path, settings: dict | None, run_recipe: dict | None)
     )
 
 
+def adapter_base_model(adapter: Path) -> str | None:
+    """``base_model_name_or_path`` of adapter_config.json, checked: a name, or none at all."""
+    path = adapter / ADAPTER_CONFIG
+    name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise UserError(
+            f"{path}: base_model_name_or_path is {name!r}, not a model name; write the base model's "
+            "name or folder there (or pass the run directory, whose recipe.yaml has model.name)"
+        )
+    return name
+
+
+def checked_settings(folder: Path) -> dict[str, Any] | None:
+    """ftlaunch.json, with the keys summarize reads present and of their type: a hand-edited or
+    truncated file is named with its key, not a KeyError. None where the folder has none."""
+    settings = read_inference_settings(folder)
+    if not settings:  # none, or an empty object: the run's recipe (or the defaults) apply
+        return None
+    path = folder / SETTINGS_FILE
+    fix = f"re-export the run (ftlaunch export) or delete {path.name}"
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a JSON object of settings; {fix}")
+    for key, kind in REQUIRED_SETTINGS.items():
+        if key not in settings:
+            raise UserError(f"{path} has no {key!r}; {fix}")
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"{path}: {key} is {value!r}, not {kind_name(kind)}; {fix}")
+    base = settings.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{path}: base_model is {base!r}, not a model name; {fix}")
+    return settings
+
+
+def kind_name(kind: type) -> str:
+    return {str: "a string", int: "an integer"}[kind]
+
+
+def run_recipe_of(run_dir: Path | None) -> dict[str, Any] | None:
+    """The run's recipe.yaml as raw data, validated as ``recipe validate`` does: summarize edits
+    its sections, so a damaged one must be named with its key first."""
+    if run_dir is None:
+        return None
+    path = RunDir(run_dir).recipe_yaml
+    raw = read_yaml_mapping(path)
+    build_recipe(raw, f"recipe {path}")
+    return raw
+
+
 def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -> Recipe:
     """The recipe the run evaluated with, pointed at the saved model, with ``--set`` applied."""
     folder, run_dir = model_folder(source)
-    run_recipe = read_yaml_mapping(RunDir(run_dir).recipe_yaml) if run_dir else None
+    run_recipe = run_recipe_of(run_dir)
     raw = run_recipe or read_yaml_mapping(default_recipe_path("full"))
-    settings = read_inference_settings(folder)
+    settings = checked_settings(folder)
     if settings:
         raw.setdefault("data", {}).update(
             prompt=settings["prompt"], max_source_length=settings["max_source_length"]
@@ -101,7 +153,7 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
             {key: settings[key] for key in (*GENERATION_KEYS, "batch_size") if key in settings}
         )
         raw.setdefault("model", {})["precision"] = settings["precision"]
-    adapter = (folder / "adapter_config.json").is_file()
+    adapter = (folder / ADAPTER_CONFIG).is_file()
     raw.setdefault("model", {}).update(
         name=base_model_of(folder, settings, run_recipe) if adapter else str(folder),
         adapter=str(folder) if adapter else None,
@@ -131,8 +183,7 @@ def read_inputs(input_path: str) -> list[dict[str, Any]]:
     """Rows of id + dialogue: JSON Lines (``dialogue``, optional ``id``), one plain-text
     dialogue per file, or one from standard input (``-``)."""
     if input_path == "-":
-        text = sys.stdin.read()
-        return parse_text_or_jsonl(text, "standard input", STDIN_ID)
+        return parse_text_or_jsonl(read_stdin(), "standard input", STDIN_ID)
     path = Path(input_path).expanduser()
     if not path.is_file():
         raise UserError(f"--input {input_path} is not a file; pass a .jsonl file, a text file or -")
@@ -143,6 +194,23 @@ def read_inputs(input_path: str) -> list[dict[str, Any]]:
     except UnicodeDecodeError:
         raise UserError(f"--input {path} is not UTF-8 text; re-encode it as UTF-8") from None
     return parse_text_or_jsonl(text, str(path), path.stem)
+
+
+def read_stdin() -> str:
+    """Standard input decoded strictly as UTF-8, like a file: the locale's decoder would pass
+    bad bytes on as surrogates, which the tokenizer then rejects with a traceback."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # already text (a StringIO in tests, an embedding program)
+        return sys.stdin.read()
+    data = buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        number = data.count(b"\n", 0, start) + 1
+        raise UserError(
+            f"standard input line {number} is not UTF-8 text (byte {start}); re-encode it as UTF-8"
+        ) from None
 
 
 def parse_text_or_jsonl(text: str, source: str, text_id: str) -> list[dict[str, Any]]:
@@ -163,6 +231,39 @@ def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, A
     if not rows:
         raise UserError(f"{source} has no dialogues")
     return rows
+
+
+def check_summaries_output(output: Path, input_path: str) -> None:
+    """``--output`` may be a new file, an empty one or an earlier summaries file (replaced); never
+    the input, and never another file (a recipe, weights, metrics, predictions) it would replace."""
+    check_writable_file(output, "--output")
+    if input_path != "-" and same_file(output, Path(input_path)):
+        raise UserError(
+            f"--output {output} is the --input file; the dialogues would be lost: pick another file"
+        )
+    if output.is_file() and not is_summaries_file(output):
+        raise UserError(
+            f"--output {output} exists and is not a summaries file (JSON Lines of id and summary); "
+            "pick a new file (or delete it first if it may go)"
+        )
+
+
+def is_summaries_file(path: Path) -> bool:
+    """Empty, or only lines of ``{id, summary}`` (what summarize writes): safe to replace."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(1) not in (b"", b"{", b"\n", b" "):
+                return False  # weights, YAML, text: not read further
+            handle.seek(0)
+            for raw in handle:
+                if not raw.strip():
+                    continue
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict) or set(row) != {"id", "summary"}:
+                    return False
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return True
 
 
 def write_summaries(rows: list[dict], summaries: list[str], output: Path | None, plain: bool) -> None:
@@ -237,8 +338,8 @@ def summarize(
         raise UserError(f"--gpus {gpus} must be at least 1")
     recipe = summarize_recipe(source, overrides, gpus, cpu)
     rows = read_inputs(input_path)
-    if output is not None:
-        check_writable_file(output, "--output")  # before generating: the summaries must have a place
+    if output is not None:  # before generating: the summaries must have a place, and lose nothing
+        check_summaries_output(output, input_path)
     if not cpu and gpus > 1:
         from launcher.host import launch
 

@@ -18,8 +18,8 @@ from launcher.core.dialogues import load_split
 from launcher.core.errors import UserError
 from launcher.core.jsonl import read_jsonl
 from launcher.core.recipe import EvalSection, describe_validation_error
-from launcher.core.rundir import ResultDir
-from launcher.core.writable import check_writable_dir
+from launcher.core.rundir import ResultDir, RunDir
+from launcher.core.writable import check_writable_dir, same_file
 from launcher.results.rouge import score_rouge
 
 
@@ -77,6 +77,66 @@ def references_from_file(rows: list[dict], path: Path) -> list[list[str]]:
     return references
 
 
+MODEL_FILES = ("config.json", "adapter_config.json")  # what makes a folder a model (save_pretrained)
+
+
+def check_score_output(output: Path, predictions: Path) -> None:
+    """Where ``score --output`` may write rouge.json: a new or empty folder, the folder of the
+    predictions being scored (rescoring in place) or an earlier score of them. Never a folder
+    whose rouge.json belongs to other predictions (``report`` would pair them), nor a model, run
+    or report folder, which other commands and people read."""
+    check_writable_dir(output, "--output")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    result = ResultDir(output)
+    model_file = next((name for name in MODEL_FILES if (output / name).is_file()), None)
+    if model_file is not None:
+        raise UserError(
+            f"--output {output} is a model folder (it holds {model_file}); pick a new directory for rouge.json"
+        )
+    if result.report_md.is_file():
+        raise UserError(
+            f"--output {output} is a report folder ({result.report_md.name}); pick a new directory "
+            "for rouge.json, or rewrite the report with `ftlaunch report`"
+        )
+    if same_file(result.predictions, predictions):
+        return  # rescoring in place: this folder's rouge.json is the score of these predictions
+    in_place = (
+        f", or --output {predictions.parent} to rescore in place"
+        if predictions.name == result.predictions.name
+        else ""
+    )
+    if RunDir(output).has_recipe():
+        raise UserError(
+            f"--output {output} is a run directory; pick a new directory for rouge.json{in_place}"
+        )
+    if result.predictions.is_file():
+        raise UserError(
+            f"--output {output} holds the evaluation of other predictions ({result.predictions.name}); "
+            f"pick a new directory{in_place}"
+        )
+    scored = scored_predictions(result.rouge) if result.rouge.is_file() else None
+    if scored == str(predictions.resolve()):
+        return  # an earlier `ftlaunch score` of the same predictions: replaced
+    if result.rouge.is_file():
+        of = f"of other predictions ({scored})" if scored else "of unknown predictions"
+        raise UserError(
+            f"--output {output} holds the {result.rouge.name} {of}; pick a new directory{in_place}"
+        )
+    raise UserError(
+        f"--output {output} is not empty and holds no score of {predictions}; pick a new directory{in_place}"
+    )
+
+
+def scored_predictions(rouge_file: Path) -> str | None:
+    """The predictions file an earlier ``ftlaunch score`` wrote ``rouge_file`` for (None: unknown)."""
+    try:
+        scores = json.loads(rouge_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return scores.get("predictions") if isinstance(scores, dict) else None
+
+
 def rescore(
     path: Path,
     data: str | None,
@@ -90,9 +150,9 @@ def rescore(
         settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
     except ValidationError as exc:
         raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
-    if output is not None:
-        check_writable_dir(output, "--output")
     rows = read_predictions(path)
+    if output is not None:
+        check_score_output(output, path)
     references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
     scores = score_predictions([row["prediction"] for row in rows], references, settings)
     scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
