@@ -20,7 +20,8 @@ from launcher.core.recipe import Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir, SweepDir
 from launcher.host.sweep_grid import short_keys
 from launcher.host.sweep_manifest import Point, Sweep, read_status, read_sweep
-from launcher.results.report import check_report_output, metrics_row_problem, read_eval_scores
+from launcher.results.records import metrics_row_problem
+from launcher.results.report import check_report_output, read_eval_scores
 from launcher.results.rouge import ROUGE_TYPES
 
 DEFAULT_METRIC = "rougeLsum"

@@ -16,25 +16,14 @@ import yaml
 
 from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
-from launcher.core.jsonl import read_jsonl_lines
 from launcher.core.model_settings import read_inference_settings
 from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
+from launcher.results.records import read_checked_metrics, scores_problem
 from launcher.results.report import percent
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 CARD_FILE = "README.md"
-# the keys of a segment row (history.segment_row) that the card's history lines format
-SEGMENT_WHOLE_NUMBERS = ("step", "world_size", "nodes", "grad_accum")
-SEGMENT_TEXTS = ("strategy", "start")
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def is_whole_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_report_scores(run: RunDir) -> dict[str, Any]:
@@ -61,51 +50,9 @@ def read_report_scores(run: RunDir) -> dict[str, Any]:
 
 def check_model_scores(rouge: Path, name: str, entry: Any, fix: str) -> None:
     """One model's entry of report/rouge.json: the card prints its four ROUGE values as numbers."""
-    if not isinstance(entry, dict):
-        raise UserError(f"{rouge}: {name} is {entry!r}, not an evaluation's scores (a JSON object); {fix}")
-    for metric in METRICS:
-        if metric not in entry:
-            raise UserError(f"{rouge}: {name}.{metric} is missing; {fix}")
-        if not is_number(entry[metric]):
-            raise UserError(f"{rouge}: {name}.{metric} is {entry[metric]!r}, not a number; {fix}")
-
-
-def read_metrics(run: RunDir) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows, checked where the card reads them (steps, history segments);
-    no rows when the run has no metrics.jsonl."""
-    if not run.metrics.is_file():
-        return []
-    rows = read_jsonl_lines(run.metrics)
-    for number, row in rows:
-        check_metrics_row(run.metrics, number, row)
-    return [row for _, row in rows]
-
-
-def check_metrics_row(path: Path, number: int, row: dict[str, Any]) -> None:
-    """A step is a whole number; a segment row has the fields its history line shows."""
-    where = f"{path} line {number}"
-    fix = "correct or delete that line (training appends one per logged step)"
-    if "step" in row and not is_whole_number(row["step"]):
-        raise UserError(f"{where}: step is {row['step']!r}, not a whole number; {fix}")
-    if "segment" not in row:
-        return
-    for key in SEGMENT_WHOLE_NUMBERS:
-        if not is_whole_number(row.get(key)):
-            raise UserError(f"{where}: segment row's {key} is {shown(row, key)}, not a whole number; {fix}")
-    for key in SEGMENT_TEXTS:
-        if not isinstance(row.get(key), str):
-            raise UserError(f"{where}: segment row's {key} is {shown(row, key)}, not text; {fix}")
-    tokens = row.get("micro_batch_tokens")
-    if tokens is not None and not is_whole_number(tokens):
-        raise UserError(f"{where}: micro_batch_tokens is {tokens!r}, not a whole number or null; {fix}")
-    if not tokens and not is_whole_number(row.get("micro_batch_size")):
-        raise UserError(
-            f"{where}: segment row's micro_batch_size is {shown(row, 'micro_batch_size')}, not a whole number; {fix}"
-        )
-
-
-def shown(row: dict[str, Any], key: str) -> str:
-    return repr(row[key]) if key in row else "missing"
+    problem = scores_problem(entry)
+    if problem:
+        raise UserError(f"{rouge}: {name}{'.' if isinstance(entry, dict) else ' '}{problem}; {fix}")
 
 
 def hub_reference(name: str) -> str | None:
@@ -152,7 +99,7 @@ def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
 
 def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
     run = RunDir(run_dir)
-    metrics = read_metrics(run)
+    metrics = read_checked_metrics(run.path)
     last_step = max((row["step"] for row in metrics if "step" in row), default=None)
     steps = str(last_step) if last_step is not None else f"not recorded (no steps in {run.metrics.name})"
     wall = run.final.stat().st_mtime - run.recipe_yaml.stat().st_mtime

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher.core.errors import UserError
-from launcher.core.jsonl import read_jsonl, read_jsonl_lines
+from launcher.core.jsonl import read_jsonl
 from launcher.core.recipe import shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir, SweepDir
 from launcher.core.writable import check_writable_dir
+from launcher.results.records import read_checked_metrics, scores_problem
 from launcher.results.rouge import ROUGE_TYPES
 
 MODEL_ORDER = (ORIGINAL, FINETUNED)
@@ -47,13 +48,11 @@ def read_eval_scores(rouge_file: Path) -> dict[str, Any]:
             f"{rouge_file} is not an evaluation's ROUGE record (a JSON object); pass a run directory "
             "or an `ftlaunch eval` output directory"
         )
-    for key in ROUGE_TYPES:
-        value = scores.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(
-                f"{rouge_file}: {key} is {value!r}, not a number; rewrite the file with "
-                "`ftlaunch score PREDICTIONS --output DIR`"
-            )
+    problem = scores_problem(scores)
+    if problem:
+        raise UserError(
+            f"{rouge_file}: {problem}; rewrite the file with `ftlaunch score PREDICTIONS --output DIR`"
+        )
     return scores
 
 
@@ -93,55 +92,6 @@ def check_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
             f"{path} line {number} {problem}; each line needs id, prediction and references (rerun "
             "`ftlaunch eval`, or `ftlaunch score PREDICTIONS --data D --output DIR` for a file of your own)"
         )
-
-
-# What the report reads from metrics.jsonl beside ``step``: numbers it prints (validation values
-# may be null: metrics.json_safe writes a non-finite one so), and the keys a marker row always
-# comes with (launcher/rank/train.py and best.py write them together).
-METRIC_NUMBERS = ("loss", "val_loss", "best_value", *(f"val_{key}" for key in ROUGE_TYPES))
-METRIC_NULLABLE = frozenset(METRIC_NUMBERS) - {"loss"}  # a diverged run stops before logging its loss
-METRIC_COMPANIONS = {
-    "restart": ("cause",),
-    "best_step": ("best_metric", "best_value"),
-    "final": ("val_loss",),
-    "compiled_graphs": ("batch_shapes",),
-    **{f"val_{key}": ("val_rougeLsum",) for key in ROUGE_TYPES},
-}
-
-
-def metrics_row_problem(row: dict[str, Any]) -> str | None:
-    """What keeps the report from reading one metrics.jsonl row, or None."""
-    for key in ("step", "best_step"):
-        value = row.get(key)
-        if (key in row or key == "step") and (isinstance(value, bool) or not isinstance(value, int)):
-            return f"{key} is {value!r}, not a whole number"
-    for key in METRIC_NUMBERS:
-        value = row.get(key)
-        if value is None and key in METRIC_NULLABLE:
-            continue
-        if key in row and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return f"{key} is {value!r}, not a number"
-    for marker, companions in METRIC_COMPANIONS.items():
-        missing = [key for key in companions if marker in row and key not in row]
-        if missing:
-            return f"a row with {marker} has no {missing[0]}"
-    return None
-
-
-def read_report_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, each row checked for what the report prints (nothing: no training section)."""
-    path = RunDir(run_dir).metrics
-    if not path.is_file():
-        return []
-    rows = read_jsonl_lines(path)
-    for number, row in rows:
-        problem = metrics_row_problem(row)
-        if problem:
-            raise UserError(
-                f"{path} line {number}: {problem}; the report reads the file as training writes it "
-                "(fix or delete that line)"
-            )
-    return [row for _, row in rows]
 
 
 def run_evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -365,7 +315,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or own
     check_report_output(out_dir, own)
     evals = run_evaluations(run_dir)
-    metrics = read_report_metrics(run_dir)  # everything read and checked before anything is written
+    metrics = read_checked_metrics(run_dir)  # everything read and checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(evals.values()))
     rows = [{"id": p["id"], "dialogue": "", "references": p["references"]} for p in first["predictions"]]
