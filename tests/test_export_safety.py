@@ -135,6 +135,22 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, model_dir, no_launch):
     )
 
 
+@pytest.mark.parametrize("inner", ["final", "eval/finetuned"])
+def test_a_folder_inside_a_run_names_the_run_to_export(tmp_path, model_dir, no_launch, inner):
+    run = reported_run(tmp_path, model_dir)
+    out = tmp_path / "export"
+    refused(
+        no_launch,
+        "export",
+        str(run / inner),
+        "--output",
+        str(out),
+        output=out,
+        watch=(run,),
+        fragments=(f"{run / inner} is not a finished run", f"it is inside the run {run}: pass that"),
+    )
+
+
 # ---------------------------------------------------------------- absent or complete
 
 

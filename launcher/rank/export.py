@@ -103,8 +103,10 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     run = RunDir(run_dir.expanduser().resolve())
     run_dir, final = run.path, run.final
     if not run.has_recipe() or not final.is_dir():
+        inside = next((p for p in run_dir.parents if RunDir(p).has_recipe()), None)
+        fix = f"it is inside the run {inside}: pass that" if inside else "pass a run directory"
         raise UserError(
-            f"{run_dir} is not a finished run (no {run.recipe_yaml.name} and {final.name}/); pass a run directory"
+            f"{run_dir} is not a finished run (no {run.recipe_yaml.name} and {final.name}/); {fix}"
         )
     check_model_files(final, "run")
     if dtype not in EXPORT_DTYPES:
