@@ -110,6 +110,24 @@ def test_a_model_folder_transformers_cannot_load_as_seq2seq_is_refused_before_a_
         refused(no_launch, "estimate", "--model", str(model), output=None, fragments=expected, watch=(model,))
 
 
+def test_a_config_transformers_refuses_in_another_family_is_one_line(tmp_path, no_launch):
+    """A BART config with a value only transformers' strict config class checks: the estimate, a
+    LoRA run (its targets) and an FSDP run (its layer classes) read it on a meta-device skeleton."""
+    from transformers import AutoConfig
+
+    model = tmp_path / "bart"
+    shape = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    heads = dict(encoder_attention_heads=2, decoder_attention_heads=2)
+    AutoConfig.for_model("bart", vocab_size=128, **shape, **heads).save_pretrained(model)
+    edit_json(model / "config.json", lambda d: {**d, "dropout": "x"})
+    expected = (f"model {model}: cannot read its config.json", "'dropout'")
+    refused(no_launch, "estimate", "--model", str(model), output=None, fragments=expected, watch=(model,))
+    for command, *extra in (("lora",), ("full", "--fsdp")):
+        run = tmp_path / command
+        args = (command, *extra, *TRAIN, "--model", str(model), "--dry-run", "--output", str(run))
+        refused(no_launch, *args, output=run, fragments=expected, watch=(model,))
+
+
 def test_a_tokenizer_folder_may_hold_another_familys_config(saved_model, tmp_path):
     """model.tokenizer is loaded as a tokenizer only: its config.json's model_type is not checked."""
     tokenizer = spoiled_model(saved_model, tmp_path, "bert")

@@ -181,7 +181,7 @@ class ModelFacts:
         if self.counted is not None:
             return self.counted
         if self.directory is not None:
-            return skeleton_counts(self.directory, self.name)
+            return skeleton_counts(self.directory)
         return None, None
 
     @property
@@ -303,16 +303,11 @@ def local_facts(name: str, directory: Path) -> ModelFacts:
     )
 
 
-def skeleton_counts(directory: Path, name: str) -> tuple[int, int]:
+def skeleton_counts(directory: Path) -> tuple[int, int]:
     """(parameters, largest layer) of another family, counted on its meta-device model."""
     from launcher.core.families import skeleton
 
-    try:
-        model = skeleton(directory)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})"
-        ) from None
+    model = skeleton(directory)
     unique = {id(p): p for p in model.parameters()}
     params = sum(p.numel() for p in unique.values())
     head, shared = getattr(model, "lm_head", None), getattr(model, "shared", None)
