@@ -241,6 +241,22 @@ def test_one_dialogue_once_per_reference_keeps_its_id(tmp_path):
     ]
 
 
+def test_rows_with_an_empty_or_null_id_are_numbered_not_refused(tmp_path):
+    """A CSV export with an empty id column, or JSON Lines with "id": null, holds no ids to repeat."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.csv").write_text(
+        'id,dialogue,summary\n,"#Person1#: Hi.",They greet.\n,"#Person1#: Bye.",They part.\n'
+    )
+    rows = [
+        {"id": None, "dialogue": "#Person1#: Hi.", "summary": "They greet."},
+        {"id": None, "dialogue": "#Person1#: Bye.", "summary": "They part."},
+    ]
+    (data / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for split in ("test", "validation"):
+        assert [row["id"] for row in load_split(str(data), split)] == ["row_1", "row_2"]
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -174,7 +174,7 @@ def normalize_rows(
             )
         out.append(
             {
-                "id": str(row.get("id", f"row_{number}")),
+                "id": row_id(row, number),
                 "dialogue": dialogue,
                 "summary": references[0],
                 "references": references,
@@ -185,11 +185,17 @@ def normalize_rows(
     return merge_repeated_dialogues(out)
 
 
+def row_id(row: dict[str, Any], number: int) -> str:
+    """The row's id, or ``row_N`` where it has none (no column, null, or an empty CSV cell)."""
+    value = row.get("id")
+    return f"row_{number}" if value is None or value == "" else str(value)
+
+
 def check_unique_ids(rows: list[dict[str, Any]], numbers: list[int], source: str, unit: str) -> None:
     """Predictions, scores and reports name an example by its id: two rows with one id are refused
     (the later one would vanish into the first, or be scored against its references). One dialogue
     repeated once per reference under one id (the hub's DialogSum test layout) is one example and
-    keeps it; rows without an id got ``row_N`` above."""
+    keeps it; rows without an id got ``row_N`` (``row_id``)."""
     first: dict[str, tuple[int, dict[str, Any], set[str]]] = {}
     for number, row in zip(numbers, rows):
         seen = first.get(row["id"])
