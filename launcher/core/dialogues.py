@@ -157,6 +157,7 @@ def normalize_rows(
     if table.rows:  # an empty split is refused as empty by the caller
         check_columns(table, source, source_field, targets)
     out: list[dict[str, Any]] = []
+    numbers: list[int] = []
     for number, row in table.rows:
         references = row_references(row, targets)
         dialogue = row.get(source_field)
@@ -173,13 +174,44 @@ def normalize_rows(
             )
         out.append(
             {
-                "id": str(row.get("id", f"row_{number}")),
+                "id": row_id(row, number),
                 "dialogue": dialogue,
                 "summary": references[0],
                 "references": references,
             }
         )
+        numbers.append(number)
+    check_unique_ids(out, numbers, source, table.unit)
     return merge_repeated_dialogues(out)
+
+
+def row_id(row: dict[str, Any], number: int) -> str:
+    """The row's id, or ``row_N`` where it has none (no column, null, or an empty CSV cell)."""
+    value = row.get("id")
+    return f"row_{number}" if value is None or value == "" else str(value)
+
+
+def check_unique_ids(rows: list[dict[str, Any]], numbers: list[int], source: str, unit: str) -> None:
+    """Predictions, scores and reports name an example by its id: two rows with one id are refused
+    (the later one would vanish into the first, or be scored against its references). One dialogue
+    repeated once per reference under one id (the hub's DialogSum test layout) is one example and
+    keeps it; rows without an id got ``row_N`` (``row_id``)."""
+    first: dict[str, tuple[int, dict[str, Any], set[str]]] = {}
+    for number, row in zip(numbers, rows):
+        seen = first.get(row["id"])
+        if seen is None:
+            first[row["id"]] = (number, row, set(row["references"]))
+            continue
+        earlier, first_row, references = seen
+        same_dialogue = row["dialogue"] == first_row["dialogue"]
+        if same_dialogue and not references.issuperset(row["references"]):
+            references.update(row["references"])  # one more reference of the same example
+            continue
+        detail = " with the same dialogue and summary" if same_dialogue else ""
+        raise UserError(
+            f"{source}: id {row['id']!r} appears on {unit}s {earlier} and {number}{detail}; "
+            "ids must be unique in a split"
+        )
 
 
 def merge_repeated_dialogues(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -121,12 +121,21 @@ def module_names(model) -> ModuleNames:
 
 
 def skeleton(config_dir: Path):
-    """The model of a local directory on the meta device: its structure, no weights, no memory."""
+    """The model of a local directory on the meta device: its structure, no weights, no memory.
+    A config.json transformers refuses (a value of the wrong type that modelfiles.py does not
+    check, e.g. a BART ``dropout`` of ``"x"``) is one line naming the field."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    with torch.device("meta"):
-        return AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(config_dir)))
+    try:
+        config = AutoConfig.from_pretrained(str(config_dir))
+        with torch.device("meta"):
+            return AutoModelForSeq2SeqLM.from_config(config)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]
+        reason = " ".join(lines).split(" Errors:")[0][:240]
+        raise UserError(f"model {config_dir}: cannot read its config.json ({reason})") from None
 
 
 def estimate_targets(targets: list[str] | None) -> tuple[str, ...]:

@@ -64,6 +64,90 @@ DIMENSION_KEYS = {
     "d_kv": ("d_kv",),
     "vocab_size": ("vocab_size",),
 }
+# model_type values that AutoModelForSeq2SeqLM loads as text-to-text models: transformers'
+# MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES less its speech and audio models. Written out because
+# importing that table costs seconds on every launch; tests/test_model_and_split_checks.py keeps
+# it inside transformers' table.
+SEQ2SEQ_TYPES = frozenset(
+    {
+        "t5",
+        "mt5",
+        "umt5",
+        "longt5",
+        "switch_transformers",
+        "bart",
+        "mbart",
+        "pegasus",
+        "pegasus_x",
+        "bigbird_pegasus",
+        "blenderbot",
+        "blenderbot-small",
+        "encoder-decoder",
+        "fsmt",
+        "led",
+        "m2m_100",
+        "marian",
+        "mvp",
+        "nllb-moe",
+        "plbart",
+        "prophetnet",
+        "t5gemma",
+        "t5gemma2",
+    }
+)
+SUPPORTED_FAMILIES = "T5, FLAN-T5, mT5, umT5, BART, mBART, Pegasus or another AutoModelForSeq2SeqLM family"
+# config.json values that are sizes in every family that has them: a whole number >= 1 (or null).
+SIZE_KEYS = tuple(
+    dict.fromkeys(
+        [
+            *(name for names in DIMENSION_KEYS.values() for name in names),
+            "decoder_ffn_dim",
+            "decoder_attention_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+            "max_position_embeddings",
+        ]
+    )
+)
+TOKEN_ID_KEYS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_token_id(value: Any, many: bool = False) -> bool:
+    """A token id (a whole number >= 0), or with ``many`` also a list of them (eos_token_id)."""
+    if many and isinstance(value, list):
+        return bool(value) and all(is_token_id(item) for item in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def config_value_problem(config: dict[str, Any]) -> str | None:
+    """A size or token id of the wrong type in a config.json (a hand edit, another tool's file):
+    transformers' strict config classes, or the parameter count, would fail on it later."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and not is_count(value):
+            return f"{key} is {value!r}, not a whole number of at least 1"
+    for key in TOKEN_ID_KEYS:
+        value = config.get(key)
+        if value is not None and not is_token_id(value, many=key == "eos_token_id"):
+            return f"{key} is {value!r}, not a token id (a whole number of at least 0)"
+    return None
+
+
+def model_type_problem(config: dict[str, Any]) -> str | None:
+    """Why a config.json is no model ftlaunch can fine-tune (None: an encoder-decoder family)."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        return "has no model_type (a folder written by save_pretrained has one)"
+    if not isinstance(model_type, str) or model_type not in SEQ2SEQ_TYPES:
+        return (
+            f"has model_type {model_type!r}, not an encoder-decoder model ftlaunch can fine-tune "
+            f"({SUPPORTED_FAMILIES})"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,7 +181,7 @@ class ModelFacts:
         if self.counted is not None:
             return self.counted
         if self.directory is not None:
-            return skeleton_counts(self.directory, self.name)
+            return skeleton_counts(self.directory)
         return None, None
 
     @property
@@ -219,16 +303,11 @@ def local_facts(name: str, directory: Path) -> ModelFacts:
     )
 
 
-def skeleton_counts(directory: Path, name: str) -> tuple[int, int]:
+def skeleton_counts(directory: Path) -> tuple[int, int]:
     """(parameters, largest layer) of another family, counted on its meta-device model."""
     from launcher.core.families import skeleton
 
-    try:
-        model = skeleton(directory)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"model {name}: cannot read its config.json ({str(exc).splitlines()[0][:160]})"
-        ) from None
+    model = skeleton(directory)
     unique = {id(p): p for p in model.parameters()}
     params = sum(p.numel() for p in unique.values())
     head, shared = getattr(model, "lm_head", None), getattr(model, "shared", None)

@@ -6,7 +6,10 @@ not a rank crash after the run directory was created.
 What is read, and why that is enough to be cheap:
 
 * JSON files (config, tokenizer, generation and adapter settings): parsed whole; they are small
-  (tokenizer.json a few MB);
+  (tokenizer.json a few MB). Some values are checked too, where a wrong one only fails inside a
+  rank: config.json's sizes and token ids and generation_config.json's settings must have their
+  types, tokenizer.json must load in the tokenizers library (no torch), and a model folder's
+  config.json must name an encoder-decoder family (``model_facts.model_type_problem``);
 * safetensors weights: the 8-byte little-endian header length and the JSON header, then every
   tensor's byte range must lie inside the file (a truncated download fails here) - no tensor
   data is read;
@@ -24,8 +27,10 @@ import json
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from launcher.core.errors import UserError
+from launcher.core.model_facts import config_value_problem, is_token_id, model_type_problem
 
 JSON_FILES = (
     "config.json",
@@ -39,18 +44,105 @@ JSON_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
+
+
+def is_whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+COUNT = ("a whole number of at least 1", lambda v: is_whole(v, 1))
+SIZE = ("a whole number of at least 0", lambda v: is_whole(v, 0))
+TOKEN = ("a token id", lambda v: is_token_id(v, many=True))
+NUMBER = ("a number", is_number)
+FLAG = ("true or false", lambda v: isinstance(v, bool))
+# generation_config.json values and the type transformers' GenerationConfig gives each.
+GENERATION_VALUES: dict[str, tuple[str, Any]] = {
+    **dict.fromkeys(("num_beams", "num_beam_groups", "num_return_sequences"), COUNT),
+    **dict.fromkeys(
+        (
+            "max_length",
+            "max_new_tokens",
+            "min_length",
+            "min_new_tokens",
+            "top_k",
+            "no_repeat_ngram_size",
+            "encoder_no_repeat_ngram_size",
+        ),
+        SIZE,
+    ),
+    **dict.fromkeys(
+        (
+            "decoder_start_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "forced_bos_token_id",
+            "forced_eos_token_id",
+        ),
+        TOKEN,
+    ),
+    **dict.fromkeys(
+        (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "encoder_repetition_penalty",
+            "length_penalty",
+            "diversity_penalty",
+        ),
+        NUMBER,
+    ),
+    **dict.fromkeys(("do_sample", "use_cache"), FLAG),
+    "early_stopping": ('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
+}
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses larger headers too
 PICKLE_PROTO = 0x80
 
 
 def json_problem(path: Path) -> str | None:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
     except UnicodeDecodeError:
         return "not UTF-8 text"
     except json.JSONDecodeError as exc:
         return f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-    return None if isinstance(data, dict) else "not a JSON object"
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if path.name == "config.json":
+        return config_value_problem(data)
+    if path.name == "generation_config.json":
+        return generation_problem(data)
+    if path.name == "tokenizer.json":
+        return tokenizer_problem(text)
+    return None
+
+
+def generation_problem(settings: dict[str, Any]) -> str | None:
+    """A generation setting of the wrong type: transformers drops such a file when it loads the
+    model, and generation then fails on a setting it never read (no decoder start token)."""
+    for key, (kind, check) in GENERATION_VALUES.items():
+        value = settings.get(key)
+        if value is not None and not check(value):
+            return f"{key} is {value!r}, not {kind}"
+    return None
+
+
+def tokenizer_problem(text: str) -> str | None:
+    """tokenizer.json as the tokenizers library reads it (the library transformers loads it with;
+    no torch): a file without its model or added tokens fails here, not in a rank."""
+    import tokenizers
+
+    try:
+        tokenizers.Tokenizer.from_str(text)
+    except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception for a bad file
+        return f"not a tokenizers file: {str(exc).splitlines()[0][:160]}"
+    return None
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -117,8 +209,9 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_files(directory: Path, what: str) -> None:
-    """Refuse (one line naming the file, exit 2) when a file the ranks load is damaged."""
+def check_model_files(directory: Path, what: str, *, model: bool = True) -> None:
+    """Refuse (one line naming the file, exit 2) when a file the ranks load is damaged, or (a
+    ``model`` folder, not only a tokenizer's) when its config.json is no seq2seq model."""
     for path in sorted(directory.iterdir()):
         if not path.is_file():
             continue
@@ -130,3 +223,8 @@ def check_model_files(directory: Path, what: str) -> None:
             raise UserError(
                 f"{what} {directory}: {path} is damaged ({problem}); copy or download the model folder again"
             )
+    config = directory / "config.json"
+    if model and config.is_file():
+        problem = model_type_problem(json.loads(config.read_text(encoding="utf-8")))
+        if problem:
+            raise UserError(f"{what} {directory}: {config.name} {problem}; pass a seq2seq model folder")

@@ -161,7 +161,9 @@ class TrainSection(Section):
         description="Share of each target's probability spread over the vocabulary in the training loss "
         "(0.1 is common; val_loss stays plain cross-entropy).",
     )
-    seed: int = Field(42, description="Seed for weights, dropout and data order.")
+    # numpy's and torch's seeding take 0 .. 2**32 - 1: a bound here is a one-line recipe error,
+    # not a crash in every rank.
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
     eval_every: int | None = Field(
         200, gt=0, description="Validation loss every N optimizer steps (always at the end; null: only then)."

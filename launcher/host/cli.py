@@ -417,6 +417,9 @@ def estimate_command(
 
     if gpus < 1 or nodes < 1 or micro_batch < 1:
         raise UserError("--gpus, --nodes and --micro-batch must be at least 1")
+    for flag, length in (("--source-len", source_len), ("--target-len", target_len)):
+        if length < 1:
+            raise UserError(f"{flag} {length}: tokens per example must be at least 1")
     if optimizer not in ("adamw", "adafactor"):
         raise UserError(f"--optimizer {optimizer!r} is not one of adamw, adafactor")
     if micro_batch_tokens is not None:

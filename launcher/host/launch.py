@@ -79,7 +79,7 @@ def check_model_reference(recipe: Recipe) -> None:
             raise UserError(
                 f"model.tokenizer {tokenizer}: no such directory; pass a tokenizer folder or a hub id"
             )
-        check_model_files(Path(tokenizer).expanduser(), "model.tokenizer")
+        check_model_files(Path(tokenizer).expanduser(), "model.tokenizer", model=False)
     if recipe.train.method == "lora":
         check_lora_targets(recipe, model_dir)
 
