@@ -555,6 +555,58 @@ def test_eval_model_dir_without_config(tmp_path, no_launch):
     )
 
 
+def fake_lora_run(tmp_path: Path) -> Path:
+    """A LoRA run's folder as --model/--adapter mix-ups meet it: recipe.yaml, final/ holding an adapter."""
+    run = tmp_path / "lora-run"
+    (run / "final").mkdir(parents=True)
+    (run / "recipe.yaml").write_text((SAMPLE.parents[2] / "recipes" / "lora.yaml").read_text())
+    (run / "final" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "base_model_name_or_path": "tiny-t5"}'
+    )
+    return run
+
+
+@pytest.mark.parametrize("kind", ["missing", "run", "adapter", "lora-run", "adapter-run"])
+def test_eval_model_or_adapter_of_the_wrong_kind_names_what_to_pass(tmp_path, no_launch, kind):
+    """The usual mix-ups between a run, its final/ model and a LoRA adapter name the right flag."""
+    lora = fake_lora_run(tmp_path)
+    full = tmp_path / "full-run"
+    (full / "final").mkdir(parents=True)
+    (full / "recipe.yaml").write_text((SAMPLE.parents[2] / "recipes" / "full.yaml").read_text())
+    (full / "final" / "config.json").write_text('{"model_type": "t5"}')
+    args, fragment = {
+        "missing": (["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'} does not exist"),
+        "run": (
+            ["--model", str(full)],
+            f"--model {full} is a run directory, not its model; pass --model {full / 'final'}",
+        ),
+        "adapter": (
+            ["--model", str(lora / "final")],
+            "is a LoRA adapter, not a whole model; pass its base model as --model",
+        ),
+        "lora-run": (
+            ["--model", str(lora)],
+            f"is a LoRA run directory; pass its base model as --model and --adapter {lora / 'final'}",
+        ),
+        "adapter-run": (
+            ["--adapter", str(lora)],
+            f"--adapter {lora} has no adapter_config.json; pass --adapter {lora / 'final'}",
+        ),
+    }[kind]
+    out = tmp_path / "out"
+    refused(
+        no_launch,
+        "eval",
+        "--cpu",
+        *args,
+        "--output",
+        str(out),
+        output=out,
+        watch=(lora, full),
+        fragments=(fragment,),
+    )
+
+
 def test_eval_split_that_does_not_exist(tmp_path, no_launch):
     refused(
         no_launch,

@@ -228,9 +228,9 @@ def eval_command(
         )
     )
     if adapter and not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"--adapter {adapter} has no adapter_config.json; pass the final/ folder of a LoRA run"
-        )
+        inner = RunDir(adapter).final / "adapter_config.json"
+        fix = f"pass --adapter {inner.parent}" if inner.is_file() else "pass the final/ folder of a LoRA run"
+        raise UserError(f"--adapter {adapter} has no adapter_config.json; {fix}")
     if adapter:
         check_model_files(adapter, "--adapter")
     launch.check_eval_data(recipe)

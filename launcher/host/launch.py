@@ -59,12 +59,26 @@ def local_model_dir(name: str) -> Path | None:
         return None
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise UserError(
-            f"--model {name}: no config.json there; pass a directory written by save_pretrained "
-            "(e.g. a run's final/ folder), a hub id, or tiny-t5"
-        )
+        raise UserError(f"--model {name}{why_no_model(path)}")
     check_model_files(path, "--model")
     return path
+
+
+def why_no_model(path: Path) -> str:
+    """What a local --model path is instead of a model folder, and what to pass."""
+    run = RunDir(path)
+    if not path.exists():
+        return " does not exist; pass a directory written by save_pretrained, a hub id, or tiny-t5"
+    if (path / "adapter_config.json").is_file():
+        return " is a LoRA adapter, not a whole model; pass its base model as --model and this folder as --adapter"
+    if run.has_recipe() and (run.final / "adapter_config.json").is_file():
+        return f" is a LoRA run directory; pass its base model as --model and --adapter {run.final}"
+    if run.has_recipe() and (run.final / "config.json").is_file():
+        return f" is a run directory, not its model; pass --model {run.final}"
+    return (
+        ": no config.json there; pass a directory written by save_pretrained "
+        "(e.g. a run's final/ folder), a hub id, or tiny-t5"
+    )
 
 
 def check_model_reference(recipe: Recipe) -> None:
