@@ -232,6 +232,22 @@ def test_row_without_dialogue(tmp_path, no_launch):
     )
 
 
+def test_row_whose_id_is_an_object(tmp_path, no_launch):
+    """Predictions and reports name an example by its id: text or a number, never a Python repr."""
+    data = data_dir(tmp_path)
+    edit_lines(
+        data / "train.jsonl",
+        lambda lines: lines.__setitem__(2, json.dumps({**json.loads(lines[2]), "id": {"a": 1}})),
+    )
+    output = tmp_path / "out"
+    refused(
+        no_launch,
+        *train_args(data, output),
+        output=output,
+        fragments=(f"{data / 'train.jsonl'} line 3: id {{'a': 1}} is not text or a number",),
+    )
+
+
 def test_row_without_summary(tmp_path, no_launch):
     data = data_dir(tmp_path)
     drop_field(data / "validation.jsonl", 7, "summary")

@@ -419,3 +419,25 @@ def test_adafactor_is_transformers_with_the_recipes_groups():
         g["lr"] == 1e-3 and not g["relative_step"] and not g["scale_parameter"]
         for g in optimizer.param_groups
     )
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path):
+    """Plain YAML keeps the last of two equal keys: a recipe would silently train with it."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  lr: 1e-3\n  epochs: 2\n  lr: 5e-4\n")
+    with pytest.raises(
+        UserError,
+        match=r"line 4 is not valid YAML: key 'lr' appears twice in one mapping \(first on line 2\)",
+    ):
+        load_recipe(recipe)
+
+
+def test_a_key_given_twice_in_a_variants_file_is_refused(tmp_path):
+    from launcher.host.sweep_grid import read_variants
+
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("- {lora.r: 4}\n- {lora.r: 8, lora.r: 16}\n")
+    with pytest.raises(
+        UserError, match=r"--variants .* line 2 is not valid YAML: key 'lora.r' appears twice"
+    ):
+        read_variants(variants)

@@ -318,3 +318,30 @@ def test_standard_input_is_decoded_as_utf8_whatever_the_locale(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="ascii"))
     rows = summarize_module.read_inputs("-")
     assert rows == [{"id": summarize_module.STDIN_ID, "dialogue": "A: Grüße, Zoë!\nB: 👋"}]
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b'[{"dialogue": "A: hi"}]', "standard input is a JSON array; give JSON Lines"),
+        (
+            b'{"id": {"a": 1}, "dialogue": "A: hi"}\n',
+            "standard input line 1: id {'a': 1} is not text or a number",
+        ),
+    ],
+    ids=["json-array", "object-id"],
+)
+def test_summarize_standard_input_of_the_wrong_shape_is_named(
+    run, no_launch, no_generation, monkeypatch, data, fragment
+):
+    """What a file of the same content gets: not summarized as literal text, not a Python-style id."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    summarize_refused(no_launch, run, watch=(run,), fragments=(fragment,))
+
+
+def test_a_plain_text_dialogue_that_opens_with_a_bracket_is_text(monkeypatch):
+    monkeypatch.setattr(
+        sys, "stdin", io.TextIOWrapper(io.BytesIO(b"[10:02] Tom: hi\n[10:03] Ann: hello"), encoding="utf-8")
+    )
+    rows = summarize_module.read_inputs("-")
+    assert rows == [{"id": summarize_module.STDIN_ID, "dialogue": "[10:02] Tom: hi\n[10:03] Ann: hello"}]

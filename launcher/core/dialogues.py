@@ -174,7 +174,7 @@ def normalize_rows(
             )
         out.append(
             {
-                "id": row_id(row, number),
+                "id": row_id(row, number, f"{source} {table.unit} {number}"),
                 "dialogue": dialogue,
                 "summary": references[0],
                 "references": references,
@@ -185,10 +185,15 @@ def normalize_rows(
     return merge_repeated_dialogues(out)
 
 
-def row_id(row: dict[str, Any], number: int) -> str:
-    """The row's id, or ``row_N`` where it has none (no column, null, or an empty CSV cell)."""
+def row_id(row: dict[str, Any], number: int, where: str) -> str:
+    """The row's id, or ``row_N`` where it has none (no column, null, or an empty CSV cell). An id
+    is text or a number: predictions and reports name the example by it."""
     value = row.get("id")
-    return f"row_{number}" if value is None or value == "" else str(value)
+    if value is None or value == "":
+        return f"row_{number}"
+    if isinstance(value, dict | list):
+        raise UserError(f"{where}: id {value!r} is not text or a number; give each row a text id (or none)")
+    return str(value)
 
 
 def check_unique_ids(rows: list[dict[str, Any]], numbers: list[int], source: str, unit: str) -> None:

@@ -475,13 +475,37 @@ def default_recipe_path(method: str) -> Path:
     return project_dir("recipes") / f"{method}.yaml"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one, so a recipe with ``lr:`` twice would silently train with the second."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice in one mapping (first on line "
+                    f"{first[key].start_mark.line + 1}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            if isinstance(key, str | int | float | bool):
+                first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as data, refusing a key given twice in one mapping (UniqueKeyLoader)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"recipe {path} {state}; pass --recipe with a path to a YAML file (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

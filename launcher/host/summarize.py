@@ -216,9 +216,20 @@ def read_stdin() -> str:
 def parse_text_or_jsonl(text: str, source: str, text_id: str) -> list[dict[str, Any]]:
     if text.lstrip().startswith("{"):  # JSON Lines on standard input
         return dialogue_rows(parse_jsonl_text(text, source), source)
+    if text.lstrip().startswith("[") and is_json_array(text):  # not a dialogue that opens with "[10:02]"
+        raise UserError(
+            f"{source} is a JSON array; give JSON Lines (one object with 'dialogue' per line) or plain text"
+        )
     if not text.strip():
         raise UserError(f"{source} is empty; give one dialogue as text or JSON Lines with 'dialogue'")
     return [{"id": text_id, "dialogue": text.strip()}]
+
+
+def is_json_array(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except ValueError:
+        return False
 
 
 def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, Any]]:
@@ -227,6 +238,10 @@ def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, A
         dialogue = row.get("dialogue") if isinstance(row, dict) else None
         if not isinstance(dialogue, str) or not dialogue.strip():
             raise UserError(f"{source} line {number} has no 'dialogue' text; each line needs a dialogue")
+        if isinstance(row.get("id"), dict | list):
+            raise UserError(
+                f"{source} line {number}: id {row['id']!r} is not text or a number; give a text id (or none)"
+            )
         rows.append({"id": str(row.get("id", number - 1)), "dialogue": dialogue})
     if not rows:
         raise UserError(f"{source} has no dialogues")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from launcher.core.errors import UserError
+from launcher.core.recipe import load_yaml
 
 # A point: recipe key (dotted) -> value text, in the order of the keys.
 Values = dict[str, str]
@@ -108,9 +109,13 @@ def read_variants(path: Path) -> list[Values]:
         state = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"--variants {path} {state}; pass a YAML file with a list of variants")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"--variants {path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(
+            f"--variants {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}"
+        ) from None
     if isinstance(data, dict) and set(data) == {"variants"}:
         data = data["variants"]
     if not isinstance(data, list) or not data:
