@@ -441,3 +441,15 @@ def test_a_key_given_twice_in_a_variants_file_is_refused(tmp_path):
         UserError, match=r"--variants .* line 2 is not valid YAML: key 'lora.r' appears twice"
     ):
         read_variants(variants)
+
+
+@pytest.mark.parametrize("key", ["model.name", "data.dataset"])
+def test_an_empty_model_or_dataset_is_the_recipe_s_error(tmp_path, key):
+    """Not a later "--model : no config.json there" for a flag the user never passed."""
+    section, name = key.split(".")
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text(f'{section}:\n  {name}: ""\n')
+    with pytest.raises(
+        UserError, match=rf"^recipe {re.escape(str(recipe))}: {key}='': string should have at least 1"
+    ):
+        load_recipe(recipe)

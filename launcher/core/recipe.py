@@ -37,7 +37,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = Field(
-        "google/flan-t5-base", description="Hub id, local directory, or tiny-t5 (embedded, no download)."
+        "google/flan-t5-base",
+        min_length=1,
+        description="Hub id, local directory, or tiny-t5 (embedded, no download).",
     )
     tokenizer: str | None = Field(None, description="Tokenizer hub id or directory (null: the model's own).")
     adapter: str | None = Field(
@@ -59,6 +61,7 @@ class ModelSection(Section):
 class DataSection(Section):
     dataset: str = Field(
         "knkarthick/dialogsum",
+        min_length=1,
         description="Hub id, directory of {split}.jsonl/.csv/.parquet files, or sample (embedded).",
     )
     source_field: str = Field(
