@@ -328,3 +328,20 @@ def test_report_names_a_predictions_line_it_cannot_read(tmp_path, no_launch, row
         watch=(run,),
         fragments=(f"{predictions} line 1 {fragment}", "ftlaunch eval"),
     )
+
+
+@pytest.mark.parametrize("override", ["train.lr=1", "lora.r=8"])
+def test_eval_refuses_training_keys_it_would_ignore(tmp_path, no_launch, override):
+    """`ftlaunch eval --set` takes eval.*, data.* and model.* keys: a training key changes nothing."""
+    out = tmp_path / "eval-out"
+    refused(
+        no_launch,
+        "eval",
+        *TINY,
+        "--set",
+        override,
+        "--output",
+        str(out),
+        output=out,
+        fragments=(f"--set {override}: ftlaunch eval trains nothing", "eval.*, data.* or model.*"),
+    )

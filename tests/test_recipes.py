@@ -453,3 +453,18 @@ def test_an_empty_model_or_dataset_is_the_recipe_s_error(tmp_path, key):
         UserError, match=rf"^recipe {re.escape(str(recipe))}: {key}='': string should have at least 1"
     ):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("train.epochs", "true"), ("train.lr", "false"), ("eval.limit", "true"), ("launch.gpus", "true")],
+)
+def test_a_boolean_for_a_number_is_refused(key: str, value: str):
+    """YAML's true/false would otherwise count as 1/0 (pydantic's lax mode) and train silently."""
+    message = refusal(f"{key}={value}")
+    assert message == f"--set: {key}={value.capitalize()} is not a number", message
+
+
+def test_a_boolean_key_still_takes_booleans():
+    recipe = recipe_with("train.compile=true", "eval.after_training=false")
+    assert recipe.train.compile is True and recipe.eval.after_training is False

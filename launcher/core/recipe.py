@@ -34,6 +34,17 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
+        """YAML's ``true`` is not a count or a rate (pydantic would take it as 1)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = {int, float} & set(get_args(annotation) or (annotation,))
+        if isinstance(value, bool) and numeric and bool not in set(get_args(annotation) or (annotation,)):
+            section = next(name for name, field in Recipe.model_fields.items() if field.annotation is cls)
+            raise ValueError(f"{section}.{info.field_name}={value!r} is not a number")
+        return value
+
 
 class ModelSection(Section):
     name: str = Field(

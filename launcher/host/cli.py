@@ -203,7 +203,7 @@ def eval_command(
     ),
     cpu: bool = typer.Option(False, "--cpu", help="Run the ranks as CPU processes (gloo)."),
     limit: int | None = typer.Option(None, "--limit", help="First K examples only."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key (eval.*, data.*)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key (eval.*, data.*, model.*)."),
     output: Path = typer.Option(..., "--output", help="Writes predictions.jsonl and rouge.json here."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the configs and command, launch nothing."),
     debug: bool = DebugOption,

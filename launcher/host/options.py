@@ -166,11 +166,21 @@ class EvalOptions:
     overrides: tuple[str, ...] | list[str]
 
 
+TRAINING_SECTIONS = ("train", "lora")  # what `ftlaunch eval --set` refuses: it would change nothing
+
+
 def eval_recipe(options: EvalOptions):
     """The validated recipe `ftlaunch eval` runs with: the full recipe's eval/data settings, its
     --set overrides, then the flags (one model on one split)."""
     from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
 
+    for item in options.overrides:
+        section = item.partition("=")[0].strip().split(".")[0]
+        if section in TRAINING_SECTIONS:
+            raise UserError(
+                f"--set {item}: ftlaunch eval trains nothing, so {section}.* keys have no effect; "
+                "set eval.*, data.* or model.* keys"
+            )
     recipe = load_recipe(default_recipe_path("full"), list(options.overrides))
     raw = recipe.model_dump(mode="json")
     adapter = options.adapter
