@@ -320,7 +320,7 @@ def check_eval_output(run_dir: Path) -> None:
             f"--output {run_dir} holds a training run; an evaluation there would replace the recipe.yaml "
             f"and command.sh it resumes from: pick a new directory, e.g. --output {run_dir.name}-eval"
         )
-    if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
+    if has_entries(run_dir):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
 
 

@@ -172,10 +172,10 @@ TRAINING_SECTIONS = ("train", "lora")  # what `ftlaunch eval --set` refuses: it 
 def eval_recipe(options: EvalOptions):
     """The validated recipe `ftlaunch eval` runs with: the full recipe's eval/data settings, its
     --set overrides, then the flags (one model on one split)."""
-    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe, parse_override
 
     for item in options.overrides:
-        section = item.partition("=")[0].strip().split(".")[0]
+        section = parse_override(item)[0][0]
         if section in TRAINING_SECTIONS:
             raise UserError(
                 f"--set {item}: ftlaunch eval trains nothing, so {section}.* keys have no effect; "

@@ -39,15 +39,17 @@ MAIN_PORT_FROM_ENV = '"${FTLAUNCH_MAIN_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 
 
 EVAL_MODULE = "launcher.rank.evaluation"
 TRAIN_MODULE = "launcher.rank.train"
+SUMMARIZE_MODULE = "launcher.host.summarize"  # its ranks' entry lives beside the command
 
 
 def rendered_module(run_dir: Path) -> str | None:
     """Which rank module a rendered run directory starts (``-m MODULE`` in its command.sh): tells a
     training run from an ``ftlaunch eval`` output, which share recipe.yaml and command.sh."""
-    command = RunDir(run_dir).command_sh
-    if not command.is_file():
+    try:
+        text = RunDir(run_dir).command_sh.read_text(errors="replace")
+    except OSError:  # none yet (or unreadable): nothing rendered there
         return None
-    match = re.search(r" -m (\S+) --run-dir ", command.read_text(errors="replace"))
+    match = re.search(r" -m (\S+) --run-dir ", text)
     return match.group(1) if match else None
 
 
@@ -57,7 +59,7 @@ class RankEntry:
     command line it was rendered from (kept in command.sh as a comment)."""
 
     argv: list[str]
-    module: str = TRAIN_MODULE  # EVAL_MODULE for `ftlaunch eval`, launcher.host.summarize ...
+    module: str = TRAIN_MODULE  # EVAL_MODULE for `ftlaunch eval`, SUMMARIZE_MODULE for summarize
     resume: str | None = None
     force_resume: bool = False
 

@@ -316,7 +316,7 @@ def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> lis
     the summaries there. It is removed once the summaries are read; after a failure it is kept,
     since the failure summary names a rank log inside it."""
     from launcher.host import launch
-    from launcher.host.render import RankEntry
+    from launcher.host.render import SUMMARIZE_MODULE, RankEntry
 
     try:
         work_dir = Path(tempfile.mkdtemp(prefix="ftlaunch-summarize-"))
@@ -328,7 +328,7 @@ def summarize_launched(recipe: Recipe, rows: list[dict], argv: list[str]) -> lis
     code = 1
     try:
         write_jsonl(work_dir / INPUTS_FILE, rows)
-        launch.write_run_files(recipe, work_dir, RankEntry(argv, module="launcher.host.summarize"))
+        launch.write_run_files(recipe, work_dir, RankEntry(argv, module=SUMMARIZE_MODULE))
         code = launch.run_command(work_dir)
         if code == 0:
             return [row["summary"] for row in read_jsonl(work_dir / SUMMARIES_FILE)]

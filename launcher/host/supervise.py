@@ -39,7 +39,7 @@ from launcher.core.ranklog import (
 from launcher.core.recipe import Recipe, read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.host import runlock
-from launcher.host.render import MACHINE_RANK_ENV
+from launcher.host.render import EVAL_MODULE, MACHINE_RANK_ENV, SUMMARIZE_MODULE, rendered_module
 
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
 TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
@@ -144,14 +144,7 @@ class Job:
 
     @classmethod
     def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
-        try:
-            command = RunDir(run_dir).command_sh.read_text()
-        except OSError:
-            command = ""
-        kind = "train"
-        for module, name in (("launcher.rank.evaluation", "eval"), ("launcher.host.summarize", "summarize")):
-            if f"-m {module} " in command:
-                kind = name
+        kind = {EVAL_MODULE: "eval", SUMMARIZE_MODULE: "summarize"}.get(rendered_module(run_dir), "train")
         final = RunDir(run_dir).final
         lora = recipe.train.method == "lora"
         model = f"--model {recipe.model.name} --adapter {final}" if lora else f"--model {final}"
