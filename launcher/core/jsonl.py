@@ -17,6 +17,16 @@ from typing import Any
 from launcher.core.errors import UserError
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number (``true``/``false`` are not: Python counts bool as int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_whole(value: Any, least: int | None = None) -> bool:
+    """A JSON whole number (not a bool), at least ``least`` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) split on ``\\n`` only; a CRLF's ``\\r`` is dropped."""
     for number, line in enumerate(text.split("\n"), start=1):

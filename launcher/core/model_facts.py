@@ -29,6 +29,7 @@ from typing import Any
 
 from launcher.core.errors import UserError
 from launcher.core.families import TINY_T5_CONFIG
+from launcher.core.jsonl import is_whole
 from launcher.core.paths import TINY_TOKENIZER_DIR
 from launcher.core.recipe import EMBEDDED_MODEL, local_model_config
 
@@ -112,15 +113,11 @@ SIZE_KEYS = tuple(
 TOKEN_ID_KEYS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
 
 
-def is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def is_token_id(value: Any, many: bool = False) -> bool:
     """A token id (a whole number >= 0), or with ``many`` also a list of them (eos_token_id)."""
     if many and isinstance(value, list):
         return bool(value) and all(is_token_id(item) for item in value)
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_whole(value, 0)
 
 
 def config_value_problem(config: dict[str, Any]) -> str | None:
@@ -128,7 +125,7 @@ def config_value_problem(config: dict[str, Any]) -> str | None:
     transformers' strict config classes, or the parameter count, would fail on it later."""
     for key in SIZE_KEYS:
         value = config.get(key)
-        if value is not None and not is_count(value):
+        if value is not None and not is_whole(value, 1):
             return f"{key} is {value!r}, not a whole number of at least 1"
     for key in TOKEN_ID_KEYS:
         value = config.get(key)

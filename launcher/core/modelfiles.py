@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.core.errors import UserError
+from launcher.core.jsonl import is_number, is_whole
 from launcher.core.model_facts import config_value_problem, is_token_id, model_type_problem
 
 JSON_FILES = (
@@ -44,14 +45,6 @@ JSON_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
-
-
-def is_whole(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 COUNT = ("a whole number of at least 1", lambda v: is_whole(v, 1))

@@ -39,8 +39,8 @@ class Section(BaseModel):
     def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
         """YAML's ``true`` is not a count or a rate (pydantic would take it as 1)."""
         annotation = cls.model_fields[info.field_name].annotation
-        numeric = {int, float} & set(get_args(annotation) or (annotation,))
-        if isinstance(value, bool) and numeric and bool not in set(get_args(annotation) or (annotation,)):
+        types = set(get_args(annotation) or (annotation,))
+        if isinstance(value, bool) and types & {int, float} and bool not in types:
             section = next(name for name, field in Recipe.model_fields.items() if field.annotation is cls)
             raise ValueError(f"{section}.{info.field_name}={value!r} is not a number")
         return value
@@ -513,6 +513,12 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
+def yaml_error_line(exc: Exception) -> str:
+    """`` line N`` of a YAML error that knows where it is (else nothing), for a one-line message."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" line {mark.line + 1}" if mark else ""
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; every failure is a UserError naming the file."""
     if not path.is_file():
@@ -521,8 +527,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = yaml_error_line(exc)
         raise UserError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     except UnicodeDecodeError:
         raise UserError(f"recipe {path} is not UTF-8 text") from None

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from launcher.core.errors import UserError
-from launcher.core.recipe import load_yaml
+from launcher.core.recipe import load_yaml, yaml_error_line
 
 # A point: recipe key (dotted) -> value text, in the order of the keys.
 Values = dict[str, str]
@@ -111,10 +111,8 @@ def read_variants(path: Path) -> list[Values]:
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
         raise UserError(
-            f"--variants {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}"
+            f"--variants {path}{yaml_error_line(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}"
         ) from None
     if isinstance(data, dict) and set(data) == {"variants"}:
         data = data["variants"]

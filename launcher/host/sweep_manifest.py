@@ -16,6 +16,7 @@ from typing import Any
 
 from launcher.core.atomic import write_text_atomic
 from launcher.core.errors import UserError
+from launcher.core.jsonl import is_whole
 from launcher.core.rundir import SWEEP_MANIFEST, SweepDir
 from launcher.host.sweep_grid import Values
 
@@ -115,7 +116,7 @@ def manifest_problem(data: Any) -> str | None:
 def point_problem(point: Any, keys: list[str]) -> str | None:
     if not isinstance(point, dict):
         return "is not a JSON object"
-    if isinstance(point.get("index"), bool) or not isinstance(point.get("index"), int):
+    if not is_whole(point.get("index")):
         return f"has index {point.get('index')!r}, not a number"
     name = point.get("name")
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:

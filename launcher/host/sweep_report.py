@@ -55,11 +55,7 @@ class Row:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as far as it is written (a line being appended right now is skipped), and as
     far as the run report could read it: a damaged line is left out of this live table."""
-    return [
-        row
-        for row in read_jsonl_partial(path)
-        if metrics_row_problem(row) is None and isinstance(row.get("elapsed_s", 0), int | float)
-    ]
+    return [row for row in read_jsonl_partial(path) if metrics_row_problem(row) is None]
 
 
 def read_scores(path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from launcher.core.history import history_lines, strategy_label
 from launcher.core.model_settings import read_inference_settings
 from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
-from launcher.results.records import read_checked_metrics, scores_problem
+from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
 from launcher.results.report import percent
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -33,13 +33,7 @@ def read_report_scores(run: RunDir) -> dict[str, Any]:
     if not rouge.is_file():
         return {}
     fix = f"run ftlaunch report {run.path} to rewrite it"
-    try:
-        scores = json.loads(rouge.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise UserError(f"{rouge} is not valid JSON ({reason}); {fix}") from None
-    except OSError as exc:
-        raise UserError(f"{rouge} cannot be read ({exc.strerror}); {fix}") from None
+    scores = read_json_record(rouge, fix)
     if not isinstance(scores, dict):
         raise UserError(f"{rouge} is not a JSON object of evaluations ({ORIGINAL}, {FINETUNED}); {fix}")
     for name in (ORIGINAL, FINETUNED):

@@ -9,21 +9,14 @@ readers turn it into one line naming the file, the line or key, and the fix.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from launcher.core.errors import UserError
-from launcher.core.jsonl import read_jsonl_lines
+from launcher.core.jsonl import is_number, is_whole, read_jsonl_lines
 from launcher.core.rundir import RunDir
 from launcher.results.rouge import ROUGE_TYPES
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def is_whole_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def shown(row: dict[str, Any], key: str) -> str:
@@ -31,6 +24,18 @@ def shown(row: dict[str, Any], key: str) -> str:
 
 
 # ---------------------------------------------------------------- rouge.json
+
+
+def read_json_record(path: Path, fix: str) -> Any:
+    """A JSON file a command wrote (rouge.json), parsed; one line naming it and ``fix`` when it
+    cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path} is not valid JSON ({reason}); {fix}") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror}); {fix}") from None
 
 
 def scores_problem(scores: Any) -> str | None:
@@ -49,8 +54,8 @@ def scores_problem(scores: Any) -> str | None:
 
 # Numbers the readers print (validation values may be null: metrics.json_safe writes a
 # non-finite one so; a diverged run stops before it logs its training loss).
-METRIC_NUMBERS = ("loss", "val_loss", "best_value", *(f"val_{key}" for key in ROUGE_TYPES))
-METRIC_NULLABLE = frozenset(METRIC_NUMBERS) - {"loss"}
+METRIC_NUMBERS = ("loss", "val_loss", "best_value", "elapsed_s", *(f"val_{key}" for key in ROUGE_TYPES))
+METRIC_NULLABLE = frozenset(METRIC_NUMBERS) - {"loss", "elapsed_s"}
 # The keys a marker row always comes with (launcher/rank/train.py and best.py write them together).
 METRIC_COMPANIONS = {
     "restart": ("cause",),
@@ -67,7 +72,7 @@ SEGMENT_TEXTS = ("strategy", "start")
 def metrics_row_problem(row: dict[str, Any]) -> str | None:
     """What keeps a reader from using one metrics.jsonl row, or None."""
     for key in ("step", "best_step"):
-        if (key in row or key == "step") and not is_whole_number(row.get(key)):
+        if (key in row or key == "step") and not is_whole(row.get(key)):
             return f"{key} is {row.get(key)!r}, not a whole number"
     for key in METRIC_NUMBERS:
         value = row.get(key)
@@ -82,15 +87,15 @@ def metrics_row_problem(row: dict[str, Any]) -> str | None:
 
 def segment_problem(row: dict[str, Any]) -> str | None:
     for key in SEGMENT_WHOLE_NUMBERS:
-        if not is_whole_number(row.get(key)):
+        if not is_whole(row.get(key)):
             return f"segment row's {key} is {shown(row, key)}, not a whole number"
     for key in SEGMENT_TEXTS:
         if not isinstance(row.get(key), str):
             return f"segment row's {key} is {shown(row, key)}, not text"
     tokens = row.get("micro_batch_tokens")
-    if tokens is not None and not is_whole_number(tokens):
+    if tokens is not None and not is_whole(tokens):
         return f"micro_batch_tokens is {tokens!r}, not a whole number or null"
-    if not tokens and not is_whole_number(row.get("micro_batch_size")):
+    if not tokens and not is_whole(row.get("micro_batch_size")):
         return f"segment row's micro_batch_size is {shown(row, 'micro_batch_size')}, not a whole number"
     return None
 

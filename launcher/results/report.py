@@ -17,7 +17,7 @@ from launcher.core.jsonl import read_jsonl
 from launcher.core.recipe import shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir, SweepDir
 from launcher.core.writable import check_writable_dir
-from launcher.results.records import read_checked_metrics, scores_problem
+from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
 from launcher.results.rouge import ROUGE_TYPES
 
 MODEL_ORDER = (ORIGINAL, FINETUNED)
@@ -28,13 +28,8 @@ def read_eval_scores(rouge_file: Path) -> dict[str, Any]:
 
     A report folder's rouge.json (one entry per model) is the likely mix-up: it is named as such.
     """
-    try:
-        scores = json.loads(rouge_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise UserError(
-            f"{rouge_file} is not valid JSON ({reason}); rewrite it with `ftlaunch score PREDICTIONS --output DIR`"
-        ) from None
+    rewrite = "rewrite it with `ftlaunch score PREDICTIONS --output DIR`"
+    scores = read_json_record(rouge_file, rewrite)
     if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
         folder = rouge_file.parent
         run = folder.resolve().parent
@@ -50,9 +45,7 @@ def read_eval_scores(rouge_file: Path) -> dict[str, Any]:
         )
     problem = scores_problem(scores)
     if problem:
-        raise UserError(
-            f"{rouge_file}: {problem}; rewrite the file with `ftlaunch score PREDICTIONS --output DIR`"
-        )
+        raise UserError(f"{rouge_file}: {problem}; {rewrite}")
     return scores
 
 
