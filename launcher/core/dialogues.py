@@ -174,7 +174,7 @@ def normalize_rows(
             )
         out.append(
             {
-                "id": row_id(row, number, f"{source} {table.unit} {number}"),
+                "id": row_id(row, f"row_{number}", f"{source} {table.unit} {number}"),
                 "dialogue": dialogue,
                 "summary": references[0],
                 "references": references,
@@ -185,12 +185,12 @@ def normalize_rows(
     return merge_repeated_dialogues(out)
 
 
-def row_id(row: dict[str, Any], number: int, where: str) -> str:
-    """The row's id, or ``row_N`` where it has none (no column, null, or an empty CSV cell). An id
-    is text or a number: predictions and reports name the example by it."""
+def row_id(row: dict[str, Any], default: str, where: str) -> str:
+    """The row's id, or ``default`` where it has none (no column, null, or an empty CSV cell). An
+    id is text or a number: predictions, summaries and reports name the example by it."""
     value = row.get("id")
     if value is None or value == "":
-        return f"row_{number}"
+        return default
     if isinstance(value, dict | list):
         raise UserError(f"{where}: id {value!r} is not text or a number; give each row a text id (or none)")
     return str(value)

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from launcher.core.dialogues import row_id
 from launcher.core.errors import UserError
 from launcher.core.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
 from launcher.core.model_settings import SETTINGS_FILE, read_inference_settings
@@ -238,11 +239,7 @@ def dialogue_rows(lines: list[tuple[int, Any]], source: str) -> list[dict[str, A
         dialogue = row.get("dialogue") if isinstance(row, dict) else None
         if not isinstance(dialogue, str) or not dialogue.strip():
             raise UserError(f"{source} line {number} has no 'dialogue' text; each line needs a dialogue")
-        if isinstance(row.get("id"), dict | list):
-            raise UserError(
-                f"{source} line {number}: id {row['id']!r} is not text or a number; give a text id (or none)"
-            )
-        rows.append({"id": str(row.get("id", number - 1)), "dialogue": dialogue})
+        rows.append({"id": row_id(row, str(number - 1), f"{source} line {number}"), "dialogue": dialogue})
     if not rows:
         raise UserError(f"{source} has no dialogues")
     return rows
