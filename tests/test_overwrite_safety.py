@@ -70,6 +70,29 @@ def test_overwrite_of_a_folder_that_is_not_a_run_is_refused(tmp_path, no_launch,
     )
 
 
+@pytest.mark.parametrize(
+    "flags", [(), ("--overwrite",), ("--resume", "auto")], ids=["plain", "overwrite", "resume"]
+)
+def test_a_project_folder_with_its_own_recipe_yaml_is_not_a_run(tmp_path, no_launch, flags):
+    """A user keeps their recipe beside their work: a recipe.yaml alone is no run (ftlaunch's runs
+    have the command.sh it rendered), so nothing there is replaced, resumed into or rewritten."""
+    proj = project_folder(tmp_path / "proj")
+    shutil.copy(Path(__file__).parents[1] / "recipes" / "tiny-t5-full.yaml", proj / "recipe.yaml")
+    refused(
+        no_launch,
+        "full",
+        *TINY,
+        "--recipe",
+        str(proj / "recipe.yaml"),
+        *flags,
+        "--output",
+        str(proj),
+        output=proj,
+        watch=(proj,),
+        fragments=(f"--output {proj} is not empty and {NO_RUN}",),
+    )
+
+
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["plain", "overwrite"])
 def test_a_sweep_folder_is_named_and_never_replaced(tmp_path, no_launch, overwrite):
     sweep = sweep_folder(tmp_path / "sweep")

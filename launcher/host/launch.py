@@ -227,8 +227,10 @@ def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """A folder ftlaunch rendered a run into (its recipe.yaml; an eval output has one too)."""
-    return RunDir(run_dir).has_recipe()
+    """A folder ftlaunch rendered a training run into: its recipe.yaml and a command.sh that starts
+    the training module. A recipe.yaml alone may be the user's own (a project folder), and an
+    ``ftlaunch eval`` output has both files but starts another module."""
+    return RunDir(run_dir).has_recipe() and rendered_module(run_dir) == TRAIN_MODULE
 
 
 def has_entries(run_dir: Path) -> bool:
@@ -263,7 +265,7 @@ def check_replaceable(run_dir: Path, dry_run: bool) -> None:
     re-render a folder that holds no more than the configs of an earlier render."""
     if not has_entries(run_dir):
         return
-    if not holds_run(run_dir) and rendered_module(run_dir) not in (TRAIN_MODULE, EVAL_MODULE):
+    if not holds_run(run_dir) and rendered_module(run_dir) != EVAL_MODULE:
         raise not_a_run(run_dir)
     outputs = run_outputs(run_dir)
     if dry_run and outputs:
