@@ -12,6 +12,11 @@ in-process, on a finished run made without training (``fake_run``: a saved tiny-
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +181,45 @@ def test_a_failure_while_writing_leaves_no_output_and_the_rerun_succeeds(
     monkeypatch.setattr(export, "save_exported_model", real_save)
     exported(no_launch, run, out)
     assert siblings(out) == ["model"]
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+from launcher.rank import export
+
+real_save = export.save_exported_model
+
+
+def save_then_die(recipe, final, out_dir, dtype):
+    real_save(recipe, final, out_dir, dtype)
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 once the weights are written
+
+
+export.save_exported_model = save_then_die
+export.export_run(Path(sys.argv[1]), Path(sys.argv[2]), merge=False, dtype="fp32")
+"""
+
+
+def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path, model_dir, no_launch):
+    """kill -9 skips every cleanup: the staging folder stays beside --output (which is still
+    absent). The next export removes it, and an older name without the host, but never another
+    host's staging folder or one of a process that still runs."""
+    run = reported_run(tmp_path, model_dir)
+    out = tmp_path / "exports" / "model"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, str(run), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = siblings(out)
+    assert len(left) == 1 and left[0].startswith(f".model.tmp-{socket.gethostname()}-"), left
+    assert (out.parent / left[0] / "model.safetensors").is_file()
+    dead_pid = left[0].rsplit("-", 1)[1]
+    kept = [f".model.tmp-another-host-{dead_pid}", f".model.tmp-{socket.gethostname()}-{os.getppid()}"]
+    for name in [f".model.tmp-{dead_pid}", *kept]:
+        (out.parent / name).mkdir()
+    exported(no_launch, run, out)
+    assert siblings(out) == sorted(["model", *kept])
 
 
 def test_an_export_is_complete_and_quotes_the_run(tmp_path, model_dir, no_launch):

@@ -11,7 +11,9 @@ whole. Nothing else in the package calls ``os.replace`` or renames (tests/test_a
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 
@@ -48,3 +50,40 @@ def replace_dir(complete: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(complete, target)
+
+
+def staging_sibling(target: Path) -> Path:
+    """The hidden folder beside ``target`` that a folder is built in before ``replace_dir`` puts it
+    in place. It names this host and process: two builders never share one, and one left by a
+    builder that was killed (kill -9, a lost node) can be recognised and removed."""
+    return target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def abandoned_stagings(target: Path) -> list[Path]:
+    """Staging folders of ``target`` left by builders on this host that no longer run (a name
+    without a host, from before the host was part of it, counts as this host's). Another host's
+    are never touched: its process cannot be looked up from here."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)")
+    here = socket.gethostname()
+    found = []
+    for path in target.parent.glob(f".{glob_escape(target.name)}.tmp-*"):
+        match = pattern.fullmatch(path.name)
+        if match and match["host"] in (None, here) and not process_alive(int(match["pid"])):
+            found.append(path)
+    return sorted(found)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` as a glob pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this id runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

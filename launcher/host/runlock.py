@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launcher.core.atomic import process_alive
 from launcher.core.errors import UserError
 from launcher.core.rundir import LOCK_FILE, RunDir
 
@@ -44,16 +45,6 @@ class Holder:
         if self.host == socket.gethostname() and self.pid and not process_alive(self.pid):
             gone = "; that ftlaunch is gone but the processes it started still run"
         return f"host {self.host}, pid {self.pid}{job}, started {self.started}{gone}"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lock_path(run_dir: Path) -> Path:

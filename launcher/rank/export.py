@@ -7,7 +7,6 @@ Under ZeRO-3 every rank holds a shard, so the state dict is gathered on all rank
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from launcher.core.atomic import replace_dir
+from launcher.core.atomic import abandoned_stagings, replace_dir, staging_sibling
 from launcher.core.model_settings import write_inference_settings
+from launcher.core.ranklog import console_print
 from launcher.core.recipe import Recipe
 from launcher.core.rundir import MERGED_DIR, RunDir
 from launcher.rank.distributed import print_main, without_zero3_init
@@ -171,11 +171,6 @@ def check_export_output(output: Path) -> None:
         check_writable_dir(output.parent, f"--output {output.name}'s parent folder")
 
 
-def staging_name(output: Path) -> Path:
-    """The hidden sibling the export is built in (this process's own, so two exports never share one)."""
-    return output.with_name(f".{output.name}.tmp-{os.getpid()}")
-
-
 @contextmanager
 def staged_dir(output: Path) -> Iterator[Path]:
     """A fresh folder beside ``output``, put in its place when the block ends; on any failure it
@@ -183,10 +178,13 @@ def staged_dir(output: Path) -> Iterator[Path]:
     from launcher.core.errors import UserError
 
     made = [folder for folder in reversed(output.parents) if not folder.exists()]
-    staging = staging_name(output)
+    staging = staging_sibling(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        for abandoned in [staging, *abandoned_stagings(output)]:
+            if abandoned.exists():
+                console_print(f"removing {abandoned}, left by an export that was killed")
+            shutil.rmtree(abandoned, ignore_errors=True)
         staging.mkdir()
         yield staging
         if output.is_dir():
