@@ -20,17 +20,17 @@ TINY = ("model.name=tiny-t5", "data.dataset=sample")
 def test_a_recipe_error_carries_its_key_source_and_reason_as_fields():
     raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
     raw["train"]["lr"] = "abc"
-    for overridden, flagged, source in (
-        ([["train", "lr"]], [], "--set"),
-        ([], [["train", "lr"]], "command line"),
-        ([], [], "recipe r.yaml"),
+    for overridden, flagged, source, shown in (
+        ([["train", "lr"]], {}, "--set", "--set"),
+        ([], {"train.lr": "--lr"}, "command line", "--lr"),
+        ([], {"train.epochs": "--epochs"}, "recipe r.yaml", "recipe r.yaml"),
     ):
         with pytest.raises(UserError) as caught:
             build_recipe(raw, "recipe r.yaml", overridden, flagged)
         error = caught.value
         assert (error.key, error.source) == ("train.lr", source)
         assert error.reason.startswith("train.lr='abc': input should be a valid number")
-        assert str(error) == f"{source}: {error.reason}"  # the line the CLI prints is unchanged
+        assert str(error) == f"{shown}: {error.reason}"  # a flag's error names the flag
 
 
 def test_a_plain_user_error_has_no_key_and_its_message_as_reason():
@@ -52,6 +52,22 @@ def test_typed_train_options_make_the_commands_recipe():
     with pytest.raises(UserError) as caught:
         train_recipe("lora", TrainOptions(overrides=[*TINY, "launch.gpus=2"], gpus=0))
     assert (caught.value.key, caught.value.source) == ("launch.gpus", "command line")
+    assert str(caught.value).startswith("--gpus: launch.gpus=0: ")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "key"),
+    [("--limit", "0", "eval.limit"), ("--gpus", "0", "launch.gpus"), ("--model", "", "model.name")],
+)
+def test_a_bad_eval_flag_is_named_in_the_error(flag, value, key):
+    """``ftlaunch eval --limit 0`` names --limit (the user never wrote eval.limit)."""
+    params = {"model": "tiny-t5", "adapter": None, "data": "sample", "split": "test", "limit": None}
+    params.update(gpus=1, zero="0", cpu=True, overrides=[])
+    params[flag[2:]] = int(value) if value.isdigit() else value
+    with pytest.raises(UserError) as caught:
+        eval_recipe(EvalOptions(**params))
+    assert str(caught.value).startswith(f"{flag}: {key}=")
+    assert caught.value.source == "command line"
 
 
 def test_train_options_are_picked_from_a_commands_parameters():

@@ -593,23 +593,24 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def build_recipe(
-    data: dict[str, Any], source: str, overridden: list[list[str]] = (), flagged: list[list[str]] = ()
+    data: dict[str, Any], source: str, overridden: list[list[str]] = (), flagged: dict[str, str] | None = None
 ) -> Recipe:
     """Validate raw data into a Recipe, turning pydantic's report into one line.
 
-    The line names ``--set`` when the bad key came from an override, "command line" when it
-    came from a flag (``flagged``), else ``source``.
+    The line names the flag when the bad key came from one (``flagged``: dotted key -> flag, e.g.
+    ``{"launch.gpus": "--gpus"}``), ``--set`` when it came from an override, else ``source``. A
+    flag's error carries the source "command line".
     """
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         loc = schema_key(exc.errors()[0]["loc"])
+        key = ".".join(loc)
         reason = describe_validation_error(exc)
-        blamed = (
-            "command line" if loc in flagged else "--set" if caused_by(loc, reason, overridden) else source
-        )
+        flag = (flagged or {}).get(key)
+        blamed = "command line" if flag else "--set" if caused_by(loc, reason, overridden) else source
         raise UserError(
-            f"{blamed}: {reason}", key=".".join(loc) or None, source=blamed, reason=reason
+            f"{flag or blamed}: {reason}", key=key or None, source=blamed, reason=reason
         ) from None
 
 

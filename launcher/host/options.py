@@ -30,6 +30,11 @@ FLAG_KEYS = {
 }
 
 
+def flag_name(option: str) -> str:
+    """The command-line spelling of an option (``report_to`` -> ``--report-to``)."""
+    return "--" + option.replace("_", "-")
+
+
 class Offload(str, Enum):
     none = "none"
     optimizer = "optimizer"
@@ -132,15 +137,14 @@ def train_recipe(method: str, options: TrainOptions):
         fsdp=True if options.fsdp else None,
         cpu=True if options.cpu else None,
     )
-    flags = {FLAG_KEYS[flag]: value for flag, value in values.items()}
-    flagged = []
-    for key, value in flags.items():
+    flagged = {}
+    for flag, value in values.items():
         if value is not None:
-            section, name = key.split(".")
+            section, name = FLAG_KEYS[flag].split(".")
             if not isinstance(raw.setdefault(section, {}), dict):
                 break  # the recipe's own section is malformed: validation below names it
             raw[section][name] = value
-            flagged.append([section, name])
+            flagged[FLAG_KEYS[flag]] = flag_name(flag)
     recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
     zero_note = None
     if zero == "auto":
@@ -194,4 +198,10 @@ def eval_recipe(options: EvalOptions):
             f"--zero {options.zero}: evaluation either replicates the model (0) or shards it (3); use 0 or 3"
         )
     raw["launch"].update(gpus=options.gpus, zero=int(options.zero), cpu=options.cpu)
-    return build_recipe(raw, "command line")
+    flags = {
+        "model.name": "--model",
+        "data.dataset": "--data",
+        "eval.split": "--split",
+        "launch.gpus": "--gpus",
+    }
+    return build_recipe(raw, "command line", flagged={**flags, "eval.limit": "--limit"})
