@@ -267,6 +267,28 @@ def test_settings_without_a_key_the_summaries_need_is_named(run, inputs, no_laun
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [("num_beams", "x", "eval.num_beams='x'"), ("precision", "fp64", "model.precision='fp64'")],
+)
+def test_a_generation_setting_of_the_wrong_value_names_the_settings_file(
+    run, inputs, no_launch, no_generation, key, value, said
+):
+    """ftlaunch.json's generation settings are validated as recipe keys: the line names that file
+    (the one to repair), not only the model folder holding it."""
+    settings = run / "final" / "ftlaunch.json"
+    written = {"prompt": "Summarize: {dialogue}", "max_source_length": 512, "precision": "fp32"}
+    settings.write_text(json.dumps({**written, "num_beams": 1, key: value}))
+    summarize_refused(
+        no_launch,
+        run,
+        "--input",
+        str(inputs / "dialogues.jsonl"),
+        watch=(run,),
+        fragments=(f"{settings}: {said}",),
+    )
+
+
 def test_adapter_base_model_that_is_no_name_is_named(tmp_path, inputs, no_launch, no_generation):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

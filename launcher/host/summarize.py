@@ -174,7 +174,8 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
             )
         apply_override(raw, path, value)
         overridden.append(path)
-    return build_recipe(raw, f"settings of {folder}", overridden)
+    source = str(folder / SETTINGS_FILE) if settings else f"settings of {folder}"
+    return build_recipe(raw, source, overridden)
 
 
 # ---------------------------------------------------------------- inputs and outputs
