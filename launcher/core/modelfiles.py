@@ -100,20 +100,30 @@ PICKLE_PROTO = 0x80
 def json_problem(path: Path) -> str | None:
     try:
         text = path.read_bytes().decode("utf-8")
-        data = json.loads(text)
     except UnicodeDecodeError:
         return "not UTF-8 text"
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-    if not isinstance(data, dict):
-        return "not a JSON object"
+    if path.name == "tokenizer.json":  # the library's own parse (a JSON object with its model) is the check
+        problem = tokenizer_problem(text)
+        return problem and (json_text_problem(text)[0] or problem)
+    problem, data = json_text_problem(text)
+    if problem:
+        return problem
     if path.name == "config.json":
         return config_value_problem(data)
     if path.name == "generation_config.json":
         return generation_problem(data)
-    if path.name == "tokenizer.json":
-        return tokenizer_problem(text)
     return None
+
+
+def json_text_problem(text: str) -> tuple[str | None, dict[str, Any]]:
+    """Why ``text`` is not a JSON object (None), and the object."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", {}
+    if not isinstance(data, dict):
+        return "not a JSON object", {}
+    return None, data
 
 
 def generation_problem(settings: dict[str, Any]) -> str | None:
