@@ -328,3 +328,23 @@ def test_intact_model_files_pass(model_dir, tmp_path):
     assert file_problem(tmp_path / "pytorch_model.bin") is None
     torch.save({"w": torch.zeros(2)}, tmp_path / "adapter_model.bin", _use_new_zipfile_serialization=False)
     assert file_problem(tmp_path / "adapter_model.bin") is None  # the legacy pickle format
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (lambda text: text[: len(text) // 2], "(not valid JSON: "),
+        (lambda text: "[1]", "(not a JSON object)"),
+        (lambda text: '{"version": "1.0"}', "(not a tokenizers file: "),
+    ],
+    ids=["truncated", "a list", "no model"],
+)
+def test_a_damaged_tokenizer_json_says_what_is_wrong(content, said, tmp_path, model_dir, damaged, no_launch):
+    """tokenizer.json is parsed once, by the tokenizers library; a file it cannot read is then
+    explained: broken JSON with its line and column, else what the library reports."""
+    text = (model_dir / "tokenizer.json").read_text()
+    folder = damaged("tokenizer.json", content(text).encode())
+    tokenizer = folder / "tokenizer.json"
+    run = tmp_path / "run"
+    line = refused(no_launch, "full", *TINY, "--model", str(folder), "--output", str(run), output=run)
+    assert f"{tokenizer} is damaged {said}" in line
