@@ -19,8 +19,7 @@ from launcher.core import checkpoint as ckpt
 from launcher.core.recipe import Recipe
 from launcher.core.rundir import RunDir
 from launcher.rank.distributed import print_main
-
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+from launcher.results.rouge import ROUGE_TYPES
 
 
 def metric_key(best_metric: str) -> str:
@@ -88,7 +87,7 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     )
     model.train()  # generation put it in eval mode
     shared = broadcast_object_list([scores]) if accelerator.num_processes > 1 else [scores]
-    return {f"val_{key}": shared[0][key] for key in ROUGE_KEYS}
+    return {f"val_{key}": shared[0][key] for key in ROUGE_TYPES}
 
 
 def restore_best(run) -> dict | None:

@@ -59,6 +59,7 @@ from launcher.rank.optimization import (
 from launcher.rank.step_stats import StepResult, WindowStats, metrics_row
 from launcher.rank.stopping import StopRequest, stop_requested, stopped_message
 from launcher.results.card import effective_batch
+from launcher.results.rouge import ROUGE_TYPES
 
 # ---------------------------------------------------------------- validation
 
@@ -381,7 +382,7 @@ def evaluate_at_step(run: Run, logger: MetricsLogger) -> dict[str, float]:
         not last or metric == "val_loss"
     ):
         scores["val_loss"] = checked_validation(run)
-    if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in best.ROUGE_KEYS):
+    if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in ROUGE_TYPES):
         scores.update(
             best.validation_rouge(run.accelerator, run.model, run.tokenizer, recipe, run.run_dir, state.step)
         )

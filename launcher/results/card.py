@@ -21,8 +21,8 @@ from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe,
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
 from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
 from launcher.results.report import percent
+from launcher.results.rouge import ROUGE_TYPES
 
-METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 CARD_FILE = "README.md"
 
 
@@ -82,7 +82,8 @@ def card_metadata(recipe, scores: dict, library: str) -> dict[str, Any]:
                             "split": recipe.eval.split,
                         },
                         "metrics": [
-                            {"type": metric, "value": finetuned[metric], "name": metric} for metric in METRICS
+                            {"type": metric, "value": finetuned[metric], "name": metric}
+                            for metric in ROUGE_TYPES
                         ],
                     }
                 ],
@@ -114,10 +115,10 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
 
 
 def rouge_rows(scores: dict) -> str:
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines = ["| model | " + " | ".join(ROUGE_TYPES) + " |", "|---|" + "---|" * len(ROUGE_TYPES)]
     for name in (ORIGINAL, FINETUNED):
         if name in scores:
-            lines.append(f"| {name} | " + " | ".join(percent(scores[name][m]) for m in METRICS) + " |")
+            lines.append(f"| {name} | " + " | ".join(percent(scores[name][m]) for m in ROUGE_TYPES) + " |")
     return "\n".join(lines)
 
 
