@@ -279,21 +279,27 @@ STATE_AT_LEAST_ONE = ("world_size", "grad_accum", "micro_batch_size")  # divisor
 
 def state_problem(checkpoint: Path) -> str | None:
     """Why ftlaunch_state.json cannot be read back into a TrainState (None when it can)."""
+    return parse_state(checkpoint)[1]
+
+
+def parse_state(checkpoint: Path) -> tuple[TrainState | None, str | None]:
+    """The checkpoint's TrainState, or why its ftlaunch_state.json cannot give one (read once)."""
     try:
         saved = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
-        return f"{STATE_FILE} is not readable JSON"
+        return None, f"{STATE_FILE} is not readable JSON"
     if not isinstance(saved, dict):
-        return f"{STATE_FILE} is not a JSON object"
+        return None, f"{STATE_FILE} is not a JSON object"
     for field in fields(TrainState):
         if field.name not in saved:
             continue  # older versions wrote fewer fields: the default holds
         value = saved[field.name]
         if isinstance(value, bool) or not isinstance(value, STATE_TYPES.get(field.type, (object,))):
-            return f"{STATE_FILE} has {field.name}={json.dumps(value)}"
+            return None, f"{STATE_FILE} has {field.name}={json.dumps(value)}"
         if field.name in STATE_AT_LEAST_ONE and value < 1:
-            return f"{STATE_FILE} has {field.name}={value}"
-    return None
+            return None, f"{STATE_FILE} has {field.name}={value}"
+    known = {field.name for field in fields(TrainState)}
+    return TrainState(**{key: value for key, value in saved.items() if key in known}), None
 
 
 def checkpoint_problem(checkpoint: Path, checksums: bool = True) -> str | None:
@@ -427,15 +433,13 @@ def resolve_resume_on_main(accelerator, run_dir: Path, resume: str | None) -> Pa
 
 def read_state(checkpoint: Path) -> TrainState:
     """A checkpoint's TrainState (resolve_resume has already refused or skipped a damaged one)."""
-    problem = state_problem(checkpoint)
-    if problem:
+    state, problem = parse_state(checkpoint)
+    if state is None:
         raise UserError(
             f"checkpoint {checkpoint} is damaged ({problem}); pass another checkpoint from "
             f"{checkpoint.parent}, or --resume auto for the newest intact one"
         )
-    saved = json.loads((checkpoint / STATE_FILE).read_text())
-    known = {field.name for field in fields(TrainState)}
-    return TrainState(**{key: value for key, value in saved.items() if key in known})
+    return state
 
 
 def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False) -> None:
