@@ -141,3 +141,39 @@ def test_the_windows_gradient_is_the_token_weighted_loss_of_a_plain_loop(prepare
 
     assert float(result.grad_norm) == pytest.approx(float(expected), rel=1e-5)
     assert float(result.loss_sum) == pytest.approx(float(reference.detach()), rel=1e-6)
+
+
+def scheduled_lrs(recipe, total_steps: int) -> list[float]:
+    """The learning rate of each optimizer step under the recipe's schedule (peak lr 1)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, recipe, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_steps_warm_up_for_that_many_steps_like_the_equivalent_ratio():
+    """train.warmup_steps=3 of 12 steps: lr t/3 while warming up, then linear decay to 0 at step
+    12 (the formula, written out); the same as train.warmup_ratio=0.25."""
+    raw = tiny_recipe().model_dump(mode="json")
+    raw["train"].update(scheduler="linear", warmup_ratio=0.0, warmup_steps=3)
+    by_steps = scheduled_lrs(build_recipe(raw, "test"), 12)
+    expected = [t / 3 if t < 3 else (12 - t) / 9 for t in range(12)]
+    assert by_steps == pytest.approx(expected, abs=1e-12)
+    raw["train"].update(warmup_ratio=0.25, warmup_steps=None)
+    assert scheduled_lrs(build_recipe(raw, "test"), 12) == by_steps
+
+
+def test_warmup_steps_and_a_warmup_ratio_together_are_refused():
+    from launcher.core.errors import UserError
+
+    raw = tiny_recipe().model_dump(mode="json")
+    raw["train"].update(warmup_ratio=0.1, warmup_steps=5)
+    with pytest.raises(
+        UserError, match=r"train.warmup_steps=5 and train.warmup_ratio=0.1 both set the warm-up"
+    ):
+        build_recipe(raw, "test")

@@ -162,6 +162,12 @@ class TrainSection(Section):
         "linear", description="Learning-rate schedule after warm-up."
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Optimizer steps spent warming up, instead of train.warmup_ratio (Seq2SeqTrainer's "
+        "warmup_steps; null: the ratio).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     gradient_checkpointing: bool = Field(
         False,
@@ -207,6 +213,15 @@ class TrainSection(Section):
         description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
         "comma-separated, or none.",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup_length(self) -> TrainSection:
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} and train.warmup_ratio={self.warmup_ratio:g} both "
+                "set the warm-up; keep one (the other null or 0)"
+            )
+        return self
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -113,13 +113,20 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     return f"optimizer: {name} lr {optimizer.param_groups[0]['lr']:g}, " + "; ".join(parts)
 
 
+def warmup_steps(recipe: Recipe, total_steps: int) -> int:
+    """train.warmup_steps as given, else the share train.warmup_ratio of the run's steps (rounded up)."""
+    if recipe.train.warmup_steps is not None:
+        return recipe.train.warmup_steps
+    return math.ceil(recipe.train.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
         recipe.train.scheduler
     ]
-    warmup = math.ceil(recipe.train.warmup_ratio * total_steps)
+    warmup = warmup_steps(recipe, total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
