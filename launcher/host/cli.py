@@ -285,12 +285,25 @@ def export_command(
     merge: bool = typer.Option(False, "--merge", help="LoRA: fold the adapter into its base model."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights in bf16 or fp32."),
     output: Path = typer.Option(..., "--output", help="The standalone model folder to write."),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", metavar="NAMESPACE/NAME", help="Then upload the folder to this Hub model repo."
+    ),
+    private: bool = typer.Option(False, "--private", help="--push-to-hub: create the repo private."),
     debug: bool = DebugOption,
 ) -> None:
     """A standalone model folder: weights (merged LoRA), tokenizer, generation settings, card."""
+    from launcher.host.hub import check_push, push_folder
     from launcher.rank.export import export_run
 
-    typer.echo(f"exported to {export_run(run_dir, output, merge, dtype)}")
+    if private and not push_to_hub:
+        raise UserError("--private applies to --push-to-hub REPO; add it, or drop --private")
+    if push_to_hub:
+        check_push(push_to_hub)
+    folder = export_run(run_dir, output, merge, dtype)
+    typer.echo(f"exported to {folder}")
+    if push_to_hub:
+        url = push_folder(folder, push_to_hub, private, f"ftlaunch export of {run_dir.resolve().name}")
+        typer.echo(f"uploaded to {url}")
 
 
 @app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
