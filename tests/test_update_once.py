@@ -177,3 +177,37 @@ def test_warmup_steps_and_a_warmup_ratio_together_are_refused():
         UserError, match=r"train.warmup_steps=5 and train.warmup_ratio=0.1 both set the warm-up"
     ):
         build_recipe(raw, "test")
+
+
+def test_adam_settings_reach_the_optimizer_and_its_update():
+    """train.adam_beta1/adam_beta2/adam_epsilon: two AdamW steps on one weight without decay follow
+    the update rule written out (bias-corrected moments), with the recipe's values, not torch's
+    defaults; with a tiny second moment, epsilon dominates the step, so a wrong epsilon shows."""
+    raw = tiny_recipe().model_dump(mode="json")
+    raw["train"].update(adam_beta1=0.5, adam_beta2=0.75, adam_epsilon=1e-3, weight_decay=0.0, lr=0.1)
+    recipe = build_recipe(raw, "test")
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    optimizer = build_optimizer(model, recipe)
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.75) and optimizer.param_groups[0]["eps"] == 1e-3
+    m = v = 0.0
+    weight = 1.0
+    for step, grad in enumerate((1e-3, -2e-3), start=1):
+        model.weight.grad = torch.full_like(model.weight, grad)
+        optimizer.step()
+        m, v = 0.5 * m + 0.5 * grad, 0.75 * v + 0.25 * grad**2
+        m_hat, v_hat = m / (1 - 0.5**step), v / (1 - 0.75**step)
+        weight -= 0.1 * m_hat / (v_hat**0.5 + 1e-3)
+        # fp32 weight: a few roundings of ~6e-8 each per step, well inside 1e-6 of a weight near 1
+        assert model.weight.item() == pytest.approx(weight, rel=1e-6)
+
+
+def test_adam_settings_with_adafactor_are_refused():
+    from launcher.core.errors import UserError
+
+    raw = tiny_recipe().model_dump(mode="json")
+    raw["train"].update(optimizer="adafactor", adam_beta2=0.98)
+    with pytest.raises(
+        UserError, match=r"train.adam_beta2=0.98 applies to train.optimizer=adamw, not adafactor"
+    ):
+        build_recipe(raw, "test")

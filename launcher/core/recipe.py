@@ -133,6 +133,9 @@ class DataSection(Section):
         return [self.target_field] if isinstance(self.target_field, str) else list(self.target_field)
 
 
+ADAM_SETTINGS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+
 class TrainSection(Section):
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     epochs: int = Field(1, gt=0, description="Passes over the training split.")
@@ -157,6 +160,15 @@ class TrainSection(Section):
         "optimizer memory). ZeRO-1/2/3: DeepSpeed steps it on flat fp32 partitions, so unfactored "
         "(4 bytes/param, partitioned) and without update clipping (an RMS over a partition would depend "
         "on the world size). Not with FSDP2.",
+    )
+    adam_beta1: float = Field(
+        0.9, ge=0, lt=1, description="AdamW's first-moment decay (Seq2SeqTrainer's adam_beta1)."
+    )
+    adam_beta2: float = Field(
+        0.999, ge=0, lt=1, description="AdamW's second-moment decay (0.98 is common for seq2seq fine-tuning)."
+    )
+    adam_epsilon: float = Field(
+        1e-8, gt=0, description="AdamW's epsilon, added to the root of the second moment."
     )
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
@@ -213,6 +225,18 @@ class TrainSection(Section):
         description="Experiment trackers (Accelerate's): tensorboard, mlflow, wandb, trackio, "
         "comma-separated, or none.",
     )
+
+    @model_validator(mode="after")
+    def _adam_settings_need_adamw(self) -> TrainSection:
+        if self.optimizer != "adamw":
+            for name in ADAM_SETTINGS:
+                value = getattr(self, name)
+                if value != TrainSection.model_fields[name].default:
+                    raise ValueError(
+                        f"train.{name}={value:g} applies to train.optimizer=adamw, not {self.optimizer}; "
+                        f"drop it or use adamw"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _one_warmup_length(self) -> TrainSection:

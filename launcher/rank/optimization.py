@@ -41,7 +41,14 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     if recipe.train.optimizer == "adafactor":
         return adafactor(groups, recipe.train.lr, flat_partitions=bool(recipe.launch.zero))
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, **adamw_options(recipe, device))
+    train = recipe.train
+    return torch.optim.AdamW(
+        groups,
+        lr=train.lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_epsilon,
+        **adamw_options(recipe, device),
+    )
 
 
 def adafactor(groups: list[dict], lr: float, flat_partitions: bool = False) -> torch.optim.Optimizer:
