@@ -133,3 +133,35 @@ def test_gradient_checkpointing_recomputes_each_block_in_backward():
             # fp32 rounding error is bounded by n x u (u = 6e-8) of their magnitude, ~6e-5.
             scale = plain[name].abs().max().item()
             torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-4 * scale + 1e-12)
+
+
+def test_loading_flan_t5_layout_prints_no_false_missing_report(tmp_path, capsys, caplog):
+    """The input embeddings are tied after loading, so transformers' load report would call them
+    "MISSING ... newly initialized" on every load of a FLAN-T5 checkpoint (our final/ included):
+    it is held back, and nothing is reported for a complete checkpoint."""
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import load_base_model
+
+    build_tiny_t5(1000).save_pretrained(tmp_path)
+    load_base_model(Recipe.model_validate({"model": {"name": str(tmp_path)}}), 1000)
+    shown = capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert "LOAD REPORT" not in shown and "MISSING" not in shown and "newly initialized" not in shown
+
+
+def test_a_checkpoint_without_a_weight_is_reported_in_one_line(tmp_path, capsys):
+    """What is really missing is still said, naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import load_base_model
+
+    build_tiny_t5(1000).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["decoder.final_layer_norm.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    load_base_model(Recipe.model_validate({"model": {"name": str(tmp_path)}}), 1000)
+    out = capsys.readouterr().out
+    assert (
+        f"warning: model {tmp_path}: 1 weight(s) not in the checkpoint, newly initialized: "
+        "decoder.final_layer_norm.weight" in out
+    )

@@ -11,6 +11,7 @@ invocation builds the same model without downloading anything.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,12 +82,57 @@ def load_base_model(recipe: Recipe, vocab_size: int):
     own_lm_head = has_own_lm_head(config) and hasattr(config, "tie_word_embeddings")
     if own_lm_head:
         config.tie_word_embeddings = False  # nothing is tied while loading: lm_head keeps its weights
-    model = from_pretrained_or_explain(
-        AutoModelForSeq2SeqLM.from_pretrained, recipe.model.name, "model", config=config, dtype=torch.float32
-    )
+    with own_load_report():
+        model, info = from_pretrained_or_explain(
+            AutoModelForSeq2SeqLM.from_pretrained,
+            recipe.model.name,
+            "model",
+            config=config,
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
+    tied = set()
     if own_lm_head:
         tie_input_embeddings(model)
+        tied = {f"{stack}.embed_tokens.weight" for stack in ("encoder", "decoder")}
+    report_load(
+        recipe.model.name, set(info.get("missing_keys", ())) - tied, set(info.get("unexpected_keys", ()))
+    )
     return model
+
+
+@contextmanager
+def own_load_report():
+    """Hold back transformers' load report: with the input embeddings tied by ``tie_input_embeddings``
+    after loading (not by transformers, which would tie lm_head too), it would list them as
+    "MISSING ... newly initialized" on every load of a FLAN-T5 checkpoint, which is false and reads
+    as a broken model. ``report_load`` says what is really missing instead."""
+    import logging
+
+    class NoLoadReport(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "LOAD REPORT" not in str(record.msg)
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = NoLoadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def report_load(name: str, missing: set[str], unexpected: set[str]) -> None:
+    """One line for weights a checkpoint lacks (newly initialized) or has beyond the model."""
+    from launcher.core.ranklog import console_print
+
+    for keys, what in (
+        (missing, "not in the checkpoint, newly initialized"),
+        (unexpected, "in the checkpoint but not in the model, ignored"),
+    ):
+        if keys:
+            shown = ", ".join(sorted(keys)[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            console_print(f"warning: model {name}: {len(keys)} weight(s) {what}: {shown}")
 
 
 def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):
