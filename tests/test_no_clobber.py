@@ -68,8 +68,13 @@ def test_eval_output_on_a_training_run_is_refused(tmp_path, no_launch):
 
 
 def test_eval_output_in_a_run_s_model_or_eval_folder_is_refused(tmp_path, no_launch):
+    """A run's final/ never; its eval/finetuned only for its own final/ (tests/test_stop_after_the_end.py),
+    so tiny-t5 there would show as the run's fine-tuned scores."""
     run = finished_run(tmp_path / "run")
-    for folder in (run / "final", run / "eval" / "finetuned"):
+    for folder, said in (
+        (run / "final", f"--output {run / 'final'} is not empty"),
+        (run / "eval" / "finetuned", f"is the evaluation of its final/ (--model {run / 'final'}"),
+    ):
         refused(
             no_launch,
             "eval",
@@ -77,7 +82,7 @@ def test_eval_output_in_a_run_s_model_or_eval_folder_is_refused(tmp_path, no_lau
             "--output",
             str(folder),
             output=run,
-            fragments=(f"--output {folder} is not empty", "pick a new directory"),
+            fragments=(said, "pick a new directory"),
         )
 
 

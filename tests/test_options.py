@@ -6,6 +6,8 @@ names its point without taking the message text apart. In process, nothing launc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from launcher.core.errors import UserError
@@ -110,3 +112,49 @@ def test_a_sweep_point_error_is_blamed_on_the_point_by_its_fields(values, line):
     assert str(caught.value).startswith(line), str(caught.value)
     assert caught.value.source == "sweep point p"
     assert str(caught.value) == f"sweep point p: {caught.value.reason}"
+
+
+def eval_options(**changes) -> EvalOptions:
+    params = {"model": "tiny-t5", "adapter": None, "data": "sample", "split": "test", "limit": None}
+    params.update(gpus=1, zero="0", cpu=True, overrides=[])
+    return EvalOptions(**{**params, **changes})
+
+
+def saved_model_folder(path, **settings):
+    """A model folder as ftlaunch's final/ leaves it (only ftlaunch.json matters here)."""
+    path.mkdir()
+    written = {"prompt": "Chat:\n{dialogue}\nGist:", "max_source_length": 256, "precision": "fp32"}
+    (path / "ftlaunch.json").write_text(
+        json.dumps({**written, "num_beams": 3, "max_new_tokens": 40, **settings})
+    )
+    return path
+
+
+def test_eval_follows_the_settings_saved_with_the_model_and_set_wins(tmp_path):
+    """A run's final/ (or an adapter folder) is evaluated with the prompt, truncation, generation
+    settings and precision it was evaluated with in its run; --set overrides one of them."""
+    folder = saved_model_folder(tmp_path / "final")
+    for options in (eval_options(model=str(folder)), eval_options(adapter=folder)):
+        recipe = eval_recipe(options)
+        assert (recipe.data.prompt, recipe.data.max_source_length) == ("Chat:\n{dialogue}\nGist:", 256)
+        assert (recipe.eval.num_beams, recipe.eval.max_new_tokens, recipe.model.precision) == (3, 40, "fp32")
+    recipe = eval_recipe(
+        eval_options(model=str(folder), overrides=["eval.num_beams=1", "data.max_source_length=64"])
+    )
+    assert (recipe.eval.num_beams, recipe.data.max_source_length, recipe.eval.max_new_tokens) == (1, 64, 40)
+
+
+def test_eval_of_a_model_without_saved_settings_uses_the_recipe_defaults(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    default = load_recipe(default_recipe_path("full"))
+    for model in ("tiny-t5", "google/flan-t5-base", str(plain)):
+        recipe = eval_recipe(eval_options(model=model))
+        assert (recipe.data.prompt, recipe.eval.num_beams) == (default.data.prompt, default.eval.num_beams)
+
+
+def test_a_bad_value_in_the_saved_settings_names_the_file(tmp_path):
+    folder = saved_model_folder(tmp_path / "final", num_beams="x")
+    with pytest.raises(UserError) as caught:
+        eval_recipe(eval_options(model=str(folder)))
+    assert str(caught.value).startswith(f"{folder / 'ftlaunch.json'}: eval.num_beams='x'")

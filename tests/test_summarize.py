@@ -164,6 +164,35 @@ def test_lora_summarize_in_process_gives_the_runs_own_predictions(lora_run, tmp_
     assert [row["summary"] for row in read_jsonl(out)] == [row["prediction"] for row in evaluated(lora_run)]
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ftlaunch_eval_of_final_gives_the_runs_own_predictions(request, tmp_path, base_dir, method):
+    """`ftlaunch eval --model RUN/final` (a LoRA run: --adapter RUN/final on its base) follows
+    final/ftlaunch.json: the runs decode with 12 new tokens at most, min_new_tokens 4, no repeated
+    bigram and a repetition penalty (not eval's defaults), and eval gives their own predictions
+    and scores (the advice after an interrupted final evaluation relies on it)."""
+    run_dir = request.getfixturevalue(f"{method}_run")
+    final = run_dir / "final"
+    model = (
+        ("--model", str(final)) if method == "full" else ("--model", str(base_dir), "--adapter", str(final))
+    )
+    out = tmp_path / "eval"
+    args = (*model, "--data", "sample", "--split", "test", "--cpu", "--output", str(out))
+    result = run_cli_harness("eval", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    expected = evaluated(run_dir)
+    got = read_jsonl(out / "predictions.jsonl")
+    assert [(row["id"], row["prediction"]) for row in got] == [
+        (row["id"], row["prediction"]) for row in expected
+    ]
+    ours, theirs = (
+        json.loads(path.read_text())
+        for path in (out / "rouge.json", run_dir / "eval" / "finetuned" / "rouge.json")
+    )
+    assert {key: ours[key] for key in ("rouge1", "rouge2", "rougeL", "rougeLsum")} == {
+        key: theirs[key] for key in ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    }
+
+
 # ---------------------------------------------------------------- plain transformers / PEFT, stdin, text files
 
 PLAIN_FULL = """

@@ -241,7 +241,7 @@ def eval_command(
         launch.check_hub_references(recipe)
     run_dir = output.expanduser().resolve()
     runlock.check_free(run_dir)  # an evaluation is a run: one per directory at a time
-    launch.check_eval_output(run_dir)
+    launch.check_eval_output(run_dir, recipe)
     check_writable_dir(run_dir, "--output")
     entry = RankEntry(["ftlaunch", "eval", *sys.argv[2:]], module=EVAL_MODULE)
     if not dry_run:

@@ -17,7 +17,7 @@ from launcher.core.families import T5_MODULE_NAMES, ModuleNames, module_names, r
 from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
-from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe
+from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed
 from launcher.core.writable import check_writable_dir
@@ -309,11 +309,15 @@ def check_run_dir(
         )
 
 
-def check_eval_output(run_dir: Path) -> None:
+def check_eval_output(run_dir: Path, recipe: Recipe) -> None:
     """`ftlaunch eval --output`: a new or empty folder, or an earlier evaluation's (replaced). Never a
-    training run: its recipe.yaml and command.sh are what --resume and SLURM requeues start from."""
+    training run: its recipe.yaml and command.sh are what --resume and SLURM requeues start from.
+    A training run's own RUN/eval/finetuned or RUN/eval/original takes only the model it is the
+    evaluation of, so that the run's report never shows another model's scores as its own."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output {run_dir} is a file; pass a directory for the evaluation")
+    if is_runs_own_evaluation(run_dir, recipe):
+        return
     module = rendered_module(run_dir)
     if module == EVAL_MODULE:
         return
@@ -324,6 +328,35 @@ def check_eval_output(run_dir: Path) -> None:
         )
     if has_entries(run_dir):
         raise UserError(f"--output {run_dir} is not empty; pick a new directory for the evaluation")
+
+
+def is_runs_own_evaluation(folder: Path, recipe: Recipe) -> bool:
+    """Whether ``folder`` is RUN/eval/finetuned (RUN/eval/original) of a training run and the
+    evaluation is of RUN/final (of the run's base model): then it replaces only that evaluation, as
+    the advice after an interrupted final evaluation does. Another model there is refused."""
+    run = RunDir(folder.parent.parent)
+    if not holds_run(run.path) or folder not in (run.eval_finetuned.path, run.eval_original.path):
+        return False
+    if folder == run.eval_finetuned.path:
+        model, expected = recipe.model.adapter or recipe.model.name, str(run.final)
+        what = f"its final/ (--model {run.final}, or --adapter {run.final} for a LoRA run)"
+    else:
+        model, expected = recipe.model.name, read_run_recipe(run.path).model.name
+        what = f"its base model (--model {expected}, no --adapter)"
+        model = model if recipe.model.adapter is None else recipe.model.adapter
+    if same_model(model, expected):
+        return True
+    raise UserError(
+        f"--output {folder} is the evaluation of {what} in run {run.path}; another model's scores there "
+        "would be reported as that run's: pick a new directory"
+    )
+
+
+def same_model(name: str, other: str) -> bool:
+    """Two model references name the same model: the same folder, or the same hub id."""
+    if is_local_reference(name) and is_local_reference(other):
+        return Path(name).expanduser().resolve() == Path(other).expanduser().resolve()
+    return name == other
 
 
 def check_training_output(run_dir: Path) -> None:

@@ -174,19 +174,34 @@ TRAINING_SECTIONS = ("train", "lora")  # what `ftlaunch eval --set` refuses: it 
 
 
 def eval_recipe(options: EvalOptions):
-    """The validated recipe `ftlaunch eval` runs with: the full recipe's eval/data settings, its
-    --set overrides, then the flags (one model on one split)."""
-    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe, parse_override
+    """The validated recipe `ftlaunch eval` runs with: the full recipe's eval/data settings, those
+    saved with the model (``ftlaunch.json`` of --adapter, else of a --model folder: a run's final/
+    is prompted and decoded as its own evaluation was), its --set overrides, then the flags (one
+    model on one split)."""
+    from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
+    from launcher.core.recipe import (
+        apply_override,
+        build_recipe,
+        default_recipe_path,
+        load_recipe,
+        parse_override,
+    )
 
+    overridden = []
     for item in options.overrides:
-        section = parse_override(item)[0][0]
-        if section in TRAINING_SECTIONS:
+        key = parse_override(item)[0]
+        if key[0] in TRAINING_SECTIONS:
             raise UserError(
-                f"--set {item}: ftlaunch eval trains nothing, so {section}.* keys have no effect; "
+                f"--set {item}: ftlaunch eval trains nothing, so {key[0]}.* keys have no effect; "
                 "set eval.*, data.* or model.* keys"
             )
-    recipe = load_recipe(default_recipe_path("full"), list(options.overrides))
-    raw = recipe.model_dump(mode="json")
+        overridden.append(key)
+    raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
+    folder, settings = saved_settings(options)
+    if settings:
+        apply_inference_settings(raw, settings)
+    for item in options.overrides:
+        apply_override(raw, *parse_override(item))
     adapter = options.adapter
     raw["model"].update(name=options.model, adapter=str(adapter.resolve()) if adapter else None)
     raw["data"]["dataset"] = options.data
@@ -204,4 +219,23 @@ def eval_recipe(options: EvalOptions):
         "eval.split": "--split",
         "launch.gpus": "--gpus",
     }
-    return build_recipe(raw, "command line", flagged={**flags, "eval.limit": "--limit"})
+    source = str(folder / SETTINGS_FILE) if settings else "command line"
+    if options.limit is not None:
+        flags["eval.limit"] = "--limit"
+    return build_recipe(raw, source, overridden, flagged=flags)
+
+
+def saved_settings(options: EvalOptions) -> tuple[Path | None, dict | None]:
+    """The folder whose ftlaunch.json `ftlaunch eval` follows, and those settings: the adapter's
+    (a LoRA run's final/), else the model folder's (a full run's final/ or an export); none for a
+    hub id or a model saved without ftlaunch."""
+    from launcher.core.model_settings import checked_settings
+    from launcher.core.paths import is_local_reference
+
+    if options.adapter is not None:
+        folder = options.adapter.expanduser().resolve()
+    elif is_local_reference(options.model) and Path(options.model).expanduser().is_dir():
+        folder = Path(options.model).expanduser().resolve()
+    else:
+        return None, None
+    return folder, checked_settings(folder)

@@ -23,11 +23,10 @@ from typing import Any
 from launcher.core.dialogues import row_id
 from launcher.core.errors import UserError
 from launcher.core.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_jsonl_lines, write_jsonl
-from launcher.core.model_settings import SETTINGS_FILE, read_inference_settings
+from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings, checked_settings
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.recipe import (
-    GENERATION_KEYS,
     Recipe,
     apply_override,
     build_recipe,
@@ -43,8 +42,6 @@ SUMMARIES_FILE = "summaries.jsonl"
 STDIN_ID = "stdin"  # the id of one plain-text dialogue read from standard input
 EVAL_KEYS = ("eval.", "data.prompt", "data.max_source_length", "model.precision")
 ADAPTER_CONFIG = "adapter_config.json"
-# ftlaunch.json's keys that summarize reads, with their types (the others go through the schema)
-REQUIRED_SETTINGS = {"prompt": str, "max_source_length": int, "precision": str}
 
 
 # ---------------------------------------------------------------- the model and its settings
@@ -102,32 +99,6 @@ def adapter_base_model(adapter: Path) -> str | None:
     return name
 
 
-def checked_settings(folder: Path) -> dict[str, Any] | None:
-    """ftlaunch.json, with the keys summarize reads present and of their type: a hand-edited or
-    truncated file is named with its key, not a KeyError. None where the folder has none."""
-    settings = read_inference_settings(folder)
-    if not settings:  # none, or an empty object: the run's recipe (or the defaults) apply
-        return None
-    path = folder / SETTINGS_FILE
-    fix = f"re-export the run (ftlaunch export) or delete {path.name}"
-    if not isinstance(settings, dict):
-        raise UserError(f"{path} is not a JSON object of settings; {fix}")
-    for key, kind in REQUIRED_SETTINGS.items():
-        if key not in settings:
-            raise UserError(f"{path} has no {key!r}; {fix}")
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise UserError(f"{path}: {key} is {value!r}, not {kind_name(kind)}; {fix}")
-    base = settings.get("base_model")
-    if base is not None and not isinstance(base, str):
-        raise UserError(f"{path}: base_model is {base!r}, not a model name; {fix}")
-    return settings
-
-
-def kind_name(kind: type) -> str:
-    return {str: "a string", int: "an integer"}[kind]
-
-
 def run_recipe_of(run_dir: Path | None) -> dict[str, Any] | None:
     """The run's recipe.yaml as raw data, validated as ``recipe validate`` does: summarize edits
     its sections, so a damaged one must be named with its key first."""
@@ -146,14 +117,7 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
     raw = run_recipe or read_yaml_mapping(default_recipe_path("full"))
     settings = checked_settings(folder)
     if settings:
-        raw.setdefault("data", {}).update(
-            prompt=settings["prompt"], max_source_length=settings["max_source_length"]
-        )
-        raw.setdefault("eval", {}).update(
-            # settings written before a key existed lack it: the schema's default then applies
-            {key: settings[key] for key in (*GENERATION_KEYS, "batch_size") if key in settings}
-        )
-        raw.setdefault("model", {})["precision"] = settings["precision"]
+        apply_inference_settings(raw, settings)
     adapter = (folder / ADAPTER_CONFIG).is_file()
     raw.setdefault("model", {}).update(
         name=base_model_of(folder, settings, run_recipe) if adapter else str(folder),

@@ -141,6 +141,7 @@ class Job:
     kind: str
     started: float
     evaluate: str = ""  # the `ftlaunch eval` command that evaluates this run's final/ as the run would
+    evaluates: bool = True  # eval.after_training: the run ends with the final evaluation and report
 
     @classmethod
     def of(cls, run_dir: Path, started: float, recipe: Recipe) -> Job:
@@ -154,13 +155,27 @@ class Job:
             f"ftlaunch eval {model} --data {recipe.data.dataset} --split {recipe.eval.split}{limit}{where} "
             f"--output {RunDir(run_dir).eval_finetuned.path}"
         )
-        return cls(run_dir, kind, started, evaluate)
+        return cls(run_dir, kind, started, evaluate, recipe.eval.after_training)
 
     def training_finished(self) -> bool:
         """Training has saved final/ in this launch: what runs now is the final evaluation
         (train.finish saves final/ with one rename, just before generating)."""
         try:
             return self.kind == "train" and RunDir(self.run_dir).final.stat().st_mtime >= self.started
+        except OSError:
+            return False
+
+    def completed(self) -> bool:
+        """Everything the run does is done (a stop signal that comes now stops nothing): final/
+        saved in this launch and, with the final evaluation, the model card written, its last file."""
+        if not self.training_finished():
+            return False
+        if not self.evaluates:
+            return True
+        from launcher.results.card import CARD_FILE
+
+        try:
+            return (RunDir(self.run_dir).final / CARD_FILE).stat().st_mtime >= self.started
         except OSError:
             return False
 
@@ -342,6 +357,14 @@ def decide(
     first = first_failure(run_dir, recipe, node, failures, torchrun_failure(stderr_tail))
     if first is not None and first.exit_code == EXIT_USAGE:
         return Outcome(EXIT_USAGE, [f"error: {first.error}"])
+    if signals and job.completed():
+        return Outcome(
+            0,
+            [
+                f"ftlaunch: the run had finished when the stop signal came: final/, the evaluation and "
+                f"the report are complete; see {RunDir(run_dir).report.path}"
+            ],
+        )
     if signals and (job.kind != "train" or job.training_finished()):
         return Outcome(EXIT_INTERRUPTED, [job.advice(EXIT_INTERRUPTED)])
     if signals:
