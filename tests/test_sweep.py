@@ -425,3 +425,60 @@ def test_local_sweep_runs_every_point_reports_and_extends(tmp_path):
         == done["max_steps=2_checkpoint_every=3"]["val_loss"]
     )
     assert "(lora, 5 points: 5 done)" in output
+
+
+@pytest.mark.parametrize("point_code", [0, 1], ids=["point ended well", "point failed"])
+def test_a_stop_signal_during_a_point_stops_the_sweep_after_it(tmp_path, point_code):
+    """Ctrl-C that lands as a point's final evaluation ends (the point then exits 0, or fails) must
+    not start the next point: the sweep stops with exit 3 and says how to continue. The launch is
+    replaced by a stand-in that receives the signal the way the supervisor does."""
+    import signal
+
+    from launcher.host import supervise
+
+    launched = []
+
+    def point_that_gets_ctrl_c(run_dir: Path, machine_rank: int | None = None) -> int:
+        launched.append(run_dir.name)
+        supervise.note_stop_signal(signal.SIGINT)  # what SignalForwarder.handle records
+        return point_code
+
+    out = tmp_path / "sweep"
+    result = run_cli_in_process(
+        *("sweep", "full", *SMALL, "--grid", "train.lr=1e-4,3e-4", "--output", str(out)),
+        run_ranks=point_that_gets_ctrl_c,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert launched == ["lr=1e-4"]
+    assert (
+        "sweep stopped after lr=1e-4 (a stop signal came as it ended): run the same command again"
+        in result.stderr
+    )
+
+
+def test_a_rank_started_with_stop_signals_ignored_obeys_them(tmp_path):
+    """bash starts `ftlaunch ... &` with SIGINT ignored and the ranks inherit that: a rank resets
+    the stop signals it finds ignored, so the supervisor's forwarded Ctrl-C still stops it."""
+    code = (
+        "import signal\n"
+        "from launcher.core.ranklog import obey_stop_signals\n"
+        "assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN\n"
+        "obey_stop_signals()\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+        "signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)\n"
+    )
+    import signal
+
+    def ignore_stop_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=ignore_stop_signals,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]

@@ -18,6 +18,7 @@ import argparse
 import atexit
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -240,6 +241,7 @@ def run_rank(run_dir: Path, body: Callable[[], int]) -> int:
     resumes), 1: anything else (the traceback is in the rank log).
     """
     start(run_dir)
+    obey_stop_signals()
     try:
         return body()
     except UserError as exc:
@@ -253,6 +255,20 @@ def run_rank(run_dir: Path, body: Callable[[], int]) -> int:
     except Exception as exc:  # noqa: BLE001 - every crash ends as a record and a one-line summary
         log_traceback()
         return fail(run_dir, EXIT_CRASHED, last_line(exc))
+
+
+def obey_stop_signals() -> None:
+    """A rank acts on the stop signals its supervisor forwards, also when ftlaunch was started by a
+    shell that ignores them: bash starts a background job (``ftlaunch sweep ... &``) with SIGINT
+    ignored, and an ignored signal stays ignored across exec, down to the ranks. Ctrl-C then raises
+    KeyboardInterrupt and SIGTERM/SIGUSR1 end the rank (training installs its own handlers)."""
+    for sig, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGUSR1, signal.SIG_DFL),
+    ):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, handler)
 
 
 def exit_rank(code: int) -> NoReturn:

@@ -233,6 +233,19 @@ def child_processes(pid: int) -> list[int]:
     return children
 
 
+_stop_signals: list[int] = []  # every stop signal this ftlaunch process received, in order
+
+
+def note_stop_signal(signum: int) -> None:
+    _stop_signals.append(signum)
+
+
+def stop_signals_received() -> int:
+    """How many stop signals this process has received so far: a sweep compares the count before
+    and after a point, and stops after one that got any (even if the point then ended well)."""
+    return len(_stop_signals)
+
+
 class SignalForwarder:
     """Pass Ctrl-C/SIGTERM/SIGUSR1 to the rank processes; a second Ctrl-C stops them at once."""
 
@@ -252,6 +265,7 @@ class SignalForwarder:
 
     def handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.received.append(signum)
+        note_stop_signal(signum)
         if self.child.poll() is None:
             self.ranks.update(child_processes(self.child.pid))
         name = signal.Signals(signum).name

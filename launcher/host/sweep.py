@@ -257,6 +257,7 @@ def run_here(sweep: Sweep, options: dict[str, Any], recipes: list, done: list[bo
     does not stop the others; an interrupted one (Ctrl-C) stops the sweep."""
     from launcher.host import launch
     from launcher.host.console import command_line, run_summary
+    from launcher.host.supervise import stop_signals_received
 
     print_plan(sweep, done)
     with sweep_lock(sweep):
@@ -276,11 +277,19 @@ def run_here(sweep: Sweep, options: dict[str, Any], recipes: list, done: list[bo
             if dry_run:
                 continue
             write_status(sweep.dir, point.index, "running")
+            signals = stop_signals_received()
             codes[point.name] = launch.run_command(run_dir)
             write_status(sweep.dir, point.index, "ended", codes[point.name])
             if codes[point.name] == EXIT_INTERRUPTED:
                 print(
                     f"sweep interrupted at {point.name}: run the same command again to continue",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
+            if stop_signals_received() > signals:  # it came as the point ended: stop before the next
+                print(
+                    f"sweep stopped after {point.name} (a stop signal came as it ended): run the same "
+                    "command again to continue",
                     file=sys.stderr,
                 )
                 return EXIT_INTERRUPTED
