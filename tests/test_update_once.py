@@ -211,3 +211,48 @@ def test_adam_settings_with_adafactor_are_refused():
         UserError, match=r"train.adam_beta2=0.98 applies to train.optimizer=adamw, not adafactor"
     ):
         build_recipe(raw, "test")
+
+
+def optimizer_and_schedule(**train):
+    """tiny-t5's optimizer and linear schedule (10 steps) for a recipe with these train.* values."""
+    raw = tiny_recipe().model_dump(mode="json")
+    raw["train"].update(scheduler="linear", **train)
+    recipe = build_recipe(raw, "test")
+    model = build_model(recipe, 100)
+    optimizer = build_optimizer(model, recipe)
+    return model, optimizer, build_scheduler(optimizer, recipe, total_steps=10)
+
+
+def test_a_resume_trains_with_the_recipes_lr_and_decay_at_the_checkpoints_schedule_position():
+    """Loading a checkpoint restores the optimizer groups' settings and the schedule's base rates of
+    the run that wrote it; the recipe's (here: lr 1e-2 instead of 1e-3, weight decay 0.1 instead of
+    0.01, AdamW's beta2 and epsilon) are put back, and the step's rate is the new peak times the
+    schedule factor of the checkpoint's step (linear decay: (10 - 4) / 10 at step 4)."""
+    model, optimizer, scheduler = optimizer_and_schedule(lr=1e-3, weight_decay=0.01)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    saved = optimizer.state_dict(), scheduler.state_dict()
+    _, resumed, resumed_schedule = optimizer_and_schedule(
+        lr=1e-2, weight_decay=0.1, adam_beta2=0.98, adam_epsilon=1e-6
+    )
+    from launcher.rank.optimization import reapply_recipe_settings, recipe_group_settings
+
+    built = recipe_group_settings(resumed)
+    resumed.load_state_dict(saved[0])
+    resumed_schedule.load_state_dict(saved[1])
+    assert resumed.param_groups[0]["lr"] == pytest.approx(1e-3 * 6 / 10)  # the checkpoint's, as loaded
+    changes = reapply_recipe_settings(resumed, resumed_schedule, built)
+    assert changes == [
+        "train.lr 0.001 -> 0.01",
+        "train.weight_decay 0.01 -> 0.1",
+        "train.adam_beta1/adam_beta2 0.9/0.999 -> 0.9/0.98",
+        "train.adam_epsilon 1e-08 -> 1e-06",
+    ]
+    assert [group["lr"] for group in resumed.param_groups] == pytest.approx([1e-2 * 6 / 10] * 2)
+    assert [group["weight_decay"] for group in resumed.param_groups] == [0.1, 0.0]
+    assert resumed.param_groups[0]["betas"] == (0.9, 0.98) and resumed.param_groups[1]["eps"] == 1e-6
+    resumed.step()
+    resumed_schedule.step()
+    assert resumed.param_groups[0]["lr"] == pytest.approx(1e-2 * 5 / 10)  # the next step follows the new peak
+    assert reapply_recipe_settings(resumed, resumed_schedule, recipe_group_settings(resumed)) == []

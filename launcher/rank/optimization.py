@@ -141,3 +141,50 @@ def total_optimizer_steps(recipe: Recipe, batches_per_rank: list[int]) -> int:
     """Optimizer steps of the whole run: every epoch's, until train.max_steps."""
     total = sum(math.ceil(count / recipe.train.grad_accum) for count in batches_per_rank)
     return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
+
+
+# What a resumed run takes from its recipe, not from the checkpoint: the keys of each optimizer
+# group the recipe sets, as recipe keys (for the line that says what changed).
+RECIPE_GROUP_KEYS = {
+    "initial_lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "betas": "train.adam_beta1/adam_beta2",
+    "eps": "train.adam_epsilon",
+}
+
+
+def recipe_group_settings(optimizer) -> list[dict]:
+    """Each optimizer group's settings as the recipe built them: taken before a checkpoint is
+    loaded, because loading replaces them with the ones the checkpoint was trained with."""
+    return [
+        {key: group[key] for key in RECIPE_GROUP_KEYS if key in group} for group in optimizer.param_groups
+    ]
+
+
+def reapply_recipe_settings(optimizer, scheduler, built: list[dict]) -> list[str]:
+    """Give the restored optimizer and schedule the recipe's learning rate, weight decay and AdamW
+    settings again (a resume with ``--set train.lr=...`` trains with it), keeping the checkpoint's
+    position in the schedule: the learning rate of the step is the new peak rate times the same
+    schedule factor. Returns the changes, as ``train.lr 1e-05 -> 0.001``."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds torch's scheduler
+    changes: dict[str, str] = {}
+    for index, (group, wanted) in enumerate(zip(optimizer.param_groups, built)):
+        for key, value in wanted.items():
+            old = group.get(key)
+            if old == value or old is None:
+                continue
+            if key == "initial_lr":  # the peak rate: scale the step's rate, set the schedule's base
+                group["lr"] = group["lr"] * value / old
+                inner.base_lrs[index] = value
+            group[key] = value
+            if value or old:  # the undecayed group's 0 stays 0: the decayed group names the change
+                changes.setdefault(
+                    RECIPE_GROUP_KEYS[key], f"{RECIPE_GROUP_KEYS[key]} {shown(old)} -> {shown(value)}"
+                )
+    if hasattr(inner, "_last_lr"):
+        inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return list(changes.values())
+
+
+def shown(value) -> str:
+    return "/".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"

@@ -54,6 +54,8 @@ from launcher.rank.optimization import (
     build_optimizer,
     build_scheduler,
     describe_optimizer,
+    reapply_recipe_settings,
+    recipe_group_settings,
     total_optimizer_steps,
 )
 from launcher.rank.step_stats import StepResult, WindowStats, metrics_row
@@ -253,6 +255,7 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
         return False
     saved = ckpt.read_state(checkpoint)
     ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
+    built = recipe_group_settings(run.optimizer)
     if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
         from launcher.rank.portable import restore_converted
 
@@ -269,6 +272,12 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
     run.state.best_step, run.state.best_value = saved.best_step, saved.best_value
     run.state.evaluations_without_improvement = saved.evaluations_without_improvement
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
+    changed = reapply_recipe_settings(run.optimizer, run.scheduler, built)
+    if changed:
+        print_main(
+            run.accelerator,
+            f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
+        )
     run.resumed_from = checkpoint.name
     return True
 

@@ -1,0 +1,55 @@
+"""A resume trains with the recipe's learning rate, not the checkpoint's.
+
+Loading a checkpoint restores the optimizer's and the schedule's state, and with it the peak
+learning rate and weight decay the run that wrote it had: a ``--resume auto --set train.lr=...``
+used to be written to recipe.yaml and shown on the console, yet train at the old rate. Now the
+recipe's settings are put back after loading (rank/optimization.reapply_recipe_settings), at the
+checkpoint's position in the schedule. Reference: the linear schedule's formula, the rate of step t
+of 6 being lr x (6 - t) / 6, for each strategy's way of loading an optimizer (torch's, DeepSpeed's
+ZeRO, FSDP2's sharded state).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY_FAST, read_jsonl, run_cli_harness
+
+pytestmark = pytest.mark.slow  # two tiny trainings per strategy (ranks from the rank harness)
+
+STEPS = 6
+RUN = (
+    *("--cpu", "--model", "tiny-t5", "--data", "sample", "--report-to", "none", *TINY_FAST),
+    *(
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_checkpoints=3",
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [("--gpus", "1"), ("--gpus", "2", "--zero", "2"), ("--gpus", "2", "--fsdp")],
+    ids=["ddp", "zero2", "fsdp"],
+)
+def test_resume_with_another_lr_trains_with_it_from_the_checkpoints_step(tmp_path, strategy):
+    run = tmp_path / "run"
+    first = run_cli_harness("full", *RUN, *strategy, "--set", "train.lr=1e-3", "--output", str(run))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    resumed = run_cli_harness(
+        "full", *RUN, *strategy, "--set", "train.lr=1e-2", "--set", "train.weight_decay=0.1",
+        "--resume", str(run / "checkpoints" / "step_2"), "--output", str(run),
+    )  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-6000:]
+    assert "resumed with the recipe's train.lr 0.001 -> 0.01, train.weight_decay 0.01 -> 0.1" in output, (
+        output[-3000:]
+    )
+    rows = read_jsonl(run / "metrics.jsonl")
+    rates = {row["step"]: row["lr"] for row in rows if "lr" in row}
+    assert sorted(rates) == [1, 2, 3, 4, 5, 6], rates  # steps 1-2 from the first start, then the resume's
+    expected = [(1e-3 if t <= 2 else 1e-2) * (STEPS - t) / STEPS for t in range(1, STEPS)]
+    assert [rates[t] for t in range(1, STEPS)] == pytest.approx(expected, rel=1e-9)
