@@ -903,3 +903,30 @@ def test_disk_too_small_for_the_run(tmp_path, no_launch, small_disk):
     output = small_disk("128M") / "run"
     result = run_cli(*train_args("sample", output), env=no_launch, timeout=CLI_TIMEOUT)  # a launch
     assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("split", "escape"), [("train", "\\ud800"), ("test", "\\udc80")])
+def test_a_lone_surrogate_escape_in_the_data_is_refused_before_launch(tmp_path, no_launch, split, escape):
+    """JSON accepts "\\ud800" (half of a UTF-16 pair) and Python keeps it as an invalid character
+    that only the tokenizer rejects, in every rank, with an unexplained TypeError: refused here,
+    naming the file and line. A whole pair (an emoji written as two escapes) is a character."""
+    data = data_dir(tmp_path)
+
+    def edit(lines: list[str]) -> None:
+        row = json.loads(lines[1])
+        lines[1] = json.dumps(row).replace('"dialogue": "', f'"dialogue": "\\ud83d\\ude00 {escape} ', 1)
+
+    edit_lines(data / f"{split}.jsonl", edit)
+    out = tmp_path / "run"
+    refused(
+        no_launch,
+        *train_args(data, out),
+        output=out,
+        fragments=(f"{data / f'{split}.jsonl'} line 2 holds {escape}, half of a UTF-16 surrogate pair",),
+    )
+
+
+def test_a_whole_surrogate_pair_is_one_character():
+    from launcher.core.jsonl import parse_line
+
+    assert parse_line('{"dialogue": "hi \\ud83d\\ude00"}', "f", 1) == {"dialogue": "hi \U0001f600"}

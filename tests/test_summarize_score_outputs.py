@@ -367,3 +367,17 @@ def test_a_plain_text_dialogue_that_opens_with_a_bracket_is_text(monkeypatch):
     )
     rows = summarize_module.read_inputs("-")
     assert rows == [{"id": summarize_module.STDIN_ID, "dialogue": "[10:02] Tom: hi\n[10:03] Ann: hello"}]
+
+
+def test_a_lone_surrogate_in_summarize_input_is_named(run, inputs, no_launch, no_generation):
+    """The tokenizer would fail with a traceback on "\\ud800" (JSON's escape of half a UTF-16 pair)."""
+    dialogues = inputs / "lone.jsonl"
+    dialogues.write_text('{"id": "a", "dialogue": "#Person1#: hi \\ud800 there"}\n')
+    summarize_refused(
+        no_launch,
+        run,
+        "--input",
+        str(dialogues),
+        watch=(run, inputs),
+        fragments=(f"{dialogues} line 1 holds \\ud800, half of a UTF-16 surrogate pair",),
+    )

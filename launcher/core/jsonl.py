@@ -10,6 +10,7 @@ locale says.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,31 @@ def parse_line(line: str, source: str, number: int) -> dict[str, Any]:
         ) from None
     if not isinstance(row, dict):
         raise UserError(f"{source} line {number} is not a JSON object; each line must be one JSON object")
+    surrogate = SURROGATE_ESCAPE.search(line) and lone_surrogate(row)
+    if surrogate:
+        raise UserError(
+            f"{source} line {number} holds \\u{ord(surrogate):04x}, half of a UTF-16 surrogate pair, which is no "
+            "character (the tokenizer cannot encode it); write the character itself, or both halves of its pair"
+        )
     return row
+
+
+# JSON's escape of a UTF-16 surrogate (half of a pair): json.loads joins a valid pair into one
+# character, and keeps a lone half as an invalid one that only fails later, in the tokenizer.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first unpaired surrogate in a parsed JSON value's strings (keys included), or None."""
+    if isinstance(value, str):
+        return next((char for char in value if "\ud800" <= char <= "\udfff"), None)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(key) if isinstance(key, str) else None
+        found = found or lone_surrogate(item)
+        if found:
+            return found
+    return None
 
 
 def parse_jsonl_text(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
