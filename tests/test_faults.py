@@ -425,7 +425,8 @@ def assert_interrupted_cleanly(output: str) -> None:
     ), output[-3000:]
 
 
-def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "hangup"])
+def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, how):
     """SIGINT to the launcher's process group, as a terminal's Ctrl-C sends it: the ranks
     checkpoint, ftlaunch itself exits 3 without a traceback.
 
@@ -435,12 +436,18 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path):
     ftlaunch's SIGTERM handled and passed on, no traceback, the job ended within seconds with no
     rank left (test_failure_messages' SIGTERM during the final evaluation); ranks that get SIGTERM
     during training checkpoint, exit 3, the same ``interrupted: checkpoint ... written`` line
-    (test_sigterm_on_one_rank_checkpoints_and_resumes)."""
-    how = "ctrl-c"
+    (test_sigterm_on_one_rank_checkpoints_and_resumes).
+
+    SIGHUP (the terminal closed, an ssh session dropped) to ftlaunch alone: it used to end ftlaunch
+    silently while the ranks, in their own session, trained on unwatched; it is passed on as
+    SIGTERM, so the run checkpoints and stops the same way."""
     run_dir = tmp_path / "run"
     with Job(run_dir, train_args(run_dir, 0, *LONG)) as job:
         job.wait_for_step(1)
-        os.killpg(job.process.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(job.process.pid, signal.SIGINT)
+        else:
+            os.kill(job.process.pid, signal.SIGHUP)
         signalled = time.monotonic()
         code = job.wait(timeout=EXIT_BOUND + 30)
         ended = time.monotonic() - signalled

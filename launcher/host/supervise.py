@@ -3,7 +3,7 @@
 * the launcher's own output (``accelerate launch``/torchrun: banners, its tracebacks) goes to
   ``RUN/logs/launcher.log`` (``launcher-node<N>.log`` on several nodes); what the ranks write to
   their console (ranklog.console_print) passes through to the user's screen, byte for byte;
-* Ctrl-C, SIGTERM and SIGUSR1 are passed on to the rank processes themselves, which checkpoint at
+* Ctrl-C, SIGTERM, SIGUSR1 and SIGHUP (as SIGTERM: a closed terminal) are passed on to the rank processes themselves, which checkpoint at
   the next optimizer step and exit 3 (torchrun, told instead, would kill them after 30 s); in the
   final evaluation, and in ``ftlaunch eval``/``summarize``, they stop at once (nothing to checkpoint);
 * when the job fails, a summary a person can act on replaces the launcher's traceback: which rank
@@ -43,7 +43,10 @@ from launcher.host.render import EVAL_MODULE, MACHINE_RANK_ENV, SUMMARIZE_MODULE
 
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
 TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+# What the ranks get for each: a hangup (terminal closed, ssh dropped) stops the run like SIGTERM;
+# the ranks run in their own session and would otherwise train on with nobody watching.
+PASSED_ON = {signal.SIGHUP: signal.SIGTERM}
 
 
 # ---------------------------------------------------------------- where this launcher runs
@@ -279,7 +282,7 @@ class SignalForwarder:
             write_console((self.job.signal_notice(name) + "\n").encode())
         for pid in self.ranks:
             try:
-                os.kill(pid, signum)
+                os.kill(pid, PASSED_ON.get(signum, signum))
             except ProcessLookupError:
                 pass
 
