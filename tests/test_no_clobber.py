@@ -272,6 +272,27 @@ def test_report_names_a_metrics_line_it_cannot_read(tmp_path, no_launch, line, f
     refused(no_launch, "report", str(run), output=None, watch=(run,), fragments=(str(metrics), fragment))
 
 
+@pytest.mark.parametrize("marker", [True, False], ids=["interrupted", "crashed"])
+def test_report_of_an_unfinished_run_says_training_has_not_finished(tmp_path, marker):
+    """No final validation row yet: stopped by a signal (RUN/INTERRUPTED names its checkpoint) or a
+    crash. The report must not read like a finished run's; once the final row is there, no note."""
+    run = finished_run(tmp_path / "run")
+    rows = [{"step": 5, "loss": 7.5}, {"step": 10, "loss": 7.2}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if marker:
+        (run / "INTERRUPTED").write_text("step_10\n")
+    assert run_cli_in_process("report", str(run)).returncode == 0
+    text = (run / "report" / "report.md").read_text()
+    why = "interrupted, checkpoint step_10 written" if marker else "stopped after step 10 (the last logged)"
+    assert (
+        f"**Training has not finished**: {why}; continue it with the same command and `--resume auto`" in text
+    )
+    rows.append({"step": 10, "val_loss": 7.1, "final": True})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run_cli_in_process("report", str(run)).returncode == 0
+    assert "Training has not finished" not in (run / "report" / "report.md").read_text()
+
+
 def test_report_prints_a_null_validation_value_as_not_available(tmp_path):
     """metrics.json_safe logs a non-finite validation value as null: the report says n/a."""
     run = finished_run(tmp_path / "run")

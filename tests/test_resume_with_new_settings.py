@@ -53,3 +53,22 @@ def test_resume_with_another_lr_trains_with_it_from_the_checkpoints_step(tmp_pat
     assert sorted(rates) == [1, 2, 3, 4, 5, 6], rates  # steps 1-2 from the first start, then the resume's
     expected = [(1e-3 if t <= 2 else 1e-2) * (STEPS - t) / STEPS for t in range(1, STEPS)]
     assert [rates[t] for t in range(1, STEPS)] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_resume_past_the_recipes_end_says_what_final_holds(tmp_path):
+    """train.max_steps lowered below the checkpoint's step: nothing to train, and the line says that
+    final/ is the checkpoint's model (and how to get an earlier one) instead of "training: 4 steps"
+    alone."""
+    run = tmp_path / "run"
+    first = run_cli_harness("full", *RUN, "--gpus", "1", "--output", str(run))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    lowered = run_cli_harness(
+        "full", *RUN, "--gpus", "1", "--set", "train.max_steps=4", "--resume", "auto", "--output", str(run)
+    )
+    output = lowered.stdout + lowered.stderr
+    assert lowered.returncode == 0, output[-6000:]
+    assert (
+        "note: the checkpoint is at step 6, past this recipe's 4 optimizer steps: no step is trained and "
+        f"final/ is the step-6 model; for an earlier one, pass --resume {run / 'checkpoints'}/step_N"
+        in output
+    ), output[-3000:]

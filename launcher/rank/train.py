@@ -543,6 +543,8 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
         f"training: {run.total_steps} optimizer steps, {run.describe_batches()} micro-batches "
         f"per rank per epoch, effective batch {effective_batch(run.recipe)}",
     )
+    if run.state.step > run.total_steps:
+        print_main(run.accelerator, past_the_end(run))
     try:
         completed = train_loop(run, logger, stop, resumed)
         stop.uninstall()
@@ -555,6 +557,17 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     finally:
         logger.close()
     return 0
+
+
+def past_the_end(run: Run) -> str:
+    """A resume whose checkpoint lies past the recipe's end (a lowered train.max_steps or epochs):
+    nothing is trained, and final/ is the checkpoint's model, not the step the recipe names."""
+    step = run.state.step
+    return (
+        f"note: the checkpoint is at step {step}, past this recipe's {run.total_steps} optimizer steps: "
+        f"no step is trained and final/ is the step-{step} model; for an earlier one, pass "
+        f"--resume {RunDir(run.run_dir).checkpoints}/step_N"
+    )
 
 
 def make_progress(accelerator, total: int, initial: int):

@@ -322,6 +322,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     sections = [
         f"# ftlaunch report: {run_dir.name}",
         "",
+        *unfinished_note(run_dir, metrics),
         f"Data: {first['scores'].get('dataset')} "
         f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
         f" · generation: {generation_note(first['scores'])}",
@@ -375,6 +376,26 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         if source.is_file():
             shutil.copyfile(source, out_dir / f"predictions_{name}.jsonl")
     return out_dir
+
+
+def unfinished_note(run_dir: Path, metrics: list[dict]) -> list[str]:
+    """A training run whose training has not ended (no final validation row yet): stopped by a
+    signal (RUN/INTERRUPTED names its checkpoint) or by a crash. Its report shows no fine-tuned
+    model yet, and says so rather than look like a finished run's."""
+    steps = [row["step"] for row in metrics if "loss" in row]
+    if not steps or any(row.get("final") for row in metrics):
+        return []
+    marker = RunDir(run_dir).interrupted_checkpoint()
+    why = (
+        f"interrupted, checkpoint {marker} written"
+        if marker
+        else f"stopped after step {steps[-1]} (the last logged)"
+    )
+    return [
+        f"**Training has not finished**: {why}; continue it with the same command and `--resume auto`, "
+        "which writes the fine-tuned model's evaluation and this report again.",
+        "",
+    ]
 
 
 def load_dialogues(scores: dict, count: int) -> list[str]:
