@@ -930,3 +930,21 @@ def test_a_whole_surrogate_pair_is_one_character():
     from launcher.core.jsonl import parse_line
 
     assert parse_line('{"dialogue": "hi \\ud83d\\ude00"}', "f", 1) == {"dialogue": "hi \U0001f600"}
+
+
+def test_a_hugging_face_cache_that_cannot_be_used_is_named(tmp_path, no_launch):
+    """HF_HOME under a file: the cause is the cache folder, not the network ("the hub cannot be
+    reached" sent users after their connection). A subprocess: huggingface_hub reads HF_HOME when
+    it is imported."""
+    (tmp_path / "afile").write_text("x\n")
+    env = {key: value for key, value in no_launch.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "afile" / "sub")
+    out = tmp_path / "run"
+    refused(
+        env,
+        "full", "--cpu", "--model", "google/flan-t5-small", "--data", "sample", "--output", str(out),
+        output=out,
+        fragments=("model 'google/flan-t5-small': the Hugging Face cache cannot be used (Not a directory",
+                   "point HF_HOME (or HF_HUB_CACHE) at a folder you can write"),
+        run=run_cli,
+    )  # fmt: skip

@@ -126,6 +126,11 @@ def hub_reference_problem(name: str, repo_type: str) -> str | None:
         info(name, timeout=10)
     except RepositoryNotFoundError:
         return "no such repository on the hub (or it is private: log in with `hf auth login`)"
+    except (NotADirectoryError, PermissionError, FileExistsError) as exc:  # the cache folder, not the network
+        raise UserError(
+            f"{repo_type} {name!r}: the Hugging Face cache cannot be used ({exc.strerror}: {exc.filename}); "
+            "point HF_HOME (or HF_HUB_CACHE) at a folder you can write"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any network failure means the ranks would fail too
         return f"the hub cannot be reached ({type(exc).__name__}) and it is not in the local cache"
     return None
