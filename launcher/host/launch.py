@@ -342,13 +342,13 @@ def is_runs_own_evaluation(folder: Path, recipe: Recipe) -> bool:
     run = RunDir(folder.parent.parent)
     if not holds_run(run.path) or folder not in (run.eval_finetuned.path, run.eval_original.path):
         return False
+    model = recipe.model.adapter or recipe.model.name  # what is evaluated: an adapter is no base model
     if folder == run.eval_finetuned.path:
-        model, expected = recipe.model.adapter or recipe.model.name, str(run.final)
+        expected = str(run.final)
         what = f"its final/ (--model {run.final}, or --adapter {run.final} for a LoRA run)"
     else:
-        model, expected = recipe.model.name, read_run_recipe(run.path).model.name
+        expected = read_run_recipe(run.path).model.name
         what = f"its base model (--model {expected}, no --adapter)"
-        model = model if recipe.model.adapter is None else recipe.model.adapter
     if same_model(model, expected):
         return True
     raise UserError(

@@ -3,9 +3,10 @@
 * the launcher's own output (``accelerate launch``/torchrun: banners, its tracebacks) goes to
   ``RUN/logs/launcher.log`` (``launcher-node<N>.log`` on several nodes); what the ranks write to
   their console (ranklog.console_print) passes through to the user's screen, byte for byte;
-* Ctrl-C, SIGTERM, SIGUSR1 and SIGHUP (as SIGTERM: a closed terminal) are passed on to the rank processes themselves, which checkpoint at
-  the next optimizer step and exit 3 (torchrun, told instead, would kill them after 30 s); in the
-  final evaluation, and in ``ftlaunch eval``/``summarize``, they stop at once (nothing to checkpoint);
+* Ctrl-C, SIGTERM, SIGUSR1 and SIGHUP (as SIGTERM: a closed terminal) are passed on to the rank
+  processes themselves, which checkpoint at the next optimizer step and exit 3 (torchrun, told
+  instead, would kill them after 30 s); in the final evaluation, and in ``ftlaunch eval``/
+  ``summarize``, they stop at once (nothing to checkpoint);
 * when the job fails, a summary a person can act on replaces the launcher's traceback: which rank
   (and node) failed first, the last line of its error, its log, and the exit code:
   0 done, 1 crashed, 2 bad input, 3 interrupted; the advice fits the command and phase (Job): only
@@ -250,7 +251,7 @@ def stop_signals_received() -> int:
 
 
 class SignalForwarder:
-    """Pass Ctrl-C/SIGTERM/SIGUSR1 to the rank processes; a second Ctrl-C stops them at once."""
+    """Pass Ctrl-C/SIGTERM/SIGUSR1/SIGHUP to the rank processes; a second Ctrl-C stops them at once."""
 
     def __init__(self, child: subprocess.Popen, job: Job) -> None:
         self.child = child

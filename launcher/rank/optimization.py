@@ -171,19 +171,21 @@ def reapply_recipe_settings(optimizer, scheduler, built: list[dict]) -> list[str
     for index, (group, wanted) in enumerate(zip(optimizer.param_groups, built)):
         for key, value in wanted.items():
             old = group.get(key)
-            if old == value or old is None:
+            if old is None or as_tuple(old) == as_tuple(value):  # a checkpoint may hold betas as a list
                 continue
             if key == "initial_lr":  # the peak rate: scale the step's rate, set the schedule's base
                 group["lr"] = group["lr"] * value / old
                 inner.base_lrs[index] = value
             group[key] = value
-            if value or old:  # the undecayed group's 0 stays 0: the decayed group names the change
-                changes.setdefault(
-                    RECIPE_GROUP_KEYS[key], f"{RECIPE_GROUP_KEYS[key]} {shown(old)} -> {shown(value)}"
-                )
+            name = RECIPE_GROUP_KEYS[key]
+            changes.setdefault(name, f"{name} {shown(old)} -> {shown(value)}")
     if hasattr(inner, "_last_lr"):
         inner._last_lr = [group["lr"] for group in optimizer.param_groups]
     return list(changes.values())
+
+
+def as_tuple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else value
 
 
 def shown(value) -> str:
