@@ -343,6 +343,9 @@ def test_crash_is_not_requeued(slurm_cluster, tmp_path):
     job = Job(slurm_cluster, tmp_path, "lora.sh", TINY)
     job.run_dir.mkdir()
     (job.run_dir / "recipe.yaml").write_text("# an earlier run of this directory\n")
+    (job.run_dir / "command.sh").write_text(  # what makes it a run (a recipe.yaml alone may be a user's)
+        f"accelerate launch --config_file {job.run_dir}/accelerate.yaml -m launcher.rank.train --run-dir {job.run_dir}\n"
+    )
     (job.run_dir / "INTERRUPTED").write_text("step_2\n")
     job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
     assert job.submit_and_wait() == "FAILED", job.diagnostics()
