@@ -11,6 +11,7 @@ invocation builds the same model without downloading anything.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,9 +124,12 @@ def own_load_report():
 
 
 def report_load(name: str, missing: set[str], unexpected: set[str]) -> None:
-    """One line for weights a checkpoint lacks (newly initialized) or has beyond the model."""
+    """One line for weights a checkpoint lacks (newly initialized) or has beyond the model (from the
+    first rank only: every rank loads the same files)."""
     from launcher.core.ranklog import console_print
 
+    if os.environ.get("RANK", "0") != "0":
+        return
     for keys, what in (
         (missing, "not in the checkpoint, newly initialized"),
         (unexpected, "in the checkpoint but not in the model, ignored"),

@@ -170,7 +170,8 @@ def reapply_recipe_settings(optimizer, scheduler, built: list[dict]) -> list[str
     changes: dict[str, str] = {}
     for index, (group, wanted) in enumerate(zip(optimizer.param_groups, built)):
         for key, value in wanted.items():
-            old = group.get(key)
+            # the peak rate in force is the schedule's (a converted resume restores only the schedule)
+            old = inner.base_lrs[index] if key == "initial_lr" else group.get(key)
             if old is None or as_tuple(old) == as_tuple(value):  # a checkpoint may hold betas as a list
                 continue
             if key == "initial_lr":  # the peak rate: scale the step's rate, set the schedule's base
