@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
@@ -676,12 +676,23 @@ def load_recipe_data(path: Path, overrides: list[str] = ()) -> tuple[dict[str, A
     """The recipe file with ``--set`` overrides applied, not yet validated (flags may still
     change it: ``--model bart --set model.precision=fp16`` is valid only once both apply)."""
     data = read_yaml_mapping(path)
+    return data, apply_overrides(data, overrides)
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], refuse: Callable[[str], None] | None = None
+) -> list[list[str]]:
+    """Apply ``--set KEY=VALUE`` items to raw recipe data, in order; the key paths they set (so that
+    validation blames ``--set`` for them). ``refuse(item)`` may raise for a key the command does
+    not take, before that item is applied."""
     overridden = []
     for item in overrides:
         key_path, value = parse_override(item)
+        if refuse is not None:
+            refuse(item)
         apply_override(data, key_path, value)
         overridden.append(key_path)
-    return data, overridden
+    return overridden
 
 
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:

@@ -180,28 +180,25 @@ def eval_recipe(options: EvalOptions):
     model on one split)."""
     from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
     from launcher.core.recipe import (
-        apply_override,
+        apply_overrides,
         build_recipe,
         default_recipe_path,
         load_recipe,
         parse_override,
     )
 
-    overridden = []
-    for item in options.overrides:
-        key = parse_override(item)[0]
-        if key[0] in TRAINING_SECTIONS:
+    for item in options.overrides:  # all refused first: none changes the recipe an eval runs
+        section = parse_override(item)[0][0]
+        if section in TRAINING_SECTIONS:
             raise UserError(
-                f"--set {item}: ftlaunch eval trains nothing, so {key[0]}.* keys have no effect; "
+                f"--set {item}: ftlaunch eval trains nothing, so {section}.* keys have no effect; "
                 "set eval.*, data.* or model.* keys"
             )
-        overridden.append(key)
     raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
     folder, settings = saved_settings(options)
     if settings:
         apply_inference_settings(raw, settings)
-    for item in options.overrides:
-        apply_override(raw, *parse_override(item))
+    overridden = apply_overrides(raw, options.overrides)
     adapter = options.adapter
     raw["model"].update(name=options.model, adapter=str(adapter.resolve()) if adapter else None)
     raw["data"]["dataset"] = options.data

@@ -28,10 +28,9 @@ from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.recipe import (
     Recipe,
-    apply_override,
+    apply_overrides,
     build_recipe,
     default_recipe_path,
-    parse_override,
     read_yaml_mapping,
 )
 from launcher.core.rundir import RunDir
@@ -128,18 +127,18 @@ def summarize_recipe(source: Path, overrides: list[str], gpus: int, cpu: bool) -
     if adapter and is_local_reference(base) and Path(base).expanduser().is_dir():
         check_model_files(Path(base).expanduser(), f"base model of {folder}")
     raw["launch"] = {"gpus": gpus, "nodes": 1, "zero": 0, "cpu": cpu}
-    overridden = []
-    for item in overrides:
-        path, value = parse_override(item)
-        if not item.startswith(EVAL_KEYS):
-            raise UserError(
-                f"--set {item}: summarize takes only eval.*, data.prompt, data.max_source_length "
-                "and model.precision"
-            )
-        apply_override(raw, path, value)
-        overridden.append(path)
+    overridden = apply_overrides(raw, overrides, refuse_non_generation_keys)
     source = str(folder / SETTINGS_FILE) if settings else f"settings of {folder}"
     return build_recipe(raw, source, overridden)
+
+
+def refuse_non_generation_keys(item: str) -> None:
+    """summarize generates: only the keys of generation and the prompt apply."""
+    if not item.startswith(EVAL_KEYS):
+        raise UserError(
+            f"--set {item}: summarize takes only eval.*, data.prompt, data.max_source_length "
+            "and model.precision"
+        )
 
 
 # ---------------------------------------------------------------- inputs and outputs
