@@ -71,6 +71,13 @@ def summarize_refused(env, source: Path, *args: str, watch: tuple[Path, ...], fr
     )
 
 
+def settings_refused(env, source: Path, inputs: Path, *fragments: str) -> str:
+    """summarize SOURCE on the usual dialogues, refused for its settings; SOURCE left unchanged."""
+    return summarize_refused(
+        env, source, "--input", str(inputs / "dialogues.jsonl"), watch=(source,), fragments=fragments
+    )
+
+
 # ---------------------------------------------------------------- summarize --output (A2)
 
 
@@ -246,25 +253,11 @@ def test_score_rescores_in_place_and_into_its_own_earlier_output(tmp_path, run):
 def test_settings_without_a_key_the_summaries_need_is_named(run, inputs, no_launch, no_generation):
     settings = run / "final" / "ftlaunch.json"
     settings.write_text('{"method": "full"}\n')
-    summarize_refused(
-        no_launch,
-        run,
-        "--input",
-        str(inputs / "dialogues.jsonl"),
-        watch=(run,),
-        fragments=(f"{settings} has no 'prompt'", "delete ftlaunch.json"),
-    )
+    settings_refused(no_launch, run, inputs, f"{settings} has no 'prompt'", "delete ftlaunch.json")
     settings.write_text(
         json.dumps({"prompt": "Summarize: {dialogue}", "max_source_length": "512", "precision": "fp32"})
     )
-    summarize_refused(
-        no_launch,
-        run,
-        "--input",
-        str(inputs / "dialogues.jsonl"),
-        watch=(run,),
-        fragments=(f"{settings}: max_source_length is '512', not an integer",),
-    )
+    settings_refused(no_launch, run, inputs, f"{settings}: max_source_length is '512', not an integer")
 
 
 @pytest.mark.parametrize(
@@ -279,14 +272,7 @@ def test_a_generation_setting_of_the_wrong_value_names_the_settings_file(
     settings = run / "final" / "ftlaunch.json"
     written = {"prompt": "Summarize: {dialogue}", "max_source_length": 512, "precision": "fp32"}
     settings.write_text(json.dumps({**written, "num_beams": 1, key: value}))
-    summarize_refused(
-        no_launch,
-        run,
-        "--input",
-        str(inputs / "dialogues.jsonl"),
-        watch=(run,),
-        fragments=(f"{settings}: {said}",),
-    )
+    settings_refused(no_launch, run, inputs, f"{settings}: {said}")
 
 
 def test_adapter_base_model_that_is_no_name_is_named(tmp_path, inputs, no_launch, no_generation):
@@ -295,27 +281,18 @@ def test_adapter_base_model_that_is_no_name_is_named(tmp_path, inputs, no_launch
     (adapter / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "base_model_name_or_path": 5})
     )
-    summarize_refused(
+    settings_refused(
         no_launch,
         adapter,
-        "--input",
-        str(inputs / "dialogues.jsonl"),
-        watch=(adapter,),
-        fragments=(f"{adapter / 'adapter_config.json'}: base_model_name_or_path is 5, not a model name",),
+        inputs,
+        f"{adapter / 'adapter_config.json'}: base_model_name_or_path is 5, not a model name",
     )
 
 
 def test_run_recipe_with_a_bad_section_is_named(run, inputs, no_launch, no_generation):
     recipe = run / "recipe.yaml"
     recipe.write_text("data: [1]\n")
-    summarize_refused(
-        no_launch,
-        run,
-        "--input",
-        str(inputs / "dialogues.jsonl"),
-        watch=(run,),
-        fragments=(f"recipe {recipe}: data=[1]",),
-    )
+    settings_refused(no_launch, run, inputs, f"recipe {recipe}: data=[1]")
 
 
 # ---------------------------------------------------------------- standard input (B8)
