@@ -90,7 +90,57 @@ def test_final_holds_the_best_steps_weights_not_the_last_ones(early_stopped):
     assert f"best step {best_step} of {stopped}" in (run_dir / "report" / "report.md").read_text()
 
 
+# 40 examples on 2 ranks, micro batch 4, accumulation 2: 5 micro-batches per rank and epoch, so
+# optimizer steps of 2 + 2 + 1 micro-batches: every epoch ends at a multiple of 3 steps.
+EPOCH_STEPS, EPOCHS = 3, 3
+
+
+@pytest.mark.slow
+def test_epoch_intervals_evaluate_and_checkpoint_at_the_step_that_ends_each_epoch(tmp_path):
+    """Seq2SeqTrainer's eval_strategy/save_strategy="epoch": train.eval_every, eval.rouge_every
+    and train.checkpoint_every set to epoch act at the step holding an epoch's last (short)
+    window, whatever the step count per epoch is."""
+    out = tmp_path / "run"
+    result = run_cli_harness(
+        "full",
+        *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output", str(out)),
+        *("--set", "model.precision=fp32", "--set", "data.train_limit=40", "--set", f"train.epochs={EPOCHS}"),
+        *("--set", "train.micro_batch_size=4", "--set", "train.grad_accum=2", "--set", "train.log_every=1"),
+        *("--set", "train.eval_every=epoch", "--set", "eval.rouge_every=epoch"),
+        *("--set", "train.checkpoint_every=epoch", "--set", "train.keep_checkpoints=5"),
+        *("--set", "train.best_metric=rougeL", "--set", "eval.rouge_limit=4", "--set", "eval.max_new_tokens=8"),
+        *("--set", "eval.after_training=false"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    ends = [EPOCH_STEPS * epoch for epoch in range(1, EPOCHS + 1)]
+    assert max(row["step"] for row in metrics if "loss" in row) == ends[-1]
+    assert [row["step"] for row in metrics if "val_rougeL" in row] == ends
+    # the last epoch's validation loss is the final one (finish() measures it)
+    assert [row["step"] for row in metrics if "val_loss" in row and not row.get("final")] == ends[:-1]
+    assert {p.name for p in (out / "checkpoints").glob("step_*")} == {f"step_{step}" for step in ends}
+    assert [row["epoch"] for row in metrics if row.get("step") in ends and "loss" in row] == [1.0, 2.0, 3.0]
+
+
 # ---------------------------------------------------------------- the rules, without ranks
+
+
+def test_an_epoch_interval_is_due_at_the_step_that_ends_the_epoch_however_long_each_epoch_is():
+    """A token budget packs each epoch into its own number of micro-batches (here 5, then 3)."""
+    from types import SimpleNamespace
+
+    from launcher.rank.train import epoch_ended
+
+    run = SimpleNamespace(state=TrainState(), batches_by_epoch=[5, 3])
+    due = []
+    for epoch, batches in enumerate([5, 3]):
+        run.state.epoch = epoch
+        for done in range(1, batches + 1):
+            run.state.batches_in_epoch = done
+            due.append(best.interval_due("epoch", len(due) + 1, epoch_ended(run)))
+    assert [step for step, hit in enumerate(due, start=1) if hit] == [5, 8]
+    assert [best.interval_due(3, step, False) for step in (3, 4, 6)] == [True, False, True]
+    assert not best.interval_due(None, 3, True)
 
 
 def recipe(**train) -> object:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,17 @@ EMBEDDED_MODEL = "tiny-t5"
 EMBEDDED_DATA = "sample"
 
 
+# How often something happens during training: every N optimizer steps, at the end of every
+# epoch (Seq2SeqTrainer's "epoch" strategies), or never (null).
+Interval = Annotated[int, Field(gt=0)] | Literal["epoch"] | None
+
+
+def plain_types(annotation: Any) -> set:
+    """The types a field's annotation admits, with ``Annotated`` constraints stripped."""
+    types = get_args(annotation) or (annotation,)
+    return {get_args(t)[0] if get_origin(t) is Annotated else t for t in types}
+
+
 class Section(BaseModel):
     """Base for recipe sections: unknown keys are errors, assignments are validated, and every
     float is finite (``inf``, ``.inf``, ``nan`` would train to a NaN model without a word)."""
@@ -39,7 +50,7 @@ class Section(BaseModel):
     def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
         """YAML's ``true`` is not a count or a rate (pydantic would take it as 1)."""
         annotation = cls.model_fields[info.field_name].annotation
-        types = set(get_args(annotation) or (annotation,))
+        types = plain_types(annotation)
         if isinstance(value, bool) and types & {int, float} and bool not in types:
             section = next(name for name, field in Recipe.model_fields.items() if field.annotation is cls)
             raise ValueError(f"{section}.{info.field_name}={value!r} is not a number")
@@ -197,11 +208,15 @@ class TrainSection(Section):
     # not a crash in every rank.
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics lines.")
-    eval_every: int | None = Field(
-        200, gt=0, description="Validation loss every N optimizer steps (always at the end; null: only then)."
+    eval_every: Interval = Field(
+        200,
+        description="Validation loss every N optimizer steps, or at the end of every epoch with epoch "
+        "(Seq2SeqTrainer's eval_strategy; always at the end; null: only then).",
     )
-    checkpoint_every: int | None = Field(
-        500, gt=0, description="Checkpoint every N optimizer steps (null: only on preemption)."
+    checkpoint_every: Interval = Field(
+        500,
+        description="Checkpoint every N optimizer steps, or at the end of every epoch with epoch "
+        "(Seq2SeqTrainer's save_strategy; null: only on preemption).",
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
     best_metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "val_loss"] | None = Field(
@@ -324,10 +339,10 @@ class EvalSection(Section):
     use_stemmer: bool = Field(True, description="Porter stemmer in ROUGE.")
     split_sentences: bool = Field(False, description="One sentence per line before rougeLsum.")
     report_examples: int = Field(3, ge=0, description="Example predictions shown in the report.")
-    rouge_every: int | None = Field(
+    rouge_every: Interval = Field(
         None,
-        gt=0,
-        description="ROUGE on the validation split every N optimizer steps of training (null: off).",
+        description="ROUGE on the validation split every N optimizer steps of training, or at the end "
+        "of every epoch with epoch (null: off).",
     )
     rouge_limit: int | None = Field(
         None, gt=0, description="First N validation dialogues for the in-training ROUGE (null: all)."
@@ -751,6 +766,8 @@ def type_name(annotation: Any) -> str:
         return " | ".join(type_name(arg) for arg in get_args(annotation))
     if annotation is type(None):
         return "null"
+    if get_origin(annotation) is Annotated:  # a constrained type: its base type
+        return type_name(get_args(annotation)[0])
     if get_origin(annotation) is list:
         return f"list[{type_name(get_args(annotation)[0])}]"
     return getattr(annotation, "__name__", str(annotation))

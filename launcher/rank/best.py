@@ -1,7 +1,7 @@
 """Evaluations during training, the best step and early stopping (``train.best_metric``).
 
-Every ``train.eval_every`` steps the loop measures the validation loss, every
-``eval.rouge_every`` steps ROUGE on the validation split (generated on all ranks with the
+Every ``train.eval_every`` steps (or epochs) the loop measures the validation loss, every
+``eval.rouge_every`` steps (or epochs) ROUGE on the validation split (generated on all ranks with the
 evaluation's own distributed generation). When the recipe names a best metric, each evaluation
 of it is compared with the best so far: a better one is saved as a checkpoint that pruning
 keeps; ``train.early_stopping_patience`` evaluations without one end training early. At the end
@@ -27,12 +27,20 @@ def metric_key(best_metric: str) -> str:
     return best_metric if best_metric == "val_loss" else f"val_{best_metric}"
 
 
-def due(step: int, every: int | None, last_step: int, best_metric_here: bool) -> bool:
-    """Every ``every`` steps; also at the last step when the best metric is measured this way,
-    so the final weights compete with the earlier ones."""
+def interval_due(every: int | str | None, step: int, epoch_ended: bool) -> bool:
+    """A recipe interval (``train.eval_every``, ``train.checkpoint_every``, ``eval.rouge_every``)
+    at this optimizer step: every N steps, at the step that ends an epoch (``epoch``), or never."""
+    if every == "epoch":
+        return epoch_ended
+    return bool(every) and step % every == 0
+
+
+def due(step: int, every: int | str | None, last_step: int, best_metric_here: bool, epoch_ended: bool) -> bool:
+    """Every ``every`` steps (or epochs); also at the last step when the best metric is measured
+    this way, so the final weights compete with the earlier ones."""
     if not every:
         return False
-    return step % every == 0 or (best_metric_here and step == last_step)
+    return interval_due(every, step, epoch_ended) or (best_metric_here and step == last_step)
 
 
 def improves(value: float, best: float | None, best_metric: str, delta: float) -> bool:

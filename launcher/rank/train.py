@@ -356,11 +356,15 @@ def optimizer_windows(batches, size: int):
         yield window
 
 
+def epoch_length(epoch: int, batches_by_epoch: list[int]) -> int:
+    """This epoch's own number of micro-batches per rank (a token budget packs each epoch into a
+    different number)."""
+    return batches_by_epoch[min(epoch, len(batches_by_epoch) - 1)]
+
+
 def epoch_progress(epoch: int, batches_done: int, batches_by_epoch: list[int]) -> float:
-    """Epochs trained, as the metrics log them: whole epochs plus the part of this one, counted
-    in this epoch's own micro-batches (a token budget packs each epoch into a different number)."""
-    in_epoch = batches_by_epoch[min(epoch, len(batches_by_epoch) - 1)]
-    return epoch + batches_done / max(in_epoch, 1)
+    """Epochs trained, as the metrics log them: whole epochs plus the part of this one."""
+    return epoch + batches_done / max(epoch_length(epoch, batches_by_epoch), 1)
 
 
 def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLogger, progress) -> WindowStats:
@@ -379,19 +383,25 @@ def log_and_validate(run: Run, stats: WindowStats, grad_norm, logger: MetricsLog
     return stats
 
 
+def epoch_ended(run: Run) -> bool:
+    """Whether the optimizer step just taken used this epoch's last micro-batch."""
+    return run.state.batches_in_epoch >= epoch_length(run.state.epoch, run.batches_by_epoch)
+
+
 def evaluate_at_step(run: Run, logger: MetricsLogger) -> dict[str, float]:
-    """This step's evaluations, logged: the validation loss every ``train.eval_every`` steps (at
-    the last step only when it is the best metric: finish() measures it anyway) and validation
-    ROUGE every ``eval.rouge_every`` steps; {} when none is due."""
+    """This step's evaluations, logged: the validation loss every ``train.eval_every`` steps or
+    epochs (at the last step only when it is the best metric: finish() measures it anyway) and
+    validation ROUGE every ``eval.rouge_every`` steps or epochs; {} when none is due."""
     state, recipe = run.state, run.recipe
     metric = recipe.train.best_metric
     scores: dict[str, float] = {}
     last = state.step >= run.total_steps
-    if best.due(state.step, recipe.train.eval_every, run.total_steps, metric == "val_loss") and (
+    ended = epoch_ended(run)
+    if best.due(state.step, recipe.train.eval_every, run.total_steps, metric == "val_loss", ended) and (
         not last or metric == "val_loss"
     ):
         scores["val_loss"] = checked_validation(run)
-    if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in ROUGE_TYPES):
+    if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in ROUGE_TYPES, ended):
         scores.update(
             best.validation_rouge(run.accelerator, run.model, run.tokenizer, recipe, run.run_dir, state.step)
         )
@@ -456,7 +466,7 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             saved, stopped_early = track_best(run, evaluate_at_step(run, logger), logger)
             last_saved = state.step if saved else last_saved
             interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
-            periodic = recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0
+            periodic = best.interval_due(recipe.train.checkpoint_every, state.step, epoch_ended(run))
             if (periodic or interrupted) and last_saved != state.step:
                 save_checked(run)
                 last_saved = state.step
