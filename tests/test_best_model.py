@@ -108,7 +108,14 @@ def test_epoch_intervals_evaluate_and_checkpoint_at_the_step_that_ends_each_epoc
         *("--set", "train.micro_batch_size=4", "--set", "train.grad_accum=2", "--set", "train.log_every=1"),
         *("--set", "train.eval_every=epoch", "--set", "eval.rouge_every=epoch"),
         *("--set", "train.checkpoint_every=epoch", "--set", "train.keep_checkpoints=5"),
-        *("--set", "train.best_metric=rougeL", "--set", "eval.rouge_limit=4", "--set", "eval.max_new_tokens=8"),
+        *(
+            "--set",
+            "train.best_metric=rougeL",
+            "--set",
+            "eval.rouge_limit=4",
+            "--set",
+            "eval.max_new_tokens=8",
+        ),
         *("--set", "eval.after_training=false"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -28,6 +28,35 @@ EMBEDDED_MODEL = "tiny-t5"
 EMBEDDED_DATA = "sample"
 
 
+class ScheduleOption(NamedTuple):
+    """One setting of a transformers schedule function: the values it is meaningful for, given
+    train.lr, and how the refusal says what to write."""
+
+    admits: Callable[[float, float], bool]
+    needs: str
+
+
+POSITIVE = ScheduleOption(lambda value, _lr: value > 0, "a number above 0")
+WHOLE = ScheduleOption(lambda value, _lr: value > 0 and float(value).is_integer(), "a whole number above 0")
+BELOW_LR = ScheduleOption(
+    lambda value, lr: 0 <= value < lr, "a learning rate from 0 up to train.lr={lr:g}, not including it"
+)
+SHARE = ScheduleOption(
+    lambda value, _lr: 0 <= value < 1, "a share of train.lr from 0 up to 1, not including 1"
+)
+# The options each schedule takes: parameters of transformers' schedule functions
+# (transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION; tests/test_schedules.py checks the names).
+SCHEDULE_OPTIONS: dict[str, dict[str, ScheduleOption]] = {
+    "linear": {},
+    "constant": {},
+    "cosine": {"num_cycles": POSITIVE},
+    "cosine_with_restarts": {"num_cycles": WHOLE},
+    "polynomial": {"lr_end": BELOW_LR, "power": POSITIVE},
+    "inverse_sqrt": {"timescale": WHOLE},
+    "cosine_with_min_lr": {"num_cycles": POSITIVE, "min_lr": BELOW_LR, "min_lr_rate": SHARE},
+}
+
+
 # How often something happens during training: every N optimizer steps, at the end of every
 # epoch (Seq2SeqTrainer's "epoch" strategies), or never (null).
 Interval = Annotated[int, Field(gt=0)] | Literal["epoch"] | None
@@ -181,8 +210,25 @@ class TrainSection(Section):
     adam_epsilon: float = Field(
         1e-8, gt=0, description="AdamW's epsilon, added to the root of the second moment."
     )
-    scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning-rate schedule after warm-up."
+    scheduler: Literal[
+        "linear",
+        "cosine",
+        "constant",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+    ] = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up (transformers' schedules, Seq2SeqTrainer's "
+        "lr_scheduler_type).",
+    )
+    scheduler_options: dict[str, float] = Field(
+        default_factory=dict,
+        description="The schedule's own settings (Seq2SeqTrainer's lr_scheduler_kwargs): cosine: "
+        "num_cycles (0.5: one half-wave down); cosine_with_restarts: num_cycles (whole restarts); "
+        "polynomial: lr_end, power; inverse_sqrt: timescale; cosine_with_min_lr: min_lr or min_lr_rate "
+        "(the floor, absolute or a share of train.lr), num_cycles.",
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     warmup_steps: int | None = Field(
@@ -259,6 +305,25 @@ class TrainSection(Section):
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} and train.warmup_ratio={self.warmup_ratio:g} both "
                 "set the warm-up; keep one (the other null or 0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_takes_its_options(self) -> TrainSection:
+        taken = SCHEDULE_OPTIONS[self.scheduler]
+        for name, value in self.scheduler_options.items():
+            key = f"train.scheduler_options.{name}={value:g}"
+            if name not in taken:
+                offered = f"it takes {', '.join(taken)}" if taken else "it takes none"
+                raise ValueError(f"{key} is not an option of train.scheduler={self.scheduler}; {offered}")
+            rule = taken[name]
+            if not rule.admits(value, self.lr):
+                raise ValueError(f"{key}: use {rule.needs.format(lr=self.lr)}")
+        floors = {"min_lr", "min_lr_rate"} & set(self.scheduler_options)
+        if self.scheduler == "cosine_with_min_lr" and len(floors) != 1:
+            raise ValueError(
+                "train.scheduler=cosine_with_min_lr needs its floor: set one of train.scheduler_options.min_lr "
+                "(a learning rate) or train.scheduler_options.min_lr_rate (a share of train.lr, e.g. 0.1)"
             )
         return self
 
@@ -636,8 +701,12 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node = data
     for depth, part in enumerate(path[:-1]):
         parent = section_at(path[:depth])
+        field = parent.model_fields.get(part) if parent is not None else None
+        # a key holding a value, not a section; a mapping's entries can be set one by one
         is_value_key = (
-            parent is not None and part in parent.model_fields and section_at(path[: depth + 1]) is None
+            field is not None
+            and section_at(path[: depth + 1]) is None
+            and get_origin(field.annotation) is not dict
         )
         child = node.setdefault(part, {})
         if not isinstance(child, dict) or is_value_key:  # in the file, or a schema default
@@ -674,7 +743,9 @@ def schema_key(loc: tuple) -> list[str]:
     parts = [str(part) for part in loc]
     for depth in range(len(parts)):
         if section_at(parts[: depth + 1]) is None:
-            return parts[: depth + 1]
+            field = section_at(parts[:depth]).model_fields.get(parts[depth]) if depth else None
+            mapping = field is not None and get_origin(field.annotation) is dict
+            return parts[: depth + 2] if mapping else parts[: depth + 1]  # a mapping's entry
     return parts
 
 

@@ -35,7 +35,9 @@ def interval_due(every: int | str | None, step: int, epoch_ended: bool) -> bool:
     return bool(every) and step % every == 0
 
 
-def due(step: int, every: int | str | None, last_step: int, best_metric_here: bool, epoch_ended: bool) -> bool:
+def due(
+    step: int, every: int | str | None, last_step: int, best_metric_here: bool, epoch_ended: bool
+) -> bool:
     """Every ``every`` steps (or epochs); also at the last step when the best metric is measured
     this way, so the final weights compete with the earlier ones."""
     if not every:

@@ -1,6 +1,6 @@
 """The optimizer and the learning-rate schedule of a run, built from its recipe before
 ``accelerator.prepare`` wraps them: AdamW (fused where the device has the kernel) or Adafactor,
-weight decay on matrices only, warmup then linear/cosine/constant, and the number of optimizer
+weight decay on matrices only, warmup then one of transformers' schedules, and the number of optimizer
 steps the schedule spans.
 """
 
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from launcher.core.recipe import Recipe
+from launcher.core.recipe import SCHEDULE_OPTIONS, WHOLE, Recipe
 
 
 def true_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -128,13 +128,22 @@ def warmup_steps(recipe: Recipe, total_steps: int) -> int:
 
 
 def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
+    """transformers' schedule of the recipe's name (``constant`` after a warm-up: its
+    ``constant_with_warmup``), with train.scheduler_options as its own settings: the ones it counts
+    with (cycles, a timescale in steps) as whole numbers."""
     from transformers import get_scheduler
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        recipe.train.scheduler
-    ]
-    warmup = warmup_steps(recipe, total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    train = recipe.train
+    name = "constant_with_warmup" if train.scheduler == "constant" else train.scheduler
+    rules = SCHEDULE_OPTIONS[train.scheduler]
+    options = {key: int(v) if rules[key] is WHOLE else v for key, v in train.scheduler_options.items()}
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps(recipe, total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=options,
+    )
 
 
 def total_optimizer_steps(recipe: Recipe, batches_per_rank: list[int]) -> int:

@@ -17,7 +17,13 @@ import yaml
 from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
 from launcher.core.model_settings import read_inference_settings
-from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, read_run_recipe, shown_generation_settings
+from launcher.core.recipe import (
+    EMBEDDED_DATA,
+    EMBEDDED_MODEL,
+    Recipe,
+    read_run_recipe,
+    shown_generation_settings,
+)
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
 from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
 from launcher.results.report import percent
@@ -107,11 +113,17 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
         ("precision", recipe.model.precision),
         ("optimizer steps", steps),
         ("effective batch", effective_batch(recipe)),
-        ("learning rate", f"{recipe.train.lr:g} ({recipe.train.scheduler})"),
+        ("learning rate", f"{recipe.train.lr:g} ({schedule_label(recipe)})"),
         ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
     ]
     # a resumed or restarted run: each segment's world size and strategy (history.py)
     return facts + [(f"segment {number}", line) for number, line in enumerate(history_lines(metrics), 1)]
+
+
+def schedule_label(recipe: Recipe) -> str:
+    """``linear``, or ``polynomial, lr_end 1e-06, power 2`` with the schedule's own settings."""
+    options = recipe.train.scheduler_options
+    return ", ".join([recipe.train.scheduler, *(f"{key} {value:g}" for key, value in options.items())])
 
 
 def rouge_rows(scores: dict) -> str:
