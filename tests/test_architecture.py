@@ -142,6 +142,18 @@ def test_every_module_lives_in_one_of_the_four_parts():
     assert all("." in name for name in package_modules()), "a module outside core/host/rank/results"
 
 
+def test_every_module_has_its_concern_in_the_architecture_note():
+    """A newcomer finds each module in docs/ARCHITECTURE.md's "Where each concern lives" table."""
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Where each concern lives", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        name
+        for name, path in package_modules().items()
+        if f"`{path.relative_to(PACKAGE).as_posix()}" not in table
+    ]
+    assert not missing, f"modules docs/ARCHITECTURE.md's concern table does not name: {missing}"
+
+
 def test_each_part_imports_only_the_parts_below_it():
     assert not layering_violations(), "imports across the parts' rules: " + "; ".join(layering_violations())
 
