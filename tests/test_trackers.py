@@ -109,7 +109,10 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     from test_training import interrupt_after, losses
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = cli_env(MLFLOW_TRACKING_URI=store, WANDB_MODE="offline", WANDB_SILENT="true")
+    # WANDB_PROJECT, as Seq2SeqTrainer's users set it, names every tracker's project
+    env = cli_env(
+        MLFLOW_TRACKING_URI=store, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_PROJECT="dialogsum-ft"
+    )
     run_dir = tmp_path / "run"
     args = tiny_args(
         run_dir, "--report-to", "tensorboard,mlflow,wandb",
@@ -130,7 +133,7 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
     assert ids == first_ids
     client = MlflowClient(tracking_uri=store)
-    experiment = client.get_experiment_by_name("ftlaunch")
+    experiment = client.get_experiment_by_name("dialogsum-ft")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_id for run in runs] == [ids["mlflow"]]
     params = runs[0].data.params
@@ -150,8 +153,9 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     offline = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(path.name.endswith(ids["wandb"]) for path in offline)
     assert all((path / f"run-{ids['wandb']}.wandb").is_file() for path in offline)
+    assert all(b"dialogsum-ft" in (path / f"run-{ids['wandb']}.wandb").read_bytes() for path in offline)
 
     # TensorBoard: the resumed run purged the steps after its checkpoint: each step once
-    scalars = tensorboard_scalars(run_dir / "trackers" / "ftlaunch", "loss")
+    scalars = tensorboard_scalars(run_dir / "trackers" / "dialogsum-ft", "loss")
     assert [step for step, _ in scalars] == sorted(logged)
     assert [value for _, value in scalars] == pytest.approx(list(logged.values()), rel=1e-6)

@@ -49,6 +49,13 @@ def check_trackers_installed(names: list[str]) -> None:
         )
 
 
+def project_name(names: list[str]) -> str:
+    """The project every tracker files the run under: W&B's own ``WANDB_PROJECT`` when the run
+    reports to W&B (what Seq2SeqTrainer's users set; Accelerate passes its project name to
+    ``wandb.init`` explicitly, which would override the variable), else ftlaunch."""
+    return (os.environ.get("WANDB_PROJECT") or PROJECT_NAME) if "wandb" in names else PROJECT_NAME
+
+
 def trackers_dir(run_dir: Path) -> Path:
     return RunDir(run_dir).trackers
 
@@ -107,7 +114,7 @@ def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int) -> None
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(folder / 'mlflow.db').resolve()}")
     ids = read_ids(run_dir)
     accelerator.init_trackers(
-        PROJECT_NAME,
+        project_name(names),
         config=flat_config(recipe.model_dump(mode="json")),
         init_kwargs=init_kwargs(names, run_dir, ids, resume_step),
     )
