@@ -288,9 +288,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def load_for_inference(name: str, adapter: str | None, vocab_size: int, recipe: Recipe):
-    """A model to generate with: a base (or fine-tuned full) model, optionally with a LoRA adapter."""
+    """A model to generate with: a base (or fine-tuned full) model, optionally with a LoRA adapter.
+
+    It computes what training's model computed in the run's own evaluations: the same one-kernel
+    tanh GELU (``use_tanh_gelu_kernel``). Equal in fp32, the two GELUs round differently under bf16
+    autocast, and ``ftlaunch eval``/``summarize`` of final/ would not reproduce the run's predictions.
+    """
     base_recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": name})})
     model = load_base_model(base_recipe, vocab_size)
+    use_tanh_gelu_kernel(model)
     if adapter:
         from peft import PeftModel
 
