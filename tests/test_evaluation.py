@@ -141,6 +141,39 @@ def test_score_single_reference_takes_references_from_data(tmp_path):
         assert scores[key] == pytest.approx(value, abs=1e-12)
 
 
+def test_score_refuses_an_example_predicted_twice(tmp_path):
+    """A repeated id would weigh that example twice (and n would exceed the split)."""
+    rows = [
+        {"id": "a", "prediction": "x", "references": ["x"]},
+        {"id": "b", "prediction": "y", "references": ["y"]},
+    ]
+    path = write_predictions(tmp_path / "predictions.jsonl", [*rows, {**rows[0], "prediction": "z"}])
+    result = run_cli_in_process("score", str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == (
+        f"error: {path}: id 'a' appears on lines 1 and 3; keep one prediction per example"
+    )
+
+
+def test_score_of_part_of_a_split_says_so(tmp_path):
+    """Predictions for the first 5 of the 13 test examples (a limited evaluation): scored over
+    those 5, with a note on stderr and the split's size in rouge.json."""
+    split = read_jsonl(Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample" / "test.jsonl")
+    rows = [{"id": row["id"], "prediction": row["summary1"]} for row in split[:5]]
+    path = write_predictions(tmp_path / "predictions.jsonl", rows)
+    result = run_cli_in_process("score", str(path), "--data", "sample", "--split", "test")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["n"] == 5 and scores["split_size"] == len(split) == 13
+    note = "note: 5 of the 13 examples of sample[test] have a prediction: the scores are over those 5 only"
+    assert result.stderr.strip() == note
+    whole = [{"id": row["id"], "prediction": row["summary1"]} for row in split]
+    result = run_cli_in_process(
+        "score", str(write_predictions(tmp_path / "all.jsonl", whole)), "--data", "sample"
+    )
+    assert result.returncode == 0 and result.stderr == "" and "split_size" not in json.loads(result.stdout)
+
+
 def test_score_rejects_unknown_ids(tmp_path):
     path = write_predictions(tmp_path / "predictions.jsonl", [{"id": "nope", "prediction": "x"}])
     result = run_cli_in_process("score", str(path), "--data", "sample")

@@ -482,8 +482,10 @@ def score_command(
     """Rescore an existing predictions file without generating."""
     from launcher.results.scoring import rescore
 
-    result = rescore(predictions, data, split, scoring, stemmer, split_sentences, output)
+    result, note = rescore(predictions, data, split, scoring, stemmer, split_sentences, output)
     typer.echo(result)
+    if note:
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command("report")

@@ -42,16 +42,28 @@ def read_predictions(path: Path) -> list[dict]:
     rows = read_jsonl(path)
     if not rows:
         raise UserError(f"{path} holds no predictions")
+    first_line: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prediction"), str):
             raise UserError(
                 f"{path} line {number} has no 'prediction' string; each line needs id and prediction"
             )
+        key = row.get("id")
+        if isinstance(key, str | int) and not isinstance(key, bool):
+            if key in first_line:  # scored twice, it would weigh twice (and n exceed the split)
+                raise UserError(
+                    f"{path}: id {key!r} appears on lines {first_line[key]} and {number}; keep one "
+                    "prediction per example"
+                )
+            first_line[key] = number
     return rows
 
 
-def references_from_data(rows: list[dict], dataset: str, split: str, path: Path) -> list[list[str]]:
-    """Match predictions to a dataset's references by id (all of them must be found)."""
+def references_from_data(
+    rows: list[dict], dataset: str, split: str, path: Path
+) -> tuple[list[list[str]], int]:
+    """Match predictions to a dataset's references by id (all of them must be found); also the
+    split's size, so that a score over part of it can say so."""
     by_id = {row["id"]: row["references"] for row in load_split(dataset, split)}
     missing = [row.get("id") for row in rows if row.get("id") not in by_id]
     if missing:
@@ -59,7 +71,7 @@ def references_from_data(rows: list[dict], dataset: str, split: str, path: Path)
             f"{path}: {len(missing)} prediction ids are not in {dataset}[{split}] "
             f"(first: {missing[0]!r}); score against the split the predictions were made for"
         )
-    return [by_id[row["id"]] for row in rows]
+    return [by_id[row["id"]] for row in rows], len(by_id)
 
 
 def references_from_file(rows: list[dict], path: Path) -> list[list[str]]:
@@ -145,7 +157,9 @@ def rescore(
     stemmer: bool,
     split_sentences: bool,
     output: Path | None,
-) -> str:
+) -> tuple[str, str | None]:
+    """rouge.json's text (also written to ``output``) and a note when the predictions cover only
+    part of ``--data``'s split (a limited evaluation: legitimate, but the score is not the split's)."""
     try:  # the flags are the recipe's eval keys: the schema checks them
         settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
     except ValidationError as exc:
@@ -153,11 +167,22 @@ def rescore(
     rows = read_predictions(path)
     if output is not None:
         check_score_output(output, path)
-    references = references_from_data(rows, data, split, path) if data else references_from_file(rows, path)
+    split_size = None
+    if data:
+        references, split_size = references_from_data(rows, data, split, path)
+    else:
+        references = references_from_file(rows, path)
     scores = score_predictions([row["prediction"] for row in rows], references, settings)
     scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
+    note = None
+    if split_size is not None and len(rows) < split_size:
+        scores["split_size"] = split_size
+        note = (
+            f"{len(rows)} of the {split_size} examples of {data}[{split}] have a prediction: "
+            f"the scores are over those {len(rows)} only"
+        )
     text = json.dumps(scores, indent=2)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         ResultDir(output).rouge.write_text(text + "\n")
-    return text
+    return text, note
