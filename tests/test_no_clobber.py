@@ -160,11 +160,13 @@ def test_a_comparison_never_replaces_a_run_s_own_report(tmp_path, no_launch):
 
 def test_reports_may_be_written_again_where_a_report_is(tmp_path, no_launch):
     run = finished_run(tmp_path / "run")
+    other = shutil.copytree(run, tmp_path / "other")
     out = tmp_path / "comparison"
     for _ in range(2):
-        result = run_cli_in_process("report", str(run), str(run), "--output", str(out))
+        result = run_cli_in_process("report", str(run), str(other), "--output", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
-    assert set(json.loads((out / "rouge.json").read_text())) == {"run/original", "run/finetuned"}
+    labels = {"run/original", "run/finetuned", "other/original", "other/finetuned"}
+    assert set(json.loads((out / "rouge.json").read_text())) == labels
     again = run_cli_in_process("report", str(run), "--output", str(run / "report"))  # its own folder
     assert again.returncode == 0, again.stdout + again.stderr
     assert json.loads((run / "report" / "rouge.json").read_text())["finetuned"]["rouge1"] == pytest.approx(
@@ -173,6 +175,42 @@ def test_reports_may_be_written_again_where_a_report_is(tmp_path, no_launch):
 
 
 # ---------------------------------------------------------------- report inputs
+
+
+def test_a_comparison_says_what_data_each_row_was_scored_on(tmp_path, no_launch):
+    """Rows over another dataset, split or limit do not compare: the report says which is which."""
+    run = finished_run(tmp_path / "run")
+    for name in ("original", "finetuned"):
+        scored = run / "eval" / name / "rouge.json"
+        scored.write_text(
+            json.dumps({**json.loads(scored.read_text()), "dataset": "sample", "split": "test", "n": 13})
+        )
+    same = shutil.copytree(run, tmp_path / "same")
+    result = run_cli_in_process("report", str(run), str(same))
+    assert result.returncode == 0, result.stderr
+    assert "Data: sample[test], 13 examples" in result.stdout
+    limited = shutil.copytree(run, tmp_path / "limited")
+    scored = limited / "eval" / "finetuned" / "rouge.json"
+    scored.write_text(json.dumps({**json.loads(scored.read_text()), "n": 5}))
+    result = run_cli_in_process("report", str(run), str(limited))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "Data differs between rows (their numbers do not compare): sample[test], 13 examples: "
+        "run/original, run/finetuned, limited/original; sample[test], 5 examples: limited/finetuned"
+    ) in result.stdout
+
+
+def test_a_run_given_twice_is_refused(tmp_path, no_launch):
+    run = finished_run(tmp_path / "run")
+    refused(
+        no_launch,
+        "report",
+        str(run),
+        f"{run}/",
+        output=None,
+        watch=(run,),
+        fragments=(f"{run} is given twice; pass each run once",),
+    )
 
 
 def test_report_on_a_report_folder_names_the_run_to_pass(tmp_path, no_launch):

@@ -412,14 +412,42 @@ def load_dialogues(scores: dict, count: int) -> list[str]:
         return [""] * count
 
 
+def evaluated_on(scores: dict) -> str:
+    """``sample[test], 13 examples``: what a row of scores was measured on."""
+    dataset = scores.get("dataset")
+    where = f"{dataset}[{scores.get('split')}]" if dataset else "references in the predictions file"
+    return f"{where}, {scores.get('n')} examples"
+
+
+def data_note(rows: list[tuple[str, dict]]) -> str:
+    """The data every row was scored on, or, when rows differ (another dataset, split or limit),
+    each row's, with the warning that their numbers do not compare."""
+    groups: dict[str, list[str]] = {}
+    for label, scores in rows:
+        groups.setdefault(evaluated_on(scores), []).append(label)
+    if len(groups) <= 1:
+        return f"Data: {next(iter(groups), 'none')}"
+    each = "; ".join(f"{where}: {', '.join(labels)}" for where, labels in groups.items())
+    return f"Data differs between rows (their numbers do not compare): {each}"
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     """One table over several runs/models; written to OUT/report.md when --output is given."""
     if out_dir is not None:
         check_report_output(out_dir)
     rows: list[tuple[str, dict]] = []
+    given: dict[Path, Path] = {}
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} is not a directory; pass run directories or eval output directories")
+        earlier = given.setdefault(run_dir.resolve(), run_dir)
+        if earlier is not run_dir:
+            twice = (
+                f"{run_dir} is given twice"
+                if earlier == run_dir
+                else f"{earlier} and {run_dir} are one folder"
+            )
+            raise UserError(f"{twice}; pass each run once")
         for name, data in run_evaluations(run_dir).items():
             label = f"{run_dir.name}/{name}" if name != run_dir.name else run_dir.name
             rows.append((label, data["scores"]))
@@ -428,7 +456,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     note = "Scoring: " + ", ".join(sorted(str(m) for m in modes))
     if len(modes) > 1:
         note += " (mixed scoring modes: numbers are not directly comparable)"
-    text = "# ftlaunch comparison\n\n" + table + "\n\n" + note + "\n"
+    text = "# ftlaunch comparison\n\n" + table + "\n\n" + note + "\n\n" + data_note(rows) + "\n"
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         ResultDir(out_dir).report_md.write_text(text)
