@@ -239,6 +239,35 @@ def test_report_of_a_sweep_sorts_names_the_best_and_shows_failures(tmp_path):
     )
 
 
+def test_a_point_whose_folder_went_missing_or_lost_its_results_says_so(tmp_path):
+    """Status files say these points ended well; their folders say otherwise. A local sweep names
+    what is gone (never SLURM's queue); on SLURM, an ended task that is not finished requeued."""
+    sweep = tmp_path / "sweep"
+    write_lora_r_manifest(sweep, ["r=4", "r=8", "r=16"])
+    fake_run(sweep / "r=8", None)  # final/ and eval/ removed by hand
+    fake_run(sweep / "r=16", None)
+    (sweep / "r=16" / "INTERRUPTED").write_text("step_2\n")
+    (sweep / "status").mkdir()
+    for index in range(3):  # r=4: its folder is gone
+        (sweep / "status" / f"{index}.json").write_text(json.dumps({"state": "ended", "exit_code": 0}))
+
+    def statuses() -> list[str]:
+        result = run_cli_in_process("report", str(sweep))
+        assert result.returncode == 0, result.stderr
+        table = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+        return [line.rsplit(" | ", 1)[1].rstrip(" |") for line in table]
+
+    assert statuses() == [
+        f"missing: {sweep / 'r=4'} is gone: run the sweep command again to train it",
+        "incomplete: final/ or its evaluation is gone: run the sweep command again to redo it",
+        "interrupted: run the sweep again to resume it",
+    ]
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    manifest["jobs"] = [{"id": "42", "array": "0-2", "time": 1.0}]  # an array on SLURM
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    assert statuses()[1:] == ["requeued: waits in the queue", "requeued: resumes from step_2"]
+
+
 @pytest.mark.parametrize(
     "edit, problem",
     [

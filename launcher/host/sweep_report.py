@@ -31,7 +31,7 @@ METRICS = (*ROUGE_TYPES, "val_loss")  # val_loss: lower is better
 @dataclass
 class Row:
     point: Point
-    status: str  # done | running | pending | interrupted | requeued | failed
+    status: str  # done | running | pending | interrupted | requeued | failed | missing | incomplete
     detail: str = ""  # progress, or the error line of a failure
     scores: dict[str, Any] | None = None  # fine-tuned ROUGE (fractions)
     original: dict[str, Any] | None = None
@@ -90,7 +90,8 @@ def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
     return f"exit code {code}" if code is not None else "no error recorded"
 
 
-def point_state(run_dir: Path, status: dict[str, Any] | None, done: bool) -> tuple[str, str]:
+def point_state(run_dir: Path, status: dict[str, Any] | None, done: bool, on_slurm: bool) -> tuple[str, str]:
+    """(state, detail) of one point: its status file's record, checked against its folder."""
     if done:
         return "done", ""
     if status and status.get("state") == "running":
@@ -99,13 +100,25 @@ def point_state(run_dir: Path, status: dict[str, Any] | None, done: bool) -> tup
         code = status.get("exit_code")
         if code == EXIT_INTERRUPTED:
             return "interrupted", "run the sweep again to resume it"
-        if code == 0:  # a SLURM task that requeued itself after a stop signal
-            marker = RunDir(run_dir).interrupted_checkpoint() or ""
-            return "requeued", f"resumes from {marker}" if marker else "waits in the queue"
+        if code == 0:
+            return ended_unfinished(run_dir, on_slurm)
         return "failed", failure_line(run_dir, status)
     if RunDir(run_dir).is_interrupted():
         return "interrupted", "run the sweep again to resume it"
     return "pending", ""
+
+
+def ended_unfinished(run_dir: Path, on_slurm: bool) -> tuple[str, str]:
+    """A point whose last attempt ended well but whose folder holds no finished run: a SLURM task
+    that requeued itself after a stop signal, or a folder removed or emptied since."""
+    if not run_dir.is_dir():
+        return "missing", f"{run_dir} is gone: run the sweep command again to train it"
+    marker = RunDir(run_dir).interrupted_checkpoint()
+    if on_slurm:
+        return "requeued", f"resumes from {marker}" if marker else "waits in the queue"
+    if marker:
+        return "interrupted", "run the sweep again to resume it"
+    return "incomplete", "final/ or its evaluation is gone: run the sweep command again to redo it"
 
 
 def own_recipe(run: RunDir) -> Recipe | None:
@@ -123,7 +136,7 @@ def read_point(sweep: Sweep, point: Point) -> Row:
     run = RunDir(run_dir)
     finetuned = read_scores(run.eval_finetuned.rouge)
     done = run.is_finished(own_recipe(run))  # the sweep's own rule for a point it keeps
-    status, detail = point_state(run_dir, read_status(sweep.dir, point.index), done)
+    status, detail = point_state(run_dir, read_status(sweep.dir, point.index), done, bool(sweep.jobs))
     rows = read_rows(run.metrics)
     train = [row for row in rows if "loss" in row]
     final = [row for row in rows if row.get("final")]
