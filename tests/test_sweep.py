@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import cli_env, read_jsonl, run_cli_harness, run_cli_in_process
 from test_cli_errors import assert_refused, tree
 
@@ -87,6 +88,33 @@ def test_sweep_flags_that_cannot_apply_are_refused(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine\n")
     refused_sweep(tmp_path / "other", "lora", *TINY, "--grid", "lora.r=4", fragments=("holds no sweep",))
+
+
+def test_points_that_would_train_the_same_run_are_refused(tmp_path):
+    """Values spelled differently but equal once parsed, and adapter settings in a full sweep."""
+    out = tmp_path / "sweep"
+    refused_sweep(
+        out, "full", *TINY, "--grid", "train.lr=1e-3,0.001",
+        fragments=("sweep points lr=1e-3 and lr=0.001 give the same recipe",),
+    )  # fmt: skip
+    refused_sweep(out, "full", *TINY, "--grid", "train.seed=1,01", fragments=("seed=1 and seed=01",))
+    refused_sweep(
+        out, "full", *TINY, "--grid", "lora.r=4,8",
+        fragments=("lora.r is varied, but ftlaunch sweep full trains no LoRA adapters",),
+    )  # fmt: skip
+
+
+def test_quotes_keep_a_comma_in_a_grid_value_and_are_not_part_of_it(tmp_path):
+    out = tmp_path / "sweep"
+    grid = "data.prompt='Dialogue, then summary: {dialogue}',\"Summarize: {dialogue}\""
+    result = sweep_in_process(out, "full", *TINY, "--grid", grid, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    prompts = sorted(
+        yaml.safe_load((run / "recipe.yaml").read_text())["data"]["prompt"]
+        for run in out.iterdir()
+        if run.is_dir()
+    )
+    assert prompts == ["Dialogue, then summary: {dialogue}", "Summarize: {dialogue}"]
 
 
 def test_variants_file_names_points_and_refuses_a_bad_variant(tmp_path):

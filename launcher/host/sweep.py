@@ -149,6 +149,29 @@ def point_recipe(method: str, options: dict[str, Any], point: Point, fixed: dict
     return recipe
 
 
+def check_keys_apply(method: str, keys: list[str]) -> None:
+    """A full fine-tune trains no adapters: varying lora.* there would train the same run twice."""
+    unused = [key for key in keys if method == "full" and key.startswith("lora.")]
+    if unused:
+        raise UserError(
+            f"{unused[0]} is varied, but ftlaunch sweep full trains no LoRA adapters (every point would be "
+            "the same run); drop it, or sweep lora"
+        )
+
+
+def check_points_differ(points: list[Point], recipes: list) -> None:
+    """Values spelled differently may mean the same (``1e-3`` and ``0.001``, ``1`` and ``01``):
+    two points with one resolved recipe would train the same run twice."""
+    seen: dict[str, Point] = {}
+    for point, recipe in zip(points, recipes):
+        earlier = seen.setdefault(recipe.model_dump_json(), point)
+        if earlier is not point:
+            raise UserError(
+                f"sweep points {earlier.name} and {point.name} give the same recipe "
+                f"({', '.join(point.sets())} is {', '.join(earlier.sets())}); give each value once"
+            )
+
+
 def is_done(run_dir: Path, recipe) -> bool:
     """A finished point (RunDir.is_finished: the one rule the sweep report uses too)."""
     return RunDir(run_dir).is_finished(recipe)
@@ -204,7 +227,9 @@ def run_sweep(
     check_writable_dir(output.expanduser().resolve(), "--output")
     sweep = plan_sweep(method, list(args), new_point_values(grid, variants), output.expanduser().resolve())
     fixed = fixed_keys(options)
+    check_keys_apply(method, sweep.keys)
     recipes = [point_recipe(method, options, point, fixed) for point in sweep.points]
+    check_points_differ(sweep.points, recipes)
     if not slurm and not dry_run and any(recipe.launch.nodes > 1 for recipe in recipes):
         raise UserError(
             "a sweep without --slurm runs on this machine only: add --slurm for multi-node points"

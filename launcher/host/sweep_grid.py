@@ -26,8 +26,21 @@ UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 MAX_NAME = 120
 
 
+def unquoted(value: str) -> str:
+    """A value wholly in quotes (``'a, {dialogue}'``: the quotes protect its comma) without them,
+    as YAML reads it; anything else as written."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        try:
+            text = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return text if isinstance(text, str) else value
+    return value
+
+
 def split_values(text: str) -> list[str]:
-    """``1e-4,3e-4`` -> two values; commas inside [..], {..} or quotes belong to one value (a YAML list)."""
+    """``1e-4,3e-4`` -> two values; commas inside [..], {..} or quotes belong to one value (a YAML
+    list, or a quoted text, whose quotes are then dropped)."""
     values, depth, quote, start = [], 0, "", 0
     for index, char in enumerate(text):
         if quote:
@@ -39,9 +52,9 @@ def split_values(text: str) -> list[str]:
         elif char in "]}":
             depth -= 1
         elif char == "," and depth == 0:
-            values.append(text[start:index].strip())
+            values.append(unquoted(text[start:index].strip()))
             start = index + 1
-    values.append(text[start:].strip())
+    values.append(unquoted(text[start:].strip()))
     return values
 
 
