@@ -108,6 +108,11 @@ def test_two_ftlaunch_processes_form_one_two_node_run(tmp_path):
     processes = [start(command + ["--machine-rank", rank]) for rank in ("0", "1")]
     outputs = finish_both(processes)
     check_two_node_run(run_dir, outputs)
+    for node, output in enumerate(outputs):  # what a node waiting for the other says
+        assert (
+            f"node {node} of 2: the ranks start once all 2 nodes have joined at 127.0.0.1 port {port}"
+            in output
+        )
     header = (run_dir / "command.sh").read_text().splitlines()[1]
     assert (
         header.startswith("# Rendered by ftlaunch") and "--machine-rank" not in header
@@ -152,3 +157,55 @@ def test_command_sh_without_a_machine_rank_stops_before_launching(tmp_path):
     env["FTLAUNCH_MACHINE_RANK"] = "1"
     launched = subprocess.run(["bash", str(run_dir / "command.sh")], env=env, capture_output=True, text=True)
     assert launched.returncode == 0 and "launched" in launched.stdout
+
+
+def test_a_node_with_other_flags_than_node_0s_run_is_refused(tmp_path):
+    """Node 1 joins the run node 0 rendered in the shared directory: with other flags (also with
+    --resume auto) it would rewrite recipe.yaml for both nodes' ranks. Refused, naming the keys."""
+    run_dir = tmp_path / "run"
+    port = ("--main-port", str(free_port()))
+    node0 = run_cli_in_process(
+        "full", *SMALL, *port, "--machine-rank", "0", "--output", str(run_dir), "--dry-run"
+    )
+    assert node0.returncode == 0, node0.stderr
+    rendered = {
+        name: (run_dir / name).read_text() for name in ("recipe.yaml", "command.sh", "accelerate.yaml")
+    }
+    for resume in ((), ("--resume", "auto")):
+        result = run_cli_in_process(
+            "full", *SMALL, *port, "--set", "train.lr=1e-3", "--machine-rank", "1", "--output", str(run_dir),
+            *resume, "--dry-run",
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(
+            f"error: machine rank 1: its recipe differs from the run in {run_dir} "
+            "(train.lr=0.001 (the run's: 1e-05)); start every node with the same flags, node 0 first"
+        ), result.stderr
+        assert {name: (run_dir / name).read_text() for name in rendered} == rendered
+    same = run_cli_in_process(
+        "full", *SMALL, *port, "--machine-rank", "1", "--output", str(run_dir), "--dry-run"
+    )
+    assert same.returncode == 0, same.stderr
+
+
+def test_a_second_node_0_is_told_why_the_run_is_in_use(tmp_path):
+    from test_run_safety import start_holder
+
+    run_dir = tmp_path / "run"
+    assert (
+        run_cli_in_process(
+            "full", *SMALL, "--machine-rank", "0", "--output", str(run_dir), "--dry-run"
+        ).returncode
+        == 0
+    )
+    holder = start_holder(run_dir)  # node 0, running
+    try:
+        result = run_cli_in_process("full", *SMALL, "--machine-rank", "0", "--output", str(run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "in use by another ftlaunch run" in result.stderr
+    assert (
+        "with --nodes 2 only machine rank 0 holds it: is another node started with machine rank 0 too?"
+        in (result.stderr)
+    )

@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from launcher.core import checkpoint as ckpt
 from launcher.core.dialogues import dataset_dir, load_data_split
 from launcher.core.diskspace import check_free_space
@@ -447,7 +449,9 @@ def prepare_launch(
     Returns lines for the user (checkpoints a resume skipped).
     """
     if not machine_rank:
-        runlock.check_free(run_dir)  # first: the line names the holder, whatever else is wrong
+        check_lock_free(run_dir, recipe)  # first: the line names the holder, whatever else is wrong
+    else:
+        check_joins_the_same_run(run_dir, recipe, machine_rank)
     notes = check_launch(
         recipe, run_dir, resume=resume, overwrite=overwrite, force_resume=force_resume, dry_run=dry_run
     )
@@ -457,6 +461,49 @@ def prepare_launch(
         clear_run_dir(run_dir)
     write_run_files(recipe, run_dir, RankEntry(argv, resume=resume, force_resume=force_resume))
     return notes
+
+
+def check_lock_free(run_dir: Path, recipe: Recipe) -> None:
+    """The run directory's lock is free; on a multi-node run, a held lock may be a second node
+    started as machine rank 0 (only rank 0 takes it): the refusal says so."""
+    try:
+        runlock.check_free(run_dir)
+    except UserError as exc:
+        if recipe.launch.nodes == 1:
+            raise
+        raise UserError(
+            f"{exc} (with --nodes {recipe.launch.nodes} only machine rank 0 holds it: is another node "
+            "started with machine rank 0 too?)"
+        ) from None
+
+
+def check_joins_the_same_run(run_dir: Path, recipe: Recipe, machine_rank: int) -> None:
+    """A node other than 0 joins the run node 0 rendered in the shared directory: its flags must
+    resolve to that very recipe. Otherwise its files would replace node 0's (with --resume), and
+    the ranks of both nodes would train with whichever recipe.yaml was written last."""
+    if not RunDir(run_dir).has_recipe() or not holds_run(run_dir):
+        return
+    theirs = RunDir(run_dir).recipe_yaml.read_text()
+    if theirs == dump_recipe(recipe):
+        return
+    differing = recipe_differences(yaml.safe_load(theirs) or {}, yaml.safe_load(dump_recipe(recipe)))
+    shown = ", ".join(f"{key}={mine!r} (the run's: {run!r})" for key, mine, run in differing[:3])
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    raise UserError(
+        f"machine rank {machine_rank}: its recipe differs from the run in {run_dir} ({shown}{more}); "
+        "start every node with the same flags, node 0 first"
+    )
+
+
+def recipe_differences(run: dict, mine: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, this node's value, the run's value) for every key whose values differ."""
+    found = []
+    for section in sorted(set(run) | set(mine)):
+        theirs, ours = run.get(section) or {}, mine.get(section) or {}
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key) != ours.get(key):
+                found.append((f"{section}.{key}", ours.get(key), theirs.get(key)))
+    return found
 
 
 def check_launch(

@@ -440,6 +440,8 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     recipe = read_run_recipe(run_dir)
     node = node_rank(machine_rank)
     env = child_env(recipe, sys.stdout.isatty(), machine_rank)
+    if recipe.launch.nodes > 1:  # else a node that waits for the others says nothing at all
+        print(rendezvous_line(recipe, node), file=sys.stderr, flush=True)
     restarts = 0
     while True:
         outcome = run_once(run_dir, recipe, node, env)
@@ -457,6 +459,17 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
     for line in outcome.lines:
         print(line, file=sys.stderr, flush=True)
     return outcome.code
+
+
+def rendezvous_line(recipe: Recipe, node: int) -> str:
+    """What a node of a multi-node run waits for before its ranks start training."""
+    launch = recipe.launch
+    address = launch.main_address or os.environ.get("FTLAUNCH_MAIN_ADDRESS") or "the job's first node"
+    port = f" port {launch.main_port}" if launch.main_port else ""
+    return (
+        f"ftlaunch: node {node} of {launch.nodes}: the ranks start once all {launch.nodes} nodes have "
+        f"joined at {address}{port} (each started with the same flags and its own machine rank)"
+    )
 
 
 def run_once(run_dir: Path, recipe: Recipe, node: int, env: dict[str, str]) -> Outcome:
