@@ -73,6 +73,39 @@ def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(tmp_path, m
     assert not (tmp_path / "run" / "logs").exists()
 
 
+def test_an_mlflow_server_that_cannot_be_reached_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """Else rank 0 would retry it for minutes after the original model's evaluation, then crash."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    result = run_cli_in_process(*tiny_args(tmp_path / "run", "--report-to", "tensorboard,mlflow"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"error: train.report_to: mlflow: MLFLOW_TRACKING_URI=http://127.0.0.1:{port} cannot be reached ("
+    )
+    assert "start the tracking server" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_listening_mlflow_server_and_local_stores_pass_the_check():
+    import socket
+
+    from launcher.core.trackers import check_tracking_server
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        check_tracking_server(["mlflow"], {"MLFLOW_TRACKING_URI": uri})
+    for env in ({}, {"MLFLOW_TRACKING_URI": "sqlite:///x.db"}, {"MLFLOW_TRACKING_URI": "file:///tmp/m"}):
+        check_tracking_server(["mlflow"], env)
+    check_tracking_server(
+        ["tensorboard"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}
+    )  # not reporting to it
+
+
 def test_report_to_none_and_lists_resolve(tmp_path):
     from launcher.core.recipe import Recipe
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,31 @@ def project_name(names: list[str]) -> str:
     reports to W&B (what Seq2SeqTrainer's users set; Accelerate passes its project name to
     ``wandb.init`` explicitly, which would override the variable), else ftlaunch."""
     return (os.environ.get("WANDB_PROJECT") or PROJECT_NAME) if "wandb" in names else PROJECT_NAME
+
+
+def check_tracking_server(names: list[str], env: dict[str, str], timeout_s: float = 5.0) -> None:
+    """Refuse, before any rank starts, an MLflow tracking server that cannot be reached: the ranks
+    would reach it only after the original model's evaluation, then retry for minutes and crash.
+    Only a TCP connection is tried (a server that answers is the server's business)."""
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" not in names or not uri.startswith(("http://", "https://")):
+        return  # unset: a SQLite store inside the run; file:, sqlite:, databricks: are not probed
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise UserError(f"train.report_to: mlflow: MLFLOW_TRACKING_URI={uri!r} is not a valid URL")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UserError(
+            f"train.report_to: mlflow: MLFLOW_TRACKING_URI={uri} cannot be reached ({reason}); start the "
+            "tracking server, correct MLFLOW_TRACKING_URI (unset: a store inside the run), or report "
+            "without mlflow (--report-to)"
+        ) from None
 
 
 def trackers_dir(run_dir: Path) -> Path:

@@ -21,7 +21,7 @@ from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
-from launcher.core.trackers import check_trackers_installed
+from launcher.core.trackers import check_trackers_installed, check_tracking_server
 from launcher.core.writable import check_writable_dir
 from launcher.host import runlock
 from launcher.host.render import (
@@ -517,6 +517,7 @@ def check_launch(
             check_gpus(recipe)
         check_hub_references(recipe)
         check_trackers_installed(recipe.train.report_to)
+        check_tracking_server(recipe.train.report_to, dict(os.environ))
     check_run_dir(run_dir, recipe, resume, overwrite, dry_run)
     check_writable_dir(run_dir, "--output")
     notes = check_resume_shape(recipe, run_dir, resume, force_resume) if resume else []
