@@ -106,6 +106,25 @@ def test_a_listening_mlflow_server_and_local_stores_pass_the_check():
     )  # not reporting to it
 
 
+@pytest.mark.slow
+def test_a_tracker_that_cannot_start_fails_the_run_before_the_original_evaluation(tmp_path):
+    """W&B online without an API key: rank 0 fails as it starts the trackers, not after the
+    original model's evaluation (minutes of generation for a real model)."""
+    pytest.importorskip("wandb")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(HOME=str(home), WANDB_MODE="online", WANDB_CONFIG_DIR=str(home), NETRC=str(home / "netrc"))
+    env.pop("WANDB_API_KEY", None)
+    run_dir = tmp_path / "run"
+    result = run_cli_harness(
+        *tiny_args(run_dir, "--report-to", "wandb"), "--set", "eval.compare_original=true", env=env
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    failure = json.loads((run_dir / "logs" / "failures" / "rank0.json").read_text())
+    assert "wandb login" in failure["error"], failure
+    assert not (run_dir / "eval" / "original").exists()
+
+
 def test_report_to_none_and_lists_resolve(tmp_path):
     from launcher.core.recipe import Recipe
 

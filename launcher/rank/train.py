@@ -244,17 +244,24 @@ def set_up(run_dir: Path) -> Run:
     )
 
 
-def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
-    """Load the checkpoint ``--resume`` names (if any); True when training continues from one."""
+def resume_point(run: Run, resume: str | None, force_resume: bool) -> tuple[Path, ckpt.TrainState] | None:
+    """The checkpoint ``--resume`` names (if any) and its state, checked against this run's shape;
+    nothing is loaded yet, so that a refused resume and the tracker runs come before the
+    original model's evaluation."""
     checkpoint = ckpt.resolve_resume_on_main(run.accelerator, run.run_dir, resume)
     if run.accelerator.is_main_process:
         ckpt.remove_incomplete(run.run_dir)
     if checkpoint is None:
         if resume:
             print_main(run.accelerator, "no complete checkpoint found: starting from step 0")
-        return False
+        return None
     saved = ckpt.read_state(checkpoint)
     ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
+    return checkpoint, saved
+
+
+def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
+    """Load the checkpoint ``resume_point`` found: weights, optimizer, schedule, data position."""
     built = recipe_group_settings(run.optimizer)
     if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
         from launcher.rank.portable import restore_converted
@@ -279,7 +286,6 @@ def restore(run: Run, resume: str | None, force_resume: bool) -> bool:
             f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
         )
     run.resumed_from = checkpoint.name
-    return True
 
 
 def train_step(run: Run, window: list[dict]) -> StepResult:
@@ -539,13 +545,18 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     stop = StopRequest()
     stop.install()
     run = set_up(run_dir)
+    found = resume_point(run, resume, force_resume)
+    # The trackers start before the original model's evaluation (which may take long): a tracker
+    # that cannot start fails the run at once. A fresh start (also a --resume with no checkpoint
+    # yet) drops metrics of earlier attempts; a resume those after its checkpoint.
+    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else 0)
     from launcher.rank.evaluation import evaluate_original
 
     # Before restore() loads trained weights: the model is still the original here.
     evaluate_original(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
-    resumed = restore(run, resume, force_resume)
-    # A fresh start (also a --resume with no checkpoint yet) drops metrics of earlier attempts.
-    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, run.state.step)
+    resumed = found is not None
+    if resumed:
+        restore(run, *found)
     log_restart(run, logger)
     log_segment(run, logger)
     print_main(
