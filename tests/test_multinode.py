@@ -209,3 +209,24 @@ def test_a_second_node_0_is_told_why_the_run_is_in_use(tmp_path):
         "with --nodes 2 only machine rank 0 holds it: is another node started with machine rank 0 too?"
         in (result.stderr)
     )
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_run_directory_stop_at_once(tmp_path):
+    """Node 1 given another --output (as a node-local scratch path would be): its ranks' checkpoint
+    shards would land where no resume finds them. Both nodes stop at start with one line."""
+    port = str(free_port())
+    command = [sys.executable, "-m", "launcher.host.cli", "full", *SMALL, "--main-port", port]
+    processes = [
+        start(command + ["--machine-rank", rank, "--output", str(tmp_path / f"node{rank}")])
+        for rank in ("0", "1")
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 2, output[-3000:]
+        assert (
+            f"rank 1 (host {socket.gethostname()}, --output {tmp_path / 'node1'}) cannot see the run directory "
+            f"{tmp_path / 'node0'} that rank 0 "
+            "writes to: --output must be one shared directory, at the same path, on every node"
+        ) in output, output[-3000:]
+    assert not (tmp_path / "node0" / "checkpoints").exists() and not (tmp_path / "node0" / "final").exists()

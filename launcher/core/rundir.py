@@ -153,6 +153,11 @@ class RunDir:
         return sorted(self.logs.glob("launcher*.log"))
 
     @property
+    def shared_check(self) -> Path:
+        """Rank 0's token, read back by every rank at start: do all nodes see one directory?"""
+        return self.logs / "shared-directory-check"
+
+    @property
     def failures(self) -> Path:
         return self.logs / FAILURES_DIR
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
+from launcher.core.atomic import write_text_atomic
 from launcher.core.errors import UserError
 from launcher.core.recipe import Recipe
 from launcher.core.rundir import RunDir
@@ -151,6 +154,37 @@ def build_accelerator(
     if plugin is not None and not uses_fsdp(accelerator):
         raise RuntimeError(f"--fsdp asked for, but Accelerate set up {accelerator.distributed_type}")
     return accelerator
+
+
+def check_shared_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
+    """Every rank sees the run directory rank 0 writes to. README asks for one shared directory
+    on every node; a different or node-local ``--output`` on another node would train to the end
+    with that node's checkpoint shards in its own folder, leaving checkpoints no resume can load.
+    Rank 0 writes a fresh token, every rank reads it back, and all of them stop with the same line
+    (naming the ranks that did not see it) before anything else is written."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    check = RunDir(run_dir).shared_check
+    token = None
+    if accelerator.is_main_process:
+        token = uuid.uuid4().hex
+        check.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(check, token)
+    # after rank 0's write (also a barrier): its token and its run directory
+    token, main_dir = broadcast_object_list([token, str(run_dir)])
+    try:
+        seen = check.read_text() == token
+    except OSError:
+        seen = False
+    everyone = gather_object([(accelerator.process_index, socket.gethostname(), str(run_dir), seen)])
+    blind = [f"rank {rank} (host {host}, --output {own})" for rank, host, own, ok in everyone if not ok]
+    if blind:
+        raise UserError(
+            f"{', '.join(blind)} cannot see the run directory {main_dir} that rank 0 writes to: --output "
+            "must be one shared directory, at the same path, on every node"
+        )
 
 
 def dataloader_config(cpu: bool) -> DataLoaderConfiguration:

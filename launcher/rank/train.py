@@ -35,6 +35,7 @@ from launcher.rank import best
 from launcher.rank.data import example_lengths, shard_sorted_batches
 from launcher.rank.distributed import (
     build_accelerator,
+    check_shared_run_dir,
     print_main,
     sum_over_ranks,
     uses_deepspeed,
@@ -202,6 +203,7 @@ class Run:
 def set_up(run_dir: Path) -> Run:
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe, run_dir=run_dir, log_with=recipe.train.report_to)
+    check_shared_run_dir(accelerator, run_dir)
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
