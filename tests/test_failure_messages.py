@@ -75,6 +75,26 @@ def test_a_failed_summarize_summary_advises_running_it_again(tmp_path):
     assert "--resume" not in text and "run the same `ftlaunch summarize` again" in text, text
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_rank_that_lost_its_peer_on_another_node_is_not_blamed(tmp_path, nodes):
+    """Node 1's rank killed: node 0's rank reports gloo's "Connection closed by peer" and is the
+    only record there. With 2 nodes the summary says it lost a rank of another node."""
+    from launcher.core.ranklog import Failure, failure_path
+
+    run_dir = fake_job_dir(tmp_path, "launcher.rank.train")
+    overrides = ["launch.cpu=true", f"launch.nodes={nodes}", "launch.main_address=127.0.0.1"]
+    recipe = load_recipe(default_recipe_path("full"), overrides)
+    started = time.time()
+    error = "RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:60633"
+    record = Failure(0, 0, 0, "host", 1, started, 1, error, str(run_dir / "logs" / "rank0.log"))
+    failure_path(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+    failure_path(run_dir, 0).write_text(json.dumps(record.__dict__))
+    text = "\n".join(decide(run_dir, recipe, 0, 1, started, [], [], run_dir / "logs" / "launcher.log").lines)
+    lost = "rank 0 (node 0, host host) lost its connection to a rank of another node, which ended without"
+    assert (lost in text) == (nodes == 2) and error in text, text
+    assert ("failed first" in text) == (nodes == 1), text
+
+
 # ---------------------------------------------------------------- real 2-rank jobs
 
 

@@ -44,6 +44,13 @@ from launcher.host.render import EVAL_MODULE, MACHINE_RANK_ENV, SUMMARIZE_MODULE
 
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
 TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
+# A collective that failed because a peer rank went away (gloo's and NCCL's words for it): the
+# rank that reports it did not fail first, a rank elsewhere ended without a record.
+PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|remote worker crashing|remote process exited"
+    r"|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 # What the ranks get for each: a hangup (terminal closed, ssh dropped) stops the run like SIGTERM;
 # the ranks run in their own session and would otherwise train on with nobody watching.
@@ -417,6 +424,12 @@ def decide(
             ],
         )
     cause = f"rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}"
+    if PEER_GONE.search(first.error) and recipe.launch.nodes > 1:
+        cause = (
+            f"rank {first.rank} (node {first.node}, host {first.host}) lost its connection to a rank of "
+            "another node, which ended without an error record (killed, out of memory, or its node "
+            f"failed: see that node's ftlaunch output and logs): {first.error}"
+        )
     return Outcome(
         EXIT_CRASHED,
         [
