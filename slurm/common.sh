@@ -117,10 +117,26 @@ start_resender() {
     ) &
     RESENDER_PID=$!
 }
+CANCELLED=0
+cancelled_by_user() {  # a plain `scancel JOB`: the job ends, with no time limit or preemption as reason
+    local info
+    info="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)" || return 1
+    case "$info" in
+        *"JobState=CANCELLED "* | *"JobState=COMPLETING Reason=None "*) return 0 ;;
+    esac
+    return 1
+}
 forward_stop() {
     local sig="$1"
     SIGNALS_SEEN=$((SIGNALS_SEEN + 1))
     STOP_SIGNAL="${STOP_SIGNAL:-$sig}"
+    # SIGTERM also comes with preemption and the time limit (Reason=Preempted/TimeLimit): those
+    # requeue; the user's own scancel ends the job (the ranks still checkpoint if SLURM's
+    # KillWait leaves them the time).
+    if [ "$sig" = TERM ] && [ "$CANCELLED" = 0 ] && cancelled_by_user; then
+        CANCELLED=1
+        ftl_log "job ${SLURM_JOB_ID} cancelled (scancel): it ends without a requeue"
+    fi
     if [ -n "$SRUN_PID" ]; then
         ftl_log "got SIG${sig}: forwarding USR1 to the ranks (srun pid ${SRUN_PID}); they checkpoint at the next optimizer step"
         kill -USR1 "$SRUN_PID" 2>/dev/null || true
@@ -153,6 +169,11 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 requeue() {  # requeue REASON: continue this run in a requeued job (same job id, same RUN)
+    if [ "$CANCELLED" = 1 ]; then
+        ftl_log "$1; the job was cancelled (scancel): not requeued. Continue it later with:"
+        ftl_log "  FTLAUNCH_OUTPUT=$RUN sbatch --nodes=$NNODES slurm/${FTLAUNCH_METHOD}.sh${JOB_ARGS}"
+        exit 3
+    fi
     if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
         ftl_log "not requeueing: already restarted ${RESTARTS} times (FTLAUNCH_MAX_REQUEUES=${MAX_REQUEUES}); resume by hand:"
         ftl_log "  FTLAUNCH_OUTPUT=$RUN sbatch --nodes=$NNODES slurm/${FTLAUNCH_METHOD}.sh${JOB_ARGS}"
@@ -229,6 +250,13 @@ if [ "$rc" -ne 0 ]; then
         ftl_log "stopped by SIG${STOP_SIGNAL} without a new checkpoint; not requeued"
     fi
     ftl_die "training failed (srun exit $rc); not requeued. Run dir: $RUN" "$rc"
+fi
+# srun may end with status 0 although SLURM killed the job step (scancel of a held job, a node
+# gone): say done only for a finished run (final/, and the report unless eval.after_training is off).
+if [ ! -d "$RUN/final" ] || { [ ! -f "$RUN/report/report.md" ] && ! grep -q '^  after_training: false$' "$RUN/recipe.yaml"; }; then
+    ftl_log "the job step ended (srun status $rc) but $RUN is not finished (no final/ or report: stopped from outside?)"
+    ftl_log "  newest checkpoint: ${latest_after:-none}; continue it with: FTLAUNCH_OUTPUT=$RUN sbatch --nodes=$NNODES slurm/${FTLAUNCH_METHOD}.sh${JOB_ARGS}"
+    exit 1
 fi
 ftl_log "done: $RUN (final model in $RUN/final, ROUGE report in $RUN/report/report.md)"
 exit 0

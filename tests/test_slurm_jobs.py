@@ -354,6 +354,47 @@ def test_crash_is_not_requeued(slurm_cluster, tmp_path):
     assert "fake accelerate: crashing" in log and "not requeued" in log, job.diagnostics()
 
 
+def test_a_job_step_that_ended_well_without_a_finished_run_is_not_done(slurm_cluster, tmp_path):
+    """srun can exit 0 although the run did not finish (SLURM killed the step of a held, cancelled
+    job); here `accelerate` exits 0 at once. The job fails naming the resume line, never "done"."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "accelerate"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    job = Job(slurm_cluster, tmp_path, "full.sh", TINY)
+    job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
+    assert job.submit_and_wait() == "FAILED", job.diagnostics()
+    log = job.log()
+    assert f"but {job.run_dir} is not finished (no final/ or report" in log, job.diagnostics()
+    assert f"FTLAUNCH_OUTPUT={job.run_dir} sbatch" in log and "done:" not in log, job.diagnostics()
+
+
+def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm_cluster, tmp_path):
+    """`scancel JOB` is SIGTERM to the batch shell, as preemption and the time limit are; only
+    those requeue (Reason=Preempted/TimeLimit). A user's cancel (Reason=None) ends the job."""
+    long = ["--set", "train.epochs=100", "--set", "train.log_every=1", "--set", "eval.limit=2"]
+    job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, *long])
+    job.submit()
+    metrics = job.run_dir / "metrics.jsonl"
+    try:
+        started = wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), JOB_TIMEOUT_S)
+        assert started and job.state() == "RUNNING", job.diagnostics()
+        slurm_cluster.run("scancel", job.id, timeout=30)
+        assert slurm_cluster.wait_job_state(job.id, FINAL_STATES, 60) == "CANCELLED", job.diagnostics()
+        time.sleep(15)  # a requeued job would be PENDING/RUNNING again within ~11 s
+        assert job.state() == "CANCELLED" and slurm_cluster.job_field(job.id, "Restarts") == "0", (
+            job.diagnostics()
+        )
+    finally:
+        job.cancel()
+    log = job.log()
+    assert "cancelled (scancel): it ends without a requeue" in log and "requeueing" not in log, (
+        job.diagnostics()
+    )
+    assert "done:" not in log and not (job.run_dir / "final").exists()
+
+
 def test_job_submitted_from_outside_the_repository(lora_job):
     """`sbatch /path/to/ftlaunch/slurm/lora.sh` from a project directory: the job finds slurm/common.sh
     without FTLAUNCH_REPO, and its default run directory is under the submit directory (the shared
