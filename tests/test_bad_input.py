@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli, run_cli_in_process
+from conftest import cli_env, run_cli, run_cli_in_process, save_tiny_t5
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
 CLI_TIMEOUT = 120  # a refusal takes seconds; this only bounds a hang
@@ -621,6 +621,28 @@ def test_eval_model_or_adapter_of_the_wrong_kind_names_what_to_pass(tmp_path, no
         watch=(lora, full),
         fragments=(fragment,),
     )
+
+
+def test_eval_of_an_adapter_on_another_base_model_says_so(tmp_path):
+    """The adapter records tiny-t5 as its base (adapter_config.json): on another model it is
+    evaluated with a warning (a fine-tuned copy of the base fits its shapes, and may be meant)."""
+    from launcher.core.recipe import LoraSection
+    from launcher.rank.model import apply_lora, build_tiny_t5
+
+    adapter = tmp_path / "adapter"
+    apply_lora(build_tiny_t5(100), LoraSection(r=4)).save_pretrained(str(adapter))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "tiny-t5"}))
+    other = save_tiny_t5(tmp_path / "other-model")
+    args = ["eval", "--cpu", "--adapter", str(adapter), "--dry-run"]
+    result = run_cli_in_process(*args, "--model", str(other), "--output", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"warning: --adapter {adapter} was trained on tiny-t5, not on --model {other}: the scores "
+        "are those of the adapter on another base model"
+    )
+    same = run_cli_in_process(*args, "--model", "tiny-t5", "--output", str(tmp_path / "b"))
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
 
 
 def test_eval_split_that_does_not_exist(tmp_path, no_launch):

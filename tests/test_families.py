@@ -133,6 +133,65 @@ def test_one_rule_and_one_message_for_lora_targets_on_the_host_and_the_ranks(tmp
     )
 
 
+def test_t5s_listed_adaptable_and_shared_layers_are_the_models_own():
+    """T5_MODULE_NAMES (the host's list, no transformers import) against a real T5's modules:
+    linear/embedding layers are adaptable, the token embedding is reached as shared and embed_tokens."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    from launcher.core.families import TINY_T5_CONFIG
+
+    for config in (T5Config(vocab_size=1000, **TINY_T5_CONFIG), T5Config(vocab_size=1000, num_layers=2)):
+        with torch.device("meta"):
+            names = module_names(AutoModelForSeq2SeqLM.from_config(config))
+        assert names.adaptable <= T5_MODULE_NAMES.adaptable and names.adaptable & {"q", "wo", "lm_head"}
+        assert not names.adaptable & {"layer_norm", "DenseReluDense", "SelfAttention", "block"}
+        assert names.aliased == T5_MODULE_NAMES.aliased == {"shared", "embed_tokens"}
+
+
+@pytest.mark.parametrize(
+    ("lora", "words"),
+    [
+        (
+            {"target_modules": ["layer_norm"]},
+            ["['layer_norm'] name layers of", "cannot adapt", "wi_0, wi_1, wo"],
+        ),
+        ({"target_modules": ["DenseReluDense"]}, ["['DenseReluDense']", "cannot adapt"]),
+        ({"target_modules": ["shared"]}, ["['shared'] name a layer", "under several names", "never trains"]),
+        # tiny-t5: q is 64 x (4 heads x 16) = 64 x 64, v the same
+        (
+            {"r": 65},
+            ["lora.r=65 is above the size of every layer", "the largest: q, 64", "lora.r=64 or less"],
+        ),
+        # relative_attention_bias: 32 buckets x 4 heads: rank 4 at most
+        ({"target_modules": ["relative_attention_bias"], "r": 5}, ["relative_attention_bias, 4", "lora.r=4"]),
+    ],
+)
+def test_lora_targets_it_cannot_train_are_refused_alike_on_the_host_and_the_ranks(lora, words):
+    """Before: accepted by --dry-run and the host check, then every rank crashed (PEFT refuses the
+    layer type; an adapter on `shared` never gets a gradient) or trained a rank no layer can use."""
+    from launcher.core.recipe import Recipe
+    from launcher.host.launch import check_lora_targets
+    from launcher.rank.model import apply_lora, build_tiny_t5
+
+    recipe = Recipe.model_validate({"model": {"name": "tiny-t5"}, "train": {"method": "lora"}, "lora": lora})
+    with pytest.raises(UserError) as host:
+        check_lora_targets(recipe, None)
+    with pytest.raises(UserError) as rank:
+        apply_lora(build_tiny_t5(100), recipe.lora, recipe.model.name)
+    assert str(host.value) == str(rank.value)
+    for word in words:
+        assert word in str(host.value), str(host.value)
+
+
+def test_a_rank_one_target_can_use_is_kept():
+    from launcher.core.recipe import Recipe
+    from launcher.rank.model import apply_lora, build_tiny_t5
+
+    lora = {"target_modules": ["q", "relative_attention_bias"], "r": 32}  # q (64 x 64) uses rank 32
+    recipe = Recipe.model_validate({"model": {"name": "tiny-t5"}, "train": {"method": "lora"}, "lora": lora})
+    assert apply_lora(build_tiny_t5(100), recipe.lora, "tiny-t5").peft_config["default"].r == 32
+
+
 def test_a_model_without_query_and_value_names_needs_explicit_targets():
     class Attention(torch.nn.Module):
         def __init__(self):

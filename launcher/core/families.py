@@ -14,7 +14,7 @@ without paying for that import (tiny-t5 and local T5 directories use ``T5_MODULE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,15 @@ class ModuleNames:
 
     leaves: frozenset[str]
     attention: tuple[str, ...]
+    # leaf names whose every module is a layer PEFT's LoRA adapts (linear, embedding, convolution)
+    adaptable: frozenset[str]
+    # leaf names of a module (or embedding weight) the model also reaches under another leaf name
+    # (T5's token embedding: shared, embed_tokens): PEFT would wrap one name only, and the forward
+    # may use the other
+    aliased: frozenset[str]
+    # the smallest side (min of in and out features) of each adaptable leaf's layers, when known:
+    # a LoRA rank above it adds parameters and no expressive power
+    smallest_side: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 # The embedded tiny model (`tiny-t5`): FLAN-T5's layout at toy size. Here, not in model.py, so the
@@ -88,6 +97,23 @@ T5_MODULE_NAMES = ModuleNames(
         }
     ),
     attention=("q", "k", "v", "o"),
+    adaptable=frozenset(
+        {
+            "q",
+            "k",
+            "v",
+            "o",
+            "wi",
+            "wi_0",
+            "wi_1",
+            "wo",
+            "lm_head",
+            "relative_attention_bias",
+            "shared",
+            "embed_tokens",
+        }
+    ),
+    aliased=frozenset({"shared", "embed_tokens"}),
 )
 
 
@@ -107,17 +133,45 @@ def module_names(model) -> ModuleNames:
     """The ModuleNames of a built (or meta-device) model; PEFT wrappers are looked through."""
     import torch
 
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    adaptable_types = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    by_leaf: dict[str, list] = {}
+    leaves_of: dict[int, set[str]] = {}  # a module, or a weight tied between modules: its leaf names
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        module = getattr(module, "base_layer", module)  # a PEFT wrapper: the layer it adapts
+        leaf = name.rsplit(".", 1)[-1]
+        by_leaf.setdefault(leaf, []).append(module)
+        # token embeddings tied across modules (transformers 5: T5's shared and embed_tokens are two
+        # modules of one weight) count as one; an lm_head tied to them is called itself: adaptable
+        embedding = isinstance(module, torch.nn.Embedding)
+        leaves_of.setdefault(id(module.weight) if embedding else id(module), set()).add(leaf)
     attention: list[str] = []
     for module in model.modules():
         if is_attention(module):
             for name, child in module.named_children():
-                linear = isinstance(child, torch.nn.Linear) or isinstance(
-                    getattr(child, "base_layer", None), torch.nn.Linear
-                )
+                linear = isinstance(getattr(child, "base_layer", child), torch.nn.Linear)
                 if linear and name not in attention:
                     attention.append(name)
-    return ModuleNames(frozenset(leaves), tuple(attention))
+    adaptable = {
+        leaf
+        for leaf, modules in by_leaf.items()
+        if all(isinstance(m, adaptable_types) or type(m).__name__ == "Conv1D" for m in modules)
+    }
+    aliased = {leaf for leaves in leaves_of.values() if len(leaves) > 1 for leaf in leaves}
+    smallest = {
+        leaf: min(side(m) for m in by_leaf[leaf]) for leaf in adaptable if all(side(m) for m in by_leaf[leaf])
+    }
+    return ModuleNames(
+        frozenset(by_leaf), tuple(attention), frozenset(adaptable), frozenset(aliased), smallest
+    )
+
+
+def side(module) -> int:
+    """The smallest of a linear or embedding layer's two sizes (0 for other layers)."""
+    shape = getattr(module, "weight", None)
+    shape = getattr(shape, "shape", ())
+    return min(shape) if len(shape) == 2 else 0
 
 
 def skeleton(config_dir: Path):
@@ -163,7 +217,35 @@ def resolve_lora_targets(names: ModuleNames, targets: list[str] | None, model_la
             f"lora.target_modules {missing} name no module of {model_label}; {has} "
             "(or set lora.target_modules=null for its query and value projections)"
         )
+    other = [target for target in targets if target not in names.adaptable]
+    if other:
+        layers = sorted(names.adaptable - names.aliased)
+        raise UserError(
+            f"lora.target_modules {other} name layers of {model_label} that LoRA cannot adapt (PEFT "
+            f"adapts linear, embedding and convolution layers); its adaptable layers: {', '.join(layers)}"
+        )
+    shared = [target for target in targets if target in names.aliased]
+    if shared:
+        raise UserError(
+            f"lora.target_modules {shared} name a layer {model_label} uses under several names (the "
+            f"shared token embedding: {', '.join(sorted(names.aliased))}): PEFT would adapt it under one "
+            "name and the model would go on using the other, so the adapter never trains; leave it out"
+        )
     return list(targets)
+
+
+def check_lora_rank(names: ModuleNames, targets: list[str], rank: int, model_label: str) -> None:
+    """A LoRA rank above the smaller side of every target layer adds parameters and no expressive
+    power (the update of an n x m layer has rank at most min(n, m)). One target that still gains
+    (q at r=32 beside a 32 x 12 relative_attention_bias) keeps the rank useful."""
+    sides = {target: names.smallest_side[target] for target in targets if target in names.smallest_side}
+    if len(sides) == len(targets) and sides and rank > max(sides.values()):
+        target = max(sides, key=sides.get)
+        raise UserError(
+            f"lora.r={rank} is above the size of every layer it adapts in {model_label} (the largest: "
+            f"{target}, {sides[target]} on its smaller side): an adapter of rank r adds r x (in + out) "
+            f"parameters but its update cannot exceed that rank; use lora.r={sides[target]} or less"
+        )
 
 
 def block_class_names(model) -> list[str]:

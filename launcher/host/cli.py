@@ -213,6 +213,7 @@ def eval_command(
     from launcher.core.writable import check_writable_dir
     from launcher.host import launch, runlock
     from launcher.host.render import EVAL_MODULE, RankEntry
+    from launcher.host.summarize import adapter_on_another_base
 
     recipe = eval_recipe(
         EvalOptions(
@@ -233,6 +234,9 @@ def eval_command(
         raise UserError(f"--adapter {adapter} has no adapter_config.json; {fix}")
     if adapter:
         check_model_files(adapter, "--adapter")
+        other_base = adapter_on_another_base(adapter, model)
+        if other_base:
+            typer.echo(f"warning: {other_base}", err=True)
     launch.check_eval_data(recipe)
     launch.local_model_dir(model)
     if not dry_run:

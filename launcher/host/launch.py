@@ -5,6 +5,7 @@ run directory's files, and the supervised run of ``command.sh``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,14 @@ from launcher.core import checkpoint as ckpt
 from launcher.core.dialogues import dataset_dir, load_data_split
 from launcher.core.diskspace import check_free_space
 from launcher.core.errors import UserError
-from launcher.core.families import T5_MODULE_NAMES, ModuleNames, module_names, resolve_lora_targets, skeleton
+from launcher.core.families import (
+    T5_MODULE_NAMES,
+    ModuleNames,
+    check_lora_rank,
+    module_names,
+    resolve_lora_targets,
+    skeleton,
+)
 from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
@@ -109,8 +117,44 @@ def model_module_names(config_dir: Path | None) -> ModuleNames:
 
 
 def check_lora_targets(recipe: Recipe, config_dir: Path | None) -> None:
-    """The ranks' rule (families.resolve_lora_targets), applied before the launch."""
-    resolve_lora_targets(model_module_names(config_dir), recipe.lora.target_modules, recipe.model.name)
+    """The ranks' rules (families.resolve_lora_targets, check_lora_rank), applied before the launch."""
+    names = model_module_names(config_dir)
+    if names is T5_MODULE_NAMES:
+        names = t5_module_names(model_facts(recipe.model.name))
+    targets = resolve_lora_targets(names, recipe.lora.target_modules, recipe.model.name)
+    check_lora_rank(names, targets, recipe.lora.r, recipe.model.name)
+
+
+def t5_module_names(facts) -> ModuleNames:
+    """T5's module names narrowed by what the configuration says: a gated feed-forward (FLAN-T5,
+    T5 v1.1: ``gated-gelu``) has wi_0 and wi_1, the original T5's has wi; and the layers' sizes."""
+    names = T5_MODULE_NAMES
+    projection = facts.config.get("feed_forward_proj", "gated-gelu" if facts.known_t5 else None)
+    if isinstance(projection, str):
+        absent = {"wi"} if projection.startswith("gated") else {"wi_0", "wi_1"}
+        names = dataclasses.replace(names, leaves=names.leaves - absent, adaptable=names.adaptable - absent)
+    return dataclasses.replace(names, smallest_side=t5_layer_sides(facts))
+
+
+def t5_layer_sides(facts) -> dict[str, int]:
+    """The smaller side of each adaptable T5 layer, from the configuration (empty when unknown)."""
+    d_model, d_ff, heads, d_kv, vocab = (
+        facts.d_model,
+        facts.d_ff,
+        facts.num_heads,
+        facts.d_kv,
+        facts.vocab_size,
+    )
+    if None in (d_model, d_ff, heads, d_kv, vocab):
+        return {}
+    attention, feed_forward = min(d_model, heads * d_kv), min(d_model, d_ff)
+    buckets = facts.config.get("relative_attention_num_buckets", 32)
+    return {
+        **dict.fromkeys(("q", "k", "v", "o"), attention),
+        **dict.fromkeys(("wi", "wi_0", "wi_1", "wo"), feed_forward),
+        "lm_head": min(d_model, vocab),
+        "relative_attention_bias": min(buckets, heads),
+    }
 
 
 def hub_reference_problem(name: str, repo_type: str) -> str | None:

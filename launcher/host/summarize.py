@@ -86,6 +86,22 @@ def base_model_of(adapter: Path, settings: dict | None, run_recipe: dict | None)
     )
 
 
+def adapter_on_another_base(adapter: Path, model: str) -> str | None:
+    """Why ``ftlaunch eval --model M --adapter A`` may not score what the user means: A records
+    another base model (its ftlaunch.json, else adapter_config.json). Shapes may still fit (the
+    base's fine-tuned copy, another size's twin), so this is said, not refused."""
+    from launcher.core.model_settings import checked_settings
+    from launcher.host.launch import same_model
+
+    recorded = (checked_settings(adapter) or {}).get("base_model") or adapter_base_model(adapter)
+    if not recorded or same_model(recorded, model):
+        return None
+    return (
+        f"--adapter {adapter} was trained on {recorded}, not on --model {model}: the scores are those "
+        "of the adapter on another base model"
+    )
+
+
 def adapter_base_model(adapter: Path) -> str | None:
     """``base_model_name_or_path`` of adapter_config.json, checked: a name, or none at all."""
     path = adapter / ADAPTER_CONFIG

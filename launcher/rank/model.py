@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from launcher.core.errors import UserError
-from launcher.core.families import TINY_T5_CONFIG, check_decoder_start, module_names, resolve_lora_targets
+from launcher.core.families import (
+    TINY_T5_CONFIG,
+    check_decoder_start,
+    check_lora_rank,
+    module_names,
+    resolve_lora_targets,
+)
 from launcher.core.paths import TINY_TOKENIZER_DIR, is_local_reference
 from launcher.core.recipe import EMBEDDED_MODEL, LoraSection, Recipe
 
@@ -173,7 +179,9 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection, model_label: str = "th
     projections when the recipe names none (families.resolve_lora_targets)."""
     from peft import get_peft_model
 
-    targets = resolve_lora_targets(module_names(model), lora.target_modules, model_label)
+    names = module_names(model)
+    targets = resolve_lora_targets(names, lora.target_modules, model_label)
+    check_lora_rank(names, targets, lora.r, model_label)
     return get_peft_model(model, lora_config(lora, targets))
 
 
