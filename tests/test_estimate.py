@@ -102,6 +102,14 @@ def test_model_states_follow_ftlaunchs_fp32_layouts(model, gpus, nodes, lora):
         }
         for key, expected in cpu.items():
             assert rows[key].cpu_gib * GIB == pytest.approx(expected, rel=1e-6), key
+    # Below ZeRO-3 every rank loads the whole fp32 model on the CPU first, a LoRA run's frozen
+    # base included: DeepSpeed's CPU figure without offload, for all Ψ (with offload, at least that)
+    loading = deepspeed_zero2_cpu(psi, gpus, nodes, False)
+    for stage in (0, 1, 2):
+        assert rows[(stage, "none")].cpu_gib * GIB == pytest.approx(loading, rel=1e-6), stage
+    for stage in (1, 2):
+        offloaded = max(loading, deepspeed_zero2_cpu(trainable, gpus, nodes, True))
+        assert rows[(stage, "optimizer")].cpu_gib * GIB == pytest.approx(offloaded, rel=1e-6), stage
 
 
 def test_flan_t5_base_zero3_on_two_ranks_by_hand():
@@ -191,6 +199,11 @@ def test_unknown_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown model"):
         estimate.parameter_count("some-org/unknown-model")
     with pytest.raises(UserError, match="config.json"):
+        estimate.parameter_count(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(
+        UserError, match=r"is a LoRA adapter, not a whole model; estimate its base model with --lora"
+    ):
         estimate.parameter_count(str(tmp_path))
 
 

@@ -26,7 +26,9 @@ largest layer's parameters, bytes per GPU:
 - optimizer offload moves the gradient partitions, master copy and moments to CPU RAM (the
   transient layer gradient stays), full offload also the parameter partitions. CPU RAM per node
   comes from DeepSpeed's estimator, which is still right there: offloaded states are fp32 under
-  any precision (16 bytes per parameter with its 1.5x buffer factor).
+  any precision (16 bytes per parameter with its 1.5x buffer factor); below ZeRO-3 it is at
+  least the load of the whole fp32 model by every rank of the node, a LoRA run's frozen base
+  included (its figure without offload, for all parameters).
 
 Adafactor replaces AdamW's 8T by one fp32 moment per parameter under ZeRO (4T/N) and ~0 under
 DDP (``adafactor_state_bytes``).
@@ -119,6 +121,11 @@ def model_spec(model: str) -> ModelFacts:
     """The facts of a known FLAN-T5 name, ``tiny-t5``, or a local directory (its config, no weights),
     refused where the parameters cannot be counted."""
     path = Path(model).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise UserError(
+            f"model {model} is a LoRA adapter, not a whole model; estimate its base model with --lora "
+            "(--model BASE --lora)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(
             f"model {model} has no config.json; pass a directory written by save_pretrained, "
@@ -298,12 +305,15 @@ def model_state_bytes(
     largest = largest_layer if largest_layer is not None else params // 10
     layer_gradient = FP32 * largest  # a gathered / whole layer's fp32 gradient before its reduction
     step_copy = FP32 * trainable // world  # the step's flat copy of the gradient partition
+    # CPU RAM per node below ZeRO-3: every rank first loads the whole fp32 model on the CPU, frozen
+    # weights of a LoRA run included (DeepSpeed's figure without offload, for all Ψ), or holds its
+    # offloaded states (DeepSpeed's figure with offload, for the T trained parameters)
+    loading, _ = _zero2(params, gpus, nodes, False)
     if stage == 0:
-        cpu, _ = _zero2(trainable, 1, 1, False)
         # weights 4Ψ + gradients 4T + DDP's reducer buckets 4T + AdamW 8T (no master copy)
-        return FP32 * params + (FP32 + FP32 + ADAM_MOMENT_BYTES) * trainable, cpu * gpus
+        return FP32 * params + (FP32 + FP32 + ADAM_MOMENT_BYTES) * trainable, loading
     if stage in (1, 2):
-        cpu, _ = _zero2(trainable, gpus, nodes, offload != "none")
+        cpu = max(loading, _zero2(trainable, gpus, nodes, offload != "none")[0])
         weights = FP32 * params  # the fp32 module, whole, on every rank
         if offload != "none":
             return weights + layer_gradient, cpu
