@@ -117,25 +117,32 @@ start_resender() {
     ) &
     RESENDER_PID=$!
 }
-CANCELLED=0
-cancelled_by_user() {  # a plain `scancel JOB`: the job ends, with no time limit or preemption as reason
-    local info
-    info="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)" || return 1
+ENDED_BY=""  # cancel: a user's scancel; requeue: an outside `scontrol requeue` (SLURM requeues it)
+why_ended() {  # why SLURM ends this job now, from `scontrol show job`: cancel, requeue, or nothing
+    local info restarts
+    info="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)" || return 0
     case "$info" in
-        *"JobState=CANCELLED "* | *"JobState=COMPLETING Reason=None "*) return 0 ;;
+        *"JobState=CANCELLED "*) echo cancel ;;
+        *"JobState=COMPLETING Reason=None "*)  # preemption and the time limit give a Reason
+            restarts="${info##*Restarts=}"
+            restarts="${restarts%% *}"
+            if [ "$restarts" -gt "$RESTARTS" ] 2>/dev/null; then echo requeue; else echo cancel; fi ;;
     esac
-    return 1
 }
 forward_stop() {
     local sig="$1"
     SIGNALS_SEEN=$((SIGNALS_SEEN + 1))
     STOP_SIGNAL="${STOP_SIGNAL:-$sig}"
     # SIGTERM also comes with preemption and the time limit (Reason=Preempted/TimeLimit): those
-    # requeue; the user's own scancel ends the job (the ranks still checkpoint if SLURM's
-    # KillWait leaves them the time).
-    if [ "$sig" = TERM ] && [ "$CANCELLED" = 0 ] && cancelled_by_user; then
-        CANCELLED=1
-        ftl_log "job ${SLURM_JOB_ID} cancelled (scancel): it ends without a requeue"
+    # requeue. A user's own scancel ends the job; an outside `scontrol requeue` has SLURM requeue
+    # it (its restart count is already up). The ranks checkpoint either way if SLURM's KillWait
+    # leaves them the time.
+    if [ "$sig" = TERM ] && [ -z "$ENDED_BY" ]; then
+        ENDED_BY="$(why_ended)"
+        case "$ENDED_BY" in
+            cancel) ftl_log "job ${SLURM_JOB_ID} cancelled (scancel): it ends without a requeue" ;;
+            requeue) ftl_log "job ${SLURM_JOB_ID} requeued by scontrol requeue: it resumes from the newest checkpoint" ;;
+        esac
     fi
     if [ -n "$SRUN_PID" ]; then
         ftl_log "got SIG${sig}: forwarding USR1 to the ranks (srun pid ${SRUN_PID}); they checkpoint at the next optimizer step"
@@ -169,10 +176,14 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 requeue() {  # requeue REASON: continue this run in a requeued job (same job id, same RUN)
-    if [ "$CANCELLED" = 1 ]; then
+    if [ "$ENDED_BY" = cancel ]; then
         ftl_log "$1; the job was cancelled (scancel): not requeued. Continue it later with:"
         ftl_log "  FTLAUNCH_OUTPUT=$RUN sbatch --nodes=$NNODES slurm/${FTLAUNCH_METHOD}.sh${JOB_ARGS}"
         exit 3
+    fi
+    if [ "$ENDED_BY" = requeue ]; then
+        ftl_log "$1; SLURM requeues job ${SLURM_JOB_ID} itself (scontrol requeue): it resumes from the newest checkpoint in $RUN/checkpoints"
+        exit 0
     fi
     if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
         ftl_log "not requeueing: already restarted ${RESTARTS} times (FTLAUNCH_MAX_REQUEUES=${MAX_REQUEUES}); resume by hand:"
@@ -244,6 +255,9 @@ if [ -n "$STOP_SIGNAL" ] && [ "$rc" -ne 0 ] && [ -n "$latest_after" ] && [ "$lat
     # The ranks were stopped after writing a new checkpoint but the marker is missing (a rank
     # can be killed by --kill-on-bad-exit while the main rank writes it): still a preemption.
     requeue "stop signal and a new checkpoint ($latest_after)"
+fi
+if [ -n "$ENDED_BY" ]; then  # cancelled or requeued from outside: say so, not "training failed"
+    requeue "the ranks stopped (srun status $rc; newest checkpoint: ${latest_after:-none})"
 fi
 if [ "$rc" -ne 0 ]; then
     if [ -n "$STOP_SIGNAL" ]; then

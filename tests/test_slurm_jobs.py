@@ -395,6 +395,25 @@ def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm_cluster, tmp_path)
     assert "done:" not in log and not (job.run_dir / "final").exists()
 
 
+def test_an_outside_scontrol_requeue_is_not_taken_for_a_cancel(slurm_cluster, tmp_path):
+    """`scontrol requeue JOB` also ends the job with SIGTERM and Reason=None, but its restart count
+    is already up: SLURM requeues it, and the log says so instead of "submit it again"."""
+    long = ["--set", "train.epochs=100", "--set", "train.log_every=1", "--set", "eval.limit=2"]
+    job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, *long])
+    job.submit()
+    metrics = job.run_dir / "metrics.jsonl"
+    try:
+        started = wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), JOB_TIMEOUT_S)
+        assert started and job.state() == "RUNNING", job.diagnostics()
+        slurm_cluster.run("scontrol", "requeue", job.id, timeout=30)
+        assert wait_for(lambda: "SLURM_RESTART_COUNT=1" in job.log(), 90), job.diagnostics()
+    finally:
+        job.cancel()
+    log = job.log()
+    assert "requeued by scontrol requeue: it resumes from the newest checkpoint" in log, job.diagnostics()
+    assert "cancelled (scancel)" not in log and "Continue it later" not in log, job.diagnostics()
+
+
 def test_job_submitted_from_outside_the_repository(lora_job):
     """`sbatch /path/to/ftlaunch/slurm/lora.sh` from a project directory: the job finds slurm/common.sh
     without FTLAUNCH_REPO, and its default run directory is under the submit directory (the shared
