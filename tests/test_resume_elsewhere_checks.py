@@ -66,3 +66,52 @@ def test_what_cannot_move_is_refused_before_anything_is_written(tmp_path):
         assert words in result.stderr and "Traceback" not in result.stderr, (shape, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before
+
+
+def test_local_folders_are_recorded_as_absolute_paths(tmp_path):
+    """A relative --data (or --model) in recipe.yaml would name another folder, or none, for a
+    resume from another working directory, a copied run or a SLURM job elsewhere."""
+    import shutil
+
+    from conftest import save_tiny_t5
+
+    from launcher.core.paths import SAMPLE_DATA_DIR
+
+    shutil.copytree(SAMPLE_DATA_DIR, tmp_path / "ds")
+    save_tiny_t5(tmp_path / "model")
+    args = ("--cpu", "--model", "model", "--data", "ds", "--output", "run", "--dry-run")
+    assert run_cli_in_process("full", *args, cwd=tmp_path).returncode == 0
+    recipe = read_run_recipe(tmp_path / "run")
+    assert (recipe.model.name, recipe.data.dataset) == (str(tmp_path / "model"), str(tmp_path / "ds"))
+    (tmp_path / "sample").mkdir()
+    embedded = run_cli_in_process("full", *COMMON, "--output", "run2", "--dry-run", cwd=tmp_path)
+    assert embedded.returncode == 0  # embedded names stay names (even beside a folder called sample)
+    assert (
+        read_run_recipe(tmp_path / "run2").model.name,
+        read_run_recipe(tmp_path / "run2").data.dataset,
+    ) == (
+        "tiny-t5",
+        "sample",
+    )
+
+
+def test_command_sh_of_a_copied_or_moved_run_refuses_to_start_the_original(tmp_path):
+    """command.sh names its run directory by absolute path: started from a copy it would train, and
+    write logs, in the original run. It stops with one line naming the folder to render."""
+    import shutil
+    import subprocess
+
+    original = tmp_path / "run"
+    assert run_cli_in_process("full", *COMMON, "--output", str(original), "--dry-run").returncode == 0
+    copy = shutil.copytree(original, tmp_path / "copy")
+    before = sorted(p.name for p in original.iterdir())
+    result = subprocess.run(["bash", str(copy / "command.sh")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"error: {copy}/command.sh belongs to the run in {original}; render one for this folder with the same "
+        f"ftlaunch command and --output {copy} --resume auto"
+    )
+    assert sorted(p.name for p in original.iterdir()) == before  # no logs written into the original
+    moved = original.rename(tmp_path / "moved")
+    result = subprocess.run(["bash", str(moved / "command.sh")], capture_output=True, text=True)
+    assert result.returncode == 2 and f"belongs to the run in {original}" in result.stderr

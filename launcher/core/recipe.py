@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -842,6 +843,27 @@ def type_name(annotation: Any) -> str:
     if get_origin(annotation) is list:
         return f"list[{type_name(get_args(annotation)[0])}]"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def absolute_local_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its local model, tokenizer and data folders as absolute paths: a relative
+    ``--data ds`` in recipe.yaml would name another folder (or none) for a resume started from
+    another directory, a copied run, or a SLURM job's other working directory. Embedded names and
+    hub ids stay as written; symbolic links are kept (not resolved)."""
+
+    def absolute(name: str | None, embedded: str) -> str | None:
+        if name is None or name == embedded or not Path(name).expanduser().exists():
+            return name
+        return os.path.abspath(Path(name).expanduser())
+
+    model = recipe.model.model_copy(
+        update={
+            "name": absolute(recipe.model.name, EMBEDDED_MODEL),
+            "tokenizer": absolute(recipe.model.tokenizer, EMBEDDED_MODEL),
+        }
+    )
+    data = recipe.data.model_copy(update={"dataset": absolute(recipe.data.dataset, EMBEDDED_DATA)})
+    return recipe.model_copy(update={"model": model, "data": data})
 
 
 def recipe_keys() -> list[KeyInfo]:

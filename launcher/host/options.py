@@ -118,7 +118,7 @@ def train_recipe(method: str, options: TrainOptions):
     """The validated recipe `ftlaunch full|lora` runs with these options: the recipe file, its --set
     overrides, then the flags; and the --zero auto note (or None). `ftlaunch sweep` builds each of
     its points here too."""
-    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe_data
+    from launcher.core.recipe import absolute_local_paths, build_recipe, default_recipe_path, load_recipe_data
 
     path = options.recipe_path or default_recipe_path(method)
     raw, overridden = load_recipe_data(path, list(options.overrides))
@@ -145,7 +145,7 @@ def train_recipe(method: str, options: TrainOptions):
                 break  # the recipe's own section is malformed: validation below names it
             raw[section][name] = value
             flagged[FLAG_KEYS[flag]] = flag_name(flag)
-    recipe = build_recipe(raw, f"recipe {path}", overridden, flagged)
+    recipe = absolute_local_paths(build_recipe(raw, f"recipe {path}", overridden, flagged))
     zero_note = None
     if zero == "auto":
         changes, zero_note = pick_zero_stage(recipe, options.gpu_mem, keep_offload=offload is not None)
@@ -180,6 +180,7 @@ def eval_recipe(options: EvalOptions):
     model on one split)."""
     from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
     from launcher.core.recipe import (
+        absolute_local_paths,
         apply_overrides,
         build_recipe,
         default_recipe_path,
@@ -219,7 +220,7 @@ def eval_recipe(options: EvalOptions):
     source = str(folder / SETTINGS_FILE) if settings else "command line"
     if options.limit is not None:
         flags["eval.limit"] = "--limit"
-    return build_recipe(raw, source, overridden, flagged=flags)
+    return absolute_local_paths(build_recipe(raw, source, overridden, flagged=flags))
 
 
 def saved_settings(options: EvalOptions) -> tuple[Path | None, dict | None]:

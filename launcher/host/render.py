@@ -345,6 +345,7 @@ def render_command(recipe: Recipe, run_dir: Path, entry: RankEntry) -> str:
         f"# Rendered by ftlaunch: {invocation}",
         "# Run it on every node (one launcher per node); each starts its node's ranks.",
         "set -euo pipefail",
+        *own_run_dir_check(run_dir),
         "# Only the ranks handle SIGUSR1 (checkpoint and exit); the launcher ignores it.",
         "trap '' USR1",
     ]
@@ -358,6 +359,23 @@ def render_command(recipe: Recipe, run_dir: Path, entry: RankEntry) -> str:
     lines += setup
     lines.append("exec " + " ".join(launch_args + entry.rank_args(run_dir)))
     return "\n".join(lines) + "\n"
+
+
+def own_run_dir_check(run_dir: Path) -> list[str]:
+    """command.sh names its run directory by absolute path: run from a copied or moved run, it
+    would train (and write logs) in the original. It stops instead, naming the command that
+    renders the folder it is in."""
+    quoted = shlex.quote(str(run_dir))
+    return [
+        "# This file belongs to the run in its --run-dir: a copied or moved run renders its own.",
+        f"run_dir={quoted}",
+        'here="$(cd "$(dirname "${BASH_SOURCE[0]:-$run_dir/command.sh}")" && pwd -P)"',
+        'if [ "$here" != "$(cd "$run_dir" 2>/dev/null && pwd -P)" ]; then',
+        '    echo "error: $here/command.sh belongs to the run in $run_dir; render one for this folder with the'
+        ' same ftlaunch command and --output $here --resume auto" >&2',
+        "    exit 2",
+        "fi",
+    ]
 
 
 def offload_thread_lines(recipe: Recipe) -> list[str]:
