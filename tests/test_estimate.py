@@ -280,6 +280,39 @@ def test_zero_auto_counts_on_gradient_checkpointing(tmp_path):
     assert checkpointed.activations_gib < plain.activations_gib / 5
 
 
+@pytest.mark.parametrize(("offload", "stage"), [("optimizer", 2), ("full", 3), ("none", 0)])
+def test_zero_auto_keeps_the_users_offload_and_picks_the_stage(tmp_path, offload, stage):
+    """--zero auto --offload X: the smallest stage (in PREFERENCE order) that fits with that offload.
+    Before, the offload was checked against DDP (the recipe's zero 0) and refused."""
+    from conftest import run_cli_in_process
+
+    from launcher.core.recipe import read_run_recipe
+
+    out = tmp_path / "run"
+    result = run_cli_in_process(
+        "full", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--zero", "auto",
+        "--offload", offload, "--gpu-mem", "80", "--dry-run", "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    launch = read_run_recipe(out).launch
+    assert (launch.zero, launch.offload) == (stage, offload)
+    tiny = estimate.estimate_model("tiny-t5", RunShape(gpus=2))
+    assert estimate.recommend(tiny, 80.0, offload=offload).stage == stage
+
+
+def test_conflicting_sharding_flags_blame_the_flags_not_the_recipe_file(tmp_path):
+    from conftest import run_cli_in_process
+
+    common = ("full", "--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--dry-run")
+    for flags, start in (
+        (("--zero", "0", "--offload", "optimizer"), "error: --offload: launch.offload needs sharding"),
+        (("--fsdp", "--zero", "2"), "error: --zero, --fsdp: launch.fsdp (--fsdp) and launch.zero=2"),
+    ):
+        result = run_cli_in_process(*common, *flags, "--output", str(tmp_path / "r"))
+        assert result.returncode == 2 and result.stderr.startswith(start), result.stderr
+        assert "recipes/full.yaml" not in result.stderr and not (tmp_path / "r").exists()
+
+
 def test_adafactor_drops_adams_moments_under_ddp_and_keeps_one_flat_moment_under_zero():
     """train.optimizer=adafactor: DDP's 20 bytes per parameter less Adam's 8 (the factored
     moments are negligible); under ZeRO (flat partitions, unfactored) one fp32 moment instead of

@@ -731,11 +731,21 @@ def build_recipe(
         loc = schema_key(exc.errors()[0]["loc"])
         key = ".".join(loc)
         reason = describe_validation_error(exc)
-        flag = (flagged or {}).get(key)
+        flag = (flagged or {}).get(key) or flags_named(reason, flagged or {}, len(loc) <= 1)
         blamed = "command line" if flag else "--set" if caused_by(loc, reason, overridden) else source
         raise UserError(
             f"{flag or blamed}: {reason}", key=key or None, source=blamed, reason=reason
         ) from None
+
+
+def flags_named(reason: str, flagged: dict[str, str], rule: bool) -> str | None:
+    """A rule of a section or of the whole recipe broken by flags (``--zero 0 --offload optimizer``):
+    the flags whose keys its message names, to blame instead of the recipe file the user never
+    named; None when it names none."""
+    if not rule:
+        return None
+    named = [flag for key, flag in flagged.items() if re.search(rf"\b{re.escape(key)}\b", reason)]
+    return ", ".join(dict.fromkeys(named)) or None
 
 
 def schema_key(loc: tuple) -> list[str]:

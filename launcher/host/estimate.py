@@ -411,26 +411,35 @@ def estimate_model(model: str, shape: RunShape, fsdp: bool = False) -> list[Esti
     return estimate_rows(model_spec(model), shape, fsdp)
 
 
-def recommend(rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM) -> EstimateRow:
+def recommend(
+    rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM, offload: str | None = None
+) -> EstimateRow:
     """The smallest stage that fits without offload, else the least offload (then smallest stage)
-    that fits in ``gpu_mem_gib`` x (1 - headroom), in ``PREFERENCE`` order; UserError when nothing fits."""
-    by_key = {(row.stage, row.offload): row for row in rows if not row.fsdp}
+    that fits in ``gpu_mem_gib`` x (1 - headroom), in ``PREFERENCE`` order; UserError when nothing fits.
+    ``offload``: the user's own --offload, kept (the smallest stage that fits with it)."""
+    by_key = {
+        (row.stage, row.offload): row for row in rows if not row.fsdp and offload in (None, row.offload)
+    }
     for key in PREFERENCE:
         row = by_key.get(key)
         if row is not None and row.fits(gpu_mem_gib, headroom):
             return row
     smallest = min(by_key.values(), key=lambda row: row.total_gib)
+    kept = f" with --offload {offload}" if offload else ""
     raise UserError(
-        f"nothing fits in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom): the smallest is "
+        f"nothing fits{kept} in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom): the smallest is "
         f"{smallest.label} at {smallest.total_gib:.1f} GiB; use more GPUs, LoRA, or a smaller micro batch"
     )
 
 
-def zero_auto(model: str, gpu_mem_gib: float, shape: RunShape, fsdp: bool = False) -> tuple[EstimateRow, str]:
+def zero_auto(
+    model: str, gpu_mem_gib: float, shape: RunShape, fsdp: bool = False, offload: str | None = None
+) -> tuple[EstimateRow, str]:
     """For ``--zero auto``: the recommended row and one line for the dry-run summary. With
-    ``--fsdp`` the sharding engine is chosen: auto decides the offload only."""
+    ``--fsdp`` the sharding engine is chosen: auto decides the offload only; with ``--offload``
+    the offload is chosen: auto decides the stage only."""
     rows = estimate_model(model, shape, fsdp)
-    row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib)
+    row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib, offload=offload)
     choice = "FSDP2 with the least offload" if fsdp else "the smallest stage"
     return row, (
         f"{row.label} (--zero auto: {choice} that fits {gpu_mem_gib:g} GiB per GPU; "

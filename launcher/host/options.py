@@ -107,7 +107,8 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer,
     )
-    row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp)
+    kept = recipe.launch.offload if keep_offload else None
+    row, note = zero_auto(recipe.model.name, memory or 80.0, shape, recipe.launch.fsdp, kept)
     changes: dict[str, object] = {"zero": row.stage}
     if not keep_offload:
         changes["offload"] = row.offload
@@ -131,8 +132,13 @@ def train_recipe(method: str, options: TrainOptions):
         )
     zero, offload = options.zero, options.offload
     values = {flag: getattr(options, flag) for flag in FLAG_KEYS}
+    # --zero auto with an --offload of the user's: a sharded stage to validate with (the offload
+    # needs one); pick_zero_stage then chooses the stage among those with that offload
+    auto_with_offload = (
+        zero == "auto" and offload is not None and offload.value != "none" and not options.fsdp
+    )
     values.update(
-        zero=parse_zero(zero) if zero not in (None, "auto") else None,
+        zero=parse_zero(zero) if zero not in (None, "auto") else 3 if auto_with_offload else None,
         offload=offload.value if offload else None,
         fsdp=True if options.fsdp else None,
         cpu=True if options.cpu else None,
