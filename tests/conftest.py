@@ -167,6 +167,20 @@ def trained_run(tmp_path_factory):
     return get
 
 
+def set_refused(tmp_path: Path, overrides: list[str], words: list[str]) -> None:
+    """`ftlaunch full ... --set OVERRIDE...` refused before anything is written: exit 2, one line
+    (no traceback) holding every one of ``words``."""
+    args = [item for override in overrides for item in ("--set", override)]
+    result = run_cli_in_process(
+        "full", "--cpu", "--model", "tiny-t5", "--data", "sample", "--output", str(tmp_path / "r"), *args
+    )
+    assert result.returncode == 2 and not (tmp_path / "r").exists()
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    for word in words:
+        assert word in line, line
+
+
 def save_tiny_t5(path: Path) -> Path:
     """tiny-t5 and its tokenizer written with save_pretrained: a model directory as users have one."""
     from transformers import AutoTokenizer

@@ -11,11 +11,10 @@ import inspect
 import math
 
 import pytest
-import torch
-from conftest import read_jsonl, run_cli_harness, run_cli_in_process
+from conftest import read_jsonl, run_cli_harness, set_refused
+from test_update_once import scheduled_lrs
 
 from launcher.core.recipe import SCHEDULE_OPTIONS, TrainSection, build_recipe
-from launcher.rank.optimization import build_scheduler
 
 TOTAL, WARMUP = 12, 2
 
@@ -23,19 +22,6 @@ TOTAL, WARMUP = 12, 2
 def recipe_with(scheduler: str, peak: float = 1.0, **options):
     train = {"scheduler": scheduler, "scheduler_options": options, "warmup_steps": WARMUP, "lr": peak}
     return build_recipe({"model": {"name": "tiny-t5"}, "train": train}, "test")
-
-
-def scheduled_lrs(recipe) -> list[float]:
-    """The learning rate of each of TOTAL optimizer steps (optimizer built with the recipe's lr)."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=recipe.train.lr)
-    scheduler = build_scheduler(optimizer, recipe, TOTAL)
-    lrs = []
-    for _ in range(TOTAL):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
 
 
 def after_warmup(formula):
@@ -68,11 +54,11 @@ def half_cosine(progress: float) -> float:
     ],
 )
 def test_each_schedule_follows_its_formula_with_its_options(scheduler, options, expected):
-    assert scheduled_lrs(recipe_with(scheduler, **options)) == pytest.approx(expected, abs=1e-12)
+    assert scheduled_lrs(recipe_with(scheduler, **options), TOTAL) == pytest.approx(expected, abs=1e-12)
 
 
 def test_the_default_cosine_is_one_half_wave_down():
-    assert scheduled_lrs(recipe_with("cosine")) == pytest.approx(after_warmup(half_cosine), abs=1e-12)
+    assert scheduled_lrs(recipe_with("cosine"), TOTAL) == pytest.approx(after_warmup(half_cosine), abs=1e-12)
 
 
 def test_every_schedule_option_is_a_parameter_of_transformers_schedule_function():
@@ -132,15 +118,7 @@ def test_every_schedule_option_is_a_parameter_of_transformers_schedule_function(
     ],
 )
 def test_a_schedule_option_it_does_not_take_or_a_meaningless_value_is_refused(tmp_path, overrides, words):
-    args = [item for override in overrides for item in ("--set", override)]
-    result = run_cli_in_process(
-        "full", "--cpu", "--model", "tiny-t5", "--data", "sample", "--output", str(tmp_path / "r"), *args
-    )
-    assert result.returncode == 2 and not (tmp_path / "r").exists()
-    line = result.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line
-    for word in words:
-        assert word in line, line
+    set_refused(tmp_path, overrides, words)
 
 
 def test_schedule_options_set_one_by_one_reach_the_ranks_learning_rate(tmp_path):

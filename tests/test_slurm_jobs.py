@@ -370,16 +370,24 @@ def test_a_job_step_that_ended_well_without_a_finished_run_is_not_done(slurm_clu
     assert f"FTLAUNCH_OUTPUT={job.run_dir} sbatch" in log and "done:" not in log, job.diagnostics()
 
 
-def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm_cluster, tmp_path):
-    """`scancel JOB` is SIGTERM to the batch shell, as preemption and the time limit are; only
-    those requeue (Reason=Preempted/TimeLimit). A user's cancel (Reason=None) ends the job."""
+def training_job(slurm_cluster, tmp_path: Path) -> Job:
+    """A one-node full job of 100 epochs, returned once it trains (a loss line logged)."""
     long = ["--set", "train.epochs=100", "--set", "train.log_every=1", "--set", "eval.limit=2"]
     job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, *long])
     job.submit()
     metrics = job.run_dir / "metrics.jsonl"
+    started = wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), JOB_TIMEOUT_S)
+    if not (started and job.state() == "RUNNING"):
+        job.cancel()
+        pytest.fail(f"the job did not start training\n{job.diagnostics()}")
+    return job
+
+
+def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm_cluster, tmp_path):
+    """`scancel JOB` is SIGTERM to the batch shell, as preemption and the time limit are; only
+    those requeue (Reason=Preempted/TimeLimit). A user's cancel (Reason=None) ends the job."""
+    job = training_job(slurm_cluster, tmp_path)
     try:
-        started = wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), JOB_TIMEOUT_S)
-        assert started and job.state() == "RUNNING", job.diagnostics()
         slurm_cluster.run("scancel", job.id, timeout=30)
         assert slurm_cluster.wait_job_state(job.id, FINAL_STATES, 60) == "CANCELLED", job.diagnostics()
         time.sleep(15)  # a requeued job would be PENDING/RUNNING again within ~11 s
@@ -398,13 +406,8 @@ def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm_cluster, tmp_path)
 def test_an_outside_scontrol_requeue_is_not_taken_for_a_cancel(slurm_cluster, tmp_path):
     """`scontrol requeue JOB` also ends the job with SIGTERM and Reason=None, but its restart count
     is already up: SLURM requeues it, and the log says so instead of "submit it again"."""
-    long = ["--set", "train.epochs=100", "--set", "train.log_every=1", "--set", "eval.limit=2"]
-    job = Job(slurm_cluster, tmp_path, "full.sh", [*TINY, *long])
-    job.submit()
-    metrics = job.run_dir / "metrics.jsonl"
+    job = training_job(slurm_cluster, tmp_path)
     try:
-        started = wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), JOB_TIMEOUT_S)
-        assert started and job.state() == "RUNNING", job.diagnostics()
         slurm_cluster.run("scontrol", "requeue", job.id, timeout=30)
         assert wait_for(lambda: "SLURM_RESTART_COUNT=1" in job.log(), 90), job.diagnostics()
     finally:
