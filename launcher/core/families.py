@@ -168,9 +168,10 @@ def module_names(model) -> ModuleNames:
 
 
 def side(module) -> int:
-    """The smallest of a linear or embedding layer's two sizes (0 for other layers)."""
-    shape = getattr(module, "weight", None)
-    shape = getattr(shape, "shape", ())
+    """The smaller of a linear or embedding layer's two sizes (0 for other layers); under ZeRO-3's
+    ``zero.Init`` the real shape is ``ds_shape`` (``weight`` is an empty placeholder)."""
+    weight = getattr(module, "weight", None)
+    shape = getattr(weight, "ds_shape", getattr(weight, "shape", ()))
     return min(shape) if len(shape) == 2 else 0
 
 

@@ -552,12 +552,20 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     # that cannot start fails the run at once. A fresh start (also a --resume with no checkpoint
     # yet) drops metrics of earlier attempts; a resume those after its checkpoint.
     logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else 0)
+    try:
+        return train_started(run, logger, stop, found)
+    finally:
+        logger.close()
+
+
+def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> int:
+    """The original model's evaluation, the checkpoint ``found`` loaded, training, the final save,
+    evaluation and report (the trackers run throughout)."""
     from launcher.rank.evaluation import evaluate_original
 
     # Before restore() loads trained weights: the model is still the original here.
     evaluate_original(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir)
-    resumed = found is not None
-    if resumed:
+    if found is not None:
         restore(run, *found)
     log_restart(run, logger)
     log_segment(run, logger)
@@ -568,17 +576,14 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     )
     if run.state.step > run.total_steps:
         print_main(run.accelerator, past_the_end(run))
-    try:
-        completed = train_loop(run, logger, stop, resumed)
-        stop.uninstall()
-        if not completed:
-            return stop_after_signal(run)
-        marker = best.restore_best(run)
-        if marker:
-            logger.log(marker)
-        finish(run, logger)
-    finally:
-        logger.close()
+    completed = train_loop(run, logger, stop, found is not None)
+    stop.uninstall()
+    if not completed:
+        return stop_after_signal(run)
+    marker = best.restore_best(run)
+    if marker:
+        logger.log(marker)
+    finish(run, logger)
     return 0
 
 
