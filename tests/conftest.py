@@ -258,3 +258,14 @@ def small_disk(tmp_path):
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
         shutil.rmtree(point, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one AcceleratorState per process: a test that ran a command in-process
+    (summarize's one-rank generation) leaves its precision behind, and the next in-process
+    Accelerator of another precision is refused. Each test starts without one."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(True)
