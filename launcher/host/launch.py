@@ -527,10 +527,10 @@ def check_joins_the_same_run(run_dir: Path, recipe: Recipe, machine_rank: int) -
     the ranks of both nodes would train with whichever recipe.yaml was written last."""
     if not RunDir(run_dir).has_recipe() or not holds_run(run_dir):
         return
-    theirs = RunDir(run_dir).recipe_yaml.read_text()
-    if theirs == dump_recipe(recipe):
+    theirs, mine = RunDir(run_dir).recipe_yaml.read_text(), dump_recipe(recipe)
+    if theirs == mine:
         return
-    differing = recipe_differences(yaml.safe_load(theirs) or {}, yaml.safe_load(dump_recipe(recipe)))
+    differing = recipe_differences(yaml.safe_load(theirs) or {}, yaml.safe_load(mine))
     shown = ", ".join(f"{key}={mine!r} (the run's: {run!r})" for key, mine, run in differing[:3])
     more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
     raise UserError(
@@ -541,13 +541,14 @@ def check_joins_the_same_run(run_dir: Path, recipe: Recipe, machine_rank: int) -
 
 def recipe_differences(run: dict, mine: dict) -> list[tuple[str, object, object]]:
     """(dotted key, this node's value, the run's value) for every key whose values differ."""
-    found = []
-    for section in sorted(set(run) | set(mine)):
-        theirs, ours = run.get(section) or {}, mine.get(section) or {}
-        for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key) != ours.get(key):
-                found.append((f"{section}.{key}", ours.get(key), theirs.get(key)))
-    return found
+    from launcher.host.sweep_grid import flatten
+
+    theirs, ours = flatten(run), flatten(mine)
+    return [
+        (key, ours.get(key), theirs.get(key))
+        for key in sorted(set(theirs) | set(ours))
+        if theirs.get(key) != ours.get(key)
+    ]
 
 
 def check_launch(
