@@ -332,22 +332,27 @@ def test_preempted_job_checkpoints_requeues_and_resumes(lora_job, uninterrupted_
     )  # one row per step: the resumed run dropped nothing, doubled nothing
 
 
-def test_crash_is_not_requeued(slurm_cluster, tmp_path):
-    """A launcher that fails (here: a broken `accelerate` on PATH) fails the job, even with a stale
-    INTERRUPTED marker from an earlier run in the run directory: no requeue loop."""
+def use_fake_accelerate(job: Job, tmp_path: Path, body: str) -> None:
+    """The job finds an `accelerate` that runs ``body`` (shell) first on its PATH."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     fake = fake_bin / "accelerate"
-    fake.write_text("#!/bin/sh\necho 'fake accelerate: crashing' >&2\nexit 1\n")
+    fake.write_text(f"#!/bin/sh\n{body}\n")
     fake.chmod(0o755)
+    job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
+
+
+def test_crash_is_not_requeued(slurm_cluster, tmp_path):
+    """A launcher that fails (here: a broken `accelerate` on PATH) fails the job, even with a stale
+    INTERRUPTED marker from an earlier run in the run directory: no requeue loop."""
     job = Job(slurm_cluster, tmp_path, "lora.sh", TINY)
+    use_fake_accelerate(job, tmp_path, "echo 'fake accelerate: crashing' >&2\nexit 1")
     job.run_dir.mkdir()
     (job.run_dir / "recipe.yaml").write_text("# an earlier run of this directory\n")
     (job.run_dir / "command.sh").write_text(  # what makes it a run (a recipe.yaml alone may be a user's)
         f"accelerate launch --config_file {job.run_dir}/accelerate.yaml -m launcher.rank.train --run-dir {job.run_dir}\n"
     )
     (job.run_dir / "INTERRUPTED").write_text("step_2\n")
-    job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
     assert job.submit_and_wait() == "FAILED", job.diagnostics()
     assert job.cluster.job_field(job.id, "Restarts") == "0", job.diagnostics()
     log = job.log()
@@ -357,13 +362,8 @@ def test_crash_is_not_requeued(slurm_cluster, tmp_path):
 def test_a_job_step_that_ended_well_without_a_finished_run_is_not_done(slurm_cluster, tmp_path):
     """srun can exit 0 although the run did not finish (SLURM killed the step of a held, cancelled
     job); here `accelerate` exits 0 at once. The job fails naming the resume line, never "done"."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    fake = fake_bin / "accelerate"
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
     job = Job(slurm_cluster, tmp_path, "full.sh", TINY)
-    job.env["PATH"] = f"{fake_bin}{os.pathsep}{job.env['PATH']}"
+    use_fake_accelerate(job, tmp_path, "exit 0")
     assert job.submit_and_wait() == "FAILED", job.diagnostics()
     log = job.log()
     assert f"but {job.run_dir} is not finished (no final/ or report" in log, job.diagnostics()
