@@ -307,6 +307,18 @@ def test_frozen_bf16_only_for_lora_under_bf16_autocast_outside_deepspeed_and_fsd
     assert any(p.dtype == torch.bfloat16 for p in model.parameters()) is expected
 
 
+def test_dora_keeps_the_frozen_base_in_fp32():
+    """DoRA's column norms read the base weight itself: rounding it to bf16 would move every norm."""
+    from accelerate.utils import DistributedType
+
+    run_recipe = recipe("lora")
+    run_recipe.lora.use_dora = True
+    model = apply_lora(build_tiny_t5(VOCAB), run_recipe.lora)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert train.prepare_model_for_training(model, run_recipe, accelerator)["bf16_frozen"] == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 # ---------------------------------------------------------------- fused AdamW on CUDA
 
 

@@ -44,12 +44,16 @@ def total_parameters(name: str) -> int | None:
 
 
 def lora_parameters(recipe: Recipe, total: int) -> int:
-    """LoRA's trainable parameters: r x (in + out) per targeted matrix (the model's shapes when known)."""
+    """LoRA's trainable parameters: r x (in + out) per targeted matrix, + out with DoRA (the model's
+    shapes when known)."""
     from launcher.core.families import estimate_targets
 
     try:
         return lora_trainable_params(
-            model_facts(recipe.model.name), recipe.lora.r, estimate_targets(recipe.lora.target_modules)
+            model_facts(recipe.model.name),
+            recipe.lora.r,
+            estimate_targets(recipe.lora.target_modules),
+            recipe.lora.use_dora,
         )
     except UserError:
         return total // 100  # an unknown architecture: about 1%, LoRA's usual size

@@ -111,4 +111,7 @@ def lora_fingerprint(recipe: Recipe) -> str:
         return ""
     lora = recipe.lora
     targets = ",".join(lora.target_modules) if lora.target_modules else "query+value"
-    return f"r={lora.r} alpha={lora.alpha} targets={targets}"
+    variants = "".join(
+        f" {name}" for name, on in (("dora", lora.use_dora), ("rslora", lora.use_rslora)) if on
+    )
+    return f"r={lora.r} alpha={lora.alpha} targets={targets}{variants}"

@@ -353,9 +353,11 @@ def cached_facts(reference: str, _stamp: tuple) -> ModelFacts:
     return ModelFacts(name=reference, source="hub")
 
 
-def lora_trainable_params(spec: ModelFacts, r: int = 32, targets: Sequence[str] = ("q", "v")) -> int:
+def lora_trainable_params(
+    spec: ModelFacts, r: int = 32, targets: Sequence[str] = ("q", "v"), dora: bool = False
+) -> int:
     """LoRA parameters PEFT adds to a T5: r x (in + out) per targeted projection (the dimensions of
-    ``spec``).
+    ``spec``), and with DoRA one magnitude per output row.
 
     Attention blocks: one per encoder layer, two per decoder layer (self, cross). q/k/v map
     d_model -> heads x d_kv, o maps back; wi_0/wi_1/wo are the feed-forward matrices.
@@ -365,20 +367,22 @@ def lora_trainable_params(spec: ModelFacts, r: int = 32, targets: Sequence[str] 
     h = spec.d_model
     inner = (spec.num_heads or 1) * (spec.d_kv or h // (spec.num_heads or 1))
     f = spec.d_ff or 4 * h
-    per_attention = {"q": h + inner, "k": h + inner, "v": h + inner, "o": inner + h}
-    per_ffn = {"wi_0": h + f, "wi_1": h + f, "wo": f + h, "wi": h + f}
+    # (in, out) of each projection
+    per_attention = {"q": (h, inner), "k": (h, inner), "v": (h, inner), "o": (inner, h)}
+    per_ffn = {"wi_0": (h, f), "wi_1": (h, f), "wo": (f, h), "wi": (h, f)}
     # BART, mBART, Pegasus name the same matrices q_proj, k_proj, v_proj, out_proj, fc1, fc2.
-    per_attention |= {f"{name}_proj": size for name, size in per_attention.items() if name != "o"}
-    per_attention["out_proj"] = inner + h
-    per_ffn |= {"fc1": h + f, "fc2": f + h}
+    per_attention |= {f"{name}_proj": sides for name, sides in per_attention.items() if name != "o"}
+    per_attention["out_proj"] = (inner, h)
+    per_ffn |= {"fc1": (h, f), "fc2": (f, h)}
     attention_blocks = spec.num_layers + 2 * (spec.num_decoder_layers or spec.num_layers)
     ffn_blocks = spec.num_layers + (spec.num_decoder_layers or spec.num_layers)
     total = 0
     for target in targets:
         if target in per_attention:
-            total += r * per_attention[target] * attention_blocks
+            (inputs, outputs), blocks = per_attention[target], attention_blocks
         elif target in per_ffn:
-            total += r * per_ffn[target] * ffn_blocks
+            (inputs, outputs), blocks = per_ffn[target], ffn_blocks
         else:
             raise UserError(f"LoRA target {target!r} is not a T5 projection (q, k, v, o, wi_0, wi_1, wo)")
+        total += (r * (inputs + outputs) + (outputs if dora else 0)) * blocks
     return total

@@ -351,7 +351,23 @@ class LoraSection(Section):
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    use_rslora: bool = Field(
+        False,
+        description="Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r, "
+        "so a larger r still learns (PEFT's use_rslora).",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: learn each adapted weight's magnitude apart from its direction (PEFT's "
+        "use_dora); a little more memory and compute per adapted layer.",
+    )
     save_merged: bool = Field(False, description="Also write final/merged: base + adapter as one model.")
+
+    @property
+    def label(self) -> str:
+        """``LoRA``, ``DoRA``, ``LoRA (rank-stabilized)``: how the report and the card name it."""
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return f"{kind} (rank-stabilized)" if self.use_rslora else kind
 
 
 # The eval.* keys that are generate() arguments (recorded with the model in final/).

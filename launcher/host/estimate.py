@@ -197,15 +197,21 @@ class RunShape:
     target_len: int = 128
     lora_r: int = 32
     lora_targets: Sequence[str] = ("q", "v")
+    lora_dora: bool = False  # lora.use_dora: one trainable magnitude per adapted output row
     gradient_checkpointing: bool = False  # activations recomputed per layer (train.gradient_checkpointing)
     optimizer: str = "adamw"  # train.optimizer: adamw | adafactor (DDP and ZeRO, not FSDP2)
     micro_batch_tokens: int | None = None  # the token budget micro_batch was derived from, if any
 
     def trainable_params(self, spec: ModelFacts) -> int:
-        return lora_trainable_params(spec, self.lora_r, self.lora_targets) if self.lora else spec.params
+        if not self.lora:
+            return spec.params
+        return lora_trainable_params(spec, self.lora_r, self.lora_targets, self.lora_dora)
 
     def describe(self) -> str:
-        method = f"LoRA r={self.lora_r} on {','.join(self.lora_targets)}" if self.lora else "full fine-tuning"
+        kind = "DoRA" if self.lora_dora else "LoRA"
+        method = (
+            f"{kind} r={self.lora_r} on {','.join(self.lora_targets)}" if self.lora else "full fine-tuning"
+        )
         budget = f" (token budget {self.micro_batch_tokens})" if self.micro_batch_tokens else ""
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         checkpointing += ", Adafactor" if self.optimizer == "adafactor" else ""

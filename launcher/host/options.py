@@ -103,6 +103,7 @@ def pick_zero_stage(recipe, gpu_mem: float | None, keep_offload: bool) -> tuple[
         target_len=recipe.data.max_target_length,
         lora_r=recipe.lora.r,
         lora_targets=estimate_targets(recipe.lora.target_modules),
+        lora_dora=recipe.lora.use_dora,
         micro_batch_tokens=budget,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer,

@@ -31,7 +31,7 @@ from launcher.rank.distributed import (
     zero_stage,
 )
 from launcher.rank.fsdp import root_weights_gathered
-from launcher.rank.model import load_for_inference, load_tokenizer
+from launcher.rank.model import gather_dora_layers_whole, load_for_inference, load_tokenizer
 from launcher.rank.progress import make_progress
 from launcher.results.scoring import score_predictions
 
@@ -195,6 +195,8 @@ def evaluate_standalone(run_dir: Path) -> int:
         model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
     synced = False
     if recipe.launch.zero:
+        if recipe.launch.zero == 3:
+            gather_dora_layers_whole(model)
         model = accelerator.prepare(model)  # ZeRO-3 shards the weights over the ranks
         synced = zero_stage(accelerator) == 3
     else:

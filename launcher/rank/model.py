@@ -171,6 +171,8 @@ def lora_config(lora: LoraSection, targets: list[str]):
         target_modules=targets,
         lora_dropout=lora.dropout,
         bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
     )
 
 
@@ -255,6 +257,37 @@ def use_tanh_gelu_kernel(model: torch.nn.Module) -> int:
                 setattr(module, name, GELUTanh())
                 swapped += 1
     return swapped
+
+
+def dora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """PEFT LoRA layers with a DoRA magnitude (from the recipe or from a loaded adapter's config)."""
+    return [module for module in model.modules() if getattr(module, "lora_magnitude_vector", None)]
+
+
+def gather_dora_layers_whole(model: torch.nn.Module) -> int:
+    """ZeRO-3 with DoRA: gather each DoRA layer's parameters as one unit (DeepSpeed's leaf modules).
+
+    ZeRO-3 gathers a module's own parameters only while that module's ``forward`` runs, but
+    DoRA's forward reads the frozen base weight (for the column norms) and ``lora_A.weight``'s
+    shape from the parent LoRA layer, outside their owners' forwards: partitioned there, they
+    are empty and the first forward fails. A leaf module is gathered whole on entry, which is
+    what DoRA needs (each layer's weights are gathered anyway when it runs).
+
+    A leaf's parameters are released by a backward hook that, when no input of the layer needs
+    a gradient, fires as soon as its output's gradient is known: before autograd has added the
+    adapters' gradients, which then meet an empty weight. With LoRA nothing below the first layer
+    trains, so the embedding output is made to need a gradient (transformers'
+    ``enable_input_require_grads``): the hooks then fire after the layer's backward. Returns how
+    many layers were marked; call before ``accelerator.prepare``.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    layers = dora_layers(model)
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    if layers:
+        model.enable_input_require_grads()
+    return len(layers)
 
 
 def store_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:

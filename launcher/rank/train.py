@@ -47,6 +47,7 @@ from launcher.rank.model import (
     build_model,
     checkpointed_layers,
     count_parameters,
+    gather_dora_layers_whole,
     load_tokenizer,
     store_frozen_linear_weights,
     use_tanh_gelu_kernel,
@@ -123,12 +124,17 @@ def prepare_model_for_training(model, recipe: Recipe, accelerator) -> dict[str, 
       under DDP and in one process only. Not under ZeRO (its ``torch_autocast`` mode is given an
       fp32 module, and ZeRO-3 partitions and gathers frozen parameters too: a module of mixed
       dtypes is untested there) nor FSDP2 (it shards each block's parameters as one flat group,
-      which needs one dtype).
+      which needs one dtype), nor with DoRA (its column norms read the base weight: rounding
+      it would move every norm);
+    - ZeRO-3 with DoRA: each DoRA layer gathered whole (model.gather_dora_layers_whole).
     Returns what was changed, for the log line.
     """
     changed = {"tanh_gelu": use_tanh_gelu_kernel(model), "bf16_frozen": 0}
+    if recipe.launch.zero == 3:
+        gather_dora_layers_whole(model)
     if (
         recipe.train.method == "lora"
+        and not recipe.lora.use_dora
         and recipe.model.precision == "bf16"
         and not uses_deepspeed(accelerator)
         and not uses_fsdp(accelerator)

@@ -105,7 +105,7 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
     steps = str(last_step) if last_step is not None else f"not recorded (no steps in {run.metrics.name})"
     wall = run.final.stat().st_mtime - run.recipe_yaml.stat().st_mtime
     facts = [
-        ("method", "LoRA" if recipe.train.method == "lora" else "full fine-tuning"),
+        ("method", recipe.lora.label if recipe.train.method == "lora" else "full fine-tuning"),
         ("base model", f"`{recipe.model.name}`"),
         ("dataset", f"`{recipe.data.dataset}`"),
         ("world size", f"{recipe.launch.world_size} ({recipe.launch.nodes} node(s) x {recipe.launch.gpus})"),
