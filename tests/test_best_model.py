@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli_harness, set_refused
+from conftest import read_jsonl, run_cli_harness, save_tiny_t5, set_refused
 from safetensors.torch import load_file
 
 from launcher.core.checkpoint import TrainState
 from launcher.core.recipe import build_recipe
 from launcher.rank import best
 
+SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
 EVERY, MAX_STEPS = 4, 32  # sample data: 8 steps per epoch of 8 examples, 4 epochs
 
 
@@ -127,6 +128,45 @@ def test_epoch_intervals_evaluate_and_checkpoint_at_the_step_that_ends_each_epoc
     assert [row["step"] for row in metrics if "val_loss" in row and not row.get("final")] == ends[:-1]
     assert {p.name for p in (out / "checkpoints").glob("step_*")} == {f"step_{step}" for step in ends}
     assert [row["epoch"] for row in metrics if row.get("step") in ends and "loss" in row] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_eval_on_start_logs_the_original_models_scores_as_a_baseline_never_as_the_best(tmp_path):
+    """Seq2SeqTrainer's eval_on_start: step 0's validation loss is the original model's (an
+    independent one-example-at-a-time loss of the saved model) and its ROUGE is logged, but step 0
+    is no candidate for final/ and no evaluation without improvement: with patience 1 and a
+    learning rate that makes every step worse than the original, the first training evaluation
+    is still the best so far, so the run cannot stop before the second one."""
+    from test_training import reference_val_loss
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model_dir = save_tiny_t5(tmp_path / "tiny-t5")
+    out = tmp_path / "run"
+    result = run_cli_harness(
+        "full",
+        *("--cpu", "--gpus", "2", "--model", str(model_dir), "--data", "sample", "--output", str(out)),
+        *("--set", "model.precision=fp32", "--set", "train.eval_on_start=true", "--set", "train.epochs=2"),
+        *("--set", "train.lr=1.0", "--set", "train.scheduler=constant", "--set", "train.max_grad_norm=null"),
+        *("--set", "train.eval_every=2", "--set", "eval.rouge_every=2", "--set", "eval.rouge_limit=4"),
+        *("--set", "eval.max_new_tokens=8", "--set", "train.best_metric=val_loss"),
+        *("--set", "train.early_stopping_patience=1", "--set", "eval.after_training=false"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    start = next(row for row in metrics if row["step"] == 0 and "val_loss" in row)
+    original = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
+    rows = read_jsonl(SAMPLE / "validation.jsonl")
+    expected = reference_val_loss(original, AutoTokenizer.from_pretrained(str(model_dir)), rows)
+    assert start["val_loss"] == pytest.approx(expected, rel=1e-4)
+    assert "val_rougeL" in start and len(read_jsonl(out / "eval" / "step_0" / "predictions.jsonl")) == 4
+    trained = {row["step"]: row["val_loss"] for row in metrics if "val_loss" in row and row["step"] > 0}
+    assert min(trained.values()) > start["val_loss"], "the construction needs steps worse than the original"
+    marker = next(row for row in metrics if "best_step" in row)
+    assert marker["best_step"] > 0 and marker["best_value"] == min(
+        value for step, value in trained.items() if step <= marker["step"]
+    )
+    stopped = next((row["step"] for row in metrics if "early_stop" in row), max(trained))
+    assert stopped >= 4  # not at step 2, as it would if step 0 were the best so far
 
 
 # ---------------------------------------------------------------- the rules, without ranks

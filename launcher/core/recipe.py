@@ -260,6 +260,11 @@ class TrainSection(Section):
         description="Validation loss every N optimizer steps, or at the end of every epoch with epoch "
         "(Seq2SeqTrainer's eval_strategy; always at the end; null: only then).",
     )
+    eval_on_start: bool = Field(
+        False,
+        description="Also evaluate the original model at step 0 (Seq2SeqTrainer's eval_on_start): the "
+        "validation loss, and validation ROUGE when eval.rouge_every is set; a baseline, never the best.",
+    )
     checkpoint_every: Interval = Field(
         500,
         description="Checkpoint every N optimizer steps, or at the end of every epoch with epoch "

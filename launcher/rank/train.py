@@ -424,6 +424,18 @@ def evaluate_at_step(run: Run, logger: MetricsLogger) -> dict[str, float]:
     return scores
 
 
+def evaluate_on_start(run: Run, logger: MetricsLogger) -> None:
+    """train.eval_on_start: step 0's evaluations of the model before its first update, logged as a
+    baseline for the curves. Not a candidate for train.best_metric (final/ is a fine-tuned step)."""
+    scores = {"val_loss": checked_validation(run)}
+    if run.recipe.eval.rouge_every is not None:
+        scores.update(
+            best.validation_rouge(run.accelerator, run.model, run.tokenizer, run.recipe, run.run_dir, 0)
+        )
+    logger.log({"step": 0, **scores})
+    print_main(run.accelerator, f"step 0 validation loss {scores['val_loss']:.4f}")
+
+
 def track_best(run: Run, scores: dict[str, float], logger: MetricsLogger) -> tuple[bool, bool]:
     """(saved, stop): a better ``train.best_metric`` is checkpointed at once (pruning keeps it);
     ``train.early_stopping_patience`` evaluations without one stop training."""
@@ -582,6 +594,8 @@ def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> 
     )
     if run.state.step > run.total_steps:
         print_main(run.accelerator, past_the_end(run))
+    if run.recipe.train.eval_on_start and run.state.step == 0:
+        evaluate_on_start(run, logger)
     completed = train_loop(run, logger, stop, found is not None)
     stop.uninstall()
     if not completed:
