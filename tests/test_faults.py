@@ -739,8 +739,8 @@ def test_a_ddp_checkpoint_continues_on_another_number_of_ranks(tmp_path):
     assert shapes == [("fresh", 2, 1, "DDP"), ("resumed", 1, 2, "DDP")]
     micro = segments(metrics)[0]["micro_batch_size"]  # the recipe's, in both segments
     history = [
-        f"steps 0-4: DDP on 2 ranks (micro batch {micro} x accumulation 1), from scratch",
-        f"steps 4-{TOTAL_STEPS}: DDP on 1 rank (micro batch {micro} x accumulation 2), resumed from step_4",
+        f"steps 0-4: DDP on 2 ranks (micro batch {micro} x accumulation 1, fp32), from scratch",
+        f"steps 4-{TOTAL_STEPS}: DDP on 1 rank (micro batch {micro} x accumulation 2, fp32), resumed from step_4",
     ]
     # (evaluation is off in these runs: the report's and the card's parts, from the run's files)
     assert history_notes(metrics)[2:4] == [f"- {line}" for line in history]

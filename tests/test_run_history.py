@@ -36,7 +36,11 @@ def test_a_run_trained_in_one_go_has_no_history_lines():
 def test_each_segment_runs_from_its_start_to_the_next_one():
     zero3 = recipe("launch.zero=3", "launch.gpus=2", "train.grad_accum=2")
     ddp = recipe(
-        "launch.gpus=4", "launch.nodes=2", "train.micro_batch_tokens=4096", "train.micro_batch_size=1"
+        "launch.gpus=4",
+        "launch.nodes=2",
+        "train.micro_batch_tokens=4096",
+        "train.micro_batch_size=1",
+        "model.precision=fp32",
     )
     metrics = [
         segment_row(zero3, 0, 1, "fresh", None),
@@ -49,8 +53,8 @@ def test_each_segment_runs_from_its_start_to_the_next_one():
     micro = zero3.train.micro_batch_size
     assert [row["segment"] for row in segments(metrics)] == [1, 2, 3]
     assert history_lines(metrics) == [
-        f"steps 0-4: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2), from scratch",
-        f"steps 4-8: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2), restarted from step_4",
-        "steps 8-12: DDP on 8 ranks on 2 nodes (token budget 4,096 x accumulation 1), resumed from step_8",
+        f"steps 0-4: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2, bf16), from scratch",
+        f"steps 4-8: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2, bf16), restarted from step_4",
+        "steps 8-12: DDP on 8 ranks on 2 nodes (token budget 4,096 x accumulation 1, fp32), resumed from step_8",
     ]
     assert history_notes(metrics)[0] == "Run history (world size and strategy per segment):"

@@ -66,10 +66,16 @@ class TrainState:
     # ddp, zero1..3 or fsdp: how the weights and optimizer state are laid out in the checkpoint
     # ("" in checkpoints of older versions)
     strategy: str = ""
-    # train.best_metric: the best evaluated step so far, its value, evaluations since it improved.
+    # train.best_metric: the best evaluated step so far, its value, evaluations since it improved,
+    # and which metric they are about ("" in checkpoints of older versions).
     best_step: int | None = None
     best_value: float | None = None
     evaluations_without_improvement: int = 0
+    best_metric: str = ""
+    # What a resume may change but should say it did ("" in checkpoints of older versions): the
+    # learning-rate schedule as optimization.schedule_summary describes it, and model.precision.
+    schedule: str = ""
+    precision: str = ""
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")

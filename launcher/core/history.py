@@ -32,6 +32,7 @@ def segment_row(recipe, step: int, number: int, start: str, checkpoint: str | No
         "micro_batch_size": train.micro_batch_size,
         "micro_batch_tokens": train.micro_batch_tokens,
         "grad_accum": train.grad_accum,
+        "precision": recipe.model.precision,
     }
 
 
@@ -54,9 +55,10 @@ def describe_segment(row: dict[str, Any], end_step: int) -> str:
     )
     if row.get("checkpoint"):
         origin += f" from {row['checkpoint']}"
+    precision = f", {row['precision']}" if row.get("precision") else ""  # older runs did not record it
     return (
         f"steps {row['step']}-{end_step}: {row['strategy']} on {where} "
-        f"({budget} x accumulation {row['grad_accum']}), {origin}"
+        f"({budget} x accumulation {row['grad_accum']}{precision}), {origin}"
     )
 
 

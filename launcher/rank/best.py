@@ -56,7 +56,7 @@ def record(state: ckpt.TrainState, recipe: Recipe, value: float) -> bool:
     """Update the best-so-far record with this evaluation; True when it is the new best."""
     train = recipe.train
     if improves(value, state.best_value, train.best_metric, train.early_stopping_delta):
-        state.best_step, state.best_value = state.step, value
+        state.best_step, state.best_value, state.best_metric = state.step, value, train.best_metric
         state.evaluations_without_improvement = 0
         return True
     state.evaluations_without_improvement += 1
@@ -100,6 +100,31 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     return {f"val_{key}": shared[0][key] for key in ROUGE_TYPES}
 
 
+def continued_record(
+    saved: ckpt.TrainState, recipe: Recipe, run_dir: Path
+) -> tuple[ckpt.TrainState, str | None]:
+    """The best-so-far record a resume continues: the checkpoint's, unless it is about another
+    train.best_metric (its values are not comparable) or its best step's checkpoint is gone
+    (final/ could not be loaded from it). Then the record starts again, and the note says why."""
+    kept = ckpt.TrainState(
+        best_step=saved.best_step,
+        best_value=saved.best_value,
+        evaluations_without_improvement=saved.evaluations_without_improvement,
+        best_metric=saved.best_metric,
+    )
+    if saved.best_step is None or not recipe.train.best_metric:
+        return kept, None
+    was = f"the best-so-far record (step {saved.best_step}, {metric_key(saved.best_metric or recipe.train.best_metric)} "
+    was += f"{saved.best_value:.4f})"
+    if saved.best_metric and saved.best_metric != recipe.train.best_metric:
+        why = f"train.best_metric changed {saved.best_metric} -> {recipe.train.best_metric}"
+    elif saved.best_step != saved.step and not RunDir(run_dir).checkpoint(saved.best_step).is_dir():
+        why = f"the best step's checkpoint {RunDir(run_dir).checkpoint(saved.best_step)} is gone"
+    else:
+        return kept, None
+    return ckpt.TrainState(), f"{why}: {was} starts again from step {saved.step}"
+
+
 def restore_best(run) -> dict | None:
     """Load the best step's checkpoint into the model (all ranks) when it is not the last step;
     returns the metrics.jsonl marker that says which step final/ holds."""
@@ -114,6 +139,12 @@ def restore_best(run) -> dict | None:
     }
     if state.best_step != state.step:
         best = RunDir(run.run_dir).checkpoint(state.best_step)
+        if not best.is_dir():  # removed by hand while training ran: keep the last step, say so
+            print_main(
+                run.accelerator,
+                f"warning: the best step's checkpoint {best} is gone: final/ holds the last step",
+            )
+            return None
         run.accelerator.load_state(str(best))
         run.model.train()
     print_main(

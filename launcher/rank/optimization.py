@@ -146,6 +146,14 @@ def build_scheduler(optimizer, recipe: Recipe, total_steps: int):
     )
 
 
+def schedule_summary(recipe: Recipe, total_steps: int) -> str:
+    """What sets each step's learning rate, in words (a resume that changes it says so):
+    ``linear, warm-up 0 of 40 steps`` or ``polynomial (lr_end 1e-06, power 2), warm-up 5 of 80 steps``."""
+    options = ", ".join(f"{key} {value:g}" for key, value in recipe.train.scheduler_options.items())
+    name = f"{recipe.train.scheduler} ({options})" if options else recipe.train.scheduler
+    return f"{name}, warm-up {warmup_steps(recipe, total_steps)} of {total_steps} steps"
+
+
 def total_optimizer_steps(recipe: Recipe, batches_per_rank: list[int]) -> int:
     """Optimizer steps of the whole run: every epoch's, until train.max_steps."""
     total = sum(math.ceil(count / recipe.train.grad_accum) for count in batches_per_rank)

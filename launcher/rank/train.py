@@ -58,6 +58,7 @@ from launcher.rank.optimization import (
     describe_optimizer,
     reapply_recipe_settings,
     recipe_group_settings,
+    schedule_summary,
     total_optimizer_steps,
 )
 from launcher.rank.step_stats import StepResult, WindowStats, metrics_row
@@ -236,6 +237,7 @@ def set_up(run_dir: Path) -> Run:
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     state = ckpt.expected_state(recipe, accelerator.num_processes)
+    state.schedule, state.precision = schedule_summary(recipe, total_steps), recipe.model.precision
     return Run(
         recipe,
         run_dir,
@@ -283,10 +285,15 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
         saved.epoch,
         ckpt.resumed_position(saved, run.state),  # the same steps on another number of ranks
     )
-    # the best-so-far record of train.best_metric continues too
-    run.state.best_step, run.state.best_value = saved.best_step, saved.best_value
-    run.state.evaluations_without_improvement = saved.evaluations_without_improvement
+    # the best-so-far record of train.best_metric continues too (unless it cannot: best.continued_record)
+    record, note = best.continued_record(saved, run.recipe, run.run_dir)
+    run.state.best_step, run.state.best_value = record.best_step, record.best_value
+    run.state.evaluations_without_improvement = record.evaluations_without_improvement
+    run.state.best_metric = record.best_metric
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
+    for line in [note, *resumed_changes(saved, run.state)]:
+        if line:
+            print_main(run.accelerator, f"note: {line}")
     changed = reapply_recipe_settings(run.optimizer, run.scheduler, built)
     if changed:
         print_main(
@@ -294,6 +301,24 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
             f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
         )
     run.resumed_from = checkpoint.name
+
+
+def resumed_changes(saved: ckpt.TrainState, current: ckpt.TrainState) -> list[str]:
+    """What a resume changes without being refused, said once: the learning-rate schedule (its
+    type, options, warm-up or length: the rate jumps to the new schedule's value at this step)
+    and the precision. Checkpoints of older versions did not record them."""
+    changes = []
+    if saved.schedule and saved.schedule != current.schedule:
+        changes.append(
+            f"the learning-rate schedule changed: {saved.schedule} -> {current.schedule}; "
+            f"from step {saved.step + 1} the rate follows the new one"
+        )
+    if saved.precision and saved.precision != current.precision:
+        changes.append(
+            f"model.precision changed {saved.precision} -> {current.precision}: steps 1-{saved.step} "
+            f"trained in {saved.precision}, the rest in {current.precision}"
+        )
+    return changes
 
 
 def train_step(run: Run, window: list[dict]) -> StepResult:
@@ -596,7 +621,16 @@ def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> 
         print_main(run.accelerator, past_the_end(run))
     if run.recipe.train.eval_on_start and run.state.step == 0:
         evaluate_on_start(run, logger)
-    completed = train_loop(run, logger, stop, found is not None)
+    stopped_before = best.early_stop_reason(run.state, run.recipe) if found is not None else None
+    if stopped_before:  # the checkpoint is where an early stop ended training: it stays ended
+        print_main(
+            run.accelerator,
+            f"training had already stopped: {stopped_before} (to train on, raise "
+            "train.early_stopping_patience or set it to null)",
+        )
+        completed = True
+    else:
+        completed = train_loop(run, logger, stop, found is not None)
     stop.uninstall()
     if not completed:
         return stop_after_signal(run)
