@@ -122,3 +122,31 @@ def test_a_changed_schedule_and_precision_are_said_on_resume(stopped, tmp_path):
     assert "note: model.precision changed fp32 -> bf16: steps 1-8 trained in fp32, the rest in bf16" in output
     segments = [row for row in read_jsonl(run / "metrics.jsonl") if "segment" in row]
     assert [row["precision"] for row in segments] == ["fp32", "bf16"]
+
+
+def test_a_forced_resume_with_another_micro_batch_keeps_its_place_in_the_epoch(tmp_path):
+    """--force-resume with micro batch 4 -> 2: the 32 examples of the first 4 steps (2 ranks x 4)
+    are half of the epoch's 64, so training goes on at step 8 of the epoch's 16 new steps (not at
+    step 4: the epoch went backwards), and the run says where it ends: 4 + 8 + 16 = 28 steps, short
+    of the 32 its new schedule counts."""
+    run = tmp_path / "run"
+    shape = (*RUN[:10], *TINY_FAST, "--set", "train.epochs=2", "--set", "train.checkpoint_every=4")
+    first = run_cli_harness(*shape, "--set", "train.max_steps=4", "--output", str(run))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    result = run_cli_harness(
+        *shape,
+        "--set",
+        "train.micro_batch_size=2",
+        "--output",
+        str(run),
+        "--resume",
+        "auto",
+        "--force-resume",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "the schedule was sized for 32 steps of this shape, but train.epochs=2 ends at step 28" in output
+    rows = [row for row in read_jsonl(run / "metrics.jsonl") if "loss" in row]
+    epochs = [row["epoch"] for row in rows]
+    assert epochs == sorted(epochs) and epochs[4] == pytest.approx(9 / 16)
+    assert rows[-1]["step"] == 28 and rows[-1]["epoch"] == 2.0

@@ -153,8 +153,18 @@ def describe_conversion(checkpoint: Path, saved: TrainState, current: TrainState
 
 def resumed_position(saved: TrainState, current: TrainState) -> int:
     """This rank's micro-batches into the epoch: the saved steps into the epoch, at this run's
-    accumulation (a checkpoint is written after a whole step)."""
-    return saved.batches_in_epoch // saved.grad_accum * current.grad_accum
+    accumulation (a checkpoint is written after a whole step). A step of another size (a micro
+    batch changed under --force-resume) counts the examples already seen, in whole new steps, so
+    the epoch does not go backwards; token budgets pack steps unevenly and keep the step count."""
+    steps = saved.batches_in_epoch // saved.grad_accum
+    if saved.micro_batch_tokens is None and current.micro_batch_tokens is None:
+        seen = steps * examples_per_step(saved)
+        steps = seen // examples_per_step(current)
+    return steps * current.grad_accum
+
+
+def examples_per_step(state: TrainState) -> int:
+    return state.micro_batch_size * state.world_size * state.grad_accum
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

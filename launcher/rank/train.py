@@ -19,6 +19,7 @@ Raises: UserError (exit 2) for a checkpoint of another run shape.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,7 +292,7 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
     run.state.evaluations_without_improvement = record.evaluations_without_improvement
     run.state.best_metric = record.best_metric
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
-    for line in [note, *resumed_changes(saved, run.state)]:
+    for line in [note, *resumed_changes(saved, run.state), short_of_the_schedule(run)]:
         if line:
             print_main(run.accelerator, f"note: {line}")
     changed = reapply_recipe_settings(run.optimizer, run.scheduler, built)
@@ -301,6 +302,25 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
             f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
         )
     run.resumed_from = checkpoint.name
+
+
+def short_of_the_schedule(run: Run) -> str | None:
+    """A forced resume with another step size can run out of epochs before the schedule (sized
+    for the whole run in the new steps) ends: say at which step it will stop, and why."""
+    state, recipe = run.state, run.recipe
+    last = state.step
+    for epoch in range(state.epoch, recipe.train.epochs):
+        left = epoch_length(epoch, run.batches_by_epoch) - (
+            state.batches_in_epoch if epoch == state.epoch else 0
+        )
+        last += math.ceil(max(left, 0) / recipe.train.grad_accum)
+    if last >= run.total_steps:
+        return None
+    return (
+        f"the schedule was sized for {run.total_steps} steps of this shape, but train.epochs={recipe.train.epochs} "
+        f"ends at step {last} (the steps before {state.step} were of another size): the learning rate "
+        "will not reach its end; set train.max_steps to end it earlier, or resume with the checkpoint's batch"
+    )
 
 
 def resumed_changes(saved: ckpt.TrainState, current: ckpt.TrainState) -> list[str]:
