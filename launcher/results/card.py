@@ -17,6 +17,7 @@ import yaml
 from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
 from launcher.core.model_settings import read_inference_settings
+from launcher.core.paths import is_local_reference
 from launcher.core.recipe import (
     EMBEDDED_DATA,
     EMBEDDED_MODEL,
@@ -57,7 +58,7 @@ def check_model_scores(rouge: Path, name: str, entry: Any, fix: str) -> None:
 
 def hub_reference(name: str) -> str | None:
     """A name the Hub can resolve (local folders and embedded assets are not)."""
-    if name in (EMBEDDED_MODEL, EMBEDDED_DATA) or name.startswith((".", "/", "~")) or Path(name).exists():
+    if name in (EMBEDDED_MODEL, EMBEDDED_DATA) or is_local_reference(name):
         return None
     return name
 
