@@ -16,6 +16,7 @@ dir or model path and bad LoRA targets are in test_cli_errors.py; this file cove
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -674,6 +675,135 @@ def test_eval_model_hub_id_without_network(tmp_path, no_launch):
         run=run_cli,
         fragments=("'google/flan-t5-base'", "HF_HUB_OFFLINE=1", "--model DIR"),
     )
+
+
+# ---------------------------------------------------------------- relative paths that are no hub id
+
+
+def interrupted_run(folder: Path) -> Path:
+    """A training run stopped before its final/ (recipe.yaml and command.sh, no final/)."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text((SAMPLE.parents[2] / "recipes" / "full.yaml").read_text())
+    (folder / "command.sh").write_text("accelerate launch -m launcher.rank.train --run-dir .\n")
+    return folder
+
+
+TRAIN_FLAGS = ("--cpu", "--gpus", "2", "--data", "sample")
+PATH_COMMANDS = {
+    "eval": ("eval", "--cpu", "--data", "sample"),
+    "full": ("full", *TRAIN_FLAGS),
+    "full-dry-run": ("full", *TRAIN_FLAGS, "--dry-run"),
+    "lora-dry-run": ("lora", *TRAIN_FLAGS, "--dry-run"),
+    "sweep-dry-run": ("sweep", "full", "--grid", "train.lr=1e-4,2e-4", *TRAIN_FLAGS, "--dry-run"),
+}
+
+
+@pytest.mark.parametrize("runs", ["absent", "interrupted"])
+@pytest.mark.parametrize("command", sorted(PATH_COMMANDS))
+def test_a_relative_model_path_that_does_not_exist_is_refused_as_a_path_not_sent_to_the_hub(
+    tmp_path, no_launch, command, runs
+):
+    """``runs/B0/final`` (two slashes) can be no hub id (NAME or NAMESPACE/NAME): a missing one is
+    refused in the same line as the absolute path, dry run or not, never handed to the hub client
+    (whose HFValidationError was a traceback). An interrupted run's final/ says what is missing."""
+    if runs == "interrupted":
+        interrupted_run(tmp_path / "runs" / "B0")
+    out = tmp_path / "out"
+    expected = {
+        "absent": "--model runs/B0/final does not exist; pass a directory written by save_pretrained",
+        "interrupted": (
+            "--model runs/B0/final does not exist: runs/B0 has no final/ model yet (training has not "
+            "finished: continue it with the same command and --resume auto)"
+        ),
+    }[runs]
+    refused(
+        no_launch,
+        *PATH_COMMANDS[command],
+        "--model",
+        "runs/B0/final",
+        "--output",
+        str(out),
+        output=out,
+        watch=(tmp_path / "runs",) if runs == "interrupted" else (),
+        run=functools.partial(run_cli_in_process, cwd=tmp_path),
+        fragments=(expected,),
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("estimate", "--model", "runs/B0/final"), "--model runs/B0/final does not exist"),
+        (("full", *TRAIN_FLAGS, "--model", "./nope", "--dry-run"), "--model ./nope does not exist"),
+        # DIR/NAME beside an existing DIR is a path: no hub repo is looked up
+        (("full", *TRAIN_FLAGS, "--model", "runs/B1", "--dry-run"), "--model runs/B1 does not exist"),
+        (
+            ("eval", "--cpu", "--data", "sample", "--model", "runs/B0"),
+            "--model runs/B0 is a run directory, not a model: runs/B0 has no final/ model yet",
+        ),
+        (
+            ("full", *TRAIN_FLAGS, "--model", "my model", "--dry-run"),
+            "--model 'my model' is neither an existing local path nor a hub id (",
+        ),
+        (
+            ("full", *TRAIN_FLAGS, "--set", "model.tokenizer=tok/a/b", "--dry-run"),
+            "model.tokenizer tok/a/b: no such directory",
+        ),
+        (
+            ("eval", "--cpu", "--data", "sample", "--set", "model.tokenizer=tok/a/b", "--dry-run"),
+            "model.tokenizer tok/a/b: no such directory",
+        ),
+        (
+            ("full", *TRAIN_FLAGS, "--model", "org/model", "--set", "model.tokenizer=a--b", "--dry-run"),
+            "model.tokenizer 'a--b' is neither an existing local path nor a hub id (",
+        ),
+        (("eval", "--cpu", "--data", "x--y"), "data 'x--y' is neither an existing local path nor a hub id ("),
+        (("eval", "--cpu", "--data", "x/y/z", "--dry-run"), "data 'x/y/z' is not a directory"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_reference_that_is_no_hub_id_is_refused_in_one_line_naming_its_flag(
+    tmp_path, no_launch, args, fragment
+):
+    interrupted_run(tmp_path / "runs" / "B0")
+    out = tmp_path / "out"
+    output_args = () if args[0] == "estimate" else ("--output", str(out))
+    refused(
+        no_launch,
+        *args,
+        *output_args,
+        output=out,
+        watch=(tmp_path / "runs",),
+        run=functools.partial(run_cli_in_process, cwd=tmp_path),
+        fragments=(fragment,),
+    )
+
+
+def test_the_ranks_loaders_refuse_a_reference_that_is_no_hub_id_in_one_line(tmp_path, monkeypatch):
+    """What reaches a rank unchecked (a recipe.yaml edited by hand) is one UserError there too,
+    never the hub client's HFValidationError."""
+    from launcher.core.errors import UserError
+    from launcher.rank.model import from_pretrained_or_explain
+
+    def loader(name, **_kwargs):
+        raise AssertionError(f"{name} was handed to from_pretrained")
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^tokenizer path runs/B0/final does not exist; pass a directory"):
+        from_pretrained_or_explain(loader, "runs/B0/final", "tokenizer")
+    with pytest.raises(UserError, match=r"^model 'a--b' is neither an existing local path nor a hub id \("):
+        from_pretrained_or_explain(loader, "a--b", "model")
+
+
+def test_what_is_a_local_path_and_what_a_hub_id(tmp_path, monkeypatch):
+    from launcher.core.paths import is_local_reference
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for path in ("runs/B0/final", "a/b/c", "./m", "../m", "~/m", "/abs/m", "runs/B0", "runs", "m/"):
+        assert is_local_reference(path), path
+    for hub_id in ("google/flan-t5-base", "flan-t5-base", "tiny-t5", "knkarthick/dialogsum"):
+        assert not is_local_reference(hub_id), hub_id
 
 
 # ---------------------------------------------------------------- ftlaunch score / report

@@ -285,3 +285,33 @@ def test_the_report_says_which_step_final_holds_why_training_stopped_and_what_re
         in text
     )
     assert best_model_notes([{"step": 1, "loss": 2.0}]) == restart_notes([]) == []
+
+
+def test_the_model_card_says_which_step_final_holds_and_why_training_stopped_early(tmp_path):
+    """The card's training facts name what the report names (metrics.jsonl's best_step and
+    early_stop markers), not only the step training ended at."""
+    from launcher.core.model_settings import inference_settings
+    from launcher.core.recipe import dump_recipe
+    from launcher.results.card import render_card
+
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    run_recipe = recipe(best_metric="val_loss", early_stopping_patience=2, early_stopping_delta=0.1)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(run_recipe))
+    stop = "early stopping at step 28: val_loss did not improve by more than 0.1 in 2 evaluation(s) since step 20"
+    rows = [
+        *({"step": step, "loss": 6.0 - step / 10} for step in range(4, 29, 4)),
+        *({"step": step, "val_loss": value} for step, value in ((20, 5.315), (24, 5.30), (28, 5.29))),
+        {"step": 28, "early_stop": stop},
+        {"step": 28, "best_step": 20, "best_metric": "val_loss", "best_value": 5.315},
+        {"step": 28, "val_loss": 5.315, "final": True},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    card = render_card(run_dir, settings=inference_settings(run_recipe, method="full"))
+    assert "| optimizer steps | 28 |" in card
+    assert "| weights | best step 20 of 28 by val_loss (5.3150; train.best_metric) |" in card
+    assert f"| stopped early | {stop} |" in card
+    # a run without the markers: no such rows
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:7]))
+    card = render_card(run_dir, settings=inference_settings(run_recipe, method="full"))
+    assert "| weights |" not in card and "| stopped early |" not in card

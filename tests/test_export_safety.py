@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,6 +155,22 @@ def test_a_folder_inside_a_run_names_the_run_to_export(tmp_path, model_dir, no_l
         watch=(run,),
         fragments=(f"{run / inner} is not a finished run", f"it is inside the run {run}: pass that"),
     )
+
+
+def test_an_interrupted_run_is_refused_as_one_without_a_final_model_yet(tmp_path, model_dir, no_launch):
+    """recipe.yaml but no final/ (interrupted, crashed, or still training): the line says what is
+    missing and how to finish the run, in the words summarize uses for the same run."""
+    run = reported_run(tmp_path, model_dir)
+    shutil.rmtree(run / "final")
+    out = tmp_path / "export"
+    expected = (
+        f"{run} has no final/ model yet (training has not finished: continue it with the same command "
+        "and --resume auto)"
+    )
+    line = refused(no_launch, "export", str(run), "--output", str(out), output=out, watch=(run,))
+    assert line == f"error: {expected}"
+    line = refused(no_launch, "summarize", str(run), "--input", "-", output=None, watch=(run,))
+    assert line == f"error: {expected}"
 
 
 # ---------------------------------------------------------------- absent or complete

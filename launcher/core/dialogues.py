@@ -18,7 +18,7 @@ from typing import Any
 
 from launcher.core.errors import UserError
 from launcher.core.jsonl import read_jsonl, read_jsonl_lines  # noqa: F401 - read_jsonl is this module's API too
-from launcher.core.paths import SAMPLE_DATA_DIR
+from launcher.core.paths import SAMPLE_DATA_DIR, check_hub_id, is_local_reference
 from launcher.core.recipe import EMBEDDED_DATA, DataSection
 
 REFERENCE_FIELDS = ("summary1", "summary2", "summary3")
@@ -46,11 +46,12 @@ def dataset_dir(dataset: str) -> Path | None:
     path = Path(dataset).expanduser()
     if path.is_dir():
         return path
-    if dataset.startswith((".", "/", "~")) or path.suffix or dataset.count("/") > 1:
+    if is_local_reference(dataset) or path.suffix:
         raise UserError(
             f"data {dataset!r} is not a directory; pass a folder with train, validation and test files "
             "(.jsonl, .csv or .parquet), a hub id such as knkarthick/dialogsum, or sample"
         )
+    check_hub_id(dataset, "data")
     return None
 
 

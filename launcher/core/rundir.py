@@ -216,6 +216,14 @@ class RunDir:
     def final(self) -> Path:
         return self.path / FINAL_DIR
 
+    def no_final_yet(self) -> str:
+        """The one line for a run whose final/ is not written yet (interrupted, crashed or still
+        training) where a command needs its model: export, summarize, --model RUN/final."""
+        return (
+            f"{self.path} has no {FINAL_DIR}/ model yet (training has not finished: continue it with "
+            "the same command and --resume auto)"
+        )
+
     # ------------------------------------------------------------ evaluation and report
     @property
     def eval(self) -> Path:

@@ -238,7 +238,9 @@ def eval_command(
         if other_base:
             typer.echo(f"warning: {other_base}", err=True)
     launch.check_eval_data(recipe)
+    launch.check_hub_ids(recipe)
     launch.local_model_dir(model)
+    launch.check_local_tokenizer(recipe)
     if not dry_run:
         if not cpu:
             launch.check_gpus(recipe)

@@ -73,6 +73,7 @@ from launcher.core.model_facts import (
 )
 from launcher.core.model_facts import canonical_name as canonical_name
 from launcher.core.model_facts import lora_trainable_params as lora_trainable_params
+from launcher.core.paths import is_local_reference
 
 GIB = 2**30
 HEADROOM = 0.15  # fraction of GPU memory kept free
@@ -121,6 +122,11 @@ def model_spec(model: str) -> ModelFacts:
     """The facts of a known FLAN-T5 name, ``tiny-t5``, or a local directory (its config, no weights),
     refused where the parameters cannot be counted."""
     path = Path(model).expanduser()
+    if is_local_reference(model) and not path.exists():
+        raise UserError(
+            f"--model {model} does not exist; pass a directory written by save_pretrained, tiny-t5, "
+            f"or one of {', '.join(KNOWN_MODELS)}"
+        )
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise UserError(
             f"model {model} is a LoRA adapter, not a whole model; estimate its base model with --lora "

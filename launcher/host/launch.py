@@ -26,7 +26,7 @@ from launcher.core.families import (
 )
 from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
-from launcher.core.paths import is_local_reference
+from launcher.core.paths import check_hub_id, is_local_reference
 from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed, check_tracking_server
@@ -77,8 +77,12 @@ def local_model_dir(name: str) -> Path | None:
 def why_no_model(path: Path) -> str:
     """What a local --model path is instead of a model folder, and what to pass."""
     run = RunDir(path)
+    if not path.exists() and path.name == run.final.name and holds_run(path.parent):
+        return f" does not exist: {RunDir(path.parent).no_final_yet()}"
     if not path.exists():
         return " does not exist; pass a directory written by save_pretrained, a hub id, or tiny-t5"
+    if holds_run(path) and not run.final.exists():
+        return f" is a run directory, not a model: {run.no_final_yet()}"
     if (path / "adapter_config.json").is_file():
         return " is a LoRA adapter, not a whole model; pass its base model as --model and this folder as --adapter"
     if run.has_recipe() and (run.final / "adapter_config.json").is_file():
@@ -93,10 +97,27 @@ def why_no_model(path: Path) -> str:
 
 def check_model_reference(recipe: Recipe) -> None:
     """A local path must be a model directory; LoRA targets must name modules of the model."""
+    check_hub_ids(recipe)
+    check_local_tokenizer(recipe)
     name = recipe.model.name
     if name != EMBEDDED_MODEL and not is_local_reference(name):
         return  # hub ids are resolved by the ranks (offline: from the local cache)
     model_dir = local_model_dir(name)
+    if recipe.train.method == "lora":
+        check_lora_targets(recipe, model_dir)
+
+
+def check_hub_ids(recipe: Recipe) -> None:
+    """model.name and model.tokenizer that are no local path (paths.is_local_reference) must be hub
+    ids: checked without the network, so also under --dry-run, before a rank's hub client fails on
+    them with a traceback."""
+    for what, name in (("--model", recipe.model.name), ("model.tokenizer", recipe.model.tokenizer)):
+        if name and name != EMBEDDED_MODEL and not is_local_reference(name):
+            check_hub_id(name, what)
+
+
+def check_local_tokenizer(recipe: Recipe) -> None:
+    """A model.tokenizer that is a local path must be a tokenizer folder."""
     tokenizer = recipe.model.tokenizer
     if tokenizer and tokenizer != EMBEDDED_MODEL and is_local_reference(tokenizer):
         if not Path(tokenizer).expanduser().is_dir():
@@ -104,8 +125,6 @@ def check_model_reference(recipe: Recipe) -> None:
                 f"model.tokenizer {tokenizer}: no such directory; pass a tokenizer folder or a hub id"
             )
         check_model_files(Path(tokenizer).expanduser(), "model.tokenizer", model=False)
-    if recipe.train.method == "lora":
-        check_lora_targets(recipe, model_dir)
 
 
 def model_module_names(config_dir: Path | None) -> ModuleNames:
@@ -184,6 +203,7 @@ def hub_reference_problem(name: str, repo_type: str) -> str | None:
 
 def check_hub_references(recipe: Recipe) -> None:
     """Hub ids must be loadable before a launch costs an allocation (skipped for --dry-run)."""
+    check_hub_ids(recipe)
     if dataset_dir(recipe.data.dataset) is None:
         problem = hub_reference_problem(recipe.data.dataset, "dataset")
         if problem:

@@ -49,6 +49,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 def model_folder(source: Path) -> tuple[Path, Path | None]:
     """(folder with the weights or adapter, run directory if there is one)."""
     source = source.expanduser().resolve()
+    if (
+        not source.is_dir()
+        and source.name == RunDir(source.parent).final.name
+        and RunDir(source.parent).has_recipe()
+    ):
+        raise UserError(RunDir(source.parent).no_final_yet())
     if not source.is_dir():
         raise UserError(
             f"{source} is not a directory; pass a run directory, its final/ folder or a model folder"
@@ -58,9 +64,7 @@ def model_folder(source: Path) -> tuple[Path, Path | None]:
         check_model_files(run.final, "run")
         return run.final, source
     if run.has_recipe():
-        raise UserError(
-            f"run {source} has no {run.final.name}/ model yet; summarize after the run has finished"
-        )
+        raise UserError(run.no_final_yet())
     run_dir = source.parent if RunDir(source.parent).has_recipe() else None
     if not any((source / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
         raise UserError(

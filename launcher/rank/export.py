@@ -102,12 +102,14 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
 
     run = RunDir(run_dir.expanduser().resolve())
     run_dir, final = run.path, run.final
-    if not run.has_recipe() or not final.is_dir():
+    if not run.has_recipe():
         inside = next((p for p in run_dir.parents if RunDir(p).has_recipe()), None)
+        if inside and not RunDir(inside).final.is_dir():
+            raise UserError(RunDir(inside).no_final_yet())
         fix = f"it is inside the run {inside}: pass that" if inside else "pass a run directory"
-        raise UserError(
-            f"{run_dir} is not a finished run (no {run.recipe_yaml.name} and {final.name}/); {fix}"
-        )
+        raise UserError(f"{run_dir} is not a finished run (no {run.recipe_yaml.name}); {fix}")
+    if not final.is_dir():
+        raise UserError(run.no_final_yet())
     check_model_files(final, "run")
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; use bf16 or fp32")

@@ -17,6 +17,7 @@ import yaml
 from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
 from launcher.core.model_settings import read_inference_settings
+from launcher.core.paths import is_local_reference
 from launcher.core.recipe import (
     EMBEDDED_DATA,
     EMBEDDED_MODEL,
@@ -26,7 +27,7 @@ from launcher.core.recipe import (
 )
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
 from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
-from launcher.results.report import percent
+from launcher.results.report import best_step_marker, best_step_words, early_stop, percent, shown_number
 from launcher.results.rouge import ROUGE_TYPES
 
 CARD_FILE = "README.md"
@@ -57,7 +58,7 @@ def check_model_scores(rouge: Path, name: str, entry: Any, fix: str) -> None:
 
 def hub_reference(name: str) -> str | None:
     """A name the Hub can resolve (local folders and embedded assets are not)."""
-    if name in (EMBEDDED_MODEL, EMBEDDED_DATA) or name.startswith((".", "/", "~")) or Path(name).exists():
+    if name in (EMBEDDED_MODEL, EMBEDDED_DATA) or is_local_reference(name):
         return None
     return name
 
@@ -112,12 +113,27 @@ def training_facts(run_dir: Path, recipe) -> list[tuple[str, str]]:
         ("strategy", strategy_label(recipe)),
         ("precision", recipe.model.precision),
         ("optimizer steps", steps),
+        *outcome_facts(metrics),
         ("effective batch", effective_batch(recipe)),
         ("learning rate", f"{recipe.train.lr:g} ({schedule_label(recipe)})"),
         ("wall time (launch to final save)", f"{wall / 60:.1f} min"),
     ]
     # a resumed or restarted run: each segment's world size and strategy (history.py)
     return facts + [(f"segment {number}", line) for number, line in enumerate(history_lines(metrics), 1)]
+
+
+def outcome_facts(metrics: list[dict]) -> list[tuple[str, str]]:
+    """Which step final/ holds (train.best_metric) and why training stopped early, read from
+    metrics.jsonl's markers as the report reads them."""
+    facts = []
+    best = best_step_marker(metrics)
+    if best:
+        value = shown_number(best["best_value"], 1, ".4f")
+        facts.append(("weights", f"{best_step_words(best)} ({value}; train.best_metric)"))
+    stop = early_stop(metrics)
+    if stop:
+        facts.append(("stopped early", stop))
+    return facts
 
 
 def schedule_label(recipe: Recipe) -> str:

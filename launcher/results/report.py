@@ -241,18 +241,35 @@ def best_model_notes(metrics: list[dict]) -> list[str]:
             f"step {row['step']}: {shown_number(row['val_rougeLsum'], 100, '.2f')}" for row in evaluations
         )
         notes += [f"Validation ROUGE-Lsum during training (%): {shown}.", ""]
-    stops = [row["early_stop"] for row in metrics if "early_stop" in row]
-    if stops:
-        notes += [f"Stopped early: {stops[-1]}.", ""]
-    chosen = [row for row in metrics if "best_step" in row]
-    if chosen:
-        row = chosen[-1]
+    stop = early_stop(metrics)
+    if stop:
+        notes += [f"Stopped early: {stop}.", ""]
+    row = best_step_marker(metrics)
+    if row:
         notes += [
-            f"Model: final/ and the fine-tuned scores are the best step {row['best_step']} of {row['step']} "
-            f"by {row['best_metric']} ({shown_number(row['best_value'], 1, '.4f')}; train.best_metric).",
+            f"Model: final/ and the fine-tuned scores are the {best_step_words(row)} "
+            f"({shown_number(row['best_value'], 1, '.4f')}; train.best_metric).",
             "",
         ]
     return notes
+
+
+def early_stop(metrics: list[dict]) -> str | None:
+    """Why early stopping ended training (metrics.jsonl's last ``early_stop`` marker), or None."""
+    stops = [row["early_stop"] for row in metrics if "early_stop" in row]
+    return stops[-1] if stops else None
+
+
+def best_step_marker(metrics: list[dict]) -> dict | None:
+    """The last ``best_step`` marker (train.best_metric: the step final/ holds, the metric and its
+    value, and the step training ended at), or None."""
+    chosen = [row for row in metrics if "best_step" in row]
+    return chosen[-1] if chosen else None
+
+
+def best_step_words(row: dict) -> str:
+    """``best step 20 of 28 by val_loss`` from a ``best_step`` marker (the report and the card)."""
+    return f"best step {row['best_step']} of {row['step']} by {row['best_metric']}"
 
 
 def generation_note(scores: dict) -> str:
