@@ -63,6 +63,9 @@ class TrainState:
     tokenizer: str = ""
     data: str = ""
     lora: str = ""
+    # The validation split (fingerprint.validation_fingerprint); None in checkpoints of older
+    # versions, which are not compared on it.
+    validation: str | None = None
     # ddp, zero1..3 or fsdp: how the weights and optimizer state are laid out in the checkpoint
     # ("" in checkpoints of older versions)
     strategy: str = ""
@@ -73,7 +76,7 @@ class TrainState:
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
-IDENTITY_FIELDS = ("model", "tokenizer", "data", "method", "lora")
+IDENTITY_FIELDS = ("model", "tokenizer", "data", "validation", "method", "lora")
 
 
 def expected_state(recipe, world_size: int) -> TrainState:
@@ -91,6 +94,7 @@ def expected_state(recipe, world_size: int) -> TrainState:
         tokenizer=fingerprint.tokenizer_fingerprint(recipe),
         data=fingerprint.data_fingerprint(recipe),
         lora=fingerprint.lora_fingerprint(recipe),
+        validation=fingerprint.validation_fingerprint(recipe),
         strategy=strategy_name(recipe),
     )
 
@@ -273,6 +277,7 @@ STATE_TYPES = {
     "int | None": (int, type(None)),
     "float | None": (int, float, type(None)),
     "str": (str,),
+    "str | None": (str, type(None)),
 }
 STATE_AT_LEAST_ONE = ("world_size", "grad_accum", "micro_batch_size")  # divisors and batch sizes
 
@@ -444,13 +449,14 @@ def read_state(checkpoint: Path) -> TrainState:
 
 def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False) -> None:
     """Refuse to resume a checkpoint written by a run of another shape (DeepSpeed #3810) or one that
-    trains something else (another model, tokenizer, data or LoRA shape)."""
+    trains something else (another model, tokenizer, training or validation data, method or LoRA
+    shape)."""
     if force:
         return
     changed = [
         name
         for name in IDENTITY_FIELDS
-        if getattr(saved, name) and getattr(saved, name) != getattr(current, name)
+        if getattr(saved, name) and getattr(current, name) and getattr(saved, name) != getattr(current, name)
     ]
     if changed:
         raise UserError(
@@ -478,6 +484,11 @@ def describe(name: str, saved: TrainState, current: TrainState) -> str:
     old, new = getattr(saved, name), getattr(current, name)
     if name == "data":
         return "data: the training file or a data.* setting (split, limit, prompt, lengths) changed"
+    if name == "validation":
+        return (
+            "validation: the validation file or data.validation_split/validation_limit changed, so "
+            "train.best_metric and early stopping would compare validation values across the change"
+        )
     if old.startswith("sha256:") or new.startswith("sha256:"):
         return f"{name}: other files than the checkpoint's"
     return f"{name} {old or 'none'} -> {new or 'none'}"
