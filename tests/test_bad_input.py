@@ -864,7 +864,7 @@ def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
 def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch, kind):
     """Each is refused (one line, nothing written) unless --force-resume; a changed validation
     split too, since train.best_metric and early stopping compare validation values across the
-    change."""
+    change. Another method is refused even with --force-resume: no rank could load its weights."""
     data = data_dir(tmp_path)
     output = tmp_path / "run"
     result = run_cli_in_process(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
@@ -880,7 +880,7 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
         "data": ("data: the training file",),
         "validation": ("validation: the validation file",),
         "validation_limit": ("data.validation_split/validation_limit changed",),
-        "method": ("method full -> lora",),
+        "method": ("train.method full -> lora", "--force-resume cannot load"),
         "tokenizer": ("tokenizer: other files",),
     }[kind]
     line = refused(
@@ -892,9 +892,50 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
     )
     if kind != "model":
         assert "model" not in line.split("(")[1].split(")")[0], line  # only what changed is named
+    if kind == "method":
+        forced = refused(no_launch, *args, "--force-resume", output=output, watch=(data,))
+        assert forced == line, (forced, line)
+        return
     # --force-resume accepts it: the launch goes ahead (here: the fake launcher is reached).
     result = run_cli_in_process(*args, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
     assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--set", "lora.r=8"], "lora.r 32 -> 8"),
+        (["--set", "lora.target_modules=[q,k,v]"], "lora.target_modules query+value -> q,k,v"),
+        (["--set", "lora.target_modules=[v,q]"], None),
+        (["--set", "lora.use_dora=true"], "lora.use_dora off -> on"),
+        (["--set", "lora.alpha=16"], None),
+        (["--set", "lora.use_rslora=true"], None),
+    ],
+    ids=["r", "targets", "same-targets-named", "dora", "alpha", "rslora"],
+)
+def test_force_resume_cannot_load_another_lora_shape(tmp_path, no_launch, change, named):
+    """--force-resume from a LoRA checkpoint into another rank, target list or DoRA was accepted and
+    then crashed every rank loading the state dict: refused in one line instead. A changed scaling
+    (lora.alpha, rslora) or the default query/value projections named (``[v,q]``) have the same
+    tensors: refused without --force-resume (the fingerprint differs), accepted with it."""
+    output = tmp_path / "run"
+    args = ["lora", *train_args("sample", output)[1:]]
+    result = run_cli_in_process(*args, "--dry-run", env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = write_checkpoint(output, 4)
+    resume = [*args, *change, "--resume", "auto"]
+    refused(no_launch, *resume, output=output, fragments=(str(checkpoint), "other training inputs"))
+    if named is None:
+        result = run_cli_in_process(*resume, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
+        assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+        return
+    refused(
+        no_launch,
+        *resume,
+        "--force-resume",
+        output=output,
+        fragments=(str(checkpoint), named, "--force-resume cannot load"),
+    )
 
 
 def test_a_checkpoint_without_a_validation_fingerprint_still_resumes(tmp_path, no_launch):

@@ -450,7 +450,15 @@ def read_state(checkpoint: Path) -> TrainState:
 def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False) -> None:
     """Refuse to resume a checkpoint written by a run of another shape (DeepSpeed #3810) or one that
     trains something else (another model, tokenizer, training or validation data, method or LoRA
-    shape)."""
+    shape). ``force`` (--force-resume) accepts all of these but the trained weights' own layout
+    (another method or LoRA shape), which no rank could load."""
+    unloadable = unloadable_changes(saved, current)
+    if unloadable:
+        raise UserError(
+            f"checkpoint {checkpoint} was written for other training inputs ({'; '.join(unloadable)}): "
+            "its trained weights have another layout, which --force-resume cannot load; resume with the "
+            "method and LoRA settings it was trained with, or start a new run (another --output)"
+        )
     if force:
         return
     changed = [
@@ -477,6 +485,47 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
             "the same batch settings (other --gpus/--nodes and another strategy are fine when the micro-batches "
             "per step are kept), or pass --force-resume to accept a changed data order"
         )
+
+
+# The parts of a LoRA fingerprint that are not tensors (the scaling): a change of them still loads.
+SCALING_ONLY = ("alpha=", "rslora")
+
+
+def lora_layout(fingerprint: str) -> dict[str, str]:
+    """What of a LoRA fingerprint (``r=8 alpha=16 targets=q,v dora``) shapes the saved tensors."""
+    parts = [part for part in fingerprint.split() if not part.startswith(SCALING_ONLY)]
+    return {part.split("=", 1)[0]: part.split("=", 1)[-1] if "=" in part else "on" for part in parts}
+
+
+def unloadable_changes(saved: TrainState, current: TrainState) -> list[str]:
+    """Changes of the trained tensors' layout (another method, LoRA rank, targets or DoRA), named;
+    empty when the checkpoint's weights load into this run (checkpoints of versions that did not
+    record their LoRA shape are compared on the method only)."""
+    if saved.method != current.method:
+        return [f"train.method {saved.method} -> {current.method}"]
+    if not (saved.lora and current.lora):
+        return []
+    old, new = lora_layout(saved.lora), lora_layout(current.lora)
+    names = {"r": "lora.r", "targets": "lora.target_modules", "dora": "lora.use_dora"}
+    keys = [*names, *sorted((set(old) | set(new)) - set(names))]
+    return [
+        f"{names.get(key, key)} {old.get(key, 'off')} -> {new.get(key, 'off')}"
+        for key in keys
+        if old.get(key) != new.get(key) and not (key == "targets" and same_targets(old[key], new[key]))
+    ]
+
+
+def same_targets(old: str, new: str) -> bool:
+    """LoRA targets as fingerprinted: ``query+value`` (lora.target_modules unset) is the family's
+    query and value projections, the same layers as naming them (``q,v`` for T5)."""
+    from launcher.core.families import QUERY_VALUE_NAMES
+
+    def layers(targets: str) -> set[frozenset[str]]:
+        if targets == "query+value":
+            return {frozenset(pair) for pair in QUERY_VALUE_NAMES}
+        return {frozenset(targets.split(","))}
+
+    return bool(layers(old) & layers(new))
 
 
 def describe(name: str, saved: TrainState, current: TrainState) -> str:
