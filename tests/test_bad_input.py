@@ -964,6 +964,16 @@ def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
             ),
         )
         return []
+    if kind == "validation":
+        edit_lines(
+            data / "validation.jsonl",
+            lambda lines: lines.__setitem__(
+                0, json.dumps({**json.loads(lines[0]), "summary": "Another summary."})
+            ),
+        )
+        return []
+    if kind == "validation_limit":
+        return ["--set", "data.validation_limit=5"]
     if kind == "model":
         model = tmp_path / "model"
         model.mkdir()
@@ -980,8 +990,11 @@ def changed_input(kind: str, tmp_path: Path, data: Path) -> list[str]:
     return []  # method: `ftlaunch lora` instead of `ftlaunch full`
 
 
-@pytest.mark.parametrize("kind", ["model", "data", "method", "tokenizer"])
+@pytest.mark.parametrize("kind", ["model", "data", "validation", "validation_limit", "method", "tokenizer"])
 def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch, kind):
+    """Each is refused (one line, nothing written) unless --force-resume; a changed validation
+    split too, since train.best_metric and early stopping compare validation values across the
+    change. Another method is refused even with --force-resume: no rank could load its weights."""
     data = data_dir(tmp_path)
     output = tmp_path / "run"
     result = run_cli_in_process(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
@@ -995,7 +1008,9 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
     fragments = {
         "model": ("model: other files",),
         "data": ("data: the training file",),
-        "method": ("method full -> lora",),
+        "validation": ("validation: the validation file",),
+        "validation_limit": ("data.validation_split/validation_limit changed",),
+        "method": ("train.method full -> lora", "--force-resume cannot load"),
         "tokenizer": ("tokenizer: other files",),
     }[kind]
     line = refused(
@@ -1007,9 +1022,78 @@ def test_resume_with_another_model_data_method_or_tokenizer(tmp_path, no_launch,
     )
     if kind != "model":
         assert "model" not in line.split("(")[1].split(")")[0], line  # only what changed is named
+    if kind == "method":
+        forced = refused(no_launch, *args, "--force-resume", output=output, watch=(data,))
+        assert forced == line, (forced, line)
+        return
     # --force-resume accepts it: the launch goes ahead (here: the fake launcher is reached).
     result = run_cli_in_process(*args, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
     assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--set", "lora.r=8"], "lora.r 32 -> 8"),
+        (["--set", "lora.target_modules=[q,k,v]"], "lora.target_modules query+value -> q,k,v"),
+        (["--set", "lora.target_modules=[v,q]"], None),
+        (["--set", "lora.use_dora=true"], "lora.use_dora off -> on"),
+        (["--set", "lora.alpha=16"], None),
+        (["--set", "lora.use_rslora=true"], None),
+    ],
+    ids=["r", "targets", "same-targets-named", "dora", "alpha", "rslora"],
+)
+def test_force_resume_cannot_load_another_lora_shape(tmp_path, no_launch, change, named):
+    """--force-resume from a LoRA checkpoint into another rank, target list or DoRA was accepted and
+    then crashed every rank loading the state dict: refused in one line instead. A changed scaling
+    (lora.alpha, rslora) or the default query/value projections named (``[v,q]``) have the same
+    tensors: refused without --force-resume (the fingerprint differs), accepted with it."""
+    output = tmp_path / "run"
+    args = ["lora", *train_args("sample", output)[1:]]
+    result = run_cli_in_process(*args, "--dry-run", env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = write_checkpoint(output, 4)
+    resume = [*args, *change, "--resume", "auto"]
+    refused(no_launch, *resume, output=output, fragments=(str(checkpoint), "other training inputs"))
+    if named is None:
+        result = run_cli_in_process(*resume, "--force-resume", env=no_launch, timeout=CLI_TIMEOUT)
+        assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+        return
+    refused(
+        no_launch,
+        *resume,
+        "--force-resume",
+        output=output,
+        fragments=(str(checkpoint), named, "--force-resume cannot load"),
+    )
+
+
+def test_a_checkpoint_without_a_validation_fingerprint_still_resumes(tmp_path, no_launch):
+    """Checkpoints written before the validation split was recorded (no ``validation`` in
+    ftlaunch_state.json) resume as before: the field is compared only when both sides have it."""
+    from launcher.core.checkpoint import STATE_FILE, TrainState, check_compatible, read_state, write_manifest
+    from launcher.core.errors import UserError
+
+    data = data_dir(tmp_path)
+    output = tmp_path / "run"
+    result = run_cli_in_process(*train_args(data, output, "--dry-run"), env=no_launch, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = write_checkpoint(output, 4)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state.pop("validation").startswith("sha256:")
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    (checkpoint / "manifest.json").unlink()
+    write_manifest(checkpoint)
+    assert read_state(checkpoint).validation is None
+    changed_input("validation", tmp_path, data)
+    result = run_cli_in_process(
+        *train_args(data, output, "--resume", "auto"), env=no_launch, timeout=CLI_TIMEOUT
+    )
+    assert Path(no_launch["FTLAUNCH_TEST_LAUNCH_MARKER"]).exists(), result.stdout + result.stderr
+    # the check itself: compared only when both states have it
+    check_compatible(TrainState(validation=None), TrainState(validation="sha256:1"), checkpoint)
+    with pytest.raises(UserError, match="validation: the validation file"):
+        check_compatible(TrainState(validation="sha256:0"), TrainState(validation="sha256:1"), checkpoint)
 
 
 def test_resume_with_the_same_tokenizer_copied_elsewhere(tmp_path, no_launch):

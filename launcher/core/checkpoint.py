@@ -63,6 +63,9 @@ class TrainState:
     tokenizer: str = ""
     data: str = ""
     lora: str = ""
+    # The validation split (fingerprint.validation_fingerprint); None in checkpoints of older
+    # versions, which are not compared on it.
+    validation: str | None = None
     # ddp, zero1..3 or fsdp: how the weights and optimizer state are laid out in the checkpoint
     # ("" in checkpoints of older versions)
     strategy: str = ""
@@ -79,7 +82,7 @@ class TrainState:
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
-IDENTITY_FIELDS = ("model", "tokenizer", "data", "method", "lora")
+IDENTITY_FIELDS = ("model", "tokenizer", "data", "validation", "method", "lora")
 
 
 def expected_state(recipe, world_size: int) -> TrainState:
@@ -97,6 +100,7 @@ def expected_state(recipe, world_size: int) -> TrainState:
         tokenizer=fingerprint.tokenizer_fingerprint(recipe),
         data=fingerprint.data_fingerprint(recipe),
         lora=fingerprint.lora_fingerprint(recipe),
+        validation=fingerprint.validation_fingerprint(recipe),
         strategy=strategy_name(recipe),
     )
 
@@ -289,6 +293,7 @@ STATE_TYPES = {
     "int | None": (int, type(None)),
     "float | None": (int, float, type(None)),
     "str": (str,),
+    "str | None": (str, type(None)),
 }
 STATE_AT_LEAST_ONE = ("world_size", "grad_accum", "micro_batch_size")  # divisors and batch sizes
 
@@ -460,13 +465,22 @@ def read_state(checkpoint: Path) -> TrainState:
 
 def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False) -> None:
     """Refuse to resume a checkpoint written by a run of another shape (DeepSpeed #3810) or one that
-    trains something else (another model, tokenizer, data or LoRA shape)."""
+    trains something else (another model, tokenizer, training or validation data, method or LoRA
+    shape). ``force`` (--force-resume) accepts all of these but the trained weights' own layout
+    (another method or LoRA shape), which no rank could load."""
+    unloadable = unloadable_changes(saved, current)
+    if unloadable:
+        raise UserError(
+            f"checkpoint {checkpoint} was written for other training inputs ({'; '.join(unloadable)}): "
+            "its trained weights have another layout, which --force-resume cannot load; resume with the "
+            "method and LoRA settings it was trained with, or start a new run (another --output)"
+        )
     if force:
         return
     changed = [
         name
         for name in IDENTITY_FIELDS
-        if getattr(saved, name) and getattr(saved, name) != getattr(current, name)
+        if getattr(saved, name) and getattr(current, name) and getattr(saved, name) != getattr(current, name)
     ]
     if changed:
         raise UserError(
@@ -489,11 +503,57 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
         )
 
 
+# The parts of a LoRA fingerprint that are not tensors (the scaling): a change of them still loads.
+SCALING_ONLY = ("alpha=", "rslora")
+
+
+def lora_layout(fingerprint: str) -> dict[str, str]:
+    """What of a LoRA fingerprint (``r=8 alpha=16 targets=q,v dora``) shapes the saved tensors."""
+    parts = [part for part in fingerprint.split() if not part.startswith(SCALING_ONLY)]
+    return {part.split("=", 1)[0]: part.split("=", 1)[-1] if "=" in part else "on" for part in parts}
+
+
+def unloadable_changes(saved: TrainState, current: TrainState) -> list[str]:
+    """Changes of the trained tensors' layout (another method, LoRA rank, targets or DoRA), named;
+    empty when the checkpoint's weights load into this run (checkpoints of versions that did not
+    record their LoRA shape are compared on the method only)."""
+    if saved.method != current.method:
+        return [f"train.method {saved.method} -> {current.method}"]
+    if not (saved.lora and current.lora):
+        return []
+    old, new = lora_layout(saved.lora), lora_layout(current.lora)
+    names = {"r": "lora.r", "targets": "lora.target_modules", "dora": "lora.use_dora"}
+    keys = [*names, *sorted((set(old) | set(new)) - set(names))]
+    return [
+        f"{names.get(key, key)} {old.get(key, 'off')} -> {new.get(key, 'off')}"
+        for key in keys
+        if old.get(key) != new.get(key) and not (key == "targets" and same_targets(old[key], new[key]))
+    ]
+
+
+def same_targets(old: str, new: str) -> bool:
+    """LoRA targets as fingerprinted: ``query+value`` (lora.target_modules unset) is the family's
+    query and value projections, the same layers as naming them (``q,v`` for T5)."""
+    from launcher.core.families import QUERY_VALUE_NAMES
+
+    def layers(targets: str) -> set[frozenset[str]]:
+        if targets == "query+value":
+            return {frozenset(pair) for pair in QUERY_VALUE_NAMES}
+        return {frozenset(targets.split(","))}
+
+    return bool(layers(old) & layers(new))
+
+
 def describe(name: str, saved: TrainState, current: TrainState) -> str:
     """One changed input in words (content fingerprints are not worth showing)."""
     old, new = getattr(saved, name), getattr(current, name)
     if name == "data":
         return "data: the training file or a data.* setting (split, limit, prompt, lengths) changed"
+    if name == "validation":
+        return (
+            "validation: the validation file or data.validation_split/validation_limit changed, so "
+            "train.best_metric and early stopping would compare validation values across the change"
+        )
     if old.startswith("sha256:") or new.startswith("sha256:"):
         return f"{name}: other files than the checkpoint's"
     return f"{name} {old or 'none'} -> {new or 'none'}"

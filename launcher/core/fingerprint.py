@@ -1,5 +1,5 @@
 """What a run trains on, as short strings saved with every checkpoint: the model, the tokenizer,
-the training data and the LoRA shape.
+the training and validation data and the LoRA shape.
 
 A resume compares them with the run being launched, so that ``--resume`` cannot silently continue
 a checkpoint with another model or other data (a different run shape is checked beside them, in
@@ -80,20 +80,23 @@ def tokenizer_fingerprint(recipe: Recipe) -> str:
     return _digest(files)
 
 
+def _split_source(dataset: str, split: str) -> str:
+    """A local split file by its content; a hub dataset by its id."""
+    directory = dataset_dir(dataset)
+    if directory is None:
+        return f"hub:{dataset}"
+    try:
+        return _file_digest(split_file(directory, split))
+    except UserError:
+        return f"missing:{split}"
+
+
 def data_fingerprint(recipe: Recipe) -> str:
     """The training split's content and every setting that changes the training examples."""
     data = recipe.data
-    directory = dataset_dir(data.dataset)
-    if directory is None:
-        source = f"hub:{data.dataset}"
-    else:
-        try:
-            source = _file_digest(split_file(directory, data.train_split))
-        except UserError:
-            source = f"missing:{data.train_split}"
     return _digest(
         [
-            source,
+            _split_source(data.dataset, data.train_split),
             data.train_split,
             data.train_limit,
             data.prompt,
@@ -102,6 +105,16 @@ def data_fingerprint(recipe: Recipe) -> str:
             data.max_source_length,
             data.max_target_length,
         ]
+    )
+
+
+def validation_fingerprint(recipe: Recipe) -> str:
+    """The validation split's content, name and limit: what the validation loss (and
+    train.best_metric, early stopping) is measured on. The settings that shape its examples
+    (prompt, fields, lengths) are in data_fingerprint already."""
+    data = recipe.data
+    return _digest(
+        [_split_source(data.dataset, data.validation_split), data.validation_split, data.validation_limit]
     )
 
 
@@ -115,3 +128,9 @@ def lora_fingerprint(recipe: Recipe) -> str:
         f" {name}" for name, on in (("dora", lora.use_dora), ("rslora", lora.use_rslora)) if on
     )
     return f"r={lora.r} alpha={lora.alpha} targets={targets}{variants}"
+
+
+def examples_fingerprint(rows: list[dict]) -> str:
+    """The examples an evaluation scored (ids, dialogues, references), recorded in its rouge.json:
+    two evaluations compare only when they scored the same ones."""
+    return _digest([[row["id"], row["dialogue"], row["references"]] for row in rows])

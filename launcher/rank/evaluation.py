@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from launcher.core.dialogues import load_data_split
+from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import write_jsonl
 from launcher.core.recipe import GENERATION_KEYS, Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir
@@ -105,18 +106,114 @@ def eval_rows(recipe: Recipe) -> list[dict]:
     return load_data_split(recipe.data, recipe.eval.split, recipe.eval.limit)
 
 
-def run_info(recipe: Recipe, model_label: str) -> dict[str, Any]:
-    """What rouge.json records beside the scores: which model, data and generation settings."""
+def run_info(recipe: Recipe, model_label: str, rows: list[dict]) -> dict[str, Any]:
+    """What rouge.json records beside the scores: which model, data and generation settings, and
+    which examples were scored (``examples``: a fingerprint of their ids, dialogues and references)."""
     return {
         "model": model_label,
         "adapter": recipe.model.adapter,
         "dataset": recipe.data.dataset,
         "split": recipe.eval.split,
+        "limit": recipe.eval.limit,
         "source_field": recipe.data.source_field,
         "target_field": recipe.data.target_field,
+        "prompt": recipe.data.prompt,
+        "max_source_length": recipe.data.max_source_length,
         **{key: getattr(recipe.eval, key) for key in GENERATION_KEYS},
         "batch_size": recipe.eval.batch_size,  # the generation batches: the same on any number of ranks
+        "examples": examples_fingerprint(rows),
     }
+
+
+# What decides an evaluation's predictions and scores besides the model's weights, as rouge.json
+# records it (run_info, and the scoring settings score_predictions adds), with the recipe key
+# that sets it. The original model's record is kept across resumes only while all of them match.
+EVAL_INPUTS = {
+    "split": "eval.split",
+    "limit": "eval.limit",
+    **{key: f"eval.{key}" for key in GENERATION_KEYS},
+    "batch_size": "eval.batch_size",
+    "scoring": "eval.scoring",
+    "use_stemmer": "eval.use_stemmer",
+    "split_sentences": "eval.split_sentences",
+    "source_field": "data.source_field",
+    "target_field": "data.target_field",
+    "prompt": "data.prompt",
+    "max_source_length": "data.max_source_length",
+    "examples": "examples",
+}
+# Inputs shown as a change, not as values (a prompt is long, a fingerprint says nothing).
+CONTENT_INPUTS = ("prompt", "examples")
+
+
+def current_eval_inputs(recipe: Recipe, rows: list[dict]) -> dict[str, Any]:
+    """EVAL_INPUTS as an evaluation of ``recipe`` on ``rows`` would record them now."""
+    recorded = run_info(recipe, "", rows) | {
+        "scoring": recipe.eval.scoring,
+        "use_stemmer": recipe.eval.use_stemmer,
+        "split_sentences": recipe.eval.split_sentences,
+    }
+    return {key: recorded[key] for key in EVAL_INPUTS}
+
+
+def rescore_reason(rouge_file: Path, current: dict[str, Any]) -> str | None:
+    """Why the original's existing scores do not compare with an evaluation made now (None when
+    they do): a changed generation, scoring, prompt or split setting, other examples, or a record
+    that does not say (written before ftlaunch recorded them)."""
+    name = f"{rouge_file.parent.parent.name}/{rouge_file.parent.name}"
+    try:
+        recorded = json.loads(rouge_file.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return f"{name}/{rouge_file.name} is not readable; scoring the original again"
+    missing = [key for key in EVAL_INPUTS if key not in recorded]
+    if missing:
+        return (
+            f"{name}/{rouge_file.name} does not record its {', '.join(EVAL_INPUTS[key] for key in missing)} "
+            "(an older ftlaunch wrote it); scoring the original again so that it compares with the "
+            "fine-tuned model"
+        )
+    changed = [key for key in EVAL_INPUTS if recorded[key] != current[key]]
+    if not changed:
+        return None
+    if {"split", "limit"} & set(changed):  # other examples, said by the setting that chose them
+        changed = [key for key in changed if key != "examples"]
+    settings = [key for key in changed if key not in CONTENT_INPUTS]
+    content = [
+        f"other {current['split']} examples" if key == "examples" else f"another {EVAL_INPUTS[key]}"
+        for key in changed
+        if key in CONTENT_INPUTS
+    ]
+
+    def values(source: dict[str, Any]) -> str:
+        return ", ".join(f"{EVAL_INPUTS[key]}={json.dumps(source[key])}" for key in settings)
+
+    if not settings:
+        return f"{name} was scored with {' and '.join(content)}; scoring the original again with the current ones"
+    also = f" (and {' and '.join(content)})" if content else ""
+    return (
+        f"{name} was scored with {values(recorded)}{also}; scoring the original again with {values(current)}"
+    )
+
+
+def original_needs_scoring(accelerator, recipe: Recipe, run_dir: Path) -> bool:
+    """No scores of the original yet, or scores made with other evaluation inputs (a resume with
+    changed eval.* settings or an edited test split): decided on the main rank, said in one line,
+    the answer sent to all ranks (they generate together or not at all)."""
+    answer = [True]
+    if accelerator.is_main_process:
+        result = RunDir(run_dir).eval_original
+        if result.has_rouge():
+            reason = rescore_reason(result.rouge, current_eval_inputs(recipe, eval_rows(recipe)))
+            if reason:
+                print_main(accelerator, reason)
+            answer = [reason is not None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer, from_process=0)
+    return bool(answer[0])
 
 
 def evaluate_model(
@@ -125,7 +222,7 @@ def evaluate_model(
     """Generate on the recipe's eval split, gather, score and write one model's predictions
     (labelled ``label`` in rouge.json); returns the scores on main."""
     rows = eval_rows(recipe)
-    info = run_info(recipe, label)
+    info = run_info(recipe, label, rows)
     predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
     if not accelerator.is_main_process:
         return None
@@ -149,11 +246,12 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
 
     So the original and the fine-tuned model are generated with the same code, precision and
     memory footprint, and no second copy of the model is ever loaded. Skipped when the recipe
-    does not compare, or when a resumed run already holds the scores.
+    does not compare, or when a resumed run already holds scores made with the same evaluation
+    inputs (split, examples, generation and scoring settings; original_needs_scoring).
     """
     if not (recipe.eval.after_training and recipe.eval.compare_original):
         return
-    if RunDir(run_dir).eval_original.has_rouge():
+    if not original_needs_scoring(accelerator, recipe, run_dir):
         return
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
