@@ -207,6 +207,23 @@ def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
     check_compatible(TrainState(micro_batch_tokens=1000), TrainState(micro_batch_tokens=1000), tmp_path)
 
 
+def test_a_refused_resume_on_other_ranks_names_the_users_change_not_the_accumulation_ftlaunch_set(tmp_path):
+    """2 ranks x accumulation 1 resumed on 1 rank: ftlaunch sets accumulation 2 itself (the same
+    micro-batches per step), so a refusal names only what the user changed (the micro batch)."""
+    from launcher.core.checkpoint import TrainState, check_compatible
+    from launcher.core.errors import UserError
+
+    saved = TrainState(world_size=2, grad_accum=1, micro_batch_size=4, strategy="ddp")
+    with pytest.raises(UserError, match=r"run shape \(micro_batch_size 4 -> 8\)"):
+        check_compatible(
+            saved, TrainState(world_size=1, grad_accum=2, micro_batch_size=8, strategy="ddp"), tmp_path
+        )
+    with pytest.raises(UserError, match=r"run shape \(grad_accum 1 -> 3; micro_batch_size 4 -> 8\)"):
+        check_compatible(
+            saved, TrainState(world_size=2, grad_accum=3, micro_batch_size=8, strategy="ddp"), tmp_path
+        )
+
+
 def test_a_compiled_runs_budget_counts_the_length_buckets_it_pads_to():
     """train.compile pads sources to multiples of 64 and targets to multiples of 16
     (compiling.BucketCollator): the budget must hold the bucketed batches the model really sees,

@@ -150,3 +150,19 @@ def test_a_forced_resume_with_another_micro_batch_keeps_its_place_in_the_epoch(t
     epochs = [row["epoch"] for row in rows]
     assert epochs == sorted(epochs) and epochs[4] == pytest.approx(9 / 16)
     assert rows[-1]["step"] == 28 and rows[-1]["epoch"] == 2.0
+
+
+def test_a_run_begun_from_another_runs_checkpoint_names_it(stopped, tmp_path):
+    from launcher.core.history import history_lines
+
+    checkpoint = stopped / "checkpoints" / "step_8"
+    run = tmp_path / "new"
+    result = run_cli_harness(
+        *RUN, "--set", "train.max_steps=12", "--output", str(run), "--resume", str(checkpoint)
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [row["checkpoint"] for row in metrics if "segment" in row] == [str(checkpoint)]
+    assert history_lines(metrics) == [
+        f"steps 8-12: DDP on 2 ranks (micro batch 4 x accumulation 1, fp32), resumed from {checkpoint}"
+    ]

@@ -490,10 +490,19 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
         )
     if moves_world_size(saved, current):
         return
+    # ranks and accumulation that keep the micro-batches per step are a move (ftlaunch sets the
+    # accumulation itself): not worth naming when something else refuses the resume
+    moved = (
+        ("world_size", "grad_accum")
+        if micro_batches_per_step(saved) == micro_batches_per_step(current)
+        else ()
+    )
     problems = [
         f"{name} {getattr(saved, name)} -> {getattr(current, name)}"
         for name in (*SHAPE_FIELDS, "strategy")
-        if getattr(saved, name) != getattr(current, name) and (name != "strategy" or saved.strategy)
+        if getattr(saved, name) != getattr(current, name)
+        and (name != "strategy" or saved.strategy)
+        and name not in moved
     ]
     if problems:
         raise UserError(

@@ -63,9 +63,10 @@ def describe_segment(row: dict[str, Any], end_step: int) -> str:
 
 
 def history_lines(metrics: list[dict[str, Any]]) -> list[str]:
-    """One line per segment, or nothing for a run that trained in one go."""
+    """One line per segment, or nothing for a run that trained in one go from scratch (a run that
+    began from another run's checkpoint says which)."""
     found = segments(metrics)
-    if len(found) < 2:
+    if len(found) < 2 and not (found and found[0]["start"] == "resumed"):
         return []
     last_step = max((row.get("step", 0) for row in metrics), default=0)
     ends = [row["step"] for row in found[1:]] + [last_step]

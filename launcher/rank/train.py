@@ -301,7 +301,9 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
             run.accelerator,
             f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
         )
-    run.resumed_from = checkpoint.name
+    # another run's checkpoint (--resume PATH into a new --output) is named by its path
+    own = checkpoint.resolve().parent == RunDir(run.run_dir).checkpoints.resolve()
+    run.resumed_from = checkpoint.name if own else str(checkpoint)
 
 
 def short_of_the_schedule(run: Run) -> str | None:
