@@ -315,3 +315,36 @@ def test_the_model_card_says_which_step_final_holds_and_why_training_stopped_ear
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:7]))
     card = render_card(run_dir, settings=inference_settings(run_recipe, method="full"))
     assert "| weights |" not in card and "| stopped early |" not in card
+
+
+def test_a_resume_that_measures_validation_rouge_otherwise_starts_the_best_record_again(tmp_path):
+    """A ROUGE on 4 dialogues greedy and one on 8 with beams are not comparable: the checkpoint's
+    best value would be beaten (or not) by a change of measurement, not of the model. A
+    validation loss has no such settings: its record is kept whatever eval.* says."""
+
+    def measured(metric: str, **eval_settings) -> object:
+        return build_recipe(
+            {
+                "model": {"name": "tiny-t5"},
+                "train": {"best_metric": metric},
+                "eval": {"rouge_every": 4, **eval_settings},
+            },
+            "test",
+        )
+
+    before = measured("rougeL", rouge_limit=4)
+    saved = TrainState(step=12, best_step=12, best_value=0.25, best_metric="rougeL")
+    saved.best_measured = best.measurement(before)
+    kept, note = best.continued_record(saved, before, tmp_path)
+    assert note is None and (kept.best_step, kept.best_value) == (12, 0.25)
+    record, note = best.continued_record(saved, measured("rougeL", rouge_limit=8, num_beams=2), tmp_path)
+    assert record.best_step is None and record.evaluations_without_improvement == 0
+    assert note == (
+        "validation ROUGE is measured otherwise now (eval.rouge_limit 4 -> 8, eval.num_beams 1 -> 2): "
+        "the best-so-far record (step 12, val_rougeL 0.2500) starts again from step 12"
+    )
+    loss = TrainState(step=12, best_step=12, best_value=3.0, best_metric="val_loss")
+    loss.best_measured = best.measurement(measured("val_loss", rouge_limit=4))
+    assert loss.best_measured == ""
+    kept, note = best.continued_record(loss, measured("val_loss", rouge_limit=8, num_beams=2), tmp_path)
+    assert note is None and kept.best_value == 3.0

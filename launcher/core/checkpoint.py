@@ -75,6 +75,7 @@ class TrainState:
     best_value: float | None = None
     evaluations_without_improvement: int = 0
     best_metric: str = ""
+    best_measured: str = ""  # how a ROUGE best_metric was measured (best.measurement); "" for val_loss
     # What a resume may change but should say it did ("" in checkpoints of older versions): the
     # learning-rate schedule as optimization.schedule_summary describes it, and model.precision.
     schedule: str = ""

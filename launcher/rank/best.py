@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.core import checkpoint as ckpt
-from launcher.core.recipe import Recipe
+from launcher.core.recipe import GENERATION_KEYS, Recipe
 from launcher.core.rundir import RunDir
 from launcher.rank.distributed import print_main
 from launcher.results.rouge import ROUGE_TYPES
@@ -57,6 +57,7 @@ def record(state: ckpt.TrainState, recipe: Recipe, value: float) -> bool:
     train = recipe.train
     if improves(value, state.best_value, train.best_metric, train.early_stopping_delta):
         state.best_step, state.best_value, state.best_metric = state.step, value, train.best_metric
+        state.best_measured = measurement(recipe)
         state.evaluations_without_improvement = 0
         return True
     state.evaluations_without_improvement += 1
@@ -100,17 +101,45 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     return {f"val_{key}": shared[0][key] for key in ROUGE_TYPES}
 
 
+# What a validation ROUGE depends on besides the weights (the validation split itself is
+# fingerprinted with the checkpoint, and a change of it refused).
+ROUGE_MEASUREMENT = (
+    "rouge_limit",
+    *GENERATION_KEYS,
+    "batch_size",
+    "scoring",
+    "use_stemmer",
+    "split_sentences",
+)
+
+
+def measurement(recipe: Recipe) -> str:
+    """How train.best_metric is measured, as ``eval.rouge_limit=16, eval.num_beams=1, ...``: two
+    ROUGE values compare only when measured alike (a validation loss has no such settings)."""
+    if recipe.train.best_metric not in ROUGE_TYPES:
+        return ""
+    return ", ".join(f"eval.{key}={getattr(recipe.eval, key)}" for key in ROUGE_MEASUREMENT)
+
+
+def measured_otherwise(before: str, now: str) -> str:
+    """The settings that differ between two measurements, ``eval.rouge_limit 16 -> 8``."""
+    old, new = (dict(part.split("=", 1) for part in text.split(", ")) for text in (before, now))
+    return ", ".join(f"{key} {old[key]} -> {new.get(key)}" for key in old if old[key] != new.get(key))
+
+
 def continued_record(
     saved: ckpt.TrainState, recipe: Recipe, run_dir: Path
 ) -> tuple[ckpt.TrainState, str | None]:
     """The best-so-far record a resume continues: the checkpoint's, unless it is about another
-    train.best_metric (its values are not comparable) or its best step's checkpoint is gone
+    train.best_metric or a ROUGE measured otherwise (its values are not comparable: another
+    eval.rouge_limit, generation or scoring setting) or its best step's checkpoint is gone
     (final/ could not be loaded from it). Then the record starts again, and the note says why."""
     kept = ckpt.TrainState(
         best_step=saved.best_step,
         best_value=saved.best_value,
         evaluations_without_improvement=saved.evaluations_without_improvement,
         best_metric=saved.best_metric,
+        best_measured=saved.best_measured,
     )
     if saved.best_step is None or not recipe.train.best_metric:
         return kept, None
@@ -118,6 +147,8 @@ def continued_record(
     was += f"{saved.best_value:.4f})"
     if saved.best_metric and saved.best_metric != recipe.train.best_metric:
         why = f"train.best_metric changed {saved.best_metric} -> {recipe.train.best_metric}"
+    elif saved.best_measured and saved.best_measured != measurement(recipe):
+        why = f"validation ROUGE is measured otherwise now ({measured_otherwise(saved.best_measured, measurement(recipe))})"
     elif saved.best_step != saved.step and not RunDir(run_dir).checkpoint(saved.best_step).is_dir():
         why = f"the best step's checkpoint {RunDir(run_dir).checkpoint(saved.best_step)} is gone"
     else:

@@ -290,7 +290,7 @@ def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
     record, note = best.continued_record(saved, run.recipe, run.run_dir)
     run.state.best_step, run.state.best_value = record.best_step, record.best_value
     run.state.evaluations_without_improvement = record.evaluations_without_improvement
-    run.state.best_metric = record.best_metric
+    run.state.best_metric, run.state.best_measured = record.best_metric, record.best_measured
     print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
     for line in [note, *resumed_changes(saved, run.state), short_of_the_schedule(run)]:
         if line:
