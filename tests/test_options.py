@@ -158,3 +158,15 @@ def test_a_bad_value_in_the_saved_settings_names_the_file(tmp_path):
     with pytest.raises(UserError) as caught:
         eval_recipe(eval_options(model=str(folder)))
     assert str(caught.value).startswith(f"{folder / 'ftlaunch.json'}: eval.num_beams='x'")
+
+
+def test_lora_settings_on_a_full_fine_tune_are_said_to_change_nothing(tmp_path):
+    from conftest import run_cli_in_process
+
+    common = ("--cpu", "--model", "tiny-t5", "--data", "sample", "--set", "lora.use_dora=true", "--dry-run")
+    full = run_cli_in_process("full", *common, "--set", "lora.r=8", "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert "warning: --set lora.use_dora has no effect: ftlaunch full trains every weight" in full.stderr
+    assert "warning: --set lora.r has no effect" in full.stderr
+    lora = run_cli_in_process("lora", *common, "--output", str(tmp_path / "lora"))
+    assert lora.returncode == 0 and "has no effect" not in lora.stderr, lora.stderr

@@ -19,7 +19,15 @@ import typer
 
 from launcher.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from launcher.core.rundir import ResultDir, RunDir
-from launcher.host.options import FLAG_KEYS, EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
+from launcher.host.options import (
+    FLAG_KEYS,
+    EvalOptions,
+    Offload,
+    TrainOptions,
+    eval_recipe,
+    ignored_overrides,
+    train_recipe,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -171,7 +179,7 @@ def train_command(method: str):
 
         from launcher.host.console import command_line, run_summary
 
-        for note in notes:
+        for note in [*ignored_overrides(method, overrides), *notes]:
             typer.echo(f"warning: {note}", err=True)
         typer.echo(run_summary(recipe, run_dir, (("zero auto", zero_note),) if zero_note else ()))
         typer.echo(command_line(run_dir))

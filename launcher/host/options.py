@@ -244,3 +244,14 @@ def saved_settings(options: EvalOptions) -> tuple[Path | None, dict | None]:
     else:
         return None, None
     return folder, checked_settings(folder)
+
+
+def ignored_overrides(method: str, overrides: list[str]) -> list[str]:
+    """``--set lora.*`` on a full fine-tune changes nothing (it trains no adapters): said, not
+    refused, since a recipe may carry a lora section for both methods."""
+    keys = [text.split("=", 1)[0].strip() for text in overrides]
+    return [
+        f"--set {key} has no effect: ftlaunch full trains every weight and no LoRA adapters (ftlaunch lora does)"
+        for key in keys
+        if method == "full" and key.startswith("lora.")
+    ]
