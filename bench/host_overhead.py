@@ -133,6 +133,7 @@ def product_recipe(model_dir: Path, lr: float):
 def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Contender:
     """The product's model preparation and step, as ``train.set_up`` and ``train_loop`` do them."""
     from launcher.rank import optimization, train
+    from launcher.rank.run import Run
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.model import build_model
     from launcher.rank.step_stats import WindowStats
@@ -147,7 +148,7 @@ def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Con
     if compiled:
         model = torch.compile(model)
     model.train()
-    run = train.Run(
+    run = Run(
         recipe, None, accelerator, model, None, optimizer, scheduler, None, None, None, total_steps, 0
     )
     decoder_start = accelerator.unwrap_model(model)

@@ -115,3 +115,9 @@ def epoch_batches(accelerator, loader, skip: int):
         return
     yield first
     yield from iterator
+
+
+def epoch_length(epoch: int, batches_by_epoch: list[int]) -> int:
+    """This epoch's own number of micro-batches per rank (a token budget packs each epoch into a
+    different number)."""
+    return batches_by_epoch[min(epoch, len(batches_by_epoch) - 1)]

@@ -19,9 +19,7 @@ Raises: UserError (exit 2) for a checkpoint of another run shape.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +41,12 @@ from launcher.rank.distributed import (
     uses_fsdp,
 )
 from launcher.rank.finite import check_values, check_weights
-from launcher.rank.loaders import TrainingData, batches_per_rank_by_epoch, epoch_batches, prepare_data
+from launcher.rank.loaders import (
+    batches_per_rank_by_epoch,
+    epoch_batches,
+    epoch_length,
+    prepare_data,
+)
 from launcher.rank.model import (
     build_model,
     checkpointed_layers,
@@ -57,11 +60,11 @@ from launcher.rank.optimization import (
     build_optimizer,
     build_scheduler,
     describe_optimizer,
-    reapply_recipe_settings,
-    recipe_group_settings,
     schedule_summary,
     total_optimizer_steps,
 )
+from launcher.rank.resume import past_the_end, restart_resume, restore, resume_point
+from launcher.rank.run import Run
 from launcher.rank.step_stats import StepResult, WindowStats, metrics_row
 from launcher.rank.stopping import StopRequest, stop_requested, stopped_message
 from launcher.results.card import effective_batch
@@ -184,30 +187,6 @@ def deepspeed_grad_norm(accelerator, model):
     return model.get_global_grad_norm() if uses_deepspeed(accelerator) else None
 
 
-@dataclass
-class Run:
-    """Everything one rank's training holds, prepared by Accelerate."""
-
-    recipe: Recipe
-    run_dir: Path
-    accelerator: object
-    model: torch.nn.Module
-    tokenizer: object
-    optimizer: object
-    scheduler: object
-    loader: torch.utils.data.DataLoader
-    data: TrainingData
-    state: ckpt.TrainState
-    total_steps: int
-    batches_by_epoch: list[int]  # micro-batches per rank: a token budget packs each epoch differently
-    resumed_from: str | None = None  # the checkpoint this segment of training continues
-
-    def describe_batches(self) -> str:
-        """``8`` (fixed-size micro-batches) or ``7-9`` (a token budget's epochs differ)."""
-        low, high = min(self.batches_by_epoch), max(self.batches_by_epoch)
-        return f"{low}" if low == high else f"{low}-{high}"
-
-
 def set_up(run_dir: Path) -> Run:
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe, run_dir=run_dir, log_with=recipe.train.report_to)
@@ -253,94 +232,6 @@ def set_up(run_dir: Path) -> Run:
         total_steps,
         by_epoch,
     )
-
-
-def resume_point(run: Run, resume: str | None, force_resume: bool) -> tuple[Path, ckpt.TrainState] | None:
-    """The checkpoint ``--resume`` names (if any) and its state, checked against this run's shape;
-    nothing is loaded yet, so that a refused resume and the tracker runs come before the
-    original model's evaluation."""
-    checkpoint = ckpt.resolve_resume_on_main(run.accelerator, run.run_dir, resume)
-    if run.accelerator.is_main_process:
-        ckpt.remove_incomplete(run.run_dir)
-    if checkpoint is None:
-        if resume:
-            print_main(run.accelerator, "no complete checkpoint found: starting from step 0")
-        return None
-    saved = ckpt.read_state(checkpoint)
-    ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
-    return checkpoint, saved
-
-
-def restore(run: Run, checkpoint: Path, saved: ckpt.TrainState) -> None:
-    """Load the checkpoint ``resume_point`` found: weights, optimizer, schedule, data position."""
-    built = recipe_group_settings(run.optimizer)
-    if ckpt.needs_conversion(saved, run.state):  # another strategy, or ZeRO on other ranks
-        from launcher.rank.portable import restore_converted
-
-        restore_converted(run, checkpoint, saved)
-        print_main(run.accelerator, ckpt.describe_conversion(checkpoint, saved, run.state))
-    else:
-        run.accelerator.load_state(str(checkpoint))
-    run.state.step, run.state.epoch, run.state.batches_in_epoch = (
-        saved.step,
-        saved.epoch,
-        ckpt.resumed_position(saved, run.state),  # the same steps on another number of ranks
-    )
-    # the best-so-far record of train.best_metric continues too (unless it cannot: best.continued_record)
-    record, note = best.continued_record(saved, run.recipe, run.run_dir)
-    run.state.best_step, run.state.best_value = record.best_step, record.best_value
-    run.state.evaluations_without_improvement = record.evaluations_without_improvement
-    run.state.best_metric, run.state.best_measured = record.best_metric, record.best_measured
-    print_main(run.accelerator, f"resumed from {checkpoint} at step {run.state.step}")
-    for line in [note, *resumed_changes(saved, run.state), short_of_the_schedule(run)]:
-        if line:
-            print_main(run.accelerator, f"note: {line}")
-    changed = reapply_recipe_settings(run.optimizer, run.scheduler, built)
-    if changed:
-        print_main(
-            run.accelerator,
-            f"resumed with the recipe's {', '.join(changed)} (the checkpoint's schedule position kept)",
-        )
-    # another run's checkpoint (--resume PATH into a new --output) is named by its path
-    own = checkpoint.resolve().parent == RunDir(run.run_dir).checkpoints.resolve()
-    run.resumed_from = checkpoint.name if own else str(checkpoint)
-
-
-def short_of_the_schedule(run: Run) -> str | None:
-    """A forced resume with another step size can run out of epochs before the schedule (sized
-    for the whole run in the new steps) ends: say at which step it will stop, and why."""
-    state, recipe = run.state, run.recipe
-    last = state.step
-    for epoch in range(state.epoch, recipe.train.epochs):
-        left = epoch_length(epoch, run.batches_by_epoch) - (
-            state.batches_in_epoch if epoch == state.epoch else 0
-        )
-        last += math.ceil(max(left, 0) / recipe.train.grad_accum)
-    if last >= run.total_steps:
-        return None
-    return (
-        f"the schedule was sized for {run.total_steps} steps of this shape, but train.epochs={recipe.train.epochs} "
-        f"ends at step {last} (the steps before {state.step} were of another size): the learning rate "
-        "will not reach its end; set train.max_steps to end it earlier, or resume with the checkpoint's batch"
-    )
-
-
-def resumed_changes(saved: ckpt.TrainState, current: ckpt.TrainState) -> list[str]:
-    """What a resume changes without being refused, said once: the learning-rate schedule (its
-    type, options, warm-up or length: the rate jumps to the new schedule's value at this step)
-    and the precision. Checkpoints of older versions did not record them."""
-    changes = []
-    if saved.schedule and saved.schedule != current.schedule:
-        changes.append(
-            f"the learning-rate schedule changed: {saved.schedule} -> {current.schedule}; "
-            f"from step {saved.step + 1} the rate follows the new one"
-        )
-    if saved.precision and saved.precision != current.precision:
-        changes.append(
-            f"model.precision changed {saved.precision} -> {current.precision}: steps 1-{saved.step} "
-            f"trained in {saved.precision}, the rest in {current.precision}"
-        )
-    return changes
 
 
 def train_step(run: Run, window: list[dict]) -> StepResult:
@@ -415,12 +306,6 @@ def optimizer_windows(batches, size: int):
             window = []
     if window:
         yield window
-
-
-def epoch_length(epoch: int, batches_by_epoch: list[int]) -> int:
-    """This epoch's own number of micro-batches per rank (a token budget packs each epoch into a
-    different number)."""
-    return batches_by_epoch[min(epoch, len(batches_by_epoch) - 1)]
 
 
 def epoch_progress(epoch: int, batches_done: int, batches_by_epoch: list[int]) -> float:
@@ -663,17 +548,6 @@ def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> 
     return 0
 
 
-def past_the_end(run: Run) -> str:
-    """A resume whose checkpoint lies past the recipe's end (a lowered train.max_steps or epochs):
-    nothing is trained, and final/ is the checkpoint's model, not the step the recipe names."""
-    step = run.state.step
-    return (
-        f"note: the checkpoint is at step {step}, past this recipe's {run.total_steps} optimizer steps: "
-        f"no step is trained and final/ is the step-{step} model; for an earlier one, pass "
-        f"--resume {RunDir(run.run_dir).checkpoints}/step_N"
-    )
-
-
 def make_progress(accelerator, total: int, initial: int):
     from launcher.rank.progress import make_progress as console_progress
 
@@ -688,12 +562,6 @@ def write_interrupted_marker(accelerator, run_dir: Path, step: int) -> None:
 def clear_interrupted_marker(accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process:
         RunDir(run_dir).clear_interrupted()
-
-
-def restart_resume(resume: str | None) -> str | None:
-    """A restart by the supervisor (launch.max_restarts) continues from the newest intact
-    checkpoint, whatever --resume the first start had."""
-    return "auto" if os.environ.get(RESTART_ENV) else resume
 
 
 def log_restart(run: Run, logger: MetricsLogger) -> None:
