@@ -133,9 +133,9 @@ def product_recipe(model_dir: Path, lr: float):
 def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Contender:
     """The product's model preparation and step, as ``train.set_up`` and ``train_loop`` do them."""
     from launcher.rank import optimization, train
-    from launcher.rank.run import Run
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.model import build_model
+    from launcher.rank.run import Run
     from launcher.rank.step_stats import WindowStats
 
     recipe = product_recipe(model_dir, lr)
@@ -148,9 +148,7 @@ def product(model_dir: Path, lr: float, compiled: bool, total_steps: int) -> Con
     if compiled:
         model = torch.compile(model)
     model.train()
-    run = Run(
-        recipe, None, accelerator, model, None, optimizer, scheduler, None, None, None, total_steps, 0
-    )
+    run = Run(recipe, None, accelerator, model, None, optimizer, scheduler, None, None, None, total_steps, 0)
     decoder_start = accelerator.unwrap_model(model)
     stats = WindowStats()
 
