@@ -144,6 +144,28 @@ def test_zero2_continues_under_fsdp2_on_the_same_ranks(runs, tmp_path):
     assert_ends_like(tmp_path / "run", runs("ddp"))
 
 
+def test_a_converted_fsdp2_resume_after_the_original_is_scored(runs, tmp_path):
+    """The original model is scored at the resume (before the checkpoint is loaded: the first
+    evaluation of a run that had it off, or one whose eval settings changed). Generation under
+    FSDP2 used to leave the output projection's unit unsharded, and the converted load then met a
+    plain tensor (`got mixed torch.Tensor and DTensor`)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs("zero2", crash=True), run_dir)
+    evaluating = (
+        "--set",
+        "eval.after_training=true",
+        "--set",
+        "eval.limit=4",
+        "--set",
+        "eval.max_new_tokens=8",
+    )
+    result = run_cli_harness(*args(run_dir, "fsdp", 2), *evaluating, "--resume", "auto")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "tiny-t5 (original)" in output and "continuing under FSDP2 on 2 rank(s)" in output
+    assert_ends_like(run_dir, runs("ddp"))
+
+
 def test_lora_zero3_continues_under_ddp(runs, tmp_path):
     """(e) LoRA: only the adapters (and their moments) move; the frozen base is the model's own.
     lora_B starts at zero, so its final value is how far training moved it."""

@@ -60,4 +60,10 @@ def root_weights_gathered(model):
     try:
         yield
     finally:
-        model.reshard()
+        # Every unit, not only the root: generate's forwards can leave a unit that does not
+        # reshard after forward (the output projection) with its whole weight registered, and a
+        # converted resume's set_model_state_dict then meets a plain tensor where it expects a
+        # DTensor. reshard() is not recursive; a unit already sharded is left as it is.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
