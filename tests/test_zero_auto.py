@@ -111,3 +111,34 @@ def test_estimate_command_takes_a_token_budget():
     small = run_cli_in_process("estimate", "--micro-batch-tokens", "600")
     assert small.returncode == 2
     assert "--micro-batch-tokens 600" in small.stderr and "at least 640" in small.stderr
+
+
+def test_nothing_fits_advice_is_for_this_run(tmp_path):
+    """A DoRA run that fits 6 GiB only with gradient checkpointing, a smaller micro batch or FSDP2:
+    those are named with what would then fit, LoRA is not (it is one already); the smallest
+    candidate is named as a ZeRO/DDP choice (FSDP2's rows are not candidates without --fsdp)."""
+    args = ["--zero", "auto", "--gpu-mem", "6", "--model", "google/flan-t5-base", "--dry-run"]
+    result = run_cli_in_process(
+        "lora", *args, "--set", "lora.use_dora=true", "--output", str(tmp_path / "dora")
+    )
+    assert result.returncode == 2
+    error = result.stderr.strip()
+    assert error.count("\n") == 0 and error.startswith("error: nothing fits in 6 GiB per GPU")
+    assert "the smallest ZeRO/DDP choice is DDP" in error
+    assert "would fit: --set train.gradient_checkpointing=true (DDP at 1.7 GiB)" in error
+    assert "--fsdp (FSDP2 + offload full" in error and "train.micro_batch_size=" in error
+    assert "LoRA" not in error and "more GPUs" not in error  # DDP's per-GPU memory does not shrink
+    checkpointed = run_cli_in_process(
+        "lora", *args, "--set", "lora.use_dora=true", "--set", "train.gradient_checkpointing=true",
+        "--output", str(tmp_path / "checkpointed"),
+    )  # fmt: skip
+    assert checkpointed.returncode == 0, checkpointed.stderr
+
+
+def test_nothing_fits_advice_for_full_fine_tuning_names_lora(tmp_path):
+    result = run_cli_in_process(
+        "full", "--zero", "auto", "--gpu-mem", "16", "--model", "google/flan-t5-xxl", "--dry-run",
+        "--output", str(tmp_path / "xxl"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "LoRA (ftlaunch lora)" in result.stderr and "gradient_checkpointing=true" in result.stderr

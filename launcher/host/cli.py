@@ -472,9 +472,14 @@ def estimate_command(
     if len(models) > 1:
         typer.echo(estimate.render_models_table(models, memory, shape))
         return
-    rows = estimate.estimate_model(model, shape, fsdp=fsdp)
+    spec = estimate.model_spec(model)
+    rows = estimate.estimate_rows(spec, shape, fsdp=fsdp)
     title = f"{estimate.canonical_name(model)}: {shape.describe()}"
-    typer.echo(estimate.render_table(rows, memory, title=title, checkpointing=gradient_checkpointing))
+    typer.echo(
+        estimate.render_table(
+            rows, memory, title=title, checkpointing=gradient_checkpointing, spec=spec, shape=shape
+        )
+    )
 
 
 @app.command("score")

@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from launcher.core.errors import UserError
@@ -360,6 +360,18 @@ def fsdp_state_bytes(
     return shards + gathered, 0
 
 
+GENERIC_ADVICE = "use more GPUs, gradient checkpointing, LoRA, or a smaller micro batch"
+
+
+class NothingFits(UserError):
+    """No candidate row fits: the message says the smallest; ``zero_auto`` adds the advice that
+    applies to the run (``fit_advice``)."""
+
+    def __init__(self, summary: str, advice: str = GENERIC_ADVICE):
+        super().__init__(f"{summary}; {advice}")
+        self.summary = summary
+
+
 def recommend_fsdp(
     rows: Iterable[EstimateRow], gpu_mem_gib: float, headroom: float = HEADROOM
 ) -> EstimateRow:
@@ -368,9 +380,9 @@ def recommend_fsdp(
     for row in candidates:
         if row.fits(gpu_mem_gib, headroom):
             return row
-    raise UserError(
+    raise NothingFits(
         f"FSDP2 does not fit in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom) even with "
-        f"--offload full ({candidates[-1].total_gib:.1f} GiB); use more GPUs, LoRA, or a smaller micro batch"
+        f"--offload full ({candidates[-1].total_gib:.1f} GiB)"
     )
 
 
@@ -438,10 +450,91 @@ def recommend(
             return row
     smallest = min(by_key.values(), key=lambda row: row.total_gib)
     kept = f" with --offload {offload}" if offload else ""
-    raise UserError(
-        f"nothing fits{kept} in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom): the smallest is "
-        f"{smallest.label} at {smallest.total_gib:.1f} GiB; use more GPUs, LoRA, or a smaller micro batch"
+    raise NothingFits(  # FSDP2's rows are not candidates here (recommend_fsdp, with --fsdp)
+        f"nothing fits{kept} in {gpu_mem_gib:g} GiB per GPU (with {headroom:.0%} headroom): the smallest "
+        f"ZeRO/DDP choice is {smallest.label} at {smallest.total_gib:.1f} GiB"
     )
+
+
+def fit_advice(
+    spec: ModelFacts,
+    shape: RunShape,
+    gpu_mem_gib: float,
+    fsdp: bool = False,
+    offload: str | None = None,
+    headroom: float = HEADROOM,
+) -> str:
+    """What to change when nothing fits, for this run only: first the single changes whose
+    estimate fits (with what ``--zero auto`` would then pick), then the others that use less
+    memory. Gradient checkpointing where it is off, another offload where one was given, FSDP2
+    or DeepSpeed (the other engine), more GPUs where they shrink the estimate, LoRA for full
+    fine-tuning, a smaller micro batch or token budget."""
+
+    def pick(changed: RunShape, on_fsdp: bool = fsdp, kept: str | None = offload) -> EstimateRow | None:
+        rows = [
+            row
+            for row in estimate_rows(spec, changed, on_fsdp)
+            if not row.fsdp or kept in (None, row.offload)
+        ]
+        if on_fsdp and not any(row.fsdp for row in rows):
+            return None
+        try:
+            return (
+                recommend_fsdp(rows, gpu_mem_gib, headroom)
+                if on_fsdp
+                else recommend(rows, gpu_mem_gib, headroom, kept)
+            )
+        except UserError:
+            return None
+
+    def smallest(changed: RunShape) -> float:
+        rows = [row for row in estimate_rows(spec, changed, fsdp) if row.fsdp == fsdp]
+        return min(row.total_gib for row in rows if fsdp or offload in (None, row.offload))
+
+    fits: list[str] = []
+    less: list[str] = []
+
+    def offer(change: str, row: EstimateRow | None, helps: bool = True) -> None:
+        if row is not None:
+            fits.append(f"{change} ({row.label} at {row.total_gib:.1f} GiB)")
+        elif helps:
+            less.append(change)
+
+    if not shape.gradient_checkpointing:
+        offer("--set train.gradient_checkpointing=true", pick(replace(shape, gradient_checkpointing=True)))
+    if offload is not None and not fsdp:
+        row = pick(shape, kept=None)
+        offer(f"--offload {row.offload if row else 'full'}", row, helps=False)
+    if shape.optimizer != "adafactor" and offload != "optimizer":  # not with FSDP2
+        offer("without --fsdp" if fsdp else "--fsdp", pick(shape, on_fsdp=not fsdp), helps=False)
+    world = shape.gpus * shape.nodes
+    for factor in (2, 4, 8, 16, 32, 64):
+        row = pick(replace(shape, nodes=shape.nodes * factor))
+        if row is not None:
+            offer(f"{world * factor} GPUs in all", row)
+            break
+    else:
+        if smallest(replace(shape, nodes=shape.nodes * 64)) < 0.99 * smallest(shape):
+            less.append("more GPUs")
+    if not shape.lora:
+        offer("LoRA (ftlaunch lora)", pick(replace(shape, lora=True)))
+    if shape.micro_batch > 1:
+        key = "train.micro_batch_tokens" if shape.micro_batch_tokens else "train.micro_batch_size"
+        tokens = shape.source_len + shape.target_len
+        for size in range(shape.micro_batch - 1, 0, -1):
+            row = pick(replace(shape, micro_batch=size, micro_batch_tokens=None))
+            if row is not None:
+                value = size * tokens if shape.micro_batch_tokens else size
+                offer(f"--set {key}={value}", row)
+                break
+        else:
+            less.append(f"a smaller {key}")
+    parts = []
+    if fits:
+        parts.append("would fit: " + ", ".join(fits))
+    if less:
+        parts.append(("also less memory: " if fits else "less memory: ") + ", ".join(less))
+    return "; ".join(parts) or "nothing ftlaunch can change fits this model in that memory"
 
 
 def zero_auto(
@@ -450,8 +543,12 @@ def zero_auto(
     """For ``--zero auto``: the recommended row and one line for the dry-run summary. With
     ``--fsdp`` the sharding engine is chosen: auto decides the offload only; with ``--offload``
     the offload is chosen: auto decides the stage only."""
-    rows = estimate_model(model, shape, fsdp)
-    row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib, offload=offload)
+    spec = model_spec(model)
+    rows = estimate_rows(spec, shape, fsdp)
+    try:
+        row = recommend_fsdp(rows, gpu_mem_gib) if fsdp else recommend(rows, gpu_mem_gib, offload=offload)
+    except NothingFits as exc:
+        raise NothingFits(exc.summary, fit_advice(spec, shape, gpu_mem_gib, fsdp, offload)) from None
     choice = "FSDP2 with the least offload" if fsdp else "the smallest stage"
     return row, (
         f"{row.label} (--zero auto: {choice} that fits {gpu_mem_gib:g} GiB per GPU; "
@@ -502,8 +599,11 @@ def render_table(
     headroom: float = HEADROOM,
     title: str | None = None,
     checkpointing: bool = False,
+    spec: ModelFacts | None = None,
+    shape: RunShape | None = None,
 ) -> str:
-    """A markdown table of every row, the recommended one marked."""
+    """A markdown table of every row, the recommended one marked; when nothing fits, what would
+    (``fit_advice``, given the model's ``spec`` and the run's ``shape``)."""
     try:
         best: EstimateRow | None = recommend(rows, gpu_mem_gib, headroom)
     except UserError:
@@ -533,8 +633,12 @@ def render_table(
         "(see launcher/host/estimate.py)."
     )
     lines.append(MODEL_STATES_FOOTNOTE)
-    if best is None:
-        lines.append("Nothing fits: use more GPUs, LoRA, or a smaller micro batch.")
+    fsdp_fit = next((row for row in rows if row.fsdp and row.fits(gpu_mem_gib, headroom)), None)
+    if best is None and fsdp_fit is not None:
+        lines.append(f"No ZeRO/DDP choice fits; {fsdp_fit.label} does (`{fsdp_fit.flags}`).")
+    elif best is None:
+        advice = fit_advice(spec, shape, gpu_mem_gib, headroom=headroom) if spec and shape else GENERIC_ADVICE
+        lines.append(f"Nothing fits: {advice}.")
     elif best.stage < 3 and not best.fsdp:
         lines.append(ZERO3_NOT_WORTH_IT)
     return "\n".join(lines)

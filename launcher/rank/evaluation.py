@@ -159,7 +159,8 @@ def current_eval_inputs(recipe: Recipe, rows: list[dict]) -> dict[str, Any]:
 def rescore_reason(rouge_file: Path, current: dict[str, Any]) -> str | None:
     """Why the original's existing scores do not compare with an evaluation made now (None when
     they do): a changed generation, scoring, prompt or split setting, other examples, or a record
-    that does not say (written before ftlaunch recorded them)."""
+    that does not say (written before ftlaunch recorded them, or rescored by ``ftlaunch score``
+    against other examples)."""
     name = f"{rouge_file.parent.parent.name}/{rouge_file.parent.name}"
     try:
         recorded = json.loads(rouge_file.read_text())
@@ -169,10 +170,16 @@ def rescore_reason(rouge_file: Path, current: dict[str, Any]) -> str | None:
         return f"{name}/{rouge_file.name} is not readable; scoring the original again"
     missing = [key for key in EVAL_INPUTS if key not in recorded]
     if missing:
+        # `ftlaunch score` records the predictions file it scored; it keeps the evaluation's
+        # record of the same predictions, the examples only while it scored the same ones
+        writer = (
+            "rewritten by `ftlaunch score`"
+            if "predictions" in recorded
+            else "written by an older ftlaunch or by `ftlaunch score`"
+        )
         return (
             f"{name}/{rouge_file.name} does not record its {', '.join(EVAL_INPUTS[key] for key in missing)} "
-            "(an older ftlaunch wrote it); scoring the original again so that it compares with the "
-            "fine-tuned model"
+            f"({writer}); scoring the original again so that it compares with the fine-tuned model"
         )
     changed = [key for key in EVAL_INPUTS if recorded[key] != current[key]]
     if not changed:

@@ -14,7 +14,7 @@ from typing import Any
 
 from launcher.core.errors import UserError
 from launcher.core.jsonl import read_jsonl
-from launcher.core.recipe import shown_generation_settings
+from launcher.core.recipe import GENERATION_KEYS, shown_generation_settings
 from launcher.core.rundir import FINETUNED, ORIGINAL, ResultDir, RunDir, SweepDir
 from launcher.core.writable import check_writable_dir
 from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
@@ -273,7 +273,8 @@ def best_step_words(row: dict) -> str:
 
 
 def generation_note(scores: dict) -> str:
-    """``max_new_tokens 128, num_beams 1`` and any repetition/length control the run set."""
+    """``max_new_tokens 128, num_beams 1`` and any repetition/length control the run set (empty
+    when the record does not say: a predictions file of one's own, scored by ``ftlaunch score``)."""
     return ", ".join(f"{key} {value}" for key, value in shown_generation_settings(scores).items())
 
 
@@ -342,7 +343,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         *unfinished_note(run_dir, metrics),
         f"Data: {first['scores'].get('dataset')} "
         f"[{first['scores'].get('split')}] · {first['scores'].get('n')} examples{reference_columns(first['scores'])}"
-        f" · generation: {generation_note(first['scores'])}",
+        + (f" · generation: {generation}" if (generation := generation_note(first["scores"])) else ""),
         "",
         *rank_independence(first["scores"]),
         "## ROUGE (F-measure, %)",
@@ -448,6 +449,28 @@ def data_note(rows: list[tuple[str, dict]]) -> str:
     return f"Data differs between rows (their numbers do not compare): {each}"
 
 
+def generation_differences(rows: list[tuple[str, dict]]) -> str | None:
+    """The note for rows generated with other settings (another num_beams, max_new_tokens, ...):
+    each differing setting with the rows of each value. A row whose rouge.json does not record a
+    setting is not compared on it (unknown, not different). None when none differs."""
+    parts = []
+    for key in GENERATION_KEYS:
+        groups: dict[Any, list[str]] = {}  # 1 and 1.0 are one value
+        for label, scores in rows:
+            if key in scores:
+                value = scores[key]
+                groups.setdefault(json.dumps(value) if isinstance(value, list | dict) else value, []).append(
+                    label
+                )
+        if len(groups) > 1:
+            parts.append(
+                f"{key} " + ", ".join(f"{value} ({', '.join(labels)})" for value, labels in groups.items())
+            )
+    if not parts:
+        return None
+    return f"Generation settings differ between rows (their numbers do not compare): {'; '.join(parts)}"
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     """One table over several runs/models; written to OUT/report.md when --output is given."""
     if out_dir is not None:
@@ -473,7 +496,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None) -> str:
     note = "Scoring: " + ", ".join(sorted(str(m) for m in modes))
     if len(modes) > 1:
         note += " (mixed scoring modes: numbers are not directly comparable)"
-    text = "# ftlaunch comparison\n\n" + table + "\n\n" + note + "\n\n" + data_note(rows) + "\n"
+    notes = [note, data_note(rows), generation_differences(rows)]
+    text = "# ftlaunch comparison\n\n" + table + "\n\n" + "\n\n".join(n for n in notes if n) + "\n"
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         ResultDir(out_dir).report_md.write_text(text)

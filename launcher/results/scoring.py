@@ -16,8 +16,9 @@ from pydantic import ValidationError
 
 from launcher.core.dialogues import load_split
 from launcher.core.errors import UserError
+from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import read_jsonl
-from launcher.core.recipe import EvalSection, describe_validation_error
+from launcher.core.recipe import GENERATION_KEYS, EvalSection, describe_validation_error
 from launcher.core.rundir import ResultDir, RunDir
 from launcher.core.writable import check_writable_dir, same_file
 from launcher.results.rouge import score_rouge
@@ -59,12 +60,11 @@ def read_predictions(path: Path) -> list[dict]:
     return rows
 
 
-def references_from_data(
-    rows: list[dict], dataset: str, split: str, path: Path
-) -> tuple[list[list[str]], int]:
-    """Match predictions to a dataset's references by id (all of them must be found); also the
-    split's size, so that a score over part of it can say so."""
-    by_id = {row["id"]: row["references"] for row in load_split(dataset, split)}
+def rows_from_data(rows: list[dict], dataset: str, split: str, path: Path) -> tuple[list[dict], int]:
+    """The dataset's rows of the predictions, in their order, matched by id (all of them must be
+    found; each has the references and the dialogue); also the split's size, so that a score over
+    part of it can say so."""
+    by_id = {row["id"]: row for row in load_split(dataset, split)}
     missing = [row.get("id") for row in rows if row.get("id") not in by_id]
     if missing:
         raise UserError(
@@ -140,6 +140,52 @@ def check_score_output(output: Path, predictions: Path) -> None:
     )
 
 
+# What an evaluation's rouge.json records of how its predictions were made (evaluation.run_info):
+# still true when the same predictions are scored again, against any references.
+PREDICTION_FIELDS = (
+    "model",
+    "adapter",
+    "limit",
+    "source_field",
+    "prompt",
+    "max_source_length",
+    *GENERATION_KEYS,
+    "batch_size",
+)
+# What it records of the examples scored: true only while the examples scored now are the same
+# (their fingerprint: ids, dialogues, references).
+EXAMPLE_FIELDS = ("target_field", "examples")
+
+
+def same_predictions_record(output: Path, predictions: Path) -> dict[str, Any]:
+    """The rouge.json in ``output`` when it describes ``predictions`` (the folder's own
+    predictions.jsonl: a rescore in place, or an earlier ``ftlaunch score`` of the same file),
+    else {}: what ``rescore`` may keep of it."""
+    result = ResultDir(output)
+    try:
+        recorded = json.loads(result.rouge.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    if same_file(result.predictions, predictions) or recorded.get("predictions") == str(
+        predictions.resolve()
+    ):
+        return recorded
+    return {}
+
+
+def kept_fields(recorded: dict[str, Any], scored: list[dict] | None) -> dict[str, Any]:
+    """What a rescore keeps of the record of the same predictions: how they were made (model,
+    adapter, prompt, truncation, generation settings, limit), and which examples they were scored
+    on when ``scored`` (the dataset rows scored now; None: references from the predictions file)
+    are the same examples as recorded."""
+    kept = {key: recorded[key] for key in PREDICTION_FIELDS if key in recorded}
+    if scored is not None and recorded.get("examples") == examples_fingerprint(scored):
+        kept |= {key: recorded[key] for key in EXAMPLE_FIELDS if key in recorded}
+    return kept
+
+
 def scored_predictions(rouge_file: Path) -> str | None:
     """The predictions file an earlier ``ftlaunch score`` wrote ``rouge_file`` for (None: unknown)."""
     try:
@@ -159,20 +205,30 @@ def rescore(
     output: Path | None,
 ) -> tuple[str, str | None]:
     """rouge.json's text (also written to ``output``) and a note when the predictions cover only
-    part of ``--data``'s split (a limited evaluation: legitimate, but the score is not the split's)."""
+    part of ``--data``'s split (a limited evaluation: legitimate, but the score is not the split's).
+
+    Where ``output`` already holds the record of the same predictions (an evaluation's folder,
+    rescored in place), what it says of how they were made is kept (``kept_fields``): only the
+    scores and the scoring settings are replaced, and a resumed run still finds its original's
+    record comparable."""
     try:  # the flags are the recipe's eval keys: the schema checks them
         settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
     except ValidationError as exc:
         raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
     rows = read_predictions(path)
+    recorded: dict[str, Any] = {}
     if output is not None:
         check_score_output(output, path)
+        recorded = same_predictions_record(output, path)
     split_size = None
+    scored = None
     if data:
-        references, split_size = references_from_data(rows, data, split, path)
+        scored, split_size = rows_from_data(rows, data, split, path)
+        references = [row["references"] for row in scored]
     else:
         references = references_from_file(rows, path)
     scores = score_predictions([row["prediction"] for row in rows], references, settings)
+    scores |= kept_fields(recorded, scored)
     scores.update(predictions=str(path.resolve()), dataset=data, split=split if data else None)
     note = None
     if split_size is not None and len(rows) < split_size:
