@@ -500,8 +500,8 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     found = resume_point(run, resume, force_resume)
     # The trackers start before the original model's evaluation (which may take long): a tracker
     # that cannot start fails the run at once. A fresh start (also a --resume with no checkpoint
-    # yet) drops metrics of earlier attempts; a resume those after its checkpoint.
-    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else 0)
+    # yet) drops metrics of earlier attempts, step 0's too; a resume those after its checkpoint.
+    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else None)
     try:
         return train_started(run, logger, stop, found)
     finally:
