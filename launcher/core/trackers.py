@@ -159,13 +159,24 @@ def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int | None) 
         (folder / IDS_FILE).write_text(json.dumps(kept, indent=1) + "\n")
 
 
+# The validation loss of final/'s model when it is an earlier (best) step's, not the last step's
+FINAL_MODEL_VAL_LOSS = "final_model/val_loss"
+
+
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics row (not its step, not flags such as ``final``)."""
-    return {
+    """The numbers of a metrics row (not its step or ``model_step``, not flags such as ``final``).
+    A final row that measures an earlier step's model (``model_step``: train.best_metric) gives
+    its validation loss as ``final_model/val_loss``: not a point of the last step's curve."""
+    numbers = {
         key: value
         for key, value in row.items()
-        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+        if key not in ("step", "model_step")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
     }
+    if row.get("final") and row.get("model_step", row["step"]) != row["step"] and "val_loss" in numbers:
+        numbers[FINAL_MODEL_VAL_LOSS] = numbers.pop("val_loss")
+    return numbers
 
 
 def log_rouge(accelerator, run_dir: Path, step: int) -> None:
