@@ -124,8 +124,9 @@ def test_epoch_intervals_evaluate_and_checkpoint_at_the_step_that_ends_each_epoc
     ends = [EPOCH_STEPS * epoch for epoch in range(1, EPOCHS + 1)]
     assert max(row["step"] for row in metrics if "loss" in row) == ends[-1]
     assert [row["step"] for row in metrics if "val_rougeL" in row] == ends
-    # the last epoch's validation loss is the final one (finish() measures it)
-    assert [row["step"] for row in metrics if "val_loss" in row and not row.get("final")] == ends[:-1]
+    # with a best metric the last epoch's validation loss is measured at its step too (final/ may
+    # hold an earlier step, whose loss the final row gives)
+    assert [row["step"] for row in metrics if "val_loss" in row and not row.get("final")] == ends
     assert {p.name for p in (out / "checkpoints").glob("step_*")} == {f"step_{step}" for step in ends}
     assert [row["epoch"] for row in metrics if row.get("step") in ends and "loss" in row] == [1.0, 2.0, 3.0]
 
@@ -167,6 +168,76 @@ def test_eval_on_start_logs_the_original_models_scores_as_a_baseline_never_as_th
     )
     stopped = next((row["step"] for row in metrics if "early_stop" in row), max(trained))
     assert stopped >= 4  # not at step 2, as it would if step 0 were the best so far
+
+
+@pytest.mark.slow
+def test_the_last_steps_validation_loss_is_its_own_and_the_final_one_names_the_best_step(tmp_path):
+    """With train.best_metric the last step's scheduled validation loss is measured before the
+    best step's weights are loaded back; the final row, measured after, is the best step's model
+    and says so (``model_step``). Neither the loss plot nor TensorBoard puts it at the last step."""
+    from test_trackers import tensorboard_scalars
+
+    from launcher.core.trackers import FINAL_MODEL_VAL_LOSS
+    from launcher.results.report import loss_series
+
+    out, last = tmp_path / "run", 8
+    result = run_cli_harness(
+        "lora",
+        *("--cpu", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--output", str(out)),
+        *("--set", f"train.max_steps={last}", "--set", "train.epochs=3", "--set", "eval.limit=8"),
+        *("--set", "model.precision=fp32", "--set", "train.log_every=1", "--set", "train.lr=2e-2"),
+        *("--set", "train.eval_on_start=true", "--set", "eval.rouge_every=2", "--set", "train.eval_every=2"),
+        *("--set", "train.best_metric=rougeL", "--set", "eval.rouge_limit=4"),
+        *("--report-to", "tensorboard"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    own = {row["step"]: row["val_loss"] for row in metrics if "val_loss" in row and not row.get("final")}
+    assert sorted(own) == [0, 2, 4, 6, last]  # the last step's own, measured at its step
+    marker = next(row for row in metrics if "best_step" in row)
+    best_step = marker["best_step"]
+    assert best_step < last, "the construction needs a best step before the last"
+    final = next(row for row in metrics if row.get("final"))
+    assert final["step"] == last and final["model_step"] == best_step
+    assert final["val_loss"] == pytest.approx(own[best_step], rel=1e-5)  # final/ is the best step
+    assert final["val_loss"] != own[last]
+    # the plot: one validation point per step, the last step's own value at the last step
+    train, val = loss_series(metrics)
+    assert val == sorted(own.items()) and [step for step, _ in train] == list(range(1, last + 1))
+    # TensorBoard: val_loss at the last step is that step's; the best model's under its own tag
+    scalars = dict(tensorboard_scalars(out / "trackers" / "ftlaunch", "val_loss"))
+    assert scalars == pytest.approx(own, rel=1e-6)
+    assert tensorboard_scalars(out / "trackers" / "ftlaunch", FINAL_MODEL_VAL_LOSS) == [
+        (last, pytest.approx(final["val_loss"], rel=1e-6))
+    ]
+    report = (out / "report" / "report.md").read_text()
+    assert f"final validation loss {final['val_loss']:.4f} (final/'s model, step {best_step})" in report
+
+
+def test_a_final_row_of_an_earlier_best_step_is_no_point_of_the_last_steps_validation_curve():
+    """The loss plot and the trackers read the final row by the step whose model it measures:
+    ``model_step``, or for a run logged before rows named it, the best_step marker before it."""
+    from launcher.core.trackers import scalars
+    from launcher.results.report import final_loss_words, loss_series
+
+    rows = [
+        *({"step": step, "loss": 3.0 - step / 10} for step in range(1, 9)),
+        *({"step": step, "val_loss": 2.0 - step / 100} for step in (2, 4, 6, 8)),
+        {"step": 8, "best_step": 4, "best_metric": "val_rougeL", "best_value": 0.2},
+    ]
+    final = {"step": 8, "val_loss": 1.96, "final": True, "model_step": 4}
+    for metrics in (rows + [final], rows + [{key: final[key] for key in ("step", "val_loss", "final")}]):
+        _, val = loss_series(metrics)
+        assert val == [(2, 1.98), (4, 1.96), (6, 1.94), (8, 1.92)]
+        assert (
+            final_loss_words(metrics, metrics[-1]) == "final validation loss 1.9600 (final/'s model, step 4)"
+        )
+    assert scalars(final) == {"final_model/val_loss": 1.96}
+    # final/ is the last step (no best metric, or the best is the last): the row is that step's point
+    last = {"step": 8, "val_loss": 1.92, "final": True}
+    assert loss_series(rows[:-1] + [last])[1][-1] == (8, 1.92)
+    assert final_loss_words(rows[:-1] + [last], last) == "final validation loss 1.9200"
+    assert scalars(last) == {"val_loss": 1.92}
 
 
 # ---------------------------------------------------------------- the rules, without ranks

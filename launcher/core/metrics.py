@@ -2,7 +2,9 @@
 experiment trackers (train.report_to: TensorBoard by default) through ``accelerator.log``.
 
 Only the main process writes metrics.jsonl. A resumed run first drops the lines logged after its
-checkpoint, so the file reads as one uninterrupted run (the trackers do the same: trackers.py).
+checkpoint, a fresh start (also a ``--resume auto`` that found no checkpoint) every line of earlier
+attempts, step 0's included: the file reads as one uninterrupted run (the trackers do the same:
+trackers.py).
 """
 
 from __future__ import annotations
@@ -33,23 +35,37 @@ def json_safe(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class MetricsLogger:
-    """metrics.jsonl (the record the report reads) and the trackers, from one ``log(row)`` call."""
+def kept_rows(rows: list[dict[str, Any]], resume_step: int | None) -> list[dict[str, Any]]:
+    """The rows of earlier attempts a start keeps: those up to and including its checkpoint's step
+    (``resume_step``; that run logged them, step 0's evaluation too), none on a fresh start (None):
+    a first attempt stopped before its first checkpoint left rows a new start logs again."""
+    if resume_step is None:
+        return []
+    return [row for row in rows if row.get("step", 0) <= resume_step]
 
-    def __init__(self, accelerator, run_dir: Path, recipe, resume_step: int = 0) -> None:
+
+class MetricsLogger:
+    """metrics.jsonl (the record the report reads) and the trackers, from one ``log(row)`` call.
+
+    ``resume_step``: the step of the checkpoint this start continues, None for a fresh start."""
+
+    def __init__(self, accelerator, run_dir: Path, recipe, resume_step: int | None = None) -> None:
         self.accelerator = accelerator
         self.path = RunDir(run_dir).metrics
         self.enabled = accelerator.is_main_process
         if self.enabled and self.path.exists():
-            kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
+            kept = kept_rows(read_metrics(run_dir), resume_step)
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         start_trackers(accelerator, recipe, run_dir, resume_step)
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], untracked: tuple[str, ...] = ()) -> None:
+        """One metrics.jsonl line; its numbers, less the keys ``untracked`` (a value the trackers
+        already have at this step), to the trackers."""
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-        self.accelerator.log(scalars(row), step=row["step"])  # main process only (Accelerate)
+        tracked = {key: value for key, value in scalars(row).items() if key not in untracked}
+        self.accelerator.log(tracked, step=row["step"])  # main process only (Accelerate)
 
     def close(self) -> None:
         """Finish every tracker run (flushes TensorBoard, ends the MLflow / W&B run)."""

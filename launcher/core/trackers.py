@@ -4,7 +4,8 @@ The loop logs through ``accelerator.log`` only; which trackers receive it is the
 ``train.report_to``. Everything a tracker writes locally goes under ``RUN/trackers/``. A resumed
 run continues the same tracker run: the ids of the first start are kept in
 ``RUN/trackers/ids.json`` (MLflow's run id, W&B's run id) and TensorBoard purges the steps logged
-after the checkpoint, as ``metrics.jsonl`` does.
+after the checkpoint, as ``metrics.jsonl`` does. A fresh start (no checkpoint) purges every step of
+earlier attempts in TensorBoard, step 0's included; MLflow, W&B and trackio start a new tracker run.
 """
 
 from __future__ import annotations
@@ -107,12 +108,16 @@ def read_ids(run_dir: Path) -> dict[str, str]:
     return ids if isinstance(ids, dict) else {}
 
 
-def init_kwargs(names: list[str], run_dir: Path, ids: dict[str, str], resume_step: int) -> dict[str, dict]:
-    """Per-tracker start arguments: the same run again when resuming, local files under RUN/trackers."""
+def init_kwargs(
+    names: list[str], run_dir: Path, ids: dict[str, str], resume_step: int | None
+) -> dict[str, dict]:
+    """Per-tracker start arguments: the same run again when resuming (``resume_step``: the
+    checkpoint's step; None: a fresh start), local files under RUN/trackers."""
     kwargs: dict[str, dict] = {}
     if "tensorboard" in names:
-        # events from step resume_step + 1 on are dropped: the resumed run logs them again
-        kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+        # events from step resume_step + 1 on are dropped: the resumed run logs them again; a fresh
+        # start drops all, step 0's too (an earlier attempt's evaluation on start)
+        kwargs["tensorboard"] = {"purge_step": 0 if resume_step is None else resume_step + 1}
     if "mlflow" in names:
         kwargs["mlflow"] = {"run_name": run_dir.name, "run_id": ids.get("mlflow") if resume_step else None}
     if "wandb" in names:
@@ -128,7 +133,7 @@ def init_kwargs(names: list[str], run_dir: Path, ids: dict[str, str], resume_ste
     return kwargs
 
 
-def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int) -> None:
+def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int | None) -> None:
     """Start the recipe's trackers on the main process, log the resolved recipe as the run's config,
     and remember the tracker run ids for a later resume."""
     names = list(recipe.train.report_to)
@@ -154,13 +159,24 @@ def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int) -> None
         (folder / IDS_FILE).write_text(json.dumps(kept, indent=1) + "\n")
 
 
+# The validation loss of final/'s model when it is an earlier (best) step's, not the last step's
+FINAL_MODEL_VAL_LOSS = "final_model/val_loss"
+
+
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics row (not its step, not flags such as ``final``)."""
-    return {
+    """The numbers of a metrics row (not its step or ``model_step``, not flags such as ``final``).
+    A final row that measures an earlier step's model (``model_step``: train.best_metric) gives
+    its validation loss as ``final_model/val_loss``: not a point of the last step's curve."""
+    numbers = {
         key: value
         for key, value in row.items()
-        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+        if key not in ("step", "model_step")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
     }
+    if row.get("final") and row.get("model_step", row["step"]) != row["step"] and "val_loss" in numbers:
+        numbers[FINAL_MODEL_VAL_LOSS] = numbers.pop("val_loss")
+    return numbers
 
 
 def log_rouge(accelerator, run_dir: Path, step: int) -> None:

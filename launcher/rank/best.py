@@ -6,7 +6,9 @@ evaluation's own distributed generation). When the recipe names a best metric, e
 of it is compared with the best so far: a better one is saved as a checkpoint that pruning
 keeps; ``train.early_stopping_patience`` evaluations without one end training early. At the end
 the best checkpoint's weights are loaded back (``accelerator.load_state``, any strategy), so
-``final/``, the final evaluation and the report are the best step's model.
+``final/``, the final evaluation and the report are the best step's model. The last step's own
+validation loss is measured before (when due); the final one, of the best step's model, is logged
+with its ``model_step``.
 
 The record (best step, value, evaluations since) lives in ``TrainState``: a resumed run keeps it.
 """

@@ -32,6 +32,7 @@ class Run:
     total_steps: int
     batches_by_epoch: list[int]  # micro-batches per rank: a token budget packs each epoch differently
     resumed_from: str | None = None  # the checkpoint this segment of training continues
+    logged_val_loss: tuple[int, float] | None = None  # (step, value): the last step's, for finish()
 
     def describe_batches(self) -> str:
         """``8`` (fixed-size micro-batches) or ``7-9`` (a token budget's epochs differ)."""

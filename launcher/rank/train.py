@@ -336,17 +336,21 @@ def epoch_ended(run: Run) -> bool:
 
 def evaluate_at_step(run: Run, logger: MetricsLogger) -> dict[str, float]:
     """This step's evaluations, logged: the validation loss every ``train.eval_every`` steps or
-    epochs (at the last step only when it is the best metric: finish() measures it anyway) and
-    validation ROUGE every ``eval.rouge_every`` steps or epochs; {} when none is due."""
+    epochs and validation ROUGE every ``eval.rouge_every`` steps or epochs; {} when none is due.
+
+    At the last step the validation loss is measured here only with a train.best_metric: then
+    final/ may hold an earlier step, and finish() measures that one's (without, finish() measures
+    the last step's, which is final/'s: one pass, not two)."""
     state, recipe = run.state, run.recipe
     metric = recipe.train.best_metric
     scores: dict[str, float] = {}
     last = state.step >= run.total_steps
     ended = epoch_ended(run)
     if best.due(state.step, recipe.train.eval_every, run.total_steps, metric == "val_loss", ended) and (
-        not last or metric == "val_loss"
+        not last or metric
     ):
         scores["val_loss"] = checked_validation(run)
+        run.logged_val_loss = (state.step, scores["val_loss"])
     if best.due(state.step, recipe.eval.rouge_every, run.total_steps, metric in ROUGE_TYPES, ended):
         scores.update(
             best.validation_rouge(run.accelerator, run.model, run.tokenizer, recipe, run.run_dir, state.step)
@@ -449,11 +453,28 @@ def stop_after_signal(run: Run) -> int:
     return EXIT_INTERRUPTED
 
 
-def finish(run: Run, logger: MetricsLogger) -> None:
-    """Final validation loss, final/ save, then generation and the report."""
-    val = checked_validation(run)
-    logger.log({"step": run.state.step, "val_loss": val, "final": True, **compile_summary(run)})
-    print_main(run.accelerator, f"final validation loss {val:.4f}")
+def final_validation(run: Run, logger: MetricsLogger, model_step: int) -> None:
+    """The validation loss of final/'s model, as the ``final`` row. ``model_step``: the step whose
+    weights the model holds (train.best_metric: the best step, loaded back by best.restore_best);
+    when it is an earlier one than the last step, the row says so (``model_step``), and trackers
+    get the value as ``final_model/val_loss``, not as the last step's ``val_loss``. The last step's
+    own loss, when evaluate_at_step measured it, is taken as it is (not measured twice)."""
+    step = run.state.step
+    reused = model_step == step and run.logged_val_loss is not None and run.logged_val_loss[0] == step
+    val = run.logged_val_loss[1] if reused else checked_validation(run)
+    row = {"step": step, "val_loss": val, "final": True}
+    if model_step != step:
+        row["model_step"] = model_step
+    # a reused value is in the trackers already, at this step
+    logger.log({**row, **compile_summary(run)}, untracked=("val_loss",) if reused else ())
+    held = f" (final/: the step-{model_step} model)" if model_step != step else ""
+    print_main(run.accelerator, f"final validation loss {val:.4f}{held}")
+
+
+def finish(run: Run, logger: MetricsLogger, model_step: int | None = None) -> None:
+    """Final validation loss, final/ save, then generation and the report. ``model_step``: the
+    step final/'s weights are (the best step's, train.best_metric), by default the last."""
+    final_validation(run, logger, run.state.step if model_step is None else model_step)
     from launcher.rank.export import save_final
 
     check_weights(run.accelerator, run.model, run.run_dir, run.state.step, run.recipe.train.lr)
@@ -500,8 +521,8 @@ def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
     found = resume_point(run, resume, force_resume)
     # The trackers start before the original model's evaluation (which may take long): a tracker
     # that cannot start fails the run at once. A fresh start (also a --resume with no checkpoint
-    # yet) drops metrics of earlier attempts; a resume those after its checkpoint.
-    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else 0)
+    # yet) drops metrics of earlier attempts, step 0's too; a resume those after its checkpoint.
+    logger = MetricsLogger(run.accelerator, run_dir, run.recipe, found[1].step if found else None)
     try:
         return train_started(run, logger, stop, found)
     finally:
@@ -544,7 +565,7 @@ def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> 
     marker = best.restore_best(run)
     if marker:
         logger.log(marker)
-    finish(run, logger)
+    finish(run, logger, marker["best_step"] if marker else None)
     return 0
 
 

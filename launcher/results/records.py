@@ -71,7 +71,7 @@ SEGMENT_TEXTS = ("strategy", "start")
 
 def metrics_row_problem(row: dict[str, Any]) -> str | None:
     """What keeps a reader from using one metrics.jsonl row, or None."""
-    for key in ("step", "best_step"):
+    for key in ("step", "best_step", "model_step"):
         if (key in row or key == "step") and not is_whole(row.get(key)):
             return f"{key} is {row.get(key)!r}, not a whole number"
     for key in METRIC_NUMBERS:

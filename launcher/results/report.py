@@ -180,14 +180,46 @@ def plot_rouge(evals: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def final_model_step(metrics: list[dict], row: dict) -> int:
+    """The step whose model a ``final`` row's validation loss measures: its ``model_step`` (the
+    best step final/ holds, train.best_metric), else its own step. A run logged before rows named
+    it: the ``best_step`` marker logged before the row."""
+    if "model_step" in row:
+        return row["model_step"]
+    markers = [marker for marker in metrics[: metrics.index(row)] if "best_step" in marker]
+    return markers[-1]["best_step"] if markers else row["step"]
+
+
+def loss_series(metrics: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(training, validation) loss points by optimizer step, as the loss plot draws them. The
+    validation curve has one point per step; a ``final`` row that measures an earlier step's
+    model (final/ is the best step) is not the last step's point and stays out of it (the report
+    prints it as the final validation loss, with its step)."""
+    train = [(row["step"], row["loss"]) for row in metrics if "loss" in row]
+    val: dict[int, float] = {}
+    for row in metrics:
+        if row.get("val_loss") is None:
+            continue
+        if row.get("final") and final_model_step(metrics, row) != row["step"]:
+            continue
+        val[row["step"]] = row["val_loss"]
+    return train, sorted(val.items())
+
+
+def final_loss_words(metrics: list[dict], row: dict) -> str:
+    """``final validation loss 2.1234`` and, when final/ is an earlier (best) step, which one."""
+    words = f"final validation loss {shown_number(row['val_loss'], 1, '.4f')}"
+    step = final_model_step(metrics, row)
+    return words + (f" (final/'s model, step {step})" if step != row["step"] else "")
+
+
 def plot_loss(metrics: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(row["step"], row["loss"]) for row in metrics if "loss" in row]
-    val = [(row["step"], row["val_loss"]) for row in metrics if row.get("val_loss") is not None]
+    train, val = loss_series(metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="training loss")
@@ -360,11 +392,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
             sections += [
                 f"Training: {train_rows[-1]['step']} optimizer steps, first logged loss "
                 f"{train_rows[0]['loss']:.4f}, last {train_rows[-1]['loss']:.4f}"
-                + (
-                    f", final validation loss {shown_number(final[-1]['val_loss'], 1, '.4f')}"
-                    if final
-                    else ""
-                )
+                + (f", {final_loss_words(metrics, final[-1])}" if final else "")
                 + ".",
                 "",
             ]
