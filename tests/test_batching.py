@@ -224,6 +224,22 @@ def test_a_refused_resume_on_other_ranks_names_the_users_change_not_the_accumula
         )
 
 
+def test_a_token_budget_checkpoint_does_not_continue_with_other_length_buckets(tmp_path):
+    """train.compile pads to length buckets and the budget counts the bucketed lengths: switching
+    it on or off mid-epoch would apply the checkpoint's position to another packing of the epoch."""
+    from launcher.core.checkpoint import TrainState, check_compatible
+    from launcher.core.errors import UserError
+
+    eager, compiled = (TrainState(micro_batch_tokens=2048, length_buckets=b) for b in ("off", "on"))
+    with pytest.raises(
+        UserError, match="train.compile's length buckets off -> on under train.micro_batch_tokens"
+    ):
+        check_compatible(eager, compiled, tmp_path)
+    check_compatible(eager, compiled, tmp_path, force=True)
+    check_compatible(TrainState(micro_batch_tokens=2048), compiled, tmp_path)  # an older checkpoint: unknown
+    check_compatible(TrainState(length_buckets="off"), TrainState(length_buckets="on"), tmp_path)  # no budget
+
+
 def test_a_compiled_runs_budget_counts_the_length_buckets_it_pads_to():
     """train.compile pads sources to multiples of 64 and targets to multiples of 16
     (compiling.BucketCollator): the budget must hold the bucketed batches the model really sees,

@@ -129,3 +129,20 @@ def test_report_states_the_compile_counts(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     report = (write_run_report(tmp_path) / "report.md").read_text()
     assert "torch.compile: 4 graph(s) compiled on rank 0 for 7 batch shape(s)" in report
+
+
+def test_dora_stays_eager_under_auto_and_compiling_it_is_refused(tmp_path):
+    """DoRA's layers break the compiled graph inside every adapted attention (58 graphs for 5
+    batch shapes, the recompile limit hit): auto keeps it eager on GPU ranks, true is refused."""
+    common = ("lora", "--gpus", "2", "--model", "tiny-t5", "--data", "sample", "--dry-run")
+    dora = ("--set", "lora.use_dora=true")
+    for extra, compiles in (((), True), (dora, False)):
+        out = tmp_path / f"auto{len(extra)}"
+        result = run_cli_in_process(*common, *extra, "--output", str(out))
+        assert result.returncode == 0, result.stderr
+        assert ("dynamo_config" in yaml.safe_load((out / "accelerate.yaml").read_text())) is compiles
+    refused = run_cli_in_process(
+        *common, *dora, "--set", "train.compile=true", "--output", str(tmp_path / "on")
+    )
+    assert refused.returncode == 2 and "train.compile=true with lora.use_dora" in refused.stderr
+    assert not (tmp_path / "on").exists()

@@ -80,6 +80,9 @@ class TrainState:
     # learning-rate schedule as optimization.schedule_summary describes it, and model.precision.
     schedule: str = ""
     precision: str = ""
+    # Whether batches were padded to train.compile's length buckets ("on"/"off"; "" in checkpoints
+    # of older versions): a token budget counts bucketed lengths, so it packs other micro-batches.
+    length_buckets: str = ""
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
@@ -103,6 +106,7 @@ def expected_state(recipe, world_size: int) -> TrainState:
         lora=fingerprint.lora_fingerprint(recipe),
         validation=fingerprint.validation_fingerprint(recipe),
         strategy=strategy_name(recipe),
+        length_buckets="on" if recipe.compiles else "off",
     )
 
 
@@ -114,6 +118,19 @@ def strategy_name(recipe) -> str:
 def micro_batches_per_step(state: TrainState) -> int:
     """What an optimizer step is made of, whatever the ranks: micro-batches over all ranks."""
     return state.world_size * state.grad_accum
+
+
+def repacked_budget(saved: TrainState, current: TrainState) -> str | None:
+    """A token budget with and without train.compile's length buckets forms other micro-batches
+    (each example counts at its bucket's length): the epoch's position would point elsewhere."""
+    if not (saved.micro_batch_tokens and current.micro_batch_tokens):
+        return None
+    if not saved.length_buckets or saved.length_buckets == current.length_buckets:
+        return None
+    return (
+        f"train.compile's length buckets {saved.length_buckets} -> {current.length_buckets} under "
+        f"train.micro_batch_tokens={current.micro_batch_tokens}: the budget packs other micro-batches"
+    )
 
 
 def moves_world_size(saved: TrainState, current: TrainState) -> bool:
@@ -488,6 +505,12 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
             f"checkpoint {checkpoint} was written for other training inputs ({', '.join(describe(name, saved, current) for name in changed)}); "
             "resume with the model, tokenizer, data and method it was trained with, start a new run "
             "(another --output), or pass --force-resume to continue anyway"
+        )
+    repacked = repacked_budget(saved, current)
+    if repacked:
+        raise UserError(
+            f"checkpoint {checkpoint} was written by a different run shape ({repacked}); resume with the "
+            "train.compile it was trained with, or pass --force-resume to accept a changed data order"
         )
     if moves_world_size(saved, current):
         return
