@@ -384,6 +384,10 @@ GENERATION_KEYS = (
     "no_repeat_ngram_size",
     "repetition_penalty",
 )
+# The eval.* keys that decide an evaluation's predictions and scores besides which examples it
+# scores: the generation settings, the generation batches and the ROUGE variant. Two evaluations
+# (the original and the fine-tuned model, or two in-training ROUGEs) compare only when they agree.
+MEASUREMENT_KEYS = (*GENERATION_KEYS, "batch_size", "scoring", "use_stemmer", "split_sentences")
 
 
 def shown_generation_settings(settings: dict[str, Any]) -> dict[str, Any]:

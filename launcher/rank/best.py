@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.core import checkpoint as ckpt
-from launcher.core.recipe import GENERATION_KEYS, Recipe
+from launcher.core.recipe import MEASUREMENT_KEYS, Recipe
 from launcher.core.rundir import RunDir
 from launcher.rank.distributed import print_main
 from launcher.results.rouge import ROUGE_TYPES
@@ -105,14 +105,7 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
 
 # What a validation ROUGE depends on besides the weights (the validation split itself is
 # fingerprinted with the checkpoint, and a change of it refused).
-ROUGE_MEASUREMENT = (
-    "rouge_limit",
-    *GENERATION_KEYS,
-    "batch_size",
-    "scoring",
-    "use_stemmer",
-    "split_sentences",
-)
+ROUGE_MEASUREMENT = ("rouge_limit", *MEASUREMENT_KEYS)
 
 
 def measurement(recipe: Recipe) -> str:

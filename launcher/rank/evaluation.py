@@ -20,7 +20,7 @@ import torch
 from launcher.core.dialogues import load_data_split
 from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import write_jsonl
-from launcher.core.recipe import GENERATION_KEYS, Recipe, read_run_recipe
+from launcher.core.recipe import GENERATION_KEYS, MEASUREMENT_KEYS, Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir
 from launcher.rank.data import build_prompt, dealt_generation_batches
 from launcher.rank.distributed import (
@@ -131,11 +131,7 @@ def run_info(recipe: Recipe, model_label: str, rows: list[dict]) -> dict[str, An
 EVAL_INPUTS = {
     "split": "eval.split",
     "limit": "eval.limit",
-    **{key: f"eval.{key}" for key in GENERATION_KEYS},
-    "batch_size": "eval.batch_size",
-    "scoring": "eval.scoring",
-    "use_stemmer": "eval.use_stemmer",
-    "split_sentences": "eval.split_sentences",
+    **{key: f"eval.{key}" for key in MEASUREMENT_KEYS},
     "source_field": "data.source_field",
     "target_field": "data.target_field",
     "prompt": "data.prompt",
