@@ -414,6 +414,9 @@ def test_a_resume_that_measures_validation_rouge_otherwise_starts_the_best_recor
         "validation ROUGE is measured otherwise now (eval.rouge_limit 4 -> 8, eval.num_beams 1 -> 2): "
         "the best-so-far record (step 12, val_rougeL 0.2500) starts again from step 12"
     )
+    saved.best_measured = "a hand-edited state"  # still a note, not a traceback
+    _, note = best.continued_record(saved, before, tmp_path)
+    assert note.startswith("validation ROUGE is measured otherwise now (a hand-edited state ")
     loss = TrainState(step=12, best_step=12, best_value=3.0, best_metric="val_loss")
     loss.best_measured = best.measurement(measured("val_loss", rouge_limit=4))
     assert loss.best_measured == ""

@@ -118,7 +118,8 @@ def measurement(recipe: Recipe) -> str:
 
 def measured_otherwise(before: str, now: str) -> str:
     """The settings that differ between two measurements, ``eval.rouge_limit 16 -> 8``."""
-    old, new = (dict(part.split("=", 1) for part in text.split(", ")) for text in (before, now))
+    # partition, not split: a hand-edited checkpoint state may hold any text there
+    old, new = (dict(part.partition("=")[::2] for part in text.split(", ")) for text in (before, now))
     return ", ".join(f"{key} {old[key]} -> {new.get(key)}" for key in old if old[key] != new.get(key))
 
 
