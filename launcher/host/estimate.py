@@ -456,6 +456,128 @@ def recommend(
     )
 
 
+@dataclass(frozen=True)
+class FitQuestion:
+    """A run that nothing fits, and the memory it must fit in: what ``fit_advice`` tries changes on."""
+
+    spec: ModelFacts
+    shape: RunShape
+    gpu_mem_gib: float
+    fsdp: bool
+    offload: str | None
+    headroom: float
+
+    def pick(
+        self, changed: RunShape, on_fsdp: bool | None = None, any_offload: bool = False
+    ) -> EstimateRow | None:
+        """What ``--zero auto`` (or ``--fsdp``'s auto) would pick for the changed run; None when
+        nothing fits. The user's --offload is kept unless ``any_offload``."""
+        on_fsdp = self.fsdp if on_fsdp is None else on_fsdp
+        kept = None if any_offload else self.offload
+        rows = [
+            row
+            for row in estimate_rows(self.spec, changed, on_fsdp)
+            if not row.fsdp or kept in (None, row.offload)
+        ]
+        if on_fsdp and not any(row.fsdp for row in rows):
+            return None
+        try:
+            return (
+                recommend_fsdp(rows, self.gpu_mem_gib, self.headroom)
+                if on_fsdp
+                else recommend(rows, self.gpu_mem_gib, self.headroom, kept)
+            )
+        except UserError:
+            return None
+
+    def smallest(self, changed: RunShape) -> float:
+        """The least memory any choice of this engine (and the user's --offload) needs for the changed run."""
+        rows = [row for row in estimate_rows(self.spec, changed, self.fsdp) if row.fsdp == self.fsdp]
+        return min(row.total_gib for row in rows if self.fsdp or self.offload in (None, row.offload))
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to offer: ``row`` is what it would run as when it fits; ``helps`` says whether
+    it is worth naming as using less memory when it does not."""
+
+    text: str
+    row: EstimateRow | None
+    helps: bool = True
+
+
+def checkpointing_change(question: FitQuestion) -> Change | None:
+    """Gradient checkpointing, where it is off: only a layer's inputs are kept for backward."""
+    shape = question.shape
+    if shape.gradient_checkpointing:
+        return None
+    return Change(
+        "--set train.gradient_checkpointing=true", question.pick(replace(shape, gradient_checkpointing=True))
+    )
+
+
+def offload_change(question: FitQuestion) -> Change | None:
+    """Another ZeRO offload than the user's --offload: the one ``--zero auto`` would pick without it."""
+    if question.offload is None or question.fsdp:
+        return None
+    row = question.pick(question.shape, any_offload=True)
+    return Change(f"--offload {row.offload if row else 'full'}", row, helps=False)
+
+
+def engine_change(question: FitQuestion) -> Change | None:
+    """The other sharding engine (FSDP2 or DeepSpeed); FSDP2 takes neither Adafactor nor an
+    optimizer-only offload."""
+    if question.shape.optimizer == "adafactor" or question.offload == "optimizer":
+        return None
+    text = "without --fsdp" if question.fsdp else "--fsdp"
+    return Change(text, question.pick(question.shape, on_fsdp=not question.fsdp), helps=False)
+
+
+def more_gpus_change(question: FitQuestion) -> Change | None:
+    """The fewest GPUs (the run's times a power of two, up to 64) that fit; else more GPUs only
+    where they shrink the estimate (a whole model on every rank does not)."""
+    shape = question.shape
+    for factor in (2, 4, 8, 16, 32, 64):
+        row = question.pick(replace(shape, nodes=shape.nodes * factor))
+        if row is not None:
+            return Change(f"{shape.gpus * shape.nodes * factor} GPUs in all", row)
+    shrinks = question.smallest(replace(shape, nodes=shape.nodes * 64)) < 0.99 * question.smallest(shape)
+    return Change("more GPUs", None, helps=shrinks)
+
+
+def lora_change(question: FitQuestion) -> Change | None:
+    """LoRA instead of full fine-tuning: the base model's gradients and optimizer state go."""
+    if question.shape.lora:
+        return None
+    return Change("LoRA (ftlaunch lora)", question.pick(replace(question.shape, lora=True)))
+
+
+def micro_batch_change(question: FitQuestion) -> Change | None:
+    """The largest smaller micro batch (or token budget, in whole examples) that fits."""
+    shape = question.shape
+    if shape.micro_batch <= 1:
+        return None
+    key = "train.micro_batch_tokens" if shape.micro_batch_tokens else "train.micro_batch_size"
+    tokens = shape.source_len + shape.target_len
+    for size in range(shape.micro_batch - 1, 0, -1):
+        row = question.pick(replace(shape, micro_batch=size, micro_batch_tokens=None))
+        if row is not None:
+            value = size * tokens if shape.micro_batch_tokens else size
+            return Change(f"--set {key}={value}", row)
+    return Change(f"a smaller {key}", None)
+
+
+# The changes fit_advice tries, in the order it names them.
+CHANGES = (
+    checkpointing_change,
+    offload_change,
+    engine_change,
+    more_gpus_change,
+    lora_change,
+    micro_batch_change,
+)
+
+
 def fit_advice(
     spec: ModelFacts,
     shape: RunShape,
@@ -469,66 +591,15 @@ def fit_advice(
     memory. Gradient checkpointing where it is off, another offload where one was given, FSDP2
     or DeepSpeed (the other engine), more GPUs where they shrink the estimate, LoRA for full
     fine-tuning, a smaller micro batch or token budget."""
+    question = FitQuestion(spec, shape, gpu_mem_gib, fsdp, offload, headroom)
+    changes = [change for propose in CHANGES if (change := propose(question)) is not None]
+    return advice_line(changes)
 
-    def pick(changed: RunShape, on_fsdp: bool = fsdp, kept: str | None = offload) -> EstimateRow | None:
-        rows = [
-            row
-            for row in estimate_rows(spec, changed, on_fsdp)
-            if not row.fsdp or kept in (None, row.offload)
-        ]
-        if on_fsdp and not any(row.fsdp for row in rows):
-            return None
-        try:
-            return (
-                recommend_fsdp(rows, gpu_mem_gib, headroom)
-                if on_fsdp
-                else recommend(rows, gpu_mem_gib, headroom, kept)
-            )
-        except UserError:
-            return None
 
-    def smallest(changed: RunShape) -> float:
-        rows = [row for row in estimate_rows(spec, changed, fsdp) if row.fsdp == fsdp]
-        return min(row.total_gib for row in rows if fsdp or offload in (None, row.offload))
-
-    fits: list[str] = []
-    less: list[str] = []
-
-    def offer(change: str, row: EstimateRow | None, helps: bool = True) -> None:
-        if row is not None:
-            fits.append(f"{change} ({row.label} at {row.total_gib:.1f} GiB)")
-        elif helps:
-            less.append(change)
-
-    if not shape.gradient_checkpointing:
-        offer("--set train.gradient_checkpointing=true", pick(replace(shape, gradient_checkpointing=True)))
-    if offload is not None and not fsdp:
-        row = pick(shape, kept=None)
-        offer(f"--offload {row.offload if row else 'full'}", row, helps=False)
-    if shape.optimizer != "adafactor" and offload != "optimizer":  # not with FSDP2
-        offer("without --fsdp" if fsdp else "--fsdp", pick(shape, on_fsdp=not fsdp), helps=False)
-    world = shape.gpus * shape.nodes
-    for factor in (2, 4, 8, 16, 32, 64):
-        row = pick(replace(shape, nodes=shape.nodes * factor))
-        if row is not None:
-            offer(f"{world * factor} GPUs in all", row)
-            break
-    else:
-        if smallest(replace(shape, nodes=shape.nodes * 64)) < 0.99 * smallest(shape):
-            less.append("more GPUs")
-    if not shape.lora:
-        offer("LoRA (ftlaunch lora)", pick(replace(shape, lora=True)))
-    if shape.micro_batch > 1:
-        key = "train.micro_batch_tokens" if shape.micro_batch_tokens else "train.micro_batch_size"
-        tokens = shape.source_len + shape.target_len
-        for size in range(shape.micro_batch - 1, 0, -1):
-            row = pick(replace(shape, micro_batch=size, micro_batch_tokens=None))
-            if row is not None:
-                value = size * tokens if shape.micro_batch_tokens else size
-                offer(f"--set {key}={value}", row)
-                break
-        else:
-            less.append(f"a smaller {key}")
+def advice_line(changes: list[Change]) -> str:
+    """The changes that fit (each with its pick), then those that only use less memory."""
+    fits = [f"{c.text} ({c.row.label} at {c.row.total_gib:.1f} GiB)" for c in changes if c.row is not None]
+    less = [c.text for c in changes if c.row is None and c.helps]
     parts = []
     if fits:
         parts.append("would fit: " + ", ".join(fits))
