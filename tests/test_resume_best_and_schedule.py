@@ -8,6 +8,7 @@ its final/ weights, its logged evaluations and the linear schedule it announced.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -106,12 +107,17 @@ def test_a_best_checkpoint_that_is_gone_restarts_the_record_before_training(stop
     assert marker(run)["best_step"] > later  # the record began again at the resume
 
 
-def test_a_changed_schedule_and_precision_are_said_on_resume(stopped, tmp_path):
+def test_a_changed_schedule_precision_and_label_smoothing_are_said_on_resume(stopped, tmp_path):
+    from launcher.core.checkpoint import STATE_FILE, read_state
+    from launcher.core.history import history_lines
+    from launcher.rank.resume import resumed_changes
+
     run = copy_of(stopped, tmp_path)
     steps = 5 * 8  # 5 epochs of 8 steps (64 dialogues, 2 ranks x micro batch 4)
     result = run_cli_harness(
         *RUN, "--set", "train.scheduler=cosine", "--set", "train.warmup_steps=2", "--set", "model.precision=bf16",
-        "--set", "train.max_steps=12", "--output", str(run), "--resume", str(run / "checkpoints" / "step_8"),
+        "--set", "train.label_smoothing=0.1", "--set", "train.max_steps=12", "--output", str(run),
+        "--resume", str(run / "checkpoints" / "step_8"),
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
@@ -120,8 +126,24 @@ def test_a_changed_schedule_and_precision_are_said_on_resume(stopped, tmp_path):
         "cosine, warm-up 2 of 12 steps; from step 9 the rate follows the new one"
     ) in output
     assert "note: model.precision changed fp32 -> bf16: steps 1-8 trained in fp32, the rest in bf16" in output
-    segments = [row for row in read_jsonl(run / "metrics.jsonl") if "segment" in row]
+    assert (
+        "note: train.label_smoothing changed 0.0 -> 0.1: steps 1-8 trained with 0.0, the rest with 0.1"
+    ) in output
+    metrics = read_jsonl(run / "metrics.jsonl")
+    segments = [row for row in metrics if "segment" in row]
     assert [row["precision"] for row in segments] == ["fp32", "bf16"]
+    assert [row["label_smoothing"] for row in segments] == [0.0, 0.1]
+    assert history_lines(metrics)[1].startswith(
+        "steps 8-12: DDP on 2 ranks (micro batch 4 x accumulation 1, bf16, label smoothing 0.1), resumed"
+    )
+    # a checkpoint of a version that did not record train.label_smoothing: no note (and no error)
+    saved = json.loads((run / "checkpoints" / "step_8" / STATE_FILE).read_text())
+    assert saved.pop("label_smoothing") == 0.0
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / STATE_FILE).write_text(json.dumps(saved))
+    changes = resumed_changes(read_state(older), read_state(run / "checkpoints" / "step_12"))
+    assert len(changes) == 2 and not any("label_smoothing" in change for change in changes), changes
 
 
 def test_a_forced_resume_with_another_micro_batch_keeps_its_place_in_the_epoch(tmp_path):

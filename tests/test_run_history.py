@@ -43,6 +43,7 @@ def test_each_segment_runs_from_its_start_to_the_next_one():
         "train.micro_batch_tokens=4096",
         "train.micro_batch_size=1",
         "model.precision=fp32",
+        "train.label_smoothing=0.1",
     )
     metrics = [
         segment_row(zero3, 0, 1, "fresh", None),
@@ -57,7 +58,8 @@ def test_each_segment_runs_from_its_start_to_the_next_one():
     assert history_lines(metrics) == [
         f"steps 0-4: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2, bf16), from scratch",
         f"steps 4-8: ZeRO-3 on 2 ranks (micro batch {micro} x accumulation 2, bf16), restarted from step_4",
-        "steps 8-12: DDP on 8 ranks on 2 nodes (token budget 4,096 x accumulation 1, fp32), resumed from step_8",
+        "steps 8-12: DDP on 8 ranks on 2 nodes (token budget 4,096 x accumulation 1, fp32, label smoothing 0.1), "
+        "resumed from step_8",
     ]
     assert history_notes(metrics)[0] == "Run history (world size and strategy per segment):"
 

@@ -77,9 +77,11 @@ class TrainState:
     best_metric: str = ""
     best_measured: str = ""  # how a ROUGE best_metric was measured (best.measurement); "" for val_loss
     # What a resume may change but should say it did ("" in checkpoints of older versions): the
-    # learning-rate schedule as optimization.schedule_summary describes it, and model.precision.
+    # learning-rate schedule as optimization.schedule_summary describes it, and model.precision;
+    # train.label_smoothing (None in checkpoints of older versions: 0.0 is a value).
     schedule: str = ""
     precision: str = ""
+    label_smoothing: float | None = None
     # Whether batches were padded to train.compile's length buckets ("on"/"off"; "" in checkpoints
     # of older versions): a token budget counts bucketed lengths, so it packs other micro-batches.
     length_buckets: str = ""

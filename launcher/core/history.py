@@ -1,5 +1,6 @@
 """A run's history: one marker row in metrics.jsonl for each time training starts (fresh, resumed,
-restarted by the supervisor) with the shape it ran in, read back by the report and the model card.
+restarted by the supervisor) with the shape it ran in (and its precision and label smoothing,
+which a resume may change), read back by the report and the model card.
 
 A run that was preempted on 16 GPUs and finished on 8, or moved from ZeRO-3 to DDP, says so: the
 weights alone cannot tell. Rows are plain data (``segment`` marks them), so the host reads them
@@ -9,6 +10,8 @@ without the ranks' libraries.
 from __future__ import annotations
 
 from typing import Any
+
+from launcher.core.jsonl import is_number
 
 
 def strategy_label(recipe) -> str:
@@ -33,6 +36,7 @@ def segment_row(recipe, step: int, number: int, start: str, checkpoint: str | No
         "micro_batch_tokens": train.micro_batch_tokens,
         "grad_accum": train.grad_accum,
         "precision": recipe.model.precision,
+        "label_smoothing": train.label_smoothing,
     }
 
 
@@ -58,8 +62,15 @@ def describe_segment(row: dict[str, Any], end_step: int) -> str:
     precision = f", {row['precision']}" if row.get("precision") else ""  # older runs did not record it
     return (
         f"steps {row['step']}-{end_step}: {row['strategy']} on {where} "
-        f"({budget} x accumulation {row['grad_accum']}{precision}), {origin}"
+        f"({budget} x accumulation {row['grad_accum']}{precision}{smoothing(row)}), {origin}"
     )
+
+
+def smoothing(row: dict[str, Any]) -> str:
+    """The segment's label smoothing where it had one (a resume may change it; 0, and older runs
+    that did not record it, say nothing)."""
+    value = row.get("label_smoothing")
+    return f", label smoothing {value}" if is_number(value) and value else ""
 
 
 def history_lines(metrics: list[dict[str, Any]]) -> list[str]:

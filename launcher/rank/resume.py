@@ -1,8 +1,8 @@
 """Continuing a checkpoint on a rank: which one ``--resume`` names and whether this run may load it
 (core/checkpoint.py's checks), loading it (natively, or converted by rank/portable.py from another
 strategy or number of ranks), and what the resumed run changes that is said rather than refused:
-the best-so-far record (rank/best.py), the schedule, the precision, a step size that changed
-under --force-resume.
+the best-so-far record (rank/best.py), the schedule, the precision, the label smoothing, a step
+size that changed under --force-resume.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def short_of_the_schedule(run: Run) -> str | None:
 
 def resumed_changes(saved: ckpt.TrainState, current: ckpt.TrainState) -> list[str]:
     """What a resume changes without being refused, said once: the learning-rate schedule (its
-    type, options, warm-up or length: the rate jumps to the new schedule's value at this step)
-    and the precision. Checkpoints of older versions did not record them."""
+    type, options, warm-up or length: the rate jumps to the new schedule's value at this step),
+    the precision and the label smoothing (the training loss is another from this step on).
+    Checkpoints of older versions did not record them."""
     changes = []
     if saved.schedule and saved.schedule != current.schedule:
         changes.append(
@@ -105,6 +106,11 @@ def resumed_changes(saved: ckpt.TrainState, current: ckpt.TrainState) -> list[st
         changes.append(
             f"model.precision changed {saved.precision} -> {current.precision}: steps 1-{saved.step} "
             f"trained in {saved.precision}, the rest in {current.precision}"
+        )
+    if saved.label_smoothing is not None and saved.label_smoothing != current.label_smoothing:
+        changes.append(
+            f"train.label_smoothing changed {saved.label_smoothing} -> {current.label_smoothing}: "
+            f"steps 1-{saved.step} trained with {saved.label_smoothing}, the rest with {current.label_smoothing}"
         )
     return changes
 

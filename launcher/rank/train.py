@@ -218,6 +218,7 @@ def set_up(run_dir: Path) -> Run:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     state = ckpt.expected_state(recipe, accelerator.num_processes)
     state.schedule, state.precision = schedule_summary(recipe, total_steps), recipe.model.precision
+    state.label_smoothing = recipe.train.label_smoothing
     return Run(
         recipe,
         run_dir,
