@@ -5,6 +5,10 @@
   (model, adapter, prompt, generation settings, limit, ...) and, while it scored the same
   examples, their fingerprint: a resumed run then finds the original's record comparable. Scored
   against other data, the fingerprint goes (a resume scores the original again, saying why);
+* the predictions' dataset is read through the columns they were made with (the record of the
+  same predictions, in ``--output`` or beside them, else their run's recipe; ``--set
+  data.source_field=...``/``data.target_field=...`` win), so a run with its own columns keeps its
+  fingerprint too;
 * ``ftlaunch report`` leaves the header's ``generation:`` out where the record does not say, and
   a comparison of rows generated with other settings says so.
 
@@ -14,26 +18,32 @@ Hand-made files, in-process CLI, no model is loaded: the fast tier runs them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 from conftest import run_cli_in_process
+from test_cli_errors import refused
 from test_no_clobber import SCORES, finished_run
 
 from launcher.core.dialogues import dataset_dir
-from launcher.core.jsonl import write_jsonl
+from launcher.core.jsonl import read_jsonl, write_jsonl
 from launcher.core.recipe import GENERATION_KEYS, read_run_recipe
 from launcher.rank.evaluation import EVAL_INPUTS, current_eval_inputs, eval_rows, rescore_reason, run_info
+from launcher.results.rouge import ROUGE_TYPES
 from launcher.results.scoring import score_predictions
 
 LIMIT = 5
 
 
-def evaluated_run(tmp_path: Path) -> Path:
+def evaluated_run(tmp_path: Path, **data: str) -> Path:
     """A run whose eval/original is as the evaluation writes it: the recipe's first LIMIT test
-    examples, their predictions, and rouge.json with the scores and run_info."""
+    examples, their predictions, and rouge.json with the scores and run_info. ``data``: recipe
+    data keys (dataset, source_field, target_field) other than the rendered run's."""
     run = finished_run(tmp_path / "run")
     text = (run / "recipe.yaml").read_text()
+    for key, value in data.items():
+        text = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", text, count=1)
     evaluation = text.index("\neval:\n")
     settings = (
         text[evaluation:]
@@ -43,6 +53,7 @@ def evaluated_run(tmp_path: Path) -> Path:
     (run / "recipe.yaml").write_text(text[:evaluation] + settings)
     recipe = read_run_recipe(run)
     assert (recipe.eval.limit, recipe.eval.num_beams) == (LIMIT, 3)
+    assert {key: getattr(recipe.data, key) for key in data} == data
     rows = eval_rows(recipe)
     predictions = [row["dialogue"].split("\n")[0] for row in rows]
     folder = run / "eval" / "original"
@@ -115,6 +126,94 @@ def test_score_in_place_against_other_data_drops_the_examples(tmp_path):
     reason = rescore_reason(folder / "rouge.json", current_eval_inputs(recipe, eval_rows(recipe)))
     assert reason is not None and "examples" in reason
     assert "rewritten by `ftlaunch score`" in reason and "older ftlaunch wrote it" not in reason
+
+
+def own_columns_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run (and its data) evaluated through the data's own columns, conversation -> notes, of a
+    test split that also has the default ones (dialogue, summary1..3): read through those, the
+    same predictions have other examples and other references."""
+    data = shutil.copytree(dataset_dir("sample"), tmp_path / "own-columns")
+    rows = read_jsonl(data / "test.jsonl")
+    write_jsonl(
+        data / "test.jsonl",
+        (
+            {**row, "conversation": f"Call log.\n{row['dialogue']}", "notes": f"Notes: {row['summary2']}"}
+            for row in rows
+        ),
+    )
+    run = evaluated_run(tmp_path, dataset=str(data), source_field="conversation", target_field="notes")
+    return run, data
+
+
+def rouge_of(scores: dict) -> dict:
+    return {key: scores[key] for key in ROUGE_TYPES}
+
+
+def test_score_in_place_reads_the_columns_the_predictions_were_made_with(tmp_path):
+    """The README's rescore in place of a run with its own columns: the same examples (their
+    fingerprint kept, so a resume keeps the original's scores) and the same references."""
+    run, data = own_columns_run(tmp_path)
+    folder = run / "eval" / "original"
+    before = json.loads((folder / "rouge.json").read_text())
+    result = run_cli_in_process(
+        "score", str(folder / "predictions.jsonl"), "--data", str(data), "--output", str(folder)
+    )
+    assert result.returncode == 0, result.stderr
+    after = json.loads((folder / "rouge.json").read_text())
+    assert (after["examples"], after["target_field"]) == (before["examples"], "notes")
+    assert rouge_of(after) == rouge_of(before)
+    recipe = read_run_recipe(run)
+    assert rescore_reason(folder / "rouge.json", current_eval_inputs(recipe, eval_rows(recipe))) is None
+
+
+def test_score_elsewhere_reads_the_columns_from_the_predictions_record_or_their_run(tmp_path):
+    """Scored into a new folder, the columns come from the rouge.json beside the predictions (here
+    in a copy of the evaluation's folder, outside its run); where that is damaged (the README's fix
+    is this command), from the recipe of the run the predictions are in."""
+    run, data = own_columns_run(tmp_path)
+    predictions = run / "eval" / "original" / "predictions.jsonl"
+    before = json.loads((predictions.parent / "rouge.json").read_text())
+    copied = shutil.copytree(predictions.parent, tmp_path / "copied")
+    elsewhere = run_cli_in_process(
+        "score", str(copied / "predictions.jsonl"), "--data", str(data), "--output", str(tmp_path / "scores")
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert rouge_of(json.loads((tmp_path / "scores" / "rouge.json").read_text())) == rouge_of(before)
+    (predictions.parent / "rouge.json").write_text("{damaged")
+    from_recipe = run_cli_in_process("score", str(predictions), "--data", str(data))
+    assert from_recipe.returncode == 0, from_recipe.stderr
+    assert rouge_of(json.loads(from_recipe.stdout)) == rouge_of(before)
+
+
+def test_score_set_names_the_columns_over_the_record(tmp_path):
+    """--set data.source_field/data.target_field win over what the record says (then the examples
+    are others: the fingerprint goes); any other key, or columns without --data, are refused in
+    one line."""
+    run, data = own_columns_run(tmp_path)
+    folder = run / "eval" / "original"
+    predictions = folder / "predictions.jsonl"
+    result = run_cli_in_process(
+        "score", str(predictions), "--data", str(data), "--output", str(folder),
+        "--set", "data.source_field=dialogue", "--set", "data.target_field=[summary1, summary3]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    after = json.loads((folder / "rouge.json").read_text())
+    assert "examples" not in after and after["source_field"] == "conversation"  # how they were made
+    rows = read_jsonl(data / "test.jsonl")[:LIMIT]
+    expected = score_predictions(
+        [row["prediction"] for row in read_jsonl(predictions)],
+        [[row["summary1"], row["summary3"]] for row in rows],
+        read_run_recipe(run).eval,
+    )
+    assert rouge_of(after) == rouge_of(expected)
+    refused(
+        folder, "score", str(predictions), "--data", str(data), "--set", "eval.num_beams=3",
+        fragments=("--set eval.num_beams=3: score takes only data.source_field and data.target_field",),
+    )  # fmt: skip
+    refused(
+        folder, "score", str(predictions), "--set", "data.target_field=notes",
+        fragments=("without --data the references come from the predictions file",),
+    )  # fmt: skip
 
 
 def test_score_into_a_new_folder_keeps_nothing(tmp_path):

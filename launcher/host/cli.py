@@ -496,12 +496,18 @@ def score_command(
         False, "--split-sentences", help="One sentence per line for rougeLsum."
     ),
     output: Path | None = typer.Option(None, "--output", help="Write rouge.json here."),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="--data's columns: --set data.source_field=C, --set data.target_field=C "
+        "[those the predictions were made with, where their rouge.json or run recipe says].",
+    ),
     debug: bool = DebugOption,
 ) -> None:
     """Rescore an existing predictions file without generating."""
     from launcher.results.scoring import rescore
 
-    result, note = rescore(predictions, data, split, scoring, stemmer, split_sentences, output)
+    result, note = rescore(predictions, data, split, scoring, stemmer, split_sentences, output, overrides)
     typer.echo(result)
     if note:
         typer.echo(f"note: {note}", err=True)

@@ -9,6 +9,7 @@ into a call of it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ from launcher.core.dialogues import load_split
 from launcher.core.errors import UserError
 from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import read_jsonl
-from launcher.core.recipe import GENERATION_KEYS, EvalSection, describe_validation_error
+from launcher.core.recipe import (
+    GENERATION_KEYS,
+    DataSection,
+    EvalSection,
+    Recipe,
+    describe_validation_error,
+    parse_override,
+    read_yaml_mapping,
+)
 from launcher.core.rundir import ResultDir, RunDir
 from launcher.core.writable import check_writable_dir, same_file
 from launcher.results.rouge import score_rouge
@@ -60,11 +69,15 @@ def read_predictions(path: Path) -> list[dict]:
     return rows
 
 
-def rows_from_data(rows: list[dict], dataset: str, split: str, path: Path) -> tuple[list[dict], int]:
+def rows_from_data(
+    rows: list[dict], dataset: str, split: str, path: Path, columns: DataSection
+) -> tuple[list[dict], int]:
     """The dataset's rows of the predictions, in their order, matched by id (all of them must be
-    found; each has the references and the dialogue); also the split's size, so that a score over
-    part of it can say so."""
-    by_id = {row["id"]: row for row in load_split(dataset, split)}
+    found; each has the references and the dialogue, read through ``columns``); also the split's
+    size, so that a score over part of it can say so."""
+    by_id = {
+        row["id"]: row for row in load_split(dataset, split, None, columns.source_field, columns.target_field)
+    }
     missing = [row.get("id") for row in rows if row.get("id") not in by_id]
     if missing:
         raise UserError(
@@ -186,6 +199,66 @@ def kept_fields(recorded: dict[str, Any], scored: list[dict] | None) -> dict[str
     return kept
 
 
+# The dataset's columns an evaluation read (rouge.json records them, as the recipe's data keys do).
+COLUMN_KEYS = ("source_field", "target_field")
+
+
+def column_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``--set data.source_field=C`` / ``--set data.target_field=C``: the only recipe keys score takes."""
+    columns: dict[str, Any] = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        if len(path) != 2 or path[0] != "data" or path[1] not in COLUMN_KEYS:
+            raise UserError(
+                f"--set {item}: score takes only data.source_field and data.target_field (the scoring "
+                "settings are its flags: --scoring, --stemmer, --split-sentences)"
+            )
+        columns[path[1]] = value
+    return columns
+
+
+def run_recipe_columns(predictions: Path) -> dict[str, Any]:
+    """The data columns in the recipe of the run whose evaluation wrote ``predictions`` (a training
+    run's ``eval/NAME/``, or an ``ftlaunch eval --output`` folder); {} for any other file, or a
+    recipe that cannot be read (it is only a hint here)."""
+    folder = predictions.resolve().parent
+    evaluation, training = RunDir(folder), RunDir(folder.parent.parent)
+    for run, result in ((evaluation, evaluation.results), (training, training.eval_result(folder.name))):
+        if run.has_recipe() and same_file(result.predictions, predictions):
+            try:
+                data = read_yaml_mapping(run.recipe_yaml).get("data")
+            except UserError:
+                return {}
+            return {key: data[key] for key in COLUMN_KEYS if key in data} if isinstance(data, dict) else {}
+    return {}
+
+
+def column_sources(predictions: Path) -> Iterator[dict[str, Any]]:
+    """What may say which columns the predictions were made with, most direct first: the record
+    beside them (their evaluation's rouge.json; in place, the one --output replaces), then the
+    recipe of the run they are in (read only when the record does not say)."""
+    yield same_predictions_record(predictions.parent, predictions)
+    yield run_recipe_columns(predictions)
+
+
+def scored_columns(predictions: Path, overrides: list[str]) -> DataSection:
+    """The columns ``--data``'s rows are read through: ``--set``'s, else those the predictions were
+    made with where something records them (``column_sources``), else the dataset's defaults. The
+    same columns give the same examples, so a rescore in place keeps their fingerprint."""
+    columns = column_overrides(overrides)
+    for source in column_sources(predictions):
+        if len(columns) == len(COLUMN_KEYS):
+            break
+        columns = {key: source[key] for key in COLUMN_KEYS if key in source} | columns
+    try:  # as a recipe's data section: its rules, and the keys named as recipe keys
+        return Recipe.model_validate({"data": columns}).data
+    except ValidationError as exc:
+        raise UserError(
+            f"{describe_validation_error(exc)}; pass the columns the predictions were made with: "
+            "--set data.source_field=COLUMN --set data.target_field=COLUMN"
+        ) from None
+
+
 def scored_predictions(rouge_file: Path) -> str | None:
     """The predictions file an earlier ``ftlaunch score`` wrote ``rouge_file`` for (None: unknown)."""
     try:
@@ -203,9 +276,12 @@ def rescore(
     stemmer: bool,
     split_sentences: bool,
     output: Path | None,
+    overrides: list[str] = (),
 ) -> tuple[str, str | None]:
     """rouge.json's text (also written to ``output``) and a note when the predictions cover only
     part of ``--data``'s split (a limited evaluation: legitimate, but the score is not the split's).
+    ``--data``'s rows are read through the columns the predictions were made with (``scored_columns``;
+    ``overrides``: score's ``--set data.source_field=...``, ``data.target_field=...``).
 
     Where ``output`` already holds the record of the same predictions (an evaluation's folder,
     rescored in place), what it says of how they were made is kept (``kept_fields``): only the
@@ -215,6 +291,11 @@ def rescore(
         settings = EvalSection(scoring=scoring, use_stemmer=stemmer, split_sentences=split_sentences)
     except ValidationError as exc:
         raise UserError(f"--scoring {scoring}: {describe_validation_error(exc)}") from None
+    if overrides and not data:
+        raise UserError(
+            "--set data.source_field/data.target_field name --data's columns; without --data the "
+            "references come from the predictions file"
+        )
     rows = read_predictions(path)
     recorded: dict[str, Any] = {}
     if output is not None:
@@ -223,7 +304,8 @@ def rescore(
     split_size = None
     scored = None
     if data:
-        scored, split_size = rows_from_data(rows, data, split, path)
+        columns = scored_columns(path, list(overrides))
+        scored, split_size = rows_from_data(rows, data, split, path, columns)
         references = [row["references"] for row in scored]
     else:
         references = references_from_file(rows, path)
