@@ -187,6 +187,44 @@ def test_zero_memory_quick(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_generation_gather_quick_counts_collectives_that_do_not_grow_with_the_summary(tmp_path, monkeypatch):
+    """ZeRO-3 and FSDP2 generation with the weights gathered whole: each weight (ZeRO-3) or unit
+    (FSDP2) all-gathered once per generation, whatever the number of tokens, against per module
+    and token; the same predictions as DDP in every case. Ranks from the rank harness, as
+    test_zero_memory_quick."""
+    import generation_gather
+
+    args = ["--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "gather.md")]
+    for key, value in cli_env(OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "generation_gather.py"), *args])
+    monkeypatch.setattr(
+        generation_gather.bl, "run_measured", harness_run_measured(generation_gather.bl.run_measured)
+    )
+    generation_gather.main(args)
+    raw = json.loads((tmp_path / "work" / "raw.json").read_text())
+    assert set(raw) == {label for label, _flags, _gather in generation_gather.CONTENDERS}
+    ddp = raw["DDP"][0]["predictions"]
+    assert len(ddp) == 13 and all(ranks[0]["predictions"] == ddp for ranks in raw.values())
+
+    def gathers(label: str) -> int:  # weight all-gathers of one rank's generation
+        counts = raw[label][0]["collectives"]
+        return counts.get("c10d::_allgather_base_", 0) + counts.get("c10d::allgather_into_tensor_coalesced_", 0)
+
+    rank = raw["ZeRO-3, gathered"][0]
+    assert 0 < gathers("ZeRO-3, gathered") <= rank["weights"]  # each weight at most once
+    assert "c10d::broadcast_" not in rank["collectives"]  # no per-forward trace check (the hang)
+    assert 0 < gathers("FSDP2, gathered") <= raw["FSDP2, gathered"][0]["units"]
+    # per module: each of a rank's 2 generate calls runs the decoder once per token (8), and each
+    # run gathers both decoder blocks again: at least 2 x 8 x 2 gathers, more than the whole model's
+    for engine in ("ZeRO-3", "FSDP2"):
+        per_module = gathers(f"{engine}, per module")
+        assert per_module >= 2 * 8 * 2 and per_module > gathers(f"{engine}, gathered"), raw
+    # one all-reduce: the all-rank 'does it fit' answer (no per-token lockstep all-reduce)
+    assert rank["collectives"].get("c10d::allreduce_") == 1
+
+
+@pytest.mark.slow
 def test_launch_overhead_quick_compares_two_trees_and_leaves_no_worktree(tmp_path):
     """Against HEAD: the same code on both sides, so a positive ratio near 1 on a quiet machine."""
     out = tmp_path / "launch.md"

@@ -43,9 +43,9 @@ def one_process(tmp_path_factory) -> list[dict]:
     return evaluate(
         tmp_path_factory.mktemp("eval") / "one",
         "--set",
-        "eval.batch_size=4",
+        "eval.batch_size=3",  # 5 batches: on 2 ranks one has a batch fewer
         "--set",
-        "eval.max_new_tokens=12",  # a ZeRO-3 rank gathers every layer per token: keep it short
+        "eval.max_new_tokens=12",  # a ZeRO-3 rank gathering per module does so per token: keep it short
     )
 
 
@@ -58,16 +58,22 @@ def test_one_process_predictions_cover_the_split_in_order(one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 3])
-def test_two_ranks_gather_exactly_the_one_process_predictions(tmp_path, one_process, zero):
+@pytest.mark.parametrize(
+    ("zero", "gather"), [(0, "auto"), (3, "auto"), (3, "false")], ids=["ddp", "zero3", "zero3-per-module"]
+)
+def test_two_ranks_gather_exactly_the_one_process_predictions(tmp_path, one_process, zero, gather):
+    """ZeRO-3 gathers the whole model once (auto: it fits) and the ranks generate on their own,
+    one of them a batch fewer; or gathers per module and token, in lockstep (false)."""
     predictions = evaluate(
         tmp_path / "two",
         "--zero",
         str(zero),
         "--set",
-        "eval.batch_size=4",
+        "eval.batch_size=3",
         "--set",
-        "eval.max_new_tokens=12",  # a ZeRO-3 rank gathers every layer per token: keep it short
+        "eval.max_new_tokens=12",
+        "--set",
+        f"eval.gather_weights={gather}",
         gpus=2,
     )
     assert len(predictions) == SAMPLE_TEST_SIZE

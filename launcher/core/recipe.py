@@ -438,6 +438,11 @@ class EvalSection(Section):
     rouge_limit: int | None = Field(
         None, gt=0, description="First N validation dialogues for the in-training ROUGE (null: all)."
     )
+    gather_weights: bool | Literal["auto"] = Field(
+        "auto",
+        description="ZeRO-3/FSDP2 generation: gather the whole model once, not each module once per "
+        "token (auto: when it takes at most half the free memory of every rank; false: never).",
+    )
 
     @model_validator(mode="after")
     def _generation_settings_agree(self) -> EvalSection:

@@ -286,7 +286,7 @@ def generate_summaries(recipe: Recipe, rows: list[dict]) -> list[str] | None:
     tokenizer = load_tokenizer(recipe)
     model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
     model = model.to(accelerator.device)
-    summaries = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced=False)
+    summaries = generate_predictions(accelerator, model, tokenizer, rows, recipe)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summaries if accelerator.is_main_process else None

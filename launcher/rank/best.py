@@ -86,7 +86,6 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     ``eval/step_N/``."""
     from accelerate.utils import broadcast_object_list
 
-    from launcher.rank.distributed import shards_weights
     from launcher.rank.evaluation import evaluate_model
 
     settings = recipe.eval.model_copy(
@@ -95,9 +94,7 @@ def validation_rouge(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pat
     during = recipe.model_copy(update={"eval": settings})
     label = f"{recipe.model.name} (step {step})"
     out_dir = RunDir(run_dir).eval_step(step).path
-    scores = evaluate_model(
-        accelerator, model, tokenizer, during, out_dir, label, shards_weights(accelerator)
-    )
+    scores = evaluate_model(accelerator, model, tokenizer, during, out_dir, label)
     model.train()  # generation put it in eval mode
     shared = broadcast_object_list([scores]) if accelerator.num_processes > 1 else [scores]
     return {f"val_{key}": shared[0][key] for key in ROUGE_TYPES}

@@ -201,12 +201,6 @@ def uses_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def shards_weights(accelerator: Accelerator) -> bool:
-    """ZeRO-3 or FSDP: every forward gathers weights collectively, so generation must keep all
-    ranks in lockstep (``synced_gpus``)."""
-    return zero_stage(accelerator) == 3 or uses_fsdp(accelerator)
-
-
 def zero_stage(accelerator: Accelerator) -> int:
     if not uses_deepspeed(accelerator):
         return 0

@@ -11,6 +11,7 @@ Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.rank.evaluati
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,17 @@ from launcher.rank.distributed import (
     build_accelerator,
     precision_autocast,
     print_main,
-    shards_weights,
     without_zero3_init,
-    zero_stage,
 )
 from launcher.rank.fsdp import root_weights_gathered
+from launcher.rank.gathered import weights_for_generation
 from launcher.rank.model import gather_dora_layers_whole, load_for_inference, load_tokenizer
 from launcher.rank.progress import make_progress
 from launcher.results.scoring import score_predictions
 
 
 @torch.no_grad()
-def generate_predictions(
-    accelerator, model, tokenizer, rows: list[dict], recipe: Recipe, synced: bool
-) -> list[str]:
+def generate_predictions(accelerator, model, tokenizer, rows: list[dict], recipe: Recipe) -> list[str]:
     """Predictions for ``rows`` in dataset order, on every rank."""
     from accelerate.utils import gather_object
 
@@ -57,24 +55,37 @@ def generate_predictions(
     )
     # Every rank runs the same number of batches (lockstep): the main rank's count is the job's.
     progress = make_progress(accelerator.is_main_process, len(shards), 0, label="generating", unit="batch")
-    for shard in shards:
-        indices = shard.indices or [0]
-        inputs = tokenizer(
-            [prompts[i] for i in indices],
-            max_length=recipe.data.max_source_length,
-            truncation=True,
-            padding=True,
-            return_tensors="pt",
-        ).to(accelerator.device)
-        with precision_autocast(recipe, accelerator.device), root_weights_gathered(generator):
-            output = generator.generate(**inputs, **recipe.eval.generation(), synced_gpus=synced)
-        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-        if shard.indices:
-            local += [(index, text.strip()) for index, text in zip(shard.indices, texts)]
-        progress.update(1)
+    with weights_for_generation(accelerator, model, generator, recipe.eval.gather_weights) as synced:
+        for shard in shards:
+            if shard.indices or synced:  # a placeholder batch only keeps ranks in lockstep
+                local += generate_batch(
+                    accelerator, generator, tokenizer, prompts, shard.indices, recipe, synced
+                )
+            progress.update(1)
     progress.close()
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     return in_dataset_order(gathered, len(rows))
+
+
+def generate_batch(
+    accelerator, generator, tokenizer, prompts: list[str], indices: list[int], recipe: Recipe, synced: bool
+) -> list[tuple[int, str]]:
+    """One ``generate`` call: (index, summary) for each of ``indices`` (none for a placeholder
+    batch, which generates for the first prompt so that a rank in lockstep joins every step)."""
+    inputs = tokenizer(
+        [prompts[i] for i in indices or [0]],
+        max_length=recipe.data.max_source_length,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    ).to(accelerator.device)
+    # In lockstep under FSDP2 the root's own weights are gathered for the call (generate runs the
+    # encoder outside the root's forward); gathered whole, they already are.
+    gathered_root = root_weights_gathered(generator) if synced else contextlib.nullcontext()
+    with precision_autocast(recipe, accelerator.device), gathered_root:
+        output = generator.generate(**inputs, **recipe.eval.generation(), synced_gpus=synced)
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [(index, text.strip()) for index, text in zip(indices, texts)]
 
 
 def in_dataset_order(pairs: list[tuple[int, str]], expected: int) -> list[str]:
@@ -219,14 +230,12 @@ def original_needs_scoring(accelerator, recipe: Recipe, run_dir: Path) -> bool:
     return bool(answer[0])
 
 
-def evaluate_model(
-    accelerator, model, tokenizer, recipe: Recipe, out_dir: Path, label: str, synced: bool
-) -> dict | None:
+def evaluate_model(accelerator, model, tokenizer, recipe: Recipe, out_dir: Path, label: str) -> dict | None:
     """Generate on the recipe's eval split, gather, score and write one model's predictions
     (labelled ``label`` in rouge.json); returns the scores on main."""
     rows = eval_rows(recipe)
     info = run_info(recipe, label, rows)
-    predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced)
+    predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe)
     if not accelerator.is_main_process:
         return None
     scores = score_predictions(predictions, [row["references"] for row in rows], recipe.eval)
@@ -259,15 +268,7 @@ def evaluate_original(accelerator, model, tokenizer, recipe: Recipe, run_dir: Pa
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # training draws the same random numbers either way
         label = f"{recipe.model.name} (original)"
-        evaluate_model(
-            accelerator,
-            model,
-            tokenizer,
-            recipe,
-            original_eval_dir(run_dir),
-            label,
-            shards_weights(accelerator),
-        )
+        evaluate_model(accelerator, model, tokenizer, recipe, original_eval_dir(run_dir), label)
     accelerator.wait_for_everyone()
 
 
@@ -276,7 +277,7 @@ def evaluate_after_training(accelerator, model, tokenizer, recipe: Recipe, run_d
     scores written before training (``evaluate_original``)."""
     label = f"{recipe.model.name} ({recipe.train.method} fine-tuned)"
     out_dir = RunDir(run_dir).eval_finetuned.path
-    evaluate_model(accelerator, model, tokenizer, recipe, out_dir, label, shards_weights(accelerator))
+    evaluate_model(accelerator, model, tokenizer, recipe, out_dir, label)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from launcher.results.card import write_model_card
@@ -294,15 +295,13 @@ def evaluate_standalone(run_dir: Path) -> int:
     # Load whole on every rank, then let DeepSpeed shard it: the same path as training.
     with without_zero3_init():
         model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
-    synced = False
     if recipe.launch.zero:
         if recipe.launch.zero == 3:
             gather_dora_layers_whole(model)
         model = accelerator.prepare(model)  # ZeRO-3 shards the weights over the ranks
-        synced = zero_stage(accelerator) == 3
     else:
         model = model.to(accelerator.device)
-    evaluate_model(accelerator, model, tokenizer, recipe, run_dir, recipe.model.name, synced)
+    evaluate_model(accelerator, model, tokenizer, recipe, run_dir, recipe.model.name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -67,3 +67,40 @@ def root_weights_gathered(model):
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+@contextlib.contextmanager
+def all_units_unsharded(model):
+    """Every unit's weights gathered once and kept so for the duration (a collective: all ranks
+    enter together, and then need not stay in lockstep: no forward gathers anything), then every
+    unit sharded again with its own reshard-after-forward setting (torch's
+    ``set_reshard_after_forward`` would lose the root's special one: read back and restored)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    model._get_fsdp_state()._lazy_init()
+    settings = [unit_reshard_setting(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, setting in zip(units, settings):
+            restore_reshard_setting(unit, setting)
+            unit.reshard()
+
+
+def unit_reshard_setting(unit) -> tuple:
+    """What ``set_reshard_after_forward`` overwrites on one unit (torch private state)."""
+    state = unit._get_fsdp_state()
+    return state._auto_reshard_after_forward, [
+        group.post_forward_mesh_info for group in state._fsdp_param_groups
+    ]
+
+
+def restore_reshard_setting(unit, setting: tuple) -> None:
+    state = unit._get_fsdp_state()
+    state._auto_reshard_after_forward, infos = setting
+    for group, info in zip(state._fsdp_param_groups, infos):
+        group.post_forward_mesh_info = info
