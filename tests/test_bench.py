@@ -209,7 +209,9 @@ def test_generation_gather_quick_counts_collectives_that_do_not_grow_with_the_su
 
     def gathers(label: str) -> int:  # weight all-gathers of one rank's generation
         counts = raw[label][0]["collectives"]
-        return counts.get("c10d::_allgather_base_", 0) + counts.get("c10d::allgather_into_tensor_coalesced_", 0)
+        return counts.get("c10d::_allgather_base_", 0) + counts.get(
+            "c10d::allgather_into_tensor_coalesced_", 0
+        )
 
     rank = raw["ZeRO-3, gathered"][0]
     assert 0 < gathers("ZeRO-3, gathered") <= rank["weights"]  # each weight at most once
