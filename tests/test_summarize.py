@@ -331,3 +331,18 @@ def test_refusals_name_the_problem(tmp_path, full_run):
         read_inputs(str(bad))
     result = run_cli("summarize", str(tmp_path / "missing"), "--cpu", "--input", str(bad))
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_summarize_and_export_print_only_their_own_lines(full_run, tmp_path):
+    """They load the model in the ftlaunch process itself, where no rank log takes the libraries'
+    notices: DeepSpeed's accelerator probe, deprecation warnings and save/load progress bars stay
+    off the console (--debug keeps them)."""
+    summarized = run_cli(
+        "summarize", full_run, "--cpu", "--input", SAMPLE_TEST, "--output", tmp_path / "s.jsonl"
+    )
+    exported = run_cli("export", full_run, "--output", tmp_path / "exported")
+    assert summarized.returncode == 0 and exported.returncode == 0, summarized.stderr + exported.stderr
+    assert exported.stdout.strip() == f"exported to {tmp_path / 'exported'}" and not exported.stderr.strip()
+    progress = re.compile(r"^generating: batch \d+/\d+ ")
+    for line in filter(None, (part.strip() for part in re.split(r"[\r\n]", summarized.stderr))):
+        assert progress.match(line), summarized.stderr

@@ -278,6 +278,9 @@ def write_summaries(rows: list[dict], summaries: list[str], output: Path | None,
 
 def generate_summaries(recipe: Recipe, rows: list[dict]) -> list[str] | None:
     """The evaluation's generation on this rank's share; the summaries on the main process."""
+    from launcher.rank.quiet import quiet_libraries
+
+    quiet_libraries()  # this process's console is the user's: no rank log takes the noise
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.evaluation import generate_predictions
     from launcher.rank.model import load_for_inference, load_tokenizer
