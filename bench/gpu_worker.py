@@ -637,11 +637,11 @@ def measure_generation(accelerator, recipe, arch: str, args: argparse.Namespace)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build_arch(arch, accelerator.device).eval()
-    generate_predictions(accelerator, model, tokenizer, rows[: args.eval_batch], recipe, synced=False)
+    generate_predictions(accelerator, model, tokenizer, rows[: args.eval_batch], recipe)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     sync()
     start = time.perf_counter()
-    predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe, synced=False)
+    predictions = generate_predictions(accelerator, model, tokenizer, rows, recipe)
     sync()
     seconds = time.perf_counter() - start
     if len(predictions) != len(rows):

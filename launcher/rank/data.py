@@ -362,7 +362,9 @@ def dealt_generation_batches(
     1, 2 or 3 ranks: the padded shape changes floating-point sums, which can flip a near-tied
     greedy token. Batch ``b`` goes to rank ``b % world``; every rank gets as many batches as the
     busiest one, placeholders (empty ``indices``) where it has none left, because ZeRO-3 and
-    FSDP generation (``synced_gpus``) needs every rank to call ``generate`` equally often.
+    FSDP generation in lockstep (``synced_gpus``, weights gathered per module) needs every rank
+    to call ``generate`` equally often; ranks that hold the whole model skip them
+    (``gathered.weights_for_generation``).
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
