@@ -19,6 +19,7 @@ from test_sweep import fake_run, write_lora_r_manifest
 from launcher.core.recipe import read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.host.sweep import is_done
+from launcher.results.report import eval_scores_problem
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -59,10 +60,10 @@ def test_the_interrupted_marker_keeps_a_run_unfinished(tmp_path):
     run = RunDir(tmp_path / "run")
     fake_run(run.path, 0.3)
     recipe = None  # no recipe.yaml: evaluated after training, the default
-    assert run.is_finished(recipe)
+    assert run.is_finished(recipe, eval_scores_problem)
     run.write_interrupted(7)
     assert run.interrupted.read_text() == "step_7\n" and run.interrupted_checkpoint() == "step_7"
-    assert not run.is_finished(recipe)
+    assert not run.is_finished(recipe, eval_scores_problem)
     assert run.interrupted_checkpoint(since=run.interrupted.stat().st_mtime + 1) is None
     run.clear_interrupted()
-    assert run.is_finished(recipe) and run.interrupted_checkpoint() is None
+    assert run.is_finished(recipe, eval_scores_problem) and run.interrupted_checkpoint() is None

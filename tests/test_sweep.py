@@ -344,8 +344,12 @@ def test_a_hand_edited_manifest_is_named_field_by_field(tmp_path, edit, problem)
 
 
 def test_a_point_s_damaged_files_leave_its_cells_empty(tmp_path):
-    """The live table reads what it can: a damaged rouge.json, metrics line or status record of one
-    point shows as missing values, and the other points are reported as usual."""
+    """The live table reads what it can: a damaged metrics line or status record of one point shows
+    as missing values, and the other points are reported as usual. A damaged fine-tuned rouge.json
+    is no blank row of a done point: the point is incomplete, with the line `ftlaunch report POINT`
+    refuses the file with, out of the ranking, and the sweep runs it again."""
+    from launcher.host.sweep import is_done
+
     sweep = tmp_path / "sweep"
     write_lora_r_manifest(sweep, ["r=4", "r=8", "r=16"])
     fake_run(sweep / "r=4", 0.30)
@@ -365,8 +369,17 @@ def test_a_point_s_damaged_files_leave_its_cells_empty(tmp_path):
     assert table[0].startswith(
         "| 1 | r=4 | 4 | 35.00 | 15.00 | 30.00 | 30.00 | +20.00 pp | 1.7000 | 20s | 2 | done"
     ), table
-    assert table[1].startswith("|  | r=8 | 8 | - | - | - | - | - | 1.6500 | 20s | 2 | done"), table
+    alone = assert_refused(run_cli_in_process("report", str(sweep / "r=8")), "rouge1 is '0.4', not a number")
+    assert table[1] == (
+        f"|  | r=8 | 8 | - | - | - | - | - | 1.6500 | 20s | 2 | incomplete: {alone.removeprefix('error: ')}; "
+        "or run the sweep command again to redo its evaluation |"
+    ), table
     assert table[2].endswith("| failed: exit code 1 |"), table
+    assert (
+        f"Best: r=4 with rougeLsum 30.00 (+20.00 pp vs the original model): {sweep / 'r=4'}" in result.stdout
+    )
+    assert "(lora, 3 points: 1 done, 1 incomplete, 1 failed)" in result.stdout, result.stdout
+    assert [is_done(sweep / name, None) for name in ("r=4", "r=8")] == [True, False]
 
 
 # ---------------------------------------------------------------- a real sweep on this machine
@@ -482,6 +495,42 @@ def test_local_sweep_runs_every_point_reports_and_extends(tmp_path):
         == done["max_steps=2_checkpoint_every=3"]["val_loss"]
     )
     assert "(lora, 5 points: 5 done)" in output
+
+
+@pytest.mark.slow
+def test_a_point_with_a_damaged_rouge_json_is_incomplete_and_redone(tmp_path):
+    """The best point's fine-tuned rouge.json damaged after a real sweep (ranks from the rank
+    harness): the report shows it incomplete with the line `ftlaunch report POINT` gives, and names
+    the other point best; the same sweep command runs it again (its evaluation redone from its
+    last checkpoint), after which it is done and best with the scores it had."""
+    out = tmp_path / "sweep"
+    args = ("sweep", "full", *SMALL, "--set", "train.max_steps=2", "--grid", "train.lr=1e-3,2e-3")
+    first = run_cli_harness(*args, "--output", str(out))
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    scores = {name: point["rougeLsum"] for name, point in finished_points(out).items()}
+    best, other = sorted(scores, key=scores.get, reverse=True)
+    assert scores[best] > scores[other], scores  # the damaged point is the one that scored higher
+    rouge = out / best / "eval" / "finetuned" / "rouge.json"
+    rouge.write_text('{"rouge1": "x"')
+
+    alone = assert_refused(run_cli_in_process("report", str(out / best)), "is not valid JSON")
+    report = run_cli_in_process("report", str(out))
+    assert report.returncode == 0, report.stderr
+    rows = {line.split(" | ")[1]: line for line in report.stdout.splitlines() if line.startswith("| ")}
+    assert rows[best].endswith(
+        f"| incomplete: {alone.removeprefix('error: ')}; or run the sweep command again to redo its evaluation |"
+    ), rows[best]
+    assert f"Best: {other} with rougeLsum {100 * scores[other]:.2f}" in report.stdout, report.stdout
+    assert "2 points: 1 done, 1 incomplete" in report.stdout, report.stdout
+
+    again = run_cli_harness(*args, "--output", str(out))
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-6000:]
+    assert "2 point(s), 1 finished (kept), 1 to run" in output, output[-6000:]
+    assert f"resumed from {out / best}/checkpoints/step_2" in (out / best / "logs" / "rank0.log").read_text()
+    assert json.loads(rouge.read_text())["rougeLsum"] == scores[best]
+    assert f"Best: {best} with rougeLsum {100 * scores[best]:.2f}" in output, output[-3000:]
+    assert "(full, 2 points: 2 done)" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("point_code", [0, 1], ids=["point ended well", "point failed"])

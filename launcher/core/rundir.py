@@ -22,6 +22,7 @@ nothing heavy and it imports no other launcher module but ``atomic``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,15 +279,18 @@ class RunDir:
         return None
 
     # ------------------------------------------------------------ state
-    def is_finished(self, recipe: Any | None) -> bool:
+    def is_finished(self, recipe: Any | None, scores_problem: Callable[[Path], str | None]) -> bool:
         """A run that ended and need not run again: its final model, its fine-tuned ROUGE when the
-        recipe evaluates after training, and no interrupted marker.
+        recipe evaluates after training (readable: a damaged rouge.json is redone, not kept), and
+        no interrupted marker.
 
         ``recipe`` is the run's recipe (``eval.after_training`` is read); None (a folder without
-        its recipe.yaml) counts as evaluating, the default.
+        its recipe.yaml) counts as evaluating, the default. ``scores_problem`` says why a
+        rouge.json cannot be read (results.report.eval_scores_problem: core does not import results).
         """
         evaluates = recipe is None or recipe.eval.after_training
-        evaluated = not evaluates or self.eval_finetuned.has_rouge()
+        rouge = self.eval_finetuned
+        evaluated = not evaluates or (rouge.has_rouge() and scores_problem(rouge.rouge) is None)
         return self.final.is_dir() and evaluated and not self.is_interrupted()
 
 

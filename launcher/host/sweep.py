@@ -46,6 +46,7 @@ from launcher.host.sweep_manifest import (
     write_manifest,
     write_status,
 )
+from launcher.results.report import eval_scores_problem
 
 # Flags of full/lora that make no sense for a sweep's points, and why.
 REFUSED = {
@@ -173,8 +174,9 @@ def check_points_differ(points: list[Point], recipes: list) -> None:
 
 
 def is_done(run_dir: Path, recipe) -> bool:
-    """A finished point (RunDir.is_finished: the one rule the sweep report uses too)."""
-    return RunDir(run_dir).is_finished(recipe)
+    """A finished point (RunDir.is_finished: the one rule the sweep report uses too); one whose
+    fine-tuned rouge.json cannot be read runs again (its evaluation is redone)."""
+    return RunDir(run_dir).is_finished(recipe, eval_scores_problem)
 
 
 def set_args(point: Point) -> list[str]:

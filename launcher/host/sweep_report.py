@@ -21,7 +21,7 @@ from launcher.core.rundir import ResultDir, RunDir, SweepDir
 from launcher.host.sweep_grid import short_keys
 from launcher.host.sweep_manifest import Point, Sweep, read_status, read_sweep
 from launcher.results.records import metrics_row_problem
-from launcher.results.report import check_report_output, read_eval_scores
+from launcher.results.report import check_report_output, eval_scores_problem, read_eval_scores
 from launcher.results.rouge import ROUGE_TYPES
 
 DEFAULT_METRIC = "rougeLsum"
@@ -59,11 +59,21 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_scores(path: Path) -> dict[str, Any] | None:
-    """A point's rouge.json when it holds its four ROUGE numbers (else the row shows none)."""
+    """An optional rouge.json (the original model's) when it holds its four ROUGE numbers, else
+    None: the row then shows no gain. A finished point's own scores are read by read_point."""
     try:
         return read_eval_scores(path) if path.is_file() else None
     except UserError:
         return None
+
+
+def unreadable_scores(run: RunDir) -> str | None:
+    """Why a trained point's fine-tuned rouge.json cannot be read (the line `ftlaunch report POINT`
+    gives), or None: such a point is not finished, and the sweep command redoes its evaluation."""
+    result = run.eval_finetuned
+    if not (run.final.is_dir() and result.has_rouge()) or run.is_interrupted():
+        return None
+    return eval_scores_problem(result.rouge)
 
 
 def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
@@ -90,19 +100,26 @@ def failure_line(run_dir: Path, status: dict[str, Any] | None) -> str:
     return f"exit code {code}" if code is not None else "no error recorded"
 
 
-def point_state(run_dir: Path, status: dict[str, Any] | None, done: bool, on_slurm: bool) -> tuple[str, str]:
-    """(state, detail) of one point: its status file's record, checked against its folder."""
+def point_state(
+    run_dir: Path, status: dict[str, Any] | None, done: bool, on_slurm: bool, unreadable: str | None = None
+) -> tuple[str, str]:
+    """(state, detail) of one point: its status file's record, checked against its folder
+    (``unreadable``: why its fine-tuned rouge.json cannot be read, see unreadable_scores)."""
     if done:
         return "done", ""
     if status and status.get("state") == "running":
         return "running", ""
-    if status and status.get("state") == "ended":
+    ended = bool(status and status.get("state") == "ended")
+    if ended:
         code = status.get("exit_code")
         if code == EXIT_INTERRUPTED:
             return "interrupted", "run the sweep again to resume it"
-        if code == 0:
-            return ended_unfinished(run_dir, on_slurm)
-        return "failed", failure_line(run_dir, status)
+        if code != 0:
+            return "failed", failure_line(run_dir, status)
+    if unreadable:
+        return "incomplete", f"{unreadable}; or run the sweep command again to redo its evaluation"
+    if ended:
+        return ended_unfinished(run_dir, on_slurm)
     if RunDir(run_dir).is_interrupted():
         return "interrupted", "run the sweep again to resume it"
     return "pending", ""
@@ -134,14 +151,16 @@ def own_recipe(run: RunDir) -> Recipe | None:
 def read_point(sweep: Sweep, point: Point) -> Row:
     run_dir = sweep.run_dir(point)
     run = RunDir(run_dir)
-    finetuned = read_scores(run.eval_finetuned.rouge)
-    done = run.is_finished(own_recipe(run))  # the sweep's own rule for a point it keeps
-    status, detail = point_state(run_dir, read_status(sweep.dir, point.index), done, bool(sweep.jobs))
+    done = run.is_finished(own_recipe(run), eval_scores_problem)  # the sweep's own rule for a point it keeps
+    unreadable = None if done else unreadable_scores(run)
+    status, detail = point_state(
+        run_dir, read_status(sweep.dir, point.index), done, bool(sweep.jobs), unreadable
+    )
     rows = read_rows(run.metrics)
     train = [row for row in rows if "loss" in row]
     final = [row for row in rows if row.get("final")]
     row = Row(point, status, detail)
-    row.scores = finetuned if done else None
+    row.scores = read_scores(run.eval_finetuned.rouge) if done else None
     row.original = read_scores(run.eval_original.rouge)
     row.val_loss = final[-1].get("val_loss") if final else None
     row.losses = [(r["step"], r["loss"]) for r in train]

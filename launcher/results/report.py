@@ -49,6 +49,16 @@ def read_eval_scores(rouge_file: Path) -> dict[str, Any]:
     return scores
 
 
+def eval_scores_problem(rouge_file: Path) -> str | None:
+    """The one line read_eval_scores refuses ``rouge_file`` with, or None when it reads: a sweep
+    counts a run finished only when its report can read the fine-tuned scores."""
+    try:
+        read_eval_scores(rouge_file)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def read_eval_dir(path: Path) -> dict[str, Any]:
     """rouge.json + predictions of one evaluation folder."""
     result = ResultDir(path)
