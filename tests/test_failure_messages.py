@@ -95,6 +95,53 @@ def test_a_rank_that_lost_its_peer_on_another_node_is_not_blamed(tmp_path, nodes
     assert ("failed first" in text) == (nodes == 1), text
 
 
+# The launcher's last stderr line of every CPU launch: Accelerate's warning about its defaults.
+ACCELERATE_WARNING = [
+    b"The following values were not passed to `accelerate launch` and had defaults used instead:",
+    b"To avoid this warning pass in values for each of the problematic parameters or run `accelerate config`.",
+]
+
+
+@pytest.mark.parametrize("phase", ["training", "final evaluation", "completed"])
+def test_a_launcher_killed_by_a_signal_is_named_and_a_run_its_rank_completed_is_done(tmp_path, phase):
+    """`accelerate launch` SIGKILLed (the out-of-memory killer takes the largest process, kill -9)
+    while its rank goes on, no rank record: decide() as the supervisor calls it then. A run the
+    rank completed (final/ and its card, the last file, written in this launch) is done, exit 0,
+    with a note; else the summary names the signal, not the launcher's last (unrelated) line."""
+    run_dir = fake_job_dir(tmp_path, "launcher.rank.train")
+    recipe = load_recipe(default_recipe_path("full"), ["launch.cpu=true"])
+    started = time.time() - 60
+    if phase != "training":
+        (run_dir / "final").mkdir()  # train.finish saved final/ in this launch
+    if phase == "completed":
+        (run_dir / "final" / "README.md").write_text("card\n")  # the run's last file
+    log = run_dir / "logs" / "launcher.log"
+    outcome = decide(run_dir, recipe, 0, -signal.SIGKILL, started, [], ACCELERATE_WARNING, log)
+    text = "\n".join(outcome.lines)
+    if phase == "completed":
+        assert outcome.code == 0, text
+        assert outcome.lines == [
+            "ftlaunch: the launcher process was killed by SIGKILL (the out-of-memory killer, or kill -9), "
+            "but its ranks ran to the end: final/, the evaluation and the report are complete; see "
+            f"{run_dir / 'report'}"
+        ]
+        return
+    assert outcome.code == 1 and outcome.restart_cause is None, text
+    assert outcome.lines[:2] == [
+        "error: the launcher process was killed by SIGKILL (the out-of-memory killer, or kill -9) "
+        "before any rank reported an error",
+        f"  log: {log}",
+    ], text
+    assert "accelerate config" not in text, text
+    assert ("--resume auto" in text) == (phase == "training"), text
+    assert ("ftlaunch eval --model" in text) == (phase == "final evaluation"), text
+    # Exited with a code of its own (not a signal): its last line is its error, as before.
+    failed = decide(run_dir, recipe, 0, 1, started, [], [b"ValueError: bad --config_file"], log)
+    assert failed.lines[0] == (
+        "error: the launcher failed (exit 1) before any rank reported an error: ValueError: bad --config_file"
+    )
+
+
 # ---------------------------------------------------------------- real 2-rank jobs
 
 
@@ -159,3 +206,42 @@ def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path):
     assert "got SIGTERM during the final evaluation" in output, output[-3000:]
     assert "next optimizer step" not in output and "--resume auto" not in output, output[-3000:]
     assert f"ftlaunch eval --model {run_dir / 'final'} --data sample --split test --cpu --gpus 2" in output
+
+
+@pytest.mark.slow
+def test_a_run_whose_launcher_is_killed_while_its_rank_completes_it_is_done(tmp_path):
+    """One real launch: `accelerate launch` SIGKILLed once step_5's checkpoint is written (as the
+    out-of-memory killer would); its rank trains on to step 30, saves final/, evaluates and writes
+    the report. ftlaunch says the launcher was killed and exits 0: the run is complete."""
+    from test_faults import JOB_TIMEOUT, assert_no_rank_left, parse_metrics
+    from test_faults import Job as BackgroundJob
+
+    from launcher.host.supervise import child_processes
+
+    run_dir = tmp_path / "run"
+    args = [
+        "full",
+        *("--cpu", "--gpus", "1", "--model", "tiny-t5", "--data", "sample", "--report-to", "none"),
+        *("--set", "train.epochs=4", "--set", "train.max_steps=30", "--set", "train.checkpoint_every=5"),
+        *("--set", "train.log_every=1"),
+        *("--set", "eval.compare_original=false", "--set", "eval.limit=2", "--set", "eval.max_new_tokens=8"),
+        *("--output", str(run_dir)),
+    ]
+    with BackgroundJob(run_dir, args) as job:
+        job.wait_until(lambda: (run_dir / "checkpoints" / "step_5").is_dir(), JOB_TIMEOUT, "step_5")
+        (launcher,) = child_processes(job.process.pid)  # command.sh, exec'd into `accelerate launch`
+        assert b"accelerate" in Path(f"/proc/{launcher}/cmdline").read_bytes()
+        os.kill(launcher, signal.SIGKILL)
+        steps = [row["step"] for row in parse_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+        code = job.wait()
+        output = job.output()
+    assert steps[-1] < 30, "the run finished before the launcher was killed: make it longer"
+    assert code == 0, output[-6000:]
+    assert_no_rank_left(run_dir)
+    assert (
+        "ftlaunch: the launcher process was killed by SIGKILL (the out-of-memory killer, or kill -9), but "
+        f"its ranks ran to the end: final/, the evaluation and the report are complete; see {run_dir / 'report'}"
+    ) in output, output[-3000:]
+    assert "error:" not in output and "exit code" not in output, output[-3000:]
+    assert (run_dir / "report" / "report.md").is_file() and (run_dir / "final" / "README.md").is_file()
+    assert [row["step"] for row in parse_metrics(run_dir / "metrics.jsonl") if "loss" in row][-1] == 30

@@ -401,18 +401,7 @@ def decide(
             ],
         )
     if first is None:
-        last = next(
-            (line.decode(errors="replace").strip() for line in reversed(stderr_tail) if line.strip()),
-            "no output",
-        )
-        return Outcome(
-            EXIT_CRASHED,
-            [
-                f"error: the launcher failed (exit {rc}) before any rank reported an error: {last}",
-                f"  log: {launcher_log}",
-                f"  {job.advice(EXIT_CRASHED)}",
-            ],
-        )
+        return launcher_outcome(job, rc, stderr_tail, launcher_log)
     if first.error.startswith(DIVERGED):  # every rank stopped at the same step: no rank "failed first"
         return Outcome(
             EXIT_CRASHED,
@@ -439,6 +428,36 @@ def decide(
         ],
         restart_cause=cause if job.kind == "train" else None,
     )
+
+
+def launcher_outcome(job: Job, rc: int, stderr_tail: list[bytes], launcher_log: Path) -> Outcome:
+    """The launcher (``accelerate launch``) ended badly and no rank reported an error. Its ranks
+    may outlive it (the out-of-memory killer may take the launcher alone): a run they completed
+    is done, with a note; else the launcher's end is the error."""
+    ended = f"was {describe_exit(rc)}" if rc < 0 else f"exited with code {rc}"
+    if job.completed():
+        done = (
+            f"final/, the evaluation and the report are complete; see {RunDir(job.run_dir).report.path}"
+            if job.evaluates
+            else f"final/ is complete: {RunDir(job.run_dir).final}"
+        )
+        return Outcome(0, [f"ftlaunch: the launcher process {ended}, but its ranks ran to the end: {done}"])
+    error = launcher_error(rc, stderr_tail)
+    return Outcome(
+        EXIT_CRASHED, [f"error: {error}", f"  log: {launcher_log}", f"  {job.advice(EXIT_CRASHED)}"]
+    )
+
+
+def launcher_error(rc: int, stderr_tail: list[bytes]) -> str:
+    """The signal that killed the launcher (its last output line is then unrelated: an Accelerate
+    warning, a progress line), else the last line it wrote before it failed."""
+    if rc < 0:
+        return f"the launcher process was {describe_exit(rc)} before any rank reported an error"
+    last = next(
+        (line.decode(errors="replace").strip() for line in reversed(stderr_tail) if line.strip()),
+        "no output",
+    )
+    return f"the launcher failed (exit {rc}) before any rank reported an error: {last}"
 
 
 # ---------------------------------------------------------------- the job
