@@ -45,8 +45,8 @@ command -v ftlaunch >/dev/null ||
 
 # ---------------------------------------------------------------- options
 # GPUs (ranks) per node: FTLAUNCH_GPUS_PER_NODE, else what SLURM allocated on this node
-# (--gres=gpu:N / --gpus-per-node=N), else 8. A --gpus among the job's arguments wins
-# (it comes later on the ftlaunch command line).
+# (--gres=gpu:N / --gpus-per-node=N), else 8. A --gpus among the job's arguments wins: it
+# replaces this count (rendered once, and logged as the number of ranks that will run).
 gpus_from_slurm() {
     local value="${SLURM_GPUS_ON_NODE:-}"
     if [ -z "$value" ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then
@@ -60,6 +60,7 @@ GPUS_PER_NODE="${FTLAUNCH_GPUS_PER_NODE:-$(gpus_from_slurm)}"
 # default is runs/<method>-slurm-<job id> under the submit directory.
 RUN="${FTLAUNCH_OUTPUT:-runs/${FTLAUNCH_METHOD}-slurm-${SLURM_JOB_ID}}"
 DRY_RUN=0
+CPU=0
 JOB_ARGS=""
 [ "$#" -gt 0 ] && JOB_ARGS="$(printf ' %q' "$@")"
 # The job's arguments, checked; a requeued job drops --resume PATH (it must continue from the
@@ -70,6 +71,9 @@ while [ "$#" -gt 0 ]; do
         --output) [ "$#" -ge 2 ] && RUN="$2"; args+=("$1" "${2:-}"); shift ;;  # ftlaunch takes the last one
         --output=*) RUN="${1#--output=}"; args+=("$1") ;;
         --dry-run) DRY_RUN=1 ;;  # added below in any case
+        --gpus) if [ "$#" -ge 2 ]; then GPUS_PER_NODE="$2"; shift; else args+=("$1"); fi ;;  # ftlaunch refuses a bare --gpus
+        --gpus=*) GPUS_PER_NODE="${1#--gpus=}" ;;
+        --cpu) CPU=1; args+=("$1") ;;
         --nodes | --nodes=*)
             value="${1#--nodes}"; value="${value#=}"
             if [ -z "$value" ]; then value="${2:-}"; shift; fi
@@ -91,7 +95,9 @@ done
 case "$RUN" in /*) ;; *) RUN="$PWD/$RUN" ;; esac
 
 ftl_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-?}) SLURM_RESTART_COUNT=${RESTARTS} on ${NNODES} node(s): ${SLURM_JOB_NODELIST:-?}"
-ftl_log "method ${FTLAUNCH_METHOD}, ${GPUS_PER_NODE} GPU(s) per node, run dir ${RUN}, cwd ${PWD}"
+per_node="${GPUS_PER_NODE} GPU(s) per node"
+[ "$CPU" = 1 ] && per_node="${GPUS_PER_NODE} CPU rank(s) per node (--cpu)"
+ftl_log "method ${FTLAUNCH_METHOD}, ${per_node}, run dir ${RUN}, cwd ${PWD}"
 
 # ---------------------------------------------------------------- signals (batch shell)
 # SLURM sends --signal=B:USR1@N to this shell only. It is forwarded to srun, which hands
@@ -158,7 +164,7 @@ trap 'forward_stop TERM' TERM
 # ---------------------------------------------------------------- render once
 render=(ftlaunch "$FTLAUNCH_METHOD" --nodes "$NNODES" --gpus "$GPUS_PER_NODE" --output "$RUN" --resume auto)
 [ -n "${FTLAUNCH_RECIPE:-}" ] && render+=(--recipe "$FTLAUNCH_RECIPE")
-render+=(${args[@]+"${args[@]}"} --dry-run)  # the job's arguments come later: theirs win (--gpus, --recipe, --resume)
+render+=(${args[@]+"${args[@]}"} --dry-run)  # the job's arguments come later: theirs win (--recipe, --resume)
 ftl_log "render: ${render[*]}"
 "${render[@]}"
 rc=$?

@@ -370,6 +370,45 @@ def test_command_sh_survives_a_multiline_set_value(render, tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+# ---------------------------------------------------------------- a SLURM job's render step
+
+
+@pytest.mark.parametrize(
+    ("job_args", "per_node"),
+    [
+        (["--cpu", "--gpus", "1"], "1 CPU rank(s) per node (--cpu)"),  # SLURM gives no count: 8 by default
+        (["--gpus=2"], "2 GPU(s) per node"),  # SLURM gives 4 (--gpus-per-node=4)
+    ],
+    ids=["cpu-gpus-1", "gpus=2"],
+)
+def test_a_slurm_job_logs_and_renders_the_gpus_of_its_arguments(tmp_path, job_args, per_node):
+    """slurm/lora.sh with a fake job's SLURM variables (no cluster: --dry-run renders and stops):
+    a --gpus among the job's arguments replaces the count SLURM gives, in the job log's summary
+    line as in the rendered run, and is passed to ftlaunch once."""
+    env = {key: value for key, value in cli_env().items() if not key.startswith(("SLURM_", "FTLAUNCH_"))}
+    env.update(SLURM_JOB_ID="999", SLURM_NNODES="1", FTLAUNCH_REPO=str(REPO))
+    if "--cpu" not in job_args:
+        env["SLURM_GPUS_PER_NODE"] = "gpu:4"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's ftlaunch
+    run_dir = tmp_path / "run"
+    job = [*job_args, "--model", "tiny-t5", "--data", "sample", "--output", str(run_dir), "--dry-run"]
+    result = subprocess.run(
+        ["bash", str(REPO / "slurm" / "lora.sh"), *job],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    count = per_node.split()[0]
+    assert f"] method lora, {per_node}, run dir {run_dir}," in result.stdout, result.stdout[-3000:]
+    render = next(line for line in result.stdout.splitlines() if "] render: ftlaunch lora" in line)
+    assert render.split().count("--gpus") == 1 and f" --gpus {count} " in render, render
+    assert not any(arg.startswith("--gpus=") for arg in render.split()), render
+    assert summary_value(result.stdout, "world size").startswith(f"{count} = {count} per node x 1 node(s)")
+
+
 # ---------------------------------------------------------------- deepspeed.json: DeepSpeed's own parser
 
 
