@@ -757,6 +757,12 @@ def test_a_relative_model_path_that_does_not_exist_is_refused_as_a_path_not_sent
             ("full", *TRAIN_FLAGS, "--model", "org/model", "--set", "model.tokenizer=a--b", "--dry-run"),
             "model.tokenizer 'a--b' is neither an existing local path nor a hub id (",
         ),
+        (
+            # runs/ exists here, so runs/B1 is a path, though it is a valid hub id too: said, with the way out
+            ("full", *TRAIN_FLAGS, "--model", "runs/B1", "--dry-run"),
+            "--model runs/B1 does not exist (it is taken as a path because a folder runs/ exists here; "
+            "to use the hub model runs/B1, run ftlaunch from another directory)",
+        ),
         (("eval", "--cpu", "--data", "x--y"), "data 'x--y' is neither an existing local path nor a hub id ("),
         (("eval", "--cpu", "--data", "x/y/z", "--dry-run"), "data 'x/y/z' is not a directory"),
     ],
@@ -791,6 +797,9 @@ def test_the_ranks_loaders_refuse_a_reference_that_is_no_hub_id_in_one_line(tmp_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"^tokenizer path runs/B0/final does not exist; pass a directory"):
         from_pretrained_or_explain(loader, "runs/B0/final", "tokenizer")
+    (tmp_path / "google").mkdir()
+    with pytest.raises(UserError, match=r"because a folder google/ exists here; to use the hub model"):
+        from_pretrained_or_explain(loader, "google/flan-t5-base", "model")
     with pytest.raises(UserError, match=r"^model 'a--b' is neither an existing local path nor a hub id \("):
         from_pretrained_or_explain(loader, "a--b", "model")
 

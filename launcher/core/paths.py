@@ -40,6 +40,20 @@ def is_local_reference(name: str) -> bool:
     return path.exists() or ("/" in name and path.parent.is_dir())
 
 
+def shadowed_hub_id(name: str) -> str:
+    """For a missing local path that is also a valid hub id (``google/flan-t5-base`` run where a
+    ``google/`` folder exists, so it was taken as a path): how to reach the hub model; else ''."""
+    path = Path(name).expanduser()
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or path.exists():
+        return ""
+    if not path.parent.is_dir() or hub_id_problem(name) is not None:
+        return ""
+    return (
+        f" (it is taken as a path because a folder {path.parent.name}/ exists here; to use the hub "
+        f"model {name}, run ftlaunch from another directory)"
+    )
+
+
 def hub_id_problem(name: str) -> str | None:
     """Why ``name`` cannot be a Hugging Face Hub repo id (huggingface_hub's own rule), or None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id

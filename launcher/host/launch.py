@@ -26,7 +26,7 @@ from launcher.core.families import (
 )
 from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
-from launcher.core.paths import check_hub_id, is_local_reference
+from launcher.core.paths import check_hub_id, is_local_reference, shadowed_hub_id
 from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed, check_tracking_server
@@ -80,7 +80,10 @@ def why_no_model(path: Path) -> str:
     if not path.exists() and path.name == run.final.name and holds_run(path.parent):
         return f" does not exist: {RunDir(path.parent).no_final_yet()}"
     if not path.exists():
-        return " does not exist; pass a directory written by save_pretrained, a hub id, or tiny-t5"
+        return (
+            f" does not exist{shadowed_hub_id(str(path))}; pass a directory written by save_pretrained, "
+            "a hub id, or tiny-t5"
+        )
     if holds_run(path) and not run.final.exists():
         return f" is a run directory, not a model: {run.no_final_yet()}"
     if (path / "adapter_config.json").is_file():

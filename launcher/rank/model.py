@@ -25,7 +25,7 @@ from launcher.core.families import (
     module_names,
     resolve_lora_targets,
 )
-from launcher.core.paths import TINY_TOKENIZER_DIR, check_hub_id, is_local_reference
+from launcher.core.paths import TINY_TOKENIZER_DIR, check_hub_id, is_local_reference, shadowed_hub_id
 from launcher.core.recipe import EMBEDDED_MODEL, LoraSection, Recipe
 
 TINY_T5_SEED = 1234
@@ -149,8 +149,8 @@ def from_pretrained_or_explain(loader, name: str, what: str, **kwargs):
     """Call a ``from_pretrained``; a missing path or an unreachable hub becomes a UserError."""
     if is_local_reference(name) and not Path(name).expanduser().exists():
         raise UserError(
-            f"{what} path {name} does not exist; pass a directory written by save_pretrained, "
-            "a hub id, or tiny-t5"
+            f"{what} path {name} does not exist{shadowed_hub_id(name)}; pass a directory written by "
+            "save_pretrained, a hub id, or tiny-t5"
         )
     if not is_local_reference(name):
         check_hub_id(name, what)  # the hub client's own check, as one line
