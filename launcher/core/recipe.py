@@ -126,7 +126,11 @@ class DataSection(Section):
     )
     prompt: str = Field(DEFAULT_PROMPT, description="Model input; {dialogue} is replaced by the dialogue.")
     max_source_length: int = Field(512, gt=0, description="Input tokens kept (prompt + dialogue).")
-    max_target_length: int = Field(128, gt=0, description="Summary tokens kept as labels.")
+    max_target_length: int = Field(
+        128,
+        gt=0,
+        description="Summary tokens kept as labels, the end-of-sequence token included (at least 2).",
+    )
     train_split: str = Field("train", description="Split to train on.")
     validation_split: str = Field("validation", description="Split for the validation loss.")
     train_limit: int | None = Field(None, gt=0, description="First N training examples only.")
@@ -140,6 +144,18 @@ class DataSection(Section):
         if "{dialogue}" not in self.prompt:
             raise ValueError("data.prompt must contain the placeholder {dialogue}")
         return self
+
+    @field_validator("max_target_length")
+    @classmethod
+    def _target_keeps_a_token(cls, value: int) -> int:
+        """One label token is the end-of-sequence token alone: every summary would train as empty."""
+        if value < 2:
+            raise ValueError(
+                f"data.max_target_length={value} keeps only the end-of-sequence token of every summary as "
+                "its label, so the model learns to predict empty summaries; set it to at least 2 (the "
+                "default is 128)"
+            )
+        return value
 
     @field_validator("target_field", mode="before")
     @classmethod

@@ -218,6 +218,7 @@ def eval_command(
 ) -> None:
     """Generate with one model on one split across ranks, and score it with ROUGE."""
     from launcher.core.modelfiles import check_model_files
+    from launcher.core.prompt_room import check_prompt_room_on_host
     from launcher.core.writable import check_writable_dir
     from launcher.host import launch, runlock
     from launcher.host.render import EVAL_MODULE, RankEntry
@@ -249,6 +250,7 @@ def eval_command(
     launch.check_hub_ids(recipe)
     launch.local_model_dir(model)
     launch.check_local_tokenizer(recipe)
+    check_prompt_room_on_host(recipe)
     if not dry_run:
         if not cpu:
             launch.check_gpus(recipe)

@@ -27,6 +27,7 @@ from launcher.core.families import (
 from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import check_hub_id, is_local_reference, shadowed_hub_id
+from launcher.core.prompt_room import check_prompt_room_on_host
 from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed, check_tracking_server
@@ -602,3 +603,4 @@ def validate_before_launch(recipe: Recipe) -> None:
         )
     check_data(recipe)
     check_model_reference(recipe)
+    check_prompt_room_on_host(recipe)

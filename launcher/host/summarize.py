@@ -26,6 +26,7 @@ from launcher.core.jsonl import dumps_line, parse_jsonl_text, read_jsonl, read_j
 from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings, checked_settings
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
+from launcher.core.prompt_room import check_prompt_room_on_host
 from launcher.core.recipe import (
     Recipe,
     apply_overrides,
@@ -281,12 +282,14 @@ def generate_summaries(recipe: Recipe, rows: list[dict]) -> list[str] | None:
     from launcher.rank.quiet import quiet_libraries
 
     quiet_libraries()  # this process's console is the user's: no rank log takes the noise
+    from launcher.rank.data import check_prompt_room
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.evaluation import generate_predictions
     from launcher.rank.model import load_for_inference, load_tokenizer
 
     accelerator = build_accelerator(recipe)
     tokenizer = load_tokenizer(recipe)
+    check_prompt_room(tokenizer, recipe)
     model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)
     model = model.to(accelerator.device)
     summaries = generate_predictions(accelerator, model, tokenizer, rows, recipe)
@@ -336,6 +339,7 @@ def summarize(
     if gpus < 1:
         raise UserError(f"--gpus {gpus} must be at least 1")
     recipe = summarize_recipe(source, overrides, gpus, cpu)
+    check_prompt_room_on_host(recipe)
     rows = read_inputs(input_path)
     if output is not None:  # before generating: the summaries must have a place, and lose nothing
         check_summaries_output(output, input_path)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from launcher.core.errors import UserError
-from launcher.core.recipe import DataSection, TrainSection
+from launcher.core.prompt_room import check_room_for_dialogue, prompt_prefix, tokenizer_name
+from launcher.core.recipe import DataSection, Recipe, TrainSection
 from launcher.rank.compiling import bucketed_lengths
 
 # ---------------------------------------------------------------- prompt and tokens
@@ -24,6 +25,13 @@ from launcher.rank.compiling import bucketed_lengths
 
 def build_prompt(template: str, dialogue: str) -> str:
     return template.replace("{dialogue}", dialogue)
+
+
+def check_prompt_room(tokenizer, recipe: Recipe) -> None:
+    """The prompt leaves the dialogue room in data.max_source_length, counted with the tokenizer
+    the rank truncates with (the host counted only where the tokenizer was on disk there)."""
+    prefix_tokens = len(tokenizer(prompt_prefix(recipe.data.prompt))["input_ids"])
+    check_room_for_dialogue(recipe.data, prefix_tokens, tokenizer_name(recipe))
 
 
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, data: DataSection) -> list[dict[str, list[int]]]:

@@ -23,7 +23,7 @@ from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import write_jsonl
 from launcher.core.recipe import GENERATION_KEYS, MEASUREMENT_KEYS, Recipe, read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir
-from launcher.rank.data import build_prompt, dealt_generation_batches
+from launcher.rank.data import build_prompt, check_prompt_room, dealt_generation_batches
 from launcher.rank.distributed import (
     build_accelerator,
     precision_autocast,
@@ -292,6 +292,7 @@ def evaluate_standalone(run_dir: Path) -> int:
     recipe = read_run_recipe(run_dir)
     accelerator = build_accelerator(recipe)
     tokenizer = load_tokenizer(recipe)
+    check_prompt_room(tokenizer, recipe)
     # Load whole on every rank, then let DeepSpeed shard it: the same path as training.
     with without_zero3_init():
         model = load_for_inference(recipe.model.name, recipe.model.adapter, len(tokenizer), recipe)

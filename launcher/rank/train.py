@@ -31,7 +31,7 @@ from launcher.core.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
 from launcher.core.recipe import Recipe, read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.rank import best
-from launcher.rank.data import example_lengths, shard_sorted_batches
+from launcher.rank.data import check_prompt_room, example_lengths, shard_sorted_batches
 from launcher.rank.distributed import (
     build_accelerator,
     check_shared_run_dir,
@@ -195,6 +195,7 @@ def set_up(run_dir: Path) -> Run:
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe)
+    check_prompt_room(tokenizer, recipe)
     model = build_model(recipe, len(tokenizer))
     if recipe.launch.fsdp:
         from launcher.rank.fsdp import share_input_embedding
