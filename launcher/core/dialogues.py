@@ -55,6 +55,18 @@ def dataset_dir(dataset: str) -> Path | None:
     return None
 
 
+def same_dataset(name: str, other: str) -> bool:
+    """Two dataset references name the same data: the same hub id (or ``sample``), or the same
+    folder however it is written (relative, absolute, through ``~``). A folder gone since is none."""
+    if name == other:
+        return True
+    try:
+        mine, theirs = dataset_dir(name), dataset_dir(other)
+    except UserError:
+        return False
+    return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
+
+
 def read_csv_table(path: Path) -> Table:
     """A CSV file with a header row (quoted fields may hold newlines, as dialogues do)."""
     try:

@@ -13,17 +13,22 @@ from launcher.core.errors import UserError
 from launcher.core.recipe import GENERATION_KEYS, Recipe
 
 SETTINGS_FILE = "ftlaunch.json"
+# The dataset's columns the model was trained and evaluated through (with ``dataset``: which data).
+COLUMN_KEYS = ("source_field", "target_field")
 # ftlaunch.json's keys that summarize and eval read, with their types (the others go through the schema)
 REQUIRED_SETTINGS = {"prompt": str, "max_source_length": int, "precision": str}
 
 
 def inference_settings(recipe: Recipe, method: str | None = None) -> dict[str, Any]:
     """What a user of ``final/`` needs to generate as the run's evaluation did: the prompt, the
-    truncation lengths and the generation settings (and, for an adapter, its base model)."""
+    truncation lengths and the generation settings (and, for an adapter, its base model); the
+    dataset and the columns it was read through, so that an evaluation on the same data reads the
+    same columns."""
     return {
         "method": method or recipe.train.method,
         "base_model": recipe.model.name,
         "dataset": recipe.data.dataset,
+        **{key: getattr(recipe.data, key) for key in COLUMN_KEYS},
         "prompt": recipe.data.prompt,
         "max_source_length": recipe.data.max_source_length,
         "max_target_length": recipe.data.max_target_length,
@@ -95,3 +100,9 @@ def apply_inference_settings(raw: dict[str, Any], settings: dict[str, Any]) -> N
         {key: settings[key] for key in (*GENERATION_KEYS, "batch_size") if key in settings}
     )
     raw.setdefault("model", {})["precision"] = settings["precision"]
+
+
+def recorded_columns(settings: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The dataset a saved model was evaluated on and the columns it read there, as ``ftlaunch.json``
+    records them; (dataset, {}) for settings written before the columns were recorded."""
+    return settings.get("dataset"), {key: settings[key] for key in COLUMN_KEYS if key in settings}

@@ -183,8 +183,8 @@ TRAINING_SECTIONS = ("train", "lora")  # what `ftlaunch eval --set` refuses: it 
 def eval_recipe(options: EvalOptions):
     """The validated recipe `ftlaunch eval` runs with: the full recipe's eval/data settings, those
     saved with the model (``ftlaunch.json`` of --adapter, else of a --model folder: a run's final/
-    is prompted and decoded as its own evaluation was), its --set overrides, then the flags (one
-    model on one split)."""
+    is prompted and decoded as its own evaluation was, and its own dataset is read through its
+    columns), its --set overrides, then the flags (one model on one split)."""
     from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
     from launcher.core.recipe import (
         absolute_local_paths,
@@ -206,6 +206,7 @@ def eval_recipe(options: EvalOptions):
     folder, settings = saved_settings(options)
     if settings:
         apply_inference_settings(raw, settings)
+        apply_saved_columns(raw, options.data, *saved_columns(folder, settings))
     overridden = apply_overrides(raw, options.overrides)
     adapter = options.adapter
     raw["model"].update(name=options.model, adapter=str(adapter.resolve()) if adapter else None)
@@ -244,6 +245,45 @@ def saved_settings(options: EvalOptions) -> tuple[Path | None, dict | None]:
     else:
         return None, None
     return folder, checked_settings(folder)
+
+
+def saved_columns(folder: Path, settings: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The dataset the saved model was evaluated on and the columns it read there: those its
+    ftlaunch.json records, else (a final/ written before they were recorded) those of the recipe
+    of the run whose final/ it is; (None, {}) where neither says."""
+    from launcher.core.model_settings import recorded_columns
+
+    dataset, columns = recorded_columns(settings)
+    return (dataset, columns) if columns else run_recipe_columns(folder)
+
+
+def run_recipe_columns(folder: Path) -> tuple[str | None, dict[str, Any]]:
+    """data.dataset and the column keys of the recipe of the run whose final/ is ``folder``
+    ((None, {}) for any other folder, or a recipe that cannot be read: only a hint here)."""
+    from launcher.core.model_settings import COLUMN_KEYS
+    from launcher.core.recipe import read_yaml_mapping
+    from launcher.core.rundir import RunDir
+
+    run = RunDir(folder.parent)
+    if run.final != folder or not run.has_recipe():
+        return None, {}
+    try:
+        data = read_yaml_mapping(run.recipe_yaml).get("data")
+    except UserError:
+        return None, {}
+    if not isinstance(data, dict):
+        return None, {}
+    return data.get("dataset"), {key: data[key] for key in COLUMN_KEYS if key in data}
+
+
+def apply_saved_columns(raw: dict[str, Any], data: str, dataset: Any, columns: dict[str, Any]) -> None:
+    """--data that names the dataset the model was trained and evaluated on (the same folder or
+    hub id) is read through the same columns (data.source_field/target_field); another dataset
+    keeps the defaults. --set, applied after, still names other columns."""
+    from launcher.core.dialogues import same_dataset
+
+    if columns and isinstance(dataset, str) and same_dataset(data, dataset):
+        raw.setdefault("data", {}).update(columns)
 
 
 def ignored_overrides(method: str, overrides: list[str]) -> list[str]:
