@@ -84,6 +84,37 @@ def test_two_ranks_gather_exactly_the_one_process_predictions(tmp_path, one_proc
     assert scores["n"] == SAMPLE_TEST_SIZE and scores["scoring"] == "best_of_n"
 
 
+@pytest.mark.slow  # `ftlaunch eval` on a rank (the rank harness)
+def test_an_adapter_evaluated_on_another_model_is_named_with_it(tmp_path):
+    """`ftlaunch eval --model M --adapter A`, A trained on another base (here tiny-t5, applied to a
+    saved copy of it, as to a fine-tuned one): a warning, and the scores are labelled with both,
+    in rouge.json's ``model`` and on the console, never as M's own."""
+    from conftest import save_tiny_t5
+
+    from launcher.core.recipe import LoraSection
+    from launcher.rank.model import apply_lora, build_tiny_t5
+
+    adapter = tmp_path / "adapter"
+    apply_lora(build_tiny_t5(100), LoraSection(r=4)).save_pretrained(str(adapter))
+    (adapter / "ftlaunch.json").write_text(
+        json.dumps(
+            {"base_model": "tiny-t5", "prompt": "{dialogue}", "max_source_length": 64, "precision": "fp32"}
+        )
+    )
+    other = save_tiny_t5(tmp_path / "other-model")
+    out = tmp_path / "eval"
+    result = run_cli_harness(
+        "eval", "--cpu", "--model", str(other), "--adapter", str(adapter), "--limit", "2",
+        "--set", "eval.max_new_tokens=4", "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"warning: --adapter {adapter} was trained on tiny-t5, not on --model {other}" in result.stderr
+    scores = json.loads((out / "rouge.json").read_text())
+    label = f"{other} + adapter {adapter}"
+    assert (scores["model"], scores["adapter"]) == (label, str(adapter))
+    assert f"{label}: rouge1 " in result.stdout
+
+
 def write_predictions(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

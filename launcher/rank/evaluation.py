@@ -302,10 +302,18 @@ def evaluate_standalone(run_dir: Path) -> int:
         model = accelerator.prepare(model)  # ZeRO-3 shards the weights over the ranks
     else:
         model = model.to(accelerator.device)
-    evaluate_model(accelerator, model, tokenizer, recipe, run_dir, recipe.model.name)
+    evaluate_model(accelerator, model, tokenizer, recipe, run_dir, evaluated_label(recipe))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def evaluated_label(recipe: Recipe) -> str:
+    """What ``ftlaunch eval`` scored, for rouge.json's ``model`` and the console: the model, and
+    the adapter on it (scores of an adapter must not read as its base model's own)."""
+    if recipe.model.adapter:
+        return f"{recipe.model.name} + adapter {recipe.model.adapter}"
+    return recipe.model.name
 
 
 def main(argv: list[str] | None = None) -> int:
