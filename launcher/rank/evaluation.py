@@ -1,9 +1,11 @@
 """Generation on all ranks, gathered once per example, scored with ROUGE.
 
 Generation batches are formed once for the whole split (length-sorted, ``eval.batch_size``
-each) and dealt whole to ranks, so predictions do not depend on the number of ranks; every rank
-makes the same number of ``generate`` calls (placeholder batches where its share ran out), so
-ZeRO-3's and FSDP's ``synced_gpus`` generation cannot hang. Results are gathered as (index, text) objects and the main process checks it got
+each) and dealt whole to ranks, so predictions do not depend on the number of ranks. Under
+ZeRO-3 and FSDP2 the whole model is gathered once for the generation when it fits
+(``gathered.weights_for_generation``); otherwise every rank makes the same number of ``generate``
+calls (placeholder batches where its share ran out), so the ranks' lockstep (``synced_gpus``)
+cannot hang. Results are gathered as (index, text) objects and the main process checks it got
 exactly one prediction per example before writing anything.
 
 Entry point for ``ftlaunch eval``: ``accelerate launch -m launcher.rank.evaluation --run-dir OUT``.
