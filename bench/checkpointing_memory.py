@@ -218,7 +218,7 @@ def largest_live(limit: int = 12) -> list[str]:
 def worker(run_dir: Path, steps: int, source_len: int, target_len: int) -> None:
     import torch
 
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.model import build_model, checkpointed_layers, count_parameters
     from launcher.rank.train import build_optimizer, summed_cross_entropy

@@ -51,7 +51,7 @@ def collectives_of(run) -> dict[str, int]:
 
 
 def worker(run_dir: Path) -> None:
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.evaluation import eval_rows, generate_predictions
     from launcher.rank.fsdp import share_input_embedding

@@ -89,7 +89,7 @@ def product_runner(args: argparse.Namespace, examples: list[dict]):
 
     from transformers import AutoTokenizer
 
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.host.render import DYNAMO_ENV
     from launcher.rank.distributed import build_accelerator
     from launcher.rank.loaders import recipe_collator

@@ -662,7 +662,7 @@ def measure_generation(accelerator, recipe, arch: str, args: argparse.Namespace)
 def worker_measure(args: argparse.Namespace) -> None:
     """One strategy: full and LoRA (and generation under DDP); each part's failure is a result."""
     maybe_hang(args.strategy)
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank.distributed import build_accelerator
 
     recipe = read_run_recipe(args.run_dir)

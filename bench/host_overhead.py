@@ -121,7 +121,7 @@ def plain(model_dir: Path, lr: float) -> Contender:
 
 
 def product_recipe(model_dir: Path, lr: float):
-    from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+    from launcher.core.recipe_loading import build_recipe, default_recipe_path, load_recipe
 
     raw = load_recipe(default_recipe_path("full")).model_dump(mode="json")
     raw["model"].update(name=str(model_dir), precision="bf16")

@@ -136,7 +136,7 @@ def measure(model, optimizer, accelerator) -> dict:
 def worker(run_dir: Path) -> None:
     import torch
 
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank.distributed import build_accelerator, uses_deepspeed
     from launcher.rank.model import build_model, count_parameters
     from launcher.rank.optimization import build_optimizer

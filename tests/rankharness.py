@@ -244,7 +244,7 @@ def run_ranks(
     console output goes to stdout and logs/launcher.log as under the supervisor. ``env``: the
     environment command.sh runs in, the supervisor's (``supervise.child_env``) unless given (a
     test of command.sh started without ftlaunch, as an srun step starts it)."""
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.core.rundir import RunDir
     from launcher.host import supervise
 

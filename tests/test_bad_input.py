@@ -924,7 +924,7 @@ def write_checkpoint(output: Path, step: int) -> Path:
     from dataclasses import asdict
 
     from launcher.core.checkpoint import STATE_FILE, expected_state, write_manifest
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
 
     recipe = read_run_recipe(output)
     state = expected_state(recipe, recipe.launch.world_size)

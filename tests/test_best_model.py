@@ -17,7 +17,7 @@ from conftest import read_jsonl, run_cli_harness, save_tiny_t5, set_refused
 from safetensors.torch import load_file
 
 from launcher.core.checkpoint import TrainState
-from launcher.core.recipe import build_recipe
+from launcher.core.recipe_loading import build_recipe
 from launcher.rank import best
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"
@@ -362,7 +362,7 @@ def test_the_model_card_says_which_step_final_holds_and_why_training_stopped_ear
     """The card's training facts name what the report names (metrics.jsonl's best_step and
     early_stop markers), not only the step training ended at."""
     from launcher.core.model_settings import inference_settings
-    from launcher.core.recipe import dump_recipe
+    from launcher.core.recipe_loading import dump_recipe
     from launcher.results.card import render_card
 
     run_dir = tmp_path / "run"

@@ -20,7 +20,7 @@ from tiny_families import SAMPLE, save_tiny
 
 from launcher.core.dialogues import load_split
 from launcher.core.errors import UserError
-from launcher.core.recipe import build_recipe
+from launcher.core.recipe_loading import build_recipe
 from launcher.results.rouge import ROUGE_TYPES, score_rouge
 
 TARGETS = ["notes", "notes_2", "notes_3"]

@@ -286,7 +286,7 @@ def test_zero_auto_keeps_the_users_offload_and_picks_the_stage(tmp_path, offload
     Before, the offload was checked against DDP (the recipe's zero 0) and refused."""
     from conftest import run_cli_in_process
 
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
 
     out = tmp_path / "run"
     result = run_cli_in_process(

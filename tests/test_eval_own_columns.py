@@ -20,7 +20,7 @@ from conftest import run_cli_in_process, save_tiny_t5
 from launcher.core.dialogues import dataset_dir
 from launcher.core.jsonl import read_jsonl, write_jsonl
 from launcher.core.model_settings import write_inference_settings
-from launcher.core.recipe import read_run_recipe
+from launcher.core.recipe_loading import read_run_recipe
 
 COLUMNS = ("--set", "data.source_field=conversation", "--set", "data.target_field=[notes, notes_2]")
 TINY = ("--cpu", "--model", "tiny-t5")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, save_tiny_t5
 
-from launcher.core.recipe import default_recipe_path, load_recipe
+from launcher.core.recipe_loading import default_recipe_path, load_recipe
 from launcher.host.supervise import Job, decide
 
 SAMPLE = Path(__file__).resolve().parents[1] / "launcher" / "assets" / "sample"

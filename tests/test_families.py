@@ -218,7 +218,7 @@ def test_t5_family_is_recognised_by_model_type_then_by_name(model_type, name, t5
 
 
 def test_fp16_is_refused_for_a_local_mt5_and_allowed_for_bart(tmp_path):
-    from launcher.core.recipe import build_recipe
+    from launcher.core.recipe_loading import build_recipe
 
     for model_type in ("mt5", "bart"):
         tiny_config(model_type).save_pretrained(tmp_path / model_type)

@@ -39,7 +39,7 @@ from conftest import REPO, assert_same_final_weights, cli_env, read_jsonl, run_c
 
 from launcher.core.history import segments
 from launcher.core.ranklog import read_failures
-from launcher.core.recipe import read_run_recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.results.card import training_facts
 from launcher.results.report import history_notes
 

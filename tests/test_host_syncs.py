@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli_in_process
 
-from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe_loading import build_recipe, default_recipe_path, load_recipe
 from launcher.rank import distributed, loaders, optimization, stopping, train
 
 

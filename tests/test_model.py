@@ -67,7 +67,7 @@ def test_the_recipes_generation_controls_change_what_generate_does():
     from transformers import AutoTokenizer
 
     from launcher.core.paths import TINY_TOKENIZER_DIR
-    from launcher.core.recipe import build_recipe
+    from launcher.core.recipe_loading import build_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
     model = build_tiny_t5(len(tokenizer)).eval()
@@ -98,7 +98,7 @@ def test_gradient_checkpointing_recomputes_each_block_in_backward():
     from transformers import AutoTokenizer
 
     from launcher.core.paths import TINY_TOKENIZER_DIR
-    from launcher.core.recipe import build_recipe
+    from launcher.core.recipe_loading import build_recipe
     from launcher.rank.model import build_model, checkpointed_layers
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from launcher.core.errors import UserError
-from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe_loading import build_recipe, default_recipe_path, load_recipe
 from launcher.host.options import EvalOptions, Offload, TrainOptions, eval_recipe, train_recipe
 from launcher.host.sweep import point_recipe
 from launcher.host.sweep_manifest import Point

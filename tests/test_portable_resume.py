@@ -192,7 +192,7 @@ def test_converted_moments_equal_the_originals_parameter_by_parameter(runs, stra
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from launcher.core import checkpoint as ckpt
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank import portable
     from launcher.rank.model import build_model, load_tokenizer
 

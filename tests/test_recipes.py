@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO
 
 from launcher.core.errors import UserError
-from launcher.core.recipe import Recipe, default_recipe_path, dump_recipe, load_recipe
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import default_recipe_path, dump_recipe, load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 SEED_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
@@ -300,7 +301,7 @@ def test_valid_offload_combinations(zero: int, offload: str):
 
 
 def test_every_recipe_key_has_a_description():
-    from launcher.core.recipe import recipe_keys
+    from launcher.core.recipe_loading import recipe_keys
 
     keys = recipe_keys()
     assert len(keys) == sum(len(field.annotation.model_fields) for field in Recipe.model_fields.values())
@@ -309,7 +310,7 @@ def test_every_recipe_key_has_a_description():
 
 
 def test_readme_key_table_is_the_schemas():
-    from launcher.core.recipe import keys_markdown
+    from launcher.core.recipe_loading import keys_markdown
 
     text = (REPO / "README.md").read_text()
     begin, end = "<!-- recipe-keys:begin -->\n", "<!-- recipe-keys:end -->"
@@ -324,7 +325,7 @@ def test_readme_key_table_is_the_schemas():
 def test_recipe_keys_command_lists_every_key_with_its_default():
     from conftest import run_cli_in_process
 
-    from launcher.core.recipe import recipe_keys
+    from launcher.core.recipe_loading import recipe_keys
 
     result = run_cli_in_process("recipe", "keys")
     assert result.returncode == 0, result.stderr

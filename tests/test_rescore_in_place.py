@@ -28,7 +28,8 @@ from test_no_clobber import SCORES, finished_run
 
 from launcher.core.dialogues import dataset_dir
 from launcher.core.jsonl import read_jsonl, write_jsonl
-from launcher.core.recipe import GENERATION_KEYS, read_run_recipe
+from launcher.core.recipe import GENERATION_KEYS
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.rank.evaluation import EVAL_INPUTS, current_eval_inputs, eval_rows, rescore_reason, run_info
 from launcher.results.rouge import ROUGE_TYPES
 from launcher.results.scoring import score_predictions

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import run_cli_in_process
 
 from launcher.core import checkpoint as ckpt
-from launcher.core.recipe import read_run_recipe
+from launcher.core.recipe_loading import read_run_recipe
 
 COMMON = ("--cpu", "--model", "tiny-t5", "--data", "sample", "--set", "train.micro_batch_size=4")
 

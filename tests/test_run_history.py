@@ -9,7 +9,7 @@ import json
 import pytest
 
 from launcher.core.history import history_lines, segment_row, segments, strategy_label
-from launcher.core.recipe import default_recipe_path, load_recipe
+from launcher.core.recipe_loading import default_recipe_path, load_recipe
 from launcher.results.report import history_notes
 
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import run_cli_in_process
 from test_sweep import fake_run, write_lora_r_manifest
 
-from launcher.core.recipe import read_run_recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.host.sweep import is_done
 from launcher.results.report import eval_scores_problem

@@ -14,7 +14,8 @@ import pytest
 from conftest import read_jsonl, run_cli_harness, set_refused
 from test_update_once import scheduled_lrs
 
-from launcher.core.recipe import SCHEDULE_OPTIONS, TrainSection, build_recipe
+from launcher.core.recipe import SCHEDULE_OPTIONS, TrainSection
+from launcher.core.recipe_loading import build_recipe
 
 TOTAL, WARMUP = 12, 2
 
@@ -143,7 +144,7 @@ def test_schedule_options_set_one_by_one_reach_the_ranks_learning_rate(tmp_path)
     expected = [peak * e if t < WARMUP else e for t, e in enumerate(expected)] + [lr_end]
     assert [logged[step] for step in range(1, TOTAL + 1)] == pytest.approx(expected[1:], rel=1e-6)
     # the model card's learning-rate line (written with the final evaluation, off here)
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.results.card import schedule_label
 
     assert schedule_label(read_run_recipe(out)) == "polynomial, lr_end 0.0001, power 3"

@@ -24,7 +24,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launcher.core.recipe import LoraSection, build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe import LoraSection
+from launcher.core.recipe_loading import build_recipe, default_recipe_path, load_recipe
 from launcher.rank import optimization, train
 from launcher.rank.model import (
     apply_lora,

@@ -22,7 +22,7 @@ from test_bad_input import no_launch  # noqa: F401 - a fixture
 from test_no_clobber import finished_run
 
 from launcher.core.errors import EXIT_INTERRUPTED
-from launcher.core.recipe import read_run_recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.host.supervise import decide, launcher_log_path
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from launcher.core.recipe import build_recipe, default_recipe_path, load_recipe
+from launcher.core.recipe_loading import build_recipe, default_recipe_path, load_recipe
 from launcher.rank import train
 from launcher.rank.distributed import build_accelerator
 from launcher.rank.loaders import build_collator

@@ -254,7 +254,7 @@ def disk_full_message(run_dir: Path, step: int) -> str:
     previous = find_latest_checkpoint(run_dir, checksums=False)
     needed = manifest_bytes(previous) if previous else None
     if needed is None:
-        from launcher.core.recipe import read_run_recipe
+        from launcher.core.recipe_loading import read_run_recipe
 
         with contextlib.suppress(Exception):
             needed = diskspace.estimate_checkpoint_bytes(read_run_recipe(run_dir))

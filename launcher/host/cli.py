@@ -89,7 +89,7 @@ def default_output(method: str, model: str) -> Path:
 
 def key_help(flag: str, extra: str = "") -> str:
     """A flag's help: the description of the recipe key it sets (launcher/core/recipe.py), and the key."""
-    from launcher.core.recipe import key_description
+    from launcher.core.recipe_loading import key_description
 
     key = FLAG_KEYS[flag]
     return f"{key_description(key).rstrip('.')}{extra} (recipe key {key})"
@@ -391,7 +391,7 @@ def supervise_command(
 ) -> None:
     """Run RUN/command.sh on this node as `ftlaunch` does (the SLURM job scripts' srun task)."""
     from launcher.core.diskspace import check_free_space
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.host import launch
 
     run_dir = run_dir.expanduser().resolve()
@@ -556,7 +556,7 @@ def recipe_keys_command(
     debug: bool = DebugOption,
 ) -> None:
     """Every recipe key: type, default and description (from the schema in launcher/core/recipe.py)."""
-    from launcher.core.recipe import keys_markdown, recipe_keys
+    from launcher.core.recipe_loading import keys_markdown, recipe_keys
 
     if markdown:
         typer.echo(keys_markdown(), nl=False)
@@ -578,7 +578,7 @@ def recipe_validate_command(
     debug: bool = DebugOption,
 ) -> None:
     """Check a recipe (with --set overrides) against the schema: one line OK, or the error (exit 2)."""
-    from launcher.core.recipe import load_recipe
+    from launcher.core.recipe_loading import load_recipe
 
     recipe = load_recipe(path, overrides)
     typer.echo(f"OK: {path} is a valid {recipe.train.method} recipe")

@@ -28,7 +28,8 @@ from launcher.core.model_facts import model_facts
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import check_hub_id, is_local_reference, shadowed_hub_id
 from launcher.core.prompt_room import check_prompt_room_on_host
-from launcher.core.recipe import EMBEDDED_MODEL, Recipe, dump_recipe, read_run_recipe
+from launcher.core.recipe import EMBEDDED_MODEL, Recipe
+from launcher.core.recipe_loading import dump_recipe, read_run_recipe
 from launcher.core.rundir import LOCK_FILE, RENDERED_FILES, RunDir, SweepDir
 from launcher.core.trackers import check_trackers_installed, check_tracking_server
 from launcher.core.writable import check_writable_dir

@@ -120,7 +120,12 @@ def train_recipe(method: str, options: TrainOptions):
     """The validated recipe `ftlaunch full|lora` runs with these options: the recipe file, its --set
     overrides, then the flags; and the --zero auto note (or None). `ftlaunch sweep` builds each of
     its points here too."""
-    from launcher.core.recipe import absolute_local_paths, build_recipe, default_recipe_path, load_recipe_data
+    from launcher.core.recipe_loading import (
+        absolute_local_paths,
+        build_recipe,
+        default_recipe_path,
+        load_recipe_data,
+    )
 
     path = options.recipe_path or default_recipe_path(method)
     raw, overridden = load_recipe_data(path, list(options.overrides))
@@ -186,7 +191,7 @@ def eval_recipe(options: EvalOptions):
     is prompted and decoded as its own evaluation was, and its own dataset is read through its
     columns), its --set overrides, then the flags (one model on one split)."""
     from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
-    from launcher.core.recipe import (
+    from launcher.core.recipe_loading import (
         absolute_local_paths,
         apply_overrides,
         build_recipe,
@@ -261,7 +266,7 @@ def run_recipe_columns(folder: Path) -> tuple[str | None, dict[str, Any]]:
     """data.dataset and the column keys of the recipe of the run whose final/ is ``folder``
     ((None, {}) for any other folder, or a recipe that cannot be read: only a hint here)."""
     from launcher.core.model_settings import COLUMN_KEYS
-    from launcher.core.recipe import read_yaml_mapping
+    from launcher.core.recipe_loading import read_yaml_mapping
     from launcher.core.rundir import RunDir
 
     run = RunDir(folder.parent)

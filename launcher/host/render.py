@@ -21,7 +21,8 @@ from launcher.core.atomic import write_text_atomic
 from launcher.core.errors import UserError
 from launcher.core.model_facts import model_facts
 from launcher.core.paths import project_dir
-from launcher.core.recipe import Recipe, dump_recipe
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import dump_recipe
 from launcher.core.rundir import RunDir
 
 DEFAULT_PORT = 29500

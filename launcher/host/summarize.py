@@ -27,13 +27,8 @@ from launcher.core.model_settings import SETTINGS_FILE, apply_inference_settings
 from launcher.core.modelfiles import check_model_files
 from launcher.core.paths import is_local_reference
 from launcher.core.prompt_room import check_prompt_room_on_host
-from launcher.core.recipe import (
-    Recipe,
-    apply_overrides,
-    build_recipe,
-    default_recipe_path,
-    read_yaml_mapping,
-)
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import apply_overrides, build_recipe, default_recipe_path, read_yaml_mapping
 from launcher.core.rundir import RunDir
 from launcher.core.writable import check_writable_file, same_file
 
@@ -355,7 +350,7 @@ def summarize(
 
 
 def rank_main(work_dir: Path) -> int:
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
 
     recipe = read_run_recipe(work_dir)
     rows = read_jsonl(work_dir / INPUTS_FILE)

@@ -37,7 +37,8 @@ from launcher.core.ranklog import (
     rank_log_path,
     read_failures,
 )
-from launcher.core.recipe import Recipe, read_run_recipe
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.host import runlock
 from launcher.host.render import EVAL_MODULE, MACHINE_RANK_ENV, SUMMARIZE_MODULE, rendered_module

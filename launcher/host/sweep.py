@@ -363,7 +363,7 @@ def task_args(sweep: Sweep, options: dict[str, Any], point: Point, recipe) -> li
     """The `ftlaunch METHOD` arguments of the point's array task, after slurm/common.sh's own
     (--nodes, --gpus, --output, --resume auto): the recipe, the point's values and its GPU count
     come last, so they win over the job's defaults."""
-    from launcher.core.recipe import default_recipe_path
+    from launcher.core.recipe_loading import default_recipe_path
 
     recipe_args = [] if options["recipe_path"] else ["--recipe", str(default_recipe_path(sweep.method))]
     return [

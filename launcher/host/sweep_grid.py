@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from launcher.core.errors import UserError
-from launcher.core.recipe import load_yaml, yaml_error_line
+from launcher.core.recipe_loading import load_yaml, yaml_error_line
 
 # A point: recipe key (dotted) -> value text, in the order of the keys.
 Values = dict[str, str]

@@ -16,7 +16,8 @@ from typing import Any
 
 from launcher.core.errors import EXIT_INTERRUPTED, UserError
 from launcher.core.jsonl import read_jsonl_partial
-from launcher.core.recipe import Recipe, read_run_recipe
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir, SweepDir
 from launcher.host.sweep_grid import short_keys
 from launcher.host.sweep_manifest import Point, Sweep, read_status, read_sweep

@@ -23,7 +23,8 @@ import torch
 from launcher.core.dialogues import load_data_split
 from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import write_jsonl
-from launcher.core.recipe import GENERATION_KEYS, MEASUREMENT_KEYS, Recipe, read_run_recipe
+from launcher.core.recipe import GENERATION_KEYS, MEASUREMENT_KEYS, Recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import ResultDir, RunDir
 from launcher.rank.data import build_prompt, check_prompt_room, dealt_generation_batches
 from launcher.rank.distributed import (

@@ -97,7 +97,7 @@ def export_run(run_dir: Path, output: Path, merge: bool, dtype: str) -> Path:
     from launcher.core.errors import UserError
     from launcher.core.model_settings import inference_settings
     from launcher.core.modelfiles import check_model_files
-    from launcher.core.recipe import read_run_recipe
+    from launcher.core.recipe_loading import read_run_recipe
     from launcher.rank.quiet import quiet_libraries
 
     quiet_libraries()

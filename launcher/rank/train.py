@@ -28,7 +28,8 @@ from launcher.core import checkpoint as ckpt
 from launcher.core.errors import EXIT_INTERRUPTED
 from launcher.core.metrics import MetricsLogger, read_metrics
 from launcher.core.ranklog import RESTART_CAUSE_ENV, RESTART_ENV
-from launcher.core.recipe import Recipe, read_run_recipe
+from launcher.core.recipe import Recipe
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.rank import best
 from launcher.rank.data import check_prompt_room, example_lengths, shard_sorted_batches

@@ -18,13 +18,8 @@ from launcher.core.errors import UserError
 from launcher.core.history import history_lines, strategy_label
 from launcher.core.model_settings import read_inference_settings
 from launcher.core.paths import is_local_reference
-from launcher.core.recipe import (
-    EMBEDDED_DATA,
-    EMBEDDED_MODEL,
-    Recipe,
-    read_run_recipe,
-    shown_generation_settings,
-)
+from launcher.core.recipe import EMBEDDED_DATA, EMBEDDED_MODEL, Recipe, shown_generation_settings
+from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import FINETUNED, ORIGINAL, RunDir
 from launcher.results.records import read_checked_metrics, read_json_record, scores_problem
 from launcher.results.report import best_step_marker, best_step_words, early_stop, percent, shown_number

@@ -19,15 +19,8 @@ from launcher.core.dialogues import load_split
 from launcher.core.errors import UserError
 from launcher.core.fingerprint import examples_fingerprint
 from launcher.core.jsonl import read_jsonl
-from launcher.core.recipe import (
-    GENERATION_KEYS,
-    DataSection,
-    EvalSection,
-    Recipe,
-    describe_validation_error,
-    parse_override,
-    read_yaml_mapping,
-)
+from launcher.core.recipe import GENERATION_KEYS, DataSection, EvalSection, Recipe
+from launcher.core.recipe_loading import describe_validation_error, parse_override, read_yaml_mapping
 from launcher.core.rundir import ResultDir, RunDir
 from launcher.core.writable import check_writable_dir, same_file
 from launcher.results.rouge import score_rouge
