@@ -139,6 +139,75 @@ def test_report_to_none_and_lists_resolve(tmp_path):
     assert "report_to: []" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
+# ---------------------------------------------------------------- MLflow's store inside the run
+
+# Folder names a URI would misread: a query, percent escapes (one a URI's own '?'), a fragment,
+# a space, URL delimiters, non-ASCII
+NASTY_NAMES = ["exp?a", "p%41", "q%3Fr", "h#x", "s p", "u@v:w;x=y&z+", "ü-ß", "normal"]
+
+
+@pytest.mark.parametrize("name", NASTY_NAMES)
+def test_the_mlflow_store_uri_names_the_run_s_own_file_for_any_folder_name(tmp_path, name):
+    """SQLAlchemy's own parser reads the store URI back as the exact file in RUN/trackers: an
+    unescaped '?' cut the path (a store beside the run, shared by every run with that prefix) and
+    '%41' was decoded (a folder that does not exist: rank 0 retried for minutes, then failed)."""
+    sqlalchemy_url = pytest.importorskip("sqlalchemy.engine.url")
+    from launcher.core.trackers import sqlite_uri
+
+    db = tmp_path / name / "trackers" / "mlflow.db"
+    url = sqlalchemy_url.make_url(sqlite_uri(db))
+    assert (url.get_backend_name(), url.database, dict(url.query)) == ("sqlite", str(db.resolve()), {})
+
+
+def test_mlflow_keeps_its_store_and_artifacts_in_the_run_s_trackers_folder(tmp_path, monkeypatch):
+    """Through MLflow itself: the store file, and an artifact of the tracker run, land inside
+    RUN/trackers of a run whose name has every character a URI misreads; nothing is made beside
+    the run (MLflow makes a sqlite:/// URI's folder from its undecoded text) nor in the working
+    directory (MLflow's default artifact root is ./mlruns)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from launcher.core.trackers import use_run_mlflow_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "runs" / "e?x%41 #ü" / "trackers"
+    folder.mkdir(parents=True)
+    store = use_run_mlflow_store(folder)
+    client = MlflowClient()  # MLFLOW_TRACKING_URI, as Accelerate's tracker reads it
+    experiment = client.create_experiment("ftlaunch", artifact_location=store["logging_dir"])
+    run = client.create_run(experiment)
+    client.log_text(run.info.run_id, "text", "probe.txt")
+    assert (folder / "mlflow.db").is_file()
+    assert [path.relative_to(folder).parts[0] for path in folder.rglob("probe.txt")] == ["mlartifacts"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == ["e?x%41 #ü"]
+
+
+@pytest.mark.slow
+def test_a_real_run_whose_name_has_a_question_mark_keeps_its_mlflow_store(tmp_path):
+    """The rank's tracker start, end to end: the store is the run's own and holds its loss."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from launcher.core.trackers import sqlite_uri
+
+    env = cli_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run_dir = tmp_path / "runs" / "exp?a%41"
+    args = tiny_args(run_dir, "--report-to", "mlflow", "--set", "train.max_steps=1")
+    result = run_cli_harness(*args, "--set", "eval.after_training=false", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [path.name for path in run_dir.parent.iterdir()] == ["exp?a%41"]
+    db = run_dir / "trackers" / "mlflow.db"
+    client = MlflowClient(tracking_uri=sqlite_uri(db))
+    experiment = client.get_experiment_by_name("ftlaunch")
+    assert experiment.artifact_location == (run_dir / "trackers" / "mlartifacts").as_uri()
+    [run] = client.search_runs([experiment.experiment_id])
+    losses = [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+    assert run.data.metrics["loss"] == pytest.approx(losses[-1])
+
+
 # ---------------------------------------------------------------- a real run on 2 CPU ranks
 
 

@@ -23,6 +23,8 @@ from launcher.core.errors import UserError
 from launcher.core.rundir import RunDir
 
 IDS_FILE = "ids.json"
+MLFLOW_STORE = "mlflow.db"  # MLflow's SQLite store when no MLFLOW_TRACKING_URI is set
+MLFLOW_ARTIFACTS = "mlartifacts"  # that store's artifact root (MLflow's default: ./mlruns of the cwd)
 PROJECT_NAME = (
     "ftlaunch"  # TensorBoard subfolder, MLflow experiment (MLFLOW_EXPERIMENT_NAME wins), W&B project
 )
@@ -88,6 +90,25 @@ def trackers_dir(run_dir: Path) -> Path:
     return RunDir(run_dir).trackers
 
 
+def sqlite_uri(db: Path) -> str:
+    """The SQLAlchemy URI of the SQLite file ``db``, whatever its folders are named: SQLAlchemy ends
+    the path at a ``?`` and percent-decodes it, so the path is percent-encoded. The driver is named
+    (``sqlite+pysqlite``) because MLflow creates the parent folder of a ``sqlite:///`` URI from the
+    URI's text, undecoded (a stray ``exp%3Fa/trackers/`` beside a run named ``exp?a``)."""
+    return "sqlite+pysqlite:///" + urllib.parse.quote(str(db.resolve()))
+
+
+def use_run_mlflow_store(folder: Path) -> dict[str, str]:
+    """Point MLflow at a SQLite store in ``folder`` (RUN/trackers) unless the user set a tracking
+    URI; returns the MLflow tracker's extra start arguments: the run's own store keeps its
+    artifacts beside it (as a file URI: a plain path would be percent-decoded too), a store the
+    user named keeps its own artifact root."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return {}
+    os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(folder / MLFLOW_STORE)
+    return {"logging_dir": (folder / MLFLOW_ARTIFACTS).resolve().as_uri()}
+
+
 def flat_config(recipe_dict: dict[str, Any]) -> dict[str, Any]:
     """The resolved recipe as ``section.key: scalar`` (what every tracker accepts as a parameter)."""
     flat: dict[str, Any] = {}
@@ -109,17 +130,26 @@ def read_ids(run_dir: Path) -> dict[str, str]:
 
 
 def init_kwargs(
-    names: list[str], run_dir: Path, ids: dict[str, str], resume_step: int | None
+    names: list[str],
+    run_dir: Path,
+    ids: dict[str, str],
+    resume_step: int | None,
+    mlflow_store: dict[str, str] | None = None,
 ) -> dict[str, dict]:
     """Per-tracker start arguments: the same run again when resuming (``resume_step``: the
-    checkpoint's step; None: a fresh start), local files under RUN/trackers."""
+    checkpoint's step; None: a fresh start), local files under RUN/trackers (``mlflow_store``:
+    use_run_mlflow_store's arguments)."""
     kwargs: dict[str, dict] = {}
     if "tensorboard" in names:
         # events from step resume_step + 1 on are dropped: the resumed run logs them again; a fresh
         # start drops all, step 0's too (an earlier attempt's evaluation on start)
         kwargs["tensorboard"] = {"purge_step": 0 if resume_step is None else resume_step + 1}
     if "mlflow" in names:
-        kwargs["mlflow"] = {"run_name": run_dir.name, "run_id": ids.get("mlflow") if resume_step else None}
+        kwargs["mlflow"] = {
+            "run_name": run_dir.name,
+            "run_id": ids.get("mlflow") if resume_step else None,
+            **(mlflow_store or {}),
+        }
     if "wandb" in names:
         run_id = ids.get("wandb") if resume_step and ids.get("wandb") else uuid.uuid4().hex[:12]
         kwargs["wandb"] = {
@@ -140,15 +170,16 @@ def start_trackers(accelerator, recipe, run_dir: Path, resume_step: int | None) 
     if not names:
         return
     folder = trackers_dir(run_dir)
+    mlflow_store: dict[str, str] = {}
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        # MLflow: a tracking server the user points at, else a SQLite store inside the run.
-        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(folder / 'mlflow.db').resolve()}")
+        if "mlflow" in names:  # a tracking server the user points at, else a store inside the run
+            mlflow_store = use_run_mlflow_store(folder)
     ids = read_ids(run_dir)
     accelerator.init_trackers(
         project_name(names),
         config=flat_config(recipe.model_dump(mode="json")),
-        init_kwargs=init_kwargs(names, run_dir, ids, resume_step),
+        init_kwargs=init_kwargs(names, run_dir, ids, resume_step, mlflow_store),
     )
     if accelerator.is_main_process:
         kept = {}
