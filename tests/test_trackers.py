@@ -280,3 +280,156 @@ def test_trackers_receive_the_run_and_a_resume_continues_the_same_tracker_run(tm
     scalars = tensorboard_scalars(run_dir / "trackers" / "dialogsum-ft", "loss")
     assert [step for step, _ in scalars] == sorted(logged)
     assert [value for _, value in scalars] == pytest.approx(list(logged.values()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- a resume that rewinds
+
+
+def test_a_resume_continues_the_tracker_run_unless_it_rewinds_past_its_steps(tmp_path):
+    """Which MLflow / W&B run a start logs to: a plain resume (nothing logged after its checkpoint)
+    the earlier one, unrenamed; a resume before steps the earlier attempts logged (an older
+    checkpoint, a restart after a crash past the newest) a new one named after the checkpoint, W&B's
+    with notes naming the earlier run; a fresh start a new one, as before."""
+    from launcher.core.trackers import Rewind, init_kwargs, rewind_of
+
+    rows = [
+        {"step": 0, "segment": 1, "start": "fresh"},
+        *({"step": step, "loss": 7.0 - step / 10} for step in (1, 2, 3, 4)),
+        {"step": 4, "val_loss": 6.5, "final": True},
+    ]
+    assert [rewind_of(rows, step) for step in (None, 4, 3, 2)] == [None, None, Rewind(3, 4), Rewind(2, 4)]
+    assert rewind_of([*rows[:3], {"step": 3, "early_stop": "no better"}], 2) is None  # nothing tracked
+    ids, names, run_dir = {"mlflow": "m1", "wandb": "w1"}, ["mlflow", "wandb"], tmp_path / "run"
+
+    plain = init_kwargs(names, run_dir, ids, 4, rewind=rewind_of(rows, 4))
+    assert (plain["mlflow"]["run_id"], plain["mlflow"]["run_name"]) == ("m1", None)
+    assert plain["wandb"]["id"] == "w1" and "name" not in plain["wandb"]
+
+    rewound = init_kwargs(names, run_dir, ids, 2, rewind=rewind_of(rows, 2))
+    assert (rewound["mlflow"]["run_id"], rewound["mlflow"]["run_name"]) == (None, "run (resumed from step 2)")
+    assert rewound["wandb"]["id"] != "w1" and rewound["wandb"]["name"] == "run (resumed from step 2)"
+    assert rewound["wandb"]["tags"] == ["resumed-from-step-2"]
+    assert "W&B run w1 holds the abandoned steps 3-4" in rewound["wandb"]["notes"]
+
+    unknown = init_kwargs(names, run_dir, {}, 2, rewind=rewind_of(rows, 2))  # no earlier run to name
+    assert (unknown["mlflow"]["run_name"], unknown["wandb"]["name"]) == ("run", "run")
+    assert "notes" not in unknown["wandb"]
+
+    fresh = init_kwargs(names, run_dir, ids, None)
+    assert (fresh["mlflow"]["run_id"], fresh["mlflow"]["run_name"], fresh["wandb"]["name"]) == (
+        None,
+        "run",
+        "run",
+    )
+    assert fresh["wandb"]["id"] != "w1" and "notes" not in fresh["wandb"]
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (``run-ID.wandb``: LevelDB's log format of W&B's protobuf
+    Records, which the offline runs write and ``wandb sync`` uploads)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    position, parts = 7, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header: padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        parts += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def wandb_history(folder: Path) -> tuple[object, list[int]]:
+    """An offline W&B run's run record and the step of each of its history rows."""
+    [path] = folder.glob("run-*.wandb")
+    records = list(wandb_records(path))
+    [run] = [record.run for record in records if record.HasField("run")]
+    return run, [record.history.step.num for record in records if record.HasField("history")]
+
+
+def points_per_step(client, run_id: str) -> dict[str, list[int]]:
+    """Each metric of an MLflow run: the step of each of its points."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: [point.step for point in client.get_metric_history(run_id, key)] for key in keys}
+
+
+@pytest.mark.slow
+def test_a_resume_that_rewinds_continues_in_a_new_mlflow_and_wandb_run(tmp_path):
+    """A plain resume (the newest checkpoint, nothing logged after it) appends to the same MLflow
+    and W&B runs. A resume from an older checkpoint, before steps the tracker runs hold, starts new
+    ones (named and tagged after the checkpoint and the earlier run) that get the kept steps
+    first: no MLflow run holds two points at one step (MLflow kept both; W&B would have ignored
+    the re-trained steps), and the new run's loss curve is metrics.jsonl's."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+    from test_training import interrupt_after
+
+    from launcher.core.trackers import sqlite_uri
+
+    env = cli_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
+        env.pop(name, None)
+    run_dir = tmp_path / "run"
+    args = tiny_args(
+        run_dir, "--report-to", "tensorboard,mlflow,wandb",
+        "--set", "train.max_steps=6", "--set", "train.checkpoint_every=2",
+    )  # fmt: skip
+    stopped = interrupt_after(run_dir, args, step=3, env=env)
+    assert stopped.returncode != 0 and (run_dir / "INTERRUPTED").is_file(), stopped.stdout[-3000:]
+    first = json.loads((run_dir / "trackers" / "ids.json").read_text())
+    resumed = run_cli_harness(*args, "--resume", "auto", env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert json.loads((run_dir / "trackers" / "ids.json").read_text()) == first  # the same runs
+    assert "note: resuming from step" not in resumed.stdout + resumed.stderr
+
+    rewound = run_cli_harness(*args, "--resume", str(run_dir / "checkpoints" / "step_4"), env=env)
+    assert rewound.returncode == 0, rewound.stdout[-3000:] + rewound.stderr[-6000:]
+    output = rewound.stdout + rewound.stderr
+    assert "resuming from step 4 rewinds past steps 5-6, which the earlier MLflow and W&B runs" in output
+    ids = json.loads((run_dir / "trackers" / "ids.json").read_text())
+    assert ids["mlflow"] != first["mlflow"] and ids["wandb"] != first["wandb"]
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    logged = {row["step"]: row["loss"] for row in metrics if "loss" in row}
+    assert list(logged) == [1, 2, 3, 4, 5, 6]
+    client = MlflowClient(tracking_uri=sqlite_uri(run_dir / "trackers" / "mlflow.db"))
+    experiment = client.get_experiment_by_name("ftlaunch")
+    assert {run.info.run_id for run in client.search_runs([experiment.experiment_id])} == {
+        first["mlflow"],
+        ids["mlflow"],
+    }
+    for run_id in (first["mlflow"], ids["mlflow"]):
+        for key, steps in points_per_step(client, run_id).items():
+            assert len(steps) == len(set(steps)), (run_id, key, steps)
+    new = client.get_run(ids["mlflow"])
+    assert new.info.run_name == "run (resumed from step 4)"
+    assert new.data.tags["ftlaunch.resumed_from_step"] == "4"
+    assert new.data.tags["ftlaunch.earlier_run_id"] == first["mlflow"]
+    curve = {point.step: point.value for point in client.get_metric_history(ids["mlflow"], "loss")}
+    assert curve == pytest.approx(logged, rel=1e-6)  # steps 1-4 copied in, 5-6 this attempt's
+    rouge = json.loads((run_dir / "report" / "rouge.json").read_text())["finetuned"]
+    assert new.data.metrics["rouge/finetuned/rougeLsum"] == pytest.approx(rouge["rougeLsum"])
+    assert client.get_run(first["mlflow"]).info.run_name == "run"  # the plain resume kept its name
+
+    # W&B offline: the rewinding attempt's run is a new one, every step once; the earlier run's
+    # attempts (the interrupted one and its plain resume) share one id
+    offline = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*"))
+    assert [path.name[-12:] for path in offline] == [first["wandb"]] * 2 + [ids["wandb"]]
+    run, steps = wandb_history(offline[-1])
+    assert run.display_name == "run (resumed from step 4)" and first["wandb"] in run.notes
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and set(logged) <= set(steps)
+
+    # TensorBoard (one writer over all attempts): each step once, the last attempt's values
+    scalars = tensorboard_scalars(run_dir / "trackers" / "ftlaunch", "loss")
+    assert [step for step, _ in scalars] == list(logged)
+    assert [value for _, value in scalars] == pytest.approx(list(logged.values()), rel=1e-6)

@@ -16,7 +16,7 @@ from typing import Any
 
 from launcher.core.jsonl import read_jsonl
 from launcher.core.rundir import RunDir
-from launcher.core.trackers import scalars, start_trackers
+from launcher.core.trackers import rewind_of, scalars, start_trackers
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -53,10 +53,11 @@ class MetricsLogger:
         self.accelerator = accelerator
         self.path = RunDir(run_dir).metrics
         self.enabled = accelerator.is_main_process
+        earlier = read_metrics(run_dir) if self.enabled else []
+        kept = kept_rows(earlier, resume_step)
         if self.enabled and self.path.exists():
-            kept = kept_rows(read_metrics(run_dir), resume_step)
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        start_trackers(accelerator, recipe, run_dir, resume_step)
+        start_trackers(accelerator, recipe, run_dir, resume_step, kept, rewind_of(earlier, resume_step))
 
     def log(self, row: dict[str, Any], untracked: tuple[str, ...] = ()) -> None:
         """One metrics.jsonl line; its numbers, less the keys ``untracked`` (a value the trackers
