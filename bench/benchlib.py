@@ -241,6 +241,33 @@ def check(record: RunRecord, what: str) -> RunRecord:
     return record
 
 
+def run_rank_workers(script: str, run_dir: Path, env: dict[str, str], results: str, what: str) -> list[dict]:
+    """``accelerate launch --config_file RUN/accelerate.yaml SCRIPT --worker --run-dir RUN`` (the
+    configs ftlaunch rendered there), then the JSON file each of its 2 ranks wrote (``results``: a
+    glob in RUN, e.g. ``memory-rank*.json``), in rank order."""
+    import json
+
+    record = check(
+        run_measured(
+            accelerate_cmd(
+                "--config_file",
+                str(run_dir / "accelerate.yaml"),
+                script,
+                "--worker",
+                "--run-dir",
+                str(run_dir),
+            ),
+            env,
+            timeout=600,
+        ),
+        f"{what} worker",
+    )
+    found = [json.loads(path.read_text()) for path in sorted(run_dir.glob(results))]
+    if len(found) != 2:
+        raise SystemExit(f"{what}: expected 2 ranks' results, got {len(found)}\n{record.stdout[-3000:]}")
+    return sorted(found, key=lambda r: r["rank"])
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")

@@ -132,25 +132,7 @@ def run_contender(label: str, flags: tuple[str, ...], gather: str, args) -> list
         ),
         f"render {label}",
     )
-    record = bl.check(
-        bl.run_measured(
-            bl.accelerate_cmd(
-                "--config_file",
-                str(out / "accelerate.yaml"),
-                str(Path(__file__).resolve()),
-                "--worker",
-                "--run-dir",
-                str(out),
-            ),
-            env,
-            timeout=600,
-        ),
-        f"{label} worker",
-    )
-    results = [json.loads(path.read_text()) for path in sorted(out.glob("generation-rank*.json"))]
-    if len(results) != 2:
-        raise SystemExit(f"{label}: expected 2 ranks' results, got {len(results)}\n{record.stdout[-3000:]}")
-    return sorted(results, key=lambda r: r["rank"])
+    return bl.run_rank_workers(str(Path(__file__).resolve()), out, env, "generation-rank*.json", label)
 
 
 def report(results: dict[str, list[dict]], args) -> str:

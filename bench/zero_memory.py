@@ -241,27 +241,7 @@ def run_stage(stage: int, args, variant: str = "as rendered") -> list[dict]:
         args.auto_buckets[stage] = size_buckets(out / "deepspeed.json", args.d_model)
     for old in out.glob("memory-rank*.json"):
         old.unlink()
-    record = bl.check(
-        bl.run_measured(
-            bl.accelerate_cmd(
-                "--config_file",
-                str(out / "accelerate.yaml"),
-                str(Path(__file__).resolve()),
-                "--worker",
-                "--run-dir",
-                str(out),
-            ),
-            env,
-            timeout=600,
-        ),
-        f"zero {stage} worker",
-    )
-    results = [json.loads(path.read_text()) for path in sorted(out.glob("memory-rank*.json"))]
-    if len(results) != 2:
-        raise SystemExit(
-            f"zero {stage}: expected 2 ranks' results, got {len(results)}\n{record.stdout[-3000:]}"
-        )
-    return sorted(results, key=lambda r: r["rank"])
+    return bl.run_rank_workers(str(Path(__file__).resolve()), out, env, "memory-rank*.json", f"zero {stage}")
 
 
 def main(argv: list[str] | None = None) -> None:
