@@ -88,6 +88,7 @@ class TrainState:
 
 
 SHAPE_FIELDS = ("world_size", "grad_accum", "micro_batch_size", "micro_batch_tokens")
+BATCH_FIELDS = ("grad_accum", "micro_batch_size", "micro_batch_tokens")  # what auto_find_batch_size changes
 IDENTITY_FIELDS = ("model", "tokenizer", "data", "validation", "method", "lora")
 
 
@@ -483,11 +484,15 @@ def read_state(checkpoint: Path) -> TrainState:
     return state
 
 
-def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False) -> None:
+def check_compatible(
+    saved: TrainState, current: TrainState, checkpoint: Path, force: bool = False, accept_batch: bool = False
+) -> None:
     """Refuse to resume a checkpoint written by a run of another shape (DeepSpeed #3810) or one that
     trains something else (another model, tokenizer, training or validation data, method or LoRA
     shape). ``force`` (--force-resume) accepts all of these but the trained weights' own layout
-    (another method or LoRA shape), which no rank could load."""
+    (another method or LoRA shape), which no rank could load. ``accept_batch`` accepts another
+    micro batch, token budget and accumulation only (the supervisor's smaller micro batch,
+    train.auto_find_batch_size)."""
     unloadable = unloadable_changes(saved, current)
     if unloadable:
         raise UserError(
@@ -529,6 +534,7 @@ def check_compatible(saved: TrainState, current: TrainState, checkpoint: Path, f
         if getattr(saved, name) != getattr(current, name)
         and (name != "strategy" or saved.strategy)
         and name not in moved
+        and not (accept_batch and name in BATCH_FIELDS)
     ]
     if problems:
         raise UserError(

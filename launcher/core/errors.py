@@ -37,6 +37,16 @@ class Diverged(RunFailure):
     then on; its message starts with DIVERGED, which the supervisor's advice keys on."""
 
 
+class OutOfMemory(RunFailure):
+    """A training step ran out of GPU memory (rank/out_of_memory.py): the rank records the batch shape
+    it happened at (``shape``: micro_batch_size, micro_batch_tokens, grad_accum), from which the
+    supervisor continues with a smaller micro batch under train.auto_find_batch_size."""
+
+    def __init__(self, message: str, shape: dict[str, int | None]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
 DIVERGED = "training diverged"
 
 EXIT_CRASHED = 1

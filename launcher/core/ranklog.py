@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from launcher.core.atomic import write_text_atomic
-from launcher.core.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE, RunFailure, UserError
+from launcher.core.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE, OutOfMemory, RunFailure, UserError
 from launcher.core.rundir import RunDir
 
 # Set by the supervisor for its child: it prints the failure summary, so the ranks need not.
@@ -163,9 +163,12 @@ class Failure:
     exit_code: int
     error: str  # one line: the last line of the traceback, or the message
     log: str
+    # A training step that ran out of GPU memory: the batch shape it ran at (errors.OutOfMemory.shape),
+    # which the supervisor halves under train.auto_find_batch_size; None for every other failure.
+    out_of_memory: dict | None = None
 
 
-def record_failure(run_dir: Path, exit_code: int, error: str) -> Failure:
+def record_failure(run_dir: Path, exit_code: int, error: str, out_of_memory: dict | None = None) -> Failure:
     """Write this rank's failure record (best effort: a full disk may refuse even this)."""
     me = where()
     failure = Failure(
@@ -178,6 +181,7 @@ def record_failure(run_dir: Path, exit_code: int, error: str) -> Failure:
         exit_code=exit_code,
         error=error,
         log=str(rank_log_path(run_dir, me.rank)),
+        out_of_memory=out_of_memory,
     )
     path = failure_path(run_dir, me.rank)
     try:
@@ -207,9 +211,9 @@ def last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
 
 
-def fail(run_dir: Path, exit_code: int, error: str) -> int:
+def fail(run_dir: Path, exit_code: int, error: str, out_of_memory: dict | None = None) -> int:
     """Record a failure; without a supervisor, also say it on the console (one line and the log)."""
-    failure = record_failure(run_dir, exit_code, error)
+    failure = record_failure(run_dir, exit_code, error, out_of_memory)
     try:
         print(f"error: {error}", file=sys.stderr, flush=True)
     except OSError:
@@ -246,6 +250,9 @@ def run_rank(run_dir: Path, body: Callable[[], int]) -> int:
         return body()
     except UserError as exc:
         return fail(run_dir, EXIT_USAGE, str(exc))
+    except OutOfMemory as exc:
+        log_traceback()
+        return fail(run_dir, EXIT_CRASHED, str(exc), exc.shape)
     except RunFailure as exc:
         log_traceback()
         return fail(run_dir, EXIT_CRASHED, str(exc))

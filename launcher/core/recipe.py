@@ -201,6 +201,13 @@ class TrainSection(Section):
         "replaces train.micro_batch_size when set (null: fixed micro_batch_size).",
     )
     grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    auto_find_batch_size: bool = Field(
+        False,
+        description="When a training step runs out of GPU memory, continue from the newest intact checkpoint "
+        "with half the micro batch (divided by its smallest factor when odd) and the accumulation multiplied "
+        "to match, so every optimizer step keeps its examples (a token budget: halved, down to the longest "
+        "example); these restarts do not count against launch.max_restarts (one node only).",
+    )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay on matrices (not biases and norms).")
     optimizer: Literal["adamw", "adafactor"] = Field(
@@ -573,6 +580,17 @@ class Recipe(Section):
             raise ValueError(
                 "model.precision=fp16 needs GPU ranks (fp16 autocast and loss scaling are GPU features); "
                 "use bf16 or fp32 with --cpu"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _auto_batch_on_one_node(self) -> Recipe:
+        """The supervisor that halves the batch watches one node's ranks, as launch.max_restarts."""
+        if self.train.auto_find_batch_size and self.launch.nodes > 1:
+            raise ValueError(
+                f"train.auto_find_batch_size=true restarts one node's ranks with a smaller micro batch; with "
+                f"--nodes {self.launch.nodes} set train.micro_batch_size (or train.micro_batch_tokens) to one that "
+                "fits, or run on one node"
             )
         return self
 

@@ -87,6 +87,12 @@ class RenderedRun:
         """Write (atomically, and only what changed): on a shared filesystem every node of a
         multi-node run renders the same files while the others may already be reading them."""
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_recipe_files(run_dir)
+        write_if_changed(RunDir(run_dir).command_sh, self.command_sh, mode=0o755)
+
+    def write_recipe_files(self, run_dir: Path) -> None:
+        """recipe.yaml and the configs rendered from it, not command.sh (the launch line, which
+        holds no recipe value): what a supervisor that changes the recipe rewrites."""
         run = RunDir(run_dir)
         write_if_changed(run.recipe_yaml, self.recipe_yaml)
         write_if_changed(run.accelerate_yaml, self.accelerate_yaml)
@@ -95,7 +101,6 @@ class RenderedRun:
             write_if_changed(ds_path, self.deepspeed_json)
         elif ds_path.exists():
             ds_path.unlink()  # a re-render without ZeRO must not leave a stale config behind
-        write_if_changed(run.command_sh, self.command_sh, mode=0o755)
 
 
 def write_if_changed(path: Path, text: str, mode: int = 0o644) -> None:
@@ -403,6 +408,13 @@ def render_run(recipe: Recipe, run_dir: Path, entry: RankEntry) -> RenderedRun:
         deepspeed_json=json.dumps(deepspeed, indent=2) + "\n" if deepspeed is not None else None,
         command_sh=render_command(recipe, run_dir, entry),
     )
+
+
+def rerender_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """Rewrite a run's recipe.yaml, accelerate.yaml and deepspeed.json for a changed recipe (the
+    supervisor's smaller micro batch), through the same rendering as the first launch; command.sh
+    stays as the user's command rendered it."""
+    render_run(recipe, run_dir, RankEntry([])).write_recipe_files(run_dir)
 
 
 def require_multinode_address(recipe: Recipe, env: dict[str, str]) -> None:

@@ -10,7 +10,10 @@
 * when the job fails, a summary a person can act on replaces the launcher's traceback: which rank
   (and node) failed first, the last line of its error, its log, and the exit code:
   0 done, 1 crashed, 2 bad input, 3 interrupted; the advice fits the command and phase (Job): only
-  a training run resumes with ``--resume auto``.
+  a training run resumes with ``--resume auto``;
+* a crashed training run starts again from its newest intact checkpoint (launch.max_restarts), and a
+  training step that ran out of memory continues with a smaller micro batch
+  (train.auto_find_batch_size: recipe.yaml and the configs rendered again, core/auto_batch.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.core.auto_batch import AUTO_BATCH_ENV, batch_shape, continuing_line, smaller_shape, with_shape
 from launcher.core.errors import DIVERGED, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE
 from launcher.core.ranklog import (
     CONSOLE_TTY_ENV,
@@ -41,7 +45,13 @@ from launcher.core.recipe import Recipe
 from launcher.core.recipe_loading import read_run_recipe
 from launcher.core.rundir import RunDir
 from launcher.host import runlock
-from launcher.host.render import EVAL_MODULE, MACHINE_RANK_ENV, SUMMARIZE_MODULE, rendered_module
+from launcher.host.render import (
+    EVAL_MODULE,
+    MACHINE_RANK_ENV,
+    SUMMARIZE_MODULE,
+    rendered_module,
+    rerender_recipe,
+)
 
 # torchrun's line for the first worker that failed on this node (torch/distributed/elastic).
 TORCHRUN_FAILURE = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
@@ -310,6 +320,7 @@ class Outcome:
     code: int
     lines: list[str]
     restart_cause: str | None = None  # set when a training rank crashed (not bad input, a stop, a divergence)
+    out_of_memory: Failure | None = None  # the first rank's record when the training ranks ran out of memory
 
 
 def torchrun_failure(stderr_tail: list[bytes]) -> tuple[int, int] | None:
@@ -413,6 +424,8 @@ def decide(
                 "change them first); ftlaunch exits 0 done, 1 crashed, 2 bad input, 3 interrupted",
             ],
         )
+    if ran_out_of_memory(first, failures) and job.kind == "train":
+        return out_of_memory_outcome(job, recipe, first)
     cause = f"rank {first.rank} (node {first.node}, host {first.host}) failed first: {first.error}"
     if PEER_GONE.search(first.error) and recipe.launch.nodes > 1:
         cause = (
@@ -428,6 +441,42 @@ def decide(
             f"  {job.advice(EXIT_CRASHED)}",
         ],
         restart_cause=cause if job.kind == "train" else None,
+    )
+
+
+def ran_out_of_memory(first: Failure, failures: list[Failure]) -> bool:
+    """The first failing rank ran out of memory in a training step, and every other recorded failure
+    did too or only lost that rank (on GPUs one rank often runs out first and its peers' collectives
+    then fail): a smaller micro batch is the fix, not a restart with the same one."""
+    if first.out_of_memory is None:
+        return False
+    return all(failure.out_of_memory is not None or PEER_GONE.search(failure.error) for failure in failures)
+
+
+def out_of_memory_outcome(job: Job, recipe: Recipe, first: Failure) -> Outcome:
+    """Exit 1 with what to change. Not restarted under launch.max_restarts: the same micro batch runs
+    out of memory again; under train.auto_find_batch_size the supervisor continues with a smaller one
+    (``out_of_memory``), and these lines are printed only when there is none."""
+    who = f"rank {first.rank} (node {first.node}, host {first.host})"
+    if recipe.train.auto_find_batch_size:
+        _, why = smaller_shape(recipe)
+        fix = (
+            f"train.auto_find_batch_size cannot go lower ({why}); free memory instead: --zero 2 or 3, "
+            "--offload, train.gradient_checkpointing=true, or a shorter data.max_source_length"
+        )
+    else:
+        fix = (
+            "add --set train.auto_find_batch_size=true to continue with smaller micro batches, "
+            f"or lower train.{'micro_batch_tokens' if recipe.train.micro_batch_tokens else 'micro_batch_size'}"
+        )
+    return Outcome(
+        EXIT_CRASHED,
+        [
+            f"error: {who} ran {first.error}; {fix}",
+            f"  log: {first.log} (every rank's log and the launcher's: {logs_dir(job.run_dir)}/)",
+            f"  {job.advice(EXIT_CRASHED)}",
+        ],
+        out_of_memory=first,
     )
 
 
@@ -469,15 +518,23 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
 
     A training run whose rank crashed is started again, up to ``launch.max_restarts`` times,
     from its newest intact checkpoint (the ranks resume ``auto``); each restart is announced with
-    its cause, and the ranks log it in metrics.jsonl."""
+    its cause, and the ranks log it in metrics.jsonl. A training step that ran out of memory is not
+    restarted so (the same micro batch runs out again) but, under train.auto_find_batch_size, continued
+    with a smaller micro batch (with_smaller_batch), as often as it can be made smaller."""
     recipe = read_run_recipe(run_dir)
     node = node_rank(machine_rank)
     env = child_env(recipe, sys.stdout.isatty(), machine_rank)
     if recipe.launch.nodes > 1:  # else a node that waits for the others says nothing at all
         print(rendezvous_line(recipe, node), file=sys.stderr, flush=True)
-    restarts = 0
+    restarts = smaller = 0
     while True:
         outcome = run_once(run_dir, recipe, node, env)
+        continued = with_smaller_batch(run_dir, recipe, outcome)
+        if continued is not None:
+            recipe, cause = continued
+            smaller += 1
+            env.update({RESTART_ENV: str(restarts + smaller), RESTART_CAUSE_ENV: cause, AUTO_BATCH_ENV: "1"})
+            continue
         if outcome.restart_cause is None or restarts >= recipe.launch.max_restarts:
             break
         restarts += 1
@@ -488,10 +545,27 @@ def supervise(run_dir: Path, machine_rank: int | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        env.update({RESTART_ENV: str(restarts), RESTART_CAUSE_ENV: cause})
+        env.update({RESTART_ENV: str(restarts + smaller), RESTART_CAUSE_ENV: cause})
     for line in outcome.lines:
         print(line, file=sys.stderr, flush=True)
     return outcome.code
+
+
+def with_smaller_batch(run_dir: Path, recipe: Recipe, outcome: Outcome) -> tuple[Recipe, str] | None:
+    """train.auto_find_batch_size after a step ran out of memory: the run's recipe.yaml and rendered
+    configs rewritten with the next smaller micro batch (core/auto_batch.py), the line said, and the
+    new recipe with the restart's cause; None when this outcome is not that (or nothing is left to
+    halve). Bounded by the micro batch itself, so not counted against launch.max_restarts."""
+    if outcome.out_of_memory is None or not recipe.train.auto_find_batch_size:
+        return None
+    shape, _ = smaller_shape(recipe)
+    if shape is None:
+        return None
+    smaller = with_shape(recipe, shape)
+    rerender_recipe(smaller, run_dir)
+    line = continuing_line(batch_shape(recipe), shape, recipe.launch.world_size)
+    print(line, file=sys.stderr, flush=True)
+    return smaller, line.removeprefix("ftlaunch: ")
 
 
 def rendezvous_line(recipe: Recipe, node: int) -> str:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from launcher.core import checkpoint as ckpt
+from launcher.core.auto_batch import AUTO_BATCH_ENV
 from launcher.core.ranklog import RESTART_ENV
 from launcher.core.rundir import RunDir
 from launcher.rank import best
@@ -33,7 +34,9 @@ def resume_point(run: Run, resume: str | None, force_resume: bool) -> tuple[Path
             print_main(run.accelerator, "no complete checkpoint found: starting from step 0")
         return None
     saved = ckpt.read_state(checkpoint)
-    ckpt.check_compatible(saved, run.state, checkpoint, force_resume)
+    # the supervisor made the micro batch smaller (train.auto_find_batch_size): that change is accepted
+    smaller_batch = os.environ.get(AUTO_BATCH_ENV) == "1"
+    ckpt.check_compatible(saved, run.state, checkpoint, force_resume, accept_batch=smaller_batch)
     return checkpoint, saved
 
 

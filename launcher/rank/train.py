@@ -64,6 +64,7 @@ from launcher.rank.optimization import (
     schedule_summary,
     total_optimizer_steps,
 )
+from launcher.rank.out_of_memory import inject_fault, recorded_as_out_of_memory
 from launcher.rank.resume import past_the_end, restart_resume, restore, resume_point
 from launcher.rank.run import Run
 from launcher.rank.step_stats import StepResult, WindowStats, metrics_row
@@ -422,7 +423,9 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
         run.data.sampler.epoch = state.epoch
         batches = epoch_batches(accelerator, run.loader, state.batches_in_epoch)
         for window in optimizer_windows(batches, recipe.train.grad_accum):
-            step = train_step(run, window)
+            with recorded_as_out_of_memory(recipe):  # the supervisor may continue with a smaller batch
+                inject_fault(recipe, state.step)
+                step = train_step(run, window)
             grad_norm = step.grad_norm if step.grad_norm is not None else grad_norm  # last known
             state.batches_in_epoch += len(window)
             state.step += 1

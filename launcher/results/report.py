@@ -255,12 +255,16 @@ def reference_columns(scores: dict) -> str:
 
 
 def restart_notes(metrics: list[dict]) -> list[str]:
-    """The restarts of a crashed run (launch.max_restarts): from which step, and why."""
+    """The restarts of a crashed run (launch.max_restarts, or a smaller micro batch after running out
+    of memory: train.auto_find_batch_size): from which step, and why."""
     restarts = [row for row in metrics if "restart" in row]
     if not restarts:
         return []
     shown = "; ".join(f"{row['restart']}: from step {row['step']} after {row['cause']}" for row in restarts)
-    return [f"Restarts (launch.max_restarts): {shown}.", ""]
+    keys = "launch.max_restarts"
+    if any("train.auto_find_batch_size" in str(row.get("cause")) for row in restarts):
+        keys += ", train.auto_find_batch_size"  # continued with a smaller micro batch after running out of memory
+    return [f"Restarts ({keys}): {shown}.", ""]
 
 
 def history_notes(metrics: list[dict]) -> list[str]:
