@@ -92,7 +92,9 @@ def test_out_of_memory_continues_with_smaller_micro_batches(tmp_path):
     train = read_run_recipe(run_dir).train
     assert (train.micro_batch_size, train.grad_accum) == (2, 4)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    shapes = [(row["start"], row["step"], row["micro_batch_size"], row["grad_accum"]) for row in segments(metrics)]
+    shapes = [
+        (row["start"], row["step"], row["micro_batch_size"], row["grad_accum"]) for row in segments(metrics)
+    ]
     assert shapes == [("fresh", 0, 8, 1), ("restarted", 2, 4, 2), ("restarted", 2, 2, 4)]
     expected = read_jsonl(reference_dir / "metrics.jsonl")
     assert len(losses(metrics)) == len(losses(expected)) == STEPS

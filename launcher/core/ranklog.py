@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from launcher.core.atomic import write_text_atomic
-from launcher.core.errors import EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_USAGE, OutOfMemory, RunFailure, UserError
+from launcher.core.errors import (
+    EXIT_CRASHED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    OutOfMemory,
+    RunFailure,
+    UserError,
+)
 from launcher.core.rundir import RunDir
 
 # Set by the supervisor for its child: it prints the failure summary, so the ranks need not.

@@ -263,7 +263,9 @@ def restart_notes(metrics: list[dict]) -> list[str]:
     shown = "; ".join(f"{row['restart']}: from step {row['step']} after {row['cause']}" for row in restarts)
     keys = "launch.max_restarts"
     if any("train.auto_find_batch_size" in str(row.get("cause")) for row in restarts):
-        keys += ", train.auto_find_batch_size"  # continued with a smaller micro batch after running out of memory
+        keys += (
+            ", train.auto_find_batch_size"  # continued with a smaller micro batch after running out of memory
+        )
     return [f"Restarts ({keys}): {shown}.", ""]
 
 
