@@ -100,6 +100,16 @@ def test_out_of_memory_continues_with_smaller_micro_batches(tmp_path):
     assert len(losses(metrics)) == len(losses(expected)) == STEPS
     assert losses(metrics) == pytest.approx(losses(expected), rel=1e-5, abs=1e-6)
     assert_same_final_weights(run_dir, by_hand)
+    # the job's own command again (an sbatch requeue, a user's --resume auto): it takes over the
+    # micro batch the run found instead of rendering 8 again, which would run out of memory again
+    again = run_cli_in_process(*args, "--resume", "auto", "--dry-run")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        "train.auto_find_batch_size: continuing with the micro batch 2 x accumulation 4 this run found "
+        "(checkpoint step_8)" in again.stdout + again.stderr
+    ), again.stdout + again.stderr
+    train = read_run_recipe(run_dir).train
+    assert (train.micro_batch_size, train.grad_accum) == (2, 4)
 
 
 @pytest.mark.slow

@@ -166,15 +166,20 @@ def train_command(method: str):
         run_dir = (output or default_output(method, recipe.model.name)).expanduser().resolve()
         rank = launch.resolve_machine_rank(recipe, machine_rank, dict(os.environ), dry_run)
         recipe, kept = launch.keep_effective_batch(recipe, run_dir, resume, force_resume)
-        notes = kept + launch.prepare_launch(
-            recipe,
-            run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            force_resume=force_resume,
-            dry_run=dry_run,
-            argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
-            machine_rank=rank,
+        recipe, found = launch.keep_found_batch(recipe, run_dir, resume, force_resume)
+        notes = (
+            kept
+            + found
+            + launch.prepare_launch(
+                recipe,
+                run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                force_resume=force_resume,
+                dry_run=dry_run,
+                argv=["ftlaunch", method, *without_option(sys.argv[2:], "--machine-rank")],
+                machine_rank=rank,
+            )
         )
 
         from launcher.host.console import command_line, run_summary

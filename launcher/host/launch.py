@@ -277,6 +277,49 @@ def keep_effective_batch(
     return adjusted, [note] if accum != recipe.train.grad_accum else []
 
 
+def keep_found_batch(
+    recipe: Recipe, run_dir: Path, resume: str | None, force: bool
+) -> tuple[Recipe, list[str]]:
+    """Resuming under train.auto_find_batch_size a checkpoint written after the supervisor made the
+    micro batch smaller (a step ran out of memory): continue with the micro batch it found, not the
+    command's larger one that would run out of memory again (Seq2SeqTrainer keeps its found batch
+    in trainer_state.json the same way). Only a change that keeps the examples (or the token
+    budget) per optimizer step per rank is taken over, said in one line."""
+    if not (resume and recipe.train.auto_find_batch_size) or force:
+        return recipe, []
+    checkpoint = ckpt.resolve_resume(run_dir, resume, [])
+    if checkpoint is None:
+        return recipe, []
+    saved, train = ckpt.read_state(checkpoint), recipe.train
+    found = (saved.micro_batch_size, saved.micro_batch_tokens, saved.grad_accum)
+    ours = (train.micro_batch_size, train.micro_batch_tokens, train.grad_accum)
+    if found == ours or saved.world_size != recipe.launch.world_size:
+        return recipe, []
+    if train.micro_batch_tokens:
+        smaller = saved.micro_batch_tokens is not None and saved.micro_batch_tokens < train.micro_batch_tokens
+        same_step = (
+            smaller
+            and saved.micro_batch_tokens * saved.grad_accum == train.micro_batch_tokens * train.grad_accum
+        )
+        what = f"token budget {saved.micro_batch_tokens} x accumulation {saved.grad_accum}"
+    else:
+        smaller = saved.micro_batch_tokens is None and saved.micro_batch_size < train.micro_batch_size
+        same_step = (
+            smaller and saved.micro_batch_size * saved.grad_accum == train.micro_batch_size * train.grad_accum
+        )
+        what = f"micro batch {saved.micro_batch_size} x accumulation {saved.grad_accum}"
+    if not same_step:
+        return recipe, []
+    update = {"micro_batch_size": saved.micro_batch_size, "grad_accum": saved.grad_accum}
+    if train.micro_batch_tokens:
+        update = {"micro_batch_tokens": saved.micro_batch_tokens, "grad_accum": saved.grad_accum}
+    note = (
+        f"train.auto_find_batch_size: continuing with the {what} this run found (checkpoint "
+        f"{checkpoint.name}), not the command's larger one, which ran out of memory"
+    )
+    return recipe.model_copy(update={"train": train.model_copy(update=update)}), [note]
+
+
 def check_resume_shape(recipe: Recipe, run_dir: Path, resume: str | None, force: bool) -> list[str]:
     """The checkpoint a resume will load must be intact and of this run; returns lines to show
     (damaged checkpoints ``auto`` skipped, or that it starts over)."""
