@@ -1193,3 +1193,68 @@ def test_a_hugging_face_cache_that_cannot_be_used_is_named(tmp_path, no_launch):
                    "point HF_HOME (or HF_HUB_CACHE) at a folder you can write"),
         run=run_cli,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- fuzzing round 7
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ("full", *TRAIN_FLAGS, "--set", "data.max_source_length=100000000000000000000"),
+            "data.max_source_length=100000000000000000000 is beyond any run (at most 2,147,483,647)",
+        ),
+        (("full", *TRAIN_FLAGS, "--resume", ""), "--resume '' names no checkpoint: pass auto"),
+        (
+            ("lora", *TRAIN_FLAGS, "--zero", "auto", "--gpu-mem", "8", "--set", "lora.target_modules=[wq]"),
+            "lora.target_modules ['wq'] names 'wq', no projection of tiny-t5",
+        ),
+    ],
+    ids=["int-beyond-any-run", "empty-resume", "lora-target-under-zero-auto"],
+)
+def test_round_7_inputs_are_refused_in_one_line_naming_the_key(tmp_path, no_launch, args, fragment):
+    """A tokenizer's OverflowError in the ranks, a run silently started from scratch, and a
+    message naming neither key nor fix, before."""
+    out = tmp_path / "out"
+    refused(no_launch, *args, "--model", "tiny-t5", "--output", str(out), output=out, fragments=(fragment,))
+
+
+def test_a_huge_count_in_a_recipe_file_is_refused_too(tmp_path, no_launch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  method: full\neval:\n  max_new_tokens: 100000000000000000000\n")
+    out = tmp_path / "out"
+    refused(
+        no_launch, "full", *TRAIN_FLAGS, "--model", "tiny-t5", "--recipe", str(recipe), "--output", str(out),
+        output=out, fragments=("eval.max_new_tokens=100000000000000000000 is beyond any run",),
+    )  # fmt: skip
+
+
+def test_yaml_merge_keys_read_as_yaml_defines_them(tmp_path):
+    """``<<: *anchor`` brings a mapping's entries in and an explicit key overrides one of them; a key
+    written twice by hand is still refused."""
+    from launcher.core.errors import UserError
+    from launcher.core.recipe_loading import read_yaml_mapping
+
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("eval:\n  <<: {limit: 4, num_beams: 2}\n  num_beams: 3\n")
+    assert read_yaml_mapping(merged)["eval"] == {"limit": 4, "num_beams": 3}
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("- &base {lr: 0.001, epochs: 2}\n- <<: *base\n  lr: 0.01\n")
+    from launcher.core.recipe_loading import load_yaml
+
+    assert load_yaml(variants.read_text()) == [{"lr": 0.001, "epochs": 2}, {"lr": 0.01, "epochs": 2}]
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  <<: {lr: 1}\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(UserError, match="appears twice"):
+        read_yaml_mapping(twice)
+
+
+def test_estimate_prints_no_deepspeed_accelerator_warning():
+    """DeepSpeed's estimators need no accelerator; its probe's warning used to precede every
+    estimate (and --zero auto's one-line errors)."""
+    env = cli_env()
+    env.pop("DS_ACCELERATOR", None)
+    result = run_cli("estimate", "--model", "tiny-t5", "--gpu-mem", "8", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Setting accelerator" not in result.stdout + result.stderr, result.stderr

@@ -383,6 +383,11 @@ def lora_trainable_params(
         elif target in per_ffn:
             (inputs, outputs), blocks = per_ffn[target], ffn_blocks
         else:
-            raise UserError(f"LoRA target {target!r} is not a T5 projection (q, k, v, o, wi_0, wi_1, wo)")
+            known = ", ".join([*per_attention, *per_ffn])
+            raise UserError(
+                f"lora.target_modules {list(targets)} names {target!r}, no projection of {spec.name} "
+                f"(projections: {known}); set lora.target_modules to some of them, or null for the "
+                "family's default"
+            )
         total += (r * (inputs + outputs) + (outputs if dora else 0)) * blocks
     return total

@@ -79,6 +79,18 @@ class Section(BaseModel):
             raise ValueError(f"{section}.{info.field_name}={value!r} is not a number")
         return value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _a_count_a_run_can_hold(cls, value: Any, info: Any) -> Any:
+        """No integer key means more than 2**31 - 1 (2**32 - 1 for a seed, numpy's limit): a longer
+        input, more steps or more GPUs than any run has would overflow in the tokenizer, the
+        scheduler or a launcher, or never end, rather than be refused here."""
+        limit = 2**32 - 1 if info.field_name == "seed" else 2**31 - 1
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            section = next(name for name, field in Recipe.model_fields.items() if field.annotation is cls)
+            raise ValueError(f"{section}.{info.field_name}={value} is beyond any run (at most {limit:,})")
+        return value
+
 
 class ModelSection(Section):
     name: str = Field(

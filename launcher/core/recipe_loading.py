@@ -33,8 +33,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
     keeps the last one, so a recipe with ``lr:`` twice would silently train with the second."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # A merge key (``<<: *base``) brings a mapping's entries in, and an explicit key may
+        # override one of them (YAML's merge rule): only the mapping's own keys can repeat.
+        own = [(key, value) for key, value in node.value if key.tag != "tag:yaml.org,2002:merge"]
+        self.flatten_mapping(node)
         first: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
+        for key_node, _ in own:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, str | int | float | bool) and key in first:
                 raise yaml.constructor.ConstructorError(

@@ -143,6 +143,11 @@ def train_command(method: str):
     ) -> None:
         from launcher.host import launch
 
+        if resume is not None and not resume.strip():  # "$CKPT" with the variable unset
+            raise UserError(
+                f"--resume {resume!r} names no checkpoint: pass auto (the newest), a checkpoint "
+                "folder, or leave --resume out to start from scratch"
+            )
         recipe, zero_note = train_recipe(
             method,
             TrainOptions(

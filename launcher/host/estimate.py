@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -261,17 +262,26 @@ def activation_bytes(spec: ModelFacts, shape: RunShape, checkpointing: bool | No
     return spec.num_layers * encoder + decoder_layers * decoder + logits
 
 
-def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]:
-    """(cpu bytes, gpu bytes) from DeepSpeed's stage 1/2 estimator."""
+def deepspeed_estimators():
+    """DeepSpeed's ZeRO-2 and ZeRO-3 estimators. They need no accelerator: DeepSpeed is told so
+    before its import, instead of probing for one and printing a warning on the console."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
+
+
+def _zero2(params: int, gpus: int, nodes: int, offload: bool) -> tuple[int, int]:
+    """(cpu bytes, gpu bytes) from DeepSpeed's stage 1/2 estimator."""
+    estimate_zero2_model_states_mem_needs, _ = deepspeed_estimators()
     return estimate_zero2_model_states_mem_needs(
         params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
     )
 
 
 def _zero3(params: int, largest_layer: int, gpus: int, nodes: int, offload: str) -> tuple[int, int]:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    _, estimate_zero3_model_states_mem_needs = deepspeed_estimators()
 
     cpu, gpu, _largest = estimate_zero3_model_states_mem_needs(
         params,
