@@ -66,6 +66,15 @@ def test_a_rank_without_room_keeps_every_rank_per_module(monkeypatch, capsys):
     assert "more than half the free memory of a rank" in capsys.readouterr().out
 
 
+def test_cpu_ranks_of_one_node_share_its_available_memory(monkeypatch):
+    """Every rank of a node gathers at once into the same host memory: each counts its share."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 * 2**30))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert gathered.free_memory_bytes(torch.device("cpu")) == 2 * 2**30
+
+
 def test_true_and_false_decide_without_looking_at_memory(monkeypatch):
     def unused(device):
         raise AssertionError("memory is only measured for auto")

@@ -14,6 +14,7 @@ most half of the memory free on every rank, ``true`` always, ``false`` never.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -36,13 +37,14 @@ def whole_model_bytes(model: torch.nn.Module) -> int:
 
 def free_memory_bytes(device: torch.device) -> int:
     """What a gather can still take here: free device memory plus what PyTorch's caching
-    allocator holds unused (CUDA); available host memory (CPU ranks)."""
+    allocator holds unused (CUDA); this rank's share of the host's available memory (CPU ranks:
+    the node's ranks gather at the same time, into the same memory)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     import psutil
 
-    return psutil.virtual_memory().available
+    return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def gathers_whole(accelerator, model: torch.nn.Module, setting: bool | str) -> bool:
