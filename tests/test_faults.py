@@ -462,6 +462,36 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, how):
     assert_complete_checkpoint(run_dir, step)
 
 
+def test_a_stop_signal_during_the_original_models_evaluation_stops_at_once(tmp_path):
+    """Before training nothing is trained that a checkpoint would keep, and the original model's
+    evaluation may take long (here: 13 dialogues one at a time, 8 beams, 2,048 tokens each,
+    minutes on these cores): SIGTERM to ftlaunch (a scheduler's preemption) stops it within
+    seconds with exit 3, not after the evaluation and ten optimizer steps."""
+    run_dir = tmp_path / "run"
+    long_original = (
+        "--set", "eval.after_training=true", "--set", "eval.batch_size=1", "--set", "eval.num_beams=8",
+        "--set", "eval.max_new_tokens=2048", "--set", "eval.min_new_tokens=2048",
+    )  # fmt: skip
+    with Job(run_dir, train_args(run_dir, 0, *SHAPE, *long_original)) as job:
+        rank_log = run_dir / "logs" / "rank0.log"
+        job.wait_until(
+            lambda: rank_log.is_file() and "generating" in rank_log.read_text(errors="replace"),
+            JOB_TIMEOUT,
+            "the original model's generation",
+        )
+        os.kill(job.process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        code = job.wait(timeout=EXIT_BOUND + 30)
+        ended = time.monotonic() - signalled
+        output = job.output()
+    assert code == 3, output[-6000:]
+    assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"
+    assert "interrupted before a new checkpoint was written" in output, output[-3000:]
+    assert "Traceback" not in output, output[-6000:]
+    assert_no_rank_left(run_dir)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "eval" / "original").exists()
+
+
 # ---------------------------------------------------------------- resume with another accumulation
 
 

@@ -58,6 +58,16 @@ def test_stop_flag_is_all_reduced_every_n_steps_and_at_the_last():
         if accelerator.reductions > before:
             asked.append(step)
     assert asked == [10, 20, 25]  # STOP_CHECK_EVERY = 10, 25 steps in all
+
+
+def test_stop_flag_is_also_asked_at_a_step_that_evaluated():
+    """An evaluation (a generation may take minutes) is followed by the question at once: every
+    rank evaluates at the same steps, so the all-reduce stays collective."""
+    accelerator = CountingAccelerator()
+    stop = stopping.StopRequest()
+    assert stopping.stop_requested(accelerator, stop, 7, 25, evaluated=True) is False
+    assert accelerator.reductions == 1
+    assert stopping.stop_requested(accelerator, stop, 7, 25) is False and accelerator.reductions == 1
     stop.signal = 15
     assert stopping.stop_requested(accelerator, stop, 30, 100) is True
     assert stopping.stop_requested(accelerator, stop, 31, 100) is False  # between checks: not even asked

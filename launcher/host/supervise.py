@@ -206,7 +206,7 @@ class Job:
         if self.kind == "train" and not self.training_finished():
             return (
                 f"ftlaunch: got {name}: the ranks write a checkpoint at the next optimizer step and "
-                "stop (Ctrl-C again to stop at once)"
+                "stop, or stop at once before training has started (Ctrl-C again to stop at once)"
             )
         if self.kind == "train":
             return (

@@ -1,6 +1,8 @@
 """Stopping on a signal: SIGTERM/SIGUSR1 (SLURM's warning before the time limit, a scheduler's
-preemption) and Ctrl-C set a flag; the loop asks all ranks about it every few optimizer steps,
-checkpoints, and exits with code 3 (errors.EXIT_INTERRUPTED) for a ``--resume auto``.
+preemption) and Ctrl-C set a flag once training starts; the loop asks all ranks about it every few
+optimizer steps and after each evaluation, checkpoints, and exits with code 3
+(errors.EXIT_INTERRUPTED) for a ``--resume auto``. Before training (loading, the original model's
+evaluation) the flag is not installed: the signal stops a rank at once.
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ class StopRequest:
 STOP_CHECK_EVERY = 10
 
 
-def stop_requested(accelerator, stop: StopRequest, step: int, last_step: int) -> bool:
-    """Did any rank get a stop signal? Asked every STOP_CHECK_EVERY optimizer steps and at the last.
+def stop_requested(
+    accelerator, stop: StopRequest, step: int, last_step: int, evaluated: bool = False
+) -> bool:
+    """Did any rank get a stop signal? Asked every STOP_CHECK_EVERY optimizer steps, at the last,
+    and at a step that evaluated (every rank evaluates at the same steps).
 
     The all-reduce and its ``.item()`` make the host wait until the GPU has drained its queue;
     asked every step, the host could never run ahead. Every rank asks at the same steps (it is
     a collective); a signal waits at most STOP_CHECK_EVERY steps (SLURM signals 300 s early).
     """
-    if step % STOP_CHECK_EVERY and step < last_step:
+    if step % STOP_CHECK_EVERY and step < last_step and not evaluated:
         return False
     return any_rank(accelerator, stop.requested)
 

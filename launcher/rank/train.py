@@ -431,9 +431,11 @@ def train_loop(run: Run, logger: MetricsLogger, stop: StopRequest, resumed: bool
             state.step += 1
             stats.add(step)
             stats = log_and_validate(run, stats, grad_norm, logger, progress)
-            saved, stopped_early = track_best(run, evaluate_at_step(run, logger), logger)
+            scores = evaluate_at_step(run, logger)
+            saved, stopped_early = track_best(run, scores, logger)
             last_saved = state.step if saved else last_saved
-            interrupted = stop_requested(accelerator, stop, state.step, run.total_steps)
+            # after an evaluation (a generation may take minutes) a signal is acted on at once
+            interrupted = stop_requested(accelerator, stop, state.step, run.total_steps, bool(scores))
             periodic = best.interval_due(recipe.train.checkpoint_every, state.step, epoch_ended(run))
             if (periodic or interrupted) and last_saved != state.step:
                 save_checked(run)
@@ -521,8 +523,7 @@ def compile_summary(run: Run) -> dict:
 
 
 def train(run_dir: Path, resume: str | None, force_resume: bool = False) -> int:
-    stop = StopRequest()
-    stop.install()
+    stop = StopRequest()  # installed once training starts: until then a signal stops a rank at once
     run = set_up(run_dir)
     found = resume_point(run, resume, force_resume)
     # The trackers start before the original model's evaluation (which may take long): a tracker
@@ -555,6 +556,10 @@ def train_started(run: Run, logger: MetricsLogger, stop: StopRequest, found) -> 
         print_main(run.accelerator, past_the_end(run))
     if run.recipe.train.eval_on_start and run.state.step == 0:
         evaluate_on_start(run, logger)
+    # From here a stop signal is a flag the loop asks all ranks about (checkpoint, then exit 3).
+    # Before, nothing is trained that a checkpoint would keep: loading, the original model's
+    # evaluation and step 0's are stopped by the signal itself, at once, however long they take.
+    stop.install()
     stopped_before = best.early_stop_reason(run.state, run.recipe) if found is not None else None
     if stopped_before:  # the checkpoint is where an early stop ended training: it stays ended
         print_main(
