@@ -191,11 +191,7 @@ def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path):
     ]
     with BackgroundJob(run_dir, args) as job:
         job.wait_until(lambda: (run_dir / "final" / "model.safetensors").is_file(), JOB_TIMEOUT, "final/")
-        os.kill(job.process.pid, signal.SIGTERM)
-        signalled = time.monotonic()
-        code = job.wait(timeout=EXIT_BOUND + 30)
-        ended = time.monotonic() - signalled
-        output = job.output()
+        code, ended, output = job.stop_by(lambda: os.kill(job.process.pid, signal.SIGTERM))
     assert code == 3, output[-6000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"

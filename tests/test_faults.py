@@ -140,6 +140,14 @@ class Job:
         except subprocess.TimeoutExpired:
             self.fail(f"the job did not end within {timeout} s")
 
+    def stop_by(self, send) -> tuple[int, float, str]:
+        """``send()`` a stop signal, then wait for the job: (exit code, seconds it took to end
+        after the signal, its output)."""
+        send()
+        signalled = time.monotonic()
+        code = self.wait(timeout=EXIT_BOUND + 30)
+        return code, time.monotonic() - signalled, self.output()
+
     def wait_for_step(self, step: int = 1) -> None:
         """Until metrics.jsonl holds a training loss for `step` (both ranks are then in the loop)."""
         metrics = self.run_dir / "metrics.jsonl"
@@ -445,13 +453,9 @@ def test_ctrl_c_on_the_launcher_checkpoints(tmp_path, how):
     with Job(run_dir, train_args(run_dir, 0, *LONG)) as job:
         job.wait_for_step(1)
         if how == "ctrl-c":
-            os.killpg(job.process.pid, signal.SIGINT)
+            code, ended, output = job.stop_by(lambda: os.killpg(job.process.pid, signal.SIGINT))
         else:
-            os.kill(job.process.pid, signal.SIGHUP)
-        signalled = time.monotonic()
-        code = job.wait(timeout=EXIT_BOUND + 30)
-        ended = time.monotonic() - signalled
-        output = job.output()
+            code, ended, output = job.stop_by(lambda: os.kill(job.process.pid, signal.SIGHUP))
     assert code == 3, output[-6000:]
     assert_interrupted_cleanly(output)
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after {how}"
@@ -479,11 +483,7 @@ def test_a_stop_signal_during_the_original_models_evaluation_stops_at_once(tmp_p
             JOB_TIMEOUT,
             "the original model's generation",
         )
-        os.kill(job.process.pid, signal.SIGTERM)
-        signalled = time.monotonic()
-        code = job.wait(timeout=EXIT_BOUND + 30)
-        ended = time.monotonic() - signalled
-        output = job.output()
+        code, ended, output = job.stop_by(lambda: os.kill(job.process.pid, signal.SIGTERM))
     assert code == 3, output[-6000:]
     assert ended < EXIT_BOUND, f"the job took {ended:.0f} s to stop after SIGTERM"
     assert "interrupted before a new checkpoint was written" in output, output[-3000:]
